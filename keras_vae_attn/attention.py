@@ -1,0 +1,334 @@
+"""Gradient-based attention from a VAE's latent space (the paper's Eq. 3-5).
+
+For a feature map A of a chosen encoder layer and each latent dimension i:
+
+    w_i[k] = mean_{h,w} d z_i / d A[h, w, k]          (pooled gradient)
+    M_i    = ReLU(sum_k w_i[k] A[:, :, k])             (per-latent map)
+    M      = mean_i M_i                                (overall map)
+
+All D gradients come from one batched backward pass. When the encoder is functional and
+the layer is a cut point, the encoder runs once up to A; only the part after A (the
+"head") runs on D stacked copies of A, each copy back-propagating a different one-hot
+latent direction. Otherwise (subclassed encoders, layers with skip connections around
+them) the encoder runs once and ``GradientTape.batch_jacobian`` vectorizes the D
+backward passes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+ANOMALY_SCORES = ("energy", "latent")
+
+
+class NormalStats(NamedTuple):
+    """Latent statistics of the normal data: per-dimension mean and std of q(z), (D,)."""
+
+    mean: tf.Tensor
+    std: tf.Tensor
+
+
+class Explanation(NamedTuple):
+    """Everything one batched pass yields. Maps are raw, non-negative float32."""
+
+    mu: tf.Tensor            # (B, D)
+    logvar: tf.Tensor        # (B, D) or None
+    features: tf.Tensor      # (B, h, w, K) the feature map A
+    weights: tf.Tensor       # (B, D, K) pooled gradients w_i
+    latent_maps: tf.Tensor   # (B, D, h, w) the M_i at feature resolution
+
+
+def difference_distribution(normal_mean, normal_std, mu, sigma):
+    """Mean and variance of u = z_x - z_y for independent Gaussians (the paper's Eq. 5).
+
+    ``u_i ~ N(mu_x,i - mu_y,i, sigma_x,i^2 + sigma_y,i^2)``; shapes broadcast.
+    """
+    mean = tf.cast(normal_mean, tf.float32) - tf.cast(mu, tf.float32)
+    variance = tf.square(tf.cast(normal_std, tf.float32)) + tf.square(tf.cast(sigma, tf.float32))
+    return mean, variance
+
+
+def _layer_output_rank(layer):
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):
+        return None
+
+
+def _all_layers(model):
+    """Every layer inside ``model``, nested models included, in definition order."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_all_layers(layer))
+    return found
+
+
+def feature_layer_names(encoder):
+    """Names of the encoder's layers that output a 4-D feature map (candidates for A)."""
+    if getattr(encoder, "inputs", None) is None:
+        return [layer.name for layer in _all_layers(encoder)]
+    return [layer.name for layer in encoder.layers if _layer_output_rank(layer) == 4
+            and not isinstance(layer, keras.layers.InputLayer)]
+
+
+def _find_layer(encoder, name):
+    for layer in _all_layers(encoder):
+        if layer.name == name:
+            return layer
+    return None
+
+
+def _output_index(encoder, which, role):
+    """Resolve an output given by position or by the name of the layer that produces it."""
+    outputs = getattr(encoder, "outputs", None)
+    if isinstance(which, int):
+        return which
+    if outputs is None:
+        raise ValueError(f"{role}={which!r}: a subclassed encoder has no named outputs; "
+                         f"pass the output's position (e.g. {role}=0)")
+    names = [tensor._keras_history.operation.name for tensor in outputs]
+    if which not in names:
+        raise ValueError(f"{role}={which!r} is not an output of encoder {encoder.name!r}; "
+                         f"its outputs are {names}")
+    return names.index(which)
+
+
+def _ancestors(tensor):
+    """Names of all operations upstream of a functional KerasTensor."""
+    seen, stack = set(), [tensor]
+    while stack:
+        current = stack.pop()
+        operation, node_index, _ = current._keras_history
+        if operation.name in seen:
+            continue
+        seen.add(operation.name)
+        node = operation._inbound_nodes[node_index]
+        stack.extend(node.input_tensors)
+    return seen
+
+
+class VAEAttention:
+    """Per-latent attention, overall attention and anomaly attention for any Keras encoder.
+
+    ``encoder`` maps images to outputs that include the latent mean (``latent``) and,
+    for anomaly attention, the log-variance (``logvar``); both may be given by output
+    position or by the name of the layer producing them. ``layer`` names the feature map
+    A ("last" picks the encoder's last 4-D layer). ``gradient_relu`` applies ReLU to the
+    gradients before pooling (the paper's printed Eq. 3); the default is the Grad-CAM form.
+    """
+
+    def __init__(self, encoder, layer="last", latent="mu", logvar="logvar",
+                 gradient_relu=False):
+        self.encoder = encoder
+        self.gradient_relu = gradient_relu
+        self.functional = getattr(encoder, "inputs", None) is not None
+        candidates = feature_layer_names(encoder)
+        if layer == "last":
+            if not candidates:
+                raise ValueError(f"encoder {encoder.name!r} has no 4-D feature layer")
+            layer = candidates[-1]
+        target = _find_layer(encoder, layer)
+        if target is None or (self.functional and layer not in candidates):
+            raise ValueError(f"layer {layer!r} is not a feature-map layer of encoder "
+                             f"{encoder.name!r}; valid names: {', '.join(candidates)}")
+        self.layer_name = layer
+        self.latent_index = _output_index(encoder, latent, "latent")
+        self.logvar_index = None if logvar is None else _output_index(encoder, logvar, "logvar")
+        self.front = self.head = None
+        self._target_layer = target
+        if self.functional:
+            self._split(target)
+
+    def _split(self, target):
+        latent_tensor = self.encoder.outputs[self.latent_index]
+        if target.name not in _ancestors(latent_tensor):
+            raise ValueError(f"layer {target.name!r} is not upstream of the latent output "
+                             f"of encoder {self.encoder.name!r}, so the latent has no "
+                             "gradient with respect to it")
+        self.front = keras.Model(self.encoder.inputs, target.output)
+        try:
+            self.head = keras.Model(target.output, self.encoder.outputs)
+        except ValueError:
+            # The part after the layer also reads earlier tensors (a skip connection
+            # around it): fall back to the vectorized-Jacobian path.
+            self.head = None
+
+    @property
+    def latent_dim(self):
+        return int(self.encoder.outputs[self.latent_index].shape[-1]) if self.functional \
+            else None
+
+    def check_images(self, images):
+        """Raise a clear error for images of the wrong rank or channel count."""
+        shape = images.shape
+        if shape.rank is not None and shape.rank != 4:
+            raise ValueError(f"images must be a 4-D batch (B, H, W, C); got shape {shape}")
+        if self.functional:
+            expected = self.encoder.inputs[0].shape
+            if shape[-1] is not None and expected[-1] is not None and shape[-1] != expected[-1]:
+                raise ValueError(f"images have {shape[-1]} channels but encoder "
+                                 f"{self.encoder.name!r} expects {expected[-1]} "
+                                 f"(input shape {tuple(expected[1:])})")
+
+    def _pool(self, grads):
+        if self.gradient_relu:
+            grads = tf.nn.relu(grads)
+        return tf.reduce_mean(tf.cast(grads, tf.float32), axis=[1, 2])
+
+    def _explain_split(self, images):
+        features = self.front(images, training=False)
+        depth = self.latent_dim
+        batch = tf.shape(features)[0]
+        stacked = tf.tile(features, [depth, 1, 1, 1])        # copy d holds rows d*B..d*B+B-1
+        with tf.GradientTape() as tape:
+            tape.watch(stacked)
+            outputs = self.head(stacked, training=False)
+            latent = tf.cast(outputs[self.latent_index], tf.float32)
+            selector = tf.repeat(tf.eye(depth), repeats=batch, axis=0)
+            target = tf.reduce_sum(latent * selector)
+        pooled = self._pool(tape.gradient(target, stacked))   # (D*B, K)
+        weights = tf.transpose(tf.reshape(pooled, [depth, batch, -1]), [1, 0, 2])
+        logvar = None if self.logvar_index is None else outputs[self.logvar_index][:batch]
+        return features, weights, latent[:batch], logvar
+
+    def _explain_jacobian(self, images):
+        captured = {}
+        layer = self._target_layer
+        original_call = layer.call
+
+        def recording_call(*args, **kwargs):
+            captured["features"] = original_call(*args, **kwargs)
+            return captured["features"]
+
+        layer.call = recording_call
+        try:
+            with tf.GradientTape() as tape:
+                outputs = self.encoder(images, training=False)
+                latent = tf.cast(outputs[self.latent_index], tf.float32)
+        finally:
+            layer.call = original_call
+        features = captured["features"]
+        jacobian = tape.batch_jacobian(latent, features)       # (B, D, h, w, K)
+        if self.gradient_relu:
+            jacobian = tf.nn.relu(jacobian)
+        weights = tf.reduce_mean(tf.cast(jacobian, tf.float32), axis=[2, 3])
+        logvar = None if self.logvar_index is None else outputs[self.logvar_index]
+        return features, weights, latent, logvar
+
+    def explain(self, images):
+        """One batched pass: latent codes, feature map, pooled gradients and the M_i."""
+        images = tf.convert_to_tensor(images)
+        self.check_images(images)
+        if self.head is not None:
+            features, weights, mu, logvar = self._explain_split(images)
+        else:
+            features, weights, mu, logvar = self._explain_jacobian(images)
+        features = tf.cast(features, tf.float32)
+        maps = combine(weights, features)
+        if logvar is not None:
+            logvar = tf.cast(logvar, tf.float32)
+        return Explanation(mu, logvar, features, weights, maps)
+
+    def latent_maps(self, images):
+        """Per-latent maps M_i, (B, D, h, w), at the feature map's resolution."""
+        return self.explain(images).latent_maps
+
+    def attention(self, images):
+        """Overall attention M = mean_i M_i, upsampled to the input size, (B, H, W)."""
+        images = tf.convert_to_tensor(images)
+        maps = tf.reduce_mean(self.latent_maps(images), axis=1)
+        return upsample(maps, tf.shape(images)[1:3])
+
+    def anomaly_attention(self, images, normal_stats, score="energy", sample=False,
+                          seed=None):
+        """Anomaly attention of Eq. 5, upsampled to the input size, (B, H, W)."""
+        images = tf.convert_to_tensor(images)
+        explanation = self.explain(images)
+        maps = anomaly_maps(explanation, normal_stats, score, sample, seed)
+        return upsample(tf.reduce_mean(maps, axis=1), tf.shape(images)[1:3])
+
+    def fit_normal_stats(self, dataset):
+        """Latent statistics of normal data; see :func:`fit_normal_stats`."""
+        return fit_normal_stats(self.encoder, dataset, self.latent_index, self.logvar_index)
+
+
+def combine(weights, features):
+    """M_i = ReLU(sum_k w_i[k] A_k): (B, D, K) x (B, h, w, K) -> (B, D, h, w)."""
+    return tf.nn.relu(tf.einsum("bdk,bhwk->bdhw", weights, features))
+
+
+def anomaly_weights(explanation, normal_stats, score="energy", sample=False, seed=None):
+    """Gradient weights of u (Eq. 5) from the pooled gradients of mu, (B, D, K).
+
+    ``u_i = z_x,i - z_y,i`` with the difference distribution of
+    :func:`difference_distribution`. ``score="latent"`` back-propagates each u_i as is
+    (du_i/dA = -dmu_i/dA). ``score="energy"`` (default) back-propagates the Gaussian
+    energy sum_i u_i^2 / (2 var_i) split by latent, i.e. weights w_i * (-u_i / var_i):
+    a dimension counts in proportion to how far the image sits from the normal data
+    along it, and with the sign that points away from normal.
+    """
+    if score not in ANOMALY_SCORES:
+        raise ValueError(f"unknown anomaly score {score!r}; choose one of {ANOMALY_SCORES}")
+    if explanation.logvar is None:
+        raise ValueError("anomaly attention needs the encoder's log-variance output")
+    sigma = tf.exp(0.5 * explanation.logvar)
+    mean, variance = difference_distribution(normal_stats.mean, normal_stats.std,
+                                             explanation.mu, sigma)
+    if score == "latent":
+        return -explanation.weights
+    u = mean
+    if sample:
+        noise = tf.random.stateless_normal(tf.shape(mean), seed=seed or (0, 0))
+        u = mean + tf.sqrt(variance) * noise
+    return explanation.weights * (-u / variance)[..., None]
+
+
+def anomaly_maps(explanation, normal_stats, score="energy", sample=False, seed=None):
+    """Per-latent anomaly maps (B, D, h, w); their mean is the anomaly attention."""
+    weights = anomaly_weights(explanation, normal_stats, score, sample, seed)
+    return combine(weights, explanation.features)
+
+
+def upsample(maps, size):
+    """Bilinear resize of (B, h, w) maps to ``size`` = (H, W)."""
+    return tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
+
+
+def fit_normal_stats(encoder, dataset, latent_index=0, logvar_index=1):
+    """Mean and std of the aggregate posterior q(z) = mean_x q(z|x) over ``dataset``.
+
+    std^2 = mean(sigma^2) + var(mu): the spread of the codes the encoder actually uses
+    for normal data. ``dataset`` yields image batches or (images, ...) tuples.
+    """
+    total = total_sq = total_var = None
+    count = 0
+    for batch in dataset:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        outputs = encoder(images, training=False)
+        mu = np.asarray(outputs[latent_index], dtype=np.float64)
+        var = np.exp(np.asarray(outputs[logvar_index], dtype=np.float64))
+        if total is None:
+            total, total_sq, total_var = (np.zeros(mu.shape[1]) for _ in range(3))
+        total += mu.sum(0)
+        total_sq += (mu ** 2).sum(0)
+        total_var += var.sum(0)
+        count += mu.shape[0]
+    if count == 0:
+        raise ValueError("cannot fit normal latent statistics on an empty dataset")
+    mean = total / count
+    spread = np.maximum(total_sq / count - mean ** 2, 0.0) + total_var / count
+    return NormalStats(tf.constant(mean, tf.float32), tf.constant(np.sqrt(spread), tf.float32))
+
+
+def normalize_maps(maps, eps=1e-8):
+    """Min-max scale each map to [0, 1] for display; (B, ..., H, W) in, same shape out."""
+    maps = np.asarray(maps, dtype=np.float32)
+    axes = (-2, -1)
+    low = maps.min(axis=axes, keepdims=True)
+    high = maps.max(axis=axes, keepdims=True)
+    return (maps - low) / np.maximum(high - low, eps)

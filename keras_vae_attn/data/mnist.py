@@ -1,0 +1,92 @@
+"""MNIST from the four canonical IDX files, or from tensorflow-datasets."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+
+from keras_vae_attn.data import DataError
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049
+
+
+def _find(data_dir, stem):
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        path = os.path.join(data_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"MNIST file {stem}(.gz) not found in {data_dir!r}")
+
+
+def read_idx(path):
+    """Read one IDX file (optionally gzipped) into a uint8 array, validating its header."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"cannot read IDX file {path!r}: {error}") from error
+    if len(raw) < 8:
+        raise DataError(f"IDX file {path!r} is truncated: {len(raw)} bytes")
+    magic, count = struct.unpack(">II", raw[:8])
+    if magic not in (_IMAGE_MAGIC, _LABEL_MAGIC):
+        raise DataError(f"{path!r} is not an MNIST IDX file (magic number {magic:#010x})")
+    dims = [count]
+    offset = 8
+    if magic == _IMAGE_MAGIC:
+        if len(raw) < 16:
+            raise DataError(f"IDX file {path!r} is truncated in its header")
+        dims += list(struct.unpack(">II", raw[8:16]))
+        offset = 16
+    expected = int(np.prod(dims))
+    if len(raw) - offset != expected:
+        raise DataError(f"IDX file {path!r} is truncated or padded: header says {dims} "
+                        f"({expected} bytes of data), file has {len(raw) - offset}")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
+
+
+def load_split(data_dir, split):
+    """(images uint8 (N, 28, 28), labels uint8 (N,)) of ``split`` in {'train', 'test'}."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"MNIST directory {data_dir!r} does not exist")
+    image_stem, label_stem = FILES[split]
+    images = read_idx(_find(data_dir, image_stem))
+    labels = read_idx(_find(data_dir, label_stem))
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(f"MNIST {split} files in {data_dir!r} have swapped or wrong contents")
+    if len(images) != len(labels):
+        raise DataError(f"MNIST {split} in {data_dir!r}: {len(images)} images but "
+                        f"{len(labels)} labels")
+    return images, labels
+
+
+def load_tfds(split):
+    """The same arrays from tensorflow-datasets (downloads on first use)."""
+    import tensorflow_datasets as tfds
+
+    images, labels = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1,
+                                             as_supervised=True))
+    return images[..., 0], labels
+
+
+def load(data_dir=None, split="train"):
+    """MNIST ``split`` from ``data_dir`` (IDX files) or, without one, from TFDS."""
+    return load_split(data_dir, split) if data_dir else load_tfds(split)
+
+
+def check_digit(digit):
+    """Validate a normal-class digit."""
+    if not isinstance(digit, (int, np.integer)) or not 0 <= digit <= 9:
+        raise ValueError(f"--normal-digit must be an integer from 0 to 9, got {digit!r}")
+    return int(digit)
+
+
+def to_float(images):
+    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[..., None]

@@ -1,0 +1,172 @@
+"""The one-class VAE: a small subclassed model around a named encoder and decoder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_vae_attn import backbones, losses
+from keras_vae_attn.attention import NormalStats, VAEAttention, fit_normal_stats
+
+MODEL_SPEC = "model.json"
+MODEL_WEIGHTS = "model.weights.h5"
+
+
+class VAE(keras.Model):
+    """VAE trained on normal data; loss = reconstruction + beta * KL.
+
+    ``beta`` > 1 makes it a beta-VAE. After training, :meth:`fit_normal_stats` stores
+    the normal data's latent mean and std as (non-trainable) weights, so they are saved,
+    restored and exported with the model; until then the prior N(0, I) stands in.
+    """
+
+    def __init__(self, encoder, decoder, recon_loss="bce", beta=1.0, seed=0, spec=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if recon_loss not in losses.RECON_LOSSES:
+            raise ValueError(f"unknown reconstruction loss {recon_loss!r}; "
+                             f"choose one of {losses.RECON_LOSSES}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.recon_loss = recon_loss
+        self.beta = float(beta)
+        self.spec = dict(spec or {})
+        self.latent_dim = int(encoder.outputs[1].shape[-1])
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.normal_mean = self.add_weight(shape=(self.latent_dim,), initializer="zeros",
+                                           trainable=False, name="normal_mean")
+        self.normal_std = self.add_weight(shape=(self.latent_dim,), initializer="ones",
+                                          trainable=False, name="normal_std")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.recon_tracker = keras.metrics.Mean(name="recon")
+        self.kl_tracker = keras.metrics.Mean(name="kl")
+        self._explainers = {}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.recon_tracker, self.kl_tracker]
+
+    def encode(self, images, training=False):
+        """(mu, logvar) of q(z|x)."""
+        mu, logvar = self.encoder(images, training=training)
+        return mu, logvar
+
+    def sample_latent(self, mu, logvar):
+        """Reparameterised draw z = mu + sigma * eps, seeded by the model's generator."""
+        noise = keras.random.normal(tf.shape(mu), seed=self.seed_generator, dtype=mu.dtype)
+        return mu + tf.exp(0.5 * logvar) * noise
+
+    def decode(self, z, training=False):
+        """Reconstruction in [0, 1]."""
+        return tf.sigmoid(tf.cast(self.decoder(z, training=training), tf.float32))
+
+    def call(self, images, training=False):
+        mu, logvar = self.encode(images, training=training)
+        z = self.sample_latent(mu, logvar) if training else mu
+        return self.decode(z, training=training)
+
+    def vae_losses(self, images, training):
+        """Per-example reconstruction and KL terms, plus the codes (for subclasses)."""
+        mu, logvar = self.encode(images, training=training)
+        z = self.sample_latent(mu, logvar)
+        logits = self.decoder(z, training=training)
+        recon = losses.reconstruction_loss(images, logits, self.recon_loss)
+        kl = losses.kl_divergence(mu, logvar)
+        return recon, kl, z
+
+    def _images(self, data):
+        return data[0] if isinstance(data, (tuple, list)) else data
+
+    def train_step(self, data):
+        images = self._images(data)
+        with tf.GradientTape() as tape:
+            recon, kl, _ = self.vae_losses(images, training=True)
+            per_example = recon + self.beta * kl
+            loss = losses.replica_mean(per_example)
+        variables = self.encoder.trainable_variables + self.decoder.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return self._update_trackers(per_example, recon, kl)
+
+    def test_step(self, data):
+        images = self._images(data)
+        recon, kl, _ = self.vae_losses(images, training=False)
+        return self._update_trackers(recon + self.beta * kl, recon, kl)
+
+    def _update_trackers(self, per_example, recon, kl):
+        self.loss_tracker.update_state(per_example)
+        self.recon_tracker.update_state(recon)
+        self.kl_tracker.update_state(kl)
+        return {m.name: m.result() for m in self.metrics}
+
+    # --- explanations ---------------------------------------------------------------
+    def explainer(self, layer="last", gradient_relu=False):
+        """The :class:`VAEAttention` for ``layer`` (cached): the same API users call."""
+        key = (layer, gradient_relu)
+        if key not in self._explainers:
+            self._explainers[key] = VAEAttention(self.encoder, layer=layer,
+                                                 gradient_relu=gradient_relu)
+        return self._explainers[key]
+
+    def normal_stats(self):
+        """The stored normal-data latent statistics (the prior until fitted)."""
+        return NormalStats(tf.convert_to_tensor(self.normal_mean),
+                           tf.convert_to_tensor(self.normal_std))
+
+    def fit_normal_stats(self, dataset):
+        """Measure and store the normal data's latent statistics; returns them."""
+        stats = fit_normal_stats(self.encoder, dataset)
+        self.normal_mean.assign(stats.mean)
+        self.normal_std.assign(stats.std)
+        return stats
+
+
+def build_vae(backbone="small", input_shape=(28, 28, 1), latent_dim=16, filters=None,
+              dense_units=256, recon_loss="bce", beta=1.0, seed=0):
+    """Build a VAE from a plain-dict spec; the spec is saved with the weights."""
+    spec = dict(backbone=backbone, input_shape=list(input_shape), latent_dim=int(latent_dim),
+                filters=list(filters) if filters else None, dense_units=int(dense_units),
+                recon_loss=recon_loss, beta=float(beta), seed=int(seed))
+    encoder, decoder = backbones.build_backbone(backbone, tuple(input_shape), latent_dim,
+                                                filters=filters, dense_units=dense_units)
+    model = VAE(encoder, decoder, recon_loss=recon_loss, beta=beta, seed=seed, spec=spec)
+    model(np.zeros((1, *input_shape), np.float32))
+    return model
+
+
+def save_vae(model, directory):
+    """Write ``model.json`` (spec) and ``model.weights.h5`` atomically into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".model-", dir=directory)
+    try:
+        with open(os.path.join(staging, MODEL_SPEC), "w", encoding="utf-8") as handle:
+            json.dump({"class": type(model).__name__, **model.spec}, handle, indent=2)
+        model.save_weights(os.path.join(staging, MODEL_WEIGHTS))
+        for name in (MODEL_WEIGHTS, MODEL_SPEC):   # spec last: it marks a complete save
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_vae(directory):
+    """Rebuild the model saved by :func:`save_vae` in ``directory``."""
+    spec_path = os.path.join(directory, MODEL_SPEC)
+    weights_path = os.path.join(directory, MODEL_WEIGHTS)
+    for path in (spec_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory!r} holds no trained model: {path} is missing")
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    kind = spec.pop("class", "VAE")
+    if kind == "VAE":
+        model = build_vae(**spec)
+    else:
+        from keras_vae_attn.models import factor_vae
+        model = factor_vae.build_from_spec(kind, spec)
+    model.load_weights(weights_path)
+    return model

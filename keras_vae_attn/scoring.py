@@ -1,0 +1,74 @@
+"""Anomaly outputs of a trained VAE for a batch: the one function trainers, metrics and
+exported graphs all call, so they cannot disagree."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_vae_attn import attention as attn
+
+
+def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=False):
+    """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
+
+    Returns a dict of float32 tensors:
+      heatmap (B, H, W)        anomaly attention (Eq. 5) at ``layer``
+      per_latent (B, D, h, w)  per-latent attention M_i (Eq. 3-4)
+      attention (B, H, W)      overall attention M
+      recon_error (B, H, W)    |x - reconstruction|, mean over channels (the baseline)
+      reconstruction (B, H, W, C)
+      mu, logvar (B, D)
+      score (B,)               max of the heatmap (image-level anomaly score)
+      latent_distance (B,)     sum_i u_i^2 / (2 var_i), the energy of Eq. 5
+      kl (B,)                  KL(q(z|x) || N(0, I))
+      recon_score (B,)         mean reconstruction error
+      attention_energy (B,)    mean of the heatmap
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    explainer = model.explainer(layer, gradient_relu=gradient_relu)
+    explanation = explainer.explain(images)
+    stats = model.normal_stats()
+    size = tf.shape(images)[1:3]
+    heatmap = attn.upsample(tf.reduce_mean(attn.anomaly_maps(explanation, stats, score), 1),
+                            size)
+    attention = attn.upsample(tf.reduce_mean(explanation.latent_maps, axis=1), size)
+    reconstruction = model.decode(explanation.mu)
+    recon_error = tf.reduce_mean(tf.abs(images - reconstruction), axis=-1)
+    sigma = tf.exp(0.5 * explanation.logvar)
+    mean, variance = attn.difference_distribution(stats.mean, stats.std, explanation.mu, sigma)
+    return {
+        "heatmap": heatmap,
+        "per_latent": explanation.latent_maps,
+        "attention": attention,
+        "recon_error": recon_error,
+        "reconstruction": reconstruction,
+        "mu": explanation.mu,
+        "logvar": explanation.logvar,
+        "score": tf.reduce_max(heatmap, axis=[1, 2]),
+        "latent_distance": 0.5 * tf.reduce_sum(tf.square(mean) / variance, axis=-1),
+        "kl": 0.5 * tf.reduce_sum(tf.exp(explanation.logvar) + tf.square(explanation.mu)
+                                  - 1.0 - explanation.logvar, axis=-1),
+        "recon_score": tf.reduce_mean(recon_error, axis=[1, 2]),
+        "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
+    }
+
+
+def batched(model, images, batch_size=64, layer="last", keys=None, progress=None, **kwargs):
+    """Run :func:`explain_anomaly` over a numpy array in batches; numpy dict out.
+
+    ``keys`` limits what is kept (maps of a whole test set are large); ``progress``
+    wraps the batch iterator (e.g. a tqdm factory).
+    """
+    import numpy as np
+
+    starts = range(0, len(images), batch_size)
+    if progress is not None:
+        starts = progress(starts)
+    run = tf.function(lambda x: explain_anomaly(model, x, layer, **kwargs),
+                      reduce_retracing=True)
+    collected = {}
+    for start in starts:
+        out = run(tf.constant(images[start:start + batch_size], tf.float32))
+        for key, value in out.items():
+            if keys is None or key in keys:
+                collected.setdefault(key, []).append(value.numpy())
+    return {key: np.concatenate(values) for key, values in collected.items()}

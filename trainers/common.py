@@ -1,0 +1,211 @@
+"""What every trainer shares: flags, run folders, strategy, callbacks, JSON output."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+RUN_COMPLETE = "metrics.json"
+BACKUP_DIR = "backup"
+
+
+def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
+    """Flags shared by all trainers, with the experiment's defaults."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="dataset root")
+    parser.add_argument("--runs-root", default="runs", help="parent of run folders")
+    parser.add_argument("--run-dir", default=None,
+                        help="run folder (default: a new one under --runs-root, or the "
+                             "unfinished run of the same command, which is resumed)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start a new run even if an unfinished one exists")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--latent-dim", type=int, default=latent_dim)
+    parser.add_argument("--layer", default=layer, help="encoder layer for attention")
+    parser.add_argument("--loss", choices=("bce", "mse"), default="bce",
+                        help="reconstruction loss")
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="cap on training steps per epoch (quick runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),
+                        default="default", help="tf.distribute strategy")
+    parser.add_argument("--cpu-replicas", type=int, default=0,
+                        help="with --strategy mirrored: use N logical CPU devices")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse(parser, argv=None):
+    """Parse flags and turn bad values into argparse errors that name the flag."""
+    args = parser.parse_args(argv)
+    for flag in ("epochs", "batch_size", "latent_dim"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
+                         f"{getattr(args, flag)}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    return args
+
+
+def config_of(args):
+    """The run's configuration as plain JSON values (what `config.json` holds)."""
+    skip = {"run_dir", "runs_root", "fresh", "quiet"}
+    return {key: value for key, value in sorted(vars(args).items()) if key not in skip}
+
+
+def config_hash(config):
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_dir_for(args, experiment):
+    """Pick the run folder: explicit, the unfinished run of the same config, or a new one.
+
+    Re-typing an interrupted command therefore resumes it from its backup.
+    """
+    config = config_of(args)
+    if args.run_dir:
+        path = args.run_dir
+    else:
+        parent = os.path.join(args.runs_root, experiment)
+        digest = config_hash(config)
+        unfinished = []
+        if os.path.isdir(parent) and not args.fresh:
+            unfinished = sorted(
+                name for name in os.listdir(parent)
+                if name.endswith(digest)
+                and not os.path.exists(os.path.join(parent, name, RUN_COMPLETE))
+                and os.path.isdir(os.path.join(parent, name, BACKUP_DIR)))
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = os.path.join(parent, unfinished[-1] if unfinished else f"{stamp}-{digest}")
+    os.makedirs(path, exist_ok=True)
+    write_json(os.path.join(path, "config.json"), config)
+    return path
+
+
+def write_json(path, data):
+    """Write JSON atomically (temp file + rename)."""
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(to_jsonable(data), handle, indent=2, sort_keys=True)
+    os.replace(partial, path)
+
+
+def to_jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def setup_devices(args):
+    """Split the CPU into logical devices before TensorFlow starts, for testing strategies."""
+    import tensorflow as tf
+
+    if args.cpu_replicas and args.cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_replicas)
+
+
+def make_strategy(args):
+    """The tf.distribute strategy named by ``--strategy``."""
+    import tensorflow as tf
+
+    if args.strategy == "mirrored":
+        setup_devices(args)
+        if args.cpu_replicas and args.cpu_replicas > 1:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+            return tf.distribute.MirroredStrategy(devices)
+        return tf.distribute.MirroredStrategy()
+    if args.strategy == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise SystemExit("--strategy multiworker needs the TF_CONFIG environment "
+                             "variable describing the cluster and this worker's task")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when a loss became NaN or infinite; the message says where."""
+
+
+def nan_guard():
+    """A callback that stops training at the first non-finite loss and remembers where."""
+    import keras
+
+    class NaNGuard(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.failure = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            bad = {k: float(v) for k, v in (logs or {}).items()
+                   if not math.isfinite(float(v))}
+            if bad:
+                self.failure = (f"training diverged at epoch {self.epoch + 1}, batch "
+                                f"{batch + 1}: non-finite {bad}. Lower --lr or check the "
+                                "input data for NaNs; the last checkpoint is kept.")
+                self.model.stop_training = True
+
+    return NaNGuard()
+
+
+def standard_callbacks(run_dir, log_images=None):
+    """Checkpoint, TensorBoard, resume-from-backup and NaN guard callbacks."""
+    import keras
+
+    guard = nan_guard()
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR)),
+        keras.callbacks.ModelCheckpoint(os.path.join(run_dir, "checkpoints",
+                                                     "epoch-{epoch:03d}.weights.h5"),
+                                        save_weights_only=True),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
+        guard,
+    ]
+    if log_images is not None:
+        callbacks.append(log_images)
+    return callbacks, guard
+
+
+def check_diverged(guard):
+    if guard.failure:
+        raise TrainingDiverged(guard.failure)
+
+
+def progress(iterable, quiet, **kwargs):
+    """A tqdm progress bar on stderr unless ``quiet``."""
+    if quiet:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, file=sys.stderr, **kwargs)
+
+
+def main_guard(main):
+    """Run a trainer's main, turning expected user errors into one clear line and exit 2."""
+    from keras_vae_attn.data import DataError
+
+    try:
+        return main()
+    except (DataError, TrainingDiverged, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,136 @@
+"""One-class MNIST: train a VAE on one digit, explain what differs in the others.
+
+    python -m trainers.mnist --normal-digit 1 --data-dir path/to/mnist-idx
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from trainers import common
+
+
+def build_parser():
+    parser = common.base_parser(__doc__, epochs=10, batch_size=128, lr=1e-3, latent_dim=16)
+    parser.add_argument("--normal-digit", type=int, default=1, help="the normal class, 0-9")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
+    parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
+    return parser
+
+
+SCORES = ("recon_score", "kl", "latent_distance", "attention_energy")
+
+
+def evaluate(model, images, labels, normal_digit, layer, batch_size, quiet):
+    """Image-level AUROC (normal digit vs all others) for each score."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from keras_vae_attn import scoring
+
+    out = scoring.batched(model, images, batch_size, layer, keys=SCORES,
+                          progress=lambda it: common.progress(it, quiet, desc="evaluate"))
+    is_anomaly = (labels != normal_digit).astype(int)
+    metrics, curves = {}, {}
+    for name in SCORES:
+        auc = float(roc_auc_score(is_anomaly, out[name]))
+        fpr, tpr, _ = roc_curve(is_anomaly, out[name])
+        metrics[name] = auc
+        curves[name] = (fpr, tpr, auc)
+    best = max(SCORES, key=metrics.get)
+    return {"image_auroc": metrics, "best_score": best, "best_auroc": metrics[best],
+            "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, curves
+
+
+def write_figures(model, run_dir, images, labels, layer):
+    """gallery.png (Fig. 4 of the paper) and latent_maps.png (Fig. 1)."""
+    from keras_vae_attn import scoring, viz
+    from keras_vae_attn.attention import upsample
+
+    picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
+    batch = images[picks]
+    out = {k: v.numpy() for k, v in scoring.explain_anomaly(model, batch, layer).items()}
+    overlays = viz.overlay(batch, out["heatmap"])
+    rows = [[batch[i], out["reconstruction"][i], overlays[i]] for i in range(len(picks))]
+    viz.save_grid(rows, os.path.join(run_dir, "gallery.png"),
+                  column_titles=["input", "reconstruction", "anomaly attention"],
+                  row_titles=[f"digit {labels[i]}" for i in picks])
+    per_latent = upsample(tf_reshape_maps(out["per_latent"]), batch.shape[1:3]).numpy()
+    per_latent = per_latent.reshape(len(picks), -1, *batch.shape[1:3])
+    shown = picks[:4]
+    rows = []
+    for row, index in enumerate(shown):
+        dims = viz.overlay(np.repeat(batch[row:row + 1], per_latent.shape[1], 0),
+                           per_latent[row])
+        rows.append([batch[row]] + list(dims))
+    viz.save_grid(rows, os.path.join(run_dir, "latent_maps.png"),
+                  column_titles=["input"] + [f"z{d}" for d in range(per_latent.shape[1])],
+                  row_titles=[f"digit {labels[i]}" for i in shown], cell_inches=1.0)
+
+
+def tf_reshape_maps(maps):
+    """(B, D, h, w) -> (B*D, h, w) for resizing."""
+    return np.reshape(maps, (-1, *maps.shape[2:]))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = common.parse(parser, argv)
+    try:
+        from keras_vae_attn.data import mnist
+        mnist.check_digit(args.normal_digit)
+    except ValueError as error:
+        parser.error(str(error))
+    common.setup_devices(args)
+    import keras
+    import tensorflow as tf
+
+    from keras_vae_attn import callbacks as kva_callbacks
+    from keras_vae_attn import viz
+    from keras_vae_attn.models import build_vae, save_vae
+
+    train_images, train_labels = mnist.load(args.data_dir, "train")
+    test_images, test_labels = mnist.load(args.data_dir, "test")
+    normal = mnist.to_float(train_images[train_labels == args.normal_digit][:args.max_train])
+    test_x = mnist.to_float(test_images[:args.max_test])
+    test_y = test_labels[:args.max_test]
+
+    run_dir = common.run_dir_for(args, "mnist")
+    print(f"run folder: {run_dir}", file=sys.stderr)
+    keras.utils.set_random_seed(args.seed)
+    strategy = common.make_strategy(args)
+    with strategy.scope():
+        model = build_vae("small", (28, 28, 1), args.latent_dim, recon_loss=args.loss,
+                          seed=args.seed)
+        model.compile(optimizer=keras.optimizers.Adam(args.lr))
+    dataset = (tf.data.Dataset.from_tensor_slices(normal)
+               .shuffle(len(normal), seed=args.seed).batch(args.batch_size)
+               .prefetch(tf.data.AUTOTUNE))
+    watch = kva_callbacks.AttentionImages(test_x[:4], os.path.join(run_dir, "tensorboard"),
+                                          args.layer)
+    callbacks, guard = common.standard_callbacks(run_dir, watch)
+    history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        shuffle=False,
+                        callbacks=callbacks, verbose=0 if args.quiet else 1)
+    common.check_diverged(guard)
+    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal).batch(256))
+    save_vae(model, os.path.join(run_dir, "model"))
+
+    metrics, curves = evaluate(model, test_x, test_y, args.normal_digit, args.layer,
+                               256, args.quiet)
+    metrics.update(normal_digit=args.normal_digit, layer=args.layer,
+                   final_losses={k: float(v[-1]) for k, v in history.history.items()})
+    viz.save_roc(curves, os.path.join(run_dir, "roc.png"),
+                 title=f"digit {args.normal_digit} vs rest")
+    viz.save_curves(history.history, os.path.join(run_dir, "curves.png"))
+    write_figures(model, run_dir, test_x, test_y, args.layer)
+    common.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    print(f"image AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                       metrics["image_auroc"].items()))
+    print(f"figures and metrics in {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
