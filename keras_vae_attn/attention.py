@@ -150,7 +150,7 @@ class VAEAttention:
             raise ValueError(f"layer {target.name!r} is not upstream of the latent output "
                              f"of encoder {self.encoder.name!r}, so the latent has no "
                              "gradient with respect to it")
-        self.front = keras.Model(self.encoder.inputs, target.output)
+        self.front = keras.Model(self.encoder.input, target.output)
         try:
             self.head = keras.Model(target.output, self.encoder.outputs)
         except ValueError:

@@ -1,0 +1,171 @@
+"""The attention math: batched maps equal per-latent references and closed forms."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_vae_attn import attention as attn
+from keras_vae_attn.models import build_vae
+
+RNG = np.random.default_rng(0)
+
+
+def images(batch, size=28, channels=1):
+    return RNG.random((batch, size, size, channels)).astype("float32")
+
+
+def reference_weights(encoder, layer, x):
+    """One tape.gradient per latent dimension: the slow, obvious way."""
+    model = keras.Model(encoder.input, encoder.get_layer(layer).output)
+    head = keras.Model(encoder.get_layer(layer).output, encoder.outputs)
+    features = model(x)
+    rows = []
+    for i in range(encoder.outputs[0].shape[-1]):
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            mu = head(features)[0]
+            target = tf.reduce_sum(mu[:, i])
+        grads = tape.gradient(target, features)
+        rows.append(tf.reduce_mean(grads, axis=[1, 2]))
+    return features.numpy(), tf.stack(rows, axis=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return build_vae("small", (28, 28, 1), latent_dim=6, filters=(8, 16), dense_units=32)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_batched_maps_equal_per_latent_loop(vae, layer):
+    x = images(3)
+    features, weights = reference_weights(vae.encoder, layer, x)
+    expected = np.maximum(np.einsum("bdk,bhwk->bdhw", weights, features), 0)
+    explanation = vae.explainer(layer).explain(x)
+    np.testing.assert_allclose(explanation.weights.numpy(), weights, atol=1e-5)
+    np.testing.assert_allclose(explanation.latent_maps.numpy(), expected, atol=1e-5)
+    assert explanation.latent_maps.shape == (3, 6, *features.shape[1:3])
+
+
+def linear_head_encoder(latent=4):
+    """conv (the layer A) -> flatten -> dense: the head after A is linear."""
+    inputs = keras.Input((12, 12, 2))
+    feat = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="feat")(inputs)
+    flat = keras.layers.Flatten()(feat)
+    mu = keras.layers.Dense(latent, name="mu")(flat)
+    logvar = keras.layers.Dense(latent, name="logvar")(flat)
+    return keras.Model(inputs, [mu, logvar])
+
+
+def test_linear_head_matches_closed_form():
+    encoder = linear_head_encoder()
+    x = RNG.random((2, 12, 12, 2)).astype("float32")
+    kernel = encoder.get_layer("mu").kernel.numpy().reshape(12, 12, 3, 4)
+    closed_weights = kernel.mean(axis=(0, 1)).T                  # (D, K)
+    features = keras.Model(encoder.input, encoder.get_layer("feat").output)(x).numpy()
+    closed_maps = np.maximum(np.einsum("dk,bhwk->bdhw", closed_weights, features), 0)
+    explainer = attn.VAEAttention(encoder, layer="feat")
+    np.testing.assert_allclose(explainer.latent_maps(x).numpy(), closed_maps, atol=1e-5)
+    overall = explainer.attention(x).numpy()
+    assert overall.shape == (2, 12, 12)                           # same size: no resize
+    np.testing.assert_allclose(overall, closed_maps.mean(axis=1), atol=1e-5)
+
+
+def test_gradient_relu_reading_pools_positive_gradients_only():
+    encoder = linear_head_encoder()
+    x = RNG.random((2, 12, 12, 2)).astype("float32")
+    kernel = encoder.get_layer("mu").kernel.numpy().reshape(12, 12, 3, 4)
+    expected = np.maximum(kernel, 0).mean(axis=(0, 1)).T
+    weights = attn.VAEAttention(encoder, "feat", gradient_relu=True).explain(x).weights
+    np.testing.assert_allclose(weights.numpy(), np.broadcast_to(expected, (2, 4, 3)), atol=1e-6)
+
+
+def test_maps_are_nonnegative_finite_and_upsampled(vae):
+    x = images(4)
+    explainer = vae.explainer("conv2")
+    overall = explainer.attention(x).numpy()
+    stats = attn.NormalStats(tf.zeros(6), tf.ones(6))
+    anomaly = explainer.anomaly_attention(x, stats).numpy()
+    for maps in (overall, anomaly, explainer.latent_maps(x).numpy()):
+        assert np.isfinite(maps).all() and (maps >= 0).all()
+    assert overall.shape == anomaly.shape == (4, 28, 28)
+    assert overall.max() > 0
+
+
+def test_difference_distribution_follows_eq5():
+    mean, var = attn.difference_distribution([1.0, -2.0], [0.5, 2.0], [0.25, 1.0], [1.5, 0.1])
+    np.testing.assert_allclose(mean.numpy(), [0.75, -3.0])
+    np.testing.assert_allclose(var.numpy(), [0.25 + 2.25, 4.0 + 0.01], rtol=1e-6)
+
+
+def test_anomaly_weights_scale_pooled_gradients_by_standardised_deviation(vae):
+    x = images(2)
+    explanation = vae.explainer("conv2").explain(x)
+    stats = attn.NormalStats(tf.constant(RNG.normal(size=6), tf.float32),
+                             tf.constant(RNG.uniform(0.5, 2.0, 6), tf.float32))
+    mu, sigma = explanation.mu.numpy(), np.exp(0.5 * explanation.logvar.numpy())
+    factor = -(stats.mean.numpy() - mu) / (stats.std.numpy() ** 2 + sigma ** 2)
+    energy = attn.anomaly_weights(explanation, stats).numpy()
+    np.testing.assert_allclose(energy, explanation.weights.numpy() * factor[..., None],
+                               rtol=1e-5, atol=1e-8)
+    latent = attn.anomaly_weights(explanation, stats, score="latent").numpy()
+    np.testing.assert_allclose(latent, -explanation.weights.numpy())
+    with pytest.raises(ValueError, match="unknown anomaly score"):
+        attn.anomaly_weights(explanation, stats, score="bogus")
+
+
+def test_sampled_anomaly_weights_are_seeded(vae):
+    explanation = vae.explainer("conv2").explain(images(2))
+    stats = vae.normal_stats()
+    first = attn.anomaly_weights(explanation, stats, sample=True, seed=(1, 2)).numpy()
+    again = attn.anomaly_weights(explanation, stats, sample=True, seed=(1, 2)).numpy()
+    other = attn.anomaly_weights(explanation, stats, sample=True, seed=(3, 4)).numpy()
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_jacobian_path_equals_split_path(vae):
+    x = images(3)
+    split = attn.VAEAttention(vae.encoder, "conv1")
+    assert split.head is not None
+    fallback = attn.VAEAttention(vae.encoder, "conv1")
+    fallback.head = None
+    np.testing.assert_allclose(fallback.explain(x).weights.numpy(),
+                               split.explain(x).weights.numpy(), atol=1e-6)
+
+
+def test_layer_inside_a_residual_block_uses_the_jacobian_path():
+    model = build_vae("resnet18", (32, 32, 3), latent_dim=3)
+    explainer = model.explainer("layer2_block0_relu_a")
+    assert explainer.head is None                     # the shortcut bypasses this layer
+    maps = explainer.latent_maps(RNG.random((2, 32, 32, 3)).astype("float32"))
+    assert maps.shape == (2, 3, 4, 4) and np.isfinite(maps.numpy()).all()
+
+
+def test_unknown_layer_lists_valid_names(vae):
+    with pytest.raises(ValueError, match=r"'conv9'.*valid names: conv1, conv2"):
+        vae.explainer("conv9")
+
+
+def test_wrong_rank_and_channels_are_refused(vae):
+    explainer = vae.explainer("conv2")
+    with pytest.raises(ValueError, match="4-D batch"):
+        explainer.attention(np.zeros((28, 28, 1), np.float32))
+    with pytest.raises(ValueError, match="3 channels but encoder"):
+        explainer.attention(np.zeros((1, 28, 28, 3), np.float32))
+
+
+def test_fit_normal_stats_is_the_aggregate_posterior():
+    inputs = keras.Input((2,))
+    encoder = keras.Model(inputs, [inputs * 1.0, inputs * 0.0 + 0.5])  # mu = x, logvar = .5
+    data = np.array([[1.0, 2.0], [3.0, -2.0], [5.0, 0.0]], np.float32)
+    stats = attn.fit_normal_stats(encoder, tf.data.Dataset.from_tensor_slices(data).batch(2))
+    np.testing.assert_allclose(stats.mean.numpy(), data.mean(0), rtol=1e-6)
+    expected_std = np.sqrt(data.var(0) + np.exp(0.5))
+    np.testing.assert_allclose(stats.std.numpy(), expected_std, rtol=1e-6)
+
+
+def test_normalize_maps_scales_each_map_to_unit_range():
+    maps = np.stack([np.arange(4.0).reshape(2, 2), np.full((2, 2), 3.0)])
+    scaled = attn.normalize_maps(maps)
+    np.testing.assert_allclose(scaled[0], [[0, 1 / 3], [2 / 3, 1]], rtol=1e-6)
+    np.testing.assert_array_equal(scaled[1], 0)
