@@ -98,18 +98,25 @@ def _output_index(encoder, which, role):
     return names.index(which)
 
 
-def _ancestors(tensor):
-    """Names of all operations upstream of a functional KerasTensor."""
-    seen, stack = set(), [tensor]
+def _as_list(outputs):
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _upstream_tensors(tensor):
+    """{operation name: its output tensor} for everything upstream of a KerasTensor.
+
+    Walks this graph's own nodes, so a layer shared with another model resolves to the
+    tensor it produces *here*.
+    """
+    found, stack = {}, [tensor]
     while stack:
         current = stack.pop()
         operation, node_index, _ = current._keras_history
-        if operation.name in seen:
+        if operation.name in found:
             continue
-        seen.add(operation.name)
-        node = operation._inbound_nodes[node_index]
-        stack.extend(node.input_tensors)
-    return seen
+        found[operation.name] = current
+        stack.extend(operation._inbound_nodes[node_index].input_tensors)
+    return found
 
 
 class VAEAttention:
@@ -146,13 +153,15 @@ class VAEAttention:
 
     def _split(self, target):
         latent_tensor = self.encoder.outputs[self.latent_index]
-        if target.name not in _ancestors(latent_tensor):
+        features = _upstream_tensors(latent_tensor).get(target.name)
+        if features is None:
             raise ValueError(f"layer {target.name!r} is not upstream of the latent output "
                              f"of encoder {self.encoder.name!r}, so the latent has no "
                              "gradient with respect to it")
-        self.front = keras.Model(self.encoder.input, target.output)
+        inputs = self.encoder.inputs
+        self.front = keras.Model(inputs[0] if len(inputs) == 1 else inputs, features)
         try:
-            self.head = keras.Model(target.output, self.encoder.outputs)
+            self.head = keras.Model(features, list(self.encoder.outputs))
         except ValueError:
             # The part after the layer also reads earlier tensors (a skip connection
             # around it): fall back to the vectorized-Jacobian path.
@@ -187,7 +196,7 @@ class VAEAttention:
         stacked = tf.tile(features, [depth, 1, 1, 1])        # copy d holds rows d*B..d*B+B-1
         with tf.GradientTape() as tape:
             tape.watch(stacked)
-            outputs = self.head(stacked, training=False)
+            outputs = _as_list(self.head(stacked, training=False))
             latent = tf.cast(outputs[self.latent_index], tf.float32)
             selector = tf.repeat(tf.eye(depth), repeats=batch, axis=0)
             target = tf.reduce_sum(latent * selector)
@@ -208,7 +217,7 @@ class VAEAttention:
         layer.call = recording_call
         try:
             with tf.GradientTape() as tape:
-                outputs = self.encoder(images, training=False)
+                outputs = _as_list(self.encoder(images, training=False))
                 latent = tf.cast(outputs[self.latent_index], tf.float32)
         finally:
             layer.call = original_call
@@ -309,7 +318,7 @@ def fit_normal_stats(encoder, dataset, latent_index=0, logvar_index=1):
     count = 0
     for batch in dataset:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        outputs = encoder(images, training=False)
+        outputs = _as_list(encoder(images, training=False))
         mu = np.asarray(outputs[latent_index], dtype=np.float64)
         var = np.exp(np.asarray(outputs[logvar_index], dtype=np.float64))
         if total is None:

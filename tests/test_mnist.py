@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from keras_vae_attn.data import DataError, mnist
-from tests.conftest import REPO
+from conftest import REPO
 
 
 def test_reads_the_real_files(shared_data):
