@@ -82,13 +82,28 @@ def run_dir_for(args, experiment):
             unfinished = sorted(
                 name for name in os.listdir(parent)
                 if name.endswith(digest)
-                and not os.path.exists(os.path.join(parent, name, RUN_COMPLETE))
-                and os.path.isdir(os.path.join(parent, name, BACKUP_DIR)))
+                and not os.path.exists(os.path.join(parent, name, RUN_COMPLETE)))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = os.path.join(parent, unfinished[-1] if unfinished else f"{stamp}-{digest}")
+    worker = worker_index()
+    if worker:
+        # Multi-worker training: only worker 0 (the chief) owns the run folder; the
+        # others keep their own copies of checkpoints and backups beside it.
+        path = os.path.join(path, f"worker-{worker}")
     os.makedirs(path, exist_ok=True)
     write_json(os.path.join(path, "config.json"), config)
     return path
+
+
+def worker_index():
+    """0 for the process that owns the run folder (the chief, or the only process);
+    1, 2, ... for the other workers of a TF_CONFIG cluster."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = config.get("task", {})
+    if not task or task.get("type") == "chief":
+        return 0
+    index = int(task.get("index", 0))
+    return index + 1 if "chief" in config.get("cluster", {}) else index
 
 
 def write_json(path, data):
@@ -168,13 +183,50 @@ def nan_guard():
     return NaNGuard()
 
 
+def training_log(path):
+    """A callback appending one JSON line per epoch (and per start) to ``path``.
+
+    Each line holds the process id, the epoch and a checksum of the weights, so a
+    resumed run shows where it picked up and from which weights.
+    """
+    import keras
+
+    class TrainingLog(keras.callbacks.Callback):
+        def _write(self, event, epoch, logs=None):
+            total = float(sum(np.abs(np.asarray(v)).sum() for v in self.model.weights))
+            optimizer = getattr(self.model, "optimizer", None)
+            step = int(optimizer.iterations) if optimizer is not None else None
+            line = {"event": event, "epoch": epoch, "pid": os.getpid(),
+                    "weights_checksum": total, "optimizer_step": step,
+                    **{k: float(v) for k, v in (logs or {}).items()}}
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+
+        def on_train_begin(self, logs=None):
+            start = int(getattr(self.model, "_initial_epoch", 0) or 0)
+            if start:
+                print(f"resuming from the backup at epoch {start + 1}", file=sys.stderr)
+            self._write("train_begin", start)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._write("epoch_end", epoch + 1, logs)
+
+    return TrainingLog()
+
+
 def standard_callbacks(run_dir, log_images=None):
-    """Checkpoint, TensorBoard, resume-from-backup and NaN guard callbacks."""
+    """Resume-from-backup, training log, checkpoint, TensorBoard and NaN guard callbacks.
+
+    The backup keeps two generations, so a kill while it is being written still leaves
+    one that loads. Its restore runs first; the training log sees restored weights.
+    """
     import keras
 
     guard = nan_guard()
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR)),
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR),
+                                         double_checkpoint=True),
+        training_log(os.path.join(run_dir, "training_log.jsonl")),
         keras.callbacks.ModelCheckpoint(os.path.join(run_dir, "checkpoints",
                                                      "epoch-{epoch:03d}.weights.h5"),
                                         save_weights_only=True),

@@ -57,9 +57,20 @@ class VAE(keras.Model):
         return mu, logvar
 
     def sample_latent(self, mu, logvar):
-        """Reparameterised draw z = mu + sigma * eps, seeded by the model's generator."""
-        noise = keras.random.normal(tf.shape(mu), seed=self.seed_generator, dtype=mu.dtype)
-        return mu + tf.exp(0.5 * logvar) * noise
+        """Reparameterised draw z = mu + sigma * eps, seeded by the model's generator.
+
+        Under a distribution strategy each replica folds its id into the seed, so the
+        replicas draw different noise instead of repeating one pattern.
+        """
+        return mu + tf.exp(0.5 * logvar) * self.normal_noise(tf.shape(mu), mu.dtype)
+
+    def normal_noise(self, shape, dtype=tf.float32):
+        """Seeded N(0, 1) noise, distinct per replica (see :meth:`sample_latent`)."""
+        seed = self.seed_generator.next()
+        context = tf.distribute.get_replica_context()
+        if context is not None:
+            seed = seed + tf.cast(tf.stack([0, context.replica_id_in_sync_group]), seed.dtype)
+        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
 
     def decode(self, z, training=False):
         """Reconstruction in [0, 1]."""
@@ -102,7 +113,20 @@ class VAE(keras.Model):
         self.loss_tracker.update_state(per_example)
         self.recon_tracker.update_state(recon)
         self.kl_tracker.update_state(kl)
-        return {m.name: m.result() for m in self.metrics}
+        return self.step_logs()
+
+    def step_logs(self):
+        """The logs a train/test step returns: every tracker's current result.
+
+        Under MultiWorkerMirroredStrategy Keras 3 reduces step outputs with a MEAN over
+        axis 0, which fails on scalars; there each value travels as a (1,) vector and
+        comes out of that reduction a scalar again.
+        """
+        logs = {m.name: m.result() for m in self.metrics}
+        if isinstance(tf.distribute.get_strategy(),
+                      tf.distribute.MultiWorkerMirroredStrategy):
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     # --- explanations ---------------------------------------------------------------
     def explainer(self, layer="last", gradient_relu=False):
