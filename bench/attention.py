@@ -1,0 +1,141 @@
+"""Attention cost: our batched pass vs the naive ways, and vs the encoder-forward floor.
+
+    python -m bench.attention            # full tables (a few minutes on 2 CPU cores)
+    python -m bench.attention --quick    # tiny sizes, seconds (used by the test suite)
+
+Table 1 times all D per-latent maps three ways at each (network, layer, D):
+  batched   VAEAttention.explain: encoder once, the part after the layer on D stacked
+            copies, one backward pass (ours)
+  loop      a persistent tape and D separate tape.gradient calls (what users write)
+  jacobian  tape.batch_jacobian (TensorFlow's vectorized Jacobian)
+Table 2 compares attention at the last conv layer with a plain encoder forward pass at
+the same batch (the cost floor), eager, in tf.function and with XLA.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from bench.timing import median_seconds, print_table  # noqa: E402
+from keras_vae_attn.attention import VAEAttention  # noqa: E402
+from keras_vae_attn.backbones import resnet18_encoder, small_conv_encoder  # noqa: E402
+
+
+def encoder_for(kind, size, latent):
+    if kind == "resnet18":
+        return resnet18_encoder((size, size, 3), latent)
+    return small_conv_encoder((size, size, 1), latent, filters=(32, 32, 64, 64),
+                              dense_units=256)
+
+
+def loop_weights(explainer, images):
+    """The naive way: one tape.gradient per latent dimension."""
+    features_model = keras.Model(explainer.encoder.input,
+                                 [explainer.front.output, *explainer.encoder.outputs])
+    with tf.GradientTape(persistent=True) as tape:
+        features, mu, _ = features_model(images, training=False)
+        columns = tf.unstack(mu, axis=1)
+    pooled = [tf.reduce_mean(tape.gradient(column, features), axis=[1, 2])
+              for column in columns]
+    del tape
+    return tf.stack(pooled, axis=1)
+
+
+def jacobian_weights(explainer, images):
+    features = explainer.front(images, training=False)
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        mu = explainer.head(features, training=False)[0]
+    return tf.reduce_mean(tape.batch_jacobian(mu, features), axis=[2, 3])
+
+
+def naive_table(cases, repeats, budget):
+    rows = []
+    for kind, size, batch, layer, latent in cases:
+        explainer = VAEAttention(encoder_for(kind, size, latent), layer=layer)
+        channels = explainer.encoder.inputs[0].shape[-1]
+        images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
+                             tf.float32)
+        reference = explainer.explain(images).weights.numpy()
+        np.testing.assert_allclose(loop_weights(explainer, images).numpy(), reference,
+                                   rtol=1e-3, atol=1e-6)
+        timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
+                 for name, f in (("batched", lambda x: explainer.explain(x).weights),
+                                 ("loop", lambda x: loop_weights(explainer, x)),
+                                 ("jacobian", lambda x: jacobian_weights(explainer, x)))}
+        rows.append({"net": f"{kind} {size}px", "layer": layer, "D": latent, "batch": batch,
+                     "batched s": timed["batched"], "loop s": timed["loop"],
+                     "jacobian s": timed["jacobian"],
+                     "loop/batched": timed["loop"] / timed["batched"],
+                     "jacobian/batched": timed["jacobian"] / timed["batched"]})
+    return rows
+
+
+def floor_table(cases, repeats, budget):
+    rows = []
+    for kind, size, batch, latent in cases:
+        encoder = encoder_for(kind, size, latent)
+        explainer = VAEAttention(encoder, layer="last")
+        channels = encoder.inputs[0].shape[-1]
+        images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
+                             tf.float32)
+        graph_forward = tf.function(lambda x: encoder(x, training=False)[0])
+        graph_attention = tf.function(lambda x: explainer.explain(x).latent_maps)
+        xla_forward = tf.function(lambda x: encoder(x, training=False)[0], jit_compile=True)
+        xla_attention = tf.function(lambda x: explainer.explain(x).latent_maps,
+                                    jit_compile=True)
+        variants = {
+            "eager": (lambda x: encoder(x, training=False)[0],
+                      lambda x: explainer.explain(x).latent_maps),
+            "tf.function": (graph_forward, graph_attention),
+            "XLA": (xla_forward, xla_attention),
+        }
+        for mode, (forward, attend) in variants.items():
+            t_forward = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
+            t_attention = median_seconds(lambda: attend(images).numpy(), repeats,
+                                         budget_s=budget)
+            rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
+                         "D": latent, "batch": batch, "mode": mode,
+                         "forward s": t_forward, "attention s": t_attention,
+                         "attention/forward": t_attention / t_forward})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=30.0,
+                        help="seconds per measurement before it stops repeating")
+    args = parser.parse_args(argv)
+    if args.quick:
+        naive = [("small", 32, 2, "last", 4), ("resnet18", 32, 2, "layer2", 4)]
+        floor = [("resnet18", 32, 2, 4)]
+        args.repeats, args.budget = 2, 5.0
+    else:
+        naive = [("small", 64, 16, layer, d) for layer in ("last", "conv1")
+                 for d in (10, 32, 64)]
+        naive += [("resnet18", 256, 4, layer, d) for layer in ("last", "layer2")
+                  for d in (10, 32, 64)]
+        floor = [("resnet18", 256, 16, 32), ("small", 64, 16, 32)]
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+          f"{os.cpu_count()} CPU cores\n")
+    print("All D per-latent maps: batched pass vs loop vs batch_jacobian (median seconds)")
+    print_table(naive_table(naive, args.repeats, args.budget),
+                ["net", "layer", "D", "batch", "batched s", "loop s", "jacobian s",
+                 "loop/batched", "jacobian/batched"])
+    print("\nAttention at the last conv layer vs the encoder forward pass (the floor)")
+    print_table(floor_table(floor, args.repeats, args.budget),
+                ["net", "layer", "D", "batch", "mode", "forward s", "attention s",
+                 "attention/forward"])
+
+
+if __name__ == "__main__":
+    main()
