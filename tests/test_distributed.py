@@ -112,3 +112,15 @@ def test_killed_run_resumes_from_its_backup(shared_data, tmp_path):
     assert resumed[-1]["epoch"] == 40
     assert f"resuming from the backup at epoch {begin['epoch'] + 1}" in second.stderr
     assert (run_dir / "metrics.json").exists()
+
+
+def test_mnist_trainer_runs_mirrored_on_two_logical_cpus(shared_data, tmp_path):
+    result = python("-m", "trainers.mnist", "--data-dir", shared_data / "mnist",
+                    "--epochs", "1", "--steps-per-epoch", "3", "--max-test", "100",
+                    "--latent-dim", "4", "--runs-root", tmp_path, "--quiet",
+                    "--strategy", "mirrored", "--cpu-replicas", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "mnist").iterdir()
+    log = read_log(run_dir)
+    assert log[-1]["event"] == "epoch_end" and np.isfinite(log[-1]["loss"])
+    assert (run_dir / "metrics.json").exists()

@@ -195,7 +195,7 @@ def training_log(path):
         def _write(self, event, epoch, logs=None):
             total = float(sum(np.abs(np.asarray(v)).sum() for v in self.model.weights))
             optimizer = getattr(self.model, "optimizer", None)
-            step = int(optimizer.iterations) if optimizer is not None else None
+            step = int(np.asarray(optimizer.iterations)) if optimizer is not None else None
             line = {"event": event, "epoch": epoch, "pid": os.getpid(),
                     "weights_checksum": total, "optimizer_step": step,
                     **{k: float(v) for k, v in (logs or {}).items()}}
