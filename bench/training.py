@@ -1,0 +1,84 @@
+"""Training-step cost: the VAE step with and without XLA, and AD-FactorVAE vs FactorVAE.
+
+    python -m bench.training            # full table
+    python -m bench.training --quick    # tiny sizes (used by the test suite)
+
+Each row is the median seconds of one optimizer step (after compilation) and the
+images/s it implies; FactorVAE rows appear when keras_vae_attn.models.factor_vae exists.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from bench.timing import median_seconds, print_table  # noqa: E402
+from keras_vae_attn.models import build_vae  # noqa: E402
+
+
+def step_seconds(model, images, repeats, budget):
+    """Median time of one `train_on_batch` call (the compiled train step)."""
+    model.train_on_batch(images)            # compile and build optimizer state
+    return median_seconds(lambda: model.train_on_batch(images), repeats, budget_s=budget)
+
+
+def vae_rows(cases, repeats, budget):
+    rows = []
+    for backbone, size, channels, batch in cases:
+        images = np.random.default_rng(0).random((batch, size, size, channels)).astype("f4")
+        for jit in (False, True):
+            keras.utils.set_random_seed(0)
+            model = build_vae(backbone, (size, size, channels), 32)
+            model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit)
+            seconds = step_seconds(model, images, repeats, budget)
+            rows.append({"model": f"VAE {backbone}", "image": f"{size}x{size}x{channels}",
+                         "batch": batch, "XLA": jit, "step s": seconds,
+                         "images/s": batch / seconds})
+    return rows
+
+
+def factor_rows(size, batch, repeats, budget):
+    try:
+        from keras_vae_attn.models import factor_vae
+    except ImportError:
+        return []
+    images = np.random.default_rng(0).random((batch, size, size, 1)).astype("f4")
+    rows = []
+    for name, lambda_ad in (("FactorVAE", 0.0), ("AD-FactorVAE", 1.0)):
+        keras.utils.set_random_seed(0)
+        model = factor_vae.build_factor_vae(input_shape=(size, size, 1), lambda_ad=lambda_ad)
+        model.compile()
+        seconds = step_seconds(model, images, repeats, budget)
+        rows.append({"model": name, "image": f"{size}x{size}x1", "batch": batch,
+                     "XLA": False, "step s": seconds, "images/s": batch / seconds})
+    rows[-1]["vs FactorVAE"] = rows[-1]["step s"] / rows[0]["step s"]
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        cases, factor_size, factor_batch = [("small", 28, 1, 8)], 64, 4
+        args.repeats, args.budget = 2, 5.0
+    else:
+        cases = [("small", 64, 1, 64), ("resnet18", 128, 3, 16), ("resnet18", 256, 3, 16)]
+        factor_size, factor_batch = 64, 64
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+          f"{os.cpu_count()} CPU cores\n")
+    rows = vae_rows(cases, args.repeats, args.budget)
+    rows += factor_rows(factor_size, factor_batch, args.repeats, args.budget)
+    print_table(rows, ["model", "image", "batch", "XLA", "step s", "images/s", "vs FactorVAE"])
+
+
+if __name__ == "__main__":
+    main()

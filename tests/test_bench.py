@@ -1,0 +1,25 @@
+"""The benchmark scripts run end to end at tiny sizes and print their tables."""
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_bench(name):
+    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_attention_benchmark_prints_both_tables():
+    out = run_bench("attention")
+    assert "loop/batched" in out and "attention/forward" in out
+    rows = [line for line in out.splitlines() if line.startswith("| resnet18")]
+    assert len(rows) == 4          # one naive-comparison row, three floor rows
+
+
+def test_training_benchmark_times_the_step_with_and_without_xla():
+    out = run_bench("training")
+    rows = [line for line in out.splitlines() if line.startswith("| VAE small")]
+    assert len(rows) == 2 and "True" in rows[1]
