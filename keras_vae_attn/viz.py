@@ -12,9 +12,17 @@ import numpy as np  # noqa: E402
 from keras_vae_attn.attention import normalize_maps  # noqa: E402
 
 
-def colorize(maps, cmap="jet"):
-    """(..., H, W) maps -> (..., H, W, 3) float RGB in [0, 1], each map min-max scaled."""
-    return matplotlib.colormaps[cmap](normalize_maps(maps))[..., :3].astype(np.float32)
+def colorize(maps, cmap="jet", vmax=None):
+    """(..., H, W) maps -> (..., H, W, 3) float RGB in [0, 1].
+
+    Each map is min-max scaled on its own unless ``vmax`` is given; then all maps share
+    the scale [0, vmax], so a quiet map stays cool next to a hot one.
+    """
+    if vmax is None:
+        scaled = normalize_maps(maps)
+    else:
+        scaled = np.clip(np.asarray(maps, np.float32) / max(float(vmax), 1e-12), 0.0, 1.0)
+    return matplotlib.colormaps[cmap](scaled)[..., :3].astype(np.float32)
 
 
 def to_rgb(images):
@@ -27,14 +35,14 @@ def to_rgb(images):
     return np.clip(images, 0.0, 1.0)
 
 
-def overlay(images, maps, alpha=0.5, cmap="jet"):
+def overlay(images, maps, alpha=0.5, cmap="jet", vmax=None):
     """Blend a colour heatmap over each image: (B, H, W, C) + (B, H, W) -> uint8 RGB.
 
-    Each map is scaled to [0, 1] on its own, so the overlay shows where a map is high,
-    not how high it is compared to other images.
+    By default each map is scaled to [0, 1] on its own, so the overlay shows where a
+    map is high; pass ``vmax`` to put all maps on one scale and compare images.
     """
     images = to_rgb(images)
-    heat = colorize(maps, cmap)
+    heat = colorize(maps, cmap, vmax)
     if heat.shape[1:3] != images.shape[1:3]:
         raise ValueError(f"maps of size {heat.shape[1:3]} do not match images of size "
                          f"{images.shape[1:3]}; upsample the maps first")

@@ -51,7 +51,7 @@ def write_figures(model, run_dir, images, labels, layer):
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
     batch = images[picks]
     out = {k: v.numpy() for k, v in scoring.explain_anomaly(model, batch, layer).items()}
-    overlays = viz.overlay(batch, out["heatmap"])
+    overlays = viz.overlay(batch, out["heatmap"], vmax=out["heatmap"].max())  # one scale
     rows = [[batch[i], out["reconstruction"][i], overlays[i]] for i in range(len(picks))]
     viz.save_grid(rows, os.path.join(run_dir, "gallery.png"),
                   column_titles=["input", "reconstruction", "anomaly attention"],
