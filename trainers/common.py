@@ -83,8 +83,8 @@ def run_dir_for(args, experiment):
                 name for name in os.listdir(parent)
                 if name.endswith(digest)
                 and not os.path.exists(os.path.join(parent, name, RUN_COMPLETE)))
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = os.path.join(parent, unfinished[-1] if unfinished else f"{stamp}-{digest}")
+        path = os.path.join(parent, unfinished[-1] if unfinished else
+                            _new_run_name(parent, digest))
     worker = worker_index()
     if worker:
         # Multi-worker training: only worker 0 (the chief) owns the run folder; the
@@ -93,6 +93,16 @@ def run_dir_for(args, experiment):
     os.makedirs(path, exist_ok=True)
     write_json(os.path.join(path, "config.json"), config)
     return path
+
+
+def _new_run_name(parent, digest):
+    """`<timestamp>-<hash>`, with a counter when that folder already exists."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, count = f"{stamp}-{digest}", 1
+    while os.path.exists(os.path.join(parent, name)):
+        count += 1
+        name = f"{stamp}.{count}-{digest}"
+    return name
 
 
 def worker_index():
