@@ -1,0 +1,88 @@
+"""Decision thresholds for heatmaps and image scores, and the decisions themselves.
+
+Thresholds are calibrated on held-out *normal* images (a high percentile of their
+scores: no labels needed) or, when a labelled validation set exists, at the F1-optimal
+point. :func:`decide` turns raw outputs into masks, labels and a heatmap normalized so
+that 0.5 is the threshold; exported graphs call the same function.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+
+class Thresholds(NamedTuple):
+    """A pixel threshold for the heatmap and an image threshold for the score."""
+
+    pixel: float
+    image: float
+    method: str
+
+    def as_dict(self):
+        return {"pixel": float(self.pixel), "image": float(self.image), "method": self.method}
+
+
+def from_normal(heatmaps, scores, pixel_percentile=99.5, image_percentile=99.0):
+    """Thresholds from normal images only: percentiles of their pixel and image scores.
+
+    ``heatmaps`` (N, H, W) and ``scores`` (N,) of held-out normal images. A pixel of a
+    normal image then exceeds the threshold with probability ~(100 - percentile)%.
+    """
+    heatmaps = np.asarray(heatmaps, np.float32)
+    scores = np.asarray(scores, np.float32)
+    if heatmaps.size == 0 or scores.size == 0:
+        raise ValueError("calibration needs at least one held-out normal image")
+    return Thresholds(float(np.percentile(heatmaps, pixel_percentile)),
+                      float(np.percentile(scores, image_percentile)),
+                      f"normal percentiles {pixel_percentile}/{image_percentile}")
+
+
+def best_f1_threshold(scores, labels, candidates=1000):
+    """The threshold maximising F1 of ``scores > t`` against boolean ``labels``.
+
+    Candidates are quantiles of the scores, and counts come from histograms, so memory
+    stays at a few arrays of ``candidates`` entries whatever the number of pixels.
+    Returns (threshold, f1).
+    """
+    scores = np.asarray(scores, np.float32).ravel()
+    labels = np.asarray(labels, bool).ravel()
+    if not labels.any():
+        raise ValueError("F1 calibration needs at least one positive (anomalous) label")
+    edges = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, candidates + 1)))
+    positives = np.histogram(scores[labels], bins=edges)[0]
+    negatives = np.histogram(scores[~labels], bins=edges)[0]
+    # predicted positive for threshold edges[i]: every bin from i on (scores >= edge)
+    true_pos = np.cumsum(positives[::-1])[::-1]
+    false_pos = np.cumsum(negatives[::-1])[::-1]
+    false_neg = labels.sum() - true_pos
+    f1 = 2 * true_pos / np.maximum(2 * true_pos + false_pos + false_neg, 1)
+    best = int(np.argmax(f1))
+    # scores >= edges[best] are positive; a strict `>` rule needs a value just below it
+    return float(np.nextafter(edges[best], -np.inf)), float(f1[best])
+
+
+def from_labelled(heatmaps, masks, scores, labels):
+    """F1-optimal thresholds on a labelled validation set (pixels pooled)."""
+    pixel, _ = best_f1_threshold(heatmaps, masks)
+    image, _ = best_f1_threshold(scores, labels)
+    return Thresholds(pixel, image, "F1-optimal on labelled validation set")
+
+
+def decide(heatmap, score, thresholds):
+    """Masks, labels and a normalized heatmap from raw outputs (NumPy or TF tensors).
+
+    Returns ``pred_mask`` (B, H, W) bool, ``pred_label`` (B,) bool and
+    ``heatmap_normalized`` in [0, 1] with the pixel threshold at 0.5 (linear, twice the
+    threshold maps to 1).
+    """
+    pixel = tf.constant(thresholds.pixel, tf.float32)
+    image = tf.constant(thresholds.image, tf.float32)
+    heatmap = tf.cast(heatmap, tf.float32)
+    return {
+        "pred_mask": heatmap > pixel,
+        "pred_label": tf.cast(score, tf.float32) > image,
+        "heatmap_normalized": tf.clip_by_value(0.5 * heatmap / tf.maximum(pixel, 1e-12),
+                                               0.0, 1.0),
+    }
