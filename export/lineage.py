@@ -1,0 +1,121 @@
+"""Stage bookkeeping for the pipeline: a manifest with lineage, and stage caching.
+
+Each stage records its inputs, outputs (with content hashes), config, package versions,
+data fingerprint, start/end time and status in ``manifest.json``. A stage whose cache key
+(config + input hashes + data fingerprint) matches its last successful record, and whose
+outputs are still on disk unchanged, is skipped and its artifacts reused.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+
+MANIFEST = "manifest.json"
+PACKAGES = ("tensorflow", "keras", "numpy", "tf2onnx", "onnxruntime", "keras-vae-attn")
+
+
+def package_versions():
+    """Versions of the packages that shape a model's numbers."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hash_path(path):
+    """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
+    digest = hashlib.sha256()
+    if os.path.isfile(path):
+        files = [(os.path.basename(path), path)]
+    else:
+        files = sorted((os.path.relpath(os.path.join(root, name), path),
+                        os.path.join(root, name))
+                       for root, _, names in os.walk(path) for name in names)
+    for relative, full in files:
+        digest.update(relative.encode())
+        with open(full, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_files(root):
+    """A cheap fingerprint of a data folder: its file list with sizes (not contents)."""
+    digest = hashlib.sha256()
+    count = 0
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            full = os.path.join(folder, name)
+            digest.update(f"{os.path.relpath(full, root)}:{os.path.getsize(full)}\n".encode())
+            count += 1
+    return {"sha256": digest.hexdigest(), "files": count}
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Manifest:
+    """``manifest.json`` of one pipeline folder, rewritten atomically after each change."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, MANIFEST)
+        self.data = {"stages": {}}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as handle:
+                self.data = json.load(handle)
+
+    def record(self, stage):
+        return self.data["stages"].get(stage)
+
+    def write(self, stage, record):
+        self.data["stages"][stage] = record
+        partial = self.path + ".partial"
+        with open(partial, "w", encoding="utf-8") as handle:
+            json.dump(self.data, handle, indent=2, sort_keys=True)
+        os.replace(partial, self.path)
+
+
+def cache_key(config, inputs, data_fingerprint):
+    """What a stage's result depends on, as one hash."""
+    blob = json.dumps({"config": config, "inputs": inputs, "data": data_fingerprint},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_stage(manifest, name, config, inputs, data_fingerprint, action, force=False):
+    """Run ``action()`` -> (status, outputs dict name->path, details) unless cached.
+
+    ``inputs`` maps names to paths whose content the stage reads. Returns the record,
+    with ``cached`` true when the previous result was reused.
+    """
+    input_hashes = {key: hash_path(path) for key, path in inputs.items()}
+    key = cache_key(config, input_hashes, data_fingerprint)
+    previous = manifest.record(name)
+    if (not force and previous and previous.get("cache_key") == key
+            and previous.get("status") not in ("failed", "running")
+            and all(os.path.exists(path) and hash_path(path) == digest
+                    for path, digest in previous.get("output_hashes", {}).items())):
+        return {**previous, "cached": True}
+    record = {"stage": name, "status": "running", "config": config, "inputs": inputs,
+              "input_hashes": input_hashes, "data_fingerprint": data_fingerprint,
+              "versions": package_versions(), "cache_key": key, "started": _now()}
+    manifest.write(name, record)
+    try:
+        status, outputs, details = action()
+    except BaseException as error:
+        manifest.write(name, {**record, "status": "failed", "ended": _now(),
+                              "error": f"{type(error).__name__}: {error}"})
+        raise
+    record.update(status=status, outputs=outputs, details=details, ended=_now(),
+                  output_hashes={path: hash_path(path) for path in outputs.values()
+                                 if os.path.exists(path)})
+    manifest.write(name, record)
+    return {**record, "cached": False}
