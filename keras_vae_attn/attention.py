@@ -130,9 +130,11 @@ class VAEAttention:
     """
 
     def __init__(self, encoder, layer="last", latent="mu", logvar="logvar",
-                 gradient_relu=False):
+                 gradient_relu=False, jit_compile=False):
         self.encoder = encoder
         self.gradient_relu = gradient_relu
+        self.jit_compile = jit_compile
+        self._compiled = None
         self.functional = getattr(encoder, "inputs", None) is not None
         candidates = feature_layer_names(encoder)
         if layer == "last":
@@ -230,9 +232,22 @@ class VAEAttention:
         return features, weights, latent, logvar
 
     def explain(self, images):
-        """One batched pass: latent codes, feature map, pooled gradients and the M_i."""
+        """One batched pass: latent codes, feature map, pooled gradients and the M_i.
+
+        Called eagerly, it runs as a compiled ``tf.function`` (XLA too with
+        ``jit_compile=True``), traced once per input signature; inside the caller's own
+        ``tf.function`` it simply becomes part of that graph.
+        """
         images = tf.convert_to_tensor(images)
         self.check_images(images)
+        if tf.executing_eagerly():
+            if self._compiled is None:
+                self._compiled = tf.function(self._explain_graph, reduce_retracing=True,
+                                             jit_compile=self.jit_compile)
+            return self._compiled(images)
+        return self._explain_graph(images)
+
+    def _explain_graph(self, images):
         if self.head is not None:
             features, weights, mu, logvar = self._explain_split(images)
         else:
