@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 ANOMALY_SCORES = ("energy", "latent")
+METHODS = ("auto", "stack", "jacobian")
 
 
 class NormalStats(NamedTuple):
@@ -130,7 +131,7 @@ class VAEAttention:
     """
 
     def __init__(self, encoder, layer="last", latent="mu", logvar="logvar",
-                 gradient_relu=False, jit_compile=False):
+                 gradient_relu=False, jit_compile=False, method="auto"):
         self.encoder = encoder
         self.gradient_relu = gradient_relu
         self.jit_compile = jit_compile
@@ -152,6 +153,7 @@ class VAEAttention:
         self._target_layer = target
         if self.functional:
             self._split(target)
+        self.method = self._choose_method(method)
 
     def _split(self, target):
         latent_tensor = self.encoder.outputs[self.latent_index]
@@ -168,6 +170,25 @@ class VAEAttention:
             # The part after the layer also reads earlier tensors (a skip connection
             # around it): fall back to the vectorized-Jacobian path.
             self.head = None
+
+    def _choose_method(self, method):
+        """How the D backward passes are batched (see the module docstring).
+
+        "stack" runs the head on D stacked copies of A: cheapest when the head is light
+        (pooling and dense layers after the last conv). "jacobian" runs the head once
+        and vectorizes the D backward passes with ``batch_jacobian``: cheaper when the
+        head holds convolutions (an early layer). "auto" picks by that rule; without a
+        head (subclassed encoder, layer inside a residual block) it is "hooked".
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if self.head is None:
+            return "hooked"
+        if method == "auto":
+            convolutional = any(len(getattr(layer, "kernel", np.zeros(0)).shape) == 4
+                                for layer in self.head.layers)
+            return "jacobian" if convolutional else "stack"
+        return method
 
     @property
     def latent_dim(self):
@@ -186,10 +207,11 @@ class VAEAttention:
                                  f"{self.encoder.name!r} expects {expected[-1]} "
                                  f"(input shape {tuple(expected[1:])})")
 
-    def _pool(self, grads):
+    def _pool(self, grads, axes=(1, 2)):
+        """Average gradients over the spatial ``axes`` (after ReLU if asked), float32."""
         if self.gradient_relu:
             grads = tf.nn.relu(grads)
-        return tf.reduce_mean(tf.cast(grads, tf.float32), axis=[1, 2])
+        return tf.reduce_mean(tf.cast(grads, tf.float32), axis=list(axes))
 
     def _explain_split(self, images):
         features = self.front(images, training=False)
@@ -207,7 +229,17 @@ class VAEAttention:
         logvar = None if self.logvar_index is None else outputs[self.logvar_index][:batch]
         return features, weights, latent[:batch], logvar
 
-    def _explain_jacobian(self, images):
+    def _explain_head_jacobian(self, images):
+        features = self.front(images, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            outputs = _as_list(self.head(features, training=False))
+            latent = tf.cast(outputs[self.latent_index], tf.float32)
+        weights = self._pool(tape.batch_jacobian(latent, features), axes=(2, 3))
+        logvar = None if self.logvar_index is None else outputs[self.logvar_index]
+        return features, weights, latent, logvar
+
+    def _explain_hooked(self, images):
         captured = {}
         layer = self._target_layer
         original_call = layer.call
@@ -224,10 +256,7 @@ class VAEAttention:
         finally:
             layer.call = original_call
         features = captured["features"]
-        jacobian = tape.batch_jacobian(latent, features)       # (B, D, h, w, K)
-        if self.gradient_relu:
-            jacobian = tf.nn.relu(jacobian)
-        weights = tf.reduce_mean(tf.cast(jacobian, tf.float32), axis=[2, 3])
+        weights = self._pool(tape.batch_jacobian(latent, features), axes=(2, 3))
         logvar = None if self.logvar_index is None else outputs[self.logvar_index]
         return features, weights, latent, logvar
 
@@ -248,10 +277,9 @@ class VAEAttention:
         return self._explain_graph(images)
 
     def _explain_graph(self, images):
-        if self.head is not None:
-            features, weights, mu, logvar = self._explain_split(images)
-        else:
-            features, weights, mu, logvar = self._explain_jacobian(images)
+        run = {"stack": self._explain_split, "jacobian": self._explain_head_jacobian,
+               "hooked": self._explain_hooked}[self.method]
+        features, weights, mu, logvar = run(images)
         features = tf.cast(features, tf.float32)
         maps = combine(weights, features)
         if logvar is not None:

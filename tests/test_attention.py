@@ -123,20 +123,32 @@ def test_sampled_anomaly_weights_are_seeded(vae):
     assert not np.allclose(first, other)
 
 
-def test_jacobian_path_equals_split_path(vae):
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_every_batching_method_gives_the_same_weights(vae, layer):
     x = images(3)
-    split = attn.VAEAttention(vae.encoder, "conv1")
-    assert split.head is not None
-    fallback = attn.VAEAttention(vae.encoder, "conv1")
-    fallback.head = None
-    np.testing.assert_allclose(fallback.explain(x).weights.numpy(),
-                               split.explain(x).weights.numpy(), atol=1e-6)
+    results = {}
+    for method in ("stack", "jacobian"):
+        explainer = attn.VAEAttention(vae.encoder, layer, method=method)
+        assert explainer.method == method
+        results[method] = explainer.explain(x).weights.numpy()
+    hooked = attn.VAEAttention(vae.encoder, layer)
+    hooked.head, hooked.method = None, "hooked"          # as for a subclassed encoder
+    results["hooked"] = hooked.explain(x).weights.numpy()
+    np.testing.assert_allclose(results["jacobian"], results["stack"], atol=1e-6)
+    np.testing.assert_allclose(results["hooked"], results["stack"], atol=1e-6)
+
+
+def test_auto_method_stacks_light_heads_and_vectorizes_convolutional_ones(vae):
+    assert vae.explainer("conv2").method == "stack"       # flatten + dense after conv2
+    assert vae.explainer("conv1").method == "jacobian"    # conv2 still to come
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        attn.VAEAttention(vae.encoder, "conv1", method="fast")
 
 
 def test_layer_inside_a_residual_block_uses_the_jacobian_path():
     model = build_vae("resnet18", (32, 32, 3), latent_dim=3)
     explainer = model.explainer("layer2_block0_relu_a")
-    assert explainer.head is None                     # the shortcut bypasses this layer
+    assert explainer.head is None and explainer.method == "hooked"   # shortcut bypasses it
     maps = explainer.latent_maps(RNG.random((2, 32, 32, 3)).astype("float32"))
     assert maps.shape == (2, 3, 4, 4) and np.isfinite(maps.numpy()).all()
 
