@@ -7,8 +7,31 @@ import tensorflow as tf
 from keras_vae_attn import attention as attn
 
 
-def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=False):
+def gaussian_blur(maps, sigma):
+    """Blur (B, H, W) maps with a Gaussian of ``sigma`` pixels (reflected borders).
+
+    Coarse attention upsampled from a small feature map has bilinear creases, and a
+    pixel difference map is speckled; smoothing both removes noise the masks never mark.
+    """
+    if not sigma:
+        return maps
+    radius = max(1, int(3.0 * sigma + 0.5))
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(offsets / sigma))
+    kernel = kernel / tf.reduce_sum(kernel)
+    x = tf.pad(maps[..., None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+               mode="REFLECT")
+    x = tf.nn.conv2d(x, tf.reshape(kernel, [-1, 1, 1, 1]), 1, "VALID")
+    x = tf.nn.conv2d(x, tf.reshape(kernel, [1, -1, 1, 1]), 1, "VALID")
+    return x[..., 0]
+
+
+def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=False,
+                    smooth=0.0):
     """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
+
+    ``smooth`` > 0 blurs heatmap and recon_error alike (:func:`gaussian_blur`, sigma in
+    pixels), so the two stay comparable.
 
     Returns a dict of float32 tensors:
       heatmap (B, H, W)        anomaly attention (Eq. 5) at ``layer``
@@ -30,9 +53,11 @@ def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=F
     size = tf.shape(images)[1:3]
     heatmap = attn.upsample(tf.reduce_mean(attn.anomaly_maps(explanation, stats, score), 1),
                             size)
+    heatmap = gaussian_blur(heatmap, smooth)
     attention = attn.upsample(tf.reduce_mean(explanation.latent_maps, axis=1), size)
     reconstruction = model.decode(explanation.mu)
-    recon_error = tf.reduce_mean(tf.abs(images - reconstruction), axis=-1)
+    recon_error = gaussian_blur(tf.reduce_mean(tf.abs(images - reconstruction), axis=-1),
+                                smooth)
     sigma = tf.exp(0.5 * explanation.logvar)
     mean, variance = attn.difference_distribution(stats.mean, stats.std, explanation.mu, sigma)
     return {
