@@ -115,16 +115,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds per measurement before it stops repeating")
+    parser.add_argument("--latent-dims", default="10,32,64",
+                        help="comma-separated D values for the first table")
     args = parser.parse_args(argv)
     if args.quick:
         naive = [("small", 32, 2, "last", 4), ("resnet18", 32, 2, "layer2", 4)]
         floor = [("resnet18", 32, 2, 4)]
         args.repeats, args.budget = 2, 5.0
     else:
-        naive = [("small", 64, 16, layer, d) for layer in ("last", "conv1")
-                 for d in (10, 32, 64)]
-        naive += [("resnet18", 256, 4, layer, d) for layer in ("last", "layer2")
-                  for d in (10, 32, 64)]
+        dims = [int(d) for d in args.latent_dims.split(",")]
+        naive = [("small", 64, 16, layer, d) for layer in ("last", "conv1") for d in dims]
+        naive += [("resnet18", 256, 4, layer, d) for layer in ("last", "layer2") for d in dims]
         floor = [("resnet18", 256, 16, 32), ("small", 64, 16, 32)]
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPU cores\n")
