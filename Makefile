@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m trainers.mvtec --category demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 clean:
 	rm -rf $(VENV) runs
