@@ -27,11 +27,12 @@ def gaussian_blur(maps, sigma):
 
 
 def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=False,
-                    smooth=0.0):
+                    smooth=0.0, method="auto"):
     """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
 
     ``smooth`` > 0 blurs heatmap and recon_error alike (:func:`gaussian_blur`, sigma in
-    pixels), so the two stay comparable.
+    pixels), so the two stay comparable. ``method`` batches the backward passes
+    (:class:`~keras_vae_attn.attention.VAEAttention`); it does not change the maps.
 
     Returns a dict of float32 tensors:
       heatmap (B, H, W)        anomaly attention (Eq. 5) at ``layer``
@@ -47,7 +48,7 @@ def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=F
       attention_energy (B,)    mean of the heatmap
     """
     images = tf.convert_to_tensor(images, tf.float32)
-    explainer = model.explainer(layer, gradient_relu=gradient_relu)
+    explainer = model.explainer(layer, gradient_relu=gradient_relu, method=method)
     explanation = explainer.explain(images)
     stats = model.normal_stats()
     size = tf.shape(images)[1:3]

@@ -16,3 +16,135 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+# --- trained runs and their exports, built once per test session --------------------
+# Exporting a ResNet18 takes tens of seconds, so the export tests share their run folders
+# and exported models; with pytest-xdist the workers share them through a lock file.
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory):
+    """``build(name, make)``: the folder ``make(folder)`` fills, made once per session."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                     # shared by all workers of this session
+    cache = root / "built-once"
+    cache.mkdir(exist_ok=True)
+
+    def build(name, make):
+        target = cache / name
+        with open(cache / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                staging = cache / f".{name}.partial"
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                make(staging)
+                os.rename(staging, target)
+        return target
+
+    return build
+
+
+def _train_run(folder, model, images, config, batch_size):
+    """Train ``model`` one short epoch on ``images``, fit its normal statistics and
+    write a run folder the way the trainers do (metrics.json last)."""
+    import json
+
+    import keras
+    import tensorflow as tf
+
+    from keras_vae_attn.models import save_vae
+
+    keras.utils.set_random_seed(0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # no tracing
+    model.fit(images, epochs=1, batch_size=batch_size, shuffle=False, verbose=0)
+    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(images).batch(64))
+    save_vae(model, str(folder / "model"))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.json").write_text("{}")
+
+
+@pytest.fixture(scope="session")
+def mnist_images(shared_data):
+    """(train ones float32 (64, 28, 28, 1), test digits float32 (16, 28, 28, 1))."""
+    from keras_vae_attn.data import mnist
+
+    train, labels = mnist.load(str(shared_data / "mnist"), "train")
+    test, _ = mnist.load(str(shared_data / "mnist"), "test")
+    return mnist.to_float(train[labels == 1][:64]), mnist.to_float(test[:16])
+
+
+@pytest.fixture(scope="session")
+def mnist_run(build_once, mnist_images):
+    """A run folder of a small VAE trained a few steps on MNIST ones (28x28x1)."""
+    from keras_vae_attn.models import build_vae
+
+    def make(folder):
+        _train_run(folder, build_vae("small", (28, 28, 1), 16), mnist_images[0],
+                   {"layer": "last", "normal_digit": 1}, batch_size=16)
+
+    return build_once("mnist-run", make)
+
+
+@pytest.fixture(scope="session")
+def mvtec_images(shared_data):
+    """MVTec bottle at 64x64: (train float32 (16, 64, 64, 3), test Split of 7 images)."""
+    from keras_vae_attn.data import mvtec
+
+    root = str(shared_data / "mvtec_ad")
+    return (mvtec.to_float(mvtec.load_train(root, "bottle", 64, limit=16)),
+            mvtec.load_test(root, "bottle", 64, limit=7))
+
+
+@pytest.fixture(scope="session")
+def mvtec_run(build_once, mvtec_images):
+    """A run folder of the MVTec model (ResNet18, latent 32) trained two steps at 64x64,
+    its maps smoothed (sigma 1 px) as the MVTec trainer can."""
+    from keras_vae_attn.models import build_vae
+
+    def make(folder):
+        _train_run(folder, build_vae("resnet18", (64, 64, 3), 32, recon_loss="mse"),
+                   mvtec_images[0], {"layer": "last", "image_size": 64, "channels": 3,
+                                     "category": "bottle", "smooth": 1.0}, batch_size=8)
+
+    return build_once("mvtec-run", make)
+
+
+def _export_both(folder, run, thresholds=None):
+    """SavedModel (version picked automatically) and ONNX of ``run`` into ``folder``."""
+    from export import onnx as onnx_export
+    from export import saved_model
+
+    saved_model.export(str(run), str(folder / "serving"), "model", thresholds=thresholds)
+    onnx_export.export(str(run), str(folder / "model.onnx"), thresholds=thresholds,
+                       verify=False)
+
+
+@pytest.fixture(scope="session")
+def mnist_export(build_once, mnist_run):
+    """``mnist_run`` exported: serving/model/1/ (SavedModel) and model.onnx."""
+    return build_once("mnist-export", lambda folder: _export_both(folder, mnist_run))
+
+
+@pytest.fixture(scope="session")
+def mvtec_export(build_once, mvtec_run, mvtec_images):
+    """``mvtec_run`` exported with thresholds calibrated on its training images:
+    thresholds.json, serving/model/1/ (SavedModel) and model.onnx."""
+    def make(folder):
+        import json
+
+        from keras_vae_attn import calibration, scoring
+        from keras_vae_attn.models import load_vae
+
+        model = load_vae(str(mvtec_run / "model"))
+        out = scoring.batched(model, mvtec_images[0], 16, "last", keys=("heatmap", "score"),
+                              smooth=1.0)
+        thresholds = calibration.from_normal(out["heatmap"], out["score"])
+        (folder / "thresholds.json").write_text(json.dumps(thresholds.as_dict()))
+        _export_both(folder, mvtec_run, str(folder / "thresholds.json"))
+
+    return build_once("mvtec-export", make)

@@ -124,3 +124,16 @@ def test_mnist_trainer_runs_mirrored_on_two_logical_cpus(shared_data, tmp_path):
     log = read_log(run_dir)
     assert log[-1]["event"] == "epoch_end" and np.isfinite(log[-1]["loss"])
     assert (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["vae", "factor_vae", "ad_factor_vae"])
+def test_models_train_under_mirrored_strategy_with_finite_losses(kind):
+    result = python(SCRIPTS / "mirrored_train.py", kind)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert logs.pop("replicas") == 2
+    assert all(np.isfinite(values).all() for values in logs.values())
+    if kind == "ad_factor_vae":
+        assert 0.0 < logs["l_ad"][-1] <= 1.0          # the attention overlap is live
+    if kind != "vae":
+        assert "tc" in logs and "d_loss" in logs

@@ -129,12 +129,17 @@ class VAE(keras.Model):
         return logs
 
     # --- explanations ---------------------------------------------------------------
-    def explainer(self, layer="last", gradient_relu=False):
-        """The :class:`VAEAttention` for ``layer`` (cached): the same API users call."""
-        key = (layer, gradient_relu)
+    def explainer(self, layer="last", gradient_relu=False, method="auto"):
+        """The :class:`VAEAttention` for ``layer`` (cached): the same API users call.
+
+        ``method`` picks how the D backward passes are batched (see VAEAttention); the
+        maps are the same either way. Exporters ask for "stack", whose gradient ops
+        all convert to ONNX.
+        """
+        key = (layer, gradient_relu) if method == "auto" else (layer, gradient_relu, method)
         if key not in self._explainers:
             self._explainers[key] = VAEAttention(self.encoder, layer=layer,
-                                                 gradient_relu=gradient_relu)
+                                                 gradient_relu=gradient_relu, method=method)
         return self._explainers[key]
 
     def normal_stats(self):

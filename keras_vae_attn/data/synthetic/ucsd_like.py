@@ -1,11 +1,13 @@
 """A small UCSD-pedestrian-style video dataset, generated: the tests' fixture and the demo.
 
 A fixed camera looks at a textured walkway (the texture is the same in every clip, as in
-the real footage). Normal clips show small "pedestrians", soft dark or light ellipses
-walking slowly up and down the walkway. Anomalous test clips add objects that are larger
-and fast, crossing the scene; a fast object is drawn motion-blurred over its travel
-during the frame's exposure, so its speed shows in a single frame. Masks are exact: the
-pixels at least half covered by an anomalous object.
+the real footage) under changing outdoor light: each clip has its own brightness, and a
+large soft cloud shadow drifts across. Normal clips show a crowd of small "pedestrians",
+soft dark or light ellipses walking slowly up and down the walkway. Each test clip adds
+an object that is larger and fast (a cart, a cyclist) crossing the scene, no darker than
+the pedestrians; a fast object is drawn motion-blurred over its travel during the
+frame's exposure, so its speed shows in a single frame. Masks are exact: the pixels at
+least half covered by an anomalous object.
 
 Files follow the official layout (see :mod:`keras_vae_attn.data.ucsd`); some test clips
 get no ``_gt`` folder, as in the real Ped1, and the Test folder holds a frame-level
@@ -25,6 +27,7 @@ from keras_vae_attn.data.ucsd import SUBSETS
 
 FORMATS = ("tif", "bmp", "png", "jpg")
 SPEC_FILE = "generator.json"
+VERSION = 2          # bump when the drawing changes, so cached datasets are redrawn
 BLUR_STEPS = 8
 
 
@@ -64,7 +67,7 @@ def _walker(rng, height, width, frames):
     speed = rng.uniform(0.25, 0.6) * height / 64 * rng.choice([-1, 1])
     start = (rng.uniform(0.1, 0.9) * width, rng.uniform(-0.1, 1.1) * height)
     return dict(radii=radii, start=start, velocity=(rng.normal(0, 0.05), speed),
-                shade=float(rng.choice([rng.uniform(0.08, 0.25), rng.uniform(0.75, 0.9)])),
+                shade=float(rng.choice([rng.uniform(0.1, 0.3), rng.uniform(0.7, 0.9)])),
                 first=int(rng.integers(-frames, frames)), anomalous=False)
 
 
@@ -75,8 +78,24 @@ def _intruder(rng, height, width, frames):
     speed = rng.uniform(3.5, 5.0) * width / 96
     start = (width * (0.5 - 0.6 * direction), rng.uniform(0.3, 0.7) * height)
     return dict(radii=radii, start=start, velocity=(direction * speed, rng.normal(0, 0.2)),
-                shade=float(rng.uniform(0.05, 0.2)),
+                shade=float(rng.uniform(0.2, 0.35)),
                 first=int(rng.integers(frames // 5, frames // 2)), anomalous=True)
+
+
+def _lighting(rng, grid, frames):
+    """Per-frame light (H, W): a clip-level gain drifting a little, and a large soft
+    cloud shadow sliding slowly across, as outdoor footage shows."""
+    height, width = grid[0].shape
+    gain = np.linspace(*rng.uniform(0.8, 1.15, 2), frames)
+    radii = (width * rng.uniform(0.35, 0.6), height * rng.uniform(0.5, 0.9))
+    start = (rng.uniform(-0.3, 1.3) * width, rng.uniform(0.0, 1.0) * height)
+    velocity = rng.uniform(-0.6, 0.6, 2) * width / 96
+    depth = rng.uniform(0.0, 0.3)
+    for t in range(frames):
+        centre = (start[0] + t * velocity[0], start[1] + t * velocity[1])
+        d = np.sqrt(((grid[1] - centre[0]) / radii[0]) ** 2
+                    + ((grid[0] - centre[1]) / radii[1]) ** 2)
+        yield gain[t] * (1.0 - depth * np.clip(1.5 * (1.0 - d), 0.0, 1.0))
 
 
 def render_clip(rng, scene, frames, walkers, intruders):
@@ -87,8 +106,8 @@ def render_clip(rng, scene, frames, walkers, intruders):
               + [_intruder(rng, height, width, frames) for _ in range(intruders)])
     images = np.zeros((frames, height, width), np.uint8)
     masks = np.zeros((frames, height, width), bool)
-    for t in range(frames):
-        frame = scene * rng.uniform(0.97, 1.03)                # light flicker
+    for t, light in enumerate(_lighting(rng, grid, frames)):
+        frame = scene
         for mover in movers:
             age = t - mover["first"]
             centre = (mover["start"][0] + age * mover["velocity"][0],
@@ -100,13 +119,13 @@ def render_clip(rng, scene, frames, walkers, intruders):
             frame = frame * (1.0 - cover) + mover["shade"] * cover
             if mover["anomalous"]:
                 masks[t] |= cover >= 0.5
-        frame = frame + rng.normal(0.0, 0.01, frame.shape)     # sensor noise
+        frame = frame * light + rng.normal(0.0, 0.01, frame.shape)   # lit, sensor noise
         images[t] = np.round(np.clip(frame, 0.0, 1.0) * 255).astype(np.uint8)
     return images, masks
 
 
 def write_ucsd_dataset(root, subset="ped1", width=120, height=80, frames=40, n_train=6,
-                       n_test=4, n_test_without_gt=1, walkers=12, frame_format="tif",
+                       n_test=4, n_test_without_gt=1, walkers=16, frame_format="tif",
                        mask_format="bmp", seed=0, exist_ok=True):
     """Write ``<root>/UCSDped1`` (``UCSDped2``) in the official layout; return its path.
 
@@ -127,8 +146,8 @@ def write_ucsd_dataset(root, subset="ped1", width=120, height=80, frames=40, n_t
     if width < 16 or height < 16 or frames < 4:
         raise ValueError(f"frames must be at least 16x16 and clips 4 frames long; got "
                          f"{width}x{height}, {frames} frames")
-    spec = dict(subset=subset, width=int(width), height=int(height), frames=int(frames),
-                n_train=int(n_train), n_test=int(n_test),
+    spec = dict(version=VERSION, subset=subset, width=int(width), height=int(height),
+                frames=int(frames), n_train=int(n_train), n_test=int(n_test),
                 n_test_without_gt=int(n_test_without_gt), walkers=int(walkers),
                 frame_format=frame_format, mask_format=mask_format, seed=int(seed))
     target = os.path.join(root, SUBSETS[subset])
@@ -146,7 +165,11 @@ def write_ucsd_dataset(root, subset="ped1", width=120, height=80, frames=40, n_t
             retired = tempfile.mkdtemp(prefix=f".{SUBSETS[subset]}-old-", dir=root)
             os.replace(target, os.path.join(retired, "old"))
             shutil.rmtree(retired, ignore_errors=True)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if _read_spec(target) != spec:     # not a concurrent writer of the same data
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

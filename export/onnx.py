@@ -1,0 +1,229 @@
+"""Export a trained run as an ONNX graph that emits the heatmaps itself.
+
+    python -m export.onnx --run <run folder> --out model.onnx [--opset 17]
+
+The graph is the serving_default signature of :mod:`export.saved_model` (the same
+:func:`keras_vae_attn.scoring.explain_anomaly` call, gradients included; the latent
+dimensions batched as "stack", see :func:`onnx_options`), frozen and converted by tf2onnx
+with the gradient-op handlers of :mod:`export.onnx_handlers`.
+Input ``images`` float32 (batch, H, W, C) in [0, 1], any batch size; outputs heatmap,
+per_latent, recon_error, score, mu, logvar (+ pred_mask, pred_label, heatmap_normalized
+with --thresholds). What it was made from is in the model's metadata (``input_shape``,
+``options``, ``thresholds``, ...). Before the file is written, the converted graph is
+run on a small batch and compared with the in-memory model (``--no-verify`` skips it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from export import ExportError, load_run, load_thresholds, refuse_existing
+from export.saved_model import anomaly_outputs, input_shape, warn_incomplete
+
+MIN_OPSET = 13
+DEFAULT_OPSET = 17
+#: Largest max-abs difference allowed, as a fraction of the heatmap's range.
+PARITY_TOLERANCE = 1e-4
+
+
+def serving_function(model, options, thresholds=None):
+    """The float-image endpoint as a ``tf.function`` (dynamic batch), and its input spec."""
+    import tensorflow as tf
+
+    height, width, channels = input_shape(model)
+    spec = tf.TensorSpec((None, height, width, channels), tf.float32, name="images")
+
+    def images_to_maps(images):
+        return anomaly_outputs(model, images, options, thresholds)
+
+    return tf.function(images_to_maps, input_signature=[spec], autograph=False), spec
+
+
+def unsupported_nodes(model_proto):
+    """{op type: count} of nodes that are no ONNX operator (tf2onnx found no handler)."""
+    import onnx
+
+    found = {}
+    for node in model_proto.graph.node:
+        if not onnx.defs.has(node.op_type, node.domain or ""):
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found
+
+
+def onnx_options(options):
+    """``options`` with the attention batched as "stack" (D copies of the head, one plain
+    backward pass): its gradient ops all have handlers, while the vectorized Jacobian
+    (pfor) leaves ops tf2onnx cannot convert. The maps are the same."""
+    return {**options, "method": "stack"}
+
+
+def convert(model, options, thresholds=None, opset=DEFAULT_OPSET):
+    """An ``onnx.ModelProto`` computing ``anomaly_outputs`` for ``model``."""
+    import tensorflow as tf
+
+    from export import onnx_handlers
+
+    options = onnx_options(options)
+    function, spec = serving_function(model, options, thresholds)
+    with tf.device("/cpu:0"):
+        try:
+            model_proto = function_to_onnx(function, spec, opset, catch_errors=False)
+        except Exception:    # an optimizer pass failed: redo with tf2onnx's rollbacks on
+            model_proto = function_to_onnx(function, spec, opset, catch_errors=True)
+    missing = unsupported_nodes(model_proto)
+    if missing:
+        listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
+        raise ExportError(f"the attention graph at layer {options['layer']!r} needs "
+                          f"TensorFlow ops that have no ONNX handler at opset {opset}: "
+                          f"{listed}. export.onnx_handlers covers "
+                          f"{', '.join(onnx_handlers.HANDLED_OPS)}")
+    return model_proto
+
+
+def function_to_onnx(function, spec, opset=DEFAULT_OPSET, catch_errors=True):
+    """tf2onnx's ``from_function`` for a ``tf.function`` of one input ``spec``.
+
+    Without ``catch_errors`` tf2onnx's optimizer passes skip the deep copy of the whole
+    graph (weights included) each makes to roll back a failure: a third of the
+    conversion time of a ResNet18.
+    """
+    import tf2onnx
+    from tf2onnx import constants
+
+    from export import onnx_handlers  # noqa: F401  (registers the gradient-op handlers)
+
+    key = constants.ENV_TF2ONNX_CATCH_ERRORS
+    previous = os.environ.get(key)
+    os.environ[key] = "TRUE" if catch_errors else "FALSE"
+    try:
+        return tf2onnx.convert.from_function(function, input_signature=[spec], opset=opset)[0]
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+def session(model_bytes_or_path, threads=0):
+    """An onnxruntime CPU ``InferenceSession`` (``threads`` intra-op threads, 0: all)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(model_bytes_or_path, options,
+                                        providers=["CPUExecutionProvider"])
+
+
+def parity(model, options, thresholds, model_proto, images):
+    """max |onnx - keras| / range of the Keras heatmap, for float ``images`` (B, H, W, C)."""
+    import numpy as np
+
+    expected = {k: np.asarray(v) for k, v in
+                anomaly_outputs(model, images, options, thresholds).items()}
+    runner = session(model_proto.SerializeToString())
+    names = [output.name for output in runner.get_outputs()]
+    got = dict(zip(names, runner.run(None, {"images": images})))
+    heat = expected["heatmap"]
+    scale = max(float(heat.max() - heat.min()), 1e-12)
+    return float(np.abs(got["heatmap"] - heat).max()) / scale
+
+
+def add_metadata(model_proto, run, thresholds):
+    """Record the input shape, options and thresholds in the model's metadata_props."""
+    height, width, channels = input_shape(run.model)
+    props = {"input_shape": json.dumps([height, width, channels]),
+             "options": json.dumps(run.options),
+             "thresholds": json.dumps(thresholds.as_dict() if thresholds else None),
+             "latent_dim": str(int(run.model.latent_dim)),
+             "source_run": os.path.abspath(run.path),
+             "run_complete": json.dumps(run.complete)}
+    for key, value in props.items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    model_proto.doc_string = ("keras-vae-attn anomaly attention: images float32 (B, H, W, C) "
+                              "in [0, 1] -> heatmap, per_latent, recon_error, score, mu, logvar")
+
+
+def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, verify=True,
+           seed=0):
+    """Convert run ``run_dir`` and write ``out`` atomically; returns the parity (or None).
+
+    Refusals (``out`` exists without ``force``, no trained model, a graph op without a
+    handler, a parity check that fails) leave ``out`` untouched.
+    """
+    import numpy as np
+
+    refuse_existing(out, force)
+    values = load_thresholds(thresholds) if thresholds else None
+    run = load_run(run_dir)
+    try:
+        run.model.explainer(run.options["layer"], run.options["gradient_relu"])
+    except ValueError as error:
+        raise ExportError(f"cannot build the attention graph of {run_dir!r}: {error}") from None
+    model_proto = convert(run.model, run.options, values, opset)
+    add_metadata(model_proto, run, values)
+    difference = None
+    if verify:
+        images = np.random.default_rng(seed).random((2, *input_shape(run.model)),
+                                                    dtype=np.float32)
+        difference = parity(run.model, run.options, values, model_proto, images)
+        if not difference <= PARITY_TOLERANCE:
+            raise ExportError(f"the converted graph's heatmap differs from the model's by "
+                              f"{difference:.2e} of its range (allowed "
+                              f"{PARITY_TOLERANCE:.0e}); {out!r} was not written")
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    partial = f"{out}.partial-{os.getpid()}"
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(model_proto.SerializeToString())
+        os.replace(partial, out)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return difference
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="trained run folder (holds model/)")
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (>= {MIN_OPSET}; >= 16 for a max-pool after "
+                             "the attention layer)")
+    parser.add_argument("--force", action="store_true", help="replace an existing file")
+    parser.add_argument("--thresholds", default=None,
+                        help="thresholds.json (pixel, image): adds pred_mask, pred_label "
+                             "and heatmap_normalized outputs")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip running the converted graph against the model")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.opset < MIN_OPSET:
+        parser.error(f"--opset must be at least {MIN_OPSET} (dynamic reduction axes), "
+                     f"got {args.opset}")
+    if not args.out.endswith(".onnx"):
+        parser.error(f"--out {args.out!r} must name a .onnx file")
+    try:
+        difference = export(args.run, args.out, args.opset, args.force, args.thresholds,
+                            args.verify)
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    warn_incomplete(args.run)
+    checked = "" if difference is None else \
+        f" (heatmap parity with the model: {difference:.1e} of its range)"
+    print(f"ONNX model written to {args.out}{checked}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

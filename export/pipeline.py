@@ -1,0 +1,331 @@
+"""Train -> evaluate -> validate -> export -> push, with lineage and cached stages.
+
+    python -m export.pipeline --category cable --data-dir <mvtec root> \\
+        --serving-dir <dir> [--min-pixel-auroc 0.85] [-- <extra trainer flags>]
+
+Each stage writes its artifact into the pipeline folder and a record into
+``manifest.json``; re-running skips stages whose inputs did not change, and
+``--from-stage`` forces a restart from that stage on. A candidate is pushed only when
+blessed: its metrics pass the given floors and are no worse than the served model's
+(by more than ``--tolerance``). The push is atomic: TF Serving never sees a partial
+version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+from export import lineage
+from trainers.common import write_json
+
+STAGES = ("train", "evaluate", "validate", "export", "push")
+METHOD = "anomaly_attention"
+GATED_METRICS = ("pixel_auroc", "image_auroc", "aupro")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--category", required=True)
+    parser.add_argument("--data-dir", default=os.environ.get("MVTEC_AD_ROOT"),
+                        help="MVTec AD root (default: $MVTEC_AD_ROOT)")
+    parser.add_argument("--serving-dir", required=True,
+                        help="TF Serving model base path: <dir>/<model name>/<version>/")
+    parser.add_argument("--model-name", default=None, help="default: vae_<category>")
+    parser.add_argument("--pipeline-dir", default=None,
+                        help="artifact folder (default: runs/pipeline/<category>)")
+    parser.add_argument("--from-stage", choices=STAGES, default=None,
+                        help="rerun this stage and every later one even if cached")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="fraction of train/good held out to calibrate thresholds")
+    parser.add_argument("--validation-dir", default=None,
+                        help="labelled MVTec-layout root: calibrate F1-optimal thresholds "
+                             "on its test split instead of normal percentiles")
+    parser.add_argument("--pixel-percentile", type=float, default=99.5)
+    parser.add_argument("--image-percentile", type=float, default=99.0)
+    for metric in GATED_METRICS:
+        parser.add_argument(f"--min-{metric.replace('_', '-')}", type=float, default=None,
+                            help=f"bless only if {metric} of the anomaly attention >= this")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="how much worse than the served model a candidate may be")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("trainer_args", nargs="*",
+                        help="after `--`: extra flags for trainers.mvtec (e.g. --epochs 5)")
+    return parser
+
+
+class Pipeline:
+    """The five stages over one pipeline folder."""
+
+    def __init__(self, args):
+        self.args = args
+        self.model_name = args.model_name or f"vae_{args.category}"
+        self.root = os.path.abspath(args.pipeline_dir or
+                                    os.path.join("runs", "pipeline", args.category))
+        os.makedirs(self.root, exist_ok=True)
+        self.manifest = lineage.Manifest(self.root)
+        self.data = lineage.fingerprint_files(os.path.join(args.data_dir, args.category))
+        self.forced = False
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def stage(self, name, config, inputs, action):
+        self.forced = self.forced or self.args.from_stage == name
+        record = lineage.run_stage(self.manifest, name, config, inputs, self.data, action,
+                                   force=self.forced)
+        # a stage that really ran makes every later stage run too
+        self.forced = self.forced or not record["cached"]
+        verdict = "cached" if record["cached"] else record["status"]
+        print(f"[{name}] {verdict}", file=sys.stderr)
+        return record
+
+    # --- train ------------------------------------------------------------------------
+    def train(self):
+        config = {"category": self.args.category, "holdout": self.args.holdout,
+                  "seed": self.args.seed, "trainer_args": self.args.trainer_args}
+        return self.stage("train", config, {}, self._train)
+
+    def _train(self):
+        from keras_vae_attn.data import mvtec
+
+        files = mvtec.train_files(self.args.data_dir, self.args.category)
+        held = sorted(random.Random(self.args.seed).sample(
+            files, max(1, int(round(self.args.holdout * len(files))))))
+        view = self._training_view(set(held))
+        run_dir = self.path("train")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        command = [sys.executable, "-m", "trainers.mvtec", "--category", self.args.category,
+                   "--data-dir", view, "--run-dir", run_dir, "--seed", str(self.args.seed),
+                   *self.args.trainer_args]
+        subprocess.run(command, check=True)
+        holdout = self.path("holdout.json")
+        write_json(holdout, held)
+        return "done", {"model": os.path.join(run_dir, "model"), "holdout": holdout,
+                        "config": os.path.join(run_dir, "config.json"),
+                        "metrics": os.path.join(run_dir, "metrics.json")}, \
+            {"train_images": len(files) - len(held), "held_out": len(held)}
+
+    def _training_view(self, held):
+        """A data root that links to the real one, minus the held-out normal images."""
+        from keras_vae_attn.data import mvtec
+
+        source = os.path.join(os.path.abspath(self.args.data_dir), self.args.category)
+        view = self.path("data")
+        shutil.rmtree(view, ignore_errors=True)
+        good = os.path.join(view, self.args.category, "train", mvtec.GOOD)
+        os.makedirs(good)
+        for name in os.listdir(source):
+            if name != "train":
+                os.symlink(os.path.join(source, name), os.path.join(view, self.args.category,
+                                                                    name))
+        for path in mvtec.train_files(self.args.data_dir, self.args.category):
+            if path not in held:
+                os.symlink(os.path.abspath(path), os.path.join(good, os.path.basename(path)))
+        return view
+
+    # --- evaluate ---------------------------------------------------------------------
+    def evaluate(self, trained):
+        config = {"validation_dir": self.args.validation_dir,
+                  "pixel_percentile": self.args.pixel_percentile,
+                  "image_percentile": self.args.image_percentile}
+        return self.stage("evaluate", config, trained["outputs"],
+                          lambda: self._evaluate(trained["outputs"]))
+
+    def _evaluate(self, trained):
+        """The trainer's test-set metrics, plus thresholds calibrated on held-out data."""
+        out_dir = self.path("evaluate")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(trained["config"], encoding="utf-8") as handle:
+            train_config = json.load(handle)
+        with open(trained["metrics"], encoding="utf-8") as handle:
+            metrics = json.load(handle)
+        with open(trained["holdout"], encoding="utf-8") as handle:
+            held = json.load(handle)
+        thresholds = calibrate_run(trained["model"], train_config, held, self.args)
+        metrics_path = os.path.join(out_dir, "metrics.json")
+        thresholds_path = os.path.join(out_dir, "thresholds.json")
+        write_json(metrics_path, metrics)
+        write_json(thresholds_path, thresholds.as_dict())
+        return "done", {"metrics": metrics_path, "thresholds": thresholds_path}, \
+            {"metrics": metrics["methods"][METHOD], "thresholds": thresholds.as_dict()}
+
+    # --- validate ---------------------------------------------------------------------
+    def validate(self, evaluated):
+        floors = {m: getattr(self.args, f"min_{m}") for m in GATED_METRICS}
+        config = {"floors": floors, "tolerance": self.args.tolerance,
+                  "served": self._served_metrics_path()}
+        inputs = dict(evaluated["outputs"])
+        if config["served"]:
+            inputs["served_metrics"] = config["served"]
+        return self.stage("validate", config, inputs,
+                          lambda: self._validate(evaluated["outputs"], floors, config["served"]))
+
+    def _validate(self, evaluated, floors, served_path):
+        with open(evaluated["metrics"], encoding="utf-8") as handle:
+            candidate = json.load(handle)["methods"][METHOD]
+        served = None
+        if served_path:
+            with open(served_path, encoding="utf-8") as handle:
+                served = json.load(handle)["methods"][METHOD]
+        reasons = blessing_reasons(candidate, floors, served, self.args.tolerance)
+        blessing = {"blessed": not reasons, "reasons": reasons, "candidate": candidate,
+                    "served": served, "floors": floors, "tolerance": self.args.tolerance}
+        path = self.path("blessing.json")
+        write_json(path, blessing)
+        if reasons:
+            print("not blessed: " + "; ".join(reasons), file=sys.stderr)
+        return ("blessed" if not reasons else "not blessed"), {"blessing": path}, blessing
+
+    def _served_versions(self):
+        folder = os.path.join(self.args.serving_dir, self.model_name)
+        if not os.path.isdir(folder):
+            return []
+        return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+    def _served_metrics_path(self):
+        versions = self._served_versions()
+        if not versions:
+            return None
+        path = os.path.join(self.args.serving_dir, self.model_name, str(versions[-1]),
+                            "assets", "metrics.json")
+        return path if os.path.exists(path) else None
+
+    # --- export -----------------------------------------------------------------------
+    def export(self, trained, evaluated):
+        inputs = {"model": trained["outputs"]["model"],
+                  "thresholds": evaluated["outputs"]["thresholds"],
+                  "metrics": evaluated["outputs"]["metrics"]}
+        return self.stage("export", {"model_name": self.model_name}, inputs,
+                          lambda: self._export(inputs))
+
+    def _export(self, inputs):
+        out = self.path("export")
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        saved = os.path.join(out, "saved_model")
+        onnx_path = os.path.join(out, "model.onnx")
+        common = ["--run", self.path("train"), "--thresholds", inputs["thresholds"]]
+        subprocess.run([sys.executable, "-m", "export.saved_model", *common, "--out", saved,
+                        "--model-name", self.model_name, "--version", "1"], check=True)
+        subprocess.run([sys.executable, "-m", "export.onnx", *common, "--out", onnx_path],
+                       check=True)
+        version_dir = os.path.join(saved, self.model_name, "1")
+        assets = os.path.join(version_dir, "assets")
+        os.makedirs(assets, exist_ok=True)
+        shutil.copy(inputs["metrics"], os.path.join(assets, "metrics.json"))
+        shutil.copy(inputs["thresholds"], os.path.join(assets, "thresholds.json"))
+        return "done", {"saved_model": version_dir, "onnx": onnx_path}, {}
+
+    # --- push -------------------------------------------------------------------------
+    def push(self, validated, exported):
+        inputs = {"blessing": validated["outputs"]["blessing"],
+                  "saved_model": exported["outputs"]["saved_model"]}
+        return self.stage("push", {"serving_dir": os.path.abspath(self.args.serving_dir)},
+                          inputs, lambda: self._push(validated, exported))
+
+    def _push(self, validated, exported):
+        if validated["status"] != "blessed":
+            return "skipped (not blessed)", {}, {"reasons": validated["details"]["reasons"]}
+        target = push_version(exported["outputs"]["saved_model"], self.args.serving_dir,
+                              self.model_name)
+        print(f"pushed {target}", file=sys.stderr)
+        return "pushed", {}, {"version_dir": target}
+
+    def run(self):
+        trained = self.train()
+        evaluated = self.evaluate(trained)
+        validated = self.validate(evaluated)
+        exported = self.export(trained, evaluated)
+        pushed = self.push(validated, exported)
+        return {"train": trained, "evaluate": evaluated, "validate": validated,
+                "export": exported, "push": pushed}
+
+
+def calibrate_run(model_dir, train_config, held_out, args):
+    """Thresholds for a trained run: F1-optimal on ``args.validation_dir`` when given,
+    else percentiles of the held-out normal images' scores."""
+    from keras_vae_attn import calibration, scoring
+    from keras_vae_attn.data import mvtec
+    from keras_vae_attn.models import load_vae
+
+    model = load_vae(model_dir)
+    size, channels = train_config["image_size"], train_config.get("channels", 3)
+    options = dict(score=train_config.get("score", "energy"),
+                   gradient_relu=train_config.get("gradient_relu", False),
+                   smooth=train_config.get("smooth", 0.0))
+    keys = ("heatmap", "score")
+    if args.validation_dir:
+        split = mvtec.load_test(args.validation_dir, args.category, size, channels)
+        out = scoring.batched(model, mvtec.to_float(split.images), 16, train_config["layer"],
+                              keys=keys, **options)
+        return calibration.from_labelled(out["heatmap"], split.masks, out["score"],
+                                         split.labels)
+    images, _ = mvtec.decode_files(held_out, size, channels)
+    out = scoring.batched(model, mvtec.to_float(images), 16, train_config["layer"], keys=keys,
+                          **options)
+    return calibration.from_normal(out["heatmap"], out["score"], args.pixel_percentile,
+                                   args.image_percentile)
+
+
+def blessing_reasons(candidate, floors, served, tolerance):
+    """Why a candidate is not blessed (empty list: blessed)."""
+    reasons = []
+    for metric, floor in floors.items():
+        value = candidate.get(metric)
+        if floor is not None and (value is None or value < floor):
+            reasons.append(f"{metric} {value} is below the required {floor}")
+    if served:
+        for metric in GATED_METRICS:
+            new, old = candidate.get(metric), served.get(metric)
+            if new is not None and old is not None and new < old - tolerance:
+                reasons.append(f"{metric} {new:.4f} is worse than the served model's "
+                               f"{old:.4f} by more than {tolerance}")
+    return reasons
+
+
+def push_version(version_dir, serving_dir, model_name):
+    """Copy a SavedModel to ``<serving_dir>/<model_name>/<next version>/`` atomically.
+
+    The copy is made under a dot-name TF Serving ignores, then renamed into place; the
+    rename either happens whole or not at all. Returns the new version folder.
+    """
+    base = os.path.join(serving_dir, model_name)
+    os.makedirs(base, exist_ok=True)
+    staging = os.path.join(base, f".incoming-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(version_dir, staging)
+    while True:
+        versions = [int(n) for n in os.listdir(base) if n.isdigit()]
+        target = os.path.join(base, str(max(versions, default=0) + 1))
+        try:
+            os.rename(staging, target)       # fails if another push took this number
+            return target
+        except OSError:
+            if not os.path.exists(target):
+                raise
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error("--data-dir is required (or set $MVTEC_AD_ROOT)")
+    from keras_vae_attn.data import DataError
+
+    try:
+        results = Pipeline(args).run()
+    except (DataError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps({name: r["status"] for name, r in results.items()}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

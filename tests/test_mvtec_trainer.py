@@ -1,0 +1,117 @@
+"""The MVTec trainer end to end on the generated demo category, and its input errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from keras_vae_attn.data import DataError
+from keras_vae_attn.data.synthetic import write_mvtec_category
+from keras_vae_attn.metrics.localization import METRIC_NAMES
+from trainers import mvtec as trainer
+
+QUICK = ["--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
+         "--max-train", "16", "--max-test", "6", "--eval-batch-size", "8", "--quiet"]
+
+
+def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
+    run_dir = trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK])
+    assert (tmp_path / "data" / "demo" / "train" / "good").is_dir()    # generated cache
+    run = tmp_path / "mvtec-demo"
+    (only,) = run.iterdir()
+    assert str(only) == run_dir
+    expected = ["metrics.json", "config.json", "roc.png", "curves.png", "defect_good.png",
+                "defect_hole.png", "defect_scratch.png", "defect_stain.png",
+                "model/model.json", "model/model.weights.h5", "training_log.jsonl"]
+    for name in expected:
+        assert (only / name).is_file(), name
+    assert (only / "defect_hole.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((only / "tensorboard").rglob("events.out.tfevents*"))
+    assert list((only / "checkpoints").glob("*.weights.h5"))
+    metrics = json.loads((only / "metrics.json").read_text())
+    assert set(metrics["methods"]) == set(trainer.METHODS)
+    for values in metrics["methods"].values():
+        assert set(values) == set(METRIC_NAMES)
+        assert 0.0 <= values["pixel_auroc"] <= 1.0 and 0.0 <= values["best_iou"] <= 1.0
+    assert metrics["best_iou_is_test_set_tuned"] is True
+    assert metrics["test_images"] == 6 and metrics["train_images"] == 16
+    assert set(metrics["pixel_auroc_per_defect"]) == {"hole", "scratch", "stain"}
+    config = json.loads((only / "config.json").read_text())
+    assert config["image_size"] == 32 and config["category"] == "demo"
+
+    # The saved model re-scored at another layer with smoothing: no training, new run.
+    again = trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK,
+                          "--model-dir", str(only / "model"), "--layer", "layer3",
+                          "--smooth", "1.5"])
+    assert again != run_dir
+    rescored = json.loads((Path(again) / "metrics.json").read_text())
+    assert not (Path(again) / "curves.png").exists()
+    assert rescored["layer"] == "layer3" and rescored["seconds"]["train"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec_root")
+    write_mvtec_category(str(root), "widget", size=32, n_train=4, n_test_good=1,
+                         n_test_defect=1)
+    return root
+
+
+def test_unknown_category_lists_found_ones_and_writes_nothing(small_root, tmp_path):
+    with pytest.raises(DataError, match=r"'cable' not found.*categories found: widget"):
+        trainer.main(["--category", "cable", "--data-dir", str(small_root),
+                      "--runs-root", str(tmp_path / "runs"), *QUICK])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_corrupt_training_image_stops_before_any_run_folder(small_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(small_root, root)
+    (root / "widget" / "train" / "good" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(DataError, match=r"001\.png"):
+        trainer.main(["--category", "widget", "--data-dir", str(root),
+                      "--runs-root", str(tmp_path / "runs"), *QUICK])
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "16"], "--image-size must be at least 32"),
+    (["--max-test", "0"], "--max-test must be at least 1"),
+    (["--smooth", "-1"], "--smooth must be >= 0"),
+])
+def test_bad_flags_are_named(flags, message, capsys, small_root):
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.parse_args(["--category", "widget", "--data-dir", str(small_root), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_root_is_a_flag_error(monkeypatch, capsys):
+    monkeypatch.delenv("MVTEC_AD_ROOT", raising=False)
+    with pytest.raises(SystemExit):
+        trainer.parse_args(["--category", "bottle"])
+    assert "--data-dir" in capsys.readouterr().err
+    monkeypatch.setenv("MVTEC_AD_ROOT", "/some/root")
+    assert trainer.parse_args(["--category", "bottle"]).data_dir == "/some/root"
+
+
+def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--category", "bottle",
+                             "--data-dir", str(tmp_path / "missing"),
+                             "--runs-root", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "error: MVTec AD root" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_throughput_bench_measures_both_phases():
+    from bench import mvtec_throughput
+
+    assert mvtec_throughput.measure_train(32, 2, 1) > 0
+    assert mvtec_throughput.measure_eval(32, 2, 1, "layer3") > 0
+    assert 0 < mvtec_throughput._peak_gib() < 64

@@ -1,0 +1,115 @@
+"""The UCSD trainer end to end on a generated dataset, its flags and its errors."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from keras_vae_attn.data import ucsd as ucsd_data
+from keras_vae_attn.data.synthetic import write_ucsd_dataset
+from trainers import common
+from trainers import ucsd as trainer
+
+SMALL = dict(width=48, height=32, frames=8, n_train=2, n_test=3, n_test_without_gt=1,
+             walkers=3)
+QUICK = ["--image-size", "40", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size",
+         "8", "--latent-dim", "4", "--eval-batch-size", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ucsd-data")
+    write_ucsd_dataset(str(root), "ped1", **SMALL)
+    return root
+
+
+def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
+    run_dir = trainer.main(["--data-dir", str(data_root), "--runs-root", str(tmp_path),
+                            "--layers", "conv1,conv2,conv3", *QUICK])
+    for name in ("metrics.json", "config.json", "examples.png", "roc.png", "curves.png",
+                 "training_log.jsonl", "model/model.json", "model/model.weights.h5"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    assert os.listdir(os.path.join(run_dir, "tensorboard"))
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
+        metrics = json.load(handle)
+    names = ["recon_error", "attention_conv1", "attention_conv2", "attention_conv3"]
+    assert sorted(metrics["methods"]) == sorted(names)
+    for values in metrics["methods"].values():
+        for key in ("pixel_auroc", "aupro", "best_iou", "image_auroc"):
+            assert 0.0 <= values[key] <= 1.0, key
+    assert metrics["test_clips"] == ["Test001", "Test002"]     # Test003 has no masks
+    assert metrics["test_frames"] == 2 * SMALL["frames"]
+    assert metrics["train_frames"] == 2 * SMALL["frames"]
+    assert set(metrics["attention_beats_recon"]) == {"conv1", "conv2", "conv3"}
+    printed = capsys.readouterr().out
+    rows = ("recon difference", "attention conv1", "attention conv2", "attention conv3")
+    positions = [printed.find(row) for row in rows]              # the table, in order
+    assert -1 not in positions and positions == sorted(positions)
+    assert "0.86" in printed and "0.92" in printed              # the paper's column
+
+    # The saved model reproduces the recorded number through the shared scoring code.
+    from keras_vae_attn import scoring
+    from keras_vae_attn.metrics import localization
+    from keras_vae_attn.models import load_vae
+
+    model = load_vae(os.path.join(run_dir, "model"))
+    test = ucsd_data.load_test(str(data_root), "ped1", size=40)
+    heatmap = scoring.batched(model, ucsd_data.to_float(test.images), 8, "conv2",
+                              keys=("heatmap",))["heatmap"]
+    assert localization.pixel_auroc(heatmap, test.masks) == pytest.approx(
+        metrics["methods"]["attention_conv2"]["pixel_auroc"], abs=1e-4)
+
+
+def test_figure_frames_are_anomalous_one_per_clip_first():
+    masks = np.zeros((6, 4, 4), bool)
+    masks[1, :2] = True          # clip A: area 8
+    masks[2, :1] = True          # clip A: area 4
+    masks[4, :3] = True          # clip B: area 12
+    frames = ucsd_data.TestFrames(images=np.zeros((6, 4, 4, 1), np.uint8), masks=masks,
+                                  labels=masks.any(axis=(1, 2)).astype(int),
+                                  clips=["A", "A", "A", "B", "B", "B"], paths=[""] * 6)
+    assert trainer.pick_frames(frames, 2) == [1, 4]
+    assert trainer.pick_frames(frames, 3) == [1, 4, 2]
+    assert trainer.pick_frames(frames, 5) == [1, 4, 2]          # only anomalous frames
+    quiet = frames._replace(masks=np.zeros_like(masks))
+    assert trainer.pick_frames(quiet, 2) == [0, 1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layers", "conv1,conv9"], "layer 'conv9' is not a feature map.*valid: conv1"),
+    (["--layers", "conv1,conv1"], "--layers repeats a layer"),
+    (["--layers", ","], "--layers names no layer"),
+    (["--frame-step", "0"], "--frame-step must be at least 1"),
+    (["--image-size", "8"], "--image-size must be at least 16"),
+    (["--subset", "ped3"], "invalid choice: 'ped3'"),
+])
+def test_bad_flags_are_named(flags, message, data_root, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.parse_args(["--data-dir", str(data_root), *flags])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_data_root_comes_from_the_environment_or_the_demo(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("UCSD_ROOT", raising=False)
+    with pytest.raises(SystemExit):
+        trainer.parse_args([])
+    assert "--data-dir" in capsys.readouterr().err
+    monkeypatch.setenv("UCSD_ROOT", str(tmp_path))
+    assert trainer.parse_args([]).data_dir == str(tmp_path)
+    demo = trainer.parse_args(["--demo", "--runs-root", str(tmp_path / "runs")])
+    assert demo.data_dir == os.path.join(str(tmp_path / "runs"), "data")
+    assert demo.layers == ["conv1", "conv2", "conv3"]
+
+
+def test_data_errors_end_in_one_clear_line(data_root, tmp_path, capsys):
+    missing = tmp_path / "empty" / "UCSDped1"
+    (missing / "Train").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        common.main_guard(lambda: trainer.main(["--data-dir", str(missing.parent),
+                                                "--runs-root", str(tmp_path), *QUICK]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: UCSDped1 has no Test folder" in err and "Traceback" not in err
+    assert not (tmp_path / "ucsd-ped1").exists()          # nothing written before the data

@@ -1,0 +1,255 @@
+"""dSprites disentanglement: VAE, beta-VAE, FactorVAE or AD-FactorVAE, scored with the
+FactorVAE metric (the paper's Table 3 and Fig. 8).
+
+    python -m trainers.dsprites --model ad_factor_vae --gamma 40 --lambda-ad 1 --steps 3000
+    python -m trainers.dsprites --model beta_vae --beta 4 --data-dir path/to/dsprites-npz
+
+Without --data-dir the images are regenerated from the factors (or read from an already
+downloaded TFDS copy); ``--source tfds`` downloads it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from trainers import common
+
+MODELS = ("vae", "beta_vae", "factor_vae", "ad_factor_vae")
+DEFAULT_BETA = {"vae": 1.0, "beta_vae": 4.0, "factor_vae": 1.0, "ad_factor_vae": 1.0}
+
+
+def build_parser():
+    parser = common.base_parser(__doc__, epochs=10, batch_size=64, lr=1e-4, latent_dim=10)
+    parser.add_argument("--model", choices=MODELS, default="ad_factor_vae")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="KL weight (default 4 for beta_vae, else 1)")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="TC weight of the FactorVAE models (default 40)")
+    parser.add_argument("--lambda-ad", type=float, default=None,
+                        help="L_AD weight of ad_factor_vae (default 1)")
+    parser.add_argument("--ad-pairs", choices=("top", "random"), default="top",
+                        help="L_AD on the two highest-response latents, or a random pair")
+    parser.add_argument("--ad-first-order", action="store_true",
+                        help="treat the gradient weights of L_AD's maps as constants")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="total training steps, split over --epochs (default 3000)")
+    parser.add_argument("--d-lr", type=float, default=1e-4, help="discriminator learning rate")
+    parser.add_argument("--dense-units", type=int, default=128)
+    parser.add_argument("--source", choices=("auto", "generate", "archive", "tfds"),
+                        default="auto", help="where the images come from (see above)")
+    parser.add_argument("--eval-images", type=int, default=4096,
+                        help="images for the normal-data latent stats and the L_AD check")
+    parser.add_argument("--metric-train-votes", type=int, default=800)
+    parser.add_argument("--metric-eval-votes", type=int, default=800)
+    parser.add_argument("--metric-samples", type=int, default=64,
+                        help="images per vote of the FactorVAE metric (L)")
+    parser.add_argument("--metric-variance-samples", type=int, default=10000,
+                        help="images for the per-dimension std of the metric")
+    return parser
+
+
+def check_args(parser, args):
+    """Fill model-dependent defaults and reject combinations that mean nothing."""
+    factor = args.model in ("factor_vae", "ad_factor_vae")
+    if args.gamma is not None and not factor:
+        parser.error(f"--gamma applies to factor_vae and ad_factor_vae, not {args.model}")
+    if args.lambda_ad is not None and args.model != "ad_factor_vae":
+        parser.error(f"--lambda-ad applies to ad_factor_vae only, not {args.model}")
+    args.beta = DEFAULT_BETA[args.model] if args.beta is None else args.beta
+    args.gamma = (40.0 if factor else 0.0) if args.gamma is None else args.gamma
+    args.lambda_ad = (1.0 if args.model == "ad_factor_vae" else 0.0) \
+        if args.lambda_ad is None else args.lambda_ad
+    for flag in ("beta", "gamma", "lambda_ad", "d_lr"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be a non-negative number, "
+                         f"got {value}")
+    if args.model == "ad_factor_vae" and args.lambda_ad == 0:
+        parser.error("--lambda-ad 0 is plain FactorVAE: use --model factor_vae")
+    if args.model == "ad_factor_vae" and args.latent_dim < 2:
+        parser.error(f"--latent-dim must be at least 2 for L_AD, got {args.latent_dim}")
+    if args.steps is not None and args.steps_per_epoch is not None:
+        parser.error("give --steps (total) or --steps-per-epoch, not both")
+    if args.steps is None and args.steps_per_epoch is None:
+        args.steps = 3000
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps must be at least 1, got {args.steps}")
+        args.epochs = min(args.epochs, args.steps)
+        args.steps_per_epoch = math.ceil(args.steps / args.epochs)
+    elif args.steps_per_epoch < 1:
+        parser.error(f"--steps-per-epoch must be at least 1, got {args.steps_per_epoch}")
+    for flag in ("metric_train_votes", "metric_eval_votes", "metric_variance_samples",
+                 "dense_units", "eval_images"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
+                         f"{getattr(args, flag)}")
+    if args.metric_samples < 2:
+        parser.error(f"--metric-samples must be at least 2, got {args.metric_samples}")
+    if args.source == "archive" and not args.data_dir:
+        parser.error("--source archive needs --data-dir")
+    return args
+
+
+def build_model(args):
+    """The model named by --model, compiled (call inside the strategy scope)."""
+    import keras
+
+    from keras_vae_attn.models import build_vae
+    from keras_vae_attn.models.factor_vae import build_factor_vae
+
+    shape = (64, 64, 1)
+    optimizer = keras.optimizers.Adam(args.lr, beta_1=0.9, beta_2=0.999)
+    if args.model in ("vae", "beta_vae"):
+        model = build_vae("factorvae", shape, args.latent_dim, dense_units=args.dense_units,
+                          recon_loss=args.loss, beta=args.beta, seed=args.seed)
+        model.compile(optimizer=optimizer)
+        return model
+    model = build_factor_vae(input_shape=shape, latent_dim=args.latent_dim,
+                             dense_units=args.dense_units, recon_loss=args.loss,
+                             beta=args.beta, gamma=args.gamma, lambda_ad=args.lambda_ad,
+                             ad_layer=args.layer, ad_pairs=args.ad_pairs,
+                             ad_second_order=not args.ad_first_order, seed=args.seed)
+    model.compile(optimizer=optimizer,
+                  d_optimizer=keras.optimizers.Adam(args.d_lr, beta_1=0.5, beta_2=0.9))
+    return model
+
+
+def encoder_means(model):
+    """images (N, 64, 64, 1) -> mu (N, D) numpy: the representation the metric scores."""
+    import tensorflow as tf
+
+    run = tf.function(lambda x: model.encoder(x, training=False)[0], reduce_retracing=True)
+    return lambda images: run(tf.constant(images, tf.float32)).numpy()
+
+
+def latent_pairs(model, images, layer):
+    """Per-latent maps (B, D, h, w), the top-response pair (B, 2) and its L_AD (B,)."""
+    from keras_vae_attn import losses
+    from keras_vae_attn.models.factor_vae import pair_maps, top_pair
+
+    maps = model.explainer(layer).latent_maps(images)
+    pair = top_pair(maps)
+    return maps.numpy(), pair.numpy(), losses.attention_overlap(*pair_maps(maps, pair)).numpy()
+
+
+def write_traversals(model, images, path, span=2.5, steps=9):
+    """Rows: latent dims by mean KL (most used first); columns: that dim swept over
+    [-span, span] from the first image's code; decoded images."""
+    from keras_vae_attn import viz
+
+    mu, logvar = (t.numpy() for t in model.encode(images))
+    kl = np.mean(0.5 * (np.exp(logvar) + mu ** 2 - 1.0 - logvar), axis=0)
+    order = np.argsort(-kl)
+    values = np.linspace(-span, span, steps)
+    rows = []
+    for dim in order:
+        codes = np.repeat(mu[:1], steps, axis=0)
+        codes[:, dim] = values
+        rows.append(list(model.decode(codes).numpy()))
+    viz.save_grid(rows, path, column_titles=[f"{v:+.1f}" for v in values],
+                  row_titles=[f"z{d} KL {kl[d]:.2f}" for d in order], cell_inches=0.9)
+    return {int(d): float(kl[d]) for d in order}
+
+
+def write_attention_pairs(images, maps, pair, overlap, path):
+    """The paper's Fig. 8: each image beside the maps of its two highest-response latents."""
+    from keras_vae_attn import viz
+    from keras_vae_attn.attention import upsample
+
+    rows, titles = [], []
+    for i in range(len(images)):
+        chosen = maps[i, pair[i]]                                   # (2, h, w)
+        big = upsample(chosen, images.shape[1:3]).numpy()
+        shown = viz.overlay(np.repeat(images[i:i + 1], 2, 0), big)
+        rows.append([images[i], shown[0], shown[1]])
+        titles.append(f"z{pair[i, 0]} vs z{pair[i, 1]}: L_AD {overlap[i]:.2f}")
+    viz.save_grid(rows, path, column_titles=["image", "1st latent", "2nd latent"],
+                  row_titles=titles, cell_inches=1.4)
+
+
+def figure_images(data, seed):
+    """Two images of each shape at random scale/orientation/position, float32 (6, 64, 64, 1)."""
+    rng = np.random.default_rng([seed, 2])
+    factors = data.sample_factors(6, rng)
+    factors[:, 1] = np.repeat(np.arange(3), 2)
+    return data.images_from_factors(factors)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = check_args(parser, common.parse(parser, argv))
+    common.setup_devices(args)
+    import keras
+    import tensorflow as tf
+
+    from keras_vae_attn import viz
+    from keras_vae_attn.data import dsprites
+    from keras_vae_attn.metrics.disentanglement import factor_vae_score
+    from keras_vae_attn.models import save_vae
+
+    data = dsprites.load(args.data_dir, args.source)
+    run_dir = common.run_dir_for(args, "dsprites")
+    print(f"run folder: {run_dir}  (images: {data.source})", file=sys.stderr)
+    keras.utils.set_random_seed(args.seed)
+    strategy = common.make_strategy(args)
+    with strategy.scope():
+        model = build_model(args)
+    batch_spec = tf.TensorSpec((args.batch_size, 64, 64, 1), tf.float32)
+    dataset = tf.data.Dataset.from_generator(
+        lambda: data.batches(args.batch_size, [args.seed, 0]),
+        output_signature=batch_spec).prefetch(2)
+    callbacks, guard = common.standard_callbacks(run_dir)
+    started = time.perf_counter()
+    history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        shuffle=False, callbacks=callbacks, verbose=0 if args.quiet else 2)
+    train_seconds = time.perf_counter() - started
+    common.check_diverged(guard)
+    sample = data.images_from_factors(data.sample_factors(args.eval_images,
+                                                          np.random.default_rng([args.seed, 1])))
+    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(sample).batch(256))
+    save_vae(model, os.path.join(run_dir, "model"))
+
+    score = factor_vae_score(
+        encoder_means(model), data, seed=args.seed, train_votes=args.metric_train_votes,
+        eval_votes=args.metric_eval_votes, samples_per_vote=args.metric_samples,
+        variance_samples=args.metric_variance_samples,
+        progress=lambda it: common.progress(it, args.quiet, desc="FactorVAE metric"))
+    _, _, overlap = latent_pairs(model, sample[:512], args.layer)
+    shown = figure_images(data, args.seed)
+    maps, pair, shown_overlap = latent_pairs(model, shown, args.layer)
+    write_attention_pairs(shown, maps, pair, shown_overlap,
+                          os.path.join(run_dir, "attention_pairs.png"))
+    kl_per_dim = write_traversals(model, shown, os.path.join(run_dir, "traversals.png"))
+    curves = history.history
+    viz.save_curves({k: v for k, v in curves.items() if k in ("loss", "recon")},
+                    os.path.join(run_dir, "curves.png"), title=f"{args.model}: loss")
+    viz.save_curves({k: v for k, v in curves.items() if k not in ("loss", "recon")},
+                    os.path.join(run_dir, "curves_terms.png"), title=f"{args.model}: terms")
+    total_steps = args.epochs * args.steps_per_epoch
+    metrics = {
+        "factor_vae_score": score["eval_accuracy"],
+        "factor_vae_train_accuracy": score["train_accuracy"],
+        "active_dims": score["num_active_dims"],
+        "votes": {"train": score["train_votes"], "eval": score["eval_votes"]},
+        "attention_overlap_top_pair": float(np.mean(overlap)),
+        "kl_per_dim": kl_per_dim,
+        "model": args.model, "beta": args.beta, "gamma": args.gamma,
+        "lambda_ad": args.lambda_ad, "steps": total_steps, "seed": args.seed,
+        "seconds_per_step": train_seconds / total_steps, "images": data.source,
+        "final_losses": {k: float(v[-1]) for k, v in curves.items()},
+    }
+    common.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    print(f"{args.model}: FactorVAE score {score['eval_accuracy']:.3f} "
+          f"({score['num_active_dims']} active dims), top-pair L_AD "
+          f"{metrics['attention_overlap_top_pair']:.3f}")
+    print(f"figures and metrics in {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

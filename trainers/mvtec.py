@@ -1,0 +1,305 @@
+"""MVTec AD anomaly localization: train a VAE on one category's normal images, then
+compare the anomaly attention (Eq. 5) with the reconstruction difference on its test set.
+
+    python -m trainers.mvtec --category bottle --data-dir path/to/mvtec_ad
+    python -m trainers.mvtec --category demo      # generated category, runs on CPU
+
+--data-dir defaults to $MVTEC_AD_ROOT. "--category demo" without --data-dir generates a
+small MVTec-style category under <runs-root>/data/ (once) and uses demo-sized defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from trainers import common
+
+DEMO = "demo"
+# The paper's settings (256x256, ResNet18, latent 32); the demo's CPU-sized ones (at 64
+# pixels layer2 is 8x8, the resolution layer4 has at 256).
+PAPER_DEFAULTS = dict(image_size=256, epochs=100, batch_size=16, lr=1e-4)
+DEMO_DEFAULTS = dict(image_size=64, epochs=30, batch_size=16, lr=1e-3, layer="layer2")
+METHODS = ("anomaly_attention", "recon_error")
+FIGURE_ROWS = 4
+
+
+def build_parser():
+    parser = common.base_parser(__doc__, epochs=PAPER_DEFAULTS["epochs"],
+                                batch_size=PAPER_DEFAULTS["batch_size"],
+                                lr=PAPER_DEFAULTS["lr"], latent_dim=32)
+    parser.add_argument("--category", required=True,
+                        help="MVTec AD category (e.g. bottle), or 'demo' for the generated one")
+    parser.add_argument("--image-size", type=int, default=PAPER_DEFAULTS["image_size"],
+                        help="images and masks are resized to this square size")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                        help="3 loads every category as RGB (grey ones copied to 3 "
+                             "channels); 1 loads grey")
+    parser.add_argument("--backbone", choices=("resnet18", "small"), default="resnet18")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="random mirror and rotation of training images")
+    parser.add_argument("--mirror", default="horizontal",
+                        choices=("none", "horizontal", "vertical", "horizontal_and_vertical"))
+    parser.add_argument("--rotation", type=float, default=10.0,
+                        help="random rotation range, +- degrees")
+    parser.add_argument("--score", choices=("energy", "latent"), default="energy",
+                        help="what the anomaly attention back-propagates (see attention.py)")
+    parser.add_argument("--gradient-relu", action="store_true",
+                        help="ReLU on gradients before pooling (the paper's printed Eq. 3)")
+    parser.add_argument("--smooth", type=float, default=0.0,
+                        help="Gaussian blur sigma (pixels) applied to both maps before scoring")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="leave out undecodable image files with a warning instead "
+                             "of stopping with an error")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
+    parser.add_argument("--max-test", type=int, default=None,
+                        help="cap on test images (taken across all defect types)")
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--model-dir", default=None,
+                        help="evaluate this saved model (a run's model/ folder) instead of "
+                             "training: re-score with another --layer, --smooth, --score")
+    return parser
+
+
+def parse_args(argv=None):
+    """Flags, with the demo's defaults for any flag not given when --category is demo."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.category == DEMO and known.data_dir is None:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args = common.parse(parser, argv)
+    for flag in ("image_size", "eval_batch_size", "max_train", "max_test"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.image_size < 32:
+        parser.error(f"--image-size must be at least 32 (the ResNet18 stem and stages "
+                     f"downsample by 32), got {args.image_size}")
+    if args.rotation < 0 or args.smooth < 0:
+        parser.error("--rotation and --smooth must be >= 0")
+    if args.data_dir is None:
+        # The demo ignores $MVTEC_AD_ROOT (a real MVTec AD root has no "demo" category).
+        args.data_dir = (demo_root(args) if args.category == DEMO
+                         else os.environ.get("MVTEC_AD_ROOT"))
+        if args.data_dir is None:
+            parser.error("no dataset root: pass --data-dir or set $MVTEC_AD_ROOT to the "
+                         "folder holding the MVTec AD categories")
+    return args
+
+
+def demo_root(args):
+    """Where the generated demo category is cached."""
+    return os.path.join(args.runs_root, "data")
+
+
+def load_data(args):
+    """(train uint8 images, test Split); generates the demo category when asked."""
+    from keras_vae_attn.data import mvtec
+
+    if args.category == DEMO and args.data_dir == demo_root(args):
+        from keras_vae_attn.data.synthetic import write_mvtec_category
+
+        write_mvtec_category(args.data_dir, DEMO)      # reused when already there
+    options = dict(size=args.image_size, channels=args.channels,
+                   skip_corrupt=args.skip_corrupt)
+    train = mvtec.load_train(args.data_dir, args.category, limit=args.max_train, **options)
+    test = mvtec.load_test(args.data_dir, args.category, limit=args.max_test, **options)
+    return train, test
+
+
+def score_options(args):
+    return dict(score=args.score, gradient_relu=args.gradient_relu, smooth=args.smooth)
+
+
+def evaluate(model, test, args):
+    """Metrics of both methods side by side, their ROC curves, and the maps."""
+    from keras_vae_attn import scoring
+    from keras_vae_attn.data.mvtec import to_float
+    from keras_vae_attn.metrics import localization
+
+    out = scoring.batched(model, to_float(test.images), args.eval_batch_size, args.layer,
+                          keys=("heatmap", "recon_error", "recon_score", "latent_distance",
+                                "kl"),
+                          progress=lambda it: common.progress(it, args.quiet, desc="evaluate"),
+                          **score_options(args))
+    maps = {"anomaly_attention": out.pop("heatmap"), "recon_error": out.pop("recon_error")}
+    methods, curves = localization.evaluate_methods(maps, test.masks, test.labels,
+                                                    return_curves=True)
+    per_defect = {}
+    for defect in sorted(set(test.defects) - {"good"}):
+        rows = np.array([d in (defect, "good") for d in test.defects])
+        per_defect[defect] = {name: localization.pixel_auroc(m[rows], test.masks[rows])
+                              for name, m in maps.items()}
+    image_scores = {}
+    if 0 < test.labels.sum() < len(test.labels):
+        image_scores = {name: localization.image_auroc(values, test.labels)
+                        for name, values in out.items()}
+    metrics = {
+        "methods": methods,
+        "best_iou_is_test_set_tuned": True,
+        "pixel_auroc_per_defect": per_defect,
+        "image_auroc_other_scores": image_scores,
+        "test_images": len(test.labels), "anomalous_images": int(test.labels.sum()),
+        "defect_counts": {d: test.defects.count(d) for d in sorted(set(test.defects))},
+    }
+    roc = {name: (*curves[name], methods[name]["pixel_auroc"]) for name in maps
+           if curves[name] is not None}
+    return metrics, roc, maps
+
+
+def write_figures(model, test, maps, args, run_dir):
+    """One figure per defect type (the paper's Fig. 6): image, reconstruction, ground
+    truth, anomaly-attention overlay, reconstruction difference. Each method's maps share
+    one colour scale over the whole test set, so figures compare across images."""
+    from keras_vae_attn import scoring, viz
+    from keras_vae_attn.data.mvtec import to_float
+
+    scale = {name: float(np.percentile(m, 99.9)) or 1.0 for name, m in maps.items()}
+    written = []
+    for defect in sorted(set(test.defects)):
+        picks = [i for i, d in enumerate(test.defects) if d == defect][:FIGURE_ROWS]
+        images = to_float(test.images[picks])
+        recon = scoring.explain_anomaly(model, images, args.layer,
+                                        **score_options(args))["reconstruction"].numpy()
+        attention = viz.overlay(images, maps["anomaly_attention"][picks],
+                                vmax=scale["anomaly_attention"])
+        difference = viz.colorize(maps["recon_error"][picks], vmax=scale["recon_error"])
+        rows = [[viz.to_rgb(images)[r], viz.to_rgb(recon)[r], test.masks[picks[r]],
+                 attention[r], difference[r]] for r in range(len(picks))]
+        path = os.path.join(run_dir, f"defect_{defect}.png")
+        viz.save_grid(rows, path, column_titles=["image", "reconstruction", "ground truth",
+                                                 "anomaly attention", "recon difference"],
+                      row_titles=[os.path.basename(test.paths[i]) for i in picks])
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train_images, test = load_data(args)
+    from keras_vae_attn import viz
+
+    model = load_model(args) if args.model_dir else None
+    run_dir = common.run_dir_for(args, f"mvtec-{args.category}")
+    print(f"run folder: {run_dir}", file=sys.stderr)
+    if model is not None:
+        history, train_seconds = None, 0.0
+    else:
+        model, history, train_seconds = train(args, train_images, test, run_dir)
+    started = time.perf_counter()
+    metrics, roc, maps = evaluate(model, test, args)
+    metrics.update(category=args.category, image_size=args.image_size, layer=args.layer,
+                   train_images=len(train_images),
+                   seconds={"train": train_seconds, "evaluate": time.perf_counter() - started})
+    if history:
+        metrics["final_losses"] = {k: v[-1] for k, v in history.items()}
+        viz.save_curves(history, os.path.join(run_dir, "curves.png"))
+    viz.save_roc(roc, os.path.join(run_dir, "roc.png"),
+                 title=f"{args.category}: pixel ROC")
+    figures = write_figures(model, test, maps, args, run_dir)
+    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
+    for name, values in metrics["methods"].items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items()
+                          if v is not None and k != "best_iou_threshold")
+        print(f"{name}: {shown}")
+    print(f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
+          + (", curves.png" if history else ""))
+    print(f"figures and metrics.json in {run_dir}")
+    return run_dir
+
+
+def load_model(args):
+    """The saved model of --model-dir, checked against --image-size and --channels."""
+    from keras_vae_attn.models import load_vae
+
+    model = load_vae(args.model_dir)
+    expected = [args.image_size, args.image_size, args.channels]
+    if list(model.spec["input_shape"]) != expected:
+        raise SystemExit(f"error: the model in {args.model_dir!r} takes "
+                         f"{model.spec['input_shape']} images; pass matching --image-size "
+                         f"and --channels (got {expected})")
+    return model
+
+
+def train(args, train_images, test, run_dir):
+    """Fit the VAE, then measure and store the normal latent statistics and save it."""
+    import keras
+
+    from keras_vae_attn import callbacks as kva_callbacks
+    from keras_vae_attn.data import augment, mvtec
+    from keras_vae_attn.models import build_vae, save_vae
+
+    keras.utils.set_random_seed(args.seed)
+    strategy = common.make_strategy(args)
+    shape = (args.image_size, args.image_size, args.channels)
+    with strategy.scope():
+        model = build_vae(args.backbone, shape, args.latent_dim, recon_loss=args.loss,
+                          seed=args.seed)
+        model.compile(optimizer=keras.optimizers.Adam(args.lr))
+    augmenter = (augment.augmenter(args.mirror, args.rotation, args.seed)
+                 if args.augment else None)
+    dataset = augment.train_dataset(train_images, args.batch_size, augmenter, args.seed)
+    if args.steps_per_epoch:
+        dataset = dataset.repeat()
+    watch = kva_callbacks.AttentionImages(mvtec.to_float(test.images[:4]),
+                                          os.path.join(run_dir, "tensorboard"), args.layer)
+    callbacks, guard = common.standard_callbacks(run_dir, watch)
+    started = time.perf_counter()
+    model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        shuffle=False, callbacks=callbacks, verbose=0 if args.quiet else 1)
+    train_seconds = time.perf_counter() - started
+    common.check_diverged(guard)
+    recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
+                                                        shuffle=False))
+    model.fit_normal_stats(augment.train_dataset(train_images, 64, shuffle=False))
+    save_vae(model, os.path.join(run_dir, "model"))
+    return model, losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), train_seconds
+
+
+def recalibrate_batch_norm(model, dataset):
+    """Set every BatchNorm layer's moving mean/variance to the average of its batch
+    statistics over ``dataset``, run through the training forward pass.
+
+    With momentum 0.99 the moving averages trail the weights by ~100 steps, so after a
+    short training the model in inference mode is not the one that was trained (its
+    reconstructions drift to a wrong mean image). Batch k is blended in with momentum
+    k / (k + 1), which leaves the exact average of all batches. Weights are untouched.
+    """
+    import keras
+
+    layers = [layer for part in (model.encoder, model.decoder) for layer in part.layers
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    try:
+        for index, images in enumerate(dataset):
+            for layer in layers:
+                layer.momentum = index / (index + 1.0)
+            model.vae_losses(images, training=True)      # eager: reads momentum each call
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+
+
+def losses_per_epoch(log_path):
+    """{loss name: [value per epoch]} from the run's training log.
+
+    Read from the log rather than Keras' History, so a run resumed from its backup
+    still plots (and reports) every epoch, not only those after the resume.
+    """
+    by_epoch = {}
+    with open(log_path, encoding="utf-8") as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if entry.get("event") == "epoch_end":
+                by_epoch[entry["epoch"]] = entry        # a re-run epoch replaces the old
+    names = ("loss", "recon", "kl")
+    return {name: [by_epoch[e][name] for e in sorted(by_epoch) if name in by_epoch[e]]
+            for name in names if any(name in entry for entry in by_epoch.values())}
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

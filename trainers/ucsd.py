@@ -1,0 +1,282 @@
+"""UCSD pedestrian anomaly localization with the paper's layer ablation (its Table 1):
+train one VAE on the normal clips, then compare the anomaly attention (Eq. 5) at each
+requested encoder layer with the reconstruction difference, pixel by pixel.
+
+    python -m trainers.ucsd --subset ped1 --data-dir path/to/UCSD_Anomaly_Dataset.v1p2
+    python -m trainers.ucsd --demo        # a generated UCSD-style dataset, runs on CPU
+
+--data-dir is the folder holding UCSDped1/UCSDped2 (or one of them); it defaults to
+$UCSD_ROOT. --demo writes the generated dataset into --data-dir, or <runs-root>/data.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from trainers import common
+
+# The paper's Table 1 (UCSD Ped1, 100x100): pixel AUROC per method.
+PAPER_PED1 = {"recon_error": 0.86, "attention_conv1": 0.89, "attention_conv2": 0.92,
+              "attention_conv3": 0.91}
+RECON = "recon_error"
+DEMO_DATA = dict(width=120, height=80, frames=60, n_train=12, n_test=6, n_test_without_gt=2)
+FIGURE_ROWS = 4
+
+
+def build_parser():
+    parser = common.base_parser(__doc__, epochs=30, batch_size=64, lr=1e-3, latent_dim=32)
+    parser.add_argument("--subset", choices=("ped1", "ped2"), default="ped1")
+    parser.add_argument("--demo", action="store_true",
+                        help="generate a small UCSD-style dataset and run on it")
+    parser.add_argument("--image-size", type=int, default=100,
+                        help="frames and masks are resized to this square size")
+    parser.add_argument("--layers", default="conv1,conv2,conv3",
+                        help="comma-separated encoder layers whose anomaly attention is "
+                             "evaluated (--layer only picks what TensorBoard shows)")
+    parser.add_argument("--backbone", choices=("small", "resnet18"), default="small")
+    parser.add_argument("--beta", type=float, default=1.0,
+                        help="weight of the KL term (below 1 keeps more of the latent in use)")
+    parser.add_argument("--score", choices=("energy", "latent"), default="energy",
+                        help="what the anomaly attention back-propagates (see attention.py)")
+    parser.add_argument("--gradient-relu", action="store_true",
+                        help="ReLU on gradients before pooling (the paper's printed Eq. 3)")
+    parser.add_argument("--smooth", type=float, default=0.0,
+                        help="Gaussian blur sigma (pixels) applied to every map before scoring")
+    parser.add_argument("--frame-step", type=int, default=1,
+                        help="train on every k-th frame of each clip")
+    parser.add_argument("--test-frame-step", type=int, default=1,
+                        help="evaluate every k-th frame of each test clip")
+    parser.add_argument("--max-train-clips", type=int, default=None)
+    parser.add_argument("--max-test-clips", type=int, default=None,
+                        help="cap on the test clips with masks that are evaluated")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--figure-frames", type=int, default=FIGURE_ROWS,
+                        help="anomalous frames shown in examples.png")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = common.parse(parser, argv)
+    for flag in ("frame_step", "test_frame_step", "eval_batch_size", "figure_frames",
+                 "max_train_clips", "max_test_clips"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.image_size < 16:
+        parser.error(f"--image-size must be at least 16, got {args.image_size}")
+    if args.smooth < 0:
+        parser.error(f"--smooth must be >= 0, got {args.smooth}")
+    if not args.beta > 0:
+        parser.error(f"--beta must be a positive number, got {args.beta}")
+    args.layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    if not args.layers:
+        parser.error("--layers names no layer; give e.g. --layers conv1,conv2,conv3")
+    if len(set(args.layers)) != len(args.layers):
+        parser.error(f"--layers repeats a layer: {','.join(args.layers)}")
+    valid = feature_layers(args)
+    unknown = [name for name in args.layers + [args.layer]
+               if name not in valid and name != "last"]
+    if unknown:
+        parser.error(f"layer {unknown[0]!r} is not a feature map of the {args.backbone} "
+                     f"encoder at {args.image_size}x{args.image_size}; valid: "
+                     f"{', '.join(valid)}")
+    if args.data_dir is None:
+        args.data_dir = (os.path.join(args.runs_root, "data") if args.demo
+                         else os.environ.get("UCSD_ROOT"))
+        if args.data_dir is None:
+            parser.error("no dataset root: pass --data-dir (the folder holding UCSDped1 "
+                         "and UCSDped2), set $UCSD_ROOT, or run --demo")
+    return args
+
+
+def feature_layers(args):
+    """Names of the encoder's feature-map layers for this backbone and image size."""
+    from keras_vae_attn import backbones
+    from keras_vae_attn.attention import feature_layer_names
+
+    encoder, _ = backbones.build_backbone(args.backbone, model_shape(args), args.latent_dim)
+    return feature_layer_names(encoder)
+
+
+def model_shape(args):
+    return (args.image_size, args.image_size, 1)
+
+
+def load_data(args):
+    """(train uint8 frames (N, S, S, 1), ucsd.TestFrames); writes the demo data if asked."""
+    from keras_vae_attn.data import ucsd
+
+    if args.demo:
+        from keras_vae_attn.data.synthetic import write_ucsd_dataset
+
+        write_ucsd_dataset(args.data_dir, args.subset, seed=args.seed, **DEMO_DATA)
+    train = ucsd.load_train(args.data_dir, args.subset, args.image_size,
+                            max_clips=args.max_train_clips, frame_step=args.frame_step)
+    test = ucsd.load_test(args.data_dir, args.subset, args.image_size,
+                          max_clips=args.max_test_clips, frame_step=args.test_frame_step)
+    return train, test
+
+
+def method_name(layer):
+    return f"attention_{layer}"
+
+
+def label(method):
+    return "recon difference" if method == RECON else method.replace("attention_",
+                                                                     "attention ")
+
+
+def evaluate(model, test, args):
+    """Pixel metrics of the reconstruction difference and of each layer's attention.
+
+    Returns (metrics per method, ROC curves {label: (fpr, tpr, auc)}, maps {method: (N, S, S)}).
+    """
+    from keras_vae_attn import scoring
+    from keras_vae_attn.data.ucsd import to_float
+    from keras_vae_attn.metrics import localization
+
+    images = to_float(test.images)
+    maps = {}
+    for layer in args.layers:
+        keys = ("heatmap",) if RECON in maps else ("heatmap", RECON)
+        out = scoring.batched(model, images, args.eval_batch_size, layer, keys=keys,
+                              progress=lambda it, layer=layer: common.progress(
+                                  it, args.quiet, desc=f"evaluate {layer}"),
+                              score=args.score, gradient_relu=args.gradient_relu,
+                              smooth=args.smooth)
+        if RECON in out:
+            maps[RECON] = out[RECON]
+        maps[method_name(layer)] = out["heatmap"]
+    maps = {RECON: maps.pop(RECON), **maps}
+    methods, curves = localization.evaluate_methods(maps, test.masks, test.labels,
+                                                    return_curves=True)
+    roc = {label(name): (*curves[name], methods[name]["pixel_auroc"]) for name in maps
+           if curves[name] is not None}
+    return methods, roc, maps
+
+
+def table(methods, subset):
+    """The paper's Table 1 as text lines: one row per method, the paper's AUROC beside."""
+    lines = [f"{'method':<20} {'pixel AUROC':>11} {'AUPRO':>7} {'best IoU':>9} "
+             f"{'frame AUROC':>11} {'paper (Ped1)':>12}"]
+    for name, values in methods.items():
+        paper = PAPER_PED1.get(name) if subset == "ped1" else None
+        cells = [values[key] for key in ("pixel_auroc", "aupro", "best_iou", "image_auroc")]
+        shown = [f"{v:.3f}" if v is not None else "n/a" for v in cells]
+        lines.append(f"{label(name):<20} {shown[0]:>11} {shown[1]:>7} {shown[2]:>9} "
+                     f"{shown[3]:>11} {(f'{paper:.2f}' if paper else '-'):>12}")
+    return lines
+
+
+def pick_frames(test, count):
+    """Up to ``count`` anomalous frames, one per clip first: each clip's largest anomaly
+    (the first frames when none is anomalous)."""
+    area = test.masks.sum(axis=(1, 2))
+    best = {}
+    for index, clip in enumerate(test.clips):
+        if area[index] and (clip not in best or area[index] > area[best[clip]]):
+            best[clip] = index
+    picks = list(best.values())[:count]
+    extra = [i for i in np.argsort(-area, kind="stable") if area[i] and i not in picks]
+    return (picks + extra[:count - len(picks)]) or list(range(min(count, len(area))))
+
+
+def write_figure(test, maps, picks, path):
+    """The paper's Fig. 5: frame, ground truth, attention per layer, recon difference.
+
+    Each method's maps share one colour scale over the whole test set, so rows compare.
+    """
+    from keras_vae_attn import viz
+    from keras_vae_attn.data.ucsd import to_float
+
+    frames = to_float(test.images[picks])
+    columns, titles = [], []
+    for name, values in maps.items():
+        vmax = float(np.percentile(values, 99.9)) or 1.0
+        shown = (viz.colorize(values[picks], vmax=vmax) if name == RECON
+                 else viz.overlay(frames, values[picks], vmax=vmax))
+        columns.append(shown)
+        titles.append(label(name))
+    order = list(range(1, len(columns))) + [0]           # attention layers, then recon
+    rows = [[viz.to_rgb(frames)[r], test.masks[picks[r]]] + [columns[c][r] for c in order]
+            for r in range(len(picks))]
+    viz.save_grid(rows, path, column_titles=["frame", "ground truth"]
+                  + [titles[c] for c in order],
+                  row_titles=[f"{test.clips[i]}/{os.path.basename(test.paths[i])}"
+                              for i in picks])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train_images, test = load_data(args)
+    import keras
+
+    from keras_vae_attn import callbacks as kva_callbacks
+    from keras_vae_attn import viz
+    from keras_vae_attn.data import augment
+    from keras_vae_attn.data.ucsd import to_float
+    from keras_vae_attn.models import build_vae, save_vae
+
+    run_dir = common.run_dir_for(args, f"ucsd-{args.subset}" + ("-demo" if args.demo else ""))
+    print(f"run folder: {run_dir}", file=sys.stderr)
+    keras.utils.set_random_seed(args.seed)
+    strategy = common.make_strategy(args)
+    with strategy.scope():
+        model = build_vae(args.backbone, model_shape(args), args.latent_dim,
+                          recon_loss=args.loss, beta=args.beta, seed=args.seed)
+        model.compile(optimizer=keras.optimizers.Adam(args.lr))
+    dataset = augment.train_dataset(train_images, args.batch_size, None, args.seed)
+    if args.steps_per_epoch:
+        dataset = dataset.repeat()
+    watch = kva_callbacks.AttentionImages(to_float(test.images[pick_frames(test, 4)]),
+                                          os.path.join(run_dir, "tensorboard"), args.layer)
+    callbacks, guard = common.standard_callbacks(run_dir, watch)
+    started = time.perf_counter()
+    history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        callbacks=callbacks, verbose=0 if args.quiet else 2)
+    train_seconds = time.perf_counter() - started
+    common.check_diverged(guard)
+    model.fit_normal_stats(augment.train_dataset(train_images, 256, shuffle=False))
+    save_vae(model, os.path.join(run_dir, "model"))
+
+    started = time.perf_counter()
+    methods, roc, maps = evaluate(model, test, args)
+    eval_seconds = time.perf_counter() - started
+    lines = table(methods, args.subset)
+    clips = sorted(set(test.clips))
+    header = (f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} "
+              f"test frames from {len(clips)} clips with masks, "
+              f"{int(test.labels.sum())} of them anomalous")
+    recon_auroc = methods[RECON]["pixel_auroc"]
+    metrics = {
+        "methods": methods,
+        "table": [header] + lines,
+        "attention_beats_recon": {
+            layer: (None if recon_auroc is None or methods[method_name(layer)]["pixel_auroc"]
+                    is None else methods[method_name(layer)]["pixel_auroc"] > recon_auroc)
+            for layer in args.layers},
+        "paper_pixel_auroc_ped1": PAPER_PED1,
+        "best_iou_is_test_set_tuned": True,
+        "subset": args.subset, "demo": args.demo, "image_size": args.image_size,
+        "layers": args.layers, "train_frames": len(train_images),
+        "test_frames": len(test.labels), "anomalous_frames": int(test.labels.sum()),
+        "test_clips": clips,
+        "seconds": {"train": train_seconds, "evaluate": eval_seconds},
+        "final_losses": {k: float(v[-1]) for k, v in history.history.items()},
+    }
+    viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"UCSD {args.subset}: pixel ROC")
+    viz.save_curves(history.history, os.path.join(run_dir, "curves.png"))
+    write_figure(test, maps, pick_frames(test, args.figure_frames),
+                 os.path.join(run_dir, "examples.png"))
+    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
+    print("\n".join([header] + lines))
+    print(f"figures (examples.png, roc.png, curves.png) and metrics.json in {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
