@@ -15,6 +15,7 @@ setup(
         "keras>=3.10,<4",
         "numpy",
         "scikit-learn",
+        "scipy",
         "matplotlib",
         "pillow",
         "tqdm",
