@@ -123,8 +123,14 @@ def encoder_means(model):
     """images (N, 64, 64, 1) -> mu (N, D) numpy: the representation the metric scores."""
     import tensorflow as tf
 
-    run = tf.function(lambda x: model.encoder(x, training=False)[0], reduce_retracing=True)
-    return lambda images: run(tf.constant(images, tf.float32)).numpy()
+    @tf.function(reduce_retracing=True)
+    def means(images):
+        return model.encoder(images, training=False)[0]
+
+    def representation(images):
+        return means(tf.constant(images, tf.float32)).numpy()
+
+    return representation
 
 
 def latent_pairs(model, images, layer):
