@@ -240,12 +240,12 @@ def build_parser():
 
 
 def main(argv=None):
-    from keras_vae_attn.data import DataError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    from keras_vae_attn.data import DataError     # imports TensorFlow: after the flags
+
     try:
         scores = infer(args.model, args.images, args.out, args.batch_size)
     except (ExportError, DataError, InputError) as error:
