@@ -11,6 +11,7 @@ def augmenter(mirror="horizontal", rotation_degrees=10.0, seed=0):
 
     Works inside a tf.data ``map`` on float images (B, H, W, C); rotation fills the
     corners by reflection so no black wedges appear that normal data never shows.
+    The layers are pinned to float32 so a changed global ``floatx`` cannot leak in.
     """
     if mirror not in MIRRORS:
         raise ValueError(f"unknown mirror {mirror!r}; choose one of {MIRRORS}")
@@ -18,10 +19,10 @@ def augmenter(mirror="horizontal", rotation_degrees=10.0, seed=0):
         raise ValueError(f"rotation_degrees must be >= 0, got {rotation_degrees}")
     steps = []
     if mirror != "none":
-        steps.append(keras.layers.RandomFlip(mirror, seed=seed))
+        steps.append(keras.layers.RandomFlip(mirror, seed=seed, dtype="float32"))
     if rotation_degrees:
         steps.append(keras.layers.RandomRotation(rotation_degrees / 360.0, fill_mode="reflect",
-                                                 seed=seed + 1))
+                                                 seed=seed + 1, dtype="float32"))
     return keras.Sequential(steps, name="augment")
 
 
@@ -41,6 +42,6 @@ def train_dataset(images, batch_size, augment=None, seed=0, shuffle=True):
     dataset = dataset.batch(batch_size, drop_remainder=drop).map(lambda x: tf.cast(x, tf.float32) / 255.0,
                                             num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
-        dataset = dataset.map(lambda x: augment(x, training=True),
+        dataset = dataset.map(lambda x: tf.cast(augment(x, training=True), tf.float32),
                               num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
