@@ -79,7 +79,7 @@ class Manifest:
         self.data["stages"][stage] = record
         partial = self.path + ".partial"
         with open(partial, "w", encoding="utf-8") as handle:
-            json.dump(self.data, handle, indent=2, sort_keys=True)
+            json.dump(self.data, handle, indent=2)   # stages stay in the order they ran
         os.replace(partial, self.path)
 
 

@@ -13,6 +13,7 @@ version.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from trainers.common import write_json
 STAGES = ("train", "evaluate", "validate", "export", "push")
 METHOD = "anomaly_attention"
 GATED_METRICS = ("pixel_auroc", "image_auroc", "aupro")
+LINEAGE = "lineage.json"
 
 
 def build_parser():
@@ -76,11 +78,11 @@ class Pipeline:
         return os.path.join(self.root, *parts)
 
     def stage(self, name, config, inputs, action):
+        # --from-stage forces that stage and every later one; otherwise a stage reruns
+        # only when its config or the content of its inputs changed (cache key)
         self.forced = self.forced or self.args.from_stage == name
         record = lineage.run_stage(self.manifest, name, config, inputs, self.data, action,
                                    force=self.forced)
-        # a stage that really ran makes every later stage run too
-        self.forced = self.forced or not record["cached"]
         verdict = "cached" if record["cached"] else record["status"]
         print(f"[{name}] {verdict}", file=sys.stderr)
         return record
@@ -156,15 +158,17 @@ class Pipeline:
             {"metrics": metrics["methods"][METHOD], "thresholds": thresholds.as_dict()}
 
     # --- validate ---------------------------------------------------------------------
-    def validate(self, evaluated):
+    def validate(self, trained, evaluated):
         floors = {m: getattr(self.args, f"min_{m}") for m in GATED_METRICS}
-        config = {"floors": floors, "tolerance": self.args.tolerance,
-                  "served": self._served_metrics_path()}
+        candidate = candidate_id(trained["outputs"]["model"], evaluated["outputs"]["thresholds"])
+        baseline = served_baseline(self.args.serving_dir, self.model_name, candidate)
+        config = {"floors": floors, "tolerance": self.args.tolerance, "candidate": candidate,
+                  "served": baseline}
         inputs = dict(evaluated["outputs"])
-        if config["served"]:
-            inputs["served_metrics"] = config["served"]
+        if baseline:
+            inputs["served_metrics"] = baseline
         return self.stage("validate", config, inputs,
-                          lambda: self._validate(evaluated["outputs"], floors, config["served"]))
+                          lambda: self._validate(evaluated["outputs"], floors, baseline))
 
     def _validate(self, evaluated, floors, served_path):
         with open(evaluated["metrics"], encoding="utf-8") as handle:
@@ -175,26 +179,13 @@ class Pipeline:
                 served = json.load(handle)["methods"][METHOD]
         reasons = blessing_reasons(candidate, floors, served, self.args.tolerance)
         blessing = {"blessed": not reasons, "reasons": reasons, "candidate": candidate,
-                    "served": served, "floors": floors, "tolerance": self.args.tolerance}
+                    "served": served, "served_metrics": served_path, "floors": floors,
+                    "tolerance": self.args.tolerance}
         path = self.path("blessing.json")
         write_json(path, blessing)
         if reasons:
             print("not blessed: " + "; ".join(reasons), file=sys.stderr)
         return ("blessed" if not reasons else "not blessed"), {"blessing": path}, blessing
-
-    def _served_versions(self):
-        folder = os.path.join(self.args.serving_dir, self.model_name)
-        if not os.path.isdir(folder):
-            return []
-        return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
-
-    def _served_metrics_path(self):
-        versions = self._served_versions()
-        if not versions:
-            return None
-        path = os.path.join(self.args.serving_dir, self.model_name, str(versions[-1]),
-                            "assets", "metrics.json")
-        return path if os.path.exists(path) else None
 
     # --- export -----------------------------------------------------------------------
     def export(self, trained, evaluated):
@@ -220,6 +211,9 @@ class Pipeline:
         os.makedirs(assets, exist_ok=True)
         shutil.copy(inputs["metrics"], os.path.join(assets, "metrics.json"))
         shutil.copy(inputs["thresholds"], os.path.join(assets, "thresholds.json"))
+        write_json(os.path.join(assets, LINEAGE),
+                   {"candidate": candidate_id(inputs["model"], inputs["thresholds"]),
+                    "pipeline": self.root, "manifest": self.manifest.path})
         return "done", {"saved_model": version_dir, "onnx": onnx_path}, {}
 
     # --- push -------------------------------------------------------------------------
@@ -232,19 +226,57 @@ class Pipeline:
     def _push(self, validated, exported):
         if validated["status"] != "blessed":
             return "skipped (not blessed)", {}, {"reasons": validated["details"]["reasons"]}
-        target = push_version(exported["outputs"]["saved_model"], self.args.serving_dir,
-                              self.model_name)
+        source = exported["outputs"]["saved_model"]
+        newest = served_versions(self.args.serving_dir, self.model_name)[-1:]
+        if newest and read_candidate(newest[0]) == read_candidate(source):
+            print(f"{newest[0]} already serves this model; nothing pushed", file=sys.stderr)
+            return "already served", {}, {"version_dir": newest[0]}
+        target = push_version(source, self.args.serving_dir, self.model_name)
         print(f"pushed {target}", file=sys.stderr)
         return "pushed", {}, {"version_dir": target}
 
     def run(self):
         trained = self.train()
         evaluated = self.evaluate(trained)
-        validated = self.validate(evaluated)
+        validated = self.validate(trained, evaluated)
         exported = self.export(trained, evaluated)
         pushed = self.push(validated, exported)
         return {"train": trained, "evaluate": evaluated, "validate": validated,
                 "export": exported, "push": pushed}
+
+
+def candidate_id(model_dir, thresholds_path):
+    """What identifies a candidate: the trained weights plus the thresholds baked in."""
+    digest = lineage.hash_path(model_dir) + lineage.hash_path(thresholds_path)
+    return hashlib.sha256(digest.encode()).hexdigest()[:16]
+
+
+def served_versions(serving_dir, model_name):
+    """Version folders under ``<serving_dir>/<model_name>/``, oldest first."""
+    folder = os.path.join(serving_dir, model_name)
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, str(v))
+            for v in sorted(int(n) for n in os.listdir(folder) if n.isdigit())]
+
+
+def read_candidate(version_dir):
+    """The candidate id a pipeline wrote into a SavedModel's assets (None: not ours)."""
+    path = os.path.join(version_dir, "assets", LINEAGE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("candidate")
+
+
+def served_baseline(serving_dir, model_name, candidate):
+    """metrics.json of the model to beat: the newest served version that is not this
+    candidate (so re-running after a push compares against the same model as before)."""
+    for version_dir in reversed(served_versions(serving_dir, model_name)):
+        if read_candidate(version_dir) != candidate:
+            path = os.path.join(version_dir, "assets", "metrics.json")
+            return path if os.path.exists(path) else None
+    return None
 
 
 def calibrate_run(model_dir, train_config, held_out, args):

@@ -1,0 +1,177 @@
+"""The train -> evaluate -> validate -> export -> push pipeline on a generated category."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from export import lineage, pipeline
+
+TRAINER = ["--", "--image-size", "32", "--backbone", "small", "--epochs", "1",
+           "--steps-per-epoch", "2", "--batch-size", "8", "--latent-dim", "4", "--quiet",
+           "--no-augment"]
+
+
+@pytest.fixture(scope="module")
+def category_root(tmp_path_factory):
+    from keras_vae_attn.data.synthetic import write_mvtec_category
+
+    root = tmp_path_factory.mktemp("mvtec")
+    write_mvtec_category(str(root), "demo", size=32, n_train=20, n_test_good=4)
+    return root
+
+
+def run(category_root, work, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "export.pipeline", "--category", "demo",
+         "--data-dir", str(category_root), "--serving-dir", str(work / "serving"),
+         "--pipeline-dir", str(work / "pipe"), *extra, *TRAINER],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def stage_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("[")]
+
+
+@pytest.fixture(scope="module")
+def first_run(category_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    result = run(category_root, work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def test_full_run_writes_every_artifact_and_the_manifest(first_run):
+    work, result = first_run
+    pipe = work / "pipe"
+    manifest = json.loads((pipe / "manifest.json").read_text())["stages"]
+    assert list(manifest) == list(pipeline.STAGES)
+    for name, record in manifest.items():
+        for field in ("inputs", "outputs", "config", "versions", "data_fingerprint",
+                      "started", "ended", "status"):
+            assert field in record, (name, field)
+    assert manifest["push"]["status"] == "pushed"
+    for path in ("train/model/model.json", "evaluate/metrics.json", "evaluate/thresholds.json",
+                 "blessing.json", "export/model.onnx", "holdout.json"):
+        assert (pipe / path).exists(), path
+    served = work / "serving" / "vae_demo" / "1"
+    assert (served / "saved_model.pb").exists() and (served / "assets" / "metrics.json").exists()
+    held = json.loads((pipe / "holdout.json").read_text())
+    trained_on = os.listdir(pipe / "data" / "demo" / "train" / "good")
+    assert held and not set(map(os.path.basename, held)) & set(trained_on)
+
+
+def test_second_run_reuses_every_stage(category_root, first_run):
+    work, _ = first_run
+    again = run(category_root, work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stage_lines(again) == [f"[{s}] cached" for s in pipeline.STAGES]
+    assert sorted(os.listdir(work / "serving" / "vae_demo")) == ["1"]
+
+
+def test_from_stage_forces_that_stage_and_later_ones(category_root, first_run):
+    work, _ = first_run
+    forced = run(category_root, work, "--from-stage", "validate")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert stage_lines(forced) == ["[train] cached", "[evaluate] cached", "[validate] blessed",
+                                   "[export] done", "[push] already served"]
+    # the same model is never pushed twice
+    assert sorted(os.listdir(work / "serving" / "vae_demo")) == ["1"]
+
+
+def test_candidate_worse_than_served_is_not_pushed(category_root, first_run):
+    work, _ = first_run
+    served = work / "serving" / "vae_demo"
+    # another team's model, better than ours, is now the newest served version
+    other = served / "2"
+    shutil.copytree(served / "1", other)
+    (other / "assets" / "lineage.json").write_text(json.dumps({"candidate": "someone-else"}))
+    metrics = json.loads((other / "assets" / "metrics.json").read_text())
+    metrics["methods"]["anomaly_attention"]["pixel_auroc"] = 0.9999
+    (other / "assets" / "metrics.json").write_text(json.dumps(metrics))
+    before = {p.name: lineage.hash_path(str(p)) for p in served.iterdir()}
+    result = run(category_root, work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = stage_lines(result)
+    assert lines[:2] == ["[train] cached", "[evaluate] cached"]
+    assert "[validate] not blessed" in lines and "[push] skipped (not blessed)" in lines
+    assert "worse than the served model" in result.stderr
+    assert {p.name: lineage.hash_path(str(p)) for p in served.iterdir()} == before
+
+
+def test_floors_block_a_push(category_root, first_run):
+    work, _ = first_run
+    result = run(category_root, work, "--min-pixel-auroc", "1.01")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stage_lines(result)[:2] == ["[train] cached", "[evaluate] cached"]
+    assert "[export] cached" in stage_lines(result)
+    assert "pixel_auroc" in result.stderr and "below the required 1.01" in result.stderr
+    blessing = json.loads((work / "pipe" / "blessing.json").read_text())
+    assert blessing["blessed"] is False
+
+
+def test_exported_decisions_match_python_thresholds(first_run):
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from keras_vae_attn import calibration, scoring
+    from keras_vae_attn.models import load_vae
+
+    work, _ = first_run
+    pipe = work / "pipe"
+    thresholds = calibration.Thresholds(**json.loads(
+        (pipe / "evaluate" / "thresholds.json").read_text()))
+    images = np.random.default_rng(0).random((5, 32, 32, 3)).astype("float32")
+    model = load_vae(str(pipe / "train" / "model"))
+    config = json.loads((pipe / "train" / "config.json").read_text())
+    raw = scoring.explain_anomaly(model, images, config["layer"])
+    expected = calibration.decide(raw["heatmap"], raw["score"], thresholds)
+    loaded = tf.saved_model.load(str(work / "serving" / "vae_demo" / "1"))
+    served = loaded.signatures["serving_default"](images=tf.constant(images))
+    session = ort.InferenceSession(str(pipe / "export" / "model.onnx"))
+    onnx_out = dict(zip([o.name for o in session.get_outputs()],
+                        session.run(None, {session.get_inputs()[0].name: images})))
+    for outputs in (served, onnx_out):
+        np.testing.assert_array_equal(np.asarray(outputs["pred_label"]),
+                                      expected["pred_label"].numpy())
+        heat = np.asarray(outputs["heatmap"])
+        np.testing.assert_array_equal(np.asarray(outputs["pred_mask"]), heat > thresholds.pixel)
+        np.testing.assert_allclose(np.asarray(outputs["heatmap_normalized"]),
+                                   np.clip(0.5 * heat / thresholds.pixel, 0, 1), atol=1e-6)
+
+
+READER = r"""
+import os, sys, time
+base, seconds = sys.argv[1], float(sys.argv[2])
+seen, partial = set(), []
+end = time.time() + seconds
+while time.time() < end:
+    for name in os.listdir(base):
+        if name.isdigit():
+            files = set(os.listdir(os.path.join(base, name)))
+            if not {"saved_model.pb", "variables", "assets"} <= files:
+                partial.append((name, sorted(files)))
+            seen.add(name)
+print(len(seen), len(partial))
+"""
+
+
+def test_push_never_exposes_a_partial_version(first_run, tmp_path):
+    work, _ = first_run
+    source = work / "pipe" / "export" / "saved_model" / "vae_demo" / "1"
+    base = tmp_path / "serving" / "model"
+    base.mkdir(parents=True)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(base), "6"],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    for _ in range(8):
+        pipeline.push_version(str(source), str(tmp_path / "serving"), "model")
+    out, _ = reader.communicate(timeout=60)
+    seen, partial = map(int, out.split())
+    assert seen == 8 and partial == 0
+    assert sorted(int(n) for n in os.listdir(base)) == list(range(1, 9))
