@@ -123,10 +123,15 @@ def resnet18_encoder(input_shape, latent_dim, widths=(64, 128, 256, 512), name="
 
 def resnet_decoder(output_shape, latent_dim, widths=(256, 128, 64, 32, 32), start=8,
                    name="decoder"):
-    """Upsampling decoder for 256x256-class inputs: dense to start x start, then x2 stages."""
+    """Upsampling decoder for 256x256-class inputs: dense to start x start, then x2 stages.
+
+    ``widths`` are the stages of a 256-pixel output; smaller outputs need fewer stages and
+    keep the *last* ones, so the channels at a given output resolution stay the same and a
+    64-pixel decoder costs a fraction of the encoder instead of 4x it.
+    """
     height, width, channels = output_shape
     steps = max(1, round(math.log2(height / start)))
-    widths = (list(widths) + [widths[-1]] * steps)[:steps]
+    widths = ([widths[0]] * steps + list(widths))[-steps:]
     start_h, start_w = math.ceil(height / 2 ** steps), math.ceil(width / 2 ** steps)
     inputs = keras.Input(shape=(latent_dim,), name="z")
     x = layers.Dense(start_h * start_w * widths[0], name="fc")(inputs)

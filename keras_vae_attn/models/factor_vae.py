@@ -36,14 +36,6 @@ def build_discriminator(latent_dim, units=1000, depth=6, name="discriminator"):
     return keras.Model(inputs, logits, name=name)
 
 
-def replica_seed(seed):
-    """Fold the replica id into a stateless seed so replicas draw different numbers."""
-    context = tf.distribute.get_replica_context()
-    if context is not None:
-        seed = seed + tf.cast(tf.stack([0, context.replica_id_in_sync_group]), seed.dtype)
-    return seed
-
-
 def permute_dims(z, seed):
     """Shuffle each latent dimension independently across the batch, (B, D) -> (B, D).
 
@@ -149,7 +141,7 @@ class FactorVAE(VAE):
         """(B, 2) latent dims whose maps L_AD pushes apart (see the module docstring)."""
         if self.ad_pairs == "top":
             return top_pair(tf.stop_gradient(maps))
-        seed = replica_seed(self.seed_generator.next())
+        seed = self.next_seed()
         return random_pair(tf.shape(maps)[0], self.latent_dim, seed)
 
     # --- training ----------------------------------------------------------------------
@@ -174,7 +166,7 @@ class FactorVAE(VAE):
     def discriminator_loss(self, z, training=True):
         """Per-example cross-entropy of telling z (class 0) from permuted z (class 1)."""
         z = tf.stop_gradient(z)
-        shuffled = permute_dims(z, replica_seed(self.seed_generator.next()))
+        shuffled = permute_dims(z, self.next_seed())
         real = tf.cast(self.discriminator(z, training=training), tf.float32)
         fake = tf.cast(self.discriminator(shuffled, training=training), tf.float32)
         zeros = tf.zeros(tf.shape(real)[:1], tf.int32)

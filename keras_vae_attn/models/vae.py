@@ -64,13 +64,18 @@ class VAE(keras.Model):
         """
         return mu + tf.exp(0.5 * logvar) * self.normal_noise(tf.shape(mu), mu.dtype)
 
-    def normal_noise(self, shape, dtype=tf.float32):
-        """Seeded N(0, 1) noise, distinct per replica (see :meth:`sample_latent`)."""
+    def next_seed(self):
+        """The next stateless seed, with the replica id folded in so that replicas under a
+        tf.distribute strategy draw different numbers from the same generator state."""
         seed = self.seed_generator.next()
         context = tf.distribute.get_replica_context()
         if context is not None:
             seed = seed + tf.cast(tf.stack([0, context.replica_id_in_sync_group]), seed.dtype)
-        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
+        return seed
+
+    def normal_noise(self, shape, dtype=tf.float32):
+        """Seeded N(0, 1) noise, distinct per replica (see :meth:`sample_latent`)."""
+        return tf.random.stateless_normal(shape, seed=self.next_seed(), dtype=dtype)
 
     def decode(self, z, training=False):
         """Reconstruction in [0, 1]."""
