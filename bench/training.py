@@ -1,4 +1,5 @@
-"""Training-step cost: the VAE step with and without XLA, and AD-FactorVAE vs FactorVAE.
+"""Training-step cost: the VAE step with and without XLA, AD-FactorVAE vs FactorVAE, and
+the ResNet decoder's stage widths below 256 px (first stages, as before, vs last stages).
 
     python -m bench.training            # full table
     python -m bench.training --quick    # tiny sizes (used by the test suite)
@@ -42,6 +43,30 @@ def vae_rows(cases, repeats, budget):
     return rows
 
 
+def decoder_rows(cases, repeats, budget):
+    """ResNet18 VAE below 256 px: decoder built from the first stages of the 256-px widths
+    (the old default) vs from the last stages (the current one)."""
+    from keras_vae_attn.backbones import resnet18_encoder, resnet_decoder
+    from keras_vae_attn.models.vae import VAE
+
+    full = (256, 128, 64, 32, 32)
+    rows = []
+    for size, batch in cases:
+        shape = (size, size, 3)
+        steps = max(1, round(np.log2(size / 8)))         # as resnet_decoder counts them
+        images = np.random.default_rng(0).random((batch, *shape)).astype("f4")
+        for label, widths in (("first stages (before)", full[:steps]), ("last stages", full)):
+            keras.utils.set_random_seed(0)
+            model = VAE(resnet18_encoder(shape, 32), resnet_decoder(shape, 32, widths=widths))
+            model.compile(optimizer=keras.optimizers.Adam(1e-4))
+            seconds = step_seconds(model, images, repeats, budget)
+            rows.append({"model": f"VAE resnet18, decoder {label}", "image": f"{size}x{size}x3",
+                         "batch": batch, "XLA": False, "step s": seconds,
+                         "images/s": batch / seconds})
+        rows[-1]["vs before"] = rows[-1]["step s"] / rows[-2]["step s"]
+    return rows
+
+
 def factor_rows(size, batch, repeats, budget):
     try:
         from keras_vae_attn.models import factor_vae
@@ -69,15 +94,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         cases, factor_size, factor_batch = [("small", 28, 1, 8)], 64, 4
+        decoder_cases = [(32, 2)]
         args.repeats, args.budget = 2, 5.0
     else:
         cases = [("small", 64, 1, 64), ("resnet18", 128, 3, 16), ("resnet18", 256, 3, 16)]
         factor_size, factor_batch = 64, 64
+        decoder_cases = [(64, 16), (128, 16)]
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPU cores\n")
     rows = vae_rows(cases, args.repeats, args.budget)
     rows += factor_rows(factor_size, factor_batch, args.repeats, args.budget)
-    print_table(rows, ["model", "image", "batch", "XLA", "step s", "images/s", "vs FactorVAE"])
+    rows += decoder_rows(decoder_cases, args.repeats, args.budget)
+    print_table(rows, ["model", "image", "batch", "XLA", "step s", "images/s", "vs FactorVAE",
+                       "vs before"])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def test_training_benchmark_times_the_step_with_and_without_xla():
     out = run_bench("training")
     rows = [line for line in out.splitlines() if line.startswith("| VAE small")]
     assert len(rows) == 2 and "True" in rows[1]
+    decoders = [line for line in out.splitlines() if "decoder" in line]
+    assert len(decoders) == 2 and "before" in decoders[0]
 
 
 def test_input_pipeline_benchmark_reports_the_stream_to_step_ratio():

@@ -54,6 +54,18 @@ def test_nan_loss_stops_training_and_names_the_batch(tmp_path):
         common.check_diverged(guard)
 
 
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
+    callbacks, _ = common.standard_callbacks(str(tmp_path), keep_checkpoints=2)
+    model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=5,
+              callbacks=callbacks, verbose=0)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["epoch-004.weights.h5", "epoch-005.weights.h5"]
+    model.load_weights(str(tmp_path / "checkpoints" / kept[-1]))      # still loadable
+
+
 @pytest.mark.parametrize("config, index", [
     ({}, 0),
     ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, 0),

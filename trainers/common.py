@@ -13,6 +13,7 @@ import numpy as np
 
 RUN_COMPLETE = "metrics.json"
 BACKUP_DIR = "backup"
+KEEP_CHECKPOINTS = 3       # newest per-epoch weight files kept in <run>/checkpoints
 
 
 def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
@@ -224,22 +225,40 @@ def training_log(path):
     return TrainingLog()
 
 
-def standard_callbacks(run_dir, log_images=None):
+def prune_checkpoints(folder, keep):
+    """A callback that, after each epoch, deletes all but the newest ``keep`` files in
+    ``folder`` (a 256-px ResNet18 checkpoint is ~130 MB; one per epoch fills a disk)."""
+    import keras
+
+    class PruneCheckpoints(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if not os.path.isdir(folder):
+                return
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".weights.h5"))
+            for name in names[:-keep] if keep > 0 else []:
+                os.remove(os.path.join(folder, name))
+
+    return PruneCheckpoints()
+
+
+def standard_callbacks(run_dir, log_images=None, keep_checkpoints=KEEP_CHECKPOINTS):
     """Resume-from-backup, training log, checkpoint, TensorBoard and NaN guard callbacks.
 
     The backup keeps two generations, so a kill while it is being written still leaves
-    one that loads. Its restore runs first; the training log sees restored weights.
+    one that loads. Its restore runs first; the training log sees restored weights. Only
+    the newest ``keep_checkpoints`` per-epoch checkpoints are kept.
     """
     import keras
 
     guard = nan_guard()
+    checkpoints = os.path.join(run_dir, "checkpoints")
     callbacks = [
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR),
                                          double_checkpoint=True),
         training_log(os.path.join(run_dir, "training_log.jsonl")),
-        keras.callbacks.ModelCheckpoint(os.path.join(run_dir, "checkpoints",
-                                                     "epoch-{epoch:03d}.weights.h5"),
+        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "epoch-{epoch:03d}.weights.h5"),
                                         save_weights_only=True),
+        prune_checkpoints(checkpoints, keep_checkpoints),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
         guard,
     ]
