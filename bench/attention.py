@@ -10,7 +10,8 @@ Table 1 times all D per-latent maps three ways at each (network, layer, D):
   loop      a persistent tape and D separate tape.gradient calls (what users write)
   jacobian  tape.batch_jacobian (TensorFlow's vectorized Jacobian)
 Table 2 compares attention at the last conv layer with a plain encoder forward pass at
-the same batch (the cost floor), eager, in tf.function and with XLA.
+the same batch (the cost floor), eager, in tf.function and with XLA. Table 3 times the
+anomaly heatmap per-latent (D backward passes) and from the total energy (one pass).
 """
 from __future__ import annotations
 
@@ -108,6 +109,33 @@ def floor_table(cases, repeats, budget):
     return rows
 
 
+def anomaly_table(cases, repeats, budget):
+    """The anomaly heatmap (Eq. 5) per-latent ("energy", D backward passes) vs from the
+    total energy ("total-energy", one pass), against the encoder forward pass."""
+    from keras_vae_attn.attention import TOTAL_ENERGY, NormalStats
+
+    rows = []
+    for kind, size, batch, layer, latent in cases:
+        encoder = encoder_for(kind, size, latent)
+        explainer = VAEAttention(encoder, layer=layer)
+        channels = encoder.inputs[0].shape[-1]
+        images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
+                             tf.float32)
+        stats = NormalStats(tf.zeros(latent), tf.ones(latent))
+        forward = tf.function(lambda x: encoder(x, training=False)[0])
+        timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
+                 for name, f in (
+                     ("forward", forward),
+                     ("energy", lambda x: explainer.anomaly_attention(x, stats, "energy")),
+                     ("total", lambda x: explainer.anomaly_attention(x, stats, TOTAL_ENERGY)))}
+        rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name, "D": latent,
+                     "batch": batch, "forward s": timed["forward"],
+                     "per-latent s": timed["energy"], "total-energy s": timed["total"],
+                     "per-latent/total": timed["energy"] / timed["total"],
+                     "total/forward": timed["total"] / timed["forward"]})
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,12 +149,15 @@ def main(argv=None):
     if args.quick:
         naive = [("small", 32, 2, "last", 4), ("resnet18", 32, 2, "layer2", 4)]
         floor = [("resnet18", 32, 2, 4)]
+        anomaly = [("resnet18", 32, 2, "layer2", 4)]
         args.repeats, args.budget = 2, 5.0
     else:
         dims = [int(d) for d in args.latent_dims.split(",")]
         naive = [("small", 64, 16, layer, d) for layer in ("last", "conv1") for d in dims]
         naive += [("resnet18", 256, 4, layer, d) for layer in ("last", "layer2") for d in dims]
         floor = [("resnet18", 256, 16, 32), ("small", 64, 16, 32)]
+        anomaly = [("small", 64, 16, layer, 32) for layer in ("last", "conv1")]
+        anomaly += [("resnet18", 256, 4, layer, 32) for layer in ("last", "layer2")]
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPU cores\n")
     print("All D per-latent maps: batched pass vs loop vs batch_jacobian (median seconds)")
@@ -137,6 +168,10 @@ def main(argv=None):
     print_table(floor_table(floor, args.repeats, args.budget),
                 ["net", "layer", "D", "batch", "mode", "forward s", "attention s",
                  "attention/forward"])
+    print("\nAnomaly heatmap: per-latent energy (D passes) vs total energy (one pass)")
+    print_table(anomaly_table(anomaly, args.repeats, args.budget),
+                ["net", "layer", "D", "batch", "forward s", "per-latent s", "total-energy s",
+                 "per-latent/total", "total/forward"])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-ANOMALY_SCORES = ("energy", "latent")
+TOTAL_ENERGY = "total-energy"
+ANOMALY_SCORES = ("energy", "latent", TOTAL_ENERGY)
 METHODS = ("auto", "stack", "jacobian")
 
 
@@ -40,6 +41,15 @@ class Explanation(NamedTuple):
     features: tf.Tensor      # (B, h, w, K) the feature map A
     weights: tf.Tensor       # (B, D, K) pooled gradients w_i
     latent_maps: tf.Tensor   # (B, D, h, w) the M_i at feature resolution
+
+
+class EnergyAttention(NamedTuple):
+    """What :meth:`VAEAttention.energy_attention` yields (float32)."""
+
+    heatmap: tf.Tensor       # (B, h, w) at feature resolution
+    mu: tf.Tensor            # (B, D)
+    logvar: tf.Tensor        # (B, D)
+    energy: tf.Tensor        # (B,) sum_i u_i^2 / (2 var_i)
 
 
 def difference_distribution(normal_mean, normal_std, mu, sigma):
@@ -135,7 +145,7 @@ class VAEAttention:
         self.encoder = encoder
         self.gradient_relu = gradient_relu
         self.jit_compile = jit_compile
-        self._compiled = None
+        self._compiled = self._compiled_energy = None
         self.functional = getattr(encoder, "inputs", None) is not None
         candidates = feature_layer_names(encoder)
         if layer == "last":
@@ -229,17 +239,14 @@ class VAEAttention:
         logvar = None if self.logvar_index is None else outputs[self.logvar_index][:batch]
         return features, weights, latent[:batch], logvar
 
-    def _explain_head_jacobian(self, images):
-        features = self.front(images, training=False)
-        with tf.GradientTape() as tape:
+    def _forward(self, images, tape):
+        """The feature map A (watched by ``tape``) and the encoder outputs, running the
+        encoder once: through front and head when split, else with a call hook on the
+        layer that records its output."""
+        if self.head is not None:
+            features = self.front(images, training=False)
             tape.watch(features)
-            outputs = _as_list(self.head(features, training=False))
-            latent = tf.cast(outputs[self.latent_index], tf.float32)
-        weights = self._pool(tape.batch_jacobian(latent, features), axes=(2, 3))
-        logvar = None if self.logvar_index is None else outputs[self.logvar_index]
-        return features, weights, latent, logvar
-
-    def _explain_hooked(self, images):
+            return features, _as_list(self.head(features, training=False))
         captured = {}
         layer = self._target_layer
         original_call = layer.call
@@ -250,12 +257,15 @@ class VAEAttention:
 
         layer.call = recording_call
         try:
-            with tf.GradientTape() as tape:
-                outputs = _as_list(self.encoder(images, training=False))
-                latent = tf.cast(outputs[self.latent_index], tf.float32)
+            outputs = _as_list(self.encoder(images, training=False))
         finally:
             layer.call = original_call
-        features = captured["features"]
+        return captured["features"], outputs
+
+    def _explain_jacobian(self, images):
+        with tf.GradientTape() as tape:
+            features, outputs = self._forward(images, tape)
+            latent = tf.cast(outputs[self.latent_index], tf.float32)
         weights = self._pool(tape.batch_jacobian(latent, features), axes=(2, 3))
         logvar = None if self.logvar_index is None else outputs[self.logvar_index]
         return features, weights, latent, logvar
@@ -277,8 +287,8 @@ class VAEAttention:
         return self._explain_graph(images)
 
     def _explain_graph(self, images):
-        run = {"stack": self._explain_split, "jacobian": self._explain_head_jacobian,
-               "hooked": self._explain_hooked}[self.method]
+        run = {"stack": self._explain_split, "jacobian": self._explain_jacobian,
+               "hooked": self._explain_jacobian}[self.method]
         features, weights, mu, logvar = run(images)
         features = tf.cast(features, tf.float32)
         maps = combine(weights, features)
@@ -298,11 +308,57 @@ class VAEAttention:
 
     def anomaly_attention(self, images, normal_stats, score="energy", sample=False,
                           seed=None):
-        """Anomaly attention of Eq. 5, upsampled to the input size, (B, H, W)."""
+        """Anomaly attention of Eq. 5, upsampled to the input size, (B, H, W).
+
+        ``score="total-energy"`` takes one backward pass (:meth:`energy_attention`); the
+        per-latent scores take the D passes of :meth:`explain`.
+        """
         images = tf.convert_to_tensor(images)
-        explanation = self.explain(images)
-        maps = anomaly_maps(explanation, normal_stats, score, sample, seed)
-        return upsample(tf.reduce_mean(maps, axis=1), tf.shape(images)[1:3])
+        if score == TOTAL_ENERGY:
+            if sample:
+                raise ValueError("sample=True needs a per-latent score ('energy' or 'latent')")
+            maps = self.energy_attention(images, normal_stats).heatmap
+        else:
+            maps = tf.reduce_mean(anomaly_maps(self.explain(images), normal_stats, score,
+                                               sample, seed), axis=1)
+        return upsample(maps, tf.shape(images)[1:3])
+
+    def energy_attention(self, images, normal_stats):
+        """Grad-CAM of the total Gaussian energy of Eq. 5, from ONE backward pass.
+
+        E = sum_i u_i^2 / (2 var_i) with the difference distribution of
+        :func:`difference_distribution` (var held constant), w = pooled dE/dA and the
+        map ReLU(sum_k w[k] A_k) / D. That equals ReLU of the *sum* of the per-latent
+        "energy" maps before their ReLU, so it needs no per-latent gradients: its cost is
+        one forward and one backward pass at any layer, where the per-latent forms cost
+        D backward passes through the part of the encoder after the layer.
+        Returns ``EnergyAttention`` with the map at feature resolution (B, h, w).
+        """
+        images = tf.convert_to_tensor(images)
+        self.check_images(images)
+        if self.logvar_index is None:
+            raise ValueError("anomaly attention needs the encoder's log-variance output")
+        stats = (tf.cast(normal_stats.mean, tf.float32), tf.cast(normal_stats.std, tf.float32))
+        if tf.executing_eagerly():
+            if self._compiled_energy is None:
+                self._compiled_energy = tf.function(self._energy_graph, reduce_retracing=True,
+                                                    jit_compile=self.jit_compile)
+            return self._compiled_energy(images, *stats)
+        return self._energy_graph(images, *stats)
+
+    def _energy_graph(self, images, normal_mean, normal_std):
+        with tf.GradientTape() as tape:
+            features, outputs = self._forward(images, tape)
+            mu = tf.cast(outputs[self.latent_index], tf.float32)
+            logvar = tf.cast(outputs[self.logvar_index], tf.float32)
+            mean, variance = difference_distribution(normal_mean, normal_std, mu,
+                                                     tf.exp(0.5 * logvar))
+            energy = 0.5 * tf.reduce_sum(tf.square(mean) / tf.stop_gradient(variance), -1)
+        weights = self._pool(tape.gradient(energy, features))            # (B, K)
+        features = tf.cast(features, tf.float32)
+        heatmap = tf.nn.relu(tf.einsum("bk,bhwk->bhw", weights, features))
+        return EnergyAttention(heatmap / tf.cast(tf.shape(mu)[-1], tf.float32), mu, logvar,
+                               energy)
 
     def fit_normal_stats(self, dataset):
         """Latent statistics of normal data; see :func:`fit_normal_stats`."""
@@ -326,6 +382,10 @@ def anomaly_weights(explanation, normal_stats, score="energy", sample=False, see
     """
     if score not in ANOMALY_SCORES:
         raise ValueError(f"unknown anomaly score {score!r}; choose one of {ANOMALY_SCORES}")
+    if score == TOTAL_ENERGY:
+        summed = tf.reduce_sum(anomaly_weights(explanation, normal_stats, "energy"), axis=1,
+                               keepdims=True)
+        return summed / tf.cast(tf.shape(explanation.weights)[1], tf.float32)
     if explanation.logvar is None:
         raise ValueError("anomaly attention needs the encoder's log-variance output")
     sigma = tf.exp(0.5 * explanation.logvar)

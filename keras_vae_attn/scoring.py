@@ -27,14 +27,18 @@ def gaussian_blur(maps, sigma):
 
 
 def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=False,
-                    smooth=0.0, method="auto"):
+                    smooth=0.0, method="auto", keys=None):
     """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
 
     ``smooth`` > 0 blurs heatmap and recon_error alike (:func:`gaussian_blur`, sigma in
     pixels), so the two stay comparable. ``method`` batches the backward passes
     (:class:`~keras_vae_attn.attention.VAEAttention`); it does not change the maps.
+    ``score`` is what the anomaly attention back-propagates: "energy" and "latent" are
+    per-latent (D backward passes), "total-energy" the summed energy (one pass).
+    ``keys`` limits the outputs computed: without "per_latent" and "attention", a
+    "total-energy" heatmap skips the D per-latent backward passes entirely.
 
-    Returns a dict of float32 tensors:
+    Returns a dict of float32 tensors (those in ``keys``, or all):
       heatmap (B, H, W)        anomaly attention (Eq. 5) at ``layer``
       per_latent (B, D, h, w)  per-latent attention M_i (Eq. 3-4)
       attention (B, H, W)      overall attention M
@@ -49,33 +53,40 @@ def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=F
     """
     images = tf.convert_to_tensor(images, tf.float32)
     explainer = model.explainer(layer, gradient_relu=gradient_relu, method=method)
-    explanation = explainer.explain(images)
     stats = model.normal_stats()
     size = tf.shape(images)[1:3]
-    heatmap = attn.upsample(tf.reduce_mean(attn.anomaly_maps(explanation, stats, score), 1),
-                            size)
-    heatmap = gaussian_blur(heatmap, smooth)
-    attention = attn.upsample(tf.reduce_mean(explanation.latent_maps, axis=1), size)
-    reconstruction = model.decode(explanation.mu)
+    wanted = set(keys) if keys is not None else None
+    needs_latent_maps = wanted is None or wanted & {"per_latent", "attention"}
+    explanation = explainer.explain(images) if needs_latent_maps or \
+        score != attn.TOTAL_ENERGY else None
+    if score == attn.TOTAL_ENERGY and explanation is None:
+        fast = explainer.energy_attention(images, stats)
+        small, mu, logvar = fast.heatmap, fast.mu, fast.logvar
+    else:
+        small = tf.reduce_mean(attn.anomaly_maps(explanation, stats, score), 1)
+        mu, logvar = explanation.mu, explanation.logvar
+    heatmap = gaussian_blur(attn.upsample(small, size), smooth)
+    reconstruction = model.decode(mu)
     recon_error = gaussian_blur(tf.reduce_mean(tf.abs(images - reconstruction), axis=-1),
                                 smooth)
-    sigma = tf.exp(0.5 * explanation.logvar)
-    mean, variance = attn.difference_distribution(stats.mean, stats.std, explanation.mu, sigma)
-    return {
+    mean, variance = attn.difference_distribution(stats.mean, stats.std, mu,
+                                                  tf.exp(0.5 * logvar))
+    out = {
         "heatmap": heatmap,
-        "per_latent": explanation.latent_maps,
-        "attention": attention,
         "recon_error": recon_error,
         "reconstruction": reconstruction,
-        "mu": explanation.mu,
-        "logvar": explanation.logvar,
+        "mu": mu,
+        "logvar": logvar,
         "score": tf.reduce_max(heatmap, axis=[1, 2]),
         "latent_distance": 0.5 * tf.reduce_sum(tf.square(mean) / variance, axis=-1),
-        "kl": 0.5 * tf.reduce_sum(tf.exp(explanation.logvar) + tf.square(explanation.mu)
-                                  - 1.0 - explanation.logvar, axis=-1),
+        "kl": 0.5 * tf.reduce_sum(tf.exp(logvar) + tf.square(mu) - 1.0 - logvar, axis=-1),
         "recon_score": tf.reduce_mean(recon_error, axis=[1, 2]),
         "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
     }
+    if explanation is not None:
+        out["per_latent"] = explanation.latent_maps
+        out["attention"] = attn.upsample(tf.reduce_mean(explanation.latent_maps, axis=1), size)
+    return {key: value for key, value in out.items() if wanted is None or key in wanted}
 
 
 def batched(model, images, batch_size=64, layer="last", keys=None, progress=None, **kwargs):
@@ -89,7 +100,7 @@ def batched(model, images, batch_size=64, layer="last", keys=None, progress=None
     starts = range(0, len(images), batch_size)
     if progress is not None:
         starts = progress(starts)
-    run = tf.function(lambda x: explain_anomaly(model, x, layer, **kwargs),
+    run = tf.function(lambda x: explain_anomaly(model, x, layer, keys=keys, **kwargs),
                       reduce_retracing=True)
     collected = {}
     for start in starts:

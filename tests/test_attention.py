@@ -113,6 +113,48 @@ def test_anomaly_weights_scale_pooled_gradients_by_standardised_deviation(vae):
         attn.anomaly_weights(explanation, stats, score="bogus")
 
 
+@pytest.mark.parametrize("layer, hooked", [("conv1", False), ("conv2", False),
+                                           ("conv1", True)])
+def test_total_energy_map_from_one_pass_equals_relu_of_summed_energy_maps(vae, layer, hooked):
+    x = images(3)
+    stats = attn.NormalStats(tf.constant(RNG.normal(size=6), tf.float32),
+                             tf.constant(RNG.uniform(0.5, 2.0, 6), tf.float32))
+    explainer = attn.VAEAttention(vae.encoder, layer)
+    if hooked:
+        explainer.head, explainer.method = None, "hooked"  # as for a subclassed encoder
+    explanation = explainer.explain(x)
+    per_latent = tf.einsum("bdk,bhwk->bdhw", attn.anomaly_weights(explanation, stats),
+                           explanation.features).numpy()
+    expected = np.maximum(per_latent.sum(axis=1), 0) / 6
+    fast = explainer.energy_attention(x, stats)
+    assert expected.max() > 0
+    np.testing.assert_allclose(fast.heatmap.numpy(), expected, rtol=1e-4,
+                               atol=1e-6 * expected.max())
+    np.testing.assert_allclose(fast.mu.numpy(), explanation.mu.numpy(), atol=1e-6)
+    # the same map derived from the per-latent weights, and through anomaly_attention
+    derived = attn.anomaly_maps(explanation, stats, attn.TOTAL_ENERGY).numpy()[:, 0]
+    np.testing.assert_allclose(derived, expected, rtol=1e-4, atol=1e-6 * expected.max())
+    upsampled = explainer.anomaly_attention(x, stats, score=attn.TOTAL_ENERGY)
+    assert upsampled.shape == (3, 28, 28)
+    with pytest.raises(ValueError, match="per-latent score"):
+        explainer.anomaly_attention(x, stats, score=attn.TOTAL_ENERGY, sample=True)
+
+
+def test_scoring_with_total_energy_skips_per_latent_outputs_unless_asked(vae):
+    from keras_vae_attn import scoring
+
+    x = images(2)
+    full = scoring.explain_anomaly(vae, x, "conv1", score=attn.TOTAL_ENERGY)
+    lean = scoring.explain_anomaly(vae, x, "conv1", score=attn.TOTAL_ENERGY,
+                                   keys=("heatmap", "recon_error"))
+    assert set(lean) == {"heatmap", "recon_error"} and "per_latent" in full
+    np.testing.assert_allclose(lean["heatmap"].numpy(), full["heatmap"].numpy(),
+                               rtol=1e-4, atol=1e-6)
+    batched = scoring.batched(vae, x, 1, "conv1", keys=("heatmap",), score=attn.TOTAL_ENERGY)
+    np.testing.assert_allclose(batched["heatmap"], full["heatmap"].numpy(), rtol=1e-4,
+                               atol=1e-6)
+
+
 def test_sampled_anomaly_weights_are_seeded(vae):
     explanation = vae.explainer("conv2").explain(images(2))
     stats = vae.normal_stats()

@@ -12,11 +12,11 @@ def run_bench(name):
     return result.stdout
 
 
-def test_attention_benchmark_prints_both_tables():
+def test_attention_benchmark_prints_its_three_tables():
     out = run_bench("attention")
-    assert "loop/batched" in out and "attention/forward" in out
+    assert "loop/batched" in out and "attention/forward" in out and "per-latent/total" in out
     rows = [line for line in out.splitlines() if line.startswith("| resnet18")]
-    assert len(rows) == 4          # one naive-comparison row, three floor rows
+    assert len(rows) == 5          # one naive-comparison row, three floor rows, one anomaly row
 
 
 def test_training_benchmark_times_the_step_with_and_without_xla():

@@ -16,6 +16,22 @@ BACKUP_DIR = "backup"
 KEEP_CHECKPOINTS = 3       # newest per-epoch weight files kept in <run>/checkpoints
 
 
+# keras_vae_attn.attention.ANOMALY_SCORES, named here so --help needs no TensorFlow
+ANOMALY_SCORES = ("energy", "latent", "total-energy")
+
+
+def add_attention_flags(parser):
+    """--score, --gradient-relu and --smooth: how a localization trainer's maps are made."""
+    parser.add_argument("--score", choices=ANOMALY_SCORES, default="energy",
+                        help="what the anomaly attention back-propagates: the energy or the "
+                             "latent per dimension (D backward passes), or the total energy "
+                             "(one pass; see keras_vae_attn/attention.py)")
+    parser.add_argument("--gradient-relu", action="store_true",
+                        help="ReLU on gradients before pooling (the paper's printed Eq. 3)")
+    parser.add_argument("--smooth", type=float, default=0.0,
+                        help="Gaussian blur sigma (pixels) applied to every map before scoring")
+
+
 def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
     """Flags shared by all trainers, with the experiment's defaults."""
     parser = argparse.ArgumentParser(description=description,

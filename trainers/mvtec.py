@@ -46,12 +46,7 @@ def build_parser():
                         choices=("none", "horizontal", "vertical", "horizontal_and_vertical"))
     parser.add_argument("--rotation", type=float, default=10.0,
                         help="random rotation range, +- degrees")
-    parser.add_argument("--score", choices=("energy", "latent"), default="energy",
-                        help="what the anomaly attention back-propagates (see attention.py)")
-    parser.add_argument("--gradient-relu", action="store_true",
-                        help="ReLU on gradients before pooling (the paper's printed Eq. 3)")
-    parser.add_argument("--smooth", type=float, default=0.0,
-                        help="Gaussian blur sigma (pixels) applied to both maps before scoring")
+    common.add_attention_flags(parser)
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave out undecodable image files with a warning instead "
                              "of stopping with an error")

@@ -39,12 +39,7 @@ def build_parser():
     parser.add_argument("--backbone", choices=("small", "resnet18"), default="small")
     parser.add_argument("--beta", type=float, default=1.0,
                         help="weight of the KL term (below 1 keeps more of the latent in use)")
-    parser.add_argument("--score", choices=("energy", "latent"), default="energy",
-                        help="what the anomaly attention back-propagates (see attention.py)")
-    parser.add_argument("--gradient-relu", action="store_true",
-                        help="ReLU on gradients before pooling (the paper's printed Eq. 3)")
-    parser.add_argument("--smooth", type=float, default=0.0,
-                        help="Gaussian blur sigma (pixels) applied to every map before scoring")
+    common.add_attention_flags(parser)
     parser.add_argument("--frame-step", type=int, default=1,
                         help="train on every k-th frame of each clip")
     parser.add_argument("--test-frame-step", type=int, default=1,
