@@ -188,14 +188,15 @@ class Pipeline:
         return ("blessed" if not reasons else "not blessed"), {"blessing": path}, blessing
 
     # --- export -----------------------------------------------------------------------
-    def export(self, trained, evaluated):
+    def export(self, trained, evaluated, validated):
         inputs = {"model": trained["outputs"]["model"],
                   "thresholds": evaluated["outputs"]["thresholds"],
                   "metrics": evaluated["outputs"]["metrics"]}
-        return self.stage("export", {"model_name": self.model_name}, inputs,
-                          lambda: self._export(inputs))
+        candidate = validated["config"]["candidate"]     # the id validate judged
+        return self.stage("export", {"model_name": self.model_name, "candidate": candidate},
+                          inputs, lambda: self._export(inputs, candidate))
 
-    def _export(self, inputs):
+    def _export(self, inputs, candidate):
         out = self.path("export")
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
@@ -212,8 +213,7 @@ class Pipeline:
         shutil.copy(inputs["metrics"], os.path.join(assets, "metrics.json"))
         shutil.copy(inputs["thresholds"], os.path.join(assets, "thresholds.json"))
         write_json(os.path.join(assets, LINEAGE),
-                   {"candidate": candidate_id(inputs["model"], inputs["thresholds"]),
-                    "pipeline": self.root, "manifest": self.manifest.path})
+                   {"candidate": candidate, "pipeline": self.root, "manifest": self.manifest.path})
         return "done", {"saved_model": version_dir, "onnx": onnx_path}, {}
 
     # --- push -------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class Pipeline:
         trained = self.train()
         evaluated = self.evaluate(trained)
         validated = self.validate(trained, evaluated)
-        exported = self.export(trained, evaluated)
+        exported = self.export(trained, evaluated, validated)
         pushed = self.push(validated, exported)
         return {"train": trained, "evaluate": evaluated, "validate": validated,
                 "export": exported, "push": pushed}

@@ -145,7 +145,7 @@ class VAEAttention:
         self.encoder = encoder
         self.gradient_relu = gradient_relu
         self.jit_compile = jit_compile
-        self._compiled = self._compiled_energy = None
+        self._compiled = {}              # graph function -> its compiled tf.function
         self.functional = getattr(encoder, "inputs", None) is not None
         candidates = feature_layer_names(encoder)
         if layer == "last":
@@ -279,12 +279,18 @@ class VAEAttention:
         """
         images = tf.convert_to_tensor(images)
         self.check_images(images)
-        if tf.executing_eagerly():
-            if self._compiled is None:
-                self._compiled = tf.function(self._explain_graph, reduce_retracing=True,
-                                             jit_compile=self.jit_compile)
-            return self._compiled(images)
-        return self._explain_graph(images)
+        return self._run(self._explain_graph, images)
+
+    def _run(self, graph_fn, *args):
+        """``graph_fn(*args)``: compiled once per function when called eagerly, inlined
+        into the caller's graph otherwise."""
+        if not tf.executing_eagerly():
+            return graph_fn(*args)
+        name = graph_fn.__name__
+        if name not in self._compiled:
+            self._compiled[name] = tf.function(graph_fn, reduce_retracing=True,
+                                               jit_compile=self.jit_compile)
+        return self._compiled[name](*args)
 
     def _explain_graph(self, images):
         run = {"stack": self._explain_split, "jacobian": self._explain_jacobian,
@@ -338,13 +344,8 @@ class VAEAttention:
         self.check_images(images)
         if self.logvar_index is None:
             raise ValueError("anomaly attention needs the encoder's log-variance output")
-        stats = (tf.cast(normal_stats.mean, tf.float32), tf.cast(normal_stats.std, tf.float32))
-        if tf.executing_eagerly():
-            if self._compiled_energy is None:
-                self._compiled_energy = tf.function(self._energy_graph, reduce_retracing=True,
-                                                    jit_compile=self.jit_compile)
-            return self._compiled_energy(images, *stats)
-        return self._energy_graph(images, *stats)
+        return self._run(self._energy_graph, images, tf.cast(normal_stats.mean, tf.float32),
+                         tf.cast(normal_stats.std, tf.float32))
 
     def _energy_graph(self, images, normal_mean, normal_std):
         with tf.GradientTape() as tape:

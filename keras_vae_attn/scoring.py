@@ -56,10 +56,10 @@ def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=F
     stats = model.normal_stats()
     size = tf.shape(images)[1:3]
     wanted = set(keys) if keys is not None else None
-    needs_latent_maps = wanted is None or wanted & {"per_latent", "attention"}
-    explanation = explainer.explain(images) if needs_latent_maps or \
-        score != attn.TOTAL_ENERGY else None
-    if score == attn.TOTAL_ENERGY and explanation is None:
+    needs_latent_maps = wanted is None or bool(wanted & {"per_latent", "attention"})
+    explanation = (explainer.explain(images)
+                   if needs_latent_maps or score != attn.TOTAL_ENERGY else None)
+    if explanation is None:                  # total-energy heatmap alone: one backward pass
         fast = explainer.energy_attention(images, stats)
         small, mu, logvar = fast.heatmap, fast.mu, fast.logvar
     else:
