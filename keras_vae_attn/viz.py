@@ -102,6 +102,22 @@ def save_curves(history, path, title="training"):
     _save(fig, path, 100)
 
 
+def save_score_curve(steps, scores, final, path, title, ylabel):
+    """A score measured during training against the step, with the final (step, score)
+    as a star: shows whether a longer run would have helped."""
+    fig, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(steps, scores, marker="o", label="during training")
+    axis.plot([final[0]], [final[1]], marker="*", markersize=14, linestyle="",
+              label="final")
+    axis.set_xlabel("training step")
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(0, 1)
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, 100)
+
+
 def _save(fig, path, dpi):
     """Write to a temporary name and rename, so a reader never sees half a PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -152,14 +152,18 @@ def test_trainer_writes_a_complete_run(tmp_path):
     from trainers import dsprites as trainer
 
     run_dir = trainer.main([
-        "--model", "factor_vae", "--steps", "2", "--epochs", "1", "--batch-size", "8",
+        "--model", "factor_vae", "--steps", "4", "--epochs", "2", "--batch-size", "8",
+        "--score-every", "1", "--score-every-votes", "3",
         "--metric-train-votes", "4", "--metric-eval-votes", "4", "--metric-samples", "4",
         "--metric-variance-samples", "32", "--eval-images", "16",
         "--runs-root", str(tmp_path), "--quiet"])
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     assert 0.0 <= metrics["factor_vae_score"] <= 1.0
-    assert (metrics["model"], metrics["gamma"], metrics["steps"]) == ("factor_vae", 40.0, 2)
-    for figure in ("curves.png", "traversals.png", "attention_pairs.png"):
+    assert (metrics["model"], metrics["gamma"], metrics["steps"]) == ("factor_vae", 40.0, 4)
+    curve = metrics["score_curve"]
+    assert curve["steps"] == [2, 4]
+    assert all(0.0 <= s <= 1.0 for s in curve["scores"])
+    for figure in ("curves.png", "traversals.png", "attention_pairs.png", "score_curve.png"):
         assert (Path(run_dir) / figure).stat().st_size > 0
     assert isinstance(load_vae(Path(run_dir) / "model"), fv.FactorVAE)
 
@@ -169,6 +173,7 @@ def test_trainer_writes_a_complete_run(tmp_path):
     (["--model", "factor_vae", "--lambda-ad", "1"], "--lambda-ad applies"),
     (["--model", "ad_factor_vae", "--lambda-ad", "0"], "use --model factor_vae"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--score-every", "-1"], "--score-every must be 0"),
     (["--beta", "-1"], "--beta must be a non-negative"),
     (["--source", "archive"], "needs --data-dir"),
 ])

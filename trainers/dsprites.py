@@ -9,6 +9,7 @@ downloaded TFDS copy); ``--source tfds`` downloads it.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -47,6 +48,11 @@ def build_parser():
     parser.add_argument("--metric-eval-votes", type=int, default=800)
     parser.add_argument("--metric-samples", type=int, default=64,
                         help="images per vote of the FactorVAE metric (L)")
+    parser.add_argument("--score-every", type=int, default=0,
+                        help="also score every N epochs during training (a score-vs-step "
+                             "curve in score_curve.png; 0: only at the end)")
+    parser.add_argument("--score-every-votes", type=int, default=200,
+                        help="train and eval votes of each score taken during training")
     parser.add_argument("--metric-variance-samples", type=int, default=10000,
                         help="images for the per-dimension std of the metric")
     return parser
@@ -83,8 +89,11 @@ def check_args(parser, args):
         args.steps_per_epoch = math.ceil(args.steps / args.epochs)
     elif args.steps_per_epoch < 1:
         parser.error(f"--steps-per-epoch must be at least 1, got {args.steps_per_epoch}")
+    if args.score_every < 0:
+        parser.error(f"--score-every must be 0 (off) or a number of epochs, got "
+                     f"{args.score_every}")
     for flag in ("metric_train_votes", "metric_eval_votes", "metric_variance_samples",
-                 "dense_units", "eval_images"):
+                 "dense_units", "eval_images", "score_every_votes"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
                          f"{getattr(args, flag)}")
@@ -131,6 +140,39 @@ def encoder_means(model):
         return means(tf.constant(images, tf.float32)).numpy()
 
     return representation
+
+
+def score_during_training(data, args):
+    """A callback adding ``factor_vae_score`` to the epoch logs every ``--score-every``
+    epochs, so the training log (which survives a resume) holds the score-vs-step curve."""
+    import keras
+
+    from keras_vae_attn.metrics.disentanglement import factor_vae_score
+
+    class ScoreDuringTraining(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None or (epoch + 1) % args.score_every:
+                return
+            score = factor_vae_score(
+                encoder_means(self.model), data, seed=args.seed,
+                train_votes=args.score_every_votes, eval_votes=args.score_every_votes,
+                samples_per_vote=args.metric_samples,
+                variance_samples=min(args.metric_variance_samples, 5000))
+            logs["factor_vae_score"] = score["eval_accuracy"]
+
+    return ScoreDuringTraining()
+
+
+def score_curve(log_path):
+    """(optimizer steps, scores) of the scores taken during training, resumes included."""
+    steps, scores = [], []
+    with open(log_path, encoding="utf-8") as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if entry.get("event") == "epoch_end" and "factor_vae_score" in entry:
+                steps.append(entry["optimizer_step"])
+                scores.append(entry["factor_vae_score"])
+    return steps, scores
 
 
 def latent_pairs(model, images, layer):
@@ -210,6 +252,9 @@ def main(argv=None):
         lambda: data.batches(args.batch_size, [args.seed, 0]),
         output_signature=batch_spec).prefetch(2)
     callbacks, guard = common.standard_callbacks(run_dir)
+    if args.score_every:
+        # before the training log, which writes the logs this callback extends
+        callbacks.insert(1, score_during_training(data, args))
     started = time.perf_counter()
     history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         shuffle=False, callbacks=callbacks, verbose=0 if args.quiet else 2)
@@ -249,6 +294,12 @@ def main(argv=None):
         "seconds_per_step": train_seconds / total_steps, "images": data.source,
         "final_losses": {k: float(v[-1]) for k, v in curves.items()},
     }
+    if args.score_every:
+        steps, scores = score_curve(os.path.join(run_dir, "training_log.jsonl"))
+        metrics["score_curve"] = {"steps": steps, "scores": scores}
+        viz.save_score_curve(steps, scores, (total_steps, score["eval_accuracy"]),
+                             os.path.join(run_dir, "score_curve.png"),
+                             title=f"{args.model}: FactorVAE score", ylabel="FactorVAE score")
     common.write_json(os.path.join(run_dir, "metrics.json"), metrics)
     print(f"{args.model}: FactorVAE score {score['eval_accuracy']:.3f} "
           f"({score['num_active_dims']} active dims), top-pair L_AD "
