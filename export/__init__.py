@@ -22,7 +22,7 @@ class Run(NamedTuple):
     """A trained run folder, loaded.
 
     ``options`` are the keyword arguments of ``explain_anomaly`` the run used (layer,
-    score, gradient_relu, smooth); ``complete`` is False when ``metrics.json`` is
+    score, gradient_relu, smooth, feature_baseline); ``complete`` is False when ``metrics.json`` is
     missing (training or evaluation did not finish).
     """
 
@@ -37,7 +37,8 @@ def explain_options(config):
     """``explain_anomaly`` keyword arguments from a run's ``config.json`` dict."""
     return {"layer": config.get("layer", "last"), "score": config.get("score", "energy"),
             "gradient_relu": bool(config.get("gradient_relu", False)),
-            "smooth": float(config.get("smooth", 0.0) or 0.0)}
+            "smooth": float(config.get("smooth", 0.0) or 0.0),
+            "feature_baseline": config.get("feature_baseline", "zero")}
 
 
 def load_run(path):

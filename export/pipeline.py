@@ -282,25 +282,24 @@ def served_baseline(serving_dir, model_name, candidate):
 def calibrate_run(model_dir, train_config, held_out, args):
     """Thresholds for a trained run: F1-optimal on ``args.validation_dir`` when given,
     else percentiles of the held-out normal images' scores."""
+    from export import explain_options
     from keras_vae_attn import calibration, scoring
     from keras_vae_attn.data import mvtec
     from keras_vae_attn.models import load_vae
 
     model = load_vae(model_dir)
     size, channels = train_config["image_size"], train_config.get("channels", 3)
-    options = dict(score=train_config.get("score", "energy"),
-                   gradient_relu=train_config.get("gradient_relu", False),
-                   smooth=train_config.get("smooth", 0.0))
+    options = explain_options(train_config)
+    layer = options.pop("layer")
     keys = ("heatmap", "score")
     if args.validation_dir:
         split = mvtec.load_test(args.validation_dir, args.category, size, channels)
-        out = scoring.batched(model, mvtec.to_float(split.images), 16, train_config["layer"],
-                              keys=keys, **options)
+        out = scoring.batched(model, mvtec.to_float(split.images), 16, layer, keys=keys,
+                              **options)
         return calibration.from_labelled(out["heatmap"], split.masks, out["score"],
                                          split.labels)
     images, _ = mvtec.decode_files(held_out, size, channels)
-    out = scoring.batched(model, mvtec.to_float(images), 16, train_config["layer"], keys=keys,
-                          **options)
+    out = scoring.batched(model, mvtec.to_float(images), 16, layer, keys=keys, **options)
     return calibration.from_normal(out["heatmap"], out["score"], args.pixel_percentile,
                                    args.image_percentile)
 

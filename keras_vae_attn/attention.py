@@ -12,6 +12,14 @@ the layer is a cut point, the encoder runs once up to A; only the part after A (
 latent direction. Otherwise (subclassed encoders, layers with skip connections around
 them) the encoder runs once and ``GradientTape.batch_jacobian`` vectorizes the D
 backward passes.
+
+Anomaly maps can be taken relative to the normal data's mean feature map
+(``baseline=``, see :meth:`VAEAttention.feature_mean`): ReLU(sum_k w[k] (A_k - mean A_k)).
+Plain Grad-CAM weighs A itself, so whatever the layer responds to in *every* frame (the
+crowd of a normal scene, zero-padding responses along the border, fixed texture) lights
+up wherever its channels got positive weight. With the normal mean removed, the map is a
+first-order expansion of the anomaly score around the normal feature map, spread over
+the pixels where this image's features differ from normal ones.
 """
 from __future__ import annotations
 
@@ -262,6 +270,26 @@ class VAEAttention:
             layer.call = original_call
         return captured["features"], outputs
 
+    def feature_mean(self, dataset):
+        """The mean feature map A over ``dataset`` (image batches or (images, ...)
+        tuples), (h, w, K) float32: the ``baseline`` of the anomaly maps."""
+        total, count = None, 0
+        for batch in dataset:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            images = tf.convert_to_tensor(images)
+            self.check_images(images)
+            features = self._run(self._features_graph, images).numpy().astype(np.float64)
+            total = features.sum(0) if total is None else total + features.sum(0)
+            count += features.shape[0]
+        if count == 0:
+            raise ValueError("cannot fit a feature baseline on an empty dataset")
+        return tf.constant(total / count, tf.float32)
+
+    def _features_graph(self, images):
+        with tf.GradientTape() as tape:
+            features, _ = self._forward(images, tape)
+        return tf.cast(features, tf.float32)
+
     def _explain_jacobian(self, images):
         with tf.GradientTape() as tape:
             features, outputs = self._forward(images, tape)
@@ -313,23 +341,24 @@ class VAEAttention:
         return upsample(maps, tf.shape(images)[1:3])
 
     def anomaly_attention(self, images, normal_stats, score="energy", sample=False,
-                          seed=None):
+                          seed=None, baseline=None):
         """Anomaly attention of Eq. 5, upsampled to the input size, (B, H, W).
 
         ``score="total-energy"`` takes one backward pass (:meth:`energy_attention`); the
-        per-latent scores take the D passes of :meth:`explain`.
+        per-latent scores take the D passes of :meth:`explain`. ``baseline`` (from
+        :meth:`feature_mean` on normal images) makes the maps relative to normal features.
         """
         images = tf.convert_to_tensor(images)
         if score == TOTAL_ENERGY:
             if sample:
                 raise ValueError("sample=True needs a per-latent score ('energy' or 'latent')")
-            maps = self.energy_attention(images, normal_stats).heatmap
+            maps = self.energy_attention(images, normal_stats, baseline).heatmap
         else:
             maps = tf.reduce_mean(anomaly_maps(self.explain(images), normal_stats, score,
-                                               sample, seed), axis=1)
+                                               sample, seed, baseline), axis=1)
         return upsample(maps, tf.shape(images)[1:3])
 
-    def energy_attention(self, images, normal_stats):
+    def energy_attention(self, images, normal_stats, baseline=None):
         """Grad-CAM of the total Gaussian energy of Eq. 5, from ONE backward pass.
 
         E = sum_i u_i^2 / (2 var_i) with the difference distribution of
@@ -338,16 +367,19 @@ class VAEAttention:
         "energy" maps before their ReLU, so it needs no per-latent gradients: its cost is
         one forward and one backward pass at any layer, where the per-latent forms cost
         D backward passes through the part of the encoder after the layer.
+        ``baseline`` as in :meth:`anomaly_attention`.
         Returns ``EnergyAttention`` with the map at feature resolution (B, h, w).
         """
         images = tf.convert_to_tensor(images)
         self.check_images(images)
         if self.logvar_index is None:
             raise ValueError("anomaly attention needs the encoder's log-variance output")
+        if baseline is not None:
+            baseline = tf.cast(baseline, tf.float32)
         return self._run(self._energy_graph, images, tf.cast(normal_stats.mean, tf.float32),
-                         tf.cast(normal_stats.std, tf.float32))
+                         tf.cast(normal_stats.std, tf.float32), baseline)
 
-    def _energy_graph(self, images, normal_mean, normal_std):
+    def _energy_graph(self, images, normal_mean, normal_std, baseline=None):
         with tf.GradientTape() as tape:
             features, outputs = self._forward(images, tape)
             mu = tf.cast(outputs[self.latent_index], tf.float32)
@@ -356,7 +388,7 @@ class VAEAttention:
                                                      tf.exp(0.5 * logvar))
             energy = 0.5 * tf.reduce_sum(tf.square(mean) / tf.stop_gradient(variance), -1)
         weights = self._pool(tape.gradient(energy, features))            # (B, K)
-        features = tf.cast(features, tf.float32)
+        features = relative_features(tf.cast(features, tf.float32), baseline)
         heatmap = tf.nn.relu(tf.einsum("bk,bhwk->bhw", weights, features))
         return EnergyAttention(heatmap / tf.cast(tf.shape(mu)[-1], tf.float32), mu, logvar,
                                energy)
@@ -364,6 +396,18 @@ class VAEAttention:
     def fit_normal_stats(self, dataset):
         """Latent statistics of normal data; see :func:`fit_normal_stats`."""
         return fit_normal_stats(self.encoder, dataset, self.latent_index, self.logvar_index)
+
+
+def relative_features(features, baseline):
+    """A - baseline (B, h, w, K) when a baseline (h, w, K) is given, else A."""
+    if baseline is None:
+        return features
+    baseline = tf.cast(baseline, tf.float32)
+    if not features.shape[1:].is_compatible_with(baseline.shape):
+        raise ValueError(f"the feature baseline's shape {tuple(baseline.shape)} differs from "
+                         f"this layer's feature map {tuple(features.shape[1:])}: fit it "
+                         "(feature_mean) on images of the size being explained")
+    return features - baseline
 
 
 def combine(weights, features):
@@ -401,10 +445,12 @@ def anomaly_weights(explanation, normal_stats, score="energy", sample=False, see
     return explanation.weights * (-u / variance)[..., None]
 
 
-def anomaly_maps(explanation, normal_stats, score="energy", sample=False, seed=None):
-    """Per-latent anomaly maps (B, D, h, w); their mean is the anomaly attention."""
+def anomaly_maps(explanation, normal_stats, score="energy", sample=False, seed=None,
+                 baseline=None):
+    """Per-latent anomaly maps (B, D, h, w); their mean is the anomaly attention.
+    ``baseline`` (h, w, K): weigh A - baseline instead of A (module docstring)."""
     weights = anomaly_weights(explanation, normal_stats, score, sample, seed)
-    return combine(weights, explanation.features)
+    return combine(weights, relative_features(explanation.features, baseline))
 
 
 def upsample(maps, size):

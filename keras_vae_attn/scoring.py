@@ -26,8 +26,11 @@ def gaussian_blur(maps, sigma):
     return x[..., 0]
 
 
+FEATURE_BASELINES = ("zero", "normal")
+
+
 def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=False,
-                    smooth=0.0, method="auto", keys=None):
+                    smooth=0.0, method="auto", keys=None, feature_baseline="zero"):
     """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
 
     ``smooth`` > 0 blurs heatmap and recon_error alike (:func:`gaussian_blur`, sigma in
@@ -37,6 +40,9 @@ def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=F
     per-latent (D backward passes), "total-energy" the summed energy (one pass).
     ``keys`` limits the outputs computed: without "per_latent" and "attention", a
     "total-energy" heatmap skips the D per-latent backward passes entirely.
+    ``feature_baseline="normal"`` weighs the layer's features minus the model's stored
+    mean normal feature map (``model.fit_feature_baselines``) instead of the features
+    themselves ("zero", the paper's Grad-CAM form); see keras_vae_attn/attention.py.
 
     Returns a dict of float32 tensors (those in ``keys``, or all):
       heatmap (B, H, W)        anomaly attention (Eq. 5) at ``layer``
@@ -52,18 +58,23 @@ def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=F
       attention_energy (B,)    mean of the heatmap
     """
     images = tf.convert_to_tensor(images, tf.float32)
+    if feature_baseline not in FEATURE_BASELINES:
+        raise ValueError(f"unknown feature_baseline {feature_baseline!r}; choose one of "
+                         f"{FEATURE_BASELINES}")
     explainer = model.explainer(layer, gradient_relu=gradient_relu, method=method)
     stats = model.normal_stats()
+    baseline = model.feature_baseline(layer) if feature_baseline == "normal" else None
     size = tf.shape(images)[1:3]
     wanted = set(keys) if keys is not None else None
     needs_latent_maps = wanted is None or bool(wanted & {"per_latent", "attention"})
     explanation = (explainer.explain(images)
                    if needs_latent_maps or score != attn.TOTAL_ENERGY else None)
     if explanation is None:                  # total-energy heatmap alone: one backward pass
-        fast = explainer.energy_attention(images, stats)
+        fast = explainer.energy_attention(images, stats, baseline)
         small, mu, logvar = fast.heatmap, fast.mu, fast.logvar
     else:
-        small = tf.reduce_mean(attn.anomaly_maps(explanation, stats, score), 1)
+        small = tf.reduce_mean(attn.anomaly_maps(explanation, stats, score,
+                                                 baseline=baseline), 1)
         mu, logvar = explanation.mu, explanation.logvar
     heatmap = gaussian_blur(attn.upsample(small, size), smooth)
     reconstruction = model.decode(mu)

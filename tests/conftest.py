@@ -63,6 +63,9 @@ def _train_run(folder, model, images, config, batch_size):
     model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # no tracing
     model.fit(images, epochs=1, batch_size=batch_size, shuffle=False, verbose=0)
     model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(images).batch(64))
+    if config.get("feature_baseline") == "normal":
+        model.fit_feature_baselines(tf.data.Dataset.from_tensor_slices(images).batch(64),
+                                    [config["layer"]])
     save_vae(model, str(folder / "model"))
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "metrics.json").write_text("{}")
@@ -103,13 +106,15 @@ def mvtec_images(shared_data):
 @pytest.fixture(scope="session")
 def mvtec_run(build_once, mvtec_images):
     """A run folder of the MVTec model (ResNet18, latent 32) trained two steps at 64x64,
-    its maps smoothed (sigma 1 px) as the MVTec trainer can."""
+    its maps smoothed (sigma 1 px) and relative to the normal features, as the MVTec
+    trainer can (--smooth 1 --feature-baseline normal)."""
     from keras_vae_attn.models import build_vae
 
     def make(folder):
         _train_run(folder, build_vae("resnet18", (64, 64, 3), 32, recon_loss="mse"),
                    mvtec_images[0], {"layer": "last", "image_size": 64, "channels": 3,
-                                     "category": "bottle", "smooth": 1.0}, batch_size=8)
+                                     "category": "bottle", "smooth": 1.0,
+                                     "feature_baseline": "normal"}, batch_size=8)
 
     return build_once("mvtec-run", make)
 
@@ -142,7 +147,7 @@ def mvtec_export(build_once, mvtec_run, mvtec_images):
 
         model = load_vae(str(mvtec_run / "model"))
         out = scoring.batched(model, mvtec_images[0], 16, "last", keys=("heatmap", "score"),
-                              smooth=1.0)
+                              smooth=1.0, feature_baseline="normal")
         thresholds = calibration.from_normal(out["heatmap"], out["score"])
         (folder / "thresholds.json").write_text(json.dumps(thresholds.as_dict()))
         _export_both(folder, mvtec_run, str(folder / "thresholds.json"))

@@ -223,3 +223,68 @@ def test_normalize_maps_scales_each_map_to_unit_range():
     scaled = attn.normalize_maps(maps)
     np.testing.assert_allclose(scaled[0], [[0, 1 / 3], [2 / 3, 1]], rtol=1e-6)
     np.testing.assert_array_equal(scaled[1], 0)
+
+
+@pytest.mark.parametrize("score", ["energy", attn.TOTAL_ENERGY])
+def test_feature_baseline_weighs_features_minus_the_normal_mean(vae, score):
+    x = images(4)
+    stats = attn.NormalStats(tf.constant(RNG.normal(size=6), tf.float32),
+                             tf.constant(RNG.uniform(0.5, 2.0, 6), tf.float32))
+    explainer = attn.VAEAttention(vae.encoder, "conv1")
+    explanation = explainer.explain(x)
+    baseline = explainer.feature_mean(tf.data.Dataset.from_tensor_slices(x).batch(3))
+    np.testing.assert_allclose(baseline.numpy(), explanation.features.numpy().mean(0),
+                               rtol=1e-5, atol=1e-6)
+    weights = attn.anomaly_weights(explanation, stats, score).numpy()
+    relative = explanation.features.numpy() - baseline.numpy()
+    expected = np.maximum(np.einsum("bdk,bhwk->bdhw", weights, relative), 0).mean(1)
+    got = explainer.anomaly_attention(x, stats, score=score, baseline=baseline).numpy()
+    upsampled = attn.upsample(tf.constant(expected), (28, 28)).numpy()
+    assert upsampled.max() > 0
+    np.testing.assert_allclose(got, upsampled, rtol=1e-4, atol=1e-6 * upsampled.max())
+    # an image whose features ARE the baseline has nothing to show
+    own = explainer.anomaly_attention(x[:1], stats, score=score,
+                                      baseline=explanation.features[0])
+    assert np.abs(own.numpy()).max() < 1e-6
+    # zero baseline == the paper's plain form
+    plain = explainer.anomaly_attention(x, stats, score=score).numpy()
+    zero = explainer.anomaly_attention(x, stats, score=score,
+                                       baseline=tf.zeros_like(baseline)).numpy()
+    np.testing.assert_allclose(zero, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_feature_baseline_of_another_size_is_refused(vae):
+    explainer = attn.VAEAttention(vae.encoder, "conv1")
+    wrong = tf.zeros((5, 5, explainer.explain(images(1)).features.shape[-1]))
+    with pytest.raises(ValueError, match="feature baseline's shape"):
+        explainer.anomaly_attention(images(1), vae.normal_stats(), score="energy",
+                                    baseline=wrong)
+    with pytest.raises(ValueError, match="empty dataset"):
+        explainer.feature_mean([])
+
+
+def test_model_keeps_feature_baselines_through_save_and_load(tmp_path):
+    from keras_vae_attn import scoring
+    from keras_vae_attn.models import load_vae, save_vae
+
+    model = build_vae("small", (28, 28, 1), latent_dim=6, filters=(8, 16), dense_units=32)
+    x = images(3)
+    with pytest.raises(ValueError, match="no normal feature baseline for layer 'conv1'"):
+        scoring.explain_anomaly(model, x, "conv1", feature_baseline="normal")
+    with pytest.raises(ValueError, match="unknown feature_baseline"):
+        scoring.explain_anomaly(model, x, "conv1", feature_baseline="mean")
+    model.fit_feature_baselines(tf.data.Dataset.from_tensor_slices(images(8)).batch(4),
+                                ["conv1", "last"])
+    assert sorted(model.feature_baselines) == ["conv1", "conv2"]       # "last" resolved
+    before = scoring.explain_anomaly(model, x, "conv1", feature_baseline="normal")
+    plain = scoring.explain_anomaly(model, x, "conv1")
+    assert not np.allclose(before["heatmap"].numpy(), plain["heatmap"].numpy())
+    save_vae(model, str(tmp_path / "m"))
+    loaded = load_vae(str(tmp_path / "m"))
+    after = scoring.explain_anomaly(loaded, x, "conv1", feature_baseline="normal")
+    np.testing.assert_allclose(after["heatmap"].numpy(), before["heatmap"].numpy(),
+                               rtol=1e-5, atol=1e-7)
+    # saving a model without baselines into the same folder drops the stale file
+    save_vae(build_vae("small", (28, 28, 1), latent_dim=6, filters=(8, 16),
+                       dense_units=32), str(tmp_path / "m"))
+    assert load_vae(str(tmp_path / "m")).feature_baselines == {}

@@ -66,6 +66,7 @@ def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export):
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["input_shape"]) == [64, 64, 3]
     assert json.loads(meta["options"])["smooth"] == 1.0
+    assert json.loads(meta["options"])["feature_baseline"] == "normal"
     assert json.loads(meta["thresholds"])["pixel"] > 0
 
 

@@ -33,7 +33,8 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
         metrics = json.load(handle)
-    names = ["recon_error", "attention_conv1", "attention_conv2", "attention_conv3"]
+    names = ["recon_error", "attention_conv1", "attention_conv2", "attention_conv3",
+             "mean_frame_difference"]
     assert sorted(metrics["methods"]) == sorted(names)
     for values in metrics["methods"].values():
         for key in ("pixel_auroc", "aupro", "best_iou", "image_auroc"):
@@ -42,8 +43,11 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     assert metrics["test_frames"] == 2 * SMALL["frames"]
     assert metrics["train_frames"] == 2 * SMALL["frames"]
     assert set(metrics["attention_beats_recon"]) == {"conv1", "conv2", "conv3"}
+    assert set(metrics["attention_beats_mean_frame"]) == {"conv1", "conv2", "conv3"}
+    assert metrics["feature_baseline"] == "normal"                # the UCSD default
     printed = capsys.readouterr().out
-    rows = ("recon difference", "attention conv1", "attention conv2", "attention conv3")
+    rows = ("recon difference", "attention conv1", "attention conv2", "attention conv3",
+            "mean-frame diff")
     positions = [printed.find(row) for row in rows]              # the table, in order
     assert -1 not in positions and positions == sorted(positions)
     assert "0.86" in printed and "0.92" in printed              # the paper's column
@@ -56,7 +60,7 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     model = load_vae(os.path.join(run_dir, "model"))
     test = ucsd_data.load_test(str(data_root), "ped1", size=40)
     heatmap = scoring.batched(model, ucsd_data.to_float(test.images), 8, "conv2",
-                              keys=("heatmap",))["heatmap"]
+                              keys=("heatmap",), feature_baseline="normal")["heatmap"]
     assert localization.pixel_auroc(heatmap, test.masks) == pytest.approx(
         metrics["methods"]["attention_conv2"]["pixel_auroc"], abs=1e-4)
 

@@ -16,8 +16,10 @@ BACKUP_DIR = "backup"
 KEEP_CHECKPOINTS = 3       # newest per-epoch weight files kept in <run>/checkpoints
 
 
-# keras_vae_attn.attention.ANOMALY_SCORES, named here so --help needs no TensorFlow
+# keras_vae_attn.attention.ANOMALY_SCORES and scoring.FEATURE_BASELINES, named here so
+# --help needs no TensorFlow
 ANOMALY_SCORES = ("energy", "latent", "total-energy")
+FEATURE_BASELINES = ("zero", "normal")
 
 
 def add_attention_flags(parser):
@@ -30,6 +32,11 @@ def add_attention_flags(parser):
                         help="ReLU on gradients before pooling (the paper's printed Eq. 3)")
     parser.add_argument("--smooth", type=float, default=0.0,
                         help="Gaussian blur sigma (pixels) applied to every map before scoring")
+    parser.add_argument("--feature-baseline", choices=FEATURE_BASELINES, default="zero",
+                        help="weigh the layer's features as they are (zero: the paper's "
+                             "Grad-CAM form) or minus their mean over the normal training "
+                             "images (normal: the map shows what differs from the normal "
+                             "scene; stored with the model)")
 
 
 def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):

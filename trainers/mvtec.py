@@ -110,7 +110,8 @@ def load_data(args):
 
 
 def score_options(args):
-    return dict(score=args.score, gradient_relu=args.gradient_relu, smooth=args.smooth)
+    return dict(score=args.score, gradient_relu=args.gradient_relu, smooth=args.smooth,
+                feature_baseline=args.feature_baseline)
 
 
 def evaluate(model, test, args):
@@ -254,6 +255,9 @@ def train(args, train_images, test, run_dir):
     recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
                                                         shuffle=False))
     model.fit_normal_stats(augment.train_dataset(train_images, 64, shuffle=False))
+    if args.feature_baseline == "normal":
+        model.fit_feature_baselines(augment.train_dataset(train_images, 64, shuffle=False),
+                                    [args.layer])
     save_vae(model, os.path.join(run_dir, "model"))
     return model, losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), train_seconds
 

@@ -7,6 +7,12 @@ requested encoder layer with the reconstruction difference, pixel by pixel.
 
 --data-dir is the folder holding UCSDped1/UCSDped2 (or one of them); it defaults to
 $UCSD_ROOT. --demo writes the generated dataset into --data-dir, or <runs-root>/data.
+
+The camera is fixed, so the attention is taken relative to the normal scene by default
+(--feature-baseline normal: each layer's features minus their mean over the training
+frames; --feature-baseline zero is the paper's plain Grad-CAM form). The mean-frame
+difference |frame - mean training frame| is reported beside the model's methods as a
+reference any method should beat.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from trainers import common
 PAPER_PED1 = {"recon_error": 0.86, "attention_conv1": 0.89, "attention_conv2": 0.92,
               "attention_conv3": 0.91}
 RECON = "recon_error"
+MEAN_FRAME = "mean_frame_difference"       # no model: |frame - mean training frame|
 DEMO_DATA = dict(width=120, height=80, frames=60, n_train=12, n_test=6, n_test_without_gt=2)
 FIGURE_ROWS = 4
 
@@ -40,6 +47,7 @@ def build_parser():
     parser.add_argument("--beta", type=float, default=1.0,
                         help="weight of the KL term (below 1 keeps more of the latent in use)")
     common.add_attention_flags(parser)
+    parser.set_defaults(feature_baseline="normal")
     parser.add_argument("--frame-step", type=int, default=1,
                         help="train on every k-th frame of each clip")
     parser.add_argument("--test-frame-step", type=int, default=1,
@@ -121,12 +129,13 @@ def method_name(layer):
 
 
 def label(method):
-    return "recon difference" if method == RECON else method.replace("attention_",
-                                                                     "attention ")
+    return {RECON: "recon difference", MEAN_FRAME: "mean-frame diff"}.get(
+        method, method.replace("attention_", "attention "))
 
 
-def evaluate(model, test, args):
-    """Pixel metrics of the reconstruction difference and of each layer's attention.
+def evaluate(model, test, args, mean_frame):
+    """Pixel metrics of the reconstruction difference, of each layer's attention and of
+    the mean-frame difference (``mean_frame``: the mean training frame, (S, S, 1) float).
 
     Returns (metrics per method, ROC curves {label: (fpr, tpr, auc)}, maps {method: (N, S, S)}).
     """
@@ -142,16 +151,24 @@ def evaluate(model, test, args):
                               progress=lambda it, layer=layer: common.progress(
                                   it, args.quiet, desc=f"evaluate {layer}"),
                               score=args.score, gradient_relu=args.gradient_relu,
-                              smooth=args.smooth)
+                              smooth=args.smooth, feature_baseline=args.feature_baseline)
         if RECON in out:
             maps[RECON] = out[RECON]
         maps[method_name(layer)] = out["heatmap"]
     maps = {RECON: maps.pop(RECON), **maps}
-    methods, curves = localization.evaluate_methods(maps, test.masks, test.labels,
+    scored = {**maps, MEAN_FRAME: np.abs(images - mean_frame)[..., 0]}
+    methods, curves = localization.evaluate_methods(scored, test.masks, test.labels,
                                                     return_curves=True)
-    roc = {label(name): (*curves[name], methods[name]["pixel_auroc"]) for name in maps
+    roc = {label(name): (*curves[name], methods[name]["pixel_auroc"]) for name in scored
            if curves[name] is not None}
     return methods, roc, maps
+
+
+def attention_beats(methods, other, layers):
+    """{layer: attention's pixel AUROC > method ``other``'s} (None when either is n/a)."""
+    theirs = methods[other]["pixel_auroc"]
+    return {layer: None if theirs is None or methods[method_name(layer)]["pixel_auroc"] is None
+            else methods[method_name(layer)]["pixel_auroc"] > theirs for layer in layers}
 
 
 def table(methods, subset):
@@ -236,24 +253,26 @@ def main(argv=None):
     train_seconds = time.perf_counter() - started
     common.check_diverged(guard)
     model.fit_normal_stats(augment.train_dataset(train_images, 256, shuffle=False))
+    if args.feature_baseline == "normal":
+        model.fit_feature_baselines(augment.train_dataset(train_images, 256, shuffle=False),
+                                    sorted(set(args.layers + [args.layer])))
     save_vae(model, os.path.join(run_dir, "model"))
 
     started = time.perf_counter()
-    methods, roc, maps = evaluate(model, test, args)
+    mean_frame = to_float(train_images).mean(axis=0)
+    methods, roc, maps = evaluate(model, test, args, mean_frame)
     eval_seconds = time.perf_counter() - started
     lines = table(methods, args.subset)
     clips = sorted(set(test.clips))
     header = (f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} "
               f"test frames from {len(clips)} clips with masks, "
               f"{int(test.labels.sum())} of them anomalous")
-    recon_auroc = methods[RECON]["pixel_auroc"]
     metrics = {
         "methods": methods,
         "table": [header] + lines,
-        "attention_beats_recon": {
-            layer: (None if recon_auroc is None or methods[method_name(layer)]["pixel_auroc"]
-                    is None else methods[method_name(layer)]["pixel_auroc"] > recon_auroc)
-            for layer in args.layers},
+        "attention_beats_recon": attention_beats(methods, RECON, args.layers),
+        "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers),
+        "feature_baseline": args.feature_baseline, "score": args.score,
         "paper_pixel_auroc_ped1": PAPER_PED1,
         "best_iou_is_test_set_tuned": True,
         "subset": args.subset, "demo": args.demo, "image_size": args.image_size,

@@ -15,6 +15,7 @@ from keras_vae_attn.attention import NormalStats, VAEAttention, fit_normal_stats
 
 MODEL_SPEC = "model.json"
 MODEL_WEIGHTS = "model.weights.h5"
+FEATURE_BASELINES = "feature_baselines.npz"   # mean normal feature map per layer
 
 
 class VAE(keras.Model):
@@ -46,6 +47,7 @@ class VAE(keras.Model):
         self.recon_tracker = keras.metrics.Mean(name="recon")
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self._explainers = {}
+        self.feature_baselines = {}      # layer name -> (h, w, K) mean normal features, numpy
 
     @property
     def metrics(self):
@@ -152,6 +154,26 @@ class VAE(keras.Model):
         return NormalStats(tf.convert_to_tensor(self.normal_mean),
                            tf.convert_to_tensor(self.normal_std))
 
+    def fit_feature_baselines(self, dataset, layers):
+        """Measure and store the mean normal feature map of each of ``layers`` (saved
+        with the model), the reference of ``feature_baseline="normal"`` maps."""
+        for layer in layers:
+            explainer = self.explainer(layer)
+            self.feature_baselines[explainer.layer_name] = \
+                explainer.feature_mean(dataset).numpy()
+        return self.feature_baselines
+
+    def feature_baseline(self, layer):
+        """The stored mean normal feature map of ``layer`` as a constant (a Const node
+        inside a traced graph, so exports carry it); a clear error when none is stored."""
+        name = self.explainer(layer).layer_name
+        if name not in self.feature_baselines:
+            fitted = ", ".join(sorted(self.feature_baselines)) or "none"
+            raise ValueError(f"no normal feature baseline for layer {name!r} (fitted: "
+                             f"{fitted}); call model.fit_feature_baselines(normal_images, "
+                             f"[{name!r}]) first")
+        return tf.constant(self.feature_baselines[name], tf.float32)
+
     def fit_normal_stats(self, dataset):
         """Measure and store the normal data's latent statistics; returns them."""
         stats = fit_normal_stats(self.encoder, dataset)
@@ -181,7 +203,15 @@ def save_vae(model, directory):
         with open(os.path.join(staging, MODEL_SPEC), "w", encoding="utf-8") as handle:
             json.dump({"class": type(model).__name__, **model.spec}, handle, indent=2)
         model.save_weights(os.path.join(staging, MODEL_WEIGHTS))
-        for name in (MODEL_WEIGHTS, MODEL_SPEC):   # spec last: it marks a complete save
+        names = [MODEL_WEIGHTS, MODEL_SPEC]
+        baselines = getattr(model, "feature_baselines", {})
+        if baselines:
+            np.savez(os.path.join(staging, FEATURE_BASELINES),
+                     **{name: np.asarray(value) for name, value in baselines.items()})
+            names.insert(0, FEATURE_BASELINES)
+        elif os.path.exists(os.path.join(directory, FEATURE_BASELINES)):
+            os.remove(os.path.join(directory, FEATURE_BASELINES))   # not this model's
+        for name in names:                         # spec last: it marks a complete save
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -203,4 +233,9 @@ def load_vae(directory):
         from keras_vae_attn.models import factor_vae
         model = factor_vae.build_from_spec(kind, spec)
     model.load_weights(weights_path)
+    baselines_path = os.path.join(directory, FEATURE_BASELINES)
+    if os.path.isfile(baselines_path):
+        with np.load(baselines_path) as stored:
+            model.feature_baselines = {name: stored[name].astype(np.float32)
+                                       for name in stored.files}
     return model
