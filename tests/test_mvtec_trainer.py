@@ -44,11 +44,13 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     # The saved model re-scored at another layer with smoothing: no training, new run.
     again = trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK,
                           "--model-dir", str(only / "model"), "--layer", "layer3",
-                          "--smooth", "1.5"])
+                          "--smooth", "1.5", "--feature-baseline", "normal"])
     assert again != run_dir
     rescored = json.loads((Path(again) / "metrics.json").read_text())
     assert not (Path(again) / "curves.png").exists()
     assert rescored["layer"] == "layer3" and rescored["seconds"]["train"] == 0.0
+    # re-scored relative to the normal features (fitted on the training images then)
+    assert json.loads((Path(again) / "config.json").read_text())["feature_baseline"] == "normal"
 
 
 @pytest.fixture(scope="module")

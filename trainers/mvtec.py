@@ -187,6 +187,9 @@ def main(argv=None):
     print(f"run folder: {run_dir}", file=sys.stderr)
     if model is not None:
         history, train_seconds = None, 0.0
+        if (args.feature_baseline == "normal"
+                and model.explainer(args.layer).layer_name not in model.feature_baselines):
+            fit_feature_baseline(model, train_images, args.layer)
     else:
         model, history, train_seconds = train(args, train_images, test, run_dir)
     started = time.perf_counter()
@@ -209,6 +212,14 @@ def main(argv=None):
           + (", curves.png" if history else ""))
     print(f"figures and metrics.json in {run_dir}")
     return run_dir
+
+
+def fit_feature_baseline(model, train_images, layer):
+    """The mean feature map of the (un-augmented) training images at ``layer``."""
+    from keras_vae_attn.data import augment
+
+    model.fit_feature_baselines(augment.train_dataset(train_images, 64, shuffle=False),
+                                [layer])
 
 
 def load_model(args):
@@ -256,8 +267,7 @@ def train(args, train_images, test, run_dir):
                                                         shuffle=False))
     model.fit_normal_stats(augment.train_dataset(train_images, 64, shuffle=False))
     if args.feature_baseline == "normal":
-        model.fit_feature_baselines(augment.train_dataset(train_images, 64, shuffle=False),
-                                    [args.layer])
+        fit_feature_baseline(model, train_images, args.layer)
     save_vae(model, os.path.join(run_dir, "model"))
     return model, losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), train_seconds
 
