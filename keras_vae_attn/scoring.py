@@ -111,12 +111,16 @@ def batched(model, images, batch_size=64, layer="last", keys=None, progress=None
     starts = range(0, len(images), batch_size)
     if progress is not None:
         starts = progress(starts)
-    run = tf.function(lambda x: explain_anomaly(model, x, layer, keys=keys, **kwargs),
-                      reduce_retracing=True)
+    run = tf.function(lambda x: explain_anomaly(model, x, layer, keys=keys, **kwargs))
     collected = {}
     for start in starts:
-        out = run(tf.constant(images[start:start + batch_size], tf.float32))
+        batch = np.asarray(images[start:start + batch_size], np.float32)
+        count = len(batch)
+        if count < batch_size and len(images) > batch_size:
+            # pad the last batch to the traced shape: one trace, not two
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, 0)])
+        out = run(tf.constant(batch))
         for key, value in out.items():
             if keys is None or key in keys:
-                collected.setdefault(key, []).append(value.numpy())
+                collected.setdefault(key, []).append(value.numpy()[:count])
     return {key: np.concatenate(values) for key, values in collected.items()}

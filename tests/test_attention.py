@@ -143,16 +143,19 @@ def test_total_energy_map_from_one_pass_equals_relu_of_summed_energy_maps(vae, l
 def test_scoring_with_total_energy_skips_per_latent_outputs_unless_asked(vae):
     from keras_vae_attn import scoring
 
-    x = images(2)
+    x = images(3)
     full = scoring.explain_anomaly(vae, x, "conv1", score=attn.TOTAL_ENERGY)
     lean = scoring.explain_anomaly(vae, x, "conv1", score=attn.TOTAL_ENERGY,
                                    keys=("heatmap", "recon_error"))
     assert set(lean) == {"heatmap", "recon_error"} and "per_latent" in full
     np.testing.assert_allclose(lean["heatmap"].numpy(), full["heatmap"].numpy(),
                                rtol=1e-4, atol=1e-6)
-    batched = scoring.batched(vae, x, 1, "conv1", keys=("heatmap",), score=attn.TOTAL_ENERGY)
-    np.testing.assert_allclose(batched["heatmap"], full["heatmap"].numpy(), rtol=1e-4,
-                               atol=1e-6)
+    for size in (1, 2):                  # 2: the last batch is padded, then trimmed
+        batched = scoring.batched(vae, x, size, "conv1", keys=("heatmap", "score"),
+                                  score=attn.TOTAL_ENERGY)
+        assert batched["heatmap"].shape == (3, 28, 28) and batched["score"].shape == (3,)
+        np.testing.assert_allclose(batched["heatmap"], full["heatmap"].numpy(), rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_sampled_anomaly_weights_are_seeded(vae):
