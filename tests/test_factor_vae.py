@@ -98,6 +98,24 @@ def test_first_order_l_ad_ignores_the_path_through_the_gradient_weights():
     assert grads[False] is None or np.abs(grads[False].numpy()).max() == 0
 
 
+def test_abs_maps_keep_what_relu_maps_drop():
+    images = tf.constant(sprites(6))
+    maps = {}
+    for kind in fv.AD_MAPS:
+        model = tiny_model(lambda_ad=1.0, ad_maps=kind)         # same seed: same weights
+        maps[kind] = model.latent_maps_differentiable(images)[2].numpy()
+    explanation = model.explainer("last").explain(images)
+    signed = np.einsum("bdk,bhwk->bdhw", explanation.weights.numpy(),
+                       explanation.features.numpy())
+    np.testing.assert_allclose(maps["relu"], np.maximum(signed, 0), atol=1e-5)
+    np.testing.assert_allclose(maps["abs"], np.abs(signed), atol=1e-5)
+    # the ReLU form has maps emptied by a negative sum; the absolute form does not
+    relu_mass, abs_mass = maps["relu"].sum((2, 3)), maps["abs"].sum((2, 3))
+    assert (relu_mass < 1e-6).any() and (abs_mass > 1e-6).all()
+    with pytest.raises(ValueError, match="unknown ad_maps"):
+        tiny_model(lambda_ad=1.0, ad_maps="square")
+
+
 def test_pairs_are_distinct_and_top_pair_has_the_largest_maps():
     maps = np.zeros((2, 4, 3, 3), np.float32)
     maps[0, [1, 3]] = [[[2.0]], [[1.0]]]

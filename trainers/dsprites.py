@@ -34,6 +34,10 @@ def build_parser():
                         help="L_AD weight of ad_factor_vae (default 1)")
     parser.add_argument("--ad-pairs", choices=("top", "random"), default="top",
                         help="L_AD on the two highest-response latents, or a random pair")
+    parser.add_argument("--ad-maps", choices=("relu", "abs"), default="relu",
+                        help="maps L_AD compares: the paper's ReLU maps, or their absolute "
+                             "value (ReLU maps can be emptied to satisfy L_AD; see "
+                             "keras_vae_attn/models/factor_vae.py)")
     parser.add_argument("--ad-first-order", action="store_true",
                         help="treat the gradient weights of L_AD's maps as constants")
     parser.add_argument("--steps", type=int, default=None,
@@ -122,7 +126,8 @@ def build_model(args):
                              dense_units=args.dense_units, recon_loss=args.loss,
                              beta=args.beta, gamma=args.gamma, lambda_ad=args.lambda_ad,
                              ad_layer=args.layer, ad_pairs=args.ad_pairs,
-                             ad_second_order=not args.ad_first_order, seed=args.seed)
+                             ad_second_order=not args.ad_first_order, ad_maps=args.ad_maps,
+                             seed=args.seed)
     model.compile(optimizer=optimizer,
                   d_optimizer=keras.optimizers.Adam(args.d_lr, beta_1=0.5, beta_2=0.9))
     return model

@@ -11,6 +11,13 @@ with the highest *response*, the total mass sum_hw M_i of their map, i.e. the tw
 whose codes depend most on this image's features (|mu_i| would instead rank distance from
 the prior mean, which says nothing about where a latent looks); random distinct pairs are
 an option, and so is first order only (w_i treated as constants).
+
+The maps L_AD compares are the paper's ReLU(sum_k w_i[k] A_k) by default. Measured on
+dSprites (bench/RESULTS.md), training satisfies that L_AD by *emptying* maps: weights
+whose weighted sum is negative everywhere give an all-zero map, which overlaps nothing.
+``ad_maps="abs"`` compares |sum_k w_i[k] A_k| instead: a map can then only vanish where
+the latent does not depend on the features at all, so lowering L_AD means separating
+where the latents look.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from keras_vae_attn.attention import combine
 from keras_vae_attn.models.vae import VAE
 
 PAIR_MODES = ("top", "random")
+AD_MAPS = ("relu", "abs")
 
 
 def build_discriminator(latent_dim, units=1000, depth=6, name="discriminator"):
@@ -70,10 +78,13 @@ class FactorVAE(VAE):
     """VAE + gamma * TC (discriminator) + lambda_ad * L_AD; ``lambda_ad=0`` is FactorVAE."""
 
     def __init__(self, encoder, decoder, discriminator, gamma=40.0, lambda_ad=0.0,
-                 ad_layer="last", ad_pairs="top", ad_second_order=True, **kwargs):
+                 ad_layer="last", ad_pairs="top", ad_second_order=True, ad_maps="relu",
+                 **kwargs):
         super().__init__(encoder, decoder, **kwargs)
         if ad_pairs not in PAIR_MODES:
             raise ValueError(f"unknown ad_pairs {ad_pairs!r}; choose one of {PAIR_MODES}")
+        if ad_maps not in AD_MAPS:
+            raise ValueError(f"unknown ad_maps {ad_maps!r}; choose one of {AD_MAPS}")
         if lambda_ad and self.latent_dim < 2:
             raise ValueError(f"L_AD needs at least 2 latent dims, got {self.latent_dim}")
         self.discriminator = discriminator
@@ -82,6 +93,7 @@ class FactorVAE(VAE):
         self.ad_layer = ad_layer
         self.ad_pairs = ad_pairs
         self.ad_second_order = bool(ad_second_order)
+        self.ad_maps = ad_maps
         self.d_optimizer = None
         if self.lambda_ad:
             split = self.explainer(ad_layer)
@@ -134,7 +146,11 @@ class FactorVAE(VAE):
         weights = tf.transpose(tf.reshape(pooled, [self.latent_dim, batch, -1]), [1, 0, 2])
         if not self.ad_second_order:
             weights = tf.stop_gradient(weights)
-        maps = combine(weights, tf.cast(features, dtype))
+        features = tf.cast(features, dtype)
+        if self.ad_maps == "abs":
+            maps = tf.abs(tf.einsum("bdk,bhwk->bdhw", weights, features))
+        else:
+            maps = combine(weights, features)
         return mu_all[:batch], logvar_all[:batch], maps
 
     def choose_pair(self, maps):
@@ -212,7 +228,7 @@ class FactorVAE(VAE):
 def build_factor_vae(backbone="factorvae", input_shape=(64, 64, 1), latent_dim=10,
                      filters=(32, 32, 64, 64), dense_units=128, recon_loss="bce", beta=1.0,
                      gamma=40.0, lambda_ad=0.0, ad_layer="last", ad_pairs="top",
-                     ad_second_order=True, d_units=1000, d_depth=6, seed=0):
+                     ad_second_order=True, d_units=1000, d_depth=6, seed=0, ad_maps="relu"):
     """Build a FactorVAE (an AD-FactorVAE when ``lambda_ad`` > 0) from a plain-dict spec.
 
     Defaults are the FactorVAE paper's dSprites net: conv 32-32-64-64, dense 128, 10
@@ -223,13 +239,13 @@ def build_factor_vae(backbone="factorvae", input_shape=(64, 64, 1), latent_dim=1
                 recon_loss=recon_loss, beta=float(beta), gamma=float(gamma),
                 lambda_ad=float(lambda_ad), ad_layer=ad_layer, ad_pairs=ad_pairs,
                 ad_second_order=bool(ad_second_order), d_units=int(d_units),
-                d_depth=int(d_depth), seed=int(seed))
+                d_depth=int(d_depth), seed=int(seed), ad_maps=ad_maps)
     encoder, decoder = backbones.build_backbone(backbone, tuple(input_shape), latent_dim,
                                                 filters=filters, dense_units=dense_units)
     discriminator = build_discriminator(latent_dim, d_units, d_depth)
     model = FactorVAE(encoder, decoder, discriminator, gamma=gamma, lambda_ad=lambda_ad,
                       ad_layer=ad_layer, ad_pairs=ad_pairs, ad_second_order=ad_second_order,
-                      recon_loss=recon_loss, beta=beta, seed=seed, spec=spec)
+                      ad_maps=ad_maps, recon_loss=recon_loss, beta=beta, seed=seed, spec=spec)
     model(np.zeros((1, *input_shape), np.float32))
     model.discriminator(np.zeros((1, latent_dim), np.float32))
     return model
