@@ -181,15 +181,16 @@ def main(argv=None):
     args = parse_args(argv)
     train_images, test = load_data(args)
     from keras_vae_attn import viz
+    from keras_vae_attn.data import augment
 
     model = load_model(args) if args.model_dir else None
     run_dir = common.run_dir_for(args, f"mvtec-{args.category}")
     print(f"run folder: {run_dir}", file=sys.stderr)
     if model is not None:
         history, train_seconds = None, 0.0
-        if (args.feature_baseline == "normal"
-                and model.explainer(args.layer).layer_name not in model.feature_baselines):
-            fit_feature_baseline(model, train_images, args.layer)
+        if args.feature_baseline == "normal" and not model.has_feature_baseline(args.layer):
+            model.fit_feature_baselines(augment.train_dataset(train_images, 64, shuffle=False),
+                                        [args.layer])
     else:
         model, history, train_seconds = train(args, train_images, test, run_dir)
     started = time.perf_counter()
@@ -212,14 +213,6 @@ def main(argv=None):
           + (", curves.png" if history else ""))
     print(f"figures and metrics.json in {run_dir}")
     return run_dir
-
-
-def fit_feature_baseline(model, train_images, layer):
-    """The mean feature map of the (un-augmented) training images at ``layer``."""
-    from keras_vae_attn.data import augment
-
-    model.fit_feature_baselines(augment.train_dataset(train_images, 64, shuffle=False),
-                                [layer])
 
 
 def load_model(args):
@@ -265,9 +258,10 @@ def train(args, train_images, test, run_dir):
     common.check_diverged(guard)
     recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
                                                         shuffle=False))
-    model.fit_normal_stats(augment.train_dataset(train_images, 64, shuffle=False))
+    normal = augment.train_dataset(train_images, 64, shuffle=False)   # un-augmented
+    model.fit_normal_stats(normal)
     if args.feature_baseline == "normal":
-        fit_feature_baseline(model, train_images, args.layer)
+        model.fit_feature_baselines(normal, [args.layer])
     save_vae(model, os.path.join(run_dir, "model"))
     return model, losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), train_seconds
 

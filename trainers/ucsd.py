@@ -252,14 +252,14 @@ def main(argv=None):
                         callbacks=callbacks, verbose=0 if args.quiet else 2)
     train_seconds = time.perf_counter() - started
     common.check_diverged(guard)
-    model.fit_normal_stats(augment.train_dataset(train_images, 256, shuffle=False))
+    normal = augment.train_dataset(train_images, 256, shuffle=False)
+    model.fit_normal_stats(normal)
     if args.feature_baseline == "normal":
-        model.fit_feature_baselines(augment.train_dataset(train_images, 256, shuffle=False),
-                                    sorted(set(args.layers + [args.layer])))
+        model.fit_feature_baselines(normal, sorted(set(args.layers + [args.layer])))
     save_vae(model, os.path.join(run_dir, "model"))
 
     started = time.perf_counter()
-    mean_frame = to_float(train_images).mean(axis=0)
+    mean_frame = train_images.mean(axis=0) / 255.0       # no float copy of every frame
     methods, roc, maps = evaluate(model, test, args, mean_frame)
     eval_seconds = time.perf_counter() - started
     lines = table(methods, args.subset)

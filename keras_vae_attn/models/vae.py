@@ -163,11 +163,15 @@ class VAE(keras.Model):
                 explainer.feature_mean(dataset).numpy()
         return self.feature_baselines
 
+    def has_feature_baseline(self, layer):
+        """Whether a mean normal feature map is stored for ``layer`` ("last" resolved)."""
+        return self.explainer(layer).layer_name in self.feature_baselines
+
     def feature_baseline(self, layer):
         """The stored mean normal feature map of ``layer`` as a constant (a Const node
         inside a traced graph, so exports carry it); a clear error when none is stored."""
         name = self.explainer(layer).layer_name
-        if name not in self.feature_baselines:
+        if not self.has_feature_baseline(name):
             fitted = ", ".join(sorted(self.feature_baselines)) or "none"
             raise ValueError(f"no normal feature baseline for layer {name!r} (fitted: "
                              f"{fitted}); call model.fit_feature_baselines(normal_images, "
