@@ -118,6 +118,29 @@ def save_score_curve(steps, scores, final, path, title, ylabel):
     _save(fig, path, 100)
 
 
+def save_seed_scores(rows, path, title, ylabel):
+    """One bar per method at its mean score (sample std as the error bar) with each seed
+    as a dot: how far apart methods are against how much seeds scatter.
+
+    ``rows``: {method: list of per-seed scores}.
+    """
+    fig, axis = plt.subplots(figsize=(7, 3.6))
+    for position, (method, scores) in enumerate(rows.items()):
+        scores = np.asarray(scores, np.float64)
+        spread = scores.std(ddof=1) if len(scores) > 1 else 0.0
+        axis.bar(position, scores.mean(), color="#9ecae1", width=0.6)
+        axis.errorbar(position, scores.mean(), yerr=spread, color="k", capsize=6)
+        axis.scatter(np.full(len(scores), position), scores, color="#08519c", zorder=3,
+                     label="one seed" if position == 0 else None)
+    axis.set_xticks(range(len(rows)), [m.replace(" (", "\n(") for m in rows], fontsize=8)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, 100)
+
+
 def _save(fig, path, dpi):
     """Write to a temporary name and rename, so a reader never sees half a PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
