@@ -42,7 +42,7 @@ def test_attention_overlap_is_zero_for_disjoint_and_one_for_equal_maps():
 def l_ad(model, images):
     """Mean L_AD of the model's chosen pair, for fixed images."""
     _, _, maps = model.latent_maps_differentiable(images)
-    return tf.reduce_mean(losses.attention_overlap(*fv.pair_maps(maps, model.choose_pair(maps))))
+    return tf.reduce_mean(model.attention_loss(maps))
 
 
 def weight_named(model, layer_name):
@@ -58,8 +58,9 @@ def float64():
     keras.config.set_floatx(previous)
 
 
-def test_l_ad_gradient_matches_finite_differences(float64):
-    model = tiny_model(lambda_ad=1.0)
+@pytest.mark.parametrize("ad_maps", ["relu", "normalized"])
+def test_l_ad_gradient_matches_finite_differences(float64, ad_maps):
+    model = tiny_model(lambda_ad=1.0, ad_maps=ad_maps)
     images = tf.constant(sprites(6), tf.float64)
     rng = np.random.default_rng(0)
     for layer in ("conv1", "mu"):      # mu reaches the maps only through w_i: 2nd order
@@ -115,6 +116,27 @@ def test_abs_maps_keep_what_relu_maps_drop():
     assert (maps["relu"][negative] == 0).all() and (maps["abs"][negative] > 0).all()
     with pytest.raises(ValueError, match="unknown ad_maps"):
         tiny_model(lambda_ad=1.0, ad_maps="square")
+
+
+def test_normalized_maps_compare_where_latents_look_not_how_strongly():
+    rng = np.random.default_rng(0)
+    strong = tf.constant(rng.random((3, 4, 4)), tf.float32)
+    weak = 0.1 * strong
+    # the same place at a tenth of the strength: abs maps call that little overlap
+    assert losses.attention_overlap(strong, weak).numpy() == pytest.approx([2 * 0.1 / 1.1] * 3)
+    assert losses.attention_overlap(fv.unit_mass(strong), fv.unit_mass(weak)).numpy() == \
+        pytest.approx([1.0] * 3)
+    images = tf.constant(sprites(6))
+    model = tiny_model(lambda_ad=1.0, ad_maps="normalized")
+    maps = model.latent_maps_differentiable(images)[2]
+    first, second = fv.pair_maps(maps, fv.top_pair(maps))
+    expected = losses.attention_overlap(first / tf.reduce_sum(first, [1, 2], keepdims=True),
+                                        second / tf.reduce_sum(second, [1, 2], keepdims=True))
+    np.testing.assert_allclose(model.attention_loss(maps).numpy(), expected.numpy(),
+                               rtol=1e-5)
+    # scaling every map leaves L_AD unchanged
+    np.testing.assert_allclose(model.attention_loss(7.0 * maps).numpy(), expected.numpy(),
+                               rtol=1e-5)
 
 
 def test_pairs_are_distinct_and_top_pair_has_the_largest_maps():

@@ -34,9 +34,10 @@ def build_parser():
                         help="L_AD weight of ad_factor_vae (default 1)")
     parser.add_argument("--ad-pairs", choices=("top", "random"), default="top",
                         help="L_AD on the two highest-response latents, or a random pair")
-    parser.add_argument("--ad-maps", choices=("relu", "abs"), default="relu",
-                        help="maps L_AD compares: the paper's ReLU maps, or their absolute "
-                             "value (ReLU maps can be emptied to satisfy L_AD; see "
+    parser.add_argument("--ad-maps", choices=("relu", "abs", "normalized"), default="relu",
+                        help="maps L_AD compares: the paper's ReLU maps, their absolute "
+                             "value, or absolute maps scaled to unit mass (ReLU maps can "
+                             "be emptied, and abs maps weakened, to satisfy L_AD; see "
                              "keras_vae_attn/models/factor_vae.py)")
     parser.add_argument("--ad-first-order", action="store_true",
                         help="treat the gradient weights of L_AD's maps as constants")

@@ -16,8 +16,10 @@ The maps L_AD compares are the paper's ReLU(sum_k w_i[k] A_k) by default. Measur
 dSprites (bench/RESULTS.md), training satisfies that L_AD by *emptying* maps: weights
 whose weighted sum is negative everywhere give an all-zero map, which overlaps nothing.
 ``ad_maps="abs"`` compares |sum_k w_i[k] A_k| instead: a map can then only vanish where
-the latent does not depend on the features at all, so lowering L_AD means separating
-where the latents look.
+the latent does not depend on the features at all. That still leaves a magnitude
+shortcut: a second map much weaker than the first also overlaps little.
+``ad_maps="normalized"`` scales each of the two abs maps to unit mass before comparing, so
+L_AD = sum_hw min(p_1, p_2) can only fall by separating *where* the latents look.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from keras_vae_attn.attention import combine
 from keras_vae_attn.models.vae import VAE
 
 PAIR_MODES = ("top", "random")
-AD_MAPS = ("relu", "abs")
+AD_MAPS = ("relu", "abs", "normalized")
 
 
 def build_discriminator(latent_dim, units=1000, depth=6, name="discriminator"):
@@ -72,6 +74,11 @@ def pair_maps(maps, pair):
     """The two selected maps per image: (B, D, h, w), (B, 2) -> two (B, h, w)."""
     chosen = tf.gather(maps, pair, axis=1, batch_dims=1)          # (B, 2, h, w)
     return chosen[:, 0], chosen[:, 1]
+
+
+def unit_mass(maps, eps=1e-8):
+    """Each non-negative map (B, h, w) divided by its sum: where it looks, not how much."""
+    return maps / (tf.reduce_sum(maps, axis=[1, 2], keepdims=True) + eps)
 
 
 class FactorVAE(VAE):
@@ -147,7 +154,7 @@ class FactorVAE(VAE):
         if not self.ad_second_order:
             weights = tf.stop_gradient(weights)
         features = tf.cast(features, dtype)
-        if self.ad_maps == "abs":
+        if self.ad_maps in ("abs", "normalized"):
             maps = tf.abs(tf.einsum("bdk,bhwk->bdhw", weights, features))
         else:
             maps = combine(weights, features)
@@ -160,6 +167,13 @@ class FactorVAE(VAE):
         seed = self.next_seed()
         return random_pair(tf.shape(maps)[0], self.latent_dim, seed)
 
+    def attention_loss(self, maps):
+        """Per-example L_AD (B,) of the chosen pair of the maps (B, D, h, w)."""
+        first, second = pair_maps(maps, self.choose_pair(maps))
+        if self.ad_maps == "normalized":
+            first, second = unit_mass(first), unit_mass(second)
+        return losses.attention_overlap(first, second)
+
     # --- training ----------------------------------------------------------------------
     def forward_losses(self, images, training):
         """Per-example recon, KL, L_AD (zeros without it) and the sampled codes z."""
@@ -171,8 +185,7 @@ class FactorVAE(VAE):
         logits = self.decoder(z, training=training)
         recon = losses.reconstruction_loss(images, logits, self.recon_loss)
         kl = losses.kl_divergence(mu, logvar)
-        overlap = losses.attention_overlap(*pair_maps(maps, self.choose_pair(maps)))
-        return recon, kl, overlap, z
+        return recon, kl, self.attention_loss(maps), z
 
     def total_correlation(self, z, training=False):
         """Per-example TC estimate logit(real) - logit(permuted) of the discriminator."""
