@@ -207,6 +207,19 @@ def test_trainer_writes_a_complete_run(tmp_path):
     for figure in ("curves.png", "traversals.png", "attention_pairs.png", "score_curve.png"):
         assert (Path(run_dir) / figure).stat().st_size > 0
     assert isinstance(load_vae(Path(run_dir) / "model"), fv.FactorVAE)
+    assert 0 <= metrics["non_empty_maps_per_image"] <= 10
+    assert 0 <= metrics["empty_second_map_fraction"] <= 1
+
+
+def test_map_usage_counts_switched_off_maps():
+    from trainers import dsprites as trainer
+
+    maps = np.zeros((2, 4, 2, 2))
+    maps[0, 0], maps[0, 2], maps[0, 3] = 1.0, 0.5, 1e-5     # image 0: 2 maps show something
+    maps[1, 1], maps[1, 3] = 2.0, 2.0                        # image 1: 2 equal maps
+    pair = np.array([[0, 3], [1, 3]])                        # image 0's 2nd map is empty
+    usage = trainer.map_usage(maps, pair)
+    assert usage == {"non_empty_maps_per_image": 2.0, "empty_second_map_fraction": 0.5}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -191,6 +191,17 @@ def latent_pairs(model, images, layer):
     return maps.numpy(), pair.numpy(), losses.attention_overlap(*pair_maps(maps, pair)).numpy()
 
 
+def map_usage(maps, pair, empty_below=1e-3):
+    """How many latents' maps still show something: a map is empty when its mass is below
+    ``empty_below`` of the image's largest. A low L_AD with many empty second maps means
+    the loss was met by switching maps off, not by separating them (bench/RESULTS.md)."""
+    mass = maps.sum(axis=(2, 3))                                    # (B, D)
+    floor = empty_below * mass.max(axis=1, keepdims=True)
+    second = mass[np.arange(len(mass)), pair[:, 1]]
+    return {"non_empty_maps_per_image": float((mass > floor).sum(axis=1).mean()),
+            "empty_second_map_fraction": float((second <= floor[:, 0]).mean())}
+
+
 def write_traversals(model, images, path, span=2.5, steps=9):
     """Rows: latent dims by mean KL (most used first); columns: that dim swept over
     [-span, span] from the first image's code; decoded images."""
@@ -276,7 +287,7 @@ def main(argv=None):
         eval_votes=args.metric_eval_votes, samples_per_vote=args.metric_samples,
         variance_samples=args.metric_variance_samples,
         progress=lambda it: common.progress(it, args.quiet, desc="FactorVAE metric"))
-    _, _, overlap = latent_pairs(model, sample[:512], args.layer)
+    held_out_maps, held_out_pair, overlap = latent_pairs(model, sample[:512], args.layer)
     shown = figure_images(data, args.seed)
     maps, pair, shown_overlap = latent_pairs(model, shown, args.layer)
     write_attention_pairs(shown, maps, pair, shown_overlap,
@@ -294,6 +305,7 @@ def main(argv=None):
         "active_dims": score["num_active_dims"],
         "votes": {"train": score["train_votes"], "eval": score["eval_votes"]},
         "attention_overlap_top_pair": float(np.mean(overlap)),
+        **map_usage(held_out_maps, held_out_pair),
         "kl_per_dim": kl_per_dim,
         "model": args.model, "beta": args.beta, "gamma": args.gamma,
         "lambda_ad": args.lambda_ad, "steps": total_steps, "seed": args.seed,
