@@ -210,6 +210,19 @@ def test_trainer_writes_a_complete_run(tmp_path):
     assert 0 <= metrics["non_empty_maps_per_image"] <= 10
     assert 0 <= metrics["empty_second_map_fraction"] <= 1
 
+    # the saved model scored again: the same seed and votes give the same score
+    rescored_dir = trainer.main([
+        "--model-dir", str(Path(run_dir) / "model"), "--metric-train-votes", "4",
+        "--metric-eval-votes", "4", "--metric-samples", "4",
+        "--metric-variance-samples", "32", "--eval-images", "16",
+        "--runs-root", str(tmp_path), "--quiet"])
+    rescored = json.loads((Path(rescored_dir) / "metrics.json").read_text())
+    assert rescored_dir != run_dir and rescored["steps"] is None
+    assert (rescored["model"], rescored["gamma"]) == ("factor_vae", 40.0)
+    for key in ("factor_vae_score", "attention_overlap_top_pair", "non_empty_maps_per_image"):
+        assert rescored[key] == pytest.approx(metrics[key], abs=1e-6), key
+    assert not (Path(rescored_dir) / "curves.png").exists()
+
 
 def test_map_usage_counts_switched_off_maps():
     from trainers import dsprites as trainer
@@ -230,6 +243,7 @@ def test_map_usage_counts_switched_off_maps():
     (["--score-every", "-1"], "--score-every must be 0"),
     (["--beta", "-1"], "--beta must be a non-negative"),
     (["--source", "archive"], "needs --data-dir"),
+    (["--model-dir", "m", "--steps", "5"], "--steps only applies to training"),
 ])
 def test_trainer_rejects_bad_flags(argv, message, capsys):
     from trainers import dsprites as trainer

@@ -3,6 +3,7 @@ FactorVAE metric (the paper's Table 3 and Fig. 8).
 
     python -m trainers.dsprites --model ad_factor_vae --gamma 40 --lambda-ad 1 --steps 3000
     python -m trainers.dsprites --model beta_vae --beta 4 --data-dir path/to/dsprites-npz
+    python -m trainers.dsprites --model-dir runs/dsprites/<run>/model --metric-eval-votes 2000
 
 Without --data-dir the images are regenerated from the factors (or read from an already
 downloaded TFDS copy); ``--source tfds`` downloads it.
@@ -60,11 +61,20 @@ def build_parser():
                         help="train and eval votes of each score taken during training")
     parser.add_argument("--metric-variance-samples", type=int, default=10000,
                         help="images for the per-dimension std of the metric")
+    parser.add_argument("--model-dir", default=None,
+                        help="score this saved model (a run's model/ folder) instead of "
+                             "training: e.g. again with more votes")
     return parser
 
 
 def check_args(parser, args):
     """Fill model-dependent defaults and reject combinations that mean nothing."""
+    if args.model_dir:
+        given = [flag for flag in ("beta", "gamma", "lambda_ad", "steps")
+                 if getattr(args, flag) is not None]
+        if given:
+            parser.error(f"--model-dir scores a saved model: --{given[0].replace('_', '-')} "
+                         "only applies to training")
     factor = args.model in ("factor_vae", "ad_factor_vae")
     if args.gamma is not None and not factor:
         parser.error(f"--gamma applies to factor_vae and ad_factor_vae, not {args.model}")
@@ -245,21 +255,11 @@ def figure_images(data, seed):
     return data.images_from_factors(factors)
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = check_args(parser, common.parse(parser, argv))
-    common.setup_devices(args)
+def train(args, data, run_dir):
+    """Build and fit the --model; (model, Keras history dict, training seconds)."""
     import keras
     import tensorflow as tf
 
-    from keras_vae_attn import viz
-    from keras_vae_attn.data import dsprites
-    from keras_vae_attn.metrics.disentanglement import factor_vae_score
-    from keras_vae_attn.models import save_vae
-
-    data = dsprites.load(args.data_dir, args.source)
-    run_dir = common.run_dir_for(args, "dsprites")
-    print(f"run folder: {run_dir}  (images: {data.source})", file=sys.stderr)
     keras.utils.set_random_seed(args.seed)
     strategy = common.make_strategy(args)
     with strategy.scope():
@@ -275,12 +275,57 @@ def main(argv=None):
     started = time.perf_counter()
     history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         shuffle=False, callbacks=callbacks, verbose=0 if args.quiet else 2)
-    train_seconds = time.perf_counter() - started
     common.check_diverged(guard)
+    return model, history.history, time.perf_counter() - started
+
+
+def load_model(args):
+    """The saved model of --model-dir, checked to take dSprites images."""
+    from keras_vae_attn.models import load_vae
+
+    model = load_vae(args.model_dir)
+    if list(model.spec["input_shape"]) != [64, 64, 1]:
+        raise SystemExit(f"error: the model in {args.model_dir!r} takes "
+                         f"{model.spec['input_shape']} images, not dSprites' [64, 64, 1]")
+    return model
+
+
+def describe(model):
+    """--model name and loss weights of a built or loaded model."""
+    from keras_vae_attn.models.factor_vae import FactorVAE
+
+    if isinstance(model, FactorVAE):
+        name = "ad_factor_vae" if model.lambda_ad else "factor_vae"
+        return {"model": name, "beta": model.beta, "gamma": model.gamma,
+                "lambda_ad": model.lambda_ad, "ad_maps": model.ad_maps}
+    return {"model": "beta_vae" if model.beta != 1 else "vae", "beta": model.beta,
+            "gamma": 0.0, "lambda_ad": 0.0}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = check_args(parser, common.parse(parser, argv))
+    common.setup_devices(args)
+    import tensorflow as tf
+
+    from keras_vae_attn import viz
+    from keras_vae_attn.data import dsprites
+    from keras_vae_attn.metrics.disentanglement import factor_vae_score
+    from keras_vae_attn.models import save_vae
+
+    data = dsprites.load(args.data_dir, args.source)
+    model = load_model(args) if args.model_dir else None
+    run_dir = common.run_dir_for(args, "dsprites")
+    print(f"run folder: {run_dir}  (images: {data.source})", file=sys.stderr)
     sample = data.images_from_factors(data.sample_factors(args.eval_images,
                                                           np.random.default_rng([args.seed, 1])))
-    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(sample).batch(256))
-    save_vae(model, os.path.join(run_dir, "model"))
+    if model is None:
+        model, curves, train_seconds = train(args, data, run_dir)
+        model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(sample).batch(256))
+        save_vae(model, os.path.join(run_dir, "model"))
+    else:
+        curves, train_seconds = {}, 0.0
+    kind = describe(model)
 
     score = factor_vae_score(
         encoder_means(model), data, seed=args.seed, train_votes=args.metric_train_votes,
@@ -293,12 +338,13 @@ def main(argv=None):
     write_attention_pairs(shown, maps, pair, shown_overlap,
                           os.path.join(run_dir, "attention_pairs.png"))
     kl_per_dim = write_traversals(model, shown, os.path.join(run_dir, "traversals.png"))
-    curves = history.history
-    viz.save_curves({k: v for k, v in curves.items() if k in ("loss", "recon")},
-                    os.path.join(run_dir, "curves.png"), title=f"{args.model}: loss")
-    viz.save_curves({k: v for k, v in curves.items() if k not in ("loss", "recon")},
-                    os.path.join(run_dir, "curves_terms.png"), title=f"{args.model}: terms")
-    total_steps = args.epochs * args.steps_per_epoch
+    if curves:
+        viz.save_curves({k: v for k, v in curves.items() if k in ("loss", "recon")},
+                        os.path.join(run_dir, "curves.png"), title=f"{kind['model']}: loss")
+        viz.save_curves({k: v for k, v in curves.items() if k not in ("loss", "recon")},
+                        os.path.join(run_dir, "curves_terms.png"),
+                        title=f"{kind['model']}: terms")
+    total_steps = args.epochs * args.steps_per_epoch if curves else None
     metrics = {
         "factor_vae_score": score["eval_accuracy"],
         "factor_vae_train_accuracy": score["train_accuracy"],
@@ -307,21 +353,23 @@ def main(argv=None):
         "attention_overlap_top_pair": float(np.mean(overlap)),
         **map_usage(held_out_maps, held_out_pair),
         "kl_per_dim": kl_per_dim,
-        "model": args.model, "beta": args.beta, "gamma": args.gamma,
-        "lambda_ad": args.lambda_ad, "steps": total_steps, "seed": args.seed,
-        "seconds_per_step": train_seconds / total_steps, "images": data.source,
+        **kind, "steps": total_steps, "seed": args.seed, "model_dir": args.model_dir,
+        "seconds_per_step": train_seconds / total_steps if total_steps else None,
+        "images": data.source,
         "final_losses": {k: float(v[-1]) for k, v in curves.items()},
     }
-    if args.score_every:
+    if args.score_every and curves:
         steps, scores = score_curve(os.path.join(run_dir, "training_log.jsonl"))
         metrics["score_curve"] = {"steps": steps, "scores": scores}
         viz.save_score_curve(steps, scores, (total_steps, score["eval_accuracy"]),
                              os.path.join(run_dir, "score_curve.png"),
-                             title=f"{args.model}: FactorVAE score", ylabel="FactorVAE score")
+                             title=f"{kind['model']}: FactorVAE score",
+                             ylabel="FactorVAE score")
     common.write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    print(f"{args.model}: FactorVAE score {score['eval_accuracy']:.3f} "
+    print(f"{kind['model']}: FactorVAE score {score['eval_accuracy']:.3f} "
           f"({score['num_active_dims']} active dims), top-pair L_AD "
-          f"{metrics['attention_overlap_top_pair']:.3f}")
+          f"{metrics['attention_overlap_top_pair']:.3f}, "
+          f"{metrics['non_empty_maps_per_image']:.1f} non-empty latent maps per image")
     print(f"figures and metrics in {run_dir}")
     return run_dir
 
