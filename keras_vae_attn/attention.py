@@ -410,9 +410,14 @@ def relative_features(features, baseline):
     return features - baseline
 
 
+def weighted_sum(weights, features):
+    """sum_k w_i[k] A_k, signed: (B, D, K) x (B, h, w, K) -> (B, D, h, w)."""
+    return tf.einsum("bdk,bhwk->bdhw", weights, features)
+
+
 def combine(weights, features):
     """M_i = ReLU(sum_k w_i[k] A_k): (B, D, K) x (B, h, w, K) -> (B, D, h, w)."""
-    return tf.nn.relu(tf.einsum("bdk,bhwk->bdhw", weights, features))
+    return tf.nn.relu(weighted_sum(weights, features))
 
 
 def anomaly_weights(explanation, normal_stats, score="energy", sample=False, seed=None):

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import backbones, losses
-from keras_vae_attn.attention import combine
+from keras_vae_attn.attention import weighted_sum
 from keras_vae_attn.models.vae import VAE
 
 PAIR_MODES = ("top", "random")
@@ -153,11 +153,8 @@ class FactorVAE(VAE):
         weights = tf.transpose(tf.reshape(pooled, [self.latent_dim, batch, -1]), [1, 0, 2])
         if not self.ad_second_order:
             weights = tf.stop_gradient(weights)
-        features = tf.cast(features, dtype)
-        if self.ad_maps in ("abs", "normalized"):
-            maps = tf.abs(tf.einsum("bdk,bhwk->bdhw", weights, features))
-        else:
-            maps = combine(weights, features)
+        signed = weighted_sum(weights, tf.cast(features, dtype))
+        maps = tf.nn.relu(signed) if self.ad_maps == "relu" else tf.abs(signed)
         return mu_all[:batch], logvar_all[:batch], maps
 
     def choose_pair(self, maps):
