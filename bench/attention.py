@@ -12,6 +12,7 @@ Table 1 times all D per-latent maps three ways at each (network, layer, D):
 Table 2 compares attention at the last conv layer with a plain encoder forward pass at
 the same batch (the cost floor), eager, in tf.function and with XLA. Table 3 times the
 anomaly heatmap per-latent (D backward passes) and from the total energy (one pass).
+Table 4 times each attribution form's heatmap against the encoder forward pass.
 """
 from __future__ import annotations
 
@@ -136,6 +137,36 @@ def anomaly_table(cases, repeats, budget):
     return rows
 
 
+def forms_table(cases, repeats, budget):
+    """Each attribution form's anomaly heatmap (``scoring.explain_anomaly``, total-energy
+    target, standardized deviation) against the encoder forward pass, same batch."""
+    from keras_vae_attn import scoring
+    from keras_vae_attn.models import build_vae
+    from keras_vae_attn.runs import ExplainOptions
+
+    rows = []
+    for kind, size, batch, layer, latent in cases:
+        model = build_vae(kind, (size, size, 3), latent)
+        explainer = model.explainer(layer)
+        model.add_feature_distribution(explainer.layer_name, explainer.front.output.shape[1:])
+        images = tf.constant(np.random.default_rng(0).random((batch, size, size, 3)),
+                             tf.float32)
+        forward = tf.function(lambda x: model.encoder(x, training=False)[0])
+        base = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
+        for form in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
+                     "deviation"):
+            options = ExplainOptions(layers=(layer,), form=form, target="total-energy",
+                                     deviation="standardized", sign="abs", steps=8)
+            heat = tf.function(lambda x, o=options: scoring.explain_anomaly(
+                model, x, o, keys=("heatmap",))["heatmap"])
+            seconds = median_seconds(lambda h=heat: h(images).numpy(), repeats,
+                                     budget_s=budget)
+            rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
+                         "batch": batch, "form": form, "forward s": base,
+                         "heatmap s": seconds, "heatmap/forward": seconds / base})
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +181,7 @@ def main(argv=None):
         naive = [("small", 32, 2, "last", 4), ("resnet18", 32, 2, "layer2", 4)]
         floor = [("resnet18", 32, 2, 4)]
         anomaly = [("resnet18", 32, 2, "layer2", 4)]
+        forms = [("resnet18", 32, 2, "conv1", 4)]
         args.repeats, args.budget = 2, 5.0
     else:
         dims = [int(d) for d in args.latent_dims.split(",")]
@@ -158,6 +190,7 @@ def main(argv=None):
         floor = [("resnet18", 256, 16, 32), ("small", 64, 16, 32)]
         anomaly = [("small", 64, 16, layer, 32) for layer in ("last", "conv1")]
         anomaly += [("resnet18", 256, 4, layer, 32) for layer in ("last", "layer2")]
+        forms = [("resnet18", 256, 16, layer, 32) for layer in ("conv1", "layer1")]
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPU cores\n")
     print("All D per-latent maps: batched pass vs loop vs batch_jacobian (median seconds)")
@@ -172,6 +205,10 @@ def main(argv=None):
     print_table(anomaly_table(anomaly, args.repeats, args.budget),
                 ["net", "layer", "D", "batch", "forward s", "per-latent s", "total-energy s",
                  "per-latent/total", "total/forward"])
+    print("\nAttribution forms (total energy, standardized) vs the encoder forward pass")
+    print_table(forms_table(forms, args.repeats, args.budget),
+                ["net", "layer", "batch", "form", "forward s", "heatmap s",
+                 "heatmap/forward"])
 
 
 if __name__ == "__main__":

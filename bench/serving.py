@@ -71,7 +71,7 @@ def backends(folder, model, options, threads=0):
     onnx_export.export(folder, onnx_path, verify=False)
     onnx_s = time.perf_counter() - started
 
-    keras_fn = tf.function(lambda x: scoring.explain_anomaly(model, x, **options),
+    keras_fn = tf.function(lambda x: scoring.explain_anomaly(model, x, options),
                            reduce_retracing=True)
     signature = tf.saved_model.load(version).signatures["serving_default"]
     session = onnx_export.session(onnx_path, threads)

@@ -11,7 +11,7 @@ import json
 import os
 from typing import NamedTuple
 
-RUN_COMPLETE = "metrics.json"
+from keras_vae_attn.runs import RUN_COMPLETE, ExplainOptions, OptionError
 
 
 class ExportError(Exception):
@@ -21,9 +21,9 @@ class ExportError(Exception):
 class Run(NamedTuple):
     """A trained run folder, loaded.
 
-    ``options`` are the keyword arguments of ``explain_anomaly`` the run used (layer,
-    score, gradient_relu, smooth, feature_baseline); ``complete`` is False when ``metrics.json`` is
-    missing (training or evaluation did not finish).
+    ``options`` is the :class:`~keras_vae_attn.runs.ExplainOptions` the run was
+    evaluated with; ``complete`` is False when ``metrics.json`` is missing (training or
+    evaluation did not finish).
     """
 
     path: str
@@ -34,11 +34,24 @@ class Run(NamedTuple):
 
 
 def explain_options(config):
-    """``explain_anomaly`` keyword arguments from a run's ``config.json`` dict."""
-    return {"layer": config.get("layer", "last"), "score": config.get("score", "energy"),
-            "gradient_relu": bool(config.get("gradient_relu", False)),
-            "smooth": float(config.get("smooth", 0.0) or 0.0),
-            "feature_baseline": config.get("feature_baseline", "zero")}
+    """The run's ExplainOptions from its ``config.json`` dict; ExportError if invalid."""
+    try:
+        return ExplainOptions.from_config(config)
+    except (OptionError, TypeError) as error:
+        raise ExportError(f"config.json holds invalid explain options: {error}") from None
+
+
+def check_options(run):
+    """Build every explainer the run's options need, and check the model holds the
+    fitted state they read (feature distributions, layer scales): ValueError if not."""
+    options = run.options
+    for layer in options.layers:
+        run.model.explainer(layer, options.gradient_relu)
+        if options.needs_distribution:
+            run.model.feature_distribution(layer)
+    if options.needs_scales:
+        raise ValueError(f"the options combine layers {options.layers} but config.json "
+                         "holds no layer_scales for them")
 
 
 def load_run(path):

@@ -198,7 +198,7 @@ def write_overlays(paths, images, outputs, out_dir, vmax=None):
 def infer(model_path, image_paths, out_dir, batch_size=16):
     """Run ``model_path`` on ``image_paths``; writes overlays and scores.json into
     ``out_dir`` and returns the scores dict."""
-    from trainers.common import write_json
+    from keras_vae_attn.runs import write_json
 
     backend = open_model(model_path)
     chunks = []

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from export import ExportError, load_run, load_thresholds, refuse_existing
+from export import ExportError, check_options, load_run, load_thresholds, refuse_existing
 from export.saved_model import anomaly_outputs, input_shape, warn_incomplete
 
 MIN_OPSET = 13
@@ -56,7 +56,7 @@ def onnx_options(options):
     """``options`` with the attention batched as "stack" (D copies of the head, one plain
     backward pass): its gradient ops all have handlers, while the vectorized Jacobian
     (pfor) leaves ops tf2onnx cannot convert. The maps are the same."""
-    return {**options, "method": "stack"}
+    return options.replace(method="stack")
 
 
 def convert(model, options, thresholds=None, opset=DEFAULT_OPSET):
@@ -75,7 +75,7 @@ def convert(model, options, thresholds=None, opset=DEFAULT_OPSET):
     missing = unsupported_nodes(model_proto)
     if missing:
         listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
-        raise ExportError(f"the attention graph at layer {options['layer']!r} needs "
+        raise ExportError(f"the attention graph at layer(s) {'+'.join(options.layers)!r} needs "
                           f"TensorFlow ops that have no ONNX handler at opset {opset}: "
                           f"{listed}. export.onnx_handlers covers "
                           f"{', '.join(onnx_handlers.HANDLED_OPS)}")
@@ -135,7 +135,7 @@ def add_metadata(model_proto, run, thresholds):
     """Record the input shape, options and thresholds in the model's metadata_props."""
     height, width, channels = input_shape(run.model)
     props = {"input_shape": json.dumps([height, width, channels]),
-             "options": json.dumps(run.options),
+             "options": json.dumps(run.options.as_config()),
              "thresholds": json.dumps(thresholds.as_dict() if thresholds else None),
              "latent_dim": str(int(run.model.latent_dim)),
              "source_run": os.path.abspath(run.path),
@@ -160,7 +160,7 @@ def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, veri
     values = load_thresholds(thresholds) if thresholds else None
     run = load_run(run_dir)
     try:
-        run.model.explainer(run.options["layer"], run.options["gradient_relu"])
+        check_options(run)
     except ValueError as error:
         raise ExportError(f"cannot build the attention graph of {run_dir!r}: {error}") from None
     model_proto = convert(run.model, run.options, values, opset)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from export import lineage
-from trainers.common import write_json
+from keras_vae_attn.runs import write_json
 
 STAGES = ("train", "evaluate", "validate", "export", "push")
 METHOD = "anomaly_attention"
@@ -290,16 +290,14 @@ def calibrate_run(model_dir, train_config, held_out, args):
     model = load_vae(model_dir)
     size, channels = train_config["image_size"], train_config.get("channels", 3)
     options = explain_options(train_config)
-    layer = options.pop("layer")
     keys = ("heatmap", "score")
     if args.validation_dir:
         split = mvtec.load_test(args.validation_dir, args.category, size, channels)
-        out = scoring.batched(model, mvtec.to_float(split.images), 16, layer, keys=keys,
-                              **options)
+        out = scoring.batched(model, mvtec.to_float(split.images), 16, options, keys=keys)
         return calibration.from_labelled(out["heatmap"], split.masks, out["score"],
                                          split.labels)
     images, _ = mvtec.decode_files(held_out, size, channels)
-    out = scoring.batched(model, mvtec.to_float(images), 16, layer, keys=keys, **options)
+    out = scoring.batched(model, mvtec.to_float(images), 16, options, keys=keys)
     return calibration.from_normal(out["heatmap"], out["score"], args.pixel_percentile,
                                    args.image_percentile)
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 
-from export import RUN_COMPLETE, ExportError, load_run, load_thresholds
+from export import RUN_COMPLETE, ExportError, check_options, load_run, load_thresholds
 
 ANOMALY_OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
 ATTENTION_OUTPUTS = ("per_latent", "attention", "mu")
@@ -42,13 +42,13 @@ def input_shape(model):
 def anomaly_outputs(model, images, options, thresholds=None):
     """The serving outputs for float images (B, H, W, C): a dict of tensors.
 
-    ``options`` are ``explain_anomaly``'s keyword arguments (layer, score, ...);
+    ``options``: the run's :class:`~keras_vae_attn.runs.ExplainOptions`;
     with ``thresholds`` the calibrated decisions of
     :func:`keras_vae_attn.calibration.decide` are added.
     """
     from keras_vae_attn import calibration, scoring
 
-    out = scoring.explain_anomaly(model, images, **options)
+    out = scoring.explain_anomaly(model, images, options)
     result = {name: out[name] for name in ANOMALY_OUTPUTS}
     if thresholds is not None:
         result.update(calibration.decide(out["heatmap"], out["score"], thresholds))
@@ -106,9 +106,9 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
     height, width, channels = input_shape(model)
     images_spec = tf.TensorSpec((None, height, width, channels), tf.float32, name="images")
     bytes_spec = tf.TensorSpec((None,), tf.string, name="image_bytes")
-    explain_layer = explain_layer or options["layer"]
-    for layer in (options["layer"], explain_layer):   # an unknown layer fails before tracing
-        model.explainer(layer, options["gradient_relu"])
+    explain_layer = explain_layer or options.layer
+    for layer in (*options.layers, explain_layer):    # an unknown layer fails before tracing
+        model.explainer(layer, options.gradient_relu)
 
     def serve(images):
         images = check_images(images, height, width, channels)
@@ -116,7 +116,7 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
 
     def explain(images):
         images = check_images(images, height, width, channels)
-        return attention_outputs(model, images, explain_layer, options["gradient_relu"])
+        return attention_outputs(model, images, explain_layer, options.gradient_relu)
 
     def serve_bytes(image_bytes):
         image_bytes = tf.ensure_shape(image_bytes, (None,), name="image_bytes")
@@ -137,8 +137,8 @@ def export_info(run, thresholds, explain_layer):
 
     height, width, channels = input_shape(run.model)
     return {"source_run": os.path.abspath(run.path), "run_complete": run.complete,
-            "input_shape": [height, width, channels], "options": run.options,
-            "explain_layer": explain_layer or run.options["layer"],
+            "input_shape": [height, width, channels], "options": run.options.as_config(),
+            "explain_layer": explain_layer or run.options.layer,
             "latent_dim": int(run.model.latent_dim),
             "thresholds": thresholds.as_dict() if thresholds is not None else None,
             "signatures": list(SIGNATURES),
@@ -161,7 +161,7 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     place. ``thresholds`` is a path to a ``thresholds.json``. Refusals (no trained
     model, existing version without ``force``, bad thresholds) touch nothing.
     """
-    from trainers.common import write_json
+    from keras_vae_attn.runs import write_json
 
     base = os.path.join(out, model_name)
     if version is None:
@@ -173,6 +173,7 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     values = load_thresholds(thresholds) if thresholds else None
     run = load_run(run_dir)
     try:
+        check_options(run)
         archive = build_archive(run.model, run.options, values, explain_layer)
     except ValueError as error:       # an unknown --layer / --explain-layer
         raise ExportError(f"cannot build the serving graph of {run_dir!r}: {error}") from None

@@ -10,20 +10,26 @@ latent mean (and log-variance).
     maps = explainer.latent_maps(images)        # (B, D, h, w)
     heat = explainer.attention(images)          # (B, H, W)
 """
-from keras_vae_attn.attention import (
-    Explanation,
-    NormalStats,
-    VAEAttention,
-    difference_distribution,
-    feature_layer_names,
-    fit_normal_stats,
-    normalize_maps,
-)
-from keras_vae_attn.viz import overlay
+import importlib
+
+# Imported on first use, so that `keras_vae_attn.runs` (flags, config) loads without
+# TensorFlow and a CLI's --help answers at once.
+_LAZY = {"Explanation": "attention", "NormalStats": "attention", "VAEAttention": "attention",
+         "difference_distribution": "attention", "feature_layer_names": "attention",
+         "fit_normal_stats": "attention", "normalize_maps": "attention", "overlay": "viz",
+         "ExplainOptions": "runs"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"keras_vae_attn.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'keras_vae_attn' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExplainOptions",
     "Explanation",
     "NormalStats",
     "VAEAttention",

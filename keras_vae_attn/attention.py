@@ -95,6 +95,16 @@ def feature_layer_names(encoder):
             and not isinstance(layer, keras.layers.InputLayer)]
 
 
+def stage_layer_names(encoder):
+    """The encoder's named stages ("conv1", "conv2", ... or "conv1", "layer1", ...): the
+    layers attention is usually taken at, in order, without the BN/ReLU/add layers
+    inside them. Layer sets "by position" (bench.localization_grid) count these."""
+    import re
+
+    return [name for name in feature_layer_names(encoder)
+            if re.fullmatch(r"(conv|layer)\d+", name)]
+
+
 def _find_layer(encoder, name):
     for layer in _all_layers(encoder):
         if layer.name == name:
@@ -392,6 +402,128 @@ class VAEAttention:
         heatmap = tf.nn.relu(tf.einsum("bk,bhwk->bhw", weights, features))
         return EnergyAttention(heatmap / tf.cast(tf.shape(mu)[-1], tf.float32), mu, logvar,
                                energy)
+
+    # --- gradients for the attribution forms (keras_vae_attn/attribution.py) ----------
+    def target_gradients(self, images, target, normal_stats, relu_latent_gradients=False):
+        """Gradients of a target with respect to A, unpooled.
+
+        ``target``: "latent" (u_i, per latent), "energy" (the Eq. 5 energy of each latent,
+        its variance held at this image's value) or "total-energy" (their sum, one
+        backward pass). Returns (A (B, h, w, K), grads (B, T, h, w, K), mu, logvar) with
+        T = D for the per-latent targets and 1 for the total energy.
+        ``relu_latent_gradients`` applies ReLU to dmu_i/dA before the per-latent factor
+        (the paper's printed Eq. 3, as ``gradient_relu`` does in :meth:`explain`).
+        """
+        images = self._checked(images)
+        mean, std = (tf.cast(v, tf.float32) for v in normal_stats)
+        if target == TOTAL_ENERGY:
+            return self._run(self._total_energy_gradients, images, mean, std)
+        if target not in ANOMALY_SCORES:
+            raise ValueError(f"unknown target {target!r}; choose one of {ANOMALY_SCORES}")
+        return self._run(self._latent_target_gradients, images, mean, std, target,
+                         bool(relu_latent_gradients))
+
+    def path_gradients(self, images, normal_stats, baseline, steps):
+        """Integrated-gradient ingredients for the total energy: the gradients averaged
+        over ``steps`` midpoints of the straight path from ``baseline`` (h, w, K) to A,
+        all path points in one batched pass. The energy along the path uses this image's
+        variance (fixed), so the attributions sum to E(A) - E(baseline).
+        Returns (A, mean gradients (B, 1, h, w, K), mu, logvar)."""
+        images = self._checked(images)
+        if self.head is None:
+            raise ValueError(f"the integrated form needs layer {self.layer_name!r} to be a "
+                             "cut point of a functional encoder (no skip connection around "
+                             "it)")
+        mean, std = (tf.cast(v, tf.float32) for v in normal_stats)
+        return self._run(self._path_gradients, images, mean, std,
+                         tf.cast(baseline, tf.float32), int(steps))
+
+    def forward(self, images):
+        """(A, mu, logvar) without any gradient: what the "deviation" form needs."""
+        images = self._checked(images)
+        return self._run(self._forward_graph, images)
+
+    def _checked(self, images):
+        images = tf.convert_to_tensor(images)
+        self.check_images(images)
+        if self.logvar_index is None:
+            raise ValueError("anomaly attention needs the encoder's log-variance output")
+        return images
+
+    def _forward_graph(self, images):
+        with tf.GradientTape() as tape:
+            features, outputs = self._forward(images, tape)
+        return (tf.cast(features, tf.float32), tf.cast(outputs[self.latent_index], tf.float32),
+                tf.cast(outputs[self.logvar_index], tf.float32))
+
+    def _energy(self, mu, variance, normal_mean):
+        return 0.5 * tf.reduce_sum(tf.square(normal_mean - mu) / variance, -1)
+
+    def _total_energy_gradients(self, images, normal_mean, normal_std):
+        with tf.GradientTape() as tape:
+            features, outputs = self._forward(images, tape)
+            mu = tf.cast(outputs[self.latent_index], tf.float32)
+            logvar = tf.cast(outputs[self.logvar_index], tf.float32)
+            _, variance = difference_distribution(normal_mean, normal_std, mu,
+                                                  tf.exp(0.5 * logvar))
+            energy = self._energy(mu, tf.stop_gradient(variance), normal_mean)
+        grads = tf.cast(tape.gradient(energy, features), tf.float32)[:, None]
+        return tf.cast(features, tf.float32), grads, mu, logvar
+
+    def _latent_target_gradients(self, images, normal_mean, normal_std, target,
+                                 relu_latent_gradients=False):
+        if self.method == "stack":
+            features = self.front(images, training=False)
+            depth, batch = self.latent_dim, tf.shape(features)[0]
+            stacked = tf.tile(features, [depth, 1, 1, 1])
+            with tf.GradientTape() as tape:
+                tape.watch(stacked)
+                outputs = _as_list(self.head(stacked, training=False))
+                latent = tf.cast(outputs[self.latent_index], tf.float32)
+                selector = tf.repeat(tf.eye(depth), repeats=batch, axis=0)
+                chosen = tf.reduce_sum(latent * selector)
+            grads = tape.gradient(chosen, stacked)                      # (D*B, h, w, K)
+            grads = tf.reshape(grads, tf.concat([[depth, batch], tf.shape(grads)[1:]], 0))
+            grads = tf.transpose(grads, [1, 0, 2, 3, 4])
+            mu, logvar = latent[:batch], outputs[self.logvar_index][:batch]
+        else:
+            with tf.GradientTape() as tape:
+                features, outputs = self._forward(images, tape)
+                mu = tf.cast(outputs[self.latent_index], tf.float32)
+            grads = tape.batch_jacobian(mu, features)                    # (B, D, h, w, K)
+            logvar = outputs[self.logvar_index]
+        grads = tf.cast(grads, tf.float32)
+        if relu_latent_gradients:
+            grads = tf.nn.relu(grads)
+        logvar = tf.cast(logvar, tf.float32)
+        if target == "latent":                                           # du_i = -dmu_i
+            factor = -tf.ones_like(mu)
+        else:                                                            # dE_i/dmu_i
+            mean, variance = difference_distribution(normal_mean, normal_std, mu,
+                                                     tf.exp(0.5 * logvar))
+            factor = -mean / variance
+        return (tf.cast(features, tf.float32), grads * factor[:, :, None, None, None], mu,
+                logvar)
+
+    def _path_gradients(self, images, normal_mean, normal_std, baseline, steps):
+        features = tf.cast(self.front(images, training=False), tf.float32)
+        outputs = _as_list(self.head(features, training=False))
+        mu = tf.cast(outputs[self.latent_index], tf.float32)
+        logvar = tf.cast(outputs[self.logvar_index], tf.float32)
+        _, variance = difference_distribution(normal_mean, normal_std, mu,
+                                              tf.exp(0.5 * logvar))
+        alphas = (tf.range(steps, dtype=tf.float32) + 0.5) / float(steps)
+        path = baseline + alphas[:, None, None, None, None] * (features - baseline)[None]
+        shape = tf.shape(features)
+        path = tf.reshape(path, tf.concat([[-1], shape[1:]], 0))         # (m*B, h, w, K)
+        with tf.GradientTape() as tape:
+            tape.watch(path)
+            along = _as_list(self.head(path, training=False))
+            mu_path = tf.cast(along[self.latent_index], tf.float32)
+            energy = self._energy(mu_path, tf.tile(variance, [steps, 1]), normal_mean)
+        grads = tf.reshape(tape.gradient(energy, path),
+                           tf.concat([[steps], shape], 0))
+        return features, tf.reduce_mean(grads, 0)[:, None], mu, logvar
 
     def fit_normal_stats(self, dataset):
         """Latent statistics of normal data; see :func:`fit_normal_stats`."""

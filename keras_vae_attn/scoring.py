@@ -2,9 +2,12 @@
 exported graphs all call, so they cannot disagree."""
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import attention as attn
+from keras_vae_attn import attribution, losses
+from keras_vae_attn.runs import ExplainOptions
 
 
 def gaussian_blur(maps, sigma):
@@ -26,27 +29,71 @@ def gaussian_blur(maps, sigma):
     return x[..., 0]
 
 
-FEATURE_BASELINES = ("zero", "normal")
+def resolve_options(options=None, **legacy):
+    """An :class:`~keras_vae_attn.runs.ExplainOptions` from ``options`` (the object, a
+    layer name, or None) and the keyword arguments of the calls before it existed
+    (layer, score, gradient_relu, smooth, method, feature_baseline, or any option field)."""
+    if isinstance(options, ExplainOptions):
+        return options.replace(**legacy) if legacy else options
+    if options is not None:
+        legacy.setdefault("layer", options)
+    return ExplainOptions.from_legacy(**legacy)
 
 
-def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=False,
-                    smooth=0.0, method="auto", keys=None, feature_baseline="zero"):
+def layer_map(model, images, layer, options, stats):
+    """One layer's anomaly map at feature resolution (B, h, w), and mu, logvar."""
+    explainer = model.explainer(layer, method=options.method)
+    form = attribution.get_form(options.form)
+    distribution = (model.feature_distribution(layer) if options.needs_distribution
+                    else None)
+    # gradient_relu of a per-latent target acts on dmu_i/dA, before the energy factor
+    relu_first = options.gradient_relu and options.target != attn.TOTAL_ENERGY
+    if not form.needs_gradient:
+        features, mu, logvar = explainer.forward(images)
+        grads = None
+    elif form.integrated:
+        start = (distribution.mean if distribution is not None else
+                 tf.zeros(explainer.front.output.shape[1:], tf.float32))
+        attribution.check_shape(tf.TensorShape(explainer.front.output.shape), start)
+        features, grads, mu, logvar = explainer.path_gradients(images, stats, start,
+                                                               options.steps)
+    else:
+        features, grads, mu, logvar = explainer.target_gradients(
+            images, options.target, stats, relu_latent_gradients=relu_first)
+    if form.integrated:
+        dev = features - tf.cast(start, tf.float32)
+    else:
+        dev = attribution.deviation(features, distribution, options.deviation)
+    relu_after = options.gradient_relu and not relu_first
+    return attribution.attribute(form, grads, dev, options.sign, relu_after), mu, logvar
+
+
+def combine_layers(maps, options):
+    """Maps of several layers (each (B, H, W), at input size) in one: each divided by
+    its normal-data scale, then their mean or product."""
+    if len(maps) == 1:
+        return maps[0]
+    if options.layer_scales is None:
+        raise ValueError(f"combining layers {options.layers} needs their normal-data scales: "
+                         "fit them first (scoring.fit_layer_scales)")
+    scaled = tf.stack([m / s for m, s in zip(maps, options.layer_scales)], 0)
+    return tf.reduce_mean(scaled, 0) if options.combine == "mean" else tf.reduce_prod(scaled, 0)
+
+
+def explain_anomaly(model, images, options=None, keys=None, **legacy):
     """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
 
-    ``smooth`` > 0 blurs heatmap and recon_error alike (:func:`gaussian_blur`, sigma in
-    pixels), so the two stay comparable. ``method`` batches the backward passes
-    (:class:`~keras_vae_attn.attention.VAEAttention`); it does not change the maps.
-    ``score`` is what the anomaly attention back-propagates: "energy" and "latent" are
-    per-latent (D backward passes), "total-energy" the summed energy (one pass).
-    ``keys`` limits the outputs computed: without "per_latent" and "attention", a
-    "total-energy" heatmap skips the D per-latent backward passes entirely.
-    ``feature_baseline="normal"`` weighs the layer's features minus the model's stored
-    mean normal feature map (``model.fit_feature_baselines``) instead of the features
-    themselves ("zero", the paper's Grad-CAM form); see keras_vae_attn/attention.py.
+    ``options``: an :class:`~keras_vae_attn.runs.ExplainOptions` (layers, target, form,
+    deviation, sign, smooth, ...; see keras_vae_attn/attribution.py). The keyword
+    arguments of earlier versions (layer, score, gradient_relu, smooth, method,
+    feature_baseline) still work. ``smooth`` > 0 blurs heatmap and recon_error alike
+    (:func:`gaussian_blur`, sigma in pixels), so the two stay comparable. ``keys`` limits
+    the outputs computed: without "per_latent" and "attention" no per-latent Grad-CAM
+    pass runs.
 
     Returns a dict of float32 tensors (those in ``keys``, or all):
-      heatmap (B, H, W)        anomaly attention (Eq. 5) at ``layer``
-      per_latent (B, D, h, w)  per-latent attention M_i (Eq. 3-4)
+      heatmap (B, H, W)        the anomaly map of ``options``
+      per_latent (B, D, h, w)  per-latent attention M_i (Eq. 3-4) at the first layer
       attention (B, H, W)      overall attention M
       recon_error (B, H, W)    |x - reconstruction|, mean over channels (the baseline)
       reconstruction (B, H, W, C)
@@ -57,61 +104,67 @@ def explain_anomaly(model, images, layer="last", score="energy", gradient_relu=F
       recon_score (B,)         mean reconstruction error
       attention_energy (B,)    mean of the heatmap
     """
+    options = resolve_options(options, **legacy)
     images = tf.convert_to_tensor(images, tf.float32)
-    if feature_baseline not in FEATURE_BASELINES:
-        raise ValueError(f"unknown feature_baseline {feature_baseline!r}; choose one of "
-                         f"{FEATURE_BASELINES}")
-    explainer = model.explainer(layer, gradient_relu=gradient_relu, method=method)
     stats = model.normal_stats()
-    baseline = model.feature_baseline(layer) if feature_baseline == "normal" else None
     size = tf.shape(images)[1:3]
     wanted = set(keys) if keys is not None else None
-    needs_latent_maps = wanted is None or bool(wanted & {"per_latent", "attention"})
-    explanation = (explainer.explain(images)
-                   if needs_latent_maps or score != attn.TOTAL_ENERGY else None)
-    if explanation is None:                  # total-energy heatmap alone: one backward pass
-        fast = explainer.energy_attention(images, stats, baseline)
-        small, mu, logvar = fast.heatmap, fast.mu, fast.logvar
-    else:
-        small = tf.reduce_mean(attn.anomaly_maps(explanation, stats, score,
-                                                 baseline=baseline), 1)
-        mu, logvar = explanation.mu, explanation.logvar
-    heatmap = gaussian_blur(attn.upsample(small, size), smooth)
-    reconstruction = model.decode(mu)
-    recon_error = gaussian_blur(tf.reduce_mean(tf.abs(images - reconstruction), axis=-1),
-                                smooth)
+    maps = []
+    for layer in options.layers:
+        small, mu, logvar = layer_map(model, images, layer, options, stats)
+        maps.append(attn.upsample(small, size))
+    heatmap = gaussian_blur(combine_layers(maps, options), options.smooth)
     mean, variance = attn.difference_distribution(stats.mean, stats.std, mu,
                                                   tf.exp(0.5 * logvar))
     out = {
         "heatmap": heatmap,
-        "recon_error": recon_error,
-        "reconstruction": reconstruction,
         "mu": mu,
         "logvar": logvar,
         "score": tf.reduce_max(heatmap, axis=[1, 2]),
         "latent_distance": 0.5 * tf.reduce_sum(tf.square(mean) / variance, axis=-1),
-        "kl": 0.5 * tf.reduce_sum(tf.exp(logvar) + tf.square(mu) - 1.0 - logvar, axis=-1),
-        "recon_score": tf.reduce_mean(recon_error, axis=[1, 2]),
+        "kl": losses.kl_divergence(mu, logvar),
         "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
     }
-    if explanation is not None:
-        out["per_latent"] = explanation.latent_maps
-        out["attention"] = attn.upsample(tf.reduce_mean(explanation.latent_maps, axis=1), size)
+    if wanted is None or wanted & {"reconstruction", "recon_error", "recon_score"}:
+        reconstruction = model.decode(mu)
+        recon_error = gaussian_blur(tf.reduce_mean(tf.abs(images - reconstruction), axis=-1),
+                                    options.smooth)
+        out.update(reconstruction=reconstruction, recon_error=recon_error,
+                   recon_score=tf.reduce_mean(recon_error, axis=[1, 2]))
+    if wanted is None or wanted & {"per_latent", "attention"}:
+        explainer = model.explainer(options.layer, gradient_relu=options.gradient_relu,
+                                    method=options.method)
+        latent_maps = explainer.explain(images).latent_maps
+        out["per_latent"] = latent_maps
+        out["attention"] = attn.upsample(tf.reduce_mean(latent_maps, axis=1), size)
     return {key: value for key, value in out.items() if wanted is None or key in wanted}
 
 
-def batched(model, images, batch_size=64, layer="last", keys=None, progress=None, **kwargs):
+def fit_layer_scales(model, images, options, batch_size=64):
+    """``options`` with ``layer_scales`` set: each layer's 99th-percentile map value over
+    ``images`` (normal training images, float (N, H, W, C)). Single layers need none."""
+    if len(options.layers) == 1:
+        return options
+    scales = []
+    for layer in options.layers:
+        single = options.replace(layers=(layer,), smooth=0.0)
+        heat = batched(model, images, batch_size, options=single, keys=("heatmap",))["heatmap"]
+        scales.append(max(float(np.percentile(heat, 99.0)), 1e-12))
+    return options.replace(layer_scales=tuple(scales))
+
+
+def batched(model, images, batch_size=64, options=None, keys=None, progress=None, **legacy):
     """Run :func:`explain_anomaly` over a numpy array in batches; numpy dict out.
 
-    ``keys`` limits what is kept (maps of a whole test set are large); ``progress``
-    wraps the batch iterator (e.g. a tqdm factory).
+    ``options`` as in :func:`explain_anomaly` (or a layer name, with the old keyword
+    arguments); ``keys`` limits what is kept (maps of a whole test set are large);
+    ``progress`` wraps the batch iterator (e.g. a tqdm factory).
     """
-    import numpy as np
-
+    options = resolve_options(options, **legacy)
     starts = range(0, len(images), batch_size)
     if progress is not None:
         starts = progress(starts)
-    run = tf.function(lambda x: explain_anomaly(model, x, layer, keys=keys, **kwargs))
+    run = tf.function(lambda x: explain_anomaly(model, x, options, keys=keys))
     collected = {}
     for start in starts:
         batch = np.asarray(images[start:start + batch_size], np.float32)

@@ -57,15 +57,21 @@ def _train_run(folder, model, images, config, batch_size):
     import keras
     import tensorflow as tf
 
+    from keras_vae_attn import scoring
     from keras_vae_attn.models import save_vae
+    from keras_vae_attn.runs import ExplainOptions
 
     keras.utils.set_random_seed(0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # no tracing
     model.fit(images, epochs=1, batch_size=batch_size, shuffle=False, verbose=0)
     model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(images).batch(64))
-    if config.get("feature_baseline") == "normal":
-        model.fit_feature_baselines(tf.data.Dataset.from_tensor_slices(images).batch(64),
-                                    [config["layer"]])
+    options = ExplainOptions.from_config(config)
+    if options.needs_distribution or options.form == "deviation":
+        model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(images).batch(64),
+                                        list(options.layers))
+    if options.needs_scales:
+        options = scoring.fit_layer_scales(model, images, options)
+        config = {**config, "explain": options.as_config()}
     save_vae(model, str(folder / "model"))
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "metrics.json").write_text("{}")
@@ -144,10 +150,11 @@ def mvtec_export(build_once, mvtec_run, mvtec_images):
 
         from keras_vae_attn import calibration, scoring
         from keras_vae_attn.models import load_vae
+        from keras_vae_attn.runs import ExplainOptions
 
         model = load_vae(str(mvtec_run / "model"))
-        out = scoring.batched(model, mvtec_images[0], 16, "last", keys=("heatmap", "score"),
-                              smooth=1.0, feature_baseline="normal")
+        options = ExplainOptions.from_config(json.loads((mvtec_run / "config.json").read_text()))
+        out = scoring.batched(model, mvtec_images[0], 16, options, keys=("heatmap", "score"))
         thresholds = calibration.from_normal(out["heatmap"], out["score"])
         (folder / "thresholds.json").write_text(json.dumps(thresholds.as_dict()))
         _export_both(folder, mvtec_run, str(folder / "thresholds.json"))

@@ -1,5 +1,7 @@
 """The attention math: batched maps equal per-latent references and closed forms."""
 import keras
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -266,28 +268,29 @@ def test_feature_baseline_of_another_size_is_refused(vae):
         explainer.feature_mean([])
 
 
-def test_model_keeps_feature_baselines_through_save_and_load(tmp_path):
+def test_model_keeps_feature_distributions_through_save_and_load(tmp_path):
     from keras_vae_attn import scoring
     from keras_vae_attn.models import load_vae, save_vae
 
     model = build_vae("small", (28, 28, 1), latent_dim=6, filters=(8, 16), dense_units=32)
     x = images(3)
-    with pytest.raises(ValueError, match="no normal feature baseline for layer 'conv1'"):
+    with pytest.raises(ValueError, match="no normal feature distribution for layer 'conv1'"):
         scoring.explain_anomaly(model, x, "conv1", feature_baseline="normal")
     with pytest.raises(ValueError, match="unknown feature_baseline"):
         scoring.explain_anomaly(model, x, "conv1", feature_baseline="mean")
-    model.fit_feature_baselines(tf.data.Dataset.from_tensor_slices(images(8)).batch(4),
-                                ["conv1", "last"])
-    assert sorted(model.feature_baselines) == ["conv1", "conv2"]       # "last" resolved
+    model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(images(8)).batch(4),
+                                    ["conv1", "last"])
+    assert model.feature_layers == ["conv1", "conv2"]                  # "last" resolved
     before = scoring.explain_anomaly(model, x, "conv1", feature_baseline="normal")
     plain = scoring.explain_anomaly(model, x, "conv1")
     assert not np.allclose(before["heatmap"].numpy(), plain["heatmap"].numpy())
     save_vae(model, str(tmp_path / "m"))
+    assert sorted(os.listdir(tmp_path / "m")) == ["model.json", "model.weights.h5"]
     loaded = load_vae(str(tmp_path / "m"))
     after = scoring.explain_anomaly(loaded, x, "conv1", feature_baseline="normal")
     np.testing.assert_allclose(after["heatmap"].numpy(), before["heatmap"].numpy(),
                                rtol=1e-5, atol=1e-7)
-    # saving a model without baselines into the same folder drops the stale file
+    # a model saved without distributions into the same folder loads without them
     save_vae(build_vae("small", (28, 28, 1), latent_dim=6, filters=(8, 16),
                        dense_units=32), str(tmp_path / "m"))
-    assert load_vae(str(tmp_path / "m")).feature_baselines == {}
+    assert load_vae(str(tmp_path / "m")).feature_layers == []

@@ -17,8 +17,13 @@ def run_bench(name):
 def test_attention_benchmark_prints_its_three_tables():
     out = run_bench("attention")
     assert "loop/batched" in out and "attention/forward" in out and "per-latent/total" in out
+    assert "heatmap/forward" in out
+    forms = [line for line in out.splitlines() if "| resnet18" in line and "conv1" in line]
+    assert {f for f in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
+                        "deviation") if any(f"| {f} " in line for line in forms)} == {
+        "gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "deviation"}
     rows = [line for line in out.splitlines() if line.startswith("| resnet18")]
-    assert len(rows) == 5          # one naive-comparison row, three floor rows, one anomaly row
+    assert len(rows) == 10   # one naive-comparison, three floor, one anomaly, five form rows
 
 
 def test_training_benchmark_times_the_step_with_and_without_xla():

@@ -32,7 +32,7 @@ def test_both_backends_score_files_like_the_trained_model(mvtec_run, mvtec_expor
     model = load_vae(str(mvtec_run / "model"))
     options = explain_options(json.loads((mvtec_run / "config.json").read_text()))
     decoded, _ = mvtec.decode_files(files, 64, 3)
-    want = scoring.explain_anomaly(model, mvtec.to_float(decoded), **options)["score"].numpy()
+    want = scoring.explain_anomaly(model, mvtec.to_float(decoded), options)["score"].numpy()
     for name, got in results.items():
         np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
 

@@ -42,7 +42,7 @@ def load_saved(folder):
 def in_memory(run, images):
     """What the trainer computes for ``images`` with the run's options (numpy dict)."""
     config = json.loads((run / "config.json").read_text())
-    out = scoring.explain_anomaly(trained_model(run), images, **explain_options(config))
+    out = scoring.explain_anomaly(trained_model(run), images, explain_options(config))
     return {key: value.numpy() for key, value in out.items()}
 
 
@@ -183,7 +183,7 @@ def test_force_replaces_a_version_whole(mnist_run, mnist_export, tmp_path):
     assert not os.path.exists(os.path.join(target, "stale.txt"))
     assert sorted(os.listdir(out / "model")) == ["1"]        # no staging left behind
     info = json.loads((out / "model" / "1" / "assets" / "export.json").read_text())
-    assert info["options"]["layer"] == "last" and info["input_shape"] == [28, 28, 1]
+    assert info["options"]["layers"] == ["last"] and info["input_shape"] == [28, 28, 1]
     x = tf.constant(np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32))
     new = tf.saved_model.load(target).signatures["serving_default"](images=x)
     old = load_saved(mnist_export / "serving" / "model" / "1"

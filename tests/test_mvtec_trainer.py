@@ -50,7 +50,8 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     assert not (Path(again) / "curves.png").exists()
     assert rescored["layer"] == "layer3" and rescored["seconds"]["train"] == 0.0
     # re-scored relative to the normal features (fitted on the training images then)
-    assert json.loads((Path(again) / "config.json").read_text())["feature_baseline"] == "normal"
+    explain = json.loads((Path(again) / "config.json").read_text())["explain"]
+    assert explain["deviation"] == "centered" and explain["layers"] == ["layer3"]
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,9 @@ def test_exported_decisions_match_python_thresholds(first_run):
     images = np.random.default_rng(0).random((5, 32, 32, 3)).astype("float32")
     model = load_vae(str(pipe / "train" / "model"))
     config = json.loads((pipe / "train" / "config.json").read_text())
-    raw = scoring.explain_anomaly(model, images, config["layer"])
+    from export import explain_options
+
+    raw = scoring.explain_anomaly(model, images, explain_options(config))
     expected = calibration.decide(raw["heatmap"], raw["score"], thresholds)
     loaded = tf.saved_model.load(str(work / "serving" / "vae_demo" / "1"))
     served = loaded.signatures["serving_default"](images=tf.constant(images))

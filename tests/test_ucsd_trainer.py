@@ -33,8 +33,9 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
         metrics = json.load(handle)
-    names = ["recon_error", "attention_conv1", "attention_conv2", "attention_conv3",
-             "mean_frame_difference"]
+    names = ["anomaly_attention", "recon_error", "feature_deviation",
+             "mean_image_difference", "pixel_deviation", "attention_conv1",
+             "attention_conv2", "attention_conv3"]
     assert sorted(metrics["methods"]) == sorted(names)
     for values in metrics["methods"].values():
         for key in ("pixel_auroc", "aupro", "best_iou", "image_auroc"):
@@ -42,25 +43,32 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     assert metrics["test_clips"] == ["Test001", "Test002"]     # Test003 has no masks
     assert metrics["test_frames"] == 2 * SMALL["frames"]
     assert metrics["train_frames"] == 2 * SMALL["frames"]
-    assert set(metrics["attention_beats_recon"]) == {"conv1", "conv2", "conv3"}
-    assert set(metrics["attention_beats_mean_frame"]) == {"conv1", "conv2", "conv3"}
-    assert metrics["feature_baseline"] == "normal"                # the UCSD default
+    assert set(metrics["attention_beats_recon"]) == {"anomaly_attention", "conv1", "conv2",
+                                                     "conv3"}
+    # every reference at every smoothing level (0, side/32, side/16), side by side
+    assert set(metrics["references"]) == set(names[:5])
+    assert list(metrics["references"]["recon_error"]) == ["0", "1.25", "2.5"]
+    config = json.loads(open(os.path.join(run_dir, "config.json")).read())
+    assert metrics["exported_layers"] == config["explain"]["layers"]   # what exports serve
     printed = capsys.readouterr().out
-    rows = ("recon difference", "attention conv1", "attention conv2", "attention conv3",
-            "mean-frame diff")
+    rows = ("anomaly attention", "recon difference", "feature deviation", "mean-image diff",
+            "pixel z-score")
     positions = [printed.find(row) for row in rows]              # the table, in order
     assert -1 not in positions and positions == sorted(positions)
     assert "0.86" in printed and "0.92" in printed              # the paper's column
+    assert "anomaly attention beats" in printed or "does not beat" in printed
 
     # The saved model reproduces the recorded number through the shared scoring code.
     from keras_vae_attn import scoring
     from keras_vae_attn.metrics import localization
     from keras_vae_attn.models import load_vae
+    from keras_vae_attn.runs import ExplainOptions
 
     model = load_vae(os.path.join(run_dir, "model"))
     test = ucsd_data.load_test(str(data_root), "ped1", size=40)
-    heatmap = scoring.batched(model, ucsd_data.to_float(test.images), 8, "conv2",
-                              keys=("heatmap",), feature_baseline="normal")["heatmap"]
+    options = ExplainOptions.from_config(config).replace(layers=("conv2",))
+    heatmap = scoring.batched(model, ucsd_data.to_float(test.images), 8, options,
+                              keys=("heatmap",))["heatmap"]
     assert localization.pixel_auroc(heatmap, test.masks) == pytest.approx(
         metrics["methods"]["attention_conv2"]["pixel_auroc"], abs=1e-4)
 

@@ -11,32 +11,60 @@ import sys
 
 import numpy as np
 
-RUN_COMPLETE = "metrics.json"
+from keras_vae_attn import runs
+from keras_vae_attn.runs import RUN_COMPLETE, to_jsonable, write_json  # noqa: F401
+
 BACKUP_DIR = "backup"
 KEEP_CHECKPOINTS = 3       # newest per-epoch weight files kept in <run>/checkpoints
 
 
-# keras_vae_attn.attention.ANOMALY_SCORES and scoring.FEATURE_BASELINES, named here so
-# --help needs no TensorFlow
-ANOMALY_SCORES = ("energy", "latent", "total-energy")
-FEATURE_BASELINES = ("zero", "normal")
-
-
 def add_attention_flags(parser):
-    """--score, --gradient-relu and --smooth: how a localization trainer's maps are made."""
-    parser.add_argument("--score", choices=ANOMALY_SCORES, default="energy",
-                        help="what the anomaly attention back-propagates: the energy or the "
-                             "latent per dimension (D backward passes), or the total energy "
-                             "(one pass; see keras_vae_attn/attention.py)")
-    parser.add_argument("--gradient-relu", action="store_true",
-                        help="ReLU on gradients before pooling (the paper's printed Eq. 3)")
-    parser.add_argument("--smooth", type=float, default=0.0,
-                        help="Gaussian blur sigma (pixels) applied to every map before scoring")
-    parser.add_argument("--feature-baseline", choices=FEATURE_BASELINES, default="zero",
-                        help="weigh the layer's features as they are (zero: the paper's "
-                             "Grad-CAM form) or minus their mean over the normal training "
-                             "images (normal: the map shows what differs from the normal "
-                             "scene; stored with the model)")
+    """How a localization trainer's maps are made: a preset plus per-option overrides,
+    parsed into one ExplainOptions by :func:`explain_options`."""
+    group = parser.add_argument_group("attribution (keras_vae_attn/attribution.py)")
+    group.add_argument("--attribution", choices=sorted(runs.PRESETS), default="default",
+                       help="preset: 'default' (chosen over several datasets, see "
+                            "bench/RESULTS.md) or 'paper' (Grad-CAM of the per-latent "
+                            "Eq. 5 energy, as printed); the flags below override it")
+    group.add_argument("--form", choices=runs.FORMS, default=None,
+                       help="how gradients and features become a map")
+    group.add_argument("--target", "--score", dest="target", choices=runs.TARGETS,
+                       default=None, help="what is back-propagated: u_i or the energy per "
+                                          "latent (D backward passes), or the total energy "
+                                          "(one); --score is the old name")
+    group.add_argument("--deviation", choices=runs.DEVIATIONS, default=None,
+                       help="features as they are, minus their normal mean, or standardized "
+                            "by the normal mean and std per position and channel")
+    group.add_argument("--feature-baseline", choices=("zero", "normal"), default=None,
+                       help="old name: zero = --deviation none, normal = --deviation centered")
+    group.add_argument("--sign", choices=runs.SIGNS, default=None,
+                       help="for gradcam/hirescam/integrated: ReLU, absolute value or signed")
+    group.add_argument("--gradient-relu", action="store_true",
+                       help="gradcam: ReLU on gradients before pooling (the paper's printed "
+                            "Eq. 3)")
+    group.add_argument("--ig-steps", type=int, default=8,
+                       help="path points of --form integrated (batched in one pass)")
+    group.add_argument("--combine", choices=runs.COMBINES, default="mean",
+                       help="how the maps of several --layer names are combined")
+    group.add_argument("--smooth", type=float, default=0.0,
+                       help="Gaussian blur sigma (pixels) of the served heatmap; every "
+                            "method is also reported at 0, side/32 and side/16")
+
+
+def explain_options(parser, args):
+    """The run's ExplainOptions from its flags; a bad value is a parser error naming it."""
+    try:
+        return runs.ExplainOptions.from_args(args)
+    except runs.OptionError as error:
+        parser.error(str(error))
+
+
+def check_layers(parser, options, valid):
+    """Refuse, before any training, a --layer name the encoder does not have."""
+    unknown = [name for name in options.layers if name not in valid and name != "last"]
+    if unknown:
+        parser.error(f"--layer {unknown[0]!r} is not a feature map of this encoder; "
+                     f"valid: {', '.join(valid)}")
 
 
 def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
@@ -119,6 +147,15 @@ def run_dir_for(args, experiment):
     return path
 
 
+def record_options(run_dir, options):
+    """Store the explain options the run is evaluated (and exported) with in its
+    config.json, fitted layer scales included."""
+    path = os.path.join(run_dir, runs.CONFIG)
+    config = runs.read_config(run_dir)
+    config["explain"] = options.as_config()
+    write_json(path, config)
+
+
 def _new_run_name(parent, digest):
     """`<timestamp>-<hash>`, with a counter when that folder already exists."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -138,26 +175,6 @@ def worker_index():
         return 0
     index = int(task.get("index", 0))
     return index + 1 if "chief" in config.get("cluster", {}) else index
-
-
-def write_json(path, data):
-    """Write JSON atomically (temp file + rename)."""
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(to_jsonable(data), handle, indent=2, sort_keys=True)
-    os.replace(partial, path)
-
-
-def to_jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
 
 
 def setup_devices(args):
@@ -313,3 +330,44 @@ def main_guard(main):
     except (DataError, TrainingDiverged, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def recalibrate_batch_norm(model, dataset):
+    """Set every BatchNorm layer's moving mean/variance to the average of its batch
+    statistics over ``dataset``, run through the training forward pass.
+
+    With momentum 0.99 the moving averages trail the weights by ~100 steps, so after a
+    short training the model in inference mode is not the one that was trained (its
+    reconstructions drift to a wrong mean image). Batch k is blended in with momentum
+    k / (k + 1), which leaves the exact average of all batches. Weights are untouched.
+    """
+    import keras
+
+    layers = [layer for part in (model.encoder, model.decoder) for layer in part.layers
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    try:
+        for index, images in enumerate(dataset):
+            for layer in layers:
+                layer.momentum = index / (index + 1.0)
+            model.vae_losses(images, training=True)      # eager: reads momentum each call
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+
+
+def losses_per_epoch(log_path):
+    """{loss name: [value per epoch]} from the run's training log.
+
+    Read from the log rather than Keras' History, so a run resumed from its backup
+    still plots (and reports) every epoch, not only those after the resume.
+    """
+    by_epoch = {}
+    with open(log_path, encoding="utf-8") as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if entry.get("event") == "epoch_end":
+                by_epoch[entry["epoch"]] = entry        # a re-run epoch replaces the old
+    names = ("loss", "recon", "kl")
+    return {name: [by_epoch[e][name] for e in sorted(by_epoch) if name in by_epoch[e]]
+            for name in names if any(name in entry for entry in by_epoch.values())}

@@ -365,7 +365,7 @@ def main(argv=None):
                              os.path.join(run_dir, "score_curve.png"),
                              title=f"{kind['model']}: FactorVAE score",
                              ylabel="FactorVAE score")
-    common.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
     print(f"{kind['model']}: FactorVAE score {score['eval_accuracy']:.3f} "
           f"({score['num_active_dims']} active dims), top-pair L_AD "
           f"{metrics['attention_overlap_top_pair']:.3f}, "

@@ -17,40 +17,51 @@ def build_parser():
     parser.add_argument("--normal-digit", type=int, default=1, help="the normal class, 0-9")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
+    common.add_attention_flags(parser)
+    parser.set_defaults(layer="conv1")
     return parser
 
 
-SCORES = ("recon_score", "kl", "latent_distance", "attention_energy")
+SCORES = ("recon_score", "kl", "latent_distance", "attention_energy", "score")
+REFERENCES = ("mean_image_difference", "pixel_deviation")   # model-free, mean of the map
 
 
-def evaluate(model, images, labels, normal_digit, layer, batch_size, quiet):
-    """Image-level AUROC (normal digit vs all others) for each score."""
+def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pixels):
+    """Image-level AUROC (normal digit vs all others) for each score: the model's, and
+    the model-free references (``pixels``: the normal images' PixelDistribution)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from keras_vae_attn import scoring
+    from keras_vae_attn import references, scoring
 
-    out = scoring.batched(model, images, batch_size, layer, keys=SCORES,
+    out = scoring.batched(model, images, batch_size, options, keys=SCORES,
                           progress=lambda it: common.progress(it, quiet, desc="evaluate"))
+    out["attention_max"] = out.pop("score")
+    out.update({name: m.mean(axis=(1, 2))
+                for name, m in references.reference_maps(images, pixels).items()})
     is_anomaly = (labels != normal_digit).astype(int)
     metrics, curves = {}, {}
-    for name in SCORES:
+    if len(set(is_anomaly)) < 2:
+        return {"image_auroc": {name: None for name in out},
+                "image_auroc_undefined": "the test images hold only one class",
+                "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, {}
+    for name in out:
         auc = float(roc_auc_score(is_anomaly, out[name]))
         fpr, tpr, _ = roc_curve(is_anomaly, out[name])
         metrics[name] = auc
         curves[name] = (fpr, tpr, auc)
-    best = max(SCORES, key=metrics.get)
+    best = max(metrics, key=metrics.get)
     return {"image_auroc": metrics, "best_score": best, "best_auroc": metrics[best],
             "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, curves
 
 
-def write_figures(model, run_dir, images, labels, layer):
+def write_figures(model, run_dir, images, labels, options):
     """gallery.png (Fig. 4 of the paper) and latent_maps.png (Fig. 1)."""
     from keras_vae_attn import scoring, viz
     from keras_vae_attn.attention import upsample
 
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
     batch = images[picks]
-    out = {k: v.numpy() for k, v in scoring.explain_anomaly(model, batch, layer).items()}
+    out = {k: v.numpy() for k, v in scoring.explain_anomaly(model, batch, options).items()}
     overlays = viz.overlay(batch, out["heatmap"], vmax=out["heatmap"].max())  # one scale
     rows = [[batch[i], out["reconstruction"][i], overlays[i]] for i in range(len(picks))]
     viz.save_grid(rows, os.path.join(run_dir, "gallery.png"),
@@ -77,6 +88,8 @@ def tf_reshape_maps(maps):
 def main(argv=None):
     parser = build_parser()
     args = common.parse(parser, argv)
+    options = common.explain_options(parser, args)
+    args.explain = options.as_config()
     try:
         from keras_vae_attn.data import mnist
         mnist.check_digit(args.normal_digit)
@@ -108,26 +121,37 @@ def main(argv=None):
                .shuffle(len(normal), seed=args.seed).batch(args.batch_size)
                .prefetch(tf.data.AUTOTUNE))
     watch = kva_callbacks.AttentionImages(test_x[:4], os.path.join(run_dir, "tensorboard"),
-                                          args.layer)
+                                          options.layer)
     callbacks, guard = common.standard_callbacks(run_dir, watch)
     history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         shuffle=False,
                         callbacks=callbacks, verbose=0 if args.quiet else 1)
     common.check_diverged(guard)
-    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal).batch(256))
+    normal_batches = tf.data.Dataset.from_tensor_slices(normal).batch(256)
+    model.fit_normal_stats(normal_batches)
+    model.fit_feature_distributions(normal_batches, list(options.layers))
     save_vae(model, os.path.join(run_dir, "model"))
+    if options.needs_scales:
+        from keras_vae_attn import scoring
 
-    metrics, curves = evaluate(model, test_x, test_y, args.normal_digit, args.layer,
-                               256, args.quiet)
+        options = scoring.fit_layer_scales(model, normal, options, 256)
+    common.record_options(run_dir, options)
+
+    from keras_vae_attn import references
+
+    metrics, curves = evaluate(model, test_x, test_y, args.normal_digit, options, 256,
+                               args.quiet, references.fit_pixel_distribution(normal))
     metrics.update(normal_digit=args.normal_digit, layer=args.layer,
+                   explain=options.as_config(), attribution=options.describe(),
                    final_losses={k: float(v[-1]) for k, v in history.history.items()})
     viz.save_roc(curves, os.path.join(run_dir, "roc.png"),
                  title=f"digit {args.normal_digit} vs rest")
     viz.save_curves(history.history, os.path.join(run_dir, "curves.png"))
-    write_figures(model, run_dir, test_x, test_y, args.layer)
-    common.write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    print(f"image AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in
-                                       metrics["image_auroc"].items()))
+    write_figures(model, run_dir, test_x, test_y, options)
+    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
+    print(f"anomaly attention = {options.describe()}")
+    print("image AUROC: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
+                                      for k, v in metrics["image_auroc"].items()))
     print(f"figures and metrics in {run_dir}")
     return run_dir
 

@@ -79,6 +79,7 @@ def parse_args(argv=None):
                      f"downsample by 32), got {args.image_size}")
     if args.rotation < 0 or args.smooth < 0:
         parser.error("--rotation and --smooth must be >= 0")
+    args.explain = common.explain_options(parser, args).as_config()
     if args.data_dir is None:
         # The demo ignores $MVTEC_AD_ROOT (a real MVTec AD root has no "demo" category).
         args.data_dir = (demo_root(args) if args.category == DEMO
@@ -109,48 +110,49 @@ def load_data(args):
     return train, test
 
 
-def score_options(args):
-    return dict(score=args.score, gradient_relu=args.gradient_relu, smooth=args.smooth,
-                feature_baseline=args.feature_baseline)
+def run_options(args):
+    """The run's ExplainOptions (parsed from the flags once, kept in config.json)."""
+    from keras_vae_attn.runs import ExplainOptions
+
+    return ExplainOptions.from_config({"explain": args.explain})
 
 
-def evaluate(model, test, args):
-    """Metrics of both methods side by side, their ROC curves, and the maps."""
-    from keras_vae_attn import scoring
+def evaluate(model, train_images, test, args, options):
+    """The anomaly attention beside every reference (keras_vae_attn/evaluate.py), per
+    defect type, with ROC curves and the maps at the run's smoothing."""
+    from keras_vae_attn import evaluate as kva_evaluate
+    from keras_vae_attn import references
     from keras_vae_attn.data.mvtec import to_float
     from keras_vae_attn.metrics import localization
 
-    out = scoring.batched(model, to_float(test.images), args.eval_batch_size, args.layer,
-                          keys=("heatmap", "recon_error", "recon_score", "latent_distance",
-                                "kl"),
-                          progress=lambda it: common.progress(it, args.quiet, desc="evaluate"),
-                          **score_options(args))
-    maps = {"anomaly_attention": out.pop("heatmap"), "recon_error": out.pop("recon_error")}
-    methods, curves = localization.evaluate_methods(maps, test.masks, test.labels,
-                                                    return_curves=True)
+    result = kva_evaluate.localize(
+        model, to_float(test.images), test.masks, test.labels, options,
+        references.fit_pixel_distribution(train_images), to_float(train_images),
+        args.eval_batch_size,
+        progress=lambda it, desc="": common.progress(it, args.quiet, desc=desc))
+    maps = result.maps
     per_defect = {}
     for defect in sorted(set(test.defects) - {"good"}):
         rows = np.array([d in (defect, "good") for d in test.defects])
         per_defect[defect] = {name: localization.pixel_auroc(m[rows], test.masks[rows])
                               for name, m in maps.items()}
-    image_scores = {}
-    if 0 < test.labels.sum() < len(test.labels):
-        image_scores = {name: localization.image_auroc(values, test.labels)
-                        for name, values in out.items()}
     metrics = {
-        "methods": methods,
+        **kva_evaluate.as_metrics(result, options),
         "best_iou_is_test_set_tuned": True,
         "pixel_auroc_per_defect": per_defect,
-        "image_auroc_other_scores": image_scores,
         "test_images": len(test.labels), "anomalous_images": int(test.labels.sum()),
         "defect_counts": {d: test.defects.count(d) for d in sorted(set(test.defects))},
     }
-    roc = {name: (*curves[name], methods[name]["pixel_auroc"]) for name in maps
-           if curves[name] is not None}
-    return metrics, roc, maps
+    roc = {kva_evaluate.LABELS.get(name, name): (*result.curves[name],
+                                                 result.methods[name]["pixel_auroc"])
+           for name in maps if result.curves[name] is not None}
+    title = (f"{args.category}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
+             f"images, {int(test.labels.sum())} anomalous; anomaly attention = "
+             f"{options.describe()}")
+    return metrics, roc, maps, kva_evaluate.summary(result, title)
 
 
-def write_figures(model, test, maps, args, run_dir):
+def write_figures(model, test, maps, args, run_dir, options):
     """One figure per defect type (the paper's Fig. 6): image, reconstruction, ground
     truth, anomaly-attention overlay, reconstruction difference. Each method's maps share
     one colour scale over the whole test set, so figures compare across images."""
@@ -162,8 +164,8 @@ def write_figures(model, test, maps, args, run_dir):
     for defect in sorted(set(test.defects)):
         picks = [i for i, d in enumerate(test.defects) if d == defect][:FIGURE_ROWS]
         images = to_float(test.images[picks])
-        recon = scoring.explain_anomaly(model, images, args.layer,
-                                        **score_options(args))["reconstruction"].numpy()
+        recon = scoring.explain_anomaly(model, images, options,
+                                        keys=("reconstruction",))["reconstruction"].numpy()
         attention = viz.overlay(images, maps["anomaly_attention"][picks],
                                 vmax=scale["anomaly_attention"])
         difference = viz.colorize(maps["recon_error"][picks], vmax=scale["recon_error"])
@@ -183,18 +185,22 @@ def main(argv=None):
     from keras_vae_attn import viz
     from keras_vae_attn.data import augment
 
+    options = run_options(args)
+    check_layers(args, options)
     model = load_model(args) if args.model_dir else None
     run_dir = common.run_dir_for(args, f"mvtec-{args.category}")
     print(f"run folder: {run_dir}", file=sys.stderr)
     if model is not None:
         history, train_seconds = None, 0.0
-        if args.feature_baseline == "normal" and not model.has_feature_baseline(args.layer):
-            model.fit_feature_baselines(augment.train_dataset(train_images, 64, shuffle=False),
-                                        [args.layer])
+        missing = [name for name in options.layers if not model.has_feature_distribution(name)]
+        if missing:
+            model.fit_feature_distributions(
+                augment.train_dataset(train_images, 64, shuffle=False), missing)
     else:
-        model, history, train_seconds = train(args, train_images, test, run_dir)
+        model, history, train_seconds = train(args, train_images, test, run_dir, options)
+    options = fit_scales(model, train_images, options, args, run_dir)
     started = time.perf_counter()
-    metrics, roc, maps = evaluate(model, test, args)
+    metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)
     metrics.update(category=args.category, image_size=args.image_size, layer=args.layer,
                    train_images=len(train_images),
                    seconds={"train": train_seconds, "evaluate": time.perf_counter() - started})
@@ -203,16 +209,41 @@ def main(argv=None):
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"),
                  title=f"{args.category}: pixel ROC")
-    figures = write_figures(model, test, maps, args, run_dir)
+    figures = write_figures(model, test, maps, args, run_dir, options)
     common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
-    for name, values in metrics["methods"].items():
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items()
-                          if v is not None and k != "best_iou_threshold")
-        print(f"{name}: {shown}")
+    print("\n".join(lines))
     print(f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
           + (", curves.png" if history else ""))
     print(f"figures and metrics.json in {run_dir}")
     return run_dir
+
+
+def check_layers(args, options):
+    """Refuse an unknown --layer before any training (one line listing the valid ones)."""
+    from keras_vae_attn import backbones
+    from keras_vae_attn.attention import feature_layer_names
+
+    shape = (args.image_size, args.image_size, args.channels)
+    encoder, _ = backbones.build_backbone(args.backbone, shape, args.latent_dim)
+    valid = feature_layer_names(encoder)
+    unknown = [name for name in options.layers if name not in valid and name != "last"]
+    if unknown:
+        raise SystemExit(f"error: --layer {unknown[0]!r} is not a feature map of the "
+                         f"{args.backbone} encoder at {args.image_size} px; valid: "
+                         f"{', '.join(valid)}")
+
+
+def fit_scales(model, train_images, options, args, run_dir):
+    """Fit the per-layer scales a multi-layer --layer needs (on the normal training
+    images) and record the options, scales included, in config.json for the exporters."""
+    from keras_vae_attn import scoring
+    from keras_vae_attn.data.mvtec import to_float
+
+    if options.needs_scales:
+        options = scoring.fit_layer_scales(model, to_float(train_images), options,
+                                           args.eval_batch_size)
+    common.record_options(run_dir, options)
+    return options
 
 
 def load_model(args):
@@ -228,7 +259,7 @@ def load_model(args):
     return model
 
 
-def train(args, train_images, test, run_dir):
+def train(args, train_images, test, run_dir, options):
     """Fit the VAE, then measure and store the normal latent statistics and save it."""
     import keras
 
@@ -249,62 +280,20 @@ def train(args, train_images, test, run_dir):
     if args.steps_per_epoch:
         dataset = dataset.repeat()
     watch = kva_callbacks.AttentionImages(mvtec.to_float(test.images[:4]),
-                                          os.path.join(run_dir, "tensorboard"), args.layer)
+                                          os.path.join(run_dir, "tensorboard"), options.layer)
     callbacks, guard = common.standard_callbacks(run_dir, watch)
     started = time.perf_counter()
     model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         shuffle=False, callbacks=callbacks, verbose=0 if args.quiet else 1)
     train_seconds = time.perf_counter() - started
     common.check_diverged(guard)
-    recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
+    common.recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
                                                         shuffle=False))
     normal = augment.train_dataset(train_images, 64, shuffle=False)   # un-augmented
     model.fit_normal_stats(normal)
-    if args.feature_baseline == "normal":
-        model.fit_feature_baselines(normal, [args.layer])
+    model.fit_feature_distributions(normal, list(options.layers))
     save_vae(model, os.path.join(run_dir, "model"))
-    return model, losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), train_seconds
-
-
-def recalibrate_batch_norm(model, dataset):
-    """Set every BatchNorm layer's moving mean/variance to the average of its batch
-    statistics over ``dataset``, run through the training forward pass.
-
-    With momentum 0.99 the moving averages trail the weights by ~100 steps, so after a
-    short training the model in inference mode is not the one that was trained (its
-    reconstructions drift to a wrong mean image). Batch k is blended in with momentum
-    k / (k + 1), which leaves the exact average of all batches. Weights are untouched.
-    """
-    import keras
-
-    layers = [layer for part in (model.encoder, model.decoder) for layer in part.layers
-              if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in layers]
-    try:
-        for index, images in enumerate(dataset):
-            for layer in layers:
-                layer.momentum = index / (index + 1.0)
-            model.vae_losses(images, training=True)      # eager: reads momentum each call
-    finally:
-        for layer, momentum in zip(layers, saved):
-            layer.momentum = momentum
-
-
-def losses_per_epoch(log_path):
-    """{loss name: [value per epoch]} from the run's training log.
-
-    Read from the log rather than Keras' History, so a run resumed from its backup
-    still plots (and reports) every epoch, not only those after the resume.
-    """
-    by_epoch = {}
-    with open(log_path, encoding="utf-8") as handle:
-        for line in handle:
-            entry = json.loads(line)
-            if entry.get("event") == "epoch_end":
-                by_epoch[entry["epoch"]] = entry        # a re-run epoch replaces the old
-    names = ("loss", "recon", "kl")
-    return {name: [by_epoch[e][name] for e in sorted(by_epoch) if name in by_epoch[e]]
-            for name in names if any(name in entry for entry in by_epoch.values())}
+    return model, common.losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), train_seconds
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ requested encoder layer with the reconstruction difference, pixel by pixel.
 --data-dir is the folder holding UCSDped1/UCSDped2 (or one of them); it defaults to
 $UCSD_ROOT. --demo writes the generated dataset into --data-dir, or <runs-root>/data.
 
-The camera is fixed, so the attention is taken relative to the normal scene by default
-(--feature-baseline normal: each layer's features minus their mean over the training
-frames; --feature-baseline zero is the paper's plain Grad-CAM form). The mean-frame
-difference |frame - mean training frame| is reported beside the model's methods as a
-reference any method should beat.
+The anomaly attention is made as --attribution/--form/--deviation/--layer say (the
+default was chosen over several datasets, bench/RESULTS.md; --attribution paper is the
+paper's Grad-CAM form). It is reported beside the reconstruction difference, the VAE's
+feature deviation without gradient, the mean-frame difference |frame - mean training
+frame| and the per-pixel z-score, at the same smoothing levels; --layers adds one
+attention row per layer (the paper's Table 1 ablation).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from trainers import common
 PAPER_PED1 = {"recon_error": 0.86, "attention_conv1": 0.89, "attention_conv2": 0.92,
               "attention_conv3": 0.91}
 RECON = "recon_error"
-MEAN_FRAME = "mean_frame_difference"       # no model: |frame - mean training frame|
+MEAN_FRAME = "mean_image_difference"       # no model: |frame - mean training frame|
 DEMO_DATA = dict(width=120, height=80, frames=60, n_train=12, n_test=6, n_test_without_gt=2)
 FIGURE_ROWS = 4
 
@@ -41,13 +42,13 @@ def build_parser():
     parser.add_argument("--image-size", type=int, default=100,
                         help="frames and masks are resized to this square size")
     parser.add_argument("--layers", default="conv1,conv2,conv3",
-                        help="comma-separated encoder layers whose anomaly attention is "
-                             "evaluated (--layer only picks what TensorBoard shows)")
+                        help="comma-separated encoder layers for the per-layer ablation rows "
+                             "(the same attribution at each layer alone); the exported and "
+                             "headline map is --layer")
     parser.add_argument("--backbone", choices=("small", "resnet18"), default="small")
     parser.add_argument("--beta", type=float, default=1.0,
                         help="weight of the KL term (below 1 keeps more of the latent in use)")
     common.add_attention_flags(parser)
-    parser.set_defaults(feature_baseline="normal")
     parser.add_argument("--frame-step", type=int, default=1,
                         help="train on every k-th frame of each clip")
     parser.add_argument("--test-frame-step", type=int, default=1,
@@ -80,11 +81,13 @@ def parse_args(argv=None):
         parser.error("--layers names no layer; give e.g. --layers conv1,conv2,conv3")
     if len(set(args.layers)) != len(args.layers):
         parser.error(f"--layers repeats a layer: {','.join(args.layers)}")
+    options = common.explain_options(parser, args)
+    args.explain = options.as_config()
     valid = feature_layers(args)
-    unknown = [name for name in args.layers + [args.layer]
+    unknown = [name for name in args.layers + list(options.layers)
                if name not in valid and name != "last"]
     if unknown:
-        parser.error(f"layer {unknown[0]!r} is not a feature map of the {args.backbone} "
+        parser.error(f"--layer/--layers {unknown[0]!r} is not a feature map of the {args.backbone} "
                      f"encoder at {args.image_size}x{args.image_size}; valid: "
                      f"{', '.join(valid)}")
     if args.data_dir is None:
@@ -128,58 +131,70 @@ def method_name(layer):
     return f"attention_{layer}"
 
 
-def label(method):
-    return {RECON: "recon difference", MEAN_FRAME: "mean-frame diff"}.get(
-        method, method.replace("attention_", "attention "))
+def evaluate(model, train_images, test, args, options):
+    """The anomaly attention beside every reference (keras_vae_attn/evaluate.py), plus
+    one ablation row per --layers entry (same attribution, that layer alone).
 
-
-def evaluate(model, test, args, mean_frame):
-    """Pixel metrics of the reconstruction difference, of each layer's attention and of
-    the mean-frame difference (``mean_frame``: the mean training frame, (S, S, 1) float).
-
-    Returns (metrics per method, ROC curves {label: (fpr, tpr, auc)}, maps {method: (N, S, S)}).
+    Returns (metrics, ROC curves {label: (fpr, tpr, auc)}, maps {method: (N, S, S)} for
+    the figure, printable lines).
     """
-    from keras_vae_attn import scoring
+    from keras_vae_attn import evaluate as kva_evaluate
+    from keras_vae_attn import references, scoring
     from keras_vae_attn.data.ucsd import to_float
-    from keras_vae_attn.metrics import localization
+    from keras_vae_attn.metrics import comparison, localization
 
     images = to_float(test.images)
-    maps = {}
+    wrap = lambda it, desc="": common.progress(it, args.quiet, desc=desc)  # noqa: E731
+    result = kva_evaluate.localize(model, images, test.masks, test.labels, options,
+                                   references.fit_pixel_distribution(train_images),
+                                   to_float(train_images), args.eval_batch_size, wrap)
+    ablation = {}
     for layer in args.layers:
-        keys = ("heatmap",) if RECON in maps else ("heatmap", RECON)
-        out = scoring.batched(model, images, args.eval_batch_size, layer, keys=keys,
-                              progress=lambda it, layer=layer: common.progress(
-                                  it, args.quiet, desc=f"evaluate {layer}"),
-                              score=args.score, gradient_relu=args.gradient_relu,
-                              smooth=args.smooth, feature_baseline=args.feature_baseline)
-        if RECON in out:
-            maps[RECON] = out[RECON]
-        maps[method_name(layer)] = out["heatmap"]
-    maps = {RECON: maps.pop(RECON), **maps}
-    scored = {**maps, MEAN_FRAME: np.abs(images - mean_frame)[..., 0]}
-    methods, curves = localization.evaluate_methods(scored, test.masks, test.labels,
-                                                    return_curves=True)
-    roc = {label(name): (*curves[name], methods[name]["pixel_auroc"]) for name in scored
-           if curves[name] is not None}
-    return methods, roc, maps
+        single = options.replace(layers=(layer,))
+        heat = scoring.batched(model, images, args.eval_batch_size, single, keys=("heatmap",),
+                               progress=lambda it, layer=layer: wrap(it, f"layer {layer}"))
+        ablation[method_name(layer)] = heat["heatmap"]
+    rows = localization.evaluate_methods(ablation, test.masks, test.labels)
+    methods = {**result.methods, **rows}
+    lines = kva_evaluate.summary(result, (
+        f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
+        f"frames, {int(test.labels.sum())} anomalous; anomaly attention = "
+        f"{options.describe()}")) + [""] + table(methods, args.subset)
+    metrics = {**kva_evaluate.as_metrics(result, options), "methods": methods,
+               "attention_beats_recon": attention_beats(methods, RECON, args.layers),
+               "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers)}
+    roc = {label(name): (*result.curves[name], result.methods[name]["pixel_auroc"])
+           for name in result.methods if result.curves[name] is not None}
+    maps = {RECON: result.maps[RECON], kva_evaluate.ATTENTION: result.maps[
+        kva_evaluate.ATTENTION], **ablation}
+    return metrics, roc, maps, lines
+
+
+def label(method):
+    from keras_vae_attn import evaluate as kva_evaluate
+
+    return kva_evaluate.LABELS.get(method, method.replace("attention_", "attention "))
 
 
 def attention_beats(methods, other, layers):
-    """{layer: attention's pixel AUROC > method ``other``'s} (None when either is n/a)."""
+    """{layer: that layer's attention's pixel AUROC > method ``other``'s} (None when
+    either is n/a); the headline attention is under "anomaly_attention"."""
     theirs = methods[other]["pixel_auroc"]
-    return {layer: None if theirs is None or methods[method_name(layer)]["pixel_auroc"] is None
-            else methods[method_name(layer)]["pixel_auroc"] > theirs for layer in layers}
+    names = {"anomaly_attention": "anomaly_attention",
+             **{layer: method_name(layer) for layer in layers}}
+    return {key: None if theirs is None or methods[name]["pixel_auroc"] is None
+            else methods[name]["pixel_auroc"] > theirs for key, name in names.items()}
 
 
 def table(methods, subset):
     """The paper's Table 1 as text lines: one row per method, the paper's AUROC beside."""
-    lines = [f"{'method':<20} {'pixel AUROC':>11} {'AUPRO':>7} {'best IoU':>9} "
+    lines = [f"{'method':<34} {'pixel AUROC':>11} {'AUPRO':>7} {'best IoU':>9} "
              f"{'frame AUROC':>11} {'paper (Ped1)':>12}"]
     for name, values in methods.items():
         paper = PAPER_PED1.get(name) if subset == "ped1" else None
         cells = [values[key] for key in ("pixel_auroc", "aupro", "best_iou", "image_auroc")]
         shown = [f"{v:.3f}" if v is not None else "n/a" for v in cells]
-        lines.append(f"{label(name):<20} {shown[0]:>11} {shown[1]:>7} {shown[2]:>9} "
+        lines.append(f"{label(name)[:34]:<34} {shown[0]:>11} {shown[1]:>7} {shown[2]:>9} "
                      f"{shown[3]:>11} {(f'{paper:.2f}' if paper else '-'):>12}")
     return lines
 
@@ -213,7 +228,7 @@ def write_figure(test, maps, picks, path):
                  else viz.overlay(frames, values[picks], vmax=vmax))
         columns.append(shown)
         titles.append(label(name))
-    order = list(range(1, len(columns))) + [0]           # attention layers, then recon
+    order = list(range(1, len(columns))) + [0]           # attention maps, then recon
     rows = [[viz.to_rgb(frames)[r], test.masks[picks[r]]] + [columns[c][r] for c in order]
             for r in range(len(picks))]
     viz.save_grid(rows, path, column_titles=["frame", "ground truth"]
@@ -228,11 +243,14 @@ def main(argv=None):
     import keras
 
     from keras_vae_attn import callbacks as kva_callbacks
-    from keras_vae_attn import viz
+    from keras_vae_attn import scoring, viz
     from keras_vae_attn.data import augment
     from keras_vae_attn.data.ucsd import to_float
     from keras_vae_attn.models import build_vae, save_vae
 
+    from keras_vae_attn.runs import ExplainOptions
+
+    options = ExplainOptions.from_config({"explain": args.explain})
     run_dir = common.run_dir_for(args, f"ucsd-{args.subset}" + ("-demo" if args.demo else ""))
     print(f"run folder: {run_dir}", file=sys.stderr)
     keras.utils.set_random_seed(args.seed)
@@ -245,49 +263,47 @@ def main(argv=None):
     if args.steps_per_epoch:
         dataset = dataset.repeat()
     watch = kva_callbacks.AttentionImages(to_float(test.images[pick_frames(test, 4)]),
-                                          os.path.join(run_dir, "tensorboard"), args.layer)
+                                          os.path.join(run_dir, "tensorboard"), options.layer)
     callbacks, guard = common.standard_callbacks(run_dir, watch)
     started = time.perf_counter()
-    history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                        callbacks=callbacks, verbose=0 if args.quiet else 2)
+    model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+              callbacks=callbacks, verbose=0 if args.quiet else 2)
     train_seconds = time.perf_counter() - started
     common.check_diverged(guard)
+    common.recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
+                                                               shuffle=False))
     normal = augment.train_dataset(train_images, 256, shuffle=False)
     model.fit_normal_stats(normal)
-    if args.feature_baseline == "normal":
-        model.fit_feature_baselines(normal, sorted(set(args.layers + [args.layer])))
+    model.fit_feature_distributions(normal, sorted(set(args.layers) | set(options.layers)))
     save_vae(model, os.path.join(run_dir, "model"))
+    if options.needs_scales:
+        options = scoring.fit_layer_scales(model, to_float(train_images), options,
+                                           args.eval_batch_size)
+    common.record_options(run_dir, options)
 
     started = time.perf_counter()
-    mean_frame = train_images.mean(axis=0) / 255.0       # no float copy of every frame
-    methods, roc, maps = evaluate(model, test, args, mean_frame)
+    metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)
     eval_seconds = time.perf_counter() - started
-    lines = table(methods, args.subset)
     clips = sorted(set(test.clips))
-    header = (f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} "
-              f"test frames from {len(clips)} clips with masks, "
-              f"{int(test.labels.sum())} of them anomalous")
-    metrics = {
-        "methods": methods,
-        "table": [header] + lines,
-        "attention_beats_recon": attention_beats(methods, RECON, args.layers),
-        "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers),
-        "feature_baseline": args.feature_baseline, "score": args.score,
+    history = common.losses_per_epoch(os.path.join(run_dir, "training_log.jsonl"))
+    metrics.update({
+        "table": lines,
         "paper_pixel_auroc_ped1": PAPER_PED1,
         "best_iou_is_test_set_tuned": True,
         "subset": args.subset, "demo": args.demo, "image_size": args.image_size,
-        "layers": args.layers, "train_frames": len(train_images),
+        "layers": args.layers, "exported_layers": list(options.layers),
+        "train_frames": len(train_images),
         "test_frames": len(test.labels), "anomalous_frames": int(test.labels.sum()),
         "test_clips": clips,
         "seconds": {"train": train_seconds, "evaluate": eval_seconds},
-        "final_losses": {k: float(v[-1]) for k, v in history.history.items()},
-    }
+        "final_losses": {k: float(v[-1]) for k, v in history.items()},
+    })
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"UCSD {args.subset}: pixel ROC")
-    viz.save_curves(history.history, os.path.join(run_dir, "curves.png"))
+    viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     write_figure(test, maps, pick_frames(test, args.figure_frames),
                  os.path.join(run_dir, "examples.png"))
     common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
-    print("\n".join([header] + lines))
+    print("\n".join(lines))
     print(f"figures (examples.png, roc.png, curves.png) and metrics.json in {run_dir}")
     return run_dir
 

@@ -12,10 +12,10 @@ import tensorflow as tf
 
 from keras_vae_attn import backbones, losses
 from keras_vae_attn.attention import NormalStats, VAEAttention, fit_normal_stats
+from keras_vae_attn.attribution import FeatureDistribution, FeatureMoments
 
 MODEL_SPEC = "model.json"
 MODEL_WEIGHTS = "model.weights.h5"
-FEATURE_BASELINES = "feature_baselines.npz"   # mean normal feature map per layer
 
 
 class VAE(keras.Model):
@@ -47,7 +47,8 @@ class VAE(keras.Model):
         self.recon_tracker = keras.metrics.Mean(name="recon")
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self._explainers = {}
-        self.feature_baselines = {}      # layer name -> (h, w, K) mean normal features, numpy
+        self.feature_layers = []         # layers with a fitted normal feature distribution
+        self._distributions = {}         # layer name -> (mean, std) weights, (h, w, K)
 
     @property
     def metrics(self):
@@ -154,29 +155,61 @@ class VAE(keras.Model):
         return NormalStats(tf.convert_to_tensor(self.normal_mean),
                            tf.convert_to_tensor(self.normal_std))
 
-    def fit_feature_baselines(self, dataset, layers):
-        """Measure and store the mean normal feature map of each of ``layers`` (saved
-        with the model), the reference of ``feature_baseline="normal"`` maps."""
-        for layer in layers:
-            explainer = self.explainer(layer)
-            self.feature_baselines[explainer.layer_name] = \
-                explainer.feature_mean(dataset).numpy()
-        return self.feature_baselines
+    def fit_feature_distributions(self, dataset, layers):
+        """Measure and store the normal feature distribution (mean and std per position
+        and channel) of each of ``layers`` over ``dataset`` (un-augmented normal image
+        batches), streamed batch by batch. Stored as non-trainable weights, so it is
+        saved, restored and exported with the model."""
+        explainers = [self.explainer(layer) for layer in layers]
+        moments = {e.layer_name: FeatureMoments() for e in explainers}
+        spec = tf.TensorSpec((None, *self.encoder.inputs[0].shape[1:]), tf.float32)
+        features_of = tf.function(lambda x: [e.forward(x)[0] for e in explainers],
+                                  input_signature=[spec])     # one trace, any batch size
+        for batch in dataset:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for explainer, features in zip(explainers, features_of(tf.cast(images, tf.float32))):
+                moments[explainer.layer_name].update(features.numpy())
+        for name, moment in moments.items():
+            mean, std = moment.result()
+            self.add_feature_distribution(name, mean.shape)
+            self._distributions[name][0].assign(mean)
+            self._distributions[name][1].assign(std)
+        return {name: self.feature_distribution(name) for name in moments}
 
-    def has_feature_baseline(self, layer):
-        """Whether a mean normal feature map is stored for ``layer`` ("last" resolved)."""
-        return self.explainer(layer).layer_name in self.feature_baselines
+    def add_feature_distribution(self, layer, shape):
+        """Create the (mean, std) weights of ``layer`` if missing (the model's state is
+        locked once built, so it is unlocked for this one addition)."""
+        if layer in self._distributions:
+            return
+        tracker = getattr(self, "_tracker", None)
+        if tracker is not None:
+            tracker.unlock()
+        try:
+            self._distributions[layer] = tuple(
+                self.add_weight(shape=tuple(int(d) for d in shape), initializer=init,
+                                trainable=False, name=f"feature_{part}_{layer}")
+                for part, init in (("mean", "zeros"), ("std", "ones")))
+        finally:
+            if tracker is not None:
+                tracker.lock()
+        self.feature_layers.append(layer)
+        self.spec["feature_layers"] = list(self.feature_layers)
 
-    def feature_baseline(self, layer):
-        """The stored mean normal feature map of ``layer`` as a constant (a Const node
-        inside a traced graph, so exports carry it); a clear error when none is stored."""
+    def has_feature_distribution(self, layer):
+        """Whether a normal feature distribution is stored for ``layer`` ("last" resolved)."""
+        return self.explainer(layer).layer_name in self._distributions
+
+    def feature_distribution(self, layer):
+        """The stored :class:`FeatureDistribution` of ``layer`` (variables, so a traced
+        graph reads them and exports carry them); a clear error when none is stored."""
         name = self.explainer(layer).layer_name
-        if not self.has_feature_baseline(name):
-            fitted = ", ".join(sorted(self.feature_baselines)) or "none"
-            raise ValueError(f"no normal feature baseline for layer {name!r} (fitted: "
-                             f"{fitted}); call model.fit_feature_baselines(normal_images, "
-                             f"[{name!r}]) first")
-        return tf.constant(self.feature_baselines[name], tf.float32)
+        if name not in self._distributions:
+            fitted = ", ".join(self.feature_layers) or "none"
+            raise ValueError(f"no normal feature distribution for layer {name!r} (fitted: "
+                             f"{fitted}); fit it first: model.fit_feature_distributions("
+                             f"normal_images, [{name!r}])")
+        mean, std = self._distributions[name]
+        return FeatureDistribution(tf.convert_to_tensor(mean), tf.convert_to_tensor(std))
 
     def fit_normal_stats(self, dataset):
         """Measure and store the normal data's latent statistics; returns them."""
@@ -208,13 +241,6 @@ def save_vae(model, directory):
             json.dump({"class": type(model).__name__, **model.spec}, handle, indent=2)
         model.save_weights(os.path.join(staging, MODEL_WEIGHTS))
         names = [MODEL_WEIGHTS, MODEL_SPEC]
-        baselines = getattr(model, "feature_baselines", {})
-        if baselines:
-            np.savez(os.path.join(staging, FEATURE_BASELINES),
-                     **{name: np.asarray(value) for name, value in baselines.items()})
-            names.insert(0, FEATURE_BASELINES)
-        elif os.path.exists(os.path.join(directory, FEATURE_BASELINES)):
-            os.remove(os.path.join(directory, FEATURE_BASELINES))   # not this model's
         for name in names:                         # spec last: it marks a complete save
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
     finally:
@@ -231,15 +257,18 @@ def load_vae(directory):
     with open(spec_path, encoding="utf-8") as handle:
         spec = json.load(handle)
     kind = spec.pop("class", "VAE")
+    feature_layers = spec.pop("feature_layers", [])
     if kind == "VAE":
         model = build_vae(**spec)
     else:
         from keras_vae_attn.models import factor_vae
         model = factor_vae.build_from_spec(kind, spec)
+    for layer in feature_layers:        # the weights must exist before they load
+        shape = model.explainer(layer).front.output.shape[1:] \
+            if model.explainer(layer).front is not None else None
+        if shape is None:
+            raise ValueError(f"{spec_path}: cannot rebuild the feature distribution of "
+                             f"layer {layer!r}")
+        model.add_feature_distribution(layer, shape)
     model.load_weights(weights_path)
-    baselines_path = os.path.join(directory, FEATURE_BASELINES)
-    if os.path.isfile(baselines_path):
-        with np.load(baselines_path) as stored:
-            model.feature_baselines = {name: stored[name].astype(np.float32)
-                                       for name in stored.files}
     return model
