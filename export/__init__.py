@@ -56,7 +56,7 @@ def check_options(run):
 
 def load_run(path):
     """Load the trained model of run folder ``path`` (read-only); ExportError if none."""
-    from keras_vae_attn.models.vae import MODEL_SPEC, MODEL_WEIGHTS, load_vae
+    from keras_vae_attn.models.io import MODEL_SPEC, MODEL_WEIGHTS, load_vae
 
     if not os.path.isdir(path):
         raise ExportError(f"--run {path!r} is not a folder")

@@ -241,21 +241,31 @@ class VAEAttention:
             grads = tf.nn.relu(grads)
         return tf.reduce_mean(tf.cast(grads, tf.float32), axis=list(axes))
 
-    def _explain_split(self, images):
-        features = self.front(images, training=False)
+    def stacked_gradients(self, features, training=False):
+        """dmu_i/dA for every latent i from ONE backward pass: the head runs on D stacked
+        copies of A (copy d holds rows d*B..d*B+B-1), copy d back-propagating latent d.
+        Differentiable itself, so an outer tape sees it (FactorVAE's L_AD).
+        Returns (the head's outputs for the B images, grads (B, D, h, w, K))."""
         depth = self.latent_dim
         batch = tf.shape(features)[0]
-        stacked = tf.tile(features, [depth, 1, 1, 1])        # copy d holds rows d*B..d*B+B-1
+        stacked = tf.tile(features, [depth, 1, 1, 1])
         with tf.GradientTape() as tape:
             tape.watch(stacked)
-            outputs = _as_list(self.head(stacked, training=False))
-            latent = tf.cast(outputs[self.latent_index], tf.float32)
-            selector = tf.repeat(tf.eye(depth), repeats=batch, axis=0)
-            target = tf.reduce_sum(latent * selector)
-        pooled = self._pool(tape.gradient(target, stacked))   # (D*B, K)
-        weights = tf.transpose(tf.reshape(pooled, [depth, batch, -1]), [1, 0, 2])
-        logvar = None if self.logvar_index is None else outputs[self.logvar_index][:batch]
-        return features, weights, latent[:batch], logvar
+            outputs = _as_list(self.head(stacked, training=training))
+            latent = outputs[self.latent_index]
+            dtype = tf.float64 if latent.dtype == tf.float64 else tf.float32
+            selector = tf.repeat(tf.eye(depth, dtype=dtype), repeats=batch, axis=0)
+            chosen = tf.reduce_sum(tf.cast(latent, dtype) * selector)
+        grads = tape.gradient(chosen, stacked)                       # (D*B, h, w, K)
+        grads = tf.reshape(grads, tf.concat([[depth, batch], tf.shape(grads)[1:]], 0))
+        return [output[:batch] for output in outputs], tf.transpose(grads, [1, 0, 2, 3, 4])
+
+    def _explain_split(self, images):
+        features = self.front(images, training=False)
+        outputs, grads = self.stacked_gradients(features)
+        weights = self._pool(grads, axes=(2, 3))                       # (B, D, K)
+        logvar = None if self.logvar_index is None else outputs[self.logvar_index]
+        return features, weights, tf.cast(outputs[self.latent_index], tf.float32), logvar
 
     def _forward(self, images, tape):
         """The feature map A (watched by ``tape``) and the encoder outputs, running the
@@ -474,18 +484,9 @@ class VAEAttention:
                                  relu_latent_gradients=False):
         if self.method == "stack":
             features = self.front(images, training=False)
-            depth, batch = self.latent_dim, tf.shape(features)[0]
-            stacked = tf.tile(features, [depth, 1, 1, 1])
-            with tf.GradientTape() as tape:
-                tape.watch(stacked)
-                outputs = _as_list(self.head(stacked, training=False))
-                latent = tf.cast(outputs[self.latent_index], tf.float32)
-                selector = tf.repeat(tf.eye(depth), repeats=batch, axis=0)
-                chosen = tf.reduce_sum(latent * selector)
-            grads = tape.gradient(chosen, stacked)                      # (D*B, h, w, K)
-            grads = tf.reshape(grads, tf.concat([[depth, batch], tf.shape(grads)[1:]], 0))
-            grads = tf.transpose(grads, [1, 0, 2, 3, 4])
-            mu, logvar = latent[:batch], outputs[self.logvar_index][:batch]
+            outputs, grads = self.stacked_gradients(features)
+            mu = tf.cast(outputs[self.latent_index], tf.float32)
+            logvar = outputs[self.logvar_index]
         else:
             with tf.GradientTape() as tape:
                 features, outputs = self._forward(images, tape)

@@ -81,7 +81,8 @@ def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
     assert (run_dir / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["image_auroc"]) == {"recon_score", "kl", "latent_distance",
-                                           "attention_energy"}
+                                           "attention_energy", "attention_max",
+                                           "mean_image_difference", "pixel_deviation"}
     assert all(0.0 <= v <= 1.0 for v in metrics["image_auroc"].values())
     assert metrics["test_images"] == 600 and metrics["normal_digit"] == 1
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))

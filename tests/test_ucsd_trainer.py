@@ -89,7 +89,10 @@ def test_figure_frames_are_anomalous_one_per_clip_first():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--layers", "conv1,conv9"], "layer 'conv9' is not a feature map.*valid: conv1"),
+    (["--layers", "conv1,conv9"], "--layers 'conv9' is not a feature map.*valid: conv1"),
+    (["--layer", "conv1,nosuch"], "--layer/--layers 'nosuch' is not a feature map"),
+    (["--form", "integrated", "--target", "energy"], "--form integrated integrates one"),
+    (["--ig-steps", "0"], "--ig-steps must be an integer >= 1"),
     (["--layers", "conv1,conv1"], "--layers repeats a layer"),
     (["--layers", ","], "--layers names no layer"),
     (["--frame-step", "0"], "--frame-step must be at least 1"),
@@ -125,3 +128,46 @@ def test_data_errors_end_in_one_clear_line(data_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: UCSDped1 has no Test folder" in err and "Traceback" not in err
     assert not (tmp_path / "ucsd-ped1").exists()          # nothing written before the data
+
+
+def test_a_resnet18_run_re_estimates_batch_norm_statistics(data_root, tmp_path, monkeypatch):
+    """The shared one-class routine re-estimates BatchNorm statistics for every trainer
+    whose model has BatchNorm (UCSD's --backbone resnet18 too): the moving statistics
+    after training are replaced by the average batch statistics of the normal frames."""
+    import keras
+
+    seen = []
+    real = common.recalibrate_batch_norm
+
+    def recording(model, dataset):
+        layers = [layer for part in (model.encoder, model.decoder) for layer in part.layers
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+        before = [np.array(layer.moving_mean) for layer in layers]
+        real(model, dataset)
+        after = [np.array(layer.moving_mean) for layer in layers]
+        seen.append((len(layers), max(np.abs(a - b).max() for a, b in zip(after, before))))
+
+    monkeypatch.setattr(common, "recalibrate_batch_norm", recording)
+    trainer.main(["--data-dir", str(data_root), "--runs-root", str(tmp_path), *QUICK,
+                  "--backbone", "resnet18", "--layers", "conv1", "--layer", "conv1"])
+    assert len(seen) == 1
+    count, change = seen[0]
+    assert count > 10 and change > 1e-3        # ResNet18 has BatchNorm; its stats moved
+
+
+def test_batch_norm_recalibration_sets_the_average_batch_statistics():
+    import keras
+    import tensorflow as tf
+
+    from keras_vae_attn.models import build_vae
+
+    model = build_vae("resnet18", (32, 32, 1), 4)
+    bn = model.encoder.get_layer("stem_bn")
+    batches = [np.random.default_rng(i).random((8, 32, 32, 1), dtype=np.float32)
+               for i in range(3)]
+    common.recalibrate_batch_norm(model, tf.data.Dataset.from_tensor_slices(
+        np.concatenate(batches)).batch(8))
+    conv = keras.Model(model.encoder.inputs, model.encoder.get_layer("stem_conv").output)
+    means = [conv(b).numpy().mean(axis=(0, 1, 2)) for b in batches]
+    np.testing.assert_allclose(np.array(bn.moving_mean), np.mean(means, 0), rtol=1e-4,
+                               atol=1e-5)

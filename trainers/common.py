@@ -8,11 +8,12 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 
 from keras_vae_attn import runs
-from keras_vae_attn.runs import RUN_COMPLETE, to_jsonable, write_json  # noqa: F401
+from keras_vae_attn.runs import RUN_COMPLETE, write_json  # noqa: F401  (re-exported)
 
 BACKUP_DIR = "backup"
 KEEP_CHECKPOINTS = 3       # newest per-epoch weight files kept in <run>/checkpoints
@@ -345,6 +346,8 @@ def recalibrate_batch_norm(model, dataset):
 
     layers = [layer for part in (model.encoder, model.decoder) for layer in part.layers
               if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers:
+        return
     saved = [layer.momentum for layer in layers]
     try:
         for index, images in enumerate(dataset):
@@ -354,6 +357,41 @@ def recalibrate_batch_norm(model, dataset):
     finally:
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
+
+
+def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_layers,
+                  batch_norm_batches=None):
+    """The one-class training every localization trainer runs, in one place.
+
+    Seeded build and compile under the ``--strategy``; ``model.fit`` with the standard
+    callbacks (resume from backup, log, checkpoints, TensorBoard, NaN guard); the
+    divergence check; BatchNorm statistics re-estimated when the model has BatchNorm
+    (over ``batch_norm_batches``, default ``normal``); the normal latent statistics and
+    the feature distributions of ``feature_layers`` fitted on ``normal`` (un-augmented
+    batches); the model saved. Returns (model, {loss: [per epoch]} from the training
+    log, so right after a resume too, training seconds).
+    """
+    import keras
+
+    from keras_vae_attn.models import save_vae
+
+    keras.utils.set_random_seed(args.seed)
+    with make_strategy(args).scope():
+        model = build_model()
+        model.compile(optimizer=keras.optimizers.Adam(args.lr))
+    if args.steps_per_epoch:
+        dataset = dataset.repeat()
+    callbacks, guard = standard_callbacks(run_dir, watch)
+    started = time.perf_counter()
+    model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+              callbacks=callbacks, verbose=0 if args.quiet else 1)
+    seconds = time.perf_counter() - started
+    check_diverged(guard)
+    recalibrate_batch_norm(model, batch_norm_batches or normal)
+    model.fit_normal_stats(normal)
+    model.fit_feature_distributions(normal, list(feature_layers))
+    save_vae(model, os.path.join(run_dir, "model"))
+    return model, losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), seconds
 
 
 def losses_per_epoch(log_path):

@@ -96,12 +96,11 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     common.setup_devices(args)
-    import keras
     import tensorflow as tf
 
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn import viz
-    from keras_vae_attn.models import build_vae, save_vae
+    from keras_vae_attn.models import build_vae
 
     train_images, train_labels = mnist.load(args.data_dir, "train")
     test_images, test_labels = mnist.load(args.data_dir, "test")
@@ -111,26 +110,16 @@ def main(argv=None):
 
     run_dir = common.run_dir_for(args, "mnist")
     print(f"run folder: {run_dir}", file=sys.stderr)
-    keras.utils.set_random_seed(args.seed)
-    strategy = common.make_strategy(args)
-    with strategy.scope():
-        model = build_vae("small", (28, 28, 1), args.latent_dim, recon_loss=args.loss,
-                          seed=args.seed)
-        model.compile(optimizer=keras.optimizers.Adam(args.lr))
     dataset = (tf.data.Dataset.from_tensor_slices(normal)
                .shuffle(len(normal), seed=args.seed).batch(args.batch_size)
                .prefetch(tf.data.AUTOTUNE))
     watch = kva_callbacks.AttentionImages(test_x[:4], os.path.join(run_dir, "tensorboard"),
                                           options.layer)
-    callbacks, guard = common.standard_callbacks(run_dir, watch)
-    history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                        shuffle=False,
-                        callbacks=callbacks, verbose=0 if args.quiet else 1)
-    common.check_diverged(guard)
-    normal_batches = tf.data.Dataset.from_tensor_slices(normal).batch(256)
-    model.fit_normal_stats(normal_batches)
-    model.fit_feature_distributions(normal_batches, list(options.layers))
-    save_vae(model, os.path.join(run_dir, "model"))
+    model, history, _ = common.fit_one_class(
+        args, lambda: build_vae("small", (28, 28, 1), args.latent_dim, recon_loss=args.loss,
+                                seed=args.seed),
+        dataset, tf.data.Dataset.from_tensor_slices(normal).batch(256), run_dir, watch,
+        options.layers)
     if options.needs_scales:
         from keras_vae_attn import scoring
 
@@ -143,10 +132,10 @@ def main(argv=None):
                                args.quiet, references.fit_pixel_distribution(normal))
     metrics.update(normal_digit=args.normal_digit, layer=args.layer,
                    explain=options.as_config(), attribution=options.describe(),
-                   final_losses={k: float(v[-1]) for k, v in history.history.items()})
+                   final_losses={k: float(v[-1]) for k, v in history.items()})
     viz.save_roc(curves, os.path.join(run_dir, "roc.png"),
                  title=f"digit {args.normal_digit} vs rest")
-    viz.save_curves(history.history, os.path.join(run_dir, "curves.png"))
+    viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     write_figures(model, run_dir, test_x, test_y, options)
     common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
     print(f"anomaly attention = {options.describe()}")

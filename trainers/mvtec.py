@@ -10,7 +10,6 @@ small MVTec-style category under <runs-root>/data/ (once) and uses demo-sized de
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +26,9 @@ DEMO = "demo"
 PAPER_DEFAULTS = dict(image_size=256, epochs=100, batch_size=16, lr=1e-4)
 DEMO_DEFAULTS = dict(image_size=64, epochs=6, steps_per_epoch=15, batch_size=16, lr=1e-3,
                      layer="layer2")
-METHODS = ("anomaly_attention", "recon_error")
+# the method and its references, side by side (keras_vae_attn/evaluate.py)
+METHODS = ("anomaly_attention", "recon_error", "feature_deviation", "mean_image_difference",
+           "pixel_deviation")
 FIGURE_ROWS = 4
 
 
@@ -260,40 +261,24 @@ def load_model(args):
 
 
 def train(args, train_images, test, run_dir, options):
-    """Fit the VAE, then measure and store the normal latent statistics and save it."""
-    import keras
-
+    """Fit the VAE (trainers/common.fit_one_class) on augmented normal images."""
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn.data import augment, mvtec
-    from keras_vae_attn.models import build_vae, save_vae
+    from keras_vae_attn.models import build_vae
 
-    keras.utils.set_random_seed(args.seed)
-    strategy = common.make_strategy(args)
     shape = (args.image_size, args.image_size, args.channels)
-    with strategy.scope():
-        model = build_vae(args.backbone, shape, args.latent_dim, recon_loss=args.loss,
-                          seed=args.seed)
-        model.compile(optimizer=keras.optimizers.Adam(args.lr))
     augmenter = (augment.augmenter(args.mirror, args.rotation, args.seed)
                  if args.augment else None)
-    dataset = augment.train_dataset(train_images, args.batch_size, augmenter, args.seed)
-    if args.steps_per_epoch:
-        dataset = dataset.repeat()
     watch = kva_callbacks.AttentionImages(mvtec.to_float(test.images[:4]),
                                           os.path.join(run_dir, "tensorboard"), options.layer)
-    callbacks, guard = common.standard_callbacks(run_dir, watch)
-    started = time.perf_counter()
-    model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                        shuffle=False, callbacks=callbacks, verbose=0 if args.quiet else 1)
-    train_seconds = time.perf_counter() - started
-    common.check_diverged(guard)
-    common.recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
-                                                        shuffle=False))
-    normal = augment.train_dataset(train_images, 64, shuffle=False)   # un-augmented
-    model.fit_normal_stats(normal)
-    model.fit_feature_distributions(normal, list(options.layers))
-    save_vae(model, os.path.join(run_dir, "model"))
-    return model, common.losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), train_seconds
+    return common.fit_one_class(
+        args, lambda: build_vae(args.backbone, shape, args.latent_dim, recon_loss=args.loss,
+                                seed=args.seed),
+        augment.train_dataset(train_images, args.batch_size, augmenter, args.seed),
+        augment.train_dataset(train_images, 64, shuffle=False), run_dir, watch,
+        options.layers,
+        batch_norm_batches=augment.train_dataset(train_images, args.batch_size,
+                                                 shuffle=False))
 
 
 if __name__ == "__main__":

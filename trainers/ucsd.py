@@ -59,6 +59,9 @@ def build_parser():
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--figure-frames", type=int, default=FIGURE_ROWS,
                         help="anomalous frames shown in examples.png")
+    parser.add_argument("--model-dir", default=None,
+                        help="evaluate this saved model (a run's model/ folder) instead of "
+                             "training: re-score with other attribution flags")
     return parser
 
 
@@ -141,7 +144,7 @@ def evaluate(model, train_images, test, args, options):
     from keras_vae_attn import evaluate as kva_evaluate
     from keras_vae_attn import references, scoring
     from keras_vae_attn.data.ucsd import to_float
-    from keras_vae_attn.metrics import comparison, localization
+    from keras_vae_attn.metrics import localization
 
     images = to_float(test.images)
     wrap = lambda it, desc="": common.progress(it, args.quiet, desc=desc)  # noqa: E731
@@ -237,45 +240,51 @@ def write_figure(test, maps, picks, path):
                               for i in picks])
 
 
+def load_model(args, train_images, layers):
+    """The saved model of --model-dir, with the feature distributions it lacks fitted on
+    the training frames: (model, no history, 0 training seconds)."""
+    from keras_vae_attn.data import augment
+    from keras_vae_attn.models import load_vae
+
+    model = load_vae(args.model_dir)
+    if list(model.spec["input_shape"]) != list(model_shape(args)):
+        raise SystemExit(f"error: the model in {args.model_dir!r} takes "
+                         f"{model.spec['input_shape']} frames; pass the matching "
+                         f"--image-size (got {args.image_size})")
+    missing = [name for name in layers if not model.has_feature_distribution(name)]
+    if missing:
+        model.fit_feature_distributions(augment.train_dataset(train_images, 256,
+                                                              shuffle=False), missing)
+    return model, {}, 0.0
+
+
 def main(argv=None):
     args = parse_args(argv)
     train_images, test = load_data(args)
-    import keras
-
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn import scoring, viz
     from keras_vae_attn.data import augment
     from keras_vae_attn.data.ucsd import to_float
-    from keras_vae_attn.models import build_vae, save_vae
+    from keras_vae_attn.models import build_vae
 
     from keras_vae_attn.runs import ExplainOptions
 
     options = ExplainOptions.from_config({"explain": args.explain})
     run_dir = common.run_dir_for(args, f"ucsd-{args.subset}" + ("-demo" if args.demo else ""))
     print(f"run folder: {run_dir}", file=sys.stderr)
-    keras.utils.set_random_seed(args.seed)
-    strategy = common.make_strategy(args)
-    with strategy.scope():
-        model = build_vae(args.backbone, model_shape(args), args.latent_dim,
-                          recon_loss=args.loss, beta=args.beta, seed=args.seed)
-        model.compile(optimizer=keras.optimizers.Adam(args.lr))
-    dataset = augment.train_dataset(train_images, args.batch_size, None, args.seed)
-    if args.steps_per_epoch:
-        dataset = dataset.repeat()
     watch = kva_callbacks.AttentionImages(to_float(test.images[pick_frames(test, 4)]),
                                           os.path.join(run_dir, "tensorboard"), options.layer)
-    callbacks, guard = common.standard_callbacks(run_dir, watch)
-    started = time.perf_counter()
-    model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-              callbacks=callbacks, verbose=0 if args.quiet else 2)
-    train_seconds = time.perf_counter() - started
-    common.check_diverged(guard)
-    common.recalibrate_batch_norm(model, augment.train_dataset(train_images, args.batch_size,
-                                                               shuffle=False))
-    normal = augment.train_dataset(train_images, 256, shuffle=False)
-    model.fit_normal_stats(normal)
-    model.fit_feature_distributions(normal, sorted(set(args.layers) | set(options.layers)))
-    save_vae(model, os.path.join(run_dir, "model"))
+    layers = sorted(set(args.layers) | set(options.layers))
+    if args.model_dir:
+        model, history, train_seconds = load_model(args, train_images, layers)
+    else:
+        model, history, train_seconds = common.fit_one_class(
+            args, lambda: build_vae(args.backbone, model_shape(args), args.latent_dim,
+                                    recon_loss=args.loss, beta=args.beta, seed=args.seed),
+            augment.train_dataset(train_images, args.batch_size, None, args.seed),
+            augment.train_dataset(train_images, 256, shuffle=False), run_dir, watch, layers,
+            batch_norm_batches=augment.train_dataset(train_images, args.batch_size,
+                                                     shuffle=False))
     if options.needs_scales:
         options = scoring.fit_layer_scales(model, to_float(train_images), options,
                                            args.eval_batch_size)
@@ -285,7 +294,6 @@ def main(argv=None):
     metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)
     eval_seconds = time.perf_counter() - started
     clips = sorted(set(test.clips))
-    history = common.losses_per_epoch(os.path.join(run_dir, "training_log.jsonl"))
     metrics.update({
         "table": lines,
         "paper_pixel_auroc_ped1": PAPER_PED1,
@@ -299,7 +307,8 @@ def main(argv=None):
         "final_losses": {k: float(v[-1]) for k, v in history.items()},
     })
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"UCSD {args.subset}: pixel ROC")
-    viz.save_curves(history, os.path.join(run_dir, "curves.png"))
+    if history:
+        viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     write_figure(test, maps, pick_frames(test, args.figure_frames),
                  os.path.join(run_dir, "examples.png"))
     common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)

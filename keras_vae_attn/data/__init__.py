@@ -1,5 +1,32 @@
 """Dataset readers and generated stand-ins; one module per dataset."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("keras_vae_attn.data")
+
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
 
 class DataError(ValueError):
     """A dataset file or folder is missing, corrupt or inconsistent; the message names it."""
+
+
+def is_hidden(name):
+    """True for the hidden and system files that copies made on macOS or Windows carry
+    (".DS_Store", "._001.tif" resource forks, "Thumbs.db", "desktop.ini"): never data, and
+    often not decodable, so every reader skips them by name."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+def visible_names(folder):
+    """The entries of ``folder`` that are not hidden or system files; logs how many were
+    skipped, so a dataset that seems to be missing files can be explained."""
+    names = os.listdir(folder)
+    kept = [name for name in names if not is_hidden(name)]
+    skipped = len(names) - len(kept)
+    if skipped:
+        log.info("skipped %d hidden file%s in %s", skipped, "" if skipped == 1 else "s",
+                 folder)
+    return kept

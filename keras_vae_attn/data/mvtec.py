@@ -6,9 +6,12 @@
 
 Images are decoded in parallel by a tf.data pipeline, resized to ``size`` x ``size``
 (bilinear, antialiased; masks nearest-neighbour) and held in memory as uint8, which is the
-cache every epoch reads from. Channels: every category loads as RGB by default, grey ones
-(grid, screw, zipper) with the grey value copied into all three channels, so one
-backbone and one set of figures fit all 15; ``channels=1`` loads grey instead.
+cache every epoch reads from. Hidden and system files (``.DS_Store``, ``._000.png``,
+``Thumbs.db``) are skipped unread. A mask marks its non-zero pixels (0/1 and 0/255 masks
+both work) and must have its image's size. Channels: every category loads as RGB by
+default, grey ones (grid, screw, zipper) with the grey value copied into all three
+channels, so one backbone and one set of figures fit all 15; ``channels=1`` loads grey
+instead.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_vae_attn.data import DataError
+from keras_vae_attn.data import DataError, visible_names
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
               "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
@@ -46,15 +49,15 @@ class Split(NamedTuple):
 
 
 def _image_files(folder):
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."))
+    return sorted(os.path.join(folder, name) for name in visible_names(folder)
+                  if name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def find_categories(root):
     """Names of the folders under ``root`` that hold a ``train/good`` folder."""
     if not os.path.isdir(root):
         raise DataError(f"MVTec AD root {root!r} does not exist or is not a folder")
-    return sorted(name for name in os.listdir(root)
+    return sorted(name for name in visible_names(root)
                   if os.path.isdir(os.path.join(root, name, "train", GOOD)))
 
 
@@ -88,7 +91,7 @@ def test_files(root, category):
     if not os.path.isdir(test_dir):
         raise DataError(f"test folder {test_dir!r} does not exist")
     entries = []
-    for defect in sorted(os.listdir(test_dir)):
+    for defect in sorted(visible_names(test_dir)):
         folder = os.path.join(test_dir, defect)
         if not os.path.isdir(folder):
             continue
@@ -139,6 +142,13 @@ def decode_files(paths, size, channels=3, nearest=False, skip_corrupt=False):
     naming it, or with ``skip_corrupt`` a warning; the second value returned is the
     indices of the files kept.
     """
+    images, kept, _ = _decode(paths, size, channels, nearest, skip_corrupt)
+    return images, kept
+
+
+def _decode(paths, size, channels, nearest, skip_corrupt):
+    """:func:`decode_files`, plus each kept file's (height, width) before resizing, so
+    masks can be checked against their images."""
     import tensorflow as tf
 
     method = "nearest" if nearest else "bilinear"
@@ -146,17 +156,20 @@ def decode_files(paths, size, channels=3, nearest=False, skip_corrupt=False):
     def load(index, path):
         image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
                                    expand_animations=False)
+        shape = tf.shape(image)[:2]
         image = tf.image.resize(image, (size, size), method=method, antialias=not nearest)
-        return index, tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return index, tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), shape
 
     dataset = (tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), list(paths)))
                .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                .ignore_errors()
                .prefetch(tf.data.AUTOTUNE))
     out = np.zeros((len(paths), size, size, channels), np.uint8)
+    shapes = np.zeros((len(paths), 2), np.int64)
     kept = np.zeros(len(paths), bool)
-    for index, image in dataset:
+    for index, image, shape in dataset:
         out[int(index)] = image.numpy()
+        shapes[int(index)] = shape.numpy()
         kept[int(index)] = True
     bad = [paths[i] for i in np.flatnonzero(~kept)]
     if bad:
@@ -166,8 +179,22 @@ def decode_files(paths, size, channels=3, nearest=False, skip_corrupt=False):
             raise DataError(f"cannot decode {len(bad)} image file(s): {reasons}{more}. "
                             "Replace them, or pass --skip-corrupt to leave them out")
         warnings.warn(f"skipping {len(bad)} undecodable image file(s): {reasons}{more}",
-                      stacklevel=2)
-    return out[kept], np.flatnonzero(kept)
+                      stacklevel=3)
+    return out[kept], np.flatnonzero(kept), shapes[kept]
+
+
+def _check_mask_sizes(entries, rows, image_shapes, mask_shapes):
+    """A DataError naming both files when a mask's size is not its image's: resizing both
+    to ``size`` would hide it, and the mask would mark the wrong pixels."""
+    wrong = [(entries[row], tuple(image_shapes[row]), tuple(mask_shape))
+             for row, mask_shape in zip(rows, mask_shapes)
+             if tuple(mask_shape) != tuple(image_shapes[row])]
+    if wrong:
+        (image, _, mask), (height, width), (mask_height, mask_width) = wrong[0]
+        more = f" ({len(wrong) - 1} more masks differ from their images)" if len(wrong) > 1 \
+            else ""
+        raise DataError(f"mask {mask!r} is {mask_width}x{mask_height} but its image "
+                        f"{image!r} is {width}x{height}{more}")
 
 
 def load_train(root, category, size=256, channels=3, limit=None, skip_corrupt=False):
@@ -182,16 +209,17 @@ def load_train(root, category, size=256, channels=3, limit=None, skip_corrupt=Fa
 def load_test(root, category, size=256, channels=3, limit=None, skip_corrupt=False):
     """The test split of ``category`` with its masks; see :class:`Split`."""
     entries = _spread_pick(test_files(root, category), limit)
-    images, kept = decode_files([e[0] for e in entries], size, channels,
-                                skip_corrupt=skip_corrupt)
+    images, kept, shapes = _decode([e[0] for e in entries], size, channels, False,
+                                   skip_corrupt)
     entries = [entries[i] for i in kept]
     with_mask = [i for i, entry in enumerate(entries) if entry[2] is not None]
     masks = np.zeros(images.shape[:3], bool)
     if with_mask:
-        decoded, kept_masks = decode_files([entries[i][2] for i in with_mask], size, 1,
-                                           nearest=True, skip_corrupt=skip_corrupt)
+        decoded, kept_masks, mask_shapes = _decode([entries[i][2] for i in with_mask], size,
+                                                   1, True, skip_corrupt)
         rows = [with_mask[i] for i in kept_masks]
-        masks[rows] = decoded[..., 0] > 127
+        _check_mask_sizes(entries, rows, shapes, mask_shapes)
+        masks[rows] = decoded[..., 0] > 0
         # An image whose mask was skipped cannot be scored: leave it out as well.
         keep = sorted(set(range(len(entries))) - (set(with_mask) - set(rows)))
         images, masks, entries = images[keep], masks[keep], [entries[i] for i in keep]

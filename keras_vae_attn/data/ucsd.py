@@ -5,11 +5,15 @@
     <root>/UCSDped1/Test/Test003_gt/001.bmp ...    pixel masks, for some test clips only
 
 ``root`` may also be the ``UCSDped1`` (``UCSDped2``) folder itself. Frames and masks may
-be tif, bmp, png or jpg; a mask pairs with the frame of the same name. Frames load as
-grey, resized to ``size`` x ``size`` (Pillow, antialiased bilinear); masks are made
-binary at their own resolution, then resized (bilinear, kept where >= 0.5), so a mask
-marks the pixels at least half covered by the anomaly. Only test clips with masks are
-evaluated; their frames without an anomaly count with empty masks.
+be tif, bmp, png or jpg; a mask pairs with the frame of the same frame number, the last
+integer in the name, because the official Ped2 names the masks of Test006, Test009 and
+Test012 ``frame001.bmp`` where the others are ``001.bmp``. Hidden and system files
+(``.DS_Store``, ``._001.tif``, ``Thumbs.db``) are skipped unread. Frames load as grey,
+resized to ``size`` x ``size`` (Pillow, antialiased bilinear); masks are made binary at
+their own resolution (any non-zero pixel is anomalous, so 0/1 and 0/255 masks both work),
+then resized (bilinear, kept where >= 0.5), so a mask marks the pixels at least half
+covered by the anomaly. Only test clips with masks are evaluated; their frames without
+an anomaly count with empty masks.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from keras_vae_attn.data import DataError
+from keras_vae_attn.data import DataError, visible_names
 
 SUBSETS = {"ped1": "UCSDped1", "ped2": "UCSDped2"}
 FRAME_EXTENSIONS = (".tif", ".tiff", ".bmp", ".png", ".jpg", ".jpeg")
@@ -30,7 +34,8 @@ SPLITS = ("Train", "Test")
 
 
 class Clip(NamedTuple):
-    """One clip: its folder name, frame paths in order, and mask paths (same order) or None."""
+    """One clip: its folder name, frame paths in order, and mask paths (paired with the
+    frames by number, same order) or None."""
 
     name: str
     frames: list
@@ -59,11 +64,6 @@ def _natural_key(name):
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def _visible(names):
-    """Drop hidden and system files (".DS_Store", "._001.tif", "Thumbs.db")."""
-    return [name for name in names if not name.startswith(".") and name != "Thumbs.db"]
-
-
 def subset_dir(root, subset):
     """``<root>/UCSDped1`` (or ``root`` itself when it is that folder); checks both splits."""
     if subset not in SUBSETS:
@@ -86,7 +86,7 @@ def subset_dir(root, subset):
 
 def frame_files(folder):
     """Image files of one clip folder, in frame order."""
-    names = [name for name in _visible(os.listdir(folder))
+    names = [name for name in visible_names(folder)
              if name.lower().endswith(FRAME_EXTENSIONS)
              and os.path.isfile(os.path.join(folder, name))]
     return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
@@ -96,22 +96,52 @@ def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def frame_number(path):
+    """The frame number in a file name, its last integer ("001.tif", "frame001.bmp" -> 1)."""
+    digits = re.findall(r"\d+", _stem(path))
+    return int(digits[-1]) if digits else None
+
+
+def _by_number(paths, folder):
+    """{frame number: path}; a DataError naming the folder for a name without a number or
+    a number used twice ("001.bmp" beside "frame001.bmp"), which cannot be paired."""
+    by_number, duplicates = {}, {}
+    for path in paths:
+        number = frame_number(path)
+        if number is None:
+            raise DataError(f"{os.path.basename(path)} in {folder!r} has no frame number in "
+                            "its name, so it cannot be paired")
+        if number in by_number:
+            duplicates.setdefault(number, [os.path.basename(by_number[number])])
+            duplicates[number].append(os.path.basename(path))
+        by_number[number] = path
+    if duplicates:
+        listed = _listing([f"{number} ({', '.join(sorted(names))})"
+                           for number, names in sorted(duplicates.items())])
+        raise DataError(f"folder {folder!r} holds more than one file for frame number(s) "
+                        f"{listed}, so frames and masks cannot be paired")
+    return by_number
+
+
 def _pair_masks(clip, frames, gt_folder):
-    """Mask paths in frame order; a DataError when the gt folder does not match the clip."""
+    """Mask paths in frame order, paired by frame number; a DataError when the gt folder
+    does not match the clip (a frame without a mask, a mask without a frame)."""
     masks = frame_files(gt_folder)
-    by_stem = {_stem(path): path for path in masks}
-    frame_stems = [_stem(path) for path in frames]
-    missing = [stem for stem in frame_stems if stem not in by_stem]
-    extra = sorted(set(by_stem) - set(frame_stems), key=_natural_key)
-    if len(masks) != len(frames) or missing or extra:
+    frame_of = _by_number(frames, os.path.dirname(frames[0]))
+    mask_of = _by_number(masks, gt_folder)
+    missing = sorted(set(frame_of) - set(mask_of))
+    extra = sorted(set(mask_of) - set(frame_of))
+    if missing or extra:
         detail = []
         if missing:
-            detail.append(f"frames without a mask: {_listing(missing)}")
+            detail.append("frames without a mask: "
+                          + _listing([os.path.basename(frame_of[n]) for n in missing]))
         if extra:
-            detail.append(f"masks without a frame: {_listing(extra)}")
+            detail.append("masks without a frame: "
+                          + _listing([os.path.basename(mask_of[n]) for n in extra]))
         raise DataError(f"ground-truth folder {gt_folder!r} holds {len(masks)} masks but "
                         f"clip {clip} has {len(frames)} frames ({'; '.join(detail)})")
-    return [by_stem[stem] for stem in frame_stems]
+    return [mask_of[frame_number(path)] for path in frames]
 
 
 def _listing(names, limit=5):
@@ -124,7 +154,7 @@ def list_clips(root, subset, split):
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     folder = os.path.join(subset_dir(root, subset), split)
-    entries = _visible(os.listdir(folder))
+    entries = visible_names(folder)
     clip_names = sorted((name for name in entries if not name.endswith(GT_SUFFIX)
                          and os.path.isdir(os.path.join(folder, name))), key=_natural_key)
     gt_names = {name[:-len(GT_SUFFIX)] for name in entries if name.endswith(GT_SUFFIX)
@@ -170,15 +200,15 @@ def read_frame(path, clip, size):
 def read_mask(path, clip, size, frame_shape=None):
     """A mask resized to ``size``: bool (size, size).
 
-    Masks stored as 0/255 are cut at 128, masks stored as 0/1 at 1. ``frame_shape``
-    (height, width) checks the mask was drawn on a frame of that size.
+    Any non-zero pixel is anomalous, so masks stored as 0/1 and as 0/255 both work.
+    ``frame_shape`` (height, width) checks the mask was drawn on a frame of that size.
     """
     pixels = _read(path, clip, "mask")
     if frame_shape is not None and pixels.shape != tuple(frame_shape):
         raise DataError(f"mask {os.path.basename(path)} of clip {clip} ({path!r}) is "
                         f"{pixels.shape[1]}x{pixels.shape[0]} but its frame is "
                         f"{frame_shape[1]}x{frame_shape[0]}")
-    binary = pixels >= (128 if pixels.max() > 1 else 1)
+    binary = pixels > 0
     if binary.shape == (size, size):
         return binary
     scaled = Image.fromarray(binary.astype(np.float32)).resize((size, size),

@@ -140,22 +140,14 @@ class FactorVAE(VAE):
         """
         split = self.explainer(self.ad_layer)
         features = split.front(images, training=training)
-        batch = tf.shape(features)[0]
-        stacked = tf.tile(features, [self.latent_dim, 1, 1, 1])   # copy d: rows d*B..
-        with tf.GradientTape() as inner:
-            inner.watch(stacked)
-            mu_all, logvar_all = split.head(stacked, training=training)
-            selector = tf.repeat(tf.eye(self.latent_dim, dtype=mu_all.dtype), batch, axis=0)
-            target = tf.reduce_sum(mu_all * selector)
-        grads = inner.gradient(target, stacked)                   # (D*B, h, w, K)
+        (mu, logvar), grads = split.stacked_gradients(features, training=training)
         dtype = tf.float64 if features.dtype == tf.float64 else tf.float32   # >= float32
-        pooled = tf.reduce_mean(tf.cast(grads, dtype), axis=[1, 2])
-        weights = tf.transpose(tf.reshape(pooled, [self.latent_dim, batch, -1]), [1, 0, 2])
+        weights = tf.reduce_mean(tf.cast(grads, dtype), axis=[2, 3])        # (B, D, K)
         if not self.ad_second_order:
             weights = tf.stop_gradient(weights)
         signed = weighted_sum(weights, tf.cast(features, dtype))
         maps = tf.nn.relu(signed) if self.ad_maps == "relu" else tf.abs(signed)
-        return mu_all[:batch], logvar_all[:batch], maps
+        return mu, logvar, maps
 
     def choose_pair(self, maps):
         """(B, 2) latent dims whose maps L_AD pushes apart (see the module docstring)."""
@@ -259,11 +251,3 @@ def build_factor_vae(backbone="factorvae", input_shape=(64, 64, 1), latent_dim=1
     model(np.zeros((1, *input_shape), np.float32))
     model.discriminator(np.zeros((1, latent_dim), np.float32))
     return model
-
-
-def build_from_spec(kind, spec):
-    """Rebuild a saved model of class ``kind`` (what :func:`load_vae` calls)."""
-    if kind != "FactorVAE":
-        raise ValueError(f"cannot rebuild a saved model of class {kind!r}; known: VAE, "
-                         "FactorVAE")
-    return build_factor_vae(**spec)

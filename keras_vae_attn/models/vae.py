@@ -1,11 +1,6 @@
 """The one-class VAE: a small subclassed model around a named encoder and decoder."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -13,9 +8,6 @@ import tensorflow as tf
 from keras_vae_attn import backbones, losses
 from keras_vae_attn.attention import NormalStats, VAEAttention, fit_normal_stats
 from keras_vae_attn.attribution import FeatureDistribution, FeatureMoments
-
-MODEL_SPEC = "model.json"
-MODEL_WEIGHTS = "model.weights.h5"
 
 
 class VAE(keras.Model):
@@ -229,46 +221,4 @@ def build_vae(backbone="small", input_shape=(28, 28, 1), latent_dim=16, filters=
                                                 filters=filters, dense_units=dense_units)
     model = VAE(encoder, decoder, recon_loss=recon_loss, beta=beta, seed=seed, spec=spec)
     model(np.zeros((1, *input_shape), np.float32))
-    return model
-
-
-def save_vae(model, directory):
-    """Write ``model.json`` (spec) and ``model.weights.h5`` atomically into ``directory``."""
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".model-", dir=directory)
-    try:
-        with open(os.path.join(staging, MODEL_SPEC), "w", encoding="utf-8") as handle:
-            json.dump({"class": type(model).__name__, **model.spec}, handle, indent=2)
-        model.save_weights(os.path.join(staging, MODEL_WEIGHTS))
-        names = [MODEL_WEIGHTS, MODEL_SPEC]
-        for name in names:                         # spec last: it marks a complete save
-            os.replace(os.path.join(staging, name), os.path.join(directory, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_vae(directory):
-    """Rebuild the model saved by :func:`save_vae` in ``directory``."""
-    spec_path = os.path.join(directory, MODEL_SPEC)
-    weights_path = os.path.join(directory, MODEL_WEIGHTS)
-    for path in (spec_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory!r} holds no trained model: {path} is missing")
-    with open(spec_path, encoding="utf-8") as handle:
-        spec = json.load(handle)
-    kind = spec.pop("class", "VAE")
-    feature_layers = spec.pop("feature_layers", [])
-    if kind == "VAE":
-        model = build_vae(**spec)
-    else:
-        from keras_vae_attn.models import factor_vae
-        model = factor_vae.build_from_spec(kind, spec)
-    for layer in feature_layers:        # the weights must exist before they load
-        shape = model.explainer(layer).front.output.shape[1:] \
-            if model.explainer(layer).front is not None else None
-        if shape is None:
-            raise ValueError(f"{spec_path}: cannot rebuild the feature distribution of "
-                             f"layer {layer!r}")
-        model.add_feature_distribution(layer, shape)
-    model.load_weights(weights_path)
     return model

@@ -4,6 +4,7 @@ Each generator writes files in its dataset's official layout, so the real reader
 them unchanged; masks and labels are exact because the defects are drawn, not found.
 """
 from keras_vae_attn.data.synthetic.mvtec_like import write_mvtec_category
-from keras_vae_attn.data.synthetic.ucsd_like import write_ucsd_dataset
+from keras_vae_attn.data.synthetic.ucsd_like import (write_official_ped2_layout,
+                                                     write_ucsd_dataset)
 
-__all__ = ["write_mvtec_category"]
+__all__ = ["write_mvtec_category", "write_official_ped2_layout", "write_ucsd_dataset"]

@@ -11,7 +11,8 @@ least half covered by an anomalous object.
 
 Files follow the official layout (see :mod:`keras_vae_attn.data.ucsd`); some test clips
 get no ``_gt`` folder, as in the real Ped1, and the Test folder holds a frame-level
-annotation file like the official ``UCSDped1.m``.
+annotation file like the official ``UCSDped1.m``. :func:`write_official_ped2_layout` adds
+the official Ped2 release's quirks, so the reader is tested against them.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ FORMATS = ("tif", "bmp", "png", "jpg")
 SPEC_FILE = "generator.json"
 VERSION = 2          # bump when the drawing changes, so cached datasets are redrawn
 BLUR_STEPS = 8
+# Test clips whose masks the official Ped2 release names "frame001.bmp", not "001.bmp".
+OFFICIAL_FRAME_PREFIX_CLIPS = (6, 9, 12)
+JUNK = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"     # resource-fork bytes, no image
 
 
 def _smooth_noise(rng, height, width, cell):
@@ -126,7 +130,8 @@ def render_clip(rng, scene, frames, walkers, intruders):
 
 def write_ucsd_dataset(root, subset="ped1", width=120, height=80, frames=40, n_train=6,
                        n_test=4, n_test_without_gt=1, walkers=16, frame_format="tif",
-                       mask_format="bmp", seed=0, exist_ok=True):
+                       mask_format="bmp", seed=0, exist_ok=True, frame_prefix_clips=None,
+                       junk_files=False):
     """Write ``<root>/UCSDped1`` (``UCSDped2``) in the official layout; return its path.
 
     Train clips hold only walkers. Each test clip also has one fast, large intruder
@@ -134,6 +139,10 @@ def write_ucsd_dataset(root, subset="ped1", width=120, height=80, frames=40, n_t
     last ``n_test_without_gt`` test clips get no ``_gt`` folder. The folder appears in one
     rename once complete; with ``exist_ok`` one written with the same settings is reused,
     one written with other settings replaced.
+
+    Quirks of real copies, off by default: the test clips numbered in
+    ``frame_prefix_clips`` name their masks ``frame001.bmp``; ``junk_files`` puts a
+    ``.DS_Store`` and a ``._001.tif`` resource fork (garbage bytes) in every clip folder.
     """
     if subset not in SUBSETS:
         raise ValueError(f"unknown subset {subset!r}; choose one of {', '.join(SUBSETS)}")
@@ -150,6 +159,9 @@ def write_ucsd_dataset(root, subset="ped1", width=120, height=80, frames=40, n_t
                 frames=int(frames), n_train=int(n_train), n_test=int(n_test),
                 n_test_without_gt=int(n_test_without_gt), walkers=int(walkers),
                 frame_format=frame_format, mask_format=mask_format, seed=int(seed))
+    if frame_prefix_clips or junk_files:          # only then, so older caches stay valid
+        spec.update(frame_prefix_clips=sorted(int(n) for n in frame_prefix_clips or ()),
+                    junk_files=bool(junk_files))
     target = os.path.join(root, SUBSETS[subset])
     if os.path.exists(target):
         if not exist_ok:
@@ -183,27 +195,46 @@ def _read_spec(folder):
         return None
 
 
-def _save_frames(folder, pixels, extension):
+def write_official_ped2_layout(root, frame_prefix_clips=OFFICIAL_FRAME_PREFIX_CLIPS,
+                               n_test_without_gt=0, **settings):
+    """``<root>/UCSDped2`` laid out like the official Ped2 release, quirks included: tif
+    frames, bmp masks for every test clip, masks of clips 6, 9 and 12 (when written) named
+    ``frameNNN.bmp``, and ``.DS_Store`` / ``._001.tif`` junk in the clip folders."""
+    return write_ucsd_dataset(root, "ped2", frame_format="tif", mask_format="bmp",
+                              n_test_without_gt=n_test_without_gt,
+                              frame_prefix_clips=frame_prefix_clips, junk_files=True,
+                              **settings)
+
+
+def _save_frames(folder, pixels, extension, prefix="", junk=False):
     os.makedirs(folder)
-    for index, frame in enumerate(pixels, start=1):
-        Image.fromarray(frame).save(os.path.join(folder, f"{index:03d}.{extension}"))
+    names = [f"{prefix}{index:03d}.{extension}" for index in range(1, len(pixels) + 1)]
+    for name, frame in zip(names, pixels):
+        Image.fromarray(frame).save(os.path.join(folder, name))
+    if junk:
+        for name in (".DS_Store", "._" + names[0]):
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.write(JUNK)
 
 
 def _write_into(folder, spec):
     rng = np.random.default_rng(spec["seed"])
     scene = background(rng, spec["height"], spec["width"])
+    junk = spec.get("junk_files", False)
     for index in range(1, spec["n_train"] + 1):
         images, _ = render_clip(rng, scene, spec["frames"], spec["walkers"], 0)
         _save_frames(os.path.join(folder, "Train", f"Train{index:03d}"), images,
-                     spec["frame_format"])
+                     spec["frame_format"], junk=junk)
     annotation = ["TestVideoFile = {};"]
     with_gt = spec["n_test"] - spec["n_test_without_gt"]
     for index in range(1, spec["n_test"] + 1):
         images, masks = render_clip(rng, scene, spec["frames"], spec["walkers"], 1)
         clip = os.path.join(folder, "Test", f"Test{index:03d}")
-        _save_frames(clip, images, spec["frame_format"])
+        _save_frames(clip, images, spec["frame_format"], junk=junk)
         if index <= with_gt:
-            _save_frames(clip + "_gt", masks.astype(np.uint8) * 255, spec["mask_format"])
+            prefix = "frame" if index in spec.get("frame_prefix_clips", ()) else ""
+            _save_frames(clip + "_gt", masks.astype(np.uint8) * 255, spec["mask_format"],
+                         prefix, junk)
         anomalous = np.flatnonzero(masks.any(axis=(1, 2))) + 1
         span = f"[{anomalous[0]}:{anomalous[-1]}]" if len(anomalous) else "[]"
         annotation.append(f"TestVideoFile{{end+1}}.gt_frame = {span};")

@@ -1,0 +1,62 @@
+"""Saving and loading models: a spec (``model.json``) plus Keras weights, rebuilt through
+a ``{class name: builder}`` registry so the base class never imports its subclasses."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+MODEL_SPEC = "model.json"
+MODEL_WEIGHTS = "model.weights.h5"
+
+
+def _builders():
+    """{class name stored in model.json: function(**spec) -> model}. A new model class
+    adds one line here."""
+    from keras_vae_attn.models.factor_vae import build_factor_vae
+    from keras_vae_attn.models.vae import build_vae
+
+    return {"VAE": build_vae, "FactorVAE": build_factor_vae}
+
+
+def save_vae(model, directory):
+    """Write ``model.json`` (spec) and ``model.weights.h5`` atomically into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".model-", dir=directory)
+    try:
+        with open(os.path.join(staging, MODEL_SPEC), "w", encoding="utf-8") as handle:
+            json.dump({"class": type(model).__name__, **model.spec}, handle, indent=2)
+        model.save_weights(os.path.join(staging, MODEL_WEIGHTS))
+        names = [MODEL_WEIGHTS, MODEL_SPEC]
+        for name in names:                         # spec last: it marks a complete save
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_vae(directory):
+    """Rebuild the model saved by :func:`save_vae` in ``directory``."""
+    spec_path = os.path.join(directory, MODEL_SPEC)
+    weights_path = os.path.join(directory, MODEL_WEIGHTS)
+    for path in (spec_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory!r} holds no trained model: {path} is missing")
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    kind = spec.pop("class", "VAE")
+    feature_layers = spec.pop("feature_layers", [])
+    builders = _builders()
+    if kind not in builders:
+        raise ValueError(f"{spec_path}: cannot rebuild a saved model of class {kind!r}; "
+                         f"known: {', '.join(builders)}")
+    model = builders[kind](**spec)
+    for layer in feature_layers:        # the weights must exist before they load
+        shape = model.explainer(layer).front.output.shape[1:] \
+            if model.explainer(layer).front is not None else None
+        if shape is None:
+            raise ValueError(f"{spec_path}: cannot rebuild the feature distribution of "
+                             f"layer {layer!r}")
+        model.add_feature_distribution(layer, shape)
+    model.load_weights(weights_path)
+    return model
