@@ -3,12 +3,16 @@
 Every exported graph computes :func:`keras_vae_attn.scoring.explain_anomaly` with the
 options the run was trained and evaluated with (``config.json``), so a served heatmap
 equals the one the trainer showed. This module holds what the command lines share:
-reading a run folder and refusing bad paths before anything is written.
+reading a run folder, refusing bad paths and names before anything is written, checking
+the images a caller hands an exported model, and clearing the staging folders a killed
+export left behind.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from typing import NamedTuple
 
 from keras_vae_attn.runs import RUN_COMPLETE, ExplainOptions, OptionError
@@ -16,6 +20,10 @@ from keras_vae_attn.runs import RUN_COMPLETE, ExplainOptions, OptionError
 
 class ExportError(Exception):
     """A refused export: the message names the path or argument and what is wrong."""
+
+
+class InputError(ValueError):
+    """Images an exported model cannot take; the message says what is wrong."""
 
 
 class Run(NamedTuple):
@@ -111,3 +119,83 @@ def refuse_existing(path, force, flag="--out"):
     if os.path.lexists(path) and not force:
         raise ExportError(f"{flag} {path!r} already exists; choose another path or pass "
                           "--force to replace it")
+
+
+def model_name_problem(name):
+    """Why ``name`` cannot be a TF Serving model folder name (None: it can). A name with
+    a path separator or ``..`` would put the model outside the serving folder."""
+    if (not name or name.startswith(".") or "/" in name or os.sep in name
+            or ".." in name or name.isdigit()):
+        return (f"{name!r} must be a plain folder name (not a number, no path separator "
+                "or '..', not starting with '.')")
+    return None
+
+
+def check_images(images, shape):
+    """Raise InputError unless ``images`` is float32 (B >= 1, H, W, C) in [0, 1].
+
+    The check the SavedModel signatures do in their graph; an ONNX graph cannot keep it
+    (tf2onnx drops TensorFlow's assert ops), so ONNX Runtime callers run this first.
+    ``shape`` is the model's (H, W, C). Returns ``images`` as an array.
+    """
+    import numpy as np
+
+    images = np.asarray(images)
+    height, width, channels = shape
+    expected = f"(batch, {height}, {width}, {channels})"
+    if images.dtype != np.float32:
+        hint = " (divide 8-bit pixels by 255)" if np.issubdtype(images.dtype, np.integer) \
+            else ""
+        raise InputError(f"images must be float32 {expected} in [0, 1]; got dtype "
+                         f"{images.dtype}{hint}")
+    if images.ndim != 4:
+        raise InputError(f"images must be a 4-D batch {expected}; got shape {images.shape}"
+                         + (" (add a batch axis)" if images.ndim == 3 else ""))
+    if images.shape[-1] != channels:
+        raise InputError(f"images have {images.shape[-1]} channels but the model takes "
+                         f"{channels}: expected {expected}, got {images.shape}")
+    if images.shape[1:3] != (height, width):
+        raise InputError(f"images are {images.shape[1]}x{images.shape[2]} but the model "
+                         f"takes {height}x{width}: expected {expected}, got {images.shape}")
+    if images.shape[0] == 0:
+        raise InputError(f"images must hold at least one image; got shape {images.shape}")
+    finite = np.isfinite(images)
+    if not finite.all():
+        raise InputError(f"images must be float32 in [0, 1]; got {int((~finite).sum())} "
+                         "NaN or infinite values")
+    if images.min() < 0 or images.max() > 1:
+        raise InputError(f"images must be float32 in [0, 1]; got values in "
+                         f"[{images.min():g}, {images.max():g}]"
+                         + (" (divide 8-bit pixels by 255)" if images.max() > 1 else ""))
+    return images
+
+
+#: Staging names the exporters and the pipeline's push write, with the writer's pid:
+#: ``.incoming-<pid>``, ``.incoming-<version>-<pid>``, ``<version>.replaced-<pid>``.
+STAGING = re.compile(r"^(?:\.incoming-(?:\d+-)?|\d+\.replaced-)(\d+)$")
+
+
+def pid_alive(pid):
+    """Whether process ``pid`` exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(folder):
+    """Delete the staging folders in ``folder`` whose writer is dead: a push or export
+    killed before its rename leaves one, and TF Serving never looks at it. Folders of a
+    live writer (a concurrent export) are kept. Returns the removed paths."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        match = STAGING.match(name)
+        if match and not pid_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            removed.append(os.path.join(folder, name))
+    return removed

@@ -7,7 +7,10 @@ numeric version is used) or an ``.onnx`` file. A SavedModel receives the encoded
 through its ``serve_bytes`` signature, exactly as a TF Serving REST client would send
 them; an ONNX model receives them decoded by the same in-graph preprocessing. Writes
 one ``<index>_<name>.png`` per image (input, anomaly attention, reconstruction error)
-and ``scores.json`` (image scores, decisions when the model has thresholds).
+and ``scores.json`` (image scores, decisions when the model has thresholds) into the
+``--out`` folder; an ``--out`` that exists and is not a folder is refused before any
+work unless ``--force``. Images are checked (:func:`export.check_images`: float32 in
+[0, 1], at least one) before either backend runs: ONNX Runtime does not check them.
 """
 from __future__ import annotations
 
@@ -18,40 +21,9 @@ import sys
 
 import numpy as np
 
-from export import ExportError
+from export import ExportError, InputError, check_images  # noqa: F401  (re-exported)
 
 OVERLAY_OUTPUTS = ("heatmap", "recon_error")
-
-
-class InputError(ValueError):
-    """Images an exported model cannot take; the message says what is wrong."""
-
-
-def check_images(images, shape):
-    """Raise InputError unless ``images`` is float32 (B, H, W, C) in [0, 1] of ``shape``."""
-    images = np.asarray(images)
-    height, width, channels = shape
-    expected = f"(batch, {height}, {width}, {channels})"
-    if images.dtype != np.float32:
-        hint = " (divide 8-bit pixels by 255)" if np.issubdtype(images.dtype, np.integer) \
-            else ""
-        raise InputError(f"images must be float32 {expected} in [0, 1]; got dtype "
-                         f"{images.dtype}{hint}")
-    if images.ndim != 4:
-        raise InputError(f"images must be a 4-D batch {expected}; got shape {images.shape}"
-                         + (" (add a batch axis)" if images.ndim == 3 else ""))
-    if images.shape[-1] != channels:
-        raise InputError(f"images have {images.shape[-1]} channels but the model takes "
-                         f"{channels}: expected {expected}, got {images.shape}")
-    if images.shape[1:3] != (height, width):
-        raise InputError(f"images are {images.shape[1]}x{images.shape[2]} but the model "
-                         f"takes {height}x{width}: expected {expected}, got {images.shape}")
-    if images.size and (not np.isfinite(images).all() or images.min() < 0
-                        or images.max() > 1):
-        raise InputError(f"images must lie in [0, 1]; got values in "
-                         f"[{np.nanmin(images):g}, {np.nanmax(images):g}]"
-                         " (divide 8-bit pixels by 255)")
-    return images
 
 
 def read_files(paths, shape):
@@ -195,11 +167,29 @@ def write_overlays(paths, images, outputs, out_dir, vmax=None):
     return written
 
 
-def infer(model_path, image_paths, out_dir, batch_size=16):
+def check_out(out_dir, force=False):
+    """ExportError if ``out_dir`` exists and is not a folder, unless ``force`` (then it
+    is replaced): found before the model is loaded, not after inference ran."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir) and not force:
+        raise ExportError(f"--out {out_dir!r} already exists and is not a folder; choose "
+                          "another path or pass --force to replace it")
+
+
+def make_out(out_dir):
+    """Create the ``out_dir`` folder, replacing a file there (allowed by check_out)."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        os.remove(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def infer(model_path, image_paths, out_dir, batch_size=16, force=False):
     """Run ``model_path`` on ``image_paths``; writes overlays and scores.json into
     ``out_dir`` and returns the scores dict."""
     from keras_vae_attn.runs import write_json
 
+    check_out(out_dir, force)
+    if not image_paths:
+        raise InputError("images must hold at least one image; no image files given")
     backend = open_model(model_path)
     chunks = []
     for start in range(0, len(image_paths), batch_size):
@@ -210,7 +200,7 @@ def infer(model_path, image_paths, out_dir, batch_size=16):
     outputs = {key: np.concatenate([c[1][key] for c in chunks]) for key in chunks[0][1]}
     thresholds = backend.info.get("thresholds")
     vmax = 2.0 * thresholds["pixel"] if thresholds else None
-    os.makedirs(out_dir, exist_ok=True)
+    make_out(out_dir)
     names = write_overlays(image_paths, images, outputs, out_dir, vmax)
     rows = []
     for index, path in enumerate(image_paths):
@@ -236,6 +226,8 @@ def build_parser():
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF)")
     parser.add_argument("--out", required=True, help="folder for overlays and scores.json")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--force", action="store_true",
+                        help="replace an --out that exists and is not a folder")
     return parser
 
 
@@ -244,10 +236,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        check_out(args.out, args.force)     # before TensorFlow is even imported
+    except ExportError as error:
+        parser.exit(2, f"error: {error}\n")
     from keras_vae_attn.data import DataError     # imports TensorFlow: after the flags
 
     try:
-        scores = infer(args.model, args.images, args.out, args.batch_size)
+        scores = infer(args.model, args.images, args.out, args.batch_size, args.force)
     except (ExportError, DataError, InputError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

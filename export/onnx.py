@@ -11,6 +11,19 @@ per_latent, recon_error, score, mu, logvar (+ pred_mask, pred_label, heatmap_nor
 with --thresholds). What it was made from is in the model's metadata (``input_shape``,
 ``options``, ``thresholds``, ...). Before the file is written, the converted graph is
 run on a small batch and compared with the in-memory model (``--no-verify`` skips it).
+
+Input checks: unlike the SavedModel signatures, the ONNX graph does not check its
+input. tf2onnx drops TensorFlow's assert ops, and ONNX has no operator that fails with
+a message, so ONNX Runtime runs NaN, 0..255, negative or empty batches without an error
+(plausible-looking or NaN maps, or an opaque Reshape error for 0 images). The check is
+in Python instead: :func:`check_images` (``check_images(array, input_shape)``, raises
+:class:`export.InputError` naming ``images`` and the allowed range) before
+``session.run``; :mod:`export.infer` calls it before every run.
+
+    from export.onnx import check_images, session
+    runner = session("model.onnx")
+    images = check_images(images, runner.get_inputs()[0].shape[1:])
+    outputs = runner.run(None, {"images": images})
 """
 from __future__ import annotations
 
@@ -19,13 +32,22 @@ import json
 import os
 import sys
 
-from export import ExportError, check_options, load_run, load_thresholds, refuse_existing
+from export import (ExportError, InputError, check_options, load_run,  # noqa: F401
+                    load_thresholds, pid_alive, refuse_existing)
+from export import check_images as _check_images
 from export.saved_model import anomaly_outputs, input_shape, warn_incomplete
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
 #: Largest max-abs difference allowed, as a fraction of the heatmap's range.
 PARITY_TOLERANCE = 1e-4
+
+
+def check_images(images, shape):
+    """``images`` as an array if an exported graph may take them: float32 (B >= 1, H,
+    W, C) in [0, 1] for ``shape`` (H, W, C); else InputError saying what is wrong. The
+    check the ONNX graph cannot hold itself (see the module doc)."""
+    return _check_images(images, tuple(int(d) for d in shape))
 
 
 def serving_function(model, options, thresholds=None):
@@ -176,6 +198,7 @@ def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, veri
                               f"{PARITY_TOLERANCE:.0e}); {out!r} was not written")
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_partials(out)
     partial = f"{out}.partial-{os.getpid()}"
     try:
         with open(partial, "wb") as handle:
@@ -185,6 +208,16 @@ def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, veri
         if os.path.exists(partial):
             os.remove(partial)
     return difference
+
+
+def remove_stale_partials(out):
+    """Delete ``<out>.partial-<pid>`` files of dead writers (a killed export's)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    prefix = os.path.basename(out) + ".partial-"
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(os.path.join(folder, name))
 
 
 def build_parser():

@@ -8,20 +8,30 @@ Each stage writes its artifact into the pipeline folder and a record into
 ``--from-stage`` forces a restart from that stage on. A candidate is pushed only when
 blessed: its metrics pass the given floors and are no worse than the served model's
 (by more than ``--tolerance``). The push is atomic: TF Serving never sees a partial
-version.
+version, and the staging folders of a killed push are removed by the next one.
+
+Children (the trainer, the exporters) run in their own process group: SIGINT/SIGTERM to
+the pipeline are forwarded to that group, and the group is killed when the pipeline
+exits, so a stopped pipeline leaves no orphan training. A train stage that was stopped
+is resumed from the trainer's backup when the same command is run again (its run folder
+is kept); a changed configuration, or ``--from-stage train``, trains afresh.
+``--model-name`` (and the default ``vae_<category>``) is checked before any stage runs.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
-from export import lineage
+from export import lineage, model_name_problem, remove_stale_staging
 from keras_vae_attn.runs import write_json
 
 STAGES = ("train", "evaluate", "validate", "export", "push")
@@ -61,6 +71,65 @@ def build_parser():
     return parser
 
 
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Seconds a child gets to exit after a forwarded signal before its group is killed.
+CHILD_GRACE_S = 10.0
+_children = set()
+
+
+def kill_group(process, signum=signal.SIGKILL):
+    """Send ``signum`` to the process group ``process`` leads (gone already: no-op)."""
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@atexit.register
+def _kill_children():
+    """On the pipeline's exit, kill the groups of children still running."""
+    for process in list(_children):
+        kill_group(process)
+
+
+def run_child(command):
+    """Run ``command`` like ``subprocess.run(check=True)``, in its own process group.
+
+    A SIGINT/SIGTERM to the pipeline is passed on to the group, which then gets
+    CHILD_GRACE_S to exit before it is killed, and the pipeline exits with 128 + the
+    signal; however this returns, nothing of the group is left running.
+    """
+    process = subprocess.Popen(command, start_new_session=True)
+    _children.add(process)
+    stopped = []
+
+    def forward(signum, frame):
+        kill_group(process, signum)
+        stopped.append(signal.Signals(signum).name)
+        raise SystemExit(128 + signum)
+
+    handle = threading.current_thread() is threading.main_thread()   # signals: main only
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS} \
+        if handle else {}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if stopped:
+            try:
+                process.wait(timeout=CHILD_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            print(f"interrupted by {stopped[0]}: stopped {' '.join(command[1:4])}",
+                  file=sys.stderr)
+        kill_group(process)            # grandchildren too, whatever happened
+        process.wait()
+        _children.discard(process)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
+
+
 class Pipeline:
     """The five stages over one pipeline folder."""
 
@@ -91,9 +160,19 @@ class Pipeline:
     def train(self):
         config = {"category": self.args.category, "holdout": self.args.holdout,
                   "seed": self.args.seed, "trainer_args": self.args.trainer_args}
-        return self.stage("train", config, {}, self._train)
+        resume = self.interrupted("train", config) and not self.args.from_stage == "train"
+        return self.stage("train", config, {}, lambda: self._train(resume))
 
-    def _train(self):
+    def interrupted(self, name, config):
+        """Whether stage ``name`` last started with this same config and never finished
+        (killed: "running", or stopped by a signal or an error: "failed")."""
+        previous = self.manifest.record(name) or {}
+        return (previous.get("status") in ("running", "failed")
+                and previous.get("cache_key") == lineage.cache_key(config, {}, self.data))
+
+    def _train(self, resume=False):
+        """Run the trainer on the training view; with ``resume`` its run folder is kept,
+        so the trainer picks up from its backup instead of epoch 0."""
         from keras_vae_attn.data import mvtec
 
         files = mvtec.train_files(self.args.data_dir, self.args.category)
@@ -101,11 +180,14 @@ class Pipeline:
             files, max(1, int(round(self.args.holdout * len(files))))))
         view = self._training_view(set(held))
         run_dir = self.path("train")
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if resume and os.path.isdir(run_dir):
+            print(f"train: resuming the interrupted training in {run_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
         command = [sys.executable, "-m", "trainers.mvtec", "--category", self.args.category,
                    "--data-dir", view, "--run-dir", run_dir, "--seed", str(self.args.seed),
                    *self.args.trainer_args]
-        subprocess.run(command, check=True)
+        run_child(command)
         holdout = self.path("holdout.json")
         write_json(holdout, held)
         return "done", {"model": os.path.join(run_dir, "model"), "holdout": holdout,
@@ -203,10 +285,9 @@ class Pipeline:
         saved = os.path.join(out, "saved_model")
         onnx_path = os.path.join(out, "model.onnx")
         common = ["--run", self.path("train"), "--thresholds", inputs["thresholds"]]
-        subprocess.run([sys.executable, "-m", "export.saved_model", *common, "--out", saved,
-                        "--model-name", self.model_name, "--version", "1"], check=True)
-        subprocess.run([sys.executable, "-m", "export.onnx", *common, "--out", onnx_path],
-                       check=True)
+        run_child([sys.executable, "-m", "export.saved_model", *common, "--out", saved,
+                   "--model-name", self.model_name, "--version", "1"])
+        run_child([sys.executable, "-m", "export.onnx", *common, "--out", onnx_path])
         version_dir = os.path.join(saved, self.model_name, "1")
         assets = os.path.join(version_dir, "assets")
         os.makedirs(assets, exist_ok=True)
@@ -322,10 +403,12 @@ def push_version(version_dir, serving_dir, model_name):
     """Copy a SavedModel to ``<serving_dir>/<model_name>/<next version>/`` atomically.
 
     The copy is made under a dot-name TF Serving ignores, then renamed into place; the
-    rename either happens whole or not at all. Returns the new version folder.
+    rename either happens whole or not at all. Staging folders of killed pushes (their
+    pid dead) are removed first. Returns the new version folder.
     """
     base = os.path.join(serving_dir, model_name)
     os.makedirs(base, exist_ok=True)
+    remove_stale_staging(base)
     staging = os.path.join(base, f".incoming-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(version_dir, staging)
@@ -340,11 +423,24 @@ def push_version(version_dir, serving_dir, model_name):
                 raise
 
 
+def check_model_name(parser, args):
+    """Refuse, before any stage, a serving name that would leave ``--serving-dir``
+    (one line naming the flag, exit 2); the default vae_<category> is checked too."""
+    if args.model_name is not None:
+        flag, name = "--model-name", args.model_name
+    else:
+        flag, name = "--category", f"vae_{args.category}"
+    problem = model_name_problem(name)
+    if problem:
+        parser.exit(2, f"error: {flag}: model name {problem}\n")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data-dir is required (or set $MVTEC_AD_ROOT)")
+    check_model_name(parser, args)
     from keras_vae_attn.data import DataError
 
     try:

@@ -17,6 +17,11 @@ included, with the normal-data latent statistics baked in as model variables):
                      the plain per-latent attention (Eq. 3-4) at --explain-layer
     serve_bytes      image_bytes string (B,) PNG/JPEG -> as serving_default; decoded and
                      resized in the graph exactly as the trainers load images
+
+Every signature checks its input in the graph and fails with a message naming it:
+the shape, float images in [0, 1] (NaN and inf fail too), and at least one image.
+Staging folders left by a killed export (``.incoming-<version>-<pid>``, dead pid) are
+removed by the next export into the same model folder.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import os
 import shutil
 import sys
 
-from export import RUN_COMPLETE, ExportError, check_options, load_run, load_thresholds
+from export import (RUN_COMPLETE, ExportError, check_options, load_run, load_thresholds,
+                    model_name_problem, remove_stale_staging)
 
 ANOMALY_OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
 ATTENTION_OUTPUTS = ("per_latent", "attention", "mu")
@@ -80,8 +86,18 @@ def decode_images(encoded, height, width, channels):
         (height, width, channels), tf.float32))
 
 
+def assert_not_empty(tensor, name):
+    """An assert op failing on a batch of 0 (the model's reshapes would fail on it with
+    "input depth must be evenly divisible ..." instead)."""
+    import tensorflow as tf
+
+    return tf.debugging.assert_positive(tf.shape(tensor)[0],
+                                        message=f"{name} must hold at least one image")
+
+
 def check_images(images, height, width, channels):
-    """Fail clearly on images of the wrong shape or outside [0, 1].
+    """Fail clearly on images of the wrong shape, an empty batch, or values outside
+    [0, 1] (NaN and inf included: both comparisons are false for NaN).
 
     A signature's declared shape is not enforced when it is called (TF Serving and
     ``tf.saved_model.load`` check the dtype only), so the shape is checked at run time:
@@ -93,6 +109,7 @@ def check_images(images, height, width, channels):
     message = ("images must be float32 in [0, 1] (divide 8-bit pixels by 255, or send "
                "encoded files to the serve_bytes signature)")
     with tf.control_dependencies([
+            assert_not_empty(images, "images"),
             tf.debugging.assert_greater_equal(images, tf.constant(0.0), message=message),
             tf.debugging.assert_less_equal(images, tf.constant(1.0), message=message)]):
         return tf.identity(images)
@@ -120,6 +137,8 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
 
     def serve_bytes(image_bytes):
         image_bytes = tf.ensure_shape(image_bytes, (None,), name="image_bytes")
+        with tf.control_dependencies([assert_not_empty(image_bytes, "image_bytes")]):
+            image_bytes = tf.identity(image_bytes)
         images = decode_images(image_bytes, height, width, channels)
         return anomaly_outputs(model, images, options, thresholds)
 
@@ -163,6 +182,8 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     """
     from keras_vae_attn.runs import write_json
 
+    if model_name_problem(model_name):
+        raise ExportError(f"model name {model_name_problem(model_name)}")
     base = os.path.join(out, model_name)
     if version is None:
         version = next_version(base)
@@ -178,6 +199,7 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     except ValueError as error:       # an unknown --layer / --explain-layer
         raise ExportError(f"cannot build the serving graph of {run_dir!r}: {error}") from None
     os.makedirs(base, exist_ok=True)
+    remove_stale_staging(base)
     staging = os.path.join(base, f".incoming-{version}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -227,9 +249,8 @@ def main(argv=None):
     if args.version is not None and args.version < 1:
         parser.error(f"--version must be a positive integer, got {args.version}")
     name = args.model_name
-    if not name or name.startswith(".") or os.sep in name or name.isdigit():
-        parser.error(f"--model-name {name!r} must be a plain folder name (not a number, "
-                     "no path separator, not starting with '.')")
+    if model_name_problem(name):
+        parser.error(f"--model-name {model_name_problem(name)}")
     try:
         target = export(args.run, args.out, name, args.version, args.force, args.thresholds,
                         args.explain_layer)

@@ -27,6 +27,7 @@ METHODS = ("auto", "stack", "jacobian")
 #: ("Choosing the default attribution").
 PRESETS = {
     "paper": dict(form="gradcam", target="energy", deviation="none", sign="relu"),
+    # mean rank 1.5 over bottle 64/128 px, UCSD dense, demo; MNIST 0.991 (RESULTS.md)
     "default": dict(form="gradient-weighted-deviation", target="total-energy",
                     deviation="standardized", sign="abs"),
 }

@@ -91,13 +91,18 @@ def save_roc(curves, path, title="ROC"):
 
 
 def save_curves(history, path, title="training"):
-    """Plot each series of a Keras ``History.history``-like dict against its step."""
-    fig, axis = plt.subplots(figsize=(6, 4))
-    for name, values in history.items():
-        axis.plot(np.arange(1, len(values) + 1), values, label=name)
-    axis.set_xlabel("epoch")
-    axis.set_title(title)
-    axis.legend(fontsize=8)
+    """Each series of a ``History.history``-like dict against its epoch, one panel per
+    series: the loss (~1e4) and the KL (~1e1) do not share a readable axis."""
+    names = list(history)
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 3),
+                             squeeze=False)
+    for axis, name in zip(axes[0], names):
+        values = history[name]
+        axis.plot(np.arange(1, len(values) + 1), values, marker="." if len(values) < 30 else None)
+        axis.set_xlabel("epoch")
+        axis.set_title(name, fontsize=9)
+        axis.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path, 100)
 

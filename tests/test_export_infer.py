@@ -65,5 +65,5 @@ def test_check_images_says_what_is_wrong():
     assert infer.check_images(good, (8, 8, 3)) is not None
     with pytest.raises(infer.InputError, match="have 1 channels but the model takes 3"):
         infer.check_images(np.zeros((1, 8, 8, 1), np.float32), (8, 8, 3))
-    with pytest.raises(infer.InputError, match=r"must lie in \[0, 1\]"):
+    with pytest.raises(infer.InputError, match=r"must be float32 in \[0, 1\].*NaN"):
         infer.check_images(np.full((1, 8, 8, 3), np.nan, np.float32), (8, 8, 3))

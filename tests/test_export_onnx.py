@@ -136,7 +136,8 @@ def test_onnx_inputs_are_checked_before_running(mnist_export):
              "dtype uint8 .*divide 8-bit pixels by 255": good.astype(np.uint8),
              "dtype float64": good.astype(np.float64),
              "are 32x32 but the model takes 28x28": np.zeros((1, 32, 32, 1), np.float32),
-             r"lie in \[0, 1\]": good + 2.0}
+             r"must be float32 in \[0, 1\]; got values in \[2, 2\]": good + 2.0,
+             r"must hold at least one image": good[:0]}
     for message, images in cases.items():
         with pytest.raises(InputError, match=message):
             backend.run(images)

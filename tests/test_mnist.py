@@ -63,6 +63,17 @@ def test_digit_outside_range_is_a_flag_error(digit, tmp_path):
     assert "--normal-digit must be an integer from 0 to 9" in result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max-train", "0"], "--max-train must be at least 1, got 0"),
+    (["--max-train", "-1"], "--max-train must be at least 1, got -1"),
+    (["--max-test", "-9990"], "--max-test must be at least 1, got -9990"),
+])
+def test_bad_counts_are_flag_errors(flags, message, tmp_path):
+    result = run_trainer(*flags, "--runs-root", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "mnist").exists()
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     result = run_trainer("--data-dir", str(tmp_path / "nowhere"), "--runs-root", str(tmp_path))
     assert result.returncode == 2

@@ -85,6 +85,12 @@ def test_corrupt_training_image_stops_before_any_run_folder(small_root, tmp_path
     (["--image-size", "16"], "--image-size must be at least 32"),
     (["--max-test", "0"], "--max-test must be at least 1"),
     (["--smooth", "-1"], "--smooth must be >= 0"),
+    (["--steps-per-epoch", "-1"], "--steps-per-epoch must be at least 1"),
+    (["--form", "nosuch"], "argument --form: invalid choice: 'nosuch'"),
+    (["--ig-steps", "0"], "--ig-steps must be an integer >= 1"),
+    (["--layer", "conv1,conv1"], "--layer repeats a layer"),
+    (["--feature-baseline", "normal", "--deviation", "standardized"],
+     "--feature-baseline normal (an alias of --deviation centered) contradicts"),
 ])
 def test_bad_flags_are_named(flags, message, capsys, small_root):
     with pytest.raises(SystemExit) as exit_info:
@@ -118,3 +124,43 @@ def test_throughput_bench_measures_both_phases():
     assert mvtec_throughput.measure_train(32, 2, 1) > 0
     assert mvtec_throughput.measure_eval(32, 2, 1, "layer3") > 0
     assert 0 < mvtec_throughput._peak_gib() < 64
+
+
+def test_layer_the_encoder_lacks_is_refused_before_any_run_folder(small_root, tmp_path,
+                                                                   capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(["--category", "widget", "--data-dir", str(small_root),
+                      "--runs-root", str(tmp_path / "runs"), *QUICK, "--layer", "nosuchlayer"])
+    assert "--layer 'nosuchlayer' is not a feature map" in str(exit_info.value)
+    assert "conv1" in str(exit_info.value) and not (tmp_path / "runs").exists()
+
+
+def test_run_killed_after_its_model_was_saved_resumes_at_evaluation(small_root, tmp_path,
+                                                                    capsys):
+    """The state a kill during evaluation leaves: model/ saved, no metrics.json. The
+    same command scores the saved model instead of training again."""
+    command = ["--category", "widget", "--data-dir", str(small_root),
+               "--runs-root", str(tmp_path), *QUICK]
+    run_dir = Path(trainer.main(command))
+    (run_dir / "metrics.json").unlink()
+    weights = (run_dir / "model" / "model.weights.h5").read_bytes()
+    log_lines = (run_dir / "training_log.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    assert Path(trainer.main(command)) == run_dir
+    assert "resuming at evaluation" in capsys.readouterr().err
+    assert (run_dir / "training_log.jsonl").read_text().splitlines() == log_lines
+    assert (run_dir / "model" / "model.weights.h5").read_bytes() == weights
+    assert json.loads((run_dir / "metrics.json").read_text())["methods"]
+
+
+def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
+    import numpy as np
+
+    from keras_vae_attn.models import load_vae
+
+    runs = [Path(trainer.main(["--category", "widget", "--data-dir", str(small_root),
+                               "--runs-root", str(tmp_path / name), *QUICK,
+                               "--deterministic"])) for name in ("a", "b")]
+    first, second = (load_vae(str(run / "model")) for run in runs)
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)

@@ -93,6 +93,10 @@ def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
                         default="default", help="tf.distribute strategy")
     parser.add_argument("--cpu-replicas", type=int, default=0,
                         help="with --strategy mirrored: use N logical CPU devices")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="TensorFlow op determinism (with the seeded data order): two runs "
+                             "of the same command give bit-identical weights on the CPU, "
+                             "somewhat slower")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -100,10 +104,10 @@ def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
 def parse(parser, argv=None):
     """Parse flags and turn bad values into argparse errors that name the flag."""
     args = parser.parse_args(argv)
-    for flag in ("epochs", "batch_size", "latent_dim"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
-                         f"{getattr(args, flag)}")
+    for flag in ("epochs", "batch_size", "latent_dim", "steps_per_epoch"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if not math.isfinite(args.lr) or args.lr <= 0:
         parser.error(f"--lr must be a positive number, got {args.lr}")
     return args
@@ -373,9 +377,25 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     """
     import keras
 
-    from keras_vae_attn.models import save_vae
+    from keras_vae_attn.models import load_vae, save_vae
+    from keras_vae_attn.models.io import MODEL_SPEC, MODEL_WEIGHTS
 
+    model_dir = os.path.join(run_dir, "model")
+    log = os.path.join(run_dir, "training_log.jsonl")
+    if all(os.path.isfile(os.path.join(model_dir, n)) for n in (MODEL_SPEC, MODEL_WEIGHTS)):
+        # killed after the model was saved (during evaluation): never train it again
+        print(f"{model_dir} holds this run's trained model; resuming at evaluation "
+              "(--fresh starts a new run)", file=sys.stderr)
+        model = load_vae(model_dir)
+        missing = [name for name in feature_layers if not model.has_feature_distribution(name)]
+        if missing:
+            model.fit_feature_distributions(normal, missing)
+        return model, losses_per_epoch(log) if os.path.isfile(log) else {}, 0.0
     keras.utils.set_random_seed(args.seed)
+    if getattr(args, "deterministic", False):
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     with make_strategy(args).scope():
         model = build_model()
         model.compile(optimizer=keras.optimizers.Adam(args.lr))
@@ -384,14 +404,15 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     callbacks, guard = standard_callbacks(run_dir, watch)
     started = time.perf_counter()
     model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+              shuffle=False,            # the tf.data stream is shuffled (and seeded) itself
               callbacks=callbacks, verbose=0 if args.quiet else 1)
     seconds = time.perf_counter() - started
     check_diverged(guard)
     recalibrate_batch_norm(model, batch_norm_batches or normal)
     model.fit_normal_stats(normal)
     model.fit_feature_distributions(normal, list(feature_layers))
-    save_vae(model, os.path.join(run_dir, "model"))
-    return model, losses_per_epoch(os.path.join(run_dir, "training_log.jsonl")), seconds
+    save_vae(model, model_dir)
+    return model, losses_per_epoch(log), seconds
 
 
 def losses_per_epoch(log_path):

@@ -24,8 +24,10 @@ DEMO = "demo"
 # long epochs: each epoch end writes a backup, a checkpoint and TensorBoard images
 # (~7 s on 2 cores), which at 30 short epochs was most of the demo's time.
 PAPER_DEFAULTS = dict(image_size=256, epochs=100, batch_size=16, lr=1e-4)
-DEMO_DEFAULTS = dict(image_size=64, epochs=6, steps_per_epoch=15, batch_size=16, lr=1e-3,
-                     layer="layer2")
+DEMO_DEFAULTS = dict(image_size=64, epochs=6, steps_per_epoch=15, batch_size=16, lr=1e-3)
+# The first feature layer: the layer set chosen with the default attribution by the rule
+# in bench/RESULTS.md ("Choosing the default attribution").
+DEFAULT_LAYER = "conv1"
 # the method and its references, side by side (keras_vae_attn/evaluate.py)
 METHODS = ("anomaly_attention", "recon_error", "feature_deviation", "mean_image_difference",
            "pixel_deviation")
@@ -35,7 +37,7 @@ FIGURE_ROWS = 4
 def build_parser():
     parser = common.base_parser(__doc__, epochs=PAPER_DEFAULTS["epochs"],
                                 batch_size=PAPER_DEFAULTS["batch_size"],
-                                lr=PAPER_DEFAULTS["lr"], latent_dim=32)
+                                lr=PAPER_DEFAULTS["lr"], latent_dim=32, layer=DEFAULT_LAYER)
     parser.add_argument("--category", required=True,
                         help="MVTec AD category (e.g. bottle), or 'demo' for the generated one")
     parser.add_argument("--image-size", type=int, default=PAPER_DEFAULTS["image_size"],

@@ -35,7 +35,9 @@ FIGURE_ROWS = 4
 
 
 def build_parser():
-    parser = common.base_parser(__doc__, epochs=30, batch_size=64, lr=1e-3, latent_dim=32)
+    # --layer conv1: the layer set chosen with the default attribution (bench/RESULTS.md)
+    parser = common.base_parser(__doc__, epochs=30, batch_size=64, lr=1e-3, latent_dim=32,
+                                layer="conv1")
     parser.add_argument("--subset", choices=("ped1", "ped2"), default="ped1")
     parser.add_argument("--demo", action="store_true",
                         help="generate a small UCSD-style dataset and run on it")
