@@ -36,13 +36,14 @@ POSITION_SETS = ("1", "2", "3", "1+2", "1+2+3")
 
 def configurations():
     """(form, deviation, sign) of every total-energy grid entry; sign "-" = no sign rule.
-    Integrated gradients on standardized features equal the centered ones (the path
-    integral does not depend on a per-channel scale), so that row is left out."""
+    Integrated gradients on standardized or whitened features equal the centered ones
+    (the path integral does not depend on a linear change of basis), so those rows are
+    left out."""
     rows = []
     for form in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
                  "deviation"):
-        for deviation in ("none", "centered", "standardized"):
-            if form == "integrated" and deviation == "standardized":
+        for deviation in ("none", "centered", "standardized", "whitened"):
+            if form == "integrated" and deviation in ("standardized", "whitened"):
                 continue
             signs = ("relu", "abs", "signed") if form in FORMS_WITH_SIGN else ("-",)
             rows.extend((form, deviation, sign) for sign in signs)
@@ -83,7 +84,9 @@ def layer_maps_fn(model, layer, configs, size):
                 small = attribution.attribute(form, path_grads, dev, sign)
             else:
                 dev = attribution.deviation(features, distribution, deviation)
-                small = attribution.attribute(form, grads if form.needs_gradient else None,
+                basis = attribution.gradients_in_deviation_basis(grads, distribution,
+                                                                 deviation)
+                small = attribution.attribute(form, basis if form.needs_gradient else None,
                                               dev, sign)
             out[key(form_name, deviation, sign)] = attn.upsample(small, size)
         _, latent_grads, _, _ = explainer.target_gradients(images, "energy", stats)
@@ -169,10 +172,10 @@ def grid(run_dir, batch_size=16, quiet=False):
     started = time.perf_counter()
     experiment, config, model, normal, images, masks, labels = load_run_data(run_dir)
     layers = stage_layer_names(model.encoder)[:3]
-    missing = [name for name in layers if not model.has_feature_distribution(name)]
+    missing = [name for name in layers if not model.has_feature_distribution(name, True)]
     if missing:
         model.fit_feature_distributions(
-            tf.data.Dataset.from_tensor_slices(normal).batch(64), missing)
+            tf.data.Dataset.from_tensor_slices(normal).batch(64), missing, covariance=True)
     size = images.shape[1:3]
     levels = comparison.smoothing_levels(size[0]) if masks is not None else [0.0]
     configs = configurations()
@@ -338,6 +341,34 @@ def mnist_score(scores, k):
     return None
 
 
+def whole_grid_markdown(grids):
+    """Every row of every grid (candidates, the deviation reference, the paper's form)
+    and the model-free/reconstruction references, at each grid's middle sigma."""
+    names = [g["dataset"] for g in grids]
+    middles = [g["levels"][len(g["levels"]) // 2] for g in grids]
+    keys = []
+    for g in grids:
+        for r in g["grid"]:
+            k = (r["form"], r["deviation"], r["sign"], r["layer_set"])
+            if k not in keys:
+                keys.append(k)
+    lookup = [{(r["form"], r["deviation"], r["sign"], r["layer_set"]): r["score"][m]
+               for r in g["grid"]} for g, m in zip(grids, middles)]
+    lines = ["| form/deviation/sign | layers | " + " | ".join(
+        f"{n} (sigma {m})" for n, m in zip(names, middles)) + " |",
+        "|---|---|" + "---|" * len(names)]
+    refs = sorted({name for g in grids for name in g["references"]})
+    for ref in refs:
+        lines.append(f"| reference: {ref} | - | " + " | ".join(
+            _fmt(g["references"].get(ref, {}).get(m)) for g, m in zip(grids, middles)) + " |")
+    for k in keys:
+        what = "paper (gradcam/energy per latent/none/relu)" if k[0] == PAPER else \
+            "/".join(k[:3])
+        lines.append(f"| {what} | {k[3]} | " + " | ".join(_fmt(t.get(k)) for t in lookup)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _tied_rank(scores, item):
     value = scores[item] or 0
     better = sum(1 for v in scores.values() if (v or 0) > value)
@@ -350,7 +381,7 @@ def rank_markdown(ranked, top=20):
     lines = ["| rank | form/deviation/sign | layers | mean rank | "
              + " | ".join(names) + (" | MNIST image AUROC |" if ranked["mnist"] else " |"),
              "|---|---|---|---|" + "---|" * len(names) + ("---|" if ranked["mnist"] else "")]
-    for index, k in enumerate(ranked["ordered"][:top], 1):
+    for index, k in enumerate(ranked["ordered"][:top] if top else ranked["ordered"], 1):
         cells = " | ".join(_fmt(ranked["scores"][n][k]) for n in names)
         mark = " **(chosen)**" if k == ranked["chosen"] else ""
         extra = ""
@@ -391,6 +422,12 @@ def main(argv=None):
         ranked = rank(grids, mnist)
         print(rank_markdown(ranked))
         print(f"chosen: {ranked['chosen']}")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "rank.md"), "w", encoding="utf-8") as handle:
+                handle.write(rank_markdown(ranked, top=None) + "\n"
+                             + whole_grid_markdown(grids + ([mnist] if mnist else [])))
+            print(f"rank.md (the ranking and the whole grid) in {args.out}")
         return ranked
     if not os.path.isdir(os.path.join(args.run, "model")):
         parser.error(f"--run {args.run!r} holds no model/ folder")

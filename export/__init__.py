@@ -56,7 +56,10 @@ def check_options(run):
     for layer in options.layers:
         run.model.explainer(layer, options.gradient_relu)
         if options.needs_distribution:
-            run.model.feature_distribution(layer)
+            distribution = run.model.feature_distribution(layer)
+            if options.needs_covariance and distribution.whiten is None:
+                raise ValueError(f"deviation 'whitened' needs the feature covariance of "
+                                 f"layer {layer!r}, which the model does not hold")
     if options.needs_scales:
         raise ValueError(f"the options combine layers {options.layers} but config.json "
                          "holds no layer_scales for them")

@@ -7,8 +7,11 @@ A fixed pipeline (:func:`keras_vae_attn.scoring.explain_anomaly`) does the work:
    the per-latent targets ("latent": u_i, "energy": the Eq. 5 energy of dimension i),
    one for "total-energy" (T = 1);
 3. a *deviation* of A: "none" (A itself, the paper), "centered" (A minus the normal mean
-   feature map) or "standardized" ((A - mean) / std, per position and channel, fitted on
-   the normal training images: :class:`FeatureDistribution`);
+   feature map), "standardized" ((A - mean) / std, per position and channel) or
+   "whitened" (L^-1 (A - mean) with L L^T the channel covariance at each position, so
+   ||dev|| is the per-position Mahalanobis distance; the gradients are taken in the same
+   basis, dE/dz = L^T dE/dA), all fitted on the normal training images
+   (:class:`FeatureDistribution`);
 4. a *form* that turns G and the deviation into one signed map per target;
 5. a *sign rule* ("relu", "abs", "signed"), then the mean over targets.
 
@@ -21,27 +24,34 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-DEVIATIONS = ("none", "centered", "standardized")
+DEVIATIONS = ("none", "centered", "standardized", "whitened")
 SIGNS = ("relu", "abs", "signed")
 #: std floor, as a fraction of the layer's mean std: a position whose features never
 #: varied on normal data (std 0) must not turn a tiny change into an infinite z-score.
 STD_FLOOR = 0.05
+#: covariance ridge, as a fraction of the layer's mean variance (PaDiM's 0.01 I, scaled to
+#: the layer): keeps every position's covariance invertible with few normal images.
+COVARIANCE_RIDGE = 0.01
 
 
 class FeatureDistribution(NamedTuple):
     """Per-position, per-channel mean and std of a layer's features on normal data,
-    (h, w, K) float32 each."""
+    (h, w, K) float32 each; with the covariance fitted, also ``whiten`` = L^-1 and
+    ``colour`` = L (h, w, K, K), L L^T the ridged channel covariance at each position."""
 
     mean: tf.Tensor
     std: tf.Tensor
+    whiten: tf.Tensor = None
+    colour: tf.Tensor = None
 
 
 class FeatureMoments:
     """Streaming mean and variance of feature maps, merged batch by batch (Chan et al.)
     in float64, so no list of all features is kept."""
 
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, None, None
+    def __init__(self, covariance=False):
+        self.count, self.mean, self.m2, self.c2 = 0, None, None, None
+        self.covariance = covariance      # also the channel covariance at each position
 
     def update(self, features):
         features = np.asarray(features, np.float64)
@@ -50,13 +60,18 @@ class FeatureMoments:
             return
         mean = features.mean(0)
         m2 = ((features - mean) ** 2).sum(0)
+        c2 = (np.einsum("n...k,n...l->...kl", features - mean, features - mean)
+              if self.covariance else None)
         if self.mean is None:
-            self.count, self.mean, self.m2 = count, mean, m2
+            self.count, self.mean, self.m2, self.c2 = count, mean, m2, c2
             return
         total = self.count + count
         delta = mean - self.mean
+        weight = self.count * count / total
         self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * count / total)
+        self.m2 = self.m2 + m2 + delta ** 2 * weight
+        if self.covariance:
+            self.c2 = self.c2 + c2 + np.einsum("...k,...l->...kl", delta, delta) * weight
         self.count = total
 
     def result(self):
@@ -64,6 +79,17 @@ class FeatureMoments:
             raise ValueError("cannot fit a feature distribution on an empty dataset")
         return (self.mean.astype(np.float32),
                 np.sqrt(self.m2 / self.count).astype(np.float32))
+
+    def whitening(self):
+        """(L^-1, L) float32 (h, w, K, K) of the ridged covariance (COVARIANCE_RIDGE)."""
+        if not self.covariance or not self.count:
+            raise ValueError("no covariance was accumulated")
+        covariance = self.c2 / self.count
+        channels = covariance.shape[-1]
+        ridge = COVARIANCE_RIDGE * float(np.trace(covariance, axis1=-2, axis2=-1).mean()
+                                         / channels) + 1e-6
+        colour = np.linalg.cholesky(covariance + ridge * np.eye(channels))
+        return np.linalg.inv(colour).astype(np.float32), colour.astype(np.float32)
 
 
 def deviation(features, distribution, kind):
@@ -77,6 +103,8 @@ def deviation(features, distribution, kind):
     centered = features - mean
     if kind == "centered":
         return centered
+    if kind == "whitened":
+        return tf.einsum("hwlk,bhwk->bhwl", _whitening(distribution).whiten, centered)
     std = tf.cast(distribution.std, tf.float32)
     floor = STD_FLOOR * tf.reduce_mean(std) + 1e-6
     return centered / tf.sqrt(tf.square(std) + tf.square(floor))
@@ -90,6 +118,21 @@ def check_shape(features, mean):
         raise ValueError(f"the normal feature distribution's shape {tuple(mean.shape)} "
                          f"differs from this layer's feature map {tuple(shape[1:])}: "
                          "fit it on images of the size being explained")
+
+
+def _whitening(distribution):
+    if distribution.whiten is None:
+        raise ValueError("deviation 'whitened' needs the layer's feature covariance: fit it "
+                         "with model.fit_feature_distributions(..., covariance=True)")
+    return distribution
+
+
+def gradients_in_deviation_basis(grads, distribution, kind):
+    """For "whitened", the gradients with respect to z = L^-1 (A - mean): L^T dE/dA, so
+    that channel k of the gradient and of the deviation are the same direction."""
+    if kind != "whitened" or grads is None:
+        return grads
+    return tf.einsum("hwlk,bthwl->bthwk", _whitening(distribution).colour, grads)
 
 
 def apply_sign(maps, sign):

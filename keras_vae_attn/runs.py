@@ -17,7 +17,7 @@ CONFIG = "config.json"
 # Named here so flags parse without TensorFlow; keras_vae_attn.attribution holds the forms.
 TARGETS = ("latent", "energy", "total-energy")
 FORMS = ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "deviation")
-DEVIATIONS = ("none", "centered", "standardized")
+DEVIATIONS = ("none", "centered", "standardized", "whitened")
 SIGNS = ("relu", "abs", "signed")
 COMBINES = ("mean", "product")
 METHODS = ("auto", "stack", "jacobian")
@@ -112,6 +112,11 @@ class ExplainOptions:
     def needs_distribution(self):
         """Whether maps need the layers' fitted normal feature distribution."""
         return self.deviation != "none"
+
+    @property
+    def needs_covariance(self):
+        """Whether the distribution must include the channel covariance (whitened)."""
+        return self.deviation == "whitened"
 
     @property
     def needs_scales(self):

@@ -64,6 +64,8 @@ def layer_map(model, images, layer, options, stats):
         dev = features - tf.cast(start, tf.float32)
     else:
         dev = attribution.deviation(features, distribution, options.deviation)
+        grads = attribution.gradients_in_deviation_basis(grads, distribution,
+                                                         options.deviation)
     relu_after = options.gradient_relu and not relu_first
     return attribution.attribute(form, grads, dev, options.sign, relu_after), mu, logvar
 

@@ -68,7 +68,7 @@ def _train_run(folder, model, images, config, batch_size):
     options = ExplainOptions.from_config(config)
     if options.needs_distribution or options.form == "deviation":
         model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(images).batch(64),
-                                        list(options.layers))
+                                        list(options.layers), options.needs_covariance)
     if options.needs_scales:
         options = scoring.fit_layer_scales(model, images, options)
         config = {**config, "explain": options.as_config()}

@@ -549,3 +549,59 @@ def test_integrated_refuses_a_distribution_of_another_shape(vae):
                              deviation="centered")
     with pytest.raises(ValueError, match=r"shape \(1, 1, 8\) differs"):
         scoring.explain_anomaly(model, odd_images(2), options, keys=("heatmap",))
+
+
+# --- the whitened deviation (per-position channel covariance) ---------------------------
+def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
+    """Against numpy: the ridged covariance of the normal features at each position, its
+    Cholesky factor L; ||L^-1 (A - mean)|| is the Mahalanobis distance, and the gradient
+    forms read dE/dz = L^T dE/dA. Streaming batches equal all at once."""
+    from keras_vae_attn.attribution import COVARIANCE_RIDGE
+
+    model = small_vae()
+    normal = normal_images(12)
+    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal).batch(5))
+    model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(normal).batch(5),
+                                    ["conv2"], covariance=True)
+    features = run_encoder(model.encoder, "conv2", normal)[0].numpy().astype(np.float64)
+    mean = features.mean(0)
+    centered = features - mean
+    cov = np.einsum("nhwk,nhwl->hwkl", centered, centered) / len(features)
+    channels = cov.shape[-1]
+    ridge = COVARIANCE_RIDGE * np.trace(cov, axis1=-2, axis2=-1).mean() / channels + 1e-6
+    colour = np.linalg.cholesky(cov + ridge * np.eye(channels))
+    stored = model.feature_distribution("conv2")
+    np.testing.assert_allclose(stored.colour.numpy(), colour, rtol=1e-4, atol=1e-6)
+
+    x = odd_images(3)
+    test_features = run_encoder(model.encoder, "conv2", x)[0].numpy().astype(np.float64)
+    d = test_features - mean
+    maha = np.sqrt(np.einsum("bhwk,hwkl,bhwl->bhw", d, np.linalg.inv(
+        cov + ridge * np.eye(channels)), d))
+    options = ExplainOptions(layers=("conv2",), form="deviation", deviation="whitened")
+    got = scoring.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
+    assert_close(got, maha, rtol=2e-4)
+
+    grads = reference_gradients(model, "conv2", x, "total-energy")[1]        # (B,1,h,w,K)
+    z = np.einsum("hwkl,bhwl->bhwk", np.linalg.inv(colour), d)
+    weights = np.abs(np.einsum("hwlk,bthwl->bthwk", colour, grads).mean(axis=(2, 3)))
+    expected = np.sqrt(np.einsum("btk,bhwk->bthw", weights, z ** 2)).mean(1)
+    options = options.replace(form="gradient-weighted-deviation", target="total-energy")
+    got = scoring.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
+    assert_close(got, expected, rtol=2e-4)
+
+
+def test_whitened_needs_the_covariance_and_survives_save_and_load(vae, tmp_path):
+    options = ExplainOptions(layers=("conv1",), form="deviation", deviation="whitened")
+    with pytest.raises(ValueError, match="covariance=True"):
+        heatmap(vae, odd_images(2), options)                  # fitted without covariance
+    model = small_vae()
+    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal_images(6)).batch(3))
+    model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(
+        normal_images(6)).batch(3), ["conv1"], covariance=True)
+    assert model.has_feature_distribution("conv1", covariance=True)
+    before = heatmap(model, odd_images(2), options).numpy()
+    save_vae(model, str(tmp_path / "m"))
+    loaded = load_vae(str(tmp_path / "m"))
+    assert loaded.has_feature_distribution("conv1", covariance=True)
+    np.testing.assert_array_equal(heatmap(loaded, odd_images(2), options).numpy(), before)

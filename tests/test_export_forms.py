@@ -16,6 +16,8 @@ VARIANTS = {
     "gradient-weighted-deviation": dict(form="gradient-weighted-deviation",
                                         target="total-energy", deviation="standardized",
                                         layers=["conv1"]),
+    "whitened": dict(form="gradient-weighted-deviation", target="total-energy",
+                     deviation="whitened", layers=["conv2"]),
     "multi-layer": dict(form="gradient-weighted-deviation", target="total-energy",
                         deviation="standardized", layers=["conv1", "conv2"], combine="mean",
                         smooth=1.0),

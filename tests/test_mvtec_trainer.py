@@ -140,7 +140,7 @@ def test_run_killed_after_its_model_was_saved_resumes_at_evaluation(small_root, 
     """The state a kill during evaluation leaves: model/ saved, no metrics.json. The
     same command scores the saved model instead of training again."""
     command = ["--category", "widget", "--data-dir", str(small_root),
-               "--runs-root", str(tmp_path), *QUICK]
+               "--runs-root", str(tmp_path), *QUICK, "--backbone", "small"]
     run_dir = Path(trainer.main(command))
     (run_dir / "metrics.json").unlink()
     weights = (run_dir / "model" / "model.weights.h5").read_bytes()
@@ -160,7 +160,8 @@ def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
 
     runs = [Path(trainer.main(["--category", "widget", "--data-dir", str(small_root),
                                "--runs-root", str(tmp_path / name), *QUICK,
-                               "--deterministic"])) for name in ("a", "b")]
+                               "--backbone", "small", "--deterministic"]))
+            for name in ("a", "b")]
     first, second = (load_vae(str(run / "model")) for run in runs)
     for a, b in zip(first.weights, second.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)

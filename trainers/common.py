@@ -364,15 +364,15 @@ def recalibrate_batch_norm(model, dataset):
 
 
 def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_layers,
-                  batch_norm_batches=None):
+                  batch_norm_batches=None, covariance=False):
     """The one-class training every localization trainer runs, in one place.
 
     Seeded build and compile under the ``--strategy``; ``model.fit`` with the standard
     callbacks (resume from backup, log, checkpoints, TensorBoard, NaN guard); the
     divergence check; BatchNorm statistics re-estimated when the model has BatchNorm
     (over ``batch_norm_batches``, default ``normal``); the normal latent statistics and
-    the feature distributions of ``feature_layers`` fitted on ``normal`` (un-augmented
-    batches); the model saved. Returns (model, {loss: [per epoch]} from the training
+    the feature distributions of ``feature_layers`` (with the channel covariance when
+    ``covariance``) fitted on ``normal`` (un-augmented batches); the model saved. Returns (model, {loss: [per epoch]} from the training
     log, so right after a resume too, training seconds).
     """
     import keras
@@ -387,9 +387,10 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
         print(f"{model_dir} holds this run's trained model; resuming at evaluation "
               "(--fresh starts a new run)", file=sys.stderr)
         model = load_vae(model_dir)
-        missing = [name for name in feature_layers if not model.has_feature_distribution(name)]
+        missing = [name for name in feature_layers
+                   if not model.has_feature_distribution(name, covariance)]
         if missing:
-            model.fit_feature_distributions(normal, missing)
+            model.fit_feature_distributions(normal, missing, covariance)
         return model, losses_per_epoch(log) if os.path.isfile(log) else {}, 0.0
     keras.utils.set_random_seed(args.seed)
     if getattr(args, "deterministic", False):
@@ -410,7 +411,7 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     check_diverged(guard)
     recalibrate_batch_norm(model, batch_norm_batches or normal)
     model.fit_normal_stats(normal)
-    model.fit_feature_distributions(normal, list(feature_layers))
+    model.fit_feature_distributions(normal, list(feature_layers), covariance)
     save_vae(model, model_dir)
     return model, losses_per_epoch(log), seconds
 

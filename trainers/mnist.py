@@ -123,7 +123,7 @@ def main(argv=None):
         args, lambda: build_vae("small", (28, 28, 1), args.latent_dim, recon_loss=args.loss,
                                 seed=args.seed),
         dataset, tf.data.Dataset.from_tensor_slices(normal).batch(256), run_dir, watch,
-        options.layers)
+        options.layers, covariance=options.needs_covariance)
     if options.needs_scales:
         from keras_vae_attn import scoring
 

@@ -195,10 +195,12 @@ def main(argv=None):
     print(f"run folder: {run_dir}", file=sys.stderr)
     if model is not None:
         history, train_seconds = None, 0.0
-        missing = [name for name in options.layers if not model.has_feature_distribution(name)]
+        missing = [name for name in options.layers
+                   if not model.has_feature_distribution(name, options.needs_covariance)]
         if missing:
             model.fit_feature_distributions(
-                augment.train_dataset(train_images, 64, shuffle=False), missing)
+                augment.train_dataset(train_images, 64, shuffle=False), missing,
+                options.needs_covariance)
     else:
         model, history, train_seconds = train(args, train_images, test, run_dir, options)
     options = fit_scales(model, train_images, options, args, run_dir)
@@ -280,7 +282,8 @@ def train(args, train_images, test, run_dir, options):
         augment.train_dataset(train_images, 64, shuffle=False), run_dir, watch,
         options.layers,
         batch_norm_batches=augment.train_dataset(train_images, args.batch_size,
-                                                 shuffle=False))
+                                                 shuffle=False),
+        covariance=options.needs_covariance)
 
 
 if __name__ == "__main__":

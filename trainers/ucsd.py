@@ -242,7 +242,7 @@ def write_figure(test, maps, picks, path):
                               for i in picks])
 
 
-def load_model(args, train_images, layers):
+def load_model(args, train_images, layers, covariance=False):
     """The saved model of --model-dir, with the feature distributions it lacks fitted on
     the training frames: (model, no history, 0 training seconds)."""
     from keras_vae_attn.data import augment
@@ -253,10 +253,11 @@ def load_model(args, train_images, layers):
         raise SystemExit(f"error: the model in {args.model_dir!r} takes "
                          f"{model.spec['input_shape']} frames; pass the matching "
                          f"--image-size (got {args.image_size})")
-    missing = [name for name in layers if not model.has_feature_distribution(name)]
+    missing = [name for name in layers if not model.has_feature_distribution(name, covariance)]
     if missing:
         model.fit_feature_distributions(augment.train_dataset(train_images, 256,
-                                                              shuffle=False), missing)
+                                                              shuffle=False), missing,
+                                        covariance)
     return model, {}, 0.0
 
 
@@ -278,7 +279,8 @@ def main(argv=None):
                                           os.path.join(run_dir, "tensorboard"), options.layer)
     layers = sorted(set(args.layers) | set(options.layers))
     if args.model_dir:
-        model, history, train_seconds = load_model(args, train_images, layers)
+        model, history, train_seconds = load_model(args, train_images, layers,
+                                                   options.needs_covariance)
     else:
         model, history, train_seconds = common.fit_one_class(
             args, lambda: build_vae(args.backbone, model_shape(args), args.latent_dim,
@@ -286,7 +288,8 @@ def main(argv=None):
             augment.train_dataset(train_images, args.batch_size, None, args.seed),
             augment.train_dataset(train_images, 256, shuffle=False), run_dir, watch, layers,
             batch_norm_batches=augment.train_dataset(train_images, args.batch_size,
-                                                     shuffle=False))
+                                                     shuffle=False),
+            covariance=options.needs_covariance)
     if options.needs_scales:
         options = scoring.fit_layer_scales(model, to_float(train_images), options,
                                            args.eval_batch_size)
@@ -315,7 +318,8 @@ def main(argv=None):
                  os.path.join(run_dir, "examples.png"))
     common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
     print("\n".join(lines))
-    print(f"figures (examples.png, roc.png, curves.png) and metrics.json in {run_dir}")
+    print(f"figures (examples.png, roc.png{', curves.png' if history else ''}) and "
+          f"metrics.json in {run_dir}")
     return run_dir
 
 

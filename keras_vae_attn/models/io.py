@@ -46,6 +46,7 @@ def load_vae(directory):
         spec = json.load(handle)
     kind = spec.pop("class", "VAE")
     feature_layers = spec.pop("feature_layers", [])
+    covariance_layers = set(spec.pop("feature_covariance_layers", []))
     builders = _builders()
     if kind not in builders:
         raise ValueError(f"{spec_path}: cannot rebuild a saved model of class {kind!r}; "
@@ -57,6 +58,6 @@ def load_vae(directory):
         if shape is None:
             raise ValueError(f"{spec_path}: cannot rebuild the feature distribution of "
                              f"layer {layer!r}")
-        model.add_feature_distribution(layer, shape)
+        model.add_feature_distribution(layer, shape, layer in covariance_layers)
     model.load_weights(weights_path)
     return model

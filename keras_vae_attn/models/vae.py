@@ -147,13 +147,14 @@ class VAE(keras.Model):
         return NormalStats(tf.convert_to_tensor(self.normal_mean),
                            tf.convert_to_tensor(self.normal_std))
 
-    def fit_feature_distributions(self, dataset, layers):
+    def fit_feature_distributions(self, dataset, layers, covariance=False):
         """Measure and store the normal feature distribution (mean and std per position
-        and channel) of each of ``layers`` over ``dataset`` (un-augmented normal image
+        and channel; with ``covariance`` also the whitening of the channel covariance at
+        each position) of each of ``layers`` over ``dataset`` (un-augmented normal image
         batches), streamed batch by batch. Stored as non-trainable weights, so it is
         saved, restored and exported with the model."""
         explainers = [self.explainer(layer) for layer in layers]
-        moments = {e.layer_name: FeatureMoments() for e in explainers}
+        moments = {e.layer_name: FeatureMoments(covariance) for e in explainers}
         spec = tf.TensorSpec((None, *self.encoder.inputs[0].shape[1:]), tf.float32)
         features_of = tf.function(lambda x: [e.forward(x)[0] for e in explainers],
                                   input_signature=[spec])     # one trace, any batch size
@@ -162,34 +163,45 @@ class VAE(keras.Model):
             for explainer, features in zip(explainers, features_of(tf.cast(images, tf.float32))):
                 moments[explainer.layer_name].update(features.numpy())
         for name, moment in moments.items():
-            mean, std = moment.result()
-            self.add_feature_distribution(name, mean.shape)
-            self._distributions[name][0].assign(mean)
-            self._distributions[name][1].assign(std)
+            values = moment.result() + (moment.whitening() if covariance else ())
+            self.add_feature_distribution(name, values[0].shape, covariance)
+            for weight, value in zip(self._distributions[name], values):
+                weight.assign(value)
         return {name: self.feature_distribution(name) for name in moments}
 
-    def add_feature_distribution(self, layer, shape):
-        """Create the (mean, std) weights of ``layer`` if missing (the model's state is
-        locked once built, so it is unlocked for this one addition)."""
-        if layer in self._distributions:
+    def add_feature_distribution(self, layer, shape, covariance=False):
+        """Create the (mean, std[, whiten, colour]) weights of ``layer`` if missing (the
+        model's state is locked once built, so it is unlocked for this one addition)."""
+        have = self._distributions.get(layer, ())
+        parts = [("mean", "zeros", shape), ("std", "ones", shape)]
+        if covariance:
+            square = (*shape, shape[-1])
+            parts += [("whiten", "zeros", square), ("colour", "zeros", square)]
+        if len(have) >= len(parts):
             return
         tracker = getattr(self, "_tracker", None)
         if tracker is not None:
             tracker.unlock()
         try:
-            self._distributions[layer] = tuple(
-                self.add_weight(shape=tuple(int(d) for d in shape), initializer=init,
+            self._distributions[layer] = tuple(have) + tuple(
+                self.add_weight(shape=tuple(int(d) for d in size), initializer=init,
                                 trainable=False, name=f"feature_{part}_{layer}")
-                for part, init in (("mean", "zeros"), ("std", "ones")))
+                for part, init, size in parts[len(have):])
         finally:
             if tracker is not None:
                 tracker.lock()
-        self.feature_layers.append(layer)
+        if layer not in self.feature_layers:
+            self.feature_layers.append(layer)
+        covariances = [n for n in self.feature_layers if len(self._distributions[n]) == 4]
         self.spec["feature_layers"] = list(self.feature_layers)
+        if covariances:
+            self.spec["feature_covariance_layers"] = covariances
 
-    def has_feature_distribution(self, layer):
-        """Whether a normal feature distribution is stored for ``layer`` ("last" resolved)."""
-        return self.explainer(layer).layer_name in self._distributions
+    def has_feature_distribution(self, layer, covariance=False):
+        """Whether a normal feature distribution (with the covariance, if asked) is
+        stored for ``layer`` ("last" resolved)."""
+        stored = self._distributions.get(self.explainer(layer).layer_name, ())
+        return len(stored) >= (4 if covariance else 2)
 
     def feature_distribution(self, layer):
         """The stored :class:`FeatureDistribution` of ``layer`` (variables, so a traced
@@ -200,8 +212,7 @@ class VAE(keras.Model):
             raise ValueError(f"no normal feature distribution for layer {name!r} (fitted: "
                              f"{fitted}); fit it first: model.fit_feature_distributions("
                              f"normal_images, [{name!r}])")
-        mean, std = self._distributions[name]
-        return FeatureDistribution(tf.convert_to_tensor(mean), tf.convert_to_tensor(std))
+        return FeatureDistribution(*(tf.convert_to_tensor(w) for w in self._distributions[name]))
 
     def fit_normal_stats(self, dataset):
         """Measure and store the normal data's latent statistics; returns them."""
