@@ -400,14 +400,9 @@ class VAEAttention:
                          tf.cast(normal_stats.std, tf.float32), baseline)
 
     def _energy_graph(self, images, normal_mean, normal_std, baseline=None):
-        with tf.GradientTape() as tape:
-            features, outputs = self._forward(images, tape)
-            mu = tf.cast(outputs[self.latent_index], tf.float32)
-            logvar = tf.cast(outputs[self.logvar_index], tf.float32)
-            mean, variance = difference_distribution(normal_mean, normal_std, mu,
-                                                     tf.exp(0.5 * logvar))
-            energy = 0.5 * tf.reduce_sum(tf.square(mean) / tf.stop_gradient(variance), -1)
-        weights = self._pool(tape.gradient(energy, features))            # (B, K)
+        features, grads, mu, logvar, energy = self._energy_and_gradients(
+            images, normal_mean, normal_std)
+        weights = self._pool(grads)                                      # (B, K)
         features = relative_features(tf.cast(features, tf.float32), baseline)
         heatmap = tf.nn.relu(tf.einsum("bk,bhwk->bhw", weights, features))
         return EnergyAttention(heatmap / tf.cast(tf.shape(mu)[-1], tf.float32), mu, logvar,
@@ -469,7 +464,8 @@ class VAEAttention:
     def _energy(self, mu, variance, normal_mean):
         return 0.5 * tf.reduce_sum(tf.square(normal_mean - mu) / variance, -1)
 
-    def _total_energy_gradients(self, images, normal_mean, normal_std):
+    def _energy_and_gradients(self, images, normal_mean, normal_std):
+        """(A, dE/dA (B, h, w, K), mu, logvar, E) of the total energy, variance held."""
         with tf.GradientTape() as tape:
             features, outputs = self._forward(images, tape)
             mu = tf.cast(outputs[self.latent_index], tf.float32)
@@ -477,8 +473,13 @@ class VAEAttention:
             _, variance = difference_distribution(normal_mean, normal_std, mu,
                                                   tf.exp(0.5 * logvar))
             energy = self._energy(mu, tf.stop_gradient(variance), normal_mean)
-        grads = tf.cast(tape.gradient(energy, features), tf.float32)[:, None]
-        return tf.cast(features, tf.float32), grads, mu, logvar
+        grads = tf.cast(tape.gradient(energy, features), tf.float32)
+        return tf.cast(features, tf.float32), grads, mu, logvar, energy
+
+    def _total_energy_gradients(self, images, normal_mean, normal_std):
+        features, grads, mu, logvar, _ = self._energy_and_gradients(images, normal_mean,
+                                                                    normal_std)
+        return features, grads[:, None], mu, logvar
 
     def _latent_target_gradients(self, images, normal_mean, normal_std, target,
                                  relu_latent_gradients=False):

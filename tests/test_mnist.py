@@ -97,3 +97,19 @@ def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in metrics["image_auroc"].values())
     assert metrics["test_images"] == 600 and metrics["normal_digit"] == 1
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_metrics_that_cannot_be_computed_are_null_with_a_reason(shared_data, tmp_path):
+    result = run_trainer("--data-dir", str(shared_data / "mnist"), "--max-train", "64",
+                         "--max-test", "1", "--epochs", "1", "--batch-size", "32",
+                         "--runs-root", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "image AUROC not computed" in result.stderr
+    (run_dir,) = (tmp_path / "mnist").iterdir()
+
+    def refuse(constant):
+        raise ValueError(f"metrics.json holds a bare {constant}")
+
+    metrics = json.loads((run_dir / "metrics.json").read_text(), parse_constant=refuse)
+    assert set(metrics["image_auroc"].values()) == {None}
+    assert "only one class" in metrics["image_auroc_undefined"]

@@ -42,7 +42,8 @@ def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pi
     metrics, curves = {}, {}
     if len(set(is_anomaly)) < 2:
         return {"image_auroc": {name: None for name in out},
-                "image_auroc_undefined": "the test images hold only one class",
+                "image_auroc_undefined": "the test images hold only one class (normal "
+                                         "digit vs the rest): raise --max-test",
                 "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, {}
     for name in out:
         auc = float(roc_auc_score(is_anomaly, out[name]))
@@ -137,12 +138,16 @@ def main(argv=None):
     metrics.update(normal_digit=args.normal_digit, layer=args.layer,
                    explain=options.as_config(), attribution=options.describe(),
                    final_losses={k: float(v[-1]) for k, v in history.items()})
-    viz.save_roc(curves, os.path.join(run_dir, "roc.png"),
-                 title=f"digit {args.normal_digit} vs rest")
+    if curves:
+        viz.save_roc(curves, os.path.join(run_dir, "roc.png"),
+                     title=f"digit {args.normal_digit} vs rest")
     viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     write_figures(model, run_dir, test_x, test_y, options)
     common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
     print(f"anomaly attention = {options.describe()}")
+    if "image_auroc_undefined" in metrics:
+        print(f"image AUROC not computed: {metrics['image_auroc_undefined']} "
+              f"(metrics.json holds null)", file=sys.stderr)
     print("image AUROC: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
                                       for k, v in metrics["image_auroc"].items()))
     print(f"figures and metrics in {run_dir}")
