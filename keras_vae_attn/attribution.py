@@ -60,8 +60,7 @@ class FeatureMoments:
             return
         mean = features.mean(0)
         m2 = ((features - mean) ** 2).sum(0)
-        c2 = (np.einsum("n...k,n...l->...kl", features - mean, features - mean)
-              if self.covariance else None)
+        c2 = _scatter(features - mean) if self.covariance else None
         if self.mean is None:
             self.count, self.mean, self.m2, self.c2 = count, mean, m2, c2
             return
@@ -90,6 +89,15 @@ class FeatureMoments:
                                          / channels) + 1e-6
         colour = np.linalg.cholesky(covariance + ridge * np.eye(channels))
         return np.linalg.inv(colour).astype(np.float32), colour.astype(np.float32)
+
+
+def _scatter(centered):
+    """sum_n x_n x_n^T at every position: (n, ..., K) -> (..., K, K), as one batched
+    matrix product (no per-image outer products in memory)."""
+    positions = centered.shape[1:-1]
+    flat = centered.reshape(centered.shape[0], -1, centered.shape[-1]).transpose(1, 0, 2)
+    return np.matmul(flat.transpose(0, 2, 1), flat).reshape(*positions, centered.shape[-1],
+                                                          centered.shape[-1])
 
 
 def deviation(features, distribution, kind):
