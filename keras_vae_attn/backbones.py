@@ -41,21 +41,27 @@ def _crop_to(x, height, width):
                               (extra_w // 2, extra_w - extra_w // 2)), name="crop")(x)
 
 
-def small_conv_decoder(output_shape, latent_dim, filters=(32, 64), dense_units=256,
-                       kernel_size=4, name="decoder"):
-    """Mirror of :func:`small_conv_encoder`; outputs logits of the reconstruction."""
-    height, width, channels = output_shape
+def _dense_stem(output_shape, latent_dim, filters, dense_units):
+    """z -> dense -> the smallest feature map of a decoder that upsamples by 2 per filter
+    stage: (the z input, that map)."""
+    height, width, _ = output_shape
     steps = len(filters)
     start_h, start_w = math.ceil(height / 2 ** steps), math.ceil(width / 2 ** steps)
     inputs = keras.Input(shape=(latent_dim,), name="z")
     x = layers.Dense(dense_units, activation="relu", name="fc")(inputs)
     x = layers.Dense(start_h * start_w * filters[-1], activation="relu", name="fc_spatial")(x)
-    x = layers.Reshape((start_h, start_w, filters[-1]))(x)
+    return inputs, layers.Reshape((start_h, start_w, filters[-1]))(x)
+
+
+def small_conv_decoder(output_shape, latent_dim, filters=(32, 64), dense_units=256,
+                       kernel_size=4, name="decoder"):
+    """Mirror of :func:`small_conv_encoder`; outputs logits of the reconstruction."""
+    inputs, x = _dense_stem(output_shape, latent_dim, filters, dense_units)
     for index, width_out in enumerate(list(reversed(filters))[1:] + [filters[0]], start=1):
         x = layers.Conv2DTranspose(width_out, kernel_size, strides=2, padding="same",
                                    activation="relu", name=f"deconv{index}")(x)
-    x = layers.Conv2D(channels, 3, padding="same", name="logits")(x)
-    x = _crop_to(x, height, width)
+    x = layers.Conv2D(output_shape[-1], 3, padding="same", name="logits")(x)
+    x = _crop_to(x, *output_shape[:2])
     return keras.Model(inputs, x, name=name)
 
 
@@ -64,19 +70,13 @@ def factorvae_decoder(output_shape, latent_dim, filters=(32, 32, 64, 64), dense_
     """The FactorVAE paper's decoder: like :func:`small_conv_decoder`, but the last
     transposed conv outputs the logits itself (no full-resolution conv stack), which
     makes it several times cheaper at 64x64."""
-    height, width, channels = output_shape
-    steps = len(filters)
-    start_h, start_w = math.ceil(height / 2 ** steps), math.ceil(width / 2 ** steps)
-    inputs = keras.Input(shape=(latent_dim,), name="z")
-    x = layers.Dense(dense_units, activation="relu", name="fc")(inputs)
-    x = layers.Dense(start_h * start_w * filters[-1], activation="relu", name="fc_spatial")(x)
-    x = layers.Reshape((start_h, start_w, filters[-1]))(x)
+    inputs, x = _dense_stem(output_shape, latent_dim, filters, dense_units)
     for index, width_out in enumerate(list(reversed(filters))[1:], start=1):
         x = layers.Conv2DTranspose(width_out, kernel_size, strides=2, padding="same",
                                    activation="relu", name=f"deconv{index}")(x)
-    x = layers.Conv2DTranspose(channels, kernel_size, strides=2, padding="same",
+    x = layers.Conv2DTranspose(output_shape[-1], kernel_size, strides=2, padding="same",
                                name="logits")(x)
-    x = _crop_to(x, height, width)
+    x = _crop_to(x, *output_shape[:2])
     return keras.Model(inputs, x, name=name)
 
 
@@ -142,8 +142,8 @@ def resnet_decoder(output_shape, latent_dim, widths=(256, 128, 64, 32, 32), star
                                    name=f"up{index}")(x)
         x = layers.BatchNormalization(name=f"up{index}_bn")(x)
         x = layers.ReLU(name=f"up{index}_relu")(x)
-    x = layers.Conv2D(channels, 3, padding="same", name="logits")(x)
-    x = _crop_to(x, height, width)
+    x = layers.Conv2D(output_shape[-1], 3, padding="same", name="logits")(x)
+    x = _crop_to(x, *output_shape[:2])
     return keras.Model(inputs, x, name=name)
 
 

@@ -104,13 +104,26 @@ def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
 def parse(parser, argv=None):
     """Parse flags and turn bad values into argparse errors that name the flag."""
     args = parser.parse_args(argv)
-    for flag in ("epochs", "batch_size", "latent_dim", "steps_per_epoch"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    require_counts(parser, args, ("epochs", "batch_size", "latent_dim", "steps_per_epoch"))
     if not math.isfinite(args.lr) or args.lr <= 0:
         parser.error(f"--lr must be a positive number, got {args.lr}")
     return args
+
+
+def require_counts(parser, args, flags):
+    """A parser error for any of ``flags`` (dest names) given below 1 (None = not set)."""
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def add_model_dir_flag(parser, what="images"):
+    """--model-dir: score a saved model again instead of training."""
+    parser.add_argument("--model-dir", default=None,
+                        help=f"evaluate this saved model (a run's model/ folder) on the "
+                             f"test {what} instead of training: re-score it with other "
+                             "attribution flags")
 
 
 def config_of(args):

@@ -89,10 +89,7 @@ def tf_reshape_maps(maps):
 def main(argv=None):
     parser = build_parser()
     args = common.parse(parser, argv)
-    for flag in ("max_train", "max_test"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    common.require_counts(parser, args, ("max_train", "max_test"))
     options = common.explain_options(parser, args)
     args.explain = options.as_config()
     try:

@@ -60,9 +60,7 @@ def build_parser():
     parser.add_argument("--max-test", type=int, default=None,
                         help="cap on test images (taken across all defect types)")
     parser.add_argument("--eval-batch-size", type=int, default=16)
-    parser.add_argument("--model-dir", default=None,
-                        help="evaluate this saved model (a run's model/ folder) instead of "
-                             "training: re-score with another --layer, --smooth, --score")
+    common.add_model_dir_flag(parser)
     return parser
 
 
@@ -73,10 +71,8 @@ def parse_args(argv=None):
     if known.category == DEMO and known.data_dir is None:
         parser.set_defaults(**DEMO_DEFAULTS)
     args = common.parse(parser, argv)
-    for flag in ("image_size", "eval_batch_size", "max_train", "max_test"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    common.require_counts(parser, args,
+                          ("image_size", "eval_batch_size", "max_train", "max_test"))
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32 (the ResNet18 stem and stages "
                      f"downsample by 32), got {args.image_size}")

@@ -61,20 +61,15 @@ def build_parser():
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--figure-frames", type=int, default=FIGURE_ROWS,
                         help="anomalous frames shown in examples.png")
-    parser.add_argument("--model-dir", default=None,
-                        help="evaluate this saved model (a run's model/ folder) instead of "
-                             "training: re-score with other attribution flags")
+    common.add_model_dir_flag(parser, "frames")
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = common.parse(parser, argv)
-    for flag in ("frame_step", "test_frame_step", "eval_batch_size", "figure_frames",
-                 "max_train_clips", "max_test_clips"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    common.require_counts(parser, args, ("frame_step", "test_frame_step", "eval_batch_size",
+                                         "figure_frames", "max_train_clips", "max_test_clips"))
     if args.image_size < 16:
         parser.error(f"--image-size must be at least 16, got {args.image_size}")
     if args.smooth < 0:

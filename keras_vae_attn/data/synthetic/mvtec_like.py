@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from keras_vae_attn.data.synthetic.cache import SPEC_FILE, write_once
+
 DEFECTS = ("scratch", "hole", "stain")
-SPEC_FILE = "generator.json"
 
 
 def _normal(rng, size):
@@ -98,30 +97,7 @@ def write_mvtec_category(root, category="demo", size=128, n_train=60, n_test_goo
     unknown = sorted(set(defects) - set(DEFECTS))
     if unknown:
         raise ValueError(f"unknown defect kinds {unknown}; choose from {DEFECTS}")
-    target = os.path.join(root, category)
-    if os.path.exists(target):
-        try:
-            with open(os.path.join(target, SPEC_FILE), encoding="utf-8") as handle:
-                same = json.load(handle) == spec
-        except (OSError, ValueError):
-            same = False
-        if exist_ok and same:
-            return target
-        if not exist_ok:
-            raise FileExistsError(f"{target!r} already exists")
-    os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{category}-", dir=root)
-    os.chmod(staging, 0o755)
-    try:
-        _write_into(staging, spec)
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=f".{category}-old-", dir=root)
-            os.replace(target, os.path.join(old, category))
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_once(root, category, spec, _write_into, exist_ok)
 
 
 def _write_into(folder, spec):

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 
+from keras_vae_attn.data.synthetic.cache import SPEC_FILE, write_once
 from keras_vae_attn.data.ucsd import SUBSETS
 
 FORMATS = ("tif", "bmp", "png", "jpg")
-SPEC_FILE = "generator.json"
 VERSION = 2          # bump when the drawing changes, so cached datasets are redrawn
 BLUR_STEPS = 8
 # Test clips whose masks the official Ped2 release names "frame001.bmp", not "001.bmp".
@@ -162,37 +160,7 @@ def write_ucsd_dataset(root, subset="ped1", width=120, height=80, frames=40, n_t
     if frame_prefix_clips or junk_files:          # only then, so older caches stay valid
         spec.update(frame_prefix_clips=sorted(int(n) for n in frame_prefix_clips or ()),
                     junk_files=bool(junk_files))
-    target = os.path.join(root, SUBSETS[subset])
-    if os.path.exists(target):
-        if not exist_ok:
-            raise FileExistsError(f"{target!r} already exists")
-        if _read_spec(target) == spec:
-            return target
-    os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{SUBSETS[subset]}-", dir=root)
-    os.chmod(staging, 0o755)
-    try:
-        _write_into(staging, spec)
-        if os.path.exists(target):
-            retired = tempfile.mkdtemp(prefix=f".{SUBSETS[subset]}-old-", dir=root)
-            os.replace(target, os.path.join(retired, "old"))
-            shutil.rmtree(retired, ignore_errors=True)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if _read_spec(target) != spec:     # not a concurrent writer of the same data
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _read_spec(folder):
-    try:
-        with open(os.path.join(folder, SPEC_FILE), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
+    return write_once(root, SUBSETS[subset], spec, _write_into, exist_ok)
 
 
 def write_official_ped2_layout(root, frame_prefix_clips=OFFICIAL_FRAME_PREFIX_CLIPS,
