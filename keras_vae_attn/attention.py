@@ -31,7 +31,10 @@ import tensorflow as tf
 
 TOTAL_ENERGY = "total-energy"
 ANOMALY_SCORES = ("energy", "latent", TOTAL_ENERGY)
-METHODS = ("auto", "stack", "jacobian")
+METHODS = ("auto", "stack", "jacobian")      # what callers may ask for
+#: what ``VAEAttention.method`` may hold: a choice above, or "hooked" (no separable head:
+#: the whole encoder runs under one tape, a call hook records A, batch_jacobian follows)
+RESOLVED_METHODS = ("stack", "jacobian", "hooked")
 
 
 class NormalStats(NamedTuple):
@@ -68,6 +71,16 @@ def difference_distribution(normal_mean, normal_std, mu, sigma):
     mean = tf.cast(normal_mean, tf.float32) - tf.cast(mu, tf.float32)
     variance = tf.square(tf.cast(normal_std, tf.float32)) + tf.square(tf.cast(sigma, tf.float32))
     return mean, variance
+
+
+def energy(normal_mean, normal_std, mu, sigma, variance=None):
+    """The Gaussian energy of Eq. 5, sum_i u_i^2 / (2 var_i), (B,); ``variance`` (B, D)
+    replaces the difference variance (e.g. held fixed for a gradient)."""
+    if variance is None:
+        mean, variance = difference_distribution(normal_mean, normal_std, mu, sigma)
+    else:
+        mean = tf.cast(normal_mean, tf.float32) - tf.cast(mu, tf.float32)
+    return 0.5 * tf.reduce_sum(tf.square(mean) / variance, -1)
 
 
 def _layer_output_rank(layer):
@@ -334,11 +347,11 @@ class VAEAttention:
         into the caller's graph otherwise."""
         if not tf.executing_eagerly():
             return graph_fn(*args)
-        name = graph_fn.__name__
-        if name not in self._compiled:
-            self._compiled[name] = tf.function(graph_fn, reduce_retracing=True,
-                                               jit_compile=self.jit_compile)
-        return self._compiled[name](*args)
+        key = getattr(graph_fn, "__func__", graph_fn)     # a bound method's function
+        if key not in self._compiled:
+            self._compiled[key] = tf.function(graph_fn, reduce_retracing=True,
+                                              jit_compile=self.jit_compile)
+        return self._compiled[key](*args)
 
     def _explain_graph(self, images):
         run = {"stack": self._explain_split, "jacobian": self._explain_jacobian,
@@ -461,9 +474,6 @@ class VAEAttention:
         return (tf.cast(features, tf.float32), tf.cast(outputs[self.latent_index], tf.float32),
                 tf.cast(outputs[self.logvar_index], tf.float32))
 
-    def _energy(self, mu, variance, normal_mean):
-        return 0.5 * tf.reduce_sum(tf.square(normal_mean - mu) / variance, -1)
-
     def _energy_and_gradients(self, images, normal_mean, normal_std):
         """(A, dE/dA (B, h, w, K), mu, logvar, E) of the total energy, variance held."""
         with tf.GradientTape() as tape:
@@ -472,9 +482,9 @@ class VAEAttention:
             logvar = tf.cast(outputs[self.logvar_index], tf.float32)
             _, variance = difference_distribution(normal_mean, normal_std, mu,
                                                   tf.exp(0.5 * logvar))
-            energy = self._energy(mu, tf.stop_gradient(variance), normal_mean)
-        grads = tf.cast(tape.gradient(energy, features), tf.float32)
-        return tf.cast(features, tf.float32), grads, mu, logvar, energy
+            value = energy(normal_mean, normal_std, mu, None, tf.stop_gradient(variance))
+        grads = tf.cast(tape.gradient(value, features), tf.float32)
+        return tf.cast(features, tf.float32), grads, mu, logvar, value
 
     def _total_energy_gradients(self, images, normal_mean, normal_std):
         features, grads, mu, logvar, _ = self._energy_and_gradients(images, normal_mean,
@@ -522,8 +532,9 @@ class VAEAttention:
             tape.watch(path)
             along = _as_list(self.head(path, training=False))
             mu_path = tf.cast(along[self.latent_index], tf.float32)
-            energy = self._energy(mu_path, tf.tile(variance, [steps, 1]), normal_mean)
-        grads = tf.reshape(tape.gradient(energy, path),
+            value = energy(normal_mean, normal_std, mu_path, None,
+                           tf.tile(variance, [steps, 1]))
+        grads = tf.reshape(tape.gradient(value, path),
                            tf.concat([[steps], shape], 0))
         return features, tf.reduce_mean(grads, 0)[:, None], mu, logvar
 

@@ -20,11 +20,16 @@ def reconstruction_loss(images, logits, kind="bce"):
     return tf.reduce_sum(per_pixel, axis=[1, 2, 3])
 
 
-def kl_divergence(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) per example."""
+def kl_per_dimension(mu, logvar):
+    """KL(N(mu_i, exp(logvar_i)) || N(0, 1)) for every example and latent dimension."""
     mu = tf.cast(mu, tf.float32)
     logvar = tf.cast(logvar, tf.float32)
-    return 0.5 * tf.reduce_sum(tf.exp(logvar) + tf.square(mu) - 1.0 - logvar, axis=-1)
+    return 0.5 * (tf.exp(logvar) + tf.square(mu) - 1.0 - logvar)
+
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) per example."""
+    return tf.reduce_sum(kl_per_dimension(mu, logvar), axis=-1)
 
 
 def attention_overlap(map_a, map_b, eps=1e-8):

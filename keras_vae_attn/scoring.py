@@ -116,14 +116,12 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
         small, mu, logvar = layer_map(model, images, layer, options, stats)
         maps.append(attn.upsample(small, size))
     heatmap = gaussian_blur(combine_layers(maps, options), options.smooth)
-    mean, variance = attn.difference_distribution(stats.mean, stats.std, mu,
-                                                  tf.exp(0.5 * logvar))
     out = {
         "heatmap": heatmap,
         "mu": mu,
         "logvar": logvar,
         "score": tf.reduce_max(heatmap, axis=[1, 2]),
-        "latent_distance": 0.5 * tf.reduce_sum(tf.square(mean) / variance, axis=-1),
+        "latent_distance": attn.energy(stats.mean, stats.std, mu, tf.exp(0.5 * logvar)),
         "kl": losses.kl_divergence(mu, logvar),
         "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
     }

@@ -215,10 +215,11 @@ def map_usage(maps, pair, empty_below=1e-3):
 def write_traversals(model, images, path, span=2.5, steps=9):
     """Rows: latent dims by mean KL (most used first); columns: that dim swept over
     [-span, span] from the first image's code; decoded images."""
-    from keras_vae_attn import viz
+    from keras_vae_attn import losses, viz
 
-    mu, logvar = (t.numpy() for t in model.encode(images))
-    kl = np.mean(0.5 * (np.exp(logvar) + mu ** 2 - 1.0 - logvar), axis=0)
+    mu, logvar = model.encode(images)
+    kl = losses.kl_per_dimension(mu, logvar).numpy().mean(axis=0)
+    mu = mu.numpy()
     order = np.argsort(-kl)
     values = np.linspace(-span, span, steps)
     rows = []

@@ -30,3 +30,10 @@ def visible_names(folder):
         log.info("skipped %d hidden file%s in %s", skipped, "" if skipped == 1 else "s",
                  folder)
     return kept
+
+
+def to_float(images):
+    """uint8 images -> float32 in [0, 1], same shape (what every model reads)."""
+    import numpy as np
+
+    return np.asarray(images, np.float32) / 255.0

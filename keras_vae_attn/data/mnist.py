@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from keras_vae_attn.data import DataError
+from keras_vae_attn.data import DataError, to_float as _to_float
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -89,4 +89,4 @@ def check_digit(digit):
 
 def to_float(images):
     """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
-    return (images.astype(np.float32) / 255.0)[..., None]
+    return _to_float(images)[..., None]

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_vae_attn.data import DataError, visible_names
+from keras_vae_attn.data import DataError, to_float, visible_names  # noqa: F401 (to_float re-exported)
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
               "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
@@ -226,8 +226,3 @@ def load_test(root, category, size=256, channels=3, limit=None, skip_corrupt=Fal
     return Split(images=images, masks=masks,
                  labels=np.array([int(e[1] != GOOD) for e in entries], np.int64),
                  defects=[e[1] for e in entries], paths=[e[0] for e in entries])
-
-
-def to_float(images):
-    """uint8 images -> float32 in [0, 1], same shape."""
-    return np.asarray(images, np.float32) / 255.0

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from keras_vae_attn.data import DataError, visible_names
+from keras_vae_attn.data import DataError, to_float, visible_names  # noqa: F401 (to_float re-exported)
 
 SUBSETS = {"ped1": "UCSDped1", "ped2": "UCSDped2"}
 FRAME_EXTENSIONS = (".tif", ".tiff", ".bmp", ".png", ".jpg", ".jpeg")
@@ -269,8 +269,3 @@ def load_test(root, subset="ped1", size=100, max_clips=None, frame_step=1, worke
                       masks=masks,
                       labels=masks.any(axis=(1, 2)).astype(np.int64),
                       clips=[job[0] for job in jobs], paths=[job[1] for job in jobs])
-
-
-def to_float(images):
-    """uint8 frames -> float32 in [0, 1], same shape."""
-    return np.asarray(images, np.float32) / 255.0
