@@ -10,6 +10,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def assert_same_map(got, want, label):
+    """max |got - want| <= 1e-4 of want's range (the parity target of every export)."""
+    import numpy as np
+
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, label
+    scale = max(float(want.max() - want.min()), 1e-12)
+    assert np.abs(got - want).max() <= 1e-4 * scale, (label, np.abs(got - want).max(), scale)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """Root of the read-only real datasets (MNIST, MVTec bottle, dSprites frames)."""

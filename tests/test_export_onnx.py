@@ -15,15 +15,9 @@ from keras_vae_attn import calibration, scoring
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.models import load_vae
 
+from conftest import assert_same_map
+
 OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
-
-
-def assert_same_map(got, want, label):
-    """max |got - want| <= 1e-4 of want's range (the issue's parity target)."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, label
-    scale = max(float(want.max() - want.min()), 1e-12)
-    assert np.abs(got - want).max() <= 1e-4 * scale, (label, np.abs(got - want).max(), scale)
 
 
 def run_session(path, images):
