@@ -115,7 +115,7 @@ def test_corrupt_png_is_named_or_skipped_on_request(generated, tmp_path, damage)
     path = root / "demo" / "train" / "good" / "002.png"
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"not a png" * 20)
-    with pytest.raises(DataError, match=r"002\.png.*--skip-corrupt"):
+    with pytest.raises(DataError, match=r"002\.png.*skip_corrupt"):
         mvtec.load_train(str(root), "demo", size=32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -165,3 +165,18 @@ def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
     first, second = (load_vae(str(run / "model")) for run in runs)
     for a, b in zip(first.weights, second.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+def test_a_corrupt_image_names_the_file_and_the_cli_adds_its_flag(tmp_path):
+    """The library names the loader option; the trainer turns it into its flag."""
+    root = tmp_path / "root"
+    write_mvtec_category(str(root), "widget", size=32, n_train=4, n_test_good=1,
+                         n_test_defect=1)
+    bad = root / "widget" / "train" / "good" / "000.png"
+    bad.write_bytes(b"not a png")
+    result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--category", "widget",
+                             "--data-dir", str(root), "--runs-root", str(tmp_path / "runs"),
+                             *QUICK], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "000.png" in line and "skip_corrupt" in line and "[see --skip-corrupt]" in line

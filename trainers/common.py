@@ -346,7 +346,9 @@ def main_guard(main):
     try:
         return main()
     except (DataError, TrainingDiverged, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        option = getattr(error, "option", None)
+        hint = f" [see --{option.replace('_', '-')}]" if option else ""
+        print(f"error: {error}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

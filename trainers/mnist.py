@@ -96,7 +96,7 @@ def main(argv=None):
         from keras_vae_attn.data import mnist
         mnist.check_digit(args.normal_digit)
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(f"--normal-digit {error}")
     common.setup_devices(args)
     import tensorflow as tf
 

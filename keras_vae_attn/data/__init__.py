@@ -10,7 +10,16 @@ SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
 
 class DataError(ValueError):
-    """A dataset file or folder is missing, corrupt or inconsistent; the message names it."""
+    """A dataset file or folder is missing, corrupt or inconsistent; the message names it.
+
+    ``option`` names the loader argument that would change the outcome (e.g.
+    "skip_corrupt"); a command line turns it into its own flag hint, so the library's
+    messages never name CLI flags.
+    """
+
+    def __init__(self, message, option=None):
+        super().__init__(message)
+        self.option = option
 
 
 def is_hidden(name):

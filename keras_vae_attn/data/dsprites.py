@@ -223,8 +223,8 @@ def find_archive(data_dir):
     path = os.path.join(data_dir, ARCHIVE_NAME)
     if not os.path.isfile(path):
         raise DataError(f"dSprites archive {ARCHIVE_NAME} not found in {data_dir!r}; "
-                        "download it from github.com/deepmind/dsprites-dataset or omit "
-                        "--data-dir to regenerate the images")
+                        "download it from github.com/deepmind/dsprites-dataset or give no "
+                        "data directory to regenerate the images", option="data_dir")
     return path
 
 
@@ -267,8 +267,8 @@ def load_tfds(download=True):
         import tensorflow_datasets as tfds
     except ImportError as error:
         raise DataError("tensorflow-datasets is not installed; pip install "
-                        "tensorflow-datasets, or pass --data-dir with the official "
-                        "archive") from error
+                        "tensorflow-datasets, or give a data directory holding the official "
+                        "archive", option="data_dir") from error
     try:
         dataset = tfds.load("dsprites", split="train", download=download, batch_size=65536)
     except Exception as error:  # noqa: BLE001 - TFDS raises many kinds for "not there"
@@ -300,7 +300,8 @@ def load(data_dir=None, source="auto"):
         raise ValueError(f"unknown dSprites source {source!r}; choose one of {SOURCES}")
     if source == "archive" or (source == "auto" and data_dir):
         if not data_dir:
-            raise DataError("the dSprites archive source needs --data-dir")
+            raise DataError("the dSprites archive source needs a data directory",
+                            option="data_dir")
         return load_archive(find_archive(data_dir))
     if source == "tfds":
         return load_tfds(download=True)

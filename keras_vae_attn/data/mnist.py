@@ -83,7 +83,7 @@ def load(data_dir=None, split="train"):
 def check_digit(digit):
     """Validate a normal-class digit."""
     if not isinstance(digit, (int, np.integer)) or not 0 <= digit <= 9:
-        raise ValueError(f"--normal-digit must be an integer from 0 to 9, got {digit!r}")
+        raise ValueError(f"must be an integer from 0 to 9, got {digit!r}")
     return int(digit)
 
 

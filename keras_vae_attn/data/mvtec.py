@@ -177,7 +177,8 @@ def _decode(paths, size, channels, nearest, skip_corrupt):
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         if not skip_corrupt:
             raise DataError(f"cannot decode {len(bad)} image file(s): {reasons}{more}. "
-                            "Replace them, or pass --skip-corrupt to leave them out")
+                            "Replace them, or leave them out (skip_corrupt)",
+                            option="skip_corrupt")
         warnings.warn(f"skipping {len(bad)} undecodable image file(s): {reasons}{more}",
                       stacklevel=3)
     return out[kept], np.flatnonzero(kept), shapes[kept]
