@@ -310,8 +310,7 @@ def rank(grids, mnist=None):
     for result in grids:
         middle = result["levels"][len(result["levels"]) // 2]
         scores = {ident(r): r["score"][middle] for r in result["grid"] if candidate(r)}
-        order = sorted(scores, key=lambda k: -(scores[k] or 0))
-        ranks = {k: _tied_rank(scores, k) for k in order}
+        ranks = {k: _tied_rank(scores, k) for k in scores}
         tables.append((result["dataset"], scores, ranks))
     common = set.intersection(*(set(t[1]) for t in tables))
     mean_rank = {k: float(np.mean([t[2][k] for t in tables])) for k in common}

@@ -73,13 +73,9 @@ def difference_distribution(normal_mean, normal_std, mu, sigma):
     return mean, variance
 
 
-def energy(normal_mean, normal_std, mu, sigma, variance=None):
-    """The Gaussian energy of Eq. 5, sum_i u_i^2 / (2 var_i), (B,); ``variance`` (B, D)
-    replaces the difference variance (e.g. held fixed for a gradient)."""
-    if variance is None:
-        mean, variance = difference_distribution(normal_mean, normal_std, mu, sigma)
-    else:
-        mean = tf.cast(normal_mean, tf.float32) - tf.cast(mu, tf.float32)
+def energy(mean, variance):
+    """The Gaussian energy of Eq. 5, sum_i u_i^2 / (2 var_i), (B,), from the difference
+    distribution's mean and variance (:func:`difference_distribution`)."""
     return 0.5 * tf.reduce_sum(tf.square(mean) / variance, -1)
 
 
@@ -306,17 +302,17 @@ class VAEAttention:
     def feature_mean(self, dataset):
         """The mean feature map A over ``dataset`` (image batches or (images, ...)
         tuples), (h, w, K) float32: the ``baseline`` of the anomaly maps."""
-        total, count = None, 0
+        from keras_vae_attn.attribution import FeatureMoments
+
+        moments = FeatureMoments()
         for batch in dataset:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             images = tf.convert_to_tensor(images)
             self.check_images(images)
-            features = self._run(self._features_graph, images).numpy().astype(np.float64)
-            total = features.sum(0) if total is None else total + features.sum(0)
-            count += features.shape[0]
-        if count == 0:
+            moments.update(self._run(self._features_graph, images).numpy())
+        if not moments.count:
             raise ValueError("cannot fit a feature baseline on an empty dataset")
-        return tf.constant(total / count, tf.float32)
+        return tf.constant(moments.result()[0], tf.float32)
 
     def _features_graph(self, images):
         with tf.GradientTape() as tape:
@@ -480,9 +476,9 @@ class VAEAttention:
             features, outputs = self._forward(images, tape)
             mu = tf.cast(outputs[self.latent_index], tf.float32)
             logvar = tf.cast(outputs[self.logvar_index], tf.float32)
-            _, variance = difference_distribution(normal_mean, normal_std, mu,
-                                                  tf.exp(0.5 * logvar))
-            value = energy(normal_mean, normal_std, mu, None, tf.stop_gradient(variance))
+            mean, variance = difference_distribution(normal_mean, normal_std, mu,
+                                                     tf.exp(0.5 * logvar))
+            value = energy(mean, tf.stop_gradient(variance))
         grads = tf.cast(tape.gradient(value, features), tf.float32)
         return tf.cast(features, tf.float32), grads, mu, logvar, value
 
@@ -532,8 +528,7 @@ class VAEAttention:
             tape.watch(path)
             along = _as_list(self.head(path, training=False))
             mu_path = tf.cast(along[self.latent_index], tf.float32)
-            value = energy(normal_mean, normal_std, mu_path, None,
-                           tf.tile(variance, [steps, 1]))
+            value = energy(normal_mean - mu_path, tf.tile(variance, [steps, 1]))
         grads = tf.reshape(tape.gradient(value, path),
                            tf.concat([[steps], shape], 0))
         return features, tf.reduce_mean(grads, 0)[:, None], mu, logvar

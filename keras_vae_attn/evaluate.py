@@ -66,10 +66,9 @@ def localize(model, images, masks, labels, options, pixel_distribution, normal_i
             FEATURE_DEVIATION: deviation["heatmap"],
             **references.reference_maps(images, pixel_distribution)}
     levels = comparison.smoothing_levels(images.shape[1], options.smooth)
-    compared = comparison.compare(maps, masks, labels, levels,
-                                  progress=lambda it: wrap(it, desc="metrics"))
-    chosen = {name: comparison.blur(m, options.smooth) for name, m in maps.items()}
-    methods, curves = localization.evaluate_methods(chosen, masks, labels, return_curves=True)
+    compared, (chosen, methods, curves) = comparison.compare(
+        maps, masks, labels, levels, keep=float(options.smooth),
+        progress=lambda it: wrap(it, desc="metrics"))
     image_scores = {}
     if 0 < np.sum(labels) < len(labels):
         image_scores = {name: localization.image_auroc(out[name], labels)

@@ -121,7 +121,8 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
         "mu": mu,
         "logvar": logvar,
         "score": tf.reduce_max(heatmap, axis=[1, 2]),
-        "latent_distance": attn.energy(stats.mean, stats.std, mu, tf.exp(0.5 * logvar)),
+        "latent_distance": attn.energy(*attn.difference_distribution(
+            stats.mean, stats.std, mu, tf.exp(0.5 * logvar))),
         "kl": losses.kl_divergence(mu, logvar),
         "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
     }

@@ -60,12 +60,20 @@ def explain_options(parser, args):
         parser.error(str(error))
 
 
-def check_layers(parser, options, valid):
-    """Refuse, before any training, a --layer name the encoder does not have."""
-    unknown = [name for name in options.layers if name not in valid and name != "last"]
-    if unknown:
-        parser.error(f"--layer {unknown[0]!r} is not a feature map of this encoder; "
-                     f"valid: {', '.join(valid)}")
+def unknown_layer_message(layers, backbone, shape, latent_dim, flag="--layer"):
+    """None when every name in ``layers`` ("last" allowed) is a feature map of the
+    ``backbone`` encoder at ``shape``; else the one line that refuses the first unknown
+    one and lists the valid names. Checked before any training (builds the encoder only)."""
+    from keras_vae_attn import backbones
+    from keras_vae_attn.attention import feature_layer_names
+
+    encoder, _ = backbones.build_backbone(backbone, tuple(shape), latent_dim)
+    valid = feature_layer_names(encoder)
+    unknown = [name for name in layers if name not in valid and name != "last"]
+    if not unknown:
+        return None
+    return (f"{flag} {unknown[0]!r} is not a feature map of the {backbone} encoder at "
+            f"{shape[0]}x{shape[1]}; valid: {', '.join(valid)}")
 
 
 def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
@@ -163,6 +171,18 @@ def run_dir_for(args, experiment):
     os.makedirs(path, exist_ok=True)
     write_json(os.path.join(path, "config.json"), config)
     return path
+
+
+def fit_and_record_options(model, normal_images, options, batch_size, run_dir):
+    """The options a run is evaluated and exported with: the per-layer scales a
+    multi-layer --layer needs fitted on ``normal_images`` (float, the normal training
+    images), then stored in config.json for the exporters. Returns them."""
+    if options.needs_scales:
+        from keras_vae_attn import scoring
+
+        options = scoring.fit_layer_scales(model, normal_images, options, batch_size)
+    record_options(run_dir, options)
+    return options
 
 
 def record_options(run_dir, options):

@@ -122,11 +122,7 @@ def main(argv=None):
                                 seed=args.seed),
         dataset, tf.data.Dataset.from_tensor_slices(normal).batch(256), run_dir, watch,
         options.layers, covariance=options.needs_covariance)
-    if options.needs_scales:
-        from keras_vae_attn import scoring
-
-        options = scoring.fit_layer_scales(model, normal, options, 256)
-    common.record_options(run_dir, options)
+    options = common.fit_and_record_options(model, normal, options, 256, run_dir)
 
     from keras_vae_attn import references
 

@@ -199,7 +199,10 @@ def main(argv=None):
                 options.needs_covariance)
     else:
         model, history, train_seconds = train(args, train_images, test, run_dir, options)
-    options = fit_scales(model, train_images, options, args, run_dir)
+    from keras_vae_attn.data.mvtec import to_float
+
+    options = common.fit_and_record_options(model, to_float(train_images), options,
+                                            args.eval_batch_size, run_dir)
     started = time.perf_counter()
     metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)
     metrics.update(category=args.category, image_size=args.image_size, layer=args.layer,
@@ -221,30 +224,11 @@ def main(argv=None):
 
 def check_layers(args, options):
     """Refuse an unknown --layer before any training (one line listing the valid ones)."""
-    from keras_vae_attn import backbones
-    from keras_vae_attn.attention import feature_layer_names
-
     shape = (args.image_size, args.image_size, args.channels)
-    encoder, _ = backbones.build_backbone(args.backbone, shape, args.latent_dim)
-    valid = feature_layer_names(encoder)
-    unknown = [name for name in options.layers if name not in valid and name != "last"]
-    if unknown:
-        raise SystemExit(f"error: --layer {unknown[0]!r} is not a feature map of the "
-                         f"{args.backbone} encoder at {args.image_size} px; valid: "
-                         f"{', '.join(valid)}")
-
-
-def fit_scales(model, train_images, options, args, run_dir):
-    """Fit the per-layer scales a multi-layer --layer needs (on the normal training
-    images) and record the options, scales included, in config.json for the exporters."""
-    from keras_vae_attn import scoring
-    from keras_vae_attn.data.mvtec import to_float
-
-    if options.needs_scales:
-        options = scoring.fit_layer_scales(model, to_float(train_images), options,
-                                           args.eval_batch_size)
-    common.record_options(run_dir, options)
-    return options
+    message = common.unknown_layer_message(options.layers, args.backbone, shape,
+                                           args.latent_dim)
+    if message:
+        raise SystemExit(f"error: {message}")
 
 
 def load_model(args):

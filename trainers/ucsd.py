@@ -83,13 +83,11 @@ def parse_args(argv=None):
         parser.error(f"--layers repeats a layer: {','.join(args.layers)}")
     options = common.explain_options(parser, args)
     args.explain = options.as_config()
-    valid = feature_layers(args)
-    unknown = [name for name in args.layers + list(options.layers)
-               if name not in valid and name != "last"]
-    if unknown:
-        parser.error(f"--layer/--layers {unknown[0]!r} is not a feature map of the {args.backbone} "
-                     f"encoder at {args.image_size}x{args.image_size}; valid: "
-                     f"{', '.join(valid)}")
+    message = common.unknown_layer_message(args.layers + list(options.layers),
+                                           args.backbone, model_shape(args), args.latent_dim,
+                                           flag="--layer/--layers")
+    if message:
+        parser.error(message)
     if args.data_dir is None:
         args.data_dir = (os.path.join(args.runs_root, "data") if args.demo
                          else os.environ.get("UCSD_ROOT"))
@@ -97,15 +95,6 @@ def parse_args(argv=None):
             parser.error("no dataset root: pass --data-dir (the folder holding UCSDped1 "
                          "and UCSDped2), set $UCSD_ROOT, or run --demo")
     return args
-
-
-def feature_layers(args):
-    """Names of the encoder's feature-map layers for this backbone and image size."""
-    from keras_vae_attn import backbones
-    from keras_vae_attn.attention import feature_layer_names
-
-    encoder, _ = backbones.build_backbone(args.backbone, model_shape(args), args.latent_dim)
-    return feature_layer_names(encoder)
 
 
 def model_shape(args):
@@ -260,7 +249,7 @@ def main(argv=None):
     args = parse_args(argv)
     train_images, test = load_data(args)
     from keras_vae_attn import callbacks as kva_callbacks
-    from keras_vae_attn import scoring, viz
+    from keras_vae_attn import viz
     from keras_vae_attn.data import augment
     from keras_vae_attn.data.ucsd import to_float
     from keras_vae_attn.models import build_vae
@@ -285,10 +274,8 @@ def main(argv=None):
             batch_norm_batches=augment.train_dataset(train_images, args.batch_size,
                                                      shuffle=False),
             covariance=options.needs_covariance)
-    if options.needs_scales:
-        options = scoring.fit_layer_scales(model, to_float(train_images), options,
-                                           args.eval_batch_size)
-    common.record_options(run_dir, options)
+    options = common.fit_and_record_options(model, to_float(train_images), options,
+                                            args.eval_batch_size, run_dir)
 
     started = time.perf_counter()
     metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)

@@ -35,15 +35,25 @@ def blur(maps, sigma, batch_size=64):
     return np.concatenate(blurred)
 
 
-def compare(maps, masks, labels, levels, progress=None):
-    """{method: {level key: metrics}} for unsmoothed ``maps`` {name: (N, H, W)}, each
-    blurred at every level of ``levels`` and scored by ``evaluate_methods``."""
+def compare(maps, masks, labels, levels, keep, progress=None):
+    """Unsmoothed ``maps`` {name: (N, H, W)}, each blurred at every level of ``levels``
+    and scored by ``evaluate_methods``, in one pass over the levels.
+
+    Returns (results {method: {level key: metrics}}, kept): ``kept`` holds, at sigma
+    ``keep`` (one of ``levels``), the blurred maps, every metric and the ROC curves, as
+    (maps, methods, curves) dicts keyed by method.
+    """
     results = {name: {} for name in maps}
+    kept = None
     steps = [(name, sigma) for sigma in levels for name in maps]
     for name, sigma in (progress(steps) if progress else steps):
-        scored = evaluate_methods({name: blur(maps[name], sigma)}, masks, labels)[name]
-        results[name][level_key(sigma)] = {k: scored[k] for k in METRIC_KEYS}
-    return results
+        blurred = blur(maps[name], sigma)
+        scored, curves = evaluate_methods({name: blurred}, masks, labels, return_curves=True)
+        results[name][level_key(sigma)] = {k: scored[name][k] for k in METRIC_KEYS}
+        if sigma == keep:
+            kept = kept or ({}, {}, {})
+            kept[0][name], kept[1][name], kept[2][name] = blurred, scored[name], curves[name]
+    return results, kept
 
 
 def beats(results, primary, metric="pixel_auroc"):

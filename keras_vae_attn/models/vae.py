@@ -39,8 +39,7 @@ class VAE(keras.Model):
         self.recon_tracker = keras.metrics.Mean(name="recon")
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self._explainers = {}
-        self.feature_layers = []         # layers with a fitted normal feature distribution
-        self._distributions = {}         # layer name -> (mean, std) weights, (h, w, K)
+        self._distributions = {}         # layer name -> (mean, std[, whiten, colour]) weights
 
     @property
     def metrics(self):
@@ -190,12 +189,15 @@ class VAE(keras.Model):
         finally:
             if tracker is not None:
                 tracker.lock()
-        if layer not in self.feature_layers:
-            self.feature_layers.append(layer)
         covariances = [n for n in self.feature_layers if len(self._distributions[n]) == 4]
         self.spec["feature_layers"] = list(self.feature_layers)
         if covariances:
             self.spec["feature_covariance_layers"] = covariances
+
+    @property
+    def feature_layers(self):
+        """Layers with a fitted normal feature distribution, in fitting order."""
+        return list(self._distributions)
 
     def has_feature_distribution(self, layer, covariance=False):
         """Whether a normal feature distribution (with the covariance, if asked) is
