@@ -122,15 +122,18 @@ def mvtec_images(shared_data):
 @pytest.fixture(scope="session")
 def mvtec_run(build_once, mvtec_images):
     """A run folder of the MVTec model (ResNet18, latent 32) trained two steps at 64x64,
-    its maps smoothed (sigma 1 px) and relative to the normal features, as the MVTec
-    trainer can (--smooth 1 --feature-baseline normal)."""
+    with the trainer's default attribution at its default layer (conv1, whose gradient
+    passes the stem max-pool, on real images with flat regions) and maps smoothed by
+    sigma 1 px (--smooth 1)."""
     from keras_vae_attn.models import build_vae
+    from keras_vae_attn.runs import ExplainOptions
+
+    explain = ExplainOptions.preset("default", layers=("conv1",), smooth=1.0).as_config()
 
     def make(folder):
         _train_run(folder, build_vae("resnet18", (64, 64, 3), 32, recon_loss="mse"),
-                   mvtec_images[0], {"layer": "last", "image_size": 64, "channels": 3,
-                                     "category": "bottle", "smooth": 1.0,
-                                     "feature_baseline": "normal"}, batch_size=8)
+                   mvtec_images[0], {"layer": "conv1", "image_size": 64, "channels": 3,
+                                     "category": "bottle", "explain": explain}, batch_size=8)
 
     return build_once("mvtec-run", make)
 

@@ -59,8 +59,9 @@ def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export):
     assert not dims[0].HasField("dim_value") and [d.dim_value for d in dims[1:]] == [64, 64, 3]
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["input_shape"]) == [64, 64, 3]
-    assert json.loads(meta["options"])["smooth"] == 1.0
-    assert json.loads(meta["options"])["deviation"] == "centered"   # feature_baseline normal
+    options = json.loads(meta["options"])
+    assert options["smooth"] == 1.0 and options["layers"] == ["conv1"]
+    assert options["deviation"] == "whitened" and options["form"] == "gradient-weighted-deviation"
     assert json.loads(meta["thresholds"])["pixel"] > 0
 
 
@@ -113,6 +114,51 @@ def test_gradient_op_handlers_match_tensorflow(case):
         x = rng.normal(size=(batch, 9, 9, 4)).astype(np.float32)
         np.testing.assert_allclose(session.run(None, {"x": x})[0], gradient(x)["g"].numpy(),
                                    rtol=1e-5, atol=1e-4, err_msg=f"{case}, batch {batch}")
+
+
+def tied_windows(features, size=3, stride=2):
+    """How many (window, channel) pairs of a SAME max-pool hold their max more than once."""
+    count = 0
+    for top in range(0, features.shape[1], stride):
+        for left in range(0, features.shape[2], stride):
+            window = features[:, top:top + size, left:left + size]
+            peak = window.max(axis=(1, 2), keepdims=True)
+            count += int(((window == peak).sum(axis=(1, 2)) > 1).sum())
+    return count
+
+
+@pytest.mark.parametrize("source", ["few-levels", "real-conv1"])
+def test_max_pool_gradient_routes_ties_like_tensorflow(source, request):
+    """Where a pooling window holds its max twice (flat or saturated image regions, zeros
+    after a ReLU), ONNX's MaxPool indices must pick the element TensorFlow's MaxPoolGrad
+    picks (the first in row-major order), or the map moves by a pixel there."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    if source == "few-levels":
+        features = rng.integers(0, 3, size=(3, 32, 32, 8)).astype(np.float32)
+    else:       # the stem max-pool of the MVTec model, on real bottle images
+        run = request.getfixturevalue("mvtec_run")
+        images = mvtec.to_float(request.getfixturevalue("mvtec_images")[1].images)
+        encoder = load_vae(str(run / "model")).encoder
+        conv1 = keras.Model(encoder.inputs, encoder.get_layer("conv1").output)
+        features = conv1(images).numpy()
+    assert tied_windows(features) > 100
+    upstream = rng.normal(size=(1, 16, 16, features.shape[-1])).astype(np.float32)
+    spec = tf.TensorSpec((None, *features.shape[1:]), tf.float32, name="a")
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def gradient(a):
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            pooled = tf.nn.max_pool2d(a, 3, 2, "SAME")
+            y = tf.reduce_sum(pooled * tf.constant(upstream))
+        return {"g": tape.gradient(y, a)}
+
+    session = ort.InferenceSession(onnx_export.function_to_onnx(gradient, spec)
+                                   .SerializeToString())
+    got, want = session.run(None, {"a": features})[0], gradient(features)["g"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unconvertible_ops_are_named():
