@@ -9,9 +9,11 @@ For a feature map A of a chosen encoder layer and each latent dimension i:
 All D gradients come from one batched backward pass. When the encoder is functional and
 the layer is a cut point, the encoder runs once up to A; only the part after A (the
 "head") runs on D stacked copies of A, each copy back-propagating a different one-hot
-latent direction. Otherwise (subclassed encoders, layers with skip connections around
-them) the encoder runs once and ``GradientTape.batch_jacobian`` vectorizes the D
-backward passes.
+latent direction. Otherwise the encoder runs once and ``GradientTape.batch_jacobian``
+vectorizes the D backward passes: for a layer with a skip connection around it, through
+a functional model that outputs A beside the codes; for a subclassed encoder, whose
+layers have no symbolic outputs, through a call hook on the layer (Keras has no forward
+hooks).
 
 Anomaly maps can be taken relative to the normal data's mean feature map
 (``baseline=``, see :meth:`VAEAttention.feature_mean`): ReLU(sum_k w[k] (A_k - mean A_k)).
@@ -32,8 +34,8 @@ import tensorflow as tf
 TOTAL_ENERGY = "total-energy"
 ANOMALY_SCORES = ("energy", "latent", TOTAL_ENERGY)
 METHODS = ("auto", "stack", "jacobian")      # what callers may ask for
-#: what ``VAEAttention.method`` may hold: a choice above, or "hooked" (no separable head:
-#: the whole encoder runs under one tape, a call hook records A, batch_jacobian follows)
+#: what ``VAEAttention.method`` may hold: a choice above, or "hooked" (a subclassed
+#: encoder, which has no graph to read A from: a call hook on the layer records it)
 RESOLVED_METHODS = ("stack", "jacobian", "hooked")
 
 
@@ -186,7 +188,7 @@ class VAEAttention:
         self.layer_name = layer
         self.latent_index = _output_index(encoder, latent, "latent")
         self.logvar_index = None if logvar is None else _output_index(encoder, logvar, "logvar")
-        self.front = self.head = None
+        self.front = self.head = self.tapped = None
         self._target_layer = target
         if self.functional:
             self._split(target)
@@ -205,8 +207,10 @@ class VAEAttention:
             self.head = keras.Model(features, list(self.encoder.outputs))
         except ValueError:
             # The part after the layer also reads earlier tensors (a skip connection
-            # around it): fall back to the vectorized-Jacobian path.
+            # around it): run the whole encoder, reading A as an extra output.
             self.head = None
+            self.tapped = keras.Model(self.front.inputs,
+                                      [features, *self.encoder.outputs])
 
     def _choose_method(self, method):
         """How the D backward passes are batched (see the module docstring).
@@ -215,12 +219,13 @@ class VAEAttention:
         (pooling and dense layers after the last conv). "jacobian" runs the head once
         and vectorizes the D backward passes with ``batch_jacobian``: cheaper when the
         head holds convolutions (an early layer). "auto" picks by that rule; without a
-        head (subclassed encoder, layer inside a residual block) it is "hooked".
+        head it is "jacobian" (a layer inside a residual block) or "hooked" (a
+        subclassed encoder).
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         if self.head is None:
-            return "hooked"
+            return "jacobian" if self.tapped is not None else "hooked"
         if method == "auto":
             convolutional = any(len(getattr(layer, "kernel", np.zeros(0)).shape) == 4
                                 for layer in self.head.layers)
@@ -278,12 +283,16 @@ class VAEAttention:
 
     def _forward(self, images, tape):
         """The feature map A (watched by ``tape``) and the encoder outputs, running the
-        encoder once: through front and head when split, else with a call hook on the
-        layer that records its output."""
+        encoder once: through front and head when split, as an extra output of the
+        functional encoder when not, else with a call hook on the layer."""
         if self.head is not None:
             features = self.front(images, training=False)
             tape.watch(features)
             return features, _as_list(self.head(features, training=False))
+        if self.tapped is not None:
+            tape.watch(images)       # records A -> codes even for frozen weights
+            features, *outputs = self.tapped(images, training=False)
+            return features, outputs
         captured = {}
         layer = self._target_layer
         original_call = layer.call

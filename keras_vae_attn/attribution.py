@@ -15,7 +15,9 @@ A fixed pipeline (:func:`keras_vae_attn.scoring.explain_anomaly`) does the work:
 4. a *form* that turns G and the deviation into one signed map per target;
 5. a *sign rule* ("relu", "abs", "signed"), then the mean over targets.
 
-A new form is one small class with a ``signed_map`` hook plus one entry in ``FORMS``.
+A new form is one small ``Form`` subclass with a ``name`` and a ``signed_map`` hook; it
+registers itself. Its name goes in ``runs.FORMS`` too, the list the CLIs check flags
+against without importing TensorFlow (a name missing there fails at import).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
+
+from keras_vae_attn import runs
 
 DEVIATIONS = ("none", "centered", "standardized", "whitened")
 SIGNS = ("relu", "abs", "signed")
@@ -159,6 +163,10 @@ def pooled(grads, gradient_relu=False):
     return tf.reduce_mean(grads, axis=[2, 3])
 
 
+#: {name: form instance}, filled by ``Form`` subclasses as they are defined.
+FORMS = {}
+
+
 class Form:
     """One attribution form. ``signed_map(grads, dev, gradient_relu)`` maps the target
     gradients (B, T, h, w, K) and the deviation (B, h, w, K) to (B, T, h, w)."""
@@ -167,6 +175,13 @@ class Form:
     needs_gradient = True     # False: the map needs no backward pass at all
     uses_sign = True          # False: the map is >= 0 by construction
     integrated = False        # True: gradients averaged along a path (see Integrated)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name not in runs.FORMS:
+            raise TypeError(f"attribution form {cls.name!r} is not listed in "
+                            "keras_vae_attn.runs.FORMS, so no flag could choose it")
+        FORMS[cls.name] = cls()
 
     def signed_map(self, grads, dev, gradient_relu=False):
         raise NotImplementedError
@@ -225,8 +240,8 @@ class DeviationNorm(Form):
         return tf.sqrt(tf.reduce_sum(tf.square(dev), axis=-1) + 1e-12)[:, None]
 
 
-FORMS = {form.name: form() for form in (GradCAM, HiResCAM, Integrated,
-                                        GradientWeightedDeviation, DeviationNorm)}
+if set(FORMS) != set(runs.FORMS):
+    raise TypeError(f"runs.FORMS lists forms no class defines: {set(runs.FORMS) - set(FORMS)}")
 
 
 def get_form(name):

@@ -196,7 +196,8 @@ def test_auto_method_stacks_light_heads_and_vectorizes_convolutional_ones(vae):
 def test_layer_inside_a_residual_block_uses_the_jacobian_path():
     model = build_vae("resnet18", (32, 32, 3), latent_dim=3)
     explainer = model.explainer("layer2_block0_relu_a")
-    assert explainer.head is None and explainer.method == "hooked"   # shortcut bypasses it
+    assert explainer.head is None and explainer.method == "jacobian"   # shortcut bypasses it
+    assert explainer.tapped is not None                       # A read as an extra output
     maps = explainer.latent_maps(RNG.random((2, 32, 32, 3)).astype("float32"))
     assert maps.shape == (2, 3, 4, 4) and np.isfinite(maps.numpy()).all()
 
