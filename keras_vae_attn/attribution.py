@@ -228,6 +228,17 @@ class GradientWeightedDeviation(Form):
         return tf.sqrt(tf.einsum("btk,bhwk->bthw", weights, tf.square(dev)) + 1e-12)
 
 
+class GradientNorm(Form):
+    """||G|| over channels at each position, the deviation unused: the plain gradient
+    saliency (Simonyan et al. 2014), a reference for what weighing by A adds."""
+
+    name = "gradient-norm"
+    uses_sign = False
+
+    def signed_map(self, grads, dev, gradient_relu=False):
+        return tf.sqrt(tf.reduce_sum(tf.square(grads), axis=-1) + 1e-12)
+
+
 class DeviationNorm(Form):
     """||dev|| over channels, no gradient: the reference row showing what the latent
     gradient adds."""

@@ -16,7 +16,8 @@ CONFIG = "config.json"
 
 # Named here so flags parse without TensorFlow; keras_vae_attn.attribution holds the forms.
 TARGETS = ("latent", "energy", "total-energy")
-FORMS = ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "deviation")
+FORMS = ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "gradient-norm",
+         "deviation")
 DEVIATIONS = ("none", "centered", "standardized", "whitened")
 SIGNS = ("relu", "abs", "signed")
 COMBINES = ("mean", "product")

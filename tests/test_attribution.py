@@ -197,6 +197,8 @@ def reference_map(model, layer, images, form, target, deviation, sign, steps=8):
         maps = signed((grads * dev[:, None]).sum(-1), sign)
     elif form == "gradient-weighted-deviation":
         maps = np.sqrt(np.einsum("btk,bhwk->bthw", np.abs(pooled), dev ** 2))
+    elif form == "gradient-norm":
+        maps = np.sqrt((grads ** 2).sum(-1))
     else:
         raise AssertionError(form)
     return maps.mean(1)
@@ -235,6 +237,8 @@ CASES = (
     + [("gradient-weighted-deviation", target, deviation, "abs", "conv2")
        for target in ("total-energy", "energy") for deviation in ("none", "standardized")]
     + [("gradient-weighted-deviation", "latent", "centered", "abs", "conv1")]
+    + [("gradient-norm", target, "none", "abs", layer)
+       for target in ("total-energy", "energy") for layer in ("conv1", "conv2")]
     + [("deviation", "total-energy", deviation, "abs", layer)
        for deviation in ("none", "centered", "standardized") for layer in ("conv1", "conv2")]
 )
