@@ -6,9 +6,13 @@
 Each stage writes its artifact into the pipeline folder and a record into
 ``manifest.json``; re-running skips stages whose inputs did not change, and
 ``--from-stage`` forces a restart from that stage on. A candidate is pushed only when
-blessed: its metrics pass the given floors and are no worse than the served model's
-(by more than ``--tolerance``). The push is atomic: TF Serving never sees a partial
-version, and the staging folders of a killed push are removed by the next one.
+blessed: its metrics pass the given floors and are no worse (by more than
+``--tolerance``) than the reference map of the same run (``--reference``, by default the
+reconstruction difference of the same VAE) and than the served model's. With
+``--reference none`` a floor is required, so a candidate is never blessed unjudged. An
+unblessed candidate ends the pipeline with exit code 3 and one line of reasons. The
+push is atomic: TF Serving never sees a partial version, and the staging folders of a
+killed push are removed by the next one.
 
 Children (the trainer, the exporters) run in their own process group: SIGINT/SIGTERM to
 the pipeline are forwarded to that group, and the group is killed when the pipeline
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import hashlib
 import json
 import os
@@ -36,6 +41,10 @@ from keras_vae_attn.runs import write_json
 
 STAGES = ("train", "evaluate", "validate", "export", "push")
 METHOD = "anomaly_attention"
+#: Rows of the run's metrics.json a candidate may be compared with (--reference).
+REFERENCES = ("recon_error", "feature_deviation", "mean_image_difference",
+              "pixel_deviation", "none")
+NOT_BLESSED = 3            # exit code of a run whose candidate was not blessed
 GATED_METRICS = ("pixel_auroc", "image_auroc", "aupro")
 LINEAGE = "lineage.json"
 
@@ -63,8 +72,13 @@ def build_parser():
     for metric in GATED_METRICS:
         parser.add_argument(f"--min-{metric.replace('_', '-')}", type=float, default=None,
                             help=f"bless only if {metric} of the anomaly attention >= this")
+    parser.add_argument("--reference", choices=REFERENCES, default="recon_error",
+                        help="bless only if the anomaly attention is no worse than this "
+                             "map of the same run (metrics.json 'methods') on every gated "
+                             "metric; 'none' requires a --min-* floor")
     parser.add_argument("--tolerance", type=float, default=0.01,
-                        help="how much worse than the served model a candidate may be")
+                        help="how much worse than the reference and the served model a "
+                             "candidate may be")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("trainer_args", nargs="*",
                         help="after `--`: extra flags for trainers.mvtec (e.g. --epochs 5)")
@@ -92,6 +106,24 @@ def _kill_children():
         kill_group(process)
 
 
+_PR_SET_PDEATHSIG = 1       # linux/prctl.h
+
+
+def _dies_with(parent_pid):
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when the pipeline dies, even by
+    SIGKILL, which no handler of the pipeline can catch. Elsewhere: a no-op."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)         # loaded before the fork
+
+    def set_death_signal():
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:               # the pipeline died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
+
+
 def run_child(command):
     """Run ``command`` like ``subprocess.run(check=True)``, in its own process group.
 
@@ -99,7 +131,8 @@ def run_child(command):
     CHILD_GRACE_S to exit before it is killed, and the pipeline exits with 128 + the
     signal; however this returns, nothing of the group is left running.
     """
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True,
+                               preexec_fn=_dies_with(os.getpid()))
     _children.add(process)
     stopped = []
 
@@ -245,7 +278,7 @@ class Pipeline:
         candidate = candidate_id(trained["outputs"]["model"], evaluated["outputs"]["thresholds"])
         baseline = served_baseline(self.args.serving_dir, self.model_name, candidate)
         config = {"floors": floors, "tolerance": self.args.tolerance, "candidate": candidate,
-                  "served": baseline}
+                  "served": baseline, "reference": self.args.reference}
         inputs = dict(evaluated["outputs"])
         if baseline:
             inputs["served_metrics"] = baseline
@@ -254,19 +287,21 @@ class Pipeline:
 
     def _validate(self, evaluated, floors, served_path):
         with open(evaluated["metrics"], encoding="utf-8") as handle:
-            candidate = json.load(handle)["methods"][METHOD]
+            methods = json.load(handle)["methods"]
+        candidate = methods[METHOD]
         served = None
         if served_path:
             with open(served_path, encoding="utf-8") as handle:
                 served = json.load(handle)["methods"][METHOD]
-        reasons = blessing_reasons(candidate, floors, served, self.args.tolerance)
+        name = self.args.reference
+        reference = None if name == "none" else (name, methods.get(name))
+        reasons = blessing_reasons(candidate, floors, served, self.args.tolerance, reference)
         blessing = {"blessed": not reasons, "reasons": reasons, "candidate": candidate,
                     "served": served, "served_metrics": served_path, "floors": floors,
+                    "reference": name, "reference_metrics": reference and reference[1],
                     "tolerance": self.args.tolerance}
         path = self.path("blessing.json")
         write_json(path, blessing)
-        if reasons:
-            print("not blessed: " + "; ".join(reasons), file=sys.stderr)
         return ("blessed" if not reasons else "not blessed"), {"blessing": path}, blessing
 
     # --- export -----------------------------------------------------------------------
@@ -378,24 +413,46 @@ def calibrate_run(model_dir, train_config, held_out, args):
         return calibration.from_labelled(out["heatmap"], split.masks, out["score"],
                                          split.labels)
     images, _ = mvtec.decode_files(held_out, size, channels)
-    out = scoring.batched(model, mvtec.to_float(images), 16, options, keys=keys)
-    return calibration.from_normal(out["heatmap"], out["score"], args.pixel_percentile,
-                                   args.image_percentile)
+    return calibration.from_model(model, mvtec.to_float(images), options, 16,
+                                  args.pixel_percentile, args.image_percentile)[0]
 
 
-def blessing_reasons(candidate, floors, served, tolerance):
-    """Why a candidate is not blessed (empty list: blessed)."""
+def blessing_reasons(candidate, floors, served, tolerance, reference=None):
+    """Why a candidate is not blessed (empty list: blessed).
+
+    ``candidate``, ``served``: {metric: value} of the anomaly attention; ``reference``:
+    (name, {metric: value} or None when the run has no such row) of a map of the same
+    run it must not lose to; ``floors``: {metric: minimum or None}. With no floor, no
+    reference and no served model there is nothing to judge by, which is a reason too.
+    """
     reasons = []
     for metric, floor in floors.items():
         value = candidate.get(metric)
         if floor is not None and (value is None or value < floor):
             reasons.append(f"{metric} {value} is below the required {floor}")
+    if reference is not None:
+        name, values = reference
+        if values is None:
+            reasons.append(f"the run's metrics.json holds no {name!r} row to compare with")
+        else:
+            reasons += worse_than(candidate, values, tolerance, f"this run's {name}")
     if served:
-        for metric in GATED_METRICS:
-            new, old = candidate.get(metric), served.get(metric)
-            if new is not None and old is not None and new < old - tolerance:
-                reasons.append(f"{metric} {new:.4f} is worse than the served model's "
-                               f"{old:.4f} by more than {tolerance}")
+        reasons += worse_than(candidate, served, tolerance, "the served model's")
+    if reference is None and not served and all(f is None for f in floors.values()):
+        reasons.append("nothing to judge it by: no floor (--min-pixel-auroc ...), no "
+                       "--reference and no served model")
+    return reasons
+
+
+def worse_than(candidate, other, tolerance, label):
+    """One reason per gated metric where ``candidate`` is below ``other`` by more than
+    ``tolerance``."""
+    reasons = []
+    for metric in GATED_METRICS:
+        new, old = candidate.get(metric), other.get(metric)
+        if new is not None and old is not None and new < old - tolerance:
+            reasons.append(f"{metric} {new:.4f} is worse than {label} {old:.4f} by more "
+                           f"than {tolerance}")
     return reasons
 
 
@@ -441,6 +498,13 @@ def main(argv=None):
     if not args.data_dir:
         parser.error("--data-dir is required (or set $MVTEC_AD_ROOT)")
     check_model_name(parser, args)
+    if args.reference == "none" and all(getattr(args, f"min_{m}") is None
+                                        for m in GATED_METRICS):
+        parser.error("--reference none needs a floor to judge the candidate by: "
+                     "--min-pixel-auroc, --min-image-auroc or --min-aupro")
+    from keras_vae_attn.console import start_tensorflow
+
+    start_tensorflow()
     from keras_vae_attn.data import DataError
 
     try:
@@ -449,6 +513,11 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps({name: r["status"] for name, r in results.items()}, indent=2))
+    validated = results["validate"]
+    if validated["status"] != "blessed":
+        print("not blessed, nothing pushed: " + "; ".join(validated["details"]["reasons"]),
+              file=sys.stderr)
+        raise SystemExit(NOT_BLESSED)
     return results
 
 

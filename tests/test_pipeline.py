@@ -100,7 +100,8 @@ def test_candidate_worse_than_served_is_not_pushed(category_root, first_run):
     (other / "assets" / "metrics.json").write_text(json.dumps(metrics))
     before = {p.name: lineage.hash_path(str(p)) for p in served.iterdir()}
     result = run(category_root, work)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == pipeline.NOT_BLESSED, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith("not blessed, nothing pushed: ")
     lines = stage_lines(result)
     assert lines[:2] == ["[train] cached", "[evaluate] cached"]
     assert "[validate] not blessed" in lines and "[push] skipped (not blessed)" in lines
@@ -111,7 +112,7 @@ def test_candidate_worse_than_served_is_not_pushed(category_root, first_run):
 def test_floors_block_a_push(category_root, first_run):
     work, _ = first_run
     result = run(category_root, work, "--min-pixel-auroc", "1.01")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == pipeline.NOT_BLESSED, result.stderr[-3000:]
     assert stage_lines(result)[:2] == ["[train] cached", "[evaluate] cached"]
     assert "[export] cached" in stage_lines(result)
     assert "pixel_auroc" in result.stderr and "below the required 1.01" in result.stderr
@@ -220,8 +221,11 @@ def process_gone(pid, seconds=20):
     return False
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
 def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(category_root,
-                                                                        tmp_path):
+                                                                        tmp_path, signum):
+    """SIGTERM is forwarded to the trainer's group; SIGKILL cannot be caught, so the
+    trainer holds a parent-death signal and ends on its own."""
     log = tmp_path / "pipe" / "train" / "training_log.jsonl"
     argv = command(category_root, tmp_path, trainer=SLOW_TRAINER)
     with open(tmp_path / "stderr.txt", "w") as err:
@@ -233,17 +237,21 @@ def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(category_
                 assert time.time() < deadline, "the trainer wrote no epoch in 600 s"
                 time.sleep(0.05)
             trainer = log_events(log)[0]["pid"]
-            pipe.send_signal(signal.SIGTERM)
-            assert pipe.wait(timeout=60) == 128 + signal.SIGTERM
+            pipe.send_signal(signum)
+            expected = 128 + signum if signum == signal.SIGTERM else -signum
+            assert pipe.wait(timeout=60) == expected
         finally:
             if pipe.poll() is None:
                 pipe.kill()
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert "interrupted by SIGTERM" in stderr, stderr[-3000:]
+    if signum == signal.SIGTERM:
+        assert "interrupted by SIGTERM" in stderr, stderr[-3000:]
     assert process_gone(trainer), f"trainer {trainer} outlived the pipeline"
     killed = log_events(log)
     done = max(e["epoch"] for e in killed if e["event"] == "epoch_end")
     assert 1 <= done < EPOCHS, "the trainer was not stopped mid-training"
+    if signum == signal.SIGKILL:      # the same trainer state as after TERM: resumed below
+        return
 
     again = run(category_root, tmp_path, trainer=SLOW_TRAINER)
     assert again.returncode == 0, again.stderr[-3000:]
