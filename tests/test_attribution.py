@@ -427,6 +427,30 @@ def test_feature_distributions_survive_save_and_load(vae, tmp_path):
             again.feature_distribution("conv1")
 
 
+def test_a_model_saved_before_distributions_keeps_its_centered_maps(vae, tmp_path):
+    """Older saves kept only the mean feature map per layer (feature_baselines.npz); they
+    load with it, so their "centered" maps (feature_baseline normal) are unchanged."""
+    folder = tmp_path / "old"
+    without = small_vae()
+    for part in ("encoder", "decoder"):
+        getattr(without, part).set_weights(getattr(vae, part).get_weights())
+    without.normal_mean.assign(vae.normal_mean)
+    without.normal_std.assign(vae.normal_std)
+    save_vae(without, str(folder))
+    means = {layer: vae.feature_distribution(layer).mean.numpy() for layer in ("conv1",)}
+    np.savez(folder / "feature_baselines.npz", **means)
+    loaded = load_vae(str(folder))
+    assert loaded.feature_layers == ["conv1"]
+    np.testing.assert_array_equal(loaded.feature_distribution("conv1").mean.numpy(),
+                                  means["conv1"])
+    assert (loaded.feature_distribution("conv1").std.numpy() == 1).all()
+    x = odd_images(2)
+    options = ExplainOptions.from_config({"layer": "conv1", "feature_baseline": "normal"})
+    assert options.deviation == "centered"
+    np.testing.assert_allclose(heatmap(loaded, x, options).numpy(),
+                               heatmap(vae, x, options).numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_distribution_at_a_residual_block_layer_survives_save_and_load(resnet, tmp_path):
     save_vae(resnet, str(tmp_path / "r"))
     loaded = load_vae(str(tmp_path / "r"))

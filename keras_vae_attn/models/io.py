@@ -9,6 +9,9 @@ import tempfile
 
 MODEL_SPEC = "model.json"
 MODEL_WEIGHTS = "model.weights.h5"
+#: models saved before the feature distributions kept only the normal mean feature map
+#: of each layer, in this file beside the weights
+LEGACY_FEATURE_MEANS = "feature_baselines.npz"
 
 
 def _builders():
@@ -60,4 +63,21 @@ def load_vae(directory):
                              f"layer {layer!r}")
         model.add_feature_distribution(layer, shape, layer in covariance_layers)
     model.load_weights(weights_path)
+    _load_legacy_feature_means(model, os.path.join(directory, LEGACY_FEATURE_MEANS))
     return model
+
+
+def _load_legacy_feature_means(model, path):
+    """The mean feature maps of an older save as distributions with std 1: exactly what
+    its "centered" maps (``feature_baseline="normal"``) need. Its std was never measured,
+    so "standardized" would equal "centered" there: refit for that."""
+    if not os.path.isfile(path):
+        return
+    import numpy as np
+
+    with np.load(path) as stored:
+        for layer in stored.files:
+            if layer in model.feature_layers:
+                continue
+            mean = stored[layer].astype("float32")
+            model.store_feature_distribution(layer, (mean, np.ones_like(mean)))

@@ -162,11 +162,15 @@ class VAE(keras.Model):
             for explainer, features in zip(explainers, features_of(tf.cast(images, tf.float32))):
                 moments[explainer.layer_name].update(features.numpy())
         for name, moment in moments.items():
-            values = moment.result() + (moment.whitening() if covariance else ())
-            self.add_feature_distribution(name, values[0].shape, covariance)
-            for weight, value in zip(self._distributions[name], values):
-                weight.assign(value)
+            self.store_feature_distribution(
+                name, moment.result() + (moment.whitening() if covariance else ()))
         return {name: self.feature_distribution(name) for name in moments}
+
+    def store_feature_distribution(self, layer, values):
+        """Store (mean, std) or (mean, std, whiten, colour) arrays for ``layer``."""
+        self.add_feature_distribution(layer, values[0].shape, len(values) == 4)
+        for weight, value in zip(self._distributions[layer], values):
+            weight.assign(value)
 
     def add_feature_distribution(self, layer, shape, covariance=False):
         """Create the (mean, std[, whiten, colour]) weights of ``layer`` if missing (the
