@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         "export": ["tf2onnx>=1.17", "onnx", "onnxruntime"],
-        "datasets": ["tensorflow-datasets"],
+        # importlib_resources: tensorflow-datasets' etils imports it when loading, and an
+        # install resolved without etils' extras lacks it
+        "datasets": ["tensorflow-datasets", "importlib_resources"],
         "dev": [
             "pytest",
             "pytest-xdist",
@@ -31,6 +33,7 @@ setup(
             "onnx",
             "onnxruntime",
             "tensorflow-datasets",
+            "importlib_resources",
         ],
     },
 )

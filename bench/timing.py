@@ -42,3 +42,22 @@ def _fmt(value):
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def interleaved_medians(fns, repeats=5, budget_s=60.0):
+    """Median wall time of each of ``fns`` (after one warm-up call each), timed in turns:
+    one call of each per round, so a change in the machine's load hits all of them alike
+    (for side-by-side ratios on a shared machine). Stops after the round that spends
+    ``budget_s``."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            begin = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - begin)
+        if time.perf_counter() - start > budget_s:
+            break
+    return [statistics.median(spent) for spent in times]

@@ -8,25 +8,32 @@ dimension: which part of the digit each latent dimension looks at.
 import argparse
 import os
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_vae_attn import overlay
-from keras_vae_attn.attention import upsample
-from keras_vae_attn.data import mnist
-from keras_vae_attn.models import build_vae
-from keras_vae_attn.viz import save_grid
+from keras_vae_attn.console import start_tensorflow
+from trainers.common import main_guard
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: TFDS)")
     parser.add_argument("--out", default="latent_maps.png")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--latent-dim", type=int, default=8)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tf = start_tensorflow()
+    import keras
+
+    from keras_vae_attn import overlay
+    from keras_vae_attn.attention import upsample
+    from keras_vae_attn.data import mnist
+    from keras_vae_attn.models import build_vae
+    from keras_vae_attn.viz import save_grid
 
     images, _ = mnist.load(args.data_dir, "train")
     test_images, test_labels = mnist.load(args.data_dir, "test")
@@ -34,7 +41,8 @@ def main(argv=None):
     model = build_vae("small", (28, 28, 1), args.latent_dim)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     data = tf.data.Dataset.from_tensor_slices(mnist.to_float(images)).shuffle(10000).batch(128)
-    model.fit(data.repeat(), steps_per_epoch=args.steps, epochs=1, verbose=2)
+    model.fit(data.repeat(), steps_per_epoch=args.steps, epochs=1, verbose=2,
+              shuffle=False)                    # the dataset shuffles itself
 
     picks = [int(np.flatnonzero(test_labels == d)[0]) for d in range(0, 10, 2)]
     batch = mnist.to_float(test_images[picks])
@@ -49,4 +57,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

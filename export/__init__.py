@@ -13,9 +13,31 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import NamedTuple
 
 from keras_vae_attn.runs import RUN_COMPLETE, ExplainOptions, OptionError
+
+
+class Stages:
+    """Numbered stage lines on stderr, "export.onnx 2/4: converting ... (5.1 s)" (seconds
+    since the first), so an export that takes half a minute shows where it is. Called
+    with the stage's description."""
+
+    def __init__(self, label, total):
+        self.label, self.total, self.done, self.started = label, total, 0, None
+
+    def __call__(self, message):
+        import time
+
+        self.started = self.started or time.perf_counter()
+        self.done += 1
+        print(f"{self.label} {self.done}/{self.total}: {message} "
+              f"({time.perf_counter() - self.started:.1f} s)", file=sys.stderr, flush=True)
+
+
+def no_stages(message):
+    """The progress callback of a quiet export."""
 
 
 class ExportError(Exception):

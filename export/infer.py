@@ -100,7 +100,10 @@ class OnnxBackend:
 
     def __init__(self, path):
         from export.onnx import session
+        from keras_vae_attn.extras import needs_extra
 
+        with needs_extra("export", "running an .onnx model"):
+            import onnxruntime  # noqa: F401
         self.path = path
         try:
             self.session = session(path)
@@ -240,11 +243,15 @@ def main(argv=None):
         check_out(args.out, args.force)     # before TensorFlow is even imported
     except ExportError as error:
         parser.exit(2, f"error: {error}\n")
-    from keras_vae_attn.data import DataError     # imports TensorFlow: after the flags
+    from keras_vae_attn.console import start_tensorflow
+
+    start_tensorflow()                            # after the flags, without its banners
+    from keras_vae_attn.data import DataError
+    from keras_vae_attn.extras import MissingExtra
 
     try:
         scores = infer(args.model, args.images, args.out, args.batch_size, args.force)
-    except (ExportError, DataError, InputError) as error:
+    except (ExportError, DataError, InputError, MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     for row in scores["images"]:

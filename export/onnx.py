@@ -32,8 +32,8 @@ import json
 import os
 import sys
 
-from export import (ExportError, InputError, check_options, load_run,  # noqa: F401
-                    load_thresholds, pid_alive, refuse_existing)
+from export import (ExportError, InputError, Stages, check_options,  # noqa: F401
+                    load_run, load_thresholds, no_stages, pid_alive, refuse_existing)
 from export import check_images as _check_images
 from export.saved_model import anomaly_outputs, input_shape, warn_incomplete
 
@@ -169,25 +169,34 @@ def add_metadata(model_proto, run, thresholds):
                               "in [0, 1] -> heatmap, per_latent, recon_error, score, mu, logvar")
 
 
+STAGES = 4     # load, trace and convert, parity check, write
+
+
 def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, verify=True,
-           seed=0):
+           seed=0, progress=no_stages):
     """Convert run ``run_dir`` and write ``out`` atomically; returns the parity (or None).
 
     Refusals (``out`` exists without ``force``, no trained model, a graph op without a
-    handler, a parity check that fails) leave ``out`` untouched.
+    handler, a parity check that fails) leave ``out`` untouched. ``progress`` is called
+    with each of the :data:`STAGES` stages (an export.Stages).
     """
     import numpy as np
 
+    require_onnx_packages()
     refuse_existing(out, force)
     values = load_thresholds(thresholds) if thresholds else None
+    progress(f"loading the model of {run_dir}")
     run = load_run(run_dir)
     try:
         check_options(run)
     except ValueError as error:
         raise ExportError(f"cannot build the attention graph of {run_dir!r}: {error}") from None
+    progress(f"tracing the attention graph and converting it to ONNX (opset {opset})")
     model_proto = convert(run.model, run.options, values, opset)
     add_metadata(model_proto, run, values)
     difference = None
+    progress("checking the ONNX heatmaps against the model's" if verify else
+             "parity check skipped (--no-verify)")
     if verify:
         images = np.random.default_rng(seed).random((2, *input_shape(run.model)),
                                                     dtype=np.float32)
@@ -200,6 +209,7 @@ def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, veri
     os.makedirs(folder, exist_ok=True)
     remove_stale_partials(out)
     partial = f"{out}.partial-{os.getpid()}"
+    progress(f"writing {out}")
     try:
         with open(partial, "wb") as handle:
             handle.write(model_proto.SerializeToString())
@@ -208,6 +218,17 @@ def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, veri
         if os.path.exists(partial):
             os.remove(partial)
     return difference
+
+
+def require_onnx_packages():
+    """MissingExtra (one line naming the ``[export]`` extra) unless tf2onnx, onnx and
+    onnxruntime import; checked before the model is loaded."""
+    from keras_vae_attn.extras import needs_extra
+
+    with needs_extra("export", "ONNX export"):
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import tf2onnx  # noqa: F401
 
 
 def remove_stale_partials(out):
@@ -245,10 +266,15 @@ def main(argv=None):
                      f"got {args.opset}")
     if not args.out.endswith(".onnx"):
         parser.error(f"--out {args.out!r} must name a .onnx file")
+    from keras_vae_attn.console import start_tensorflow
+    from keras_vae_attn.extras import MissingExtra
+
     try:
+        start_tensorflow()              # tf2onnx imports it: banners filtered first
+        require_onnx_packages()
         difference = export(args.run, args.out, args.opset, args.force, args.thresholds,
-                            args.verify)
-    except ExportError as error:
+                            args.verify, progress=Stages("export.onnx", STAGES))
+    except (ExportError, MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     warn_incomplete(args.run)

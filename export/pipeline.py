@@ -217,9 +217,13 @@ class Pipeline:
             print(f"train: resuming the interrupted training in {run_dir}", file=sys.stderr)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
+        # the pipeline holds its own normal images out; the trainer need not hold out more
+        own_holdout = [] if any(a.startswith("--calibration-holdout")
+                                for a in self.args.trainer_args) else \
+            ["--calibration-holdout", "0"]
         command = [sys.executable, "-m", "trainers.mvtec", "--category", self.args.category,
                    "--data-dir", view, "--run-dir", run_dir, "--seed", str(self.args.seed),
-                   *self.args.trainer_args]
+                   *own_holdout, *self.args.trainer_args]
         run_child(command)
         holdout = self.path("holdout.json")
         write_json(holdout, held)

@@ -31,8 +31,8 @@ import os
 import shutil
 import sys
 
-from export import (RUN_COMPLETE, ExportError, check_options, load_run, load_thresholds,
-                    model_name_problem, remove_stale_staging)
+from export import (RUN_COMPLETE, ExportError, Stages, check_options, load_run,
+                    load_thresholds, model_name_problem, no_stages, remove_stale_staging)
 
 ANOMALY_OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
 ATTENTION_OUTPUTS = ("per_latent", "attention", "mu")
@@ -172,13 +172,17 @@ def next_version(base):
     return max((int(name) for name in os.listdir(base) if name.isdigit()), default=0) + 1
 
 
+STAGES = 3     # load, build, trace and write
+
+
 def export(run_dir, out, model_name="vae", version=None, force=False, thresholds=None,
-           explain_layer=None):
+           explain_layer=None, progress=no_stages):
     """Write ``<out>/<model_name>/<version>/`` atomically; returns that path.
 
     The SavedModel is written under a dot-name TF Serving ignores, then renamed into
     place. ``thresholds`` is a path to a ``thresholds.json``. Refusals (no trained
     model, existing version without ``force``, bad thresholds) touch nothing.
+    ``progress`` is called with each of the :data:`STAGES` stages (an export.Stages).
     """
     from keras_vae_attn.runs import write_json
 
@@ -192,9 +196,11 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
         raise ExportError(f"version {version} of model {model_name!r} already exists at "
                           f"{target!r}; pass another --version, or --force to replace it")
     values = load_thresholds(thresholds) if thresholds else None
+    progress(f"loading the model of {run_dir}")
     run = load_run(run_dir)
     try:
         check_options(run)
+        progress("building the signatures " + ", ".join(SIGNATURES))
         archive = build_archive(run.model, run.options, values, explain_layer)
     except ValueError as error:       # an unknown --layer / --explain-layer
         raise ExportError(f"cannot build the serving graph of {run_dir!r}: {error}") from None
@@ -203,6 +209,7 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     staging = os.path.join(base, f".incoming-{version}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        progress(f"tracing the signatures and writing {target}")
         archive.write_out(staging, verbose=False)
         os.makedirs(os.path.join(staging, "assets"), exist_ok=True)
         write_json(os.path.join(staging, "assets", EXPORT_INFO),
@@ -251,9 +258,12 @@ def main(argv=None):
     name = args.model_name
     if model_name_problem(name):
         parser.error(f"--model-name {model_name_problem(name)}")
+    from keras_vae_attn.console import start_tensorflow
+
+    start_tensorflow()
     try:
         target = export(args.run, args.out, name, args.version, args.force, args.thresholds,
-                        args.explain_layer)
+                        args.explain_layer, Stages("export.saved_model", STAGES))
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -12,6 +12,10 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+#: The normal-data percentiles of :func:`from_normal` (pixel heatmap, image score).
+PIXEL_PERCENTILE = 99.5
+IMAGE_PERCENTILE = 99.0
+
 
 class Thresholds(NamedTuple):
     """A pixel threshold for the heatmap and an image threshold for the score."""
@@ -24,7 +28,8 @@ class Thresholds(NamedTuple):
         return {"pixel": float(self.pixel), "image": float(self.image), "method": self.method}
 
 
-def from_normal(heatmaps, scores, pixel_percentile=99.5, image_percentile=99.0):
+def from_normal(heatmaps, scores, pixel_percentile=PIXEL_PERCENTILE,
+                image_percentile=IMAGE_PERCENTILE):
     """Thresholds from normal images only: percentiles of their pixel and image scores.
 
     ``heatmaps`` (N, H, W) and ``scores`` (N,) of held-out normal images. A pixel of a
@@ -37,6 +42,21 @@ def from_normal(heatmaps, scores, pixel_percentile=99.5, image_percentile=99.0):
     return Thresholds(float(np.percentile(heatmaps, pixel_percentile)),
                       float(np.percentile(scores, image_percentile)),
                       f"normal percentiles {pixel_percentile}/{image_percentile}")
+
+
+def from_model(model, normal_images, options, batch_size=16,
+               pixel_percentile=PIXEL_PERCENTILE, image_percentile=IMAGE_PERCENTILE,
+               keys=()):
+    """:func:`from_normal` on a model's outputs for held-out ``normal_images`` (float
+    (N, H, W, C)) with the run's ExplainOptions: how a run's predictions.csv and the
+    export pipeline calibrate. Returns (thresholds, outputs); the outputs (numpy) hold
+    heatmap, score and the extra ``keys`` (e.g. "recon_error")."""
+    from keras_vae_attn import scoring
+
+    out = scoring.batched(model, normal_images, batch_size, options,
+                          keys=("heatmap", "score", *keys))
+    return from_normal(out["heatmap"], out["score"], pixel_percentile,
+                       image_percentile), out
 
 
 def best_f1_threshold(scores, labels, candidates=1000):
@@ -83,6 +103,12 @@ def decide(heatmap, score, thresholds):
     return {
         "pred_mask": heatmap > pixel,
         "pred_label": tf.cast(score, tf.float32) > image,
-        "heatmap_normalized": tf.clip_by_value(0.5 * heatmap / tf.maximum(pixel, 1e-12),
-                                               0.0, 1.0),
+        "heatmap_normalized": normalize(heatmap, pixel),
     }
+
+
+def normalize(values, threshold):
+    """``values`` on [0, 1] with ``threshold`` at 0.5 (linear, twice it maps to 1): the
+    exported ``heatmap_normalized``, and a run's ``pred_score`` of image scores."""
+    threshold = tf.maximum(tf.cast(threshold, tf.float32), 1e-12)
+    return tf.clip_by_value(0.5 * tf.cast(values, tf.float32) / threshold, 0.0, 1.0)

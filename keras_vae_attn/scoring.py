@@ -2,6 +2,8 @@
 exported graphs all call, so they cannot disagree."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -165,7 +167,12 @@ def batched(model, images, batch_size=64, options=None, keys=None, progress=None
     starts = range(0, len(images), batch_size)
     if progress is not None:
         starts = progress(starts)
-    run = tf.function(lambda x: explain_anomaly(model, x, options, keys=keys))
+    # One graph per pass over ``images`` (the last batch is padded to the same shape). A
+    # partial, not a lambda: TensorFlow counts traces per function source, so the passes
+    # of one run with different options (method, references, layers) would add up to a
+    # false "retracing" warning.
+    run = tf.function(functools.partial(explain_anomaly, model, options=options, keys=keys),
+                      reduce_retracing=True)
     collected = {}
     for start in starts:
         batch = np.asarray(images[start:start + batch_size], np.float32)

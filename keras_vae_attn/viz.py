@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import textwrap
+from typing import NamedTuple
 
 import matplotlib
 
@@ -49,11 +51,70 @@ def overlay(images, maps, alpha=0.5, cmap="jet", vmax=None):
     return np.round(255 * ((1 - alpha) * images + alpha * heat)).astype(np.uint8)
 
 
-def save_grid(rows, path, column_titles=None, row_titles=None, cell_inches=1.6, dpi=100):
-    """Write a grid of images (each (H, W), (H, W, 1) or (H, W, 3)) as one PNG."""
+class Heatmaps(NamedTuple):
+    """One heatmap column of :func:`heatmap_figure`: ``maps`` (N, H, W) drawn on the one
+    colour scale [0, ``vmax``] that every image of the figure shares.
+
+    ``scale``: what ``vmax`` is, for the colorbar label; consecutive columns with the same
+    ``vmax`` and ``scale`` share one colorbar. ``mark``: a value drawn on the colorbar
+    (the threshold). ``notes``: a text per image written on its cell (e.g. its score).
+    ``overlay``: blend over the images (else the colour map alone).
+    """
+
+    title: str
+    maps: np.ndarray
+    vmax: float
+    scale: str
+    mark: float | None = None
+    notes: list | None = None
+    overlay: bool = True
+
+
+def heatmap_figure(images, columns, row_titles=None, title=None, cell_inches=1.6):
+    """A figure that reads on its own: one row per image, one column per entry of
+    ``columns``, each a (title, (N, ...) images) pair shown as it is or a
+    :class:`Heatmaps` column with its colorbar (a labelled, shared scale) underneath.
+
+    ``images`` (N, H, W, C) in [0, 1] are what heatmaps are blended over. Returns the
+    matplotlib Figure (:func:`save_figure` writes it).
+    """
+    cells = [[] for _ in range(len(images))]
+    notes, bars = {}, []
+    for index, column in enumerate(columns):
+        if isinstance(column, Heatmaps):
+            vmax = max(float(column.vmax), 1e-12)
+            shown = (overlay(images, column.maps, vmax=vmax) if column.overlay
+                     else colorize(column.maps, vmax=vmax))
+            for row, text in enumerate(column.notes or []):
+                if text:
+                    notes[(row, index)] = text
+            key = (vmax, column.scale, column.mark)
+            if bars and bars[-1][0] == key and bars[-1][1][-1] == index - 1:
+                bars[-1][1].append(index)
+            else:
+                bars.append((key, [index]))
+        else:
+            shown = column[1]
+        for row in range(len(images)):
+            cells[row].append(shown[row])
+    titles = [c.title if isinstance(c, Heatmaps) else c[0] for c in columns]
+    return grid_figure(cells, column_titles=titles, row_titles=row_titles, title=title,
+                       cell_inches=cell_inches, notes=notes,
+                       colorbars=[(cols, *key) for key, cols in bars])
+
+
+def grid_figure(rows, column_titles=None, row_titles=None, cell_inches=1.6, title=None,
+                notes=None, colorbars=()):
+    """A grid of images (each (H, W), (H, W, 1) or (H, W, 3)) as a Figure.
+
+    ``notes``: {(row, column): text} written on a cell. ``colorbars``: (columns, vmax,
+    label, mark) per colour scale, drawn under those columns from 0 to vmax, with
+    ``mark`` (or None) as a white line.
+    """
     n_rows, n_cols = len(rows), max(len(row) for row in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
-                             figsize=(cell_inches * n_cols, cell_inches * n_rows))
+    extra = (0.5 if title else 0) + (0.7 if colorbars else 0)
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, layout="constrained",
+                             figsize=(cell_inches * n_cols, cell_inches * n_rows + extra))
     for r, row in enumerate(rows):
         for c in range(n_cols):
             axis = axes[r][c]
@@ -68,26 +129,91 @@ def save_grid(rows, path, column_titles=None, row_titles=None, cell_inches=1.6, 
                             vmax=1 if image.ndim == 2 and image.dtype != np.uint8 else None)
             else:
                 axis.axis("off")
+            if (r, c) in (notes or {}):
+                axis.text(0.03, 0.97, notes[(r, c)], transform=axis.transAxes, fontsize=6,
+                          va="top", ha="left", color="white",
+                          bbox=dict(facecolor="black", alpha=0.6, pad=1.0, linewidth=0))
             if r == 0 and column_titles and c < len(column_titles):
                 axis.set_title(column_titles[c], fontsize=8)
             if c == 0 and row_titles and r < len(row_titles):
-                axis.set_ylabel(row_titles[r], fontsize=8)
-    fig.tight_layout()
-    _save(fig, path, dpi)
+                axis.set_ylabel(row_titles[r], fontsize=7)
+    width = cell_inches * n_cols
+    for columns, vmax, label, mark in colorbars:
+        mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, vmax), "jet")
+        bar = fig.colorbar(mappable, ax=list(axes[:, columns].ravel()), location="bottom",
+                           shrink=0.95, aspect=12 * len(columns), pad=0.01)
+        chars = max(int(22 * cell_inches * len(columns)), 24)
+        bar.set_label(textwrap.fill(label, chars), fontsize=6)
+        ticks = [0.0, vmax / 2, vmax]          # three ticks: readable at any width
+        bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+        bar.ax.tick_params(labelsize=6)
+        if mark is not None and 0 < mark < vmax:
+            bar.ax.axvline(mark, color="white", linewidth=1.5)
+    if title:
+        fig.suptitle(textwrap.fill(title, max(int(15 * width), 40)), fontsize=8)
+    return fig
 
 
-def save_roc(curves, path, title="ROC"):
+def save_grid(rows, path, column_titles=None, row_titles=None, cell_inches=1.6, dpi=100,
+              **kwargs):
+    """Write a grid of images as one PNG (:func:`grid_figure`, same arguments)."""
+    save_figure(grid_figure(rows, column_titles, row_titles, cell_inches, **kwargs), path,
+                dpi)
+
+
+EMPTY = 0.01     # a latent map whose peak is below this share of the figure's scale
+
+
+def latent_figure(images, maps, row_titles=None, title=None, cell_inches=1.0):
+    """Per-latent maps (B, D, H, W) beside their images (B, H, W, C), all on one colour
+    scale, 0 to the largest value shown: scaled by itself, a near-empty map would turn
+    into a solid square. Maps peaking below 1% of that scale are marked "empty"."""
+    maps = np.asarray(maps, np.float32)
+    vmax = float(maps.max()) if maps.size and maps.max() > 0 else 1.0
+    peaks = maps.max(axis=(2, 3))
+    scale = (f"one scale for every map of the figure: 0 to its largest value {vmax:.3g}; "
+             f"'empty': the map peaks below {EMPTY:.0%} of that")
+    columns = [("input", to_rgb(images))] + [
+        Heatmaps(f"z{d}", maps[:, d], vmax, scale,
+                 notes=["empty" if peak < EMPTY * vmax else "" for peak in peaks[:, d]])
+        for d in range(maps.shape[1])]
+    return heatmap_figure(images, columns, row_titles, title, cell_inches)
+
+
+def method_title(what, description, pixel_auroc=None, image_auroc=None):
+    """The headline of a run's figure: the data, the method and its AUROC, e.g.
+    "bottle, broken_large: anomaly attention = gradcam/... @ conv1; pixel AUROC 0.912,
+    image AUROC 0.801" (an AUROC left out when None)."""
+    scores = [f"{name} AUROC {value:.3f}" for name, value in
+              (("pixel", pixel_auroc), ("image", image_auroc)) if value is not None]
+    return f"{what}: anomaly attention = {description}" + (
+        "; " + ", ".join(scores) if scores else "")
+
+
+def roc_label(label, auc):
+    """A ROC legend entry; an AUROC below 0.5 says the score is inverted."""
+    if auc < 0.5:
+        return f"{label} (AUROC {auc:.3f}; inverted: 1-AUROC = {1 - auc:.3f})"
+    return f"{label} (AUROC {auc:.3f})"
+
+
+def roc_figure(curves, title="ROC"):
     """``curves``: {label: (fpr, tpr, auc)}; one line each, chance diagonal dashed."""
-    fig, axis = plt.subplots(figsize=(4.5, 4.5))
+    fig, axis = plt.subplots(figsize=(5.5, 4.5))
     for label, (fpr, tpr, auc) in curves.items():
-        axis.plot(fpr, tpr, label=f"{label} (AUROC {auc:.3f})")
+        axis.plot(fpr, tpr, label=roc_label(label, auc))
     axis.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     axis.set_xlabel("false positive rate")
     axis.set_ylabel("true positive rate")
     axis.set_title(title)
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    _save(fig, path, 100)
+    return fig
+
+
+def save_roc(curves, path, title="ROC"):
+    """Write :func:`roc_figure` as a PNG."""
+    save_figure(roc_figure(curves, title), path, 100)
 
 
 def save_curves(history, path, title="training"):
@@ -104,7 +230,7 @@ def save_curves(history, path, title="training"):
         axis.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path, 100)
+    save_figure(fig, path, 100)
 
 
 def save_score_curve(steps, scores, final, path, title, ylabel):
@@ -120,7 +246,7 @@ def save_score_curve(steps, scores, final, path, title, ylabel):
     axis.set_title(title)
     axis.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path, 100)
+    save_figure(fig, path, 100)
 
 
 def save_seed_scores(rows, path, title, ylabel):
@@ -143,10 +269,10 @@ def save_seed_scores(rows, path, title, ylabel):
     axis.set_title(title)
     axis.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    _save(fig, path, 100)
+    save_figure(fig, path, 100)
 
 
-def _save(fig, path, dpi):
+def save_figure(fig, path, dpi=100):
     """Write to a temporary name and rename, so a reader never sees half a PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + ".partial.png"

@@ -1,5 +1,4 @@
 """Shared trainer plumbing: run folders, resumption choice, NaN guard, worker roles."""
-import argparse
 import json
 
 import keras
@@ -26,9 +25,26 @@ def test_same_command_reuses_the_unfinished_run_and_a_finished_one_is_kept(tmp_p
     other = common.run_dir_for(args_for(tmp_path, epochs=2), "exp")        # other config
     assert other != first
     common.write_json(f"{first}/metrics.json", {"done": True})
-    fresh = common.run_dir_for(args_for(tmp_path), "exp")
+    with pytest.raises(common.RunFinished) as finished:                    # not trained again
+        common.run_dir_for(args_for(tmp_path), "exp")
+    assert str(finished.value) == (
+        f"this command already finished a run: {first} (metrics.json and figures); "
+        "--fresh trains a new one")
+    fresh = common.run_dir_for(args_for(tmp_path, fresh=True), "exp")
     assert fresh != first and fresh.endswith(first[-8:])                   # same hash
-    assert common.run_dir_for(args_for(tmp_path, fresh=True), "exp") != fresh
+
+
+def test_a_finished_run_is_named_with_how_to_rescore_it_and_exit_0(tmp_path, capsys):
+    args = args_for(tmp_path, model_dir=None)
+    first = common.run_dir_for(args, "exp")
+    common.write_json(f"{first}/metrics.json", {"done": True})
+    with pytest.raises(SystemExit) as stop:
+        common.main_guard(lambda: common.run_dir_for(args, "exp"))
+    assert stop.value.code == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"this command already finished a run: {first} (metrics.json and figures); "
+        f"re-score its model with other flags: --model-dir {first}/model; --fresh trains "
+        "a new one"]
 
 
 def test_bad_flag_values_name_the_flag(capsys):
@@ -83,3 +99,40 @@ def test_write_json_leaves_no_partial_file(tmp_path):
     common.write_json(str(tmp_path / "m.json"), {"a": np.float32(0.5), "b": np.arange(2)})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 0.5, "b": [0, 1]}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
+    """Real scalars (EventAccumulator.Scalars sees them), then at the end the metrics
+    and test heatmaps; the run is complete and its checkpoints can go."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
+    callbacks, _ = common.standard_callbacks(str(tmp_path))
+    model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=2,
+              callbacks=callbacks, verbose=0, shuffle=False)
+    assert len(list((tmp_path / "checkpoints").iterdir())) == common.KEEP_CHECKPOINTS
+    metrics = {"methods": {"anomaly_attention": {"pixel_auroc": 0.75, "image_auroc": None}},
+               "image_auroc_other_scores": {"kl": 0.5}, "category": "demo"}
+    heatmaps = np.random.default_rng(1).random((8, 28, 28)).astype("float32")
+    labels = np.array([0, 0, 1, 1, 1, 1, 1, 0])
+    common.complete_run(str(tmp_path), metrics, ((images * 255).astype("uint8"), heatmaps,
+                                                 labels))
+    assert json.load(open(tmp_path / "metrics.json"))["category"] == "demo"
+
+    train = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
+    train.Reload()
+    assert {"epoch_loss", "epoch_recon", "epoch_kl"} <= set(train.Tags()["scalars"])
+    assert [event.step for event in train.Scalars("epoch_loss")] == [0, 1]
+    evaluation = EventAccumulator(str(tmp_path / "tensorboard" / "evaluation"))
+    evaluation.Reload()
+    assert sorted(evaluation.Tags()["scalars"]) == [
+        "image_auroc_other_scores/kl", "methods/anomaly_attention/pixel_auroc"]
+    (auroc,) = evaluation.Scalars("methods/anomaly_attention/pixel_auroc")
+    assert auroc.value == 0.75 and auroc.step == 1                  # the last epoch
+    assert evaluation.Tags()["images"] == [
+        "test heatmap 0 (normal)", "test heatmap 1 (anomalous)", "test heatmap 2 (anomalous)",
+        "test heatmap 3 (anomalous)"]
+    (image,) = evaluation.Images("test heatmap 1 (anomalous)")
+    assert (image.width, image.height) == (28, 28)

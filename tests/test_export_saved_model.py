@@ -167,13 +167,16 @@ def test_refuses_untrained_runs_existing_versions_and_bad_flags_untouched(
     assert sm.next_version(str(out / "vae")) == 4
 
 
-def test_force_replaces_a_version_whole(mnist_run, mnist_export, tmp_path):
+def test_force_replaces_a_version_whole(mnist_run, mnist_export, tmp_path, capsys):
     out = tmp_path / "serving"
     (out / "model" / "1").mkdir(parents=True)
     (out / "model" / "1" / "stale.txt").write_text("old")
     target = sm.main(["--run", str(mnist_run), "--out", str(out), "--model-name", "model",
                       "--version", "1", "--force"])
     assert target == str(out / "model" / "1")
+    stages = [line.split(":")[0] for line in capsys.readouterr().err.splitlines()
+              if line.startswith("export.saved_model ")]
+    assert stages == [f"export.saved_model {k}/3" for k in (1, 2, 3)]   # progress shown
     assert not os.path.exists(os.path.join(target, "stale.txt"))
     assert sorted(os.listdir(out / "model")) == ["1"]        # no staging left behind
     info = json.loads((out / "model" / "1" / "assets" / "export.json").read_text())

@@ -10,6 +10,7 @@ from conftest import REPO
 from keras_vae_attn.data import DataError
 from keras_vae_attn.data.synthetic import write_mvtec_category
 from keras_vae_attn.metrics.localization import METRIC_NAMES
+from trainers import common
 from trainers import mvtec as trainer
 
 QUICK = ["--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
@@ -29,17 +30,23 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
         assert (only / name).is_file(), name
     assert (only / "defect_hole.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((only / "tensorboard").rglob("events.out.tfevents*"))
-    assert list((only / "checkpoints").glob("*.weights.h5"))
+    assert list((only / "tensorboard" / "evaluation").glob("events.out.tfevents*"))
+    # model/ is saved: the per-epoch checkpoints and the backup are gone
+    assert not (only / "checkpoints").exists() and not (only / "backup").exists()
     metrics = json.loads((only / "metrics.json").read_text())
     assert set(metrics["methods"]) == set(trainer.METHODS)
     for values in metrics["methods"].values():
         assert set(values) == set(METRIC_NAMES)
         assert 0.0 <= values["pixel_auroc"] <= 1.0 and 0.0 <= values["best_iou"] <= 1.0
     assert metrics["best_iou_is_test_set_tuned"] is True
-    assert metrics["test_images"] == 6 and metrics["train_images"] == 16
+    assert metrics["test_images"] == 6 and metrics["train_images"] == 14   # 2 calibrate
     assert set(metrics["pixel_auroc_per_defect"]) == {"hole", "scratch", "stain"}
     config = json.loads((only / "config.json").read_text())
     assert config["image_size"] == 32 and config["category"] == "demo"
+
+    # The same command again trains nothing: it names the finished run.
+    with pytest.raises(common.RunFinished, match=f"already finished a run: {only}"):
+        trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK])
 
     # The saved model re-scored at another layer with smoothing: no training, new run.
     again = trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK,

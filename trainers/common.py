@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -16,7 +18,12 @@ from keras_vae_attn import runs
 from keras_vae_attn.runs import RUN_COMPLETE, write_json  # noqa: F401  (re-exported)
 
 BACKUP_DIR = "backup"
-KEEP_CHECKPOINTS = 3       # newest per-epoch weight files kept in <run>/checkpoints
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+#: Newest per-epoch weight files kept in <run>/checkpoints while training (a diverged
+#: run keeps them; resuming reads the backup, and a trained run its model/ folder, so
+#: the folder is removed once the model is saved).
+KEEP_CHECKPOINTS = 1
 
 
 def add_attention_flags(parser):
@@ -106,15 +113,81 @@ def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
                              "of the same command give bit-identical weights on the CPU, "
                              "somewhat slower")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_speed_flags(parser)
     return parser
 
 
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def add_speed_flags(parser):
+    """--precision and --jit-compile: how the train step runs (bench/speed_limit.py
+    measures both; bench/RESULTS.md, "Training at the hardware's limit")."""
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="dtype policy of training: mixed_bfloat16 computes in bfloat16 "
+                             "with float32 weights, losses in float32; the trained model is "
+                             "evaluated and saved in float32. auto: mixed_bfloat16 where the "
+                             "hardware has bfloat16 units (a GPU from Ampere on, a CPU with "
+                             "AMX or AVX512-BF16), else float32")
+    parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="XLA-compile the train step (default: Keras' choice, on with a "
+                             "GPU, off on the CPU)")
+
+
+def jit_compile(args):
+    """The ``jit_compile`` value for ``model.compile``: the flag, or Keras' "auto"."""
+    return "auto" if args.jit_compile is None else args.jit_compile
+
+
+def native_bfloat16():
+    """Whether this machine computes bfloat16 in hardware: every GPU of compute capability
+    8.0 or more, or (no GPU) a CPU with AMX-BF16 or AVX512-BF16. Elsewhere bfloat16 is
+    emulated and slower than float32 (bench/RESULTS.md, "Training at the hardware's limit")."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return all(tf.config.experimental.get_device_details(gpu).get(
+            "compute_capability", (0, 0)) >= (8, 0) for gpu in gpus)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_precision(args):
+    """Turn ``--precision auto`` into the policy it stands for (stored back in ``args``)."""
+    if args.precision == "auto":
+        args.precision = "mixed_bfloat16" if native_bfloat16() else "float32"
+    return args.precision
+
+
+@contextlib.contextmanager
+def precision_scope(precision):
+    """Layers built inside take the ``precision`` dtype policy; the global policy is
+    restored on exit, so models built later (loaded ones, exports) stay float32."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def parse(parser, argv=None):
-    """Parse flags and turn bad values into argparse errors that name the flag."""
+    """Parse flags and turn bad values into argparse errors that name the flag; then
+    start TensorFlow (the flags are valid, so it is needed) without its banners."""
     args = parser.parse_args(argv)
     require_counts(parser, args, ("epochs", "batch_size", "latent_dim", "steps_per_epoch"))
     if not math.isfinite(args.lr) or args.lr <= 0:
         parser.error(f"--lr must be a positive number, got {args.lr}")
+    from keras_vae_attn.console import start_tensorflow
+
+    start_tensorflow()
     return args
 
 
@@ -134,6 +207,29 @@ def add_model_dir_flag(parser, what="images"):
                              "attribution flags")
 
 
+def holdout_fraction(text):
+    """argparse type of --calibration-holdout: a number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def add_prediction_flags(parser, png=True):
+    """How a run's predictions.csv and thresholds.json are made
+    (keras_vae_attn/predictions.py), and the optional per-image PNGs."""
+    parser.add_argument("--calibration-holdout", type=holdout_fraction, default=0.1,
+                        help="share of the normal training images (the last ones) not "
+                             "trained on but used to calibrate the thresholds of "
+                             "predictions.csv and thresholds.json; 0 calibrates on the "
+                             "training images (with --model-dir: the same last share)")
+    if png:
+        parser.add_argument("--save-predictions-png", action="store_true",
+                            help="also write one PNG per test image into "
+                                 "<run>/predictions/: input, heatmap, ground truth and "
+                                 "the mask predicted at the calibrated threshold")
+
+
 def config_of(args):
     """The run's configuration as plain JSON values (what `config.json` holds)."""
     skip = {"run_dir", "runs_root", "fresh", "quiet"}
@@ -144,10 +240,15 @@ def config_hash(config):
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
+class RunFinished(Exception):
+    """The same command already finished a run; the message names it and the ways on."""
+
+
 def run_dir_for(args, experiment):
     """Pick the run folder: explicit, the unfinished run of the same config, or a new one.
 
-    Re-typing an interrupted command therefore resumes it from its backup.
+    Re-typing an interrupted command therefore resumes it from its backup; re-typing a
+    finished one raises RunFinished (nothing is trained twice) unless ``--fresh``.
     """
     config = config_of(args)
     if args.run_dir:
@@ -155,12 +256,13 @@ def run_dir_for(args, experiment):
     else:
         parent = os.path.join(args.runs_root, experiment)
         digest = config_hash(config)
-        unfinished = []
-        if os.path.isdir(parent) and not args.fresh:
-            unfinished = sorted(
-                name for name in os.listdir(parent)
-                if name.endswith(digest)
-                and not os.path.exists(os.path.join(parent, name, RUN_COMPLETE)))
+        same = sorted(name for name in os.listdir(parent) if name.endswith(digest)) \
+            if os.path.isdir(parent) and not args.fresh else []
+        unfinished = [name for name in same
+                      if not os.path.exists(os.path.join(parent, name, RUN_COMPLETE))]
+        if same and not unfinished:
+            rescore = hasattr(args, "model_dir") and not args.model_dir
+            raise RunFinished(finished_message(os.path.join(parent, same[-1]), rescore))
         path = os.path.join(parent, unfinished[-1] if unfinished else
                             _new_run_name(parent, digest))
     worker = worker_index()
@@ -171,6 +273,16 @@ def run_dir_for(args, experiment):
     os.makedirs(path, exist_ok=True)
     write_json(os.path.join(path, "config.json"), config)
     return path
+
+
+def finished_message(path, rescore=True):
+    """What to do when the command's run is finished: where it is, how to re-score its
+    model with other flags (``rescore``: the trainer has --model-dir), how to train
+    again."""
+    hint = f"; re-score its model with other flags: --model-dir " \
+        f"{os.path.join(path, 'model')}" if rescore else ""
+    return (f"this command already finished a run: {path} (metrics.json and figures)"
+            f"{hint}; --fresh trains a new one")
 
 
 def fit_and_record_options(model, normal_images, options, batch_size, run_dir):
@@ -328,8 +440,10 @@ def standard_callbacks(run_dir, log_images=None, keep_checkpoints=KEEP_CHECKPOIN
     """
     import keras
 
+    from keras_vae_attn import callbacks as kva_callbacks
+
     guard = nan_guard()
-    checkpoints = os.path.join(run_dir, "checkpoints")
+    checkpoints = os.path.join(run_dir, CHECKPOINTS)
     callbacks = [
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR),
                                          double_checkpoint=True),
@@ -337,12 +451,25 @@ def standard_callbacks(run_dir, log_images=None, keep_checkpoints=KEEP_CHECKPOIN
         keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "epoch-{epoch:03d}.weights.h5"),
                                         save_weights_only=True),
         prune_checkpoints(checkpoints, keep_checkpoints),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
+        kva_callbacks.EpochScalars(os.path.join(run_dir, TENSORBOARD)),
         guard,
     ]
     if log_images is not None:
         callbacks.append(log_images)
     return callbacks, guard
+
+
+def complete_run(run_dir, metrics, examples=None):
+    """Mark the run complete: its evaluation into TensorBoard at its last epoch (the
+    metrics, and with ``examples`` = (test images, heatmaps, labels) a few heatmaps, see
+    keras_vae_attn.callbacks.log_evaluation), then ``metrics.json``."""
+    from keras_vae_attn import callbacks as kva_callbacks
+
+    log = os.path.join(run_dir, "training_log.jsonl")
+    epochs = losses_per_epoch(log).get("loss", []) if os.path.isfile(log) else []
+    kva_callbacks.log_evaluation(os.path.join(run_dir, TENSORBOARD), metrics,
+                                 max(len(epochs) - 1, 0), examples)
+    write_json(os.path.join(run_dir, RUN_COMPLETE), metrics)
 
 
 def check_diverged(guard):
@@ -362,10 +489,14 @@ def progress(iterable, quiet, **kwargs):
 def main_guard(main):
     """Run a trainer's main, turning expected user errors into one clear line and exit 2."""
     from keras_vae_attn.data import DataError
+    from keras_vae_attn.extras import MissingExtra
 
     try:
         return main()
-    except (DataError, TrainingDiverged, FileNotFoundError) as error:
+    except RunFinished as finished:
+        print(finished, file=sys.stderr)
+        raise SystemExit(0) from None
+    except (DataError, MissingExtra, TrainingDiverged, FileNotFoundError) as error:
         option = getattr(error, "option", None)
         hint = f" [see --{option.replace('_', '-')}]" if option else ""
         print(f"error: {error}{hint}", file=sys.stderr)
@@ -413,7 +544,7 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     import keras
 
     from keras_vae_attn.models import load_vae, save_vae
-    from keras_vae_attn.models.io import MODEL_SPEC, MODEL_WEIGHTS
+    from keras_vae_attn.models.io import MODEL_SPEC, MODEL_WEIGHTS, rebuild
 
     model_dir = os.path.join(run_dir, "model")
     log = os.path.join(run_dir, "training_log.jsonl")
@@ -422,6 +553,7 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
         print(f"{model_dir} holds this run's trained model; resuming at evaluation "
               "(--fresh starts a new run)", file=sys.stderr)
         model = load_vae(model_dir)
+        shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
         missing = [name for name in feature_layers
                    if not model.has_feature_distribution(name, covariance)]
         if missing:
@@ -432,9 +564,9 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    with make_strategy(args).scope():
+    with make_strategy(args).scope(), precision_scope(resolve_precision(args)):
         model = build_model()
-        model.compile(optimizer=keras.optimizers.Adam(args.lr))
+        model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=jit_compile(args))
     if args.steps_per_epoch:
         dataset = dataset.repeat()
     callbacks, guard = standard_callbacks(run_dir, watch)
@@ -444,10 +576,13 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
               callbacks=callbacks, verbose=0 if args.quiet else 1)
     seconds = time.perf_counter() - started
     check_diverged(guard)
+    if args.precision != "float32":
+        model = rebuild(model)          # stats, evaluation and the saved model in float32
     recalibrate_batch_norm(model, batch_norm_batches or normal)
     model.fit_normal_stats(normal)
     model.fit_feature_distributions(normal, list(feature_layers), covariance)
     save_vae(model, model_dir)
+    shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)  # model/ has it
     return model, losses_per_epoch(log), seconds
 
 

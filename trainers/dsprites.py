@@ -128,18 +128,20 @@ def build_model(args):
 
     shape = (64, 64, 1)
     optimizer = keras.optimizers.Adam(args.lr, beta_1=0.9, beta_2=0.999)
-    if args.model in ("vae", "beta_vae"):
-        model = build_vae("factorvae", shape, args.latent_dim, dense_units=args.dense_units,
-                          recon_loss=args.loss, beta=args.beta, seed=args.seed)
-        model.compile(optimizer=optimizer)
-        return model
-    model = build_factor_vae(input_shape=shape, latent_dim=args.latent_dim,
-                             dense_units=args.dense_units, recon_loss=args.loss,
-                             beta=args.beta, gamma=args.gamma, lambda_ad=args.lambda_ad,
-                             ad_layer=args.layer, ad_pairs=args.ad_pairs,
-                             ad_second_order=not args.ad_first_order, ad_maps=args.ad_maps,
-                             seed=args.seed)
-    model.compile(optimizer=optimizer,
+    with common.precision_scope(common.resolve_precision(args)):
+        if args.model in ("vae", "beta_vae"):
+            model = build_vae("factorvae", shape, args.latent_dim,
+                              dense_units=args.dense_units, recon_loss=args.loss,
+                              beta=args.beta, seed=args.seed)
+            model.compile(optimizer=optimizer, jit_compile=common.jit_compile(args))
+            return model
+        model = build_factor_vae(input_shape=shape, latent_dim=args.latent_dim,
+                                 dense_units=args.dense_units, recon_loss=args.loss,
+                                 beta=args.beta, gamma=args.gamma, lambda_ad=args.lambda_ad,
+                                 ad_layer=args.layer, ad_pairs=args.ad_pairs,
+                                 ad_second_order=not args.ad_first_order,
+                                 ad_maps=args.ad_maps, seed=args.seed)
+    model.compile(optimizer=optimizer, jit_compile=common.jit_compile(args),
                   d_optimizer=keras.optimizers.Adam(args.d_lr, beta_1=0.5, beta_2=0.9))
     return model
 
@@ -256,8 +258,29 @@ def figure_images(data, seed):
     return data.images_from_factors(factors)
 
 
+def epoch_timer():
+    """A callback keeping each epoch's wall seconds in its ``seconds`` list: the later
+    epochs' time per step is the compiled rate without the start-up (bench.dsprites_table
+    sizes its grid by it)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    return EpochTimer()
+
+
 def train(args, data, run_dir):
-    """Build and fit the --model; (model, Keras history dict, training seconds)."""
+    """Build and fit the --model; (model, Keras history dict, training seconds, seconds
+    of each epoch run by this process)."""
     import keras
     import tensorflow as tf
 
@@ -270,6 +293,8 @@ def train(args, data, run_dir):
         lambda: data.batches(args.batch_size, [args.seed, 0]),
         output_signature=batch_spec).prefetch(2)
     callbacks, guard = common.standard_callbacks(run_dir)
+    timer = epoch_timer()
+    callbacks.append(timer)
     if args.score_every:
         # before the training log, which writes the logs this callback extends
         callbacks.insert(1, score_during_training(data, args))
@@ -277,7 +302,7 @@ def train(args, data, run_dir):
     history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         shuffle=False, callbacks=callbacks, verbose=0 if args.quiet else 2)
     common.check_diverged(guard)
-    return model, history.history, time.perf_counter() - started
+    return model, history.history, time.perf_counter() - started, timer.seconds
 
 
 def load_model(args):
@@ -313,6 +338,7 @@ def main(argv=None):
     from keras_vae_attn.data import dsprites
     from keras_vae_attn.metrics.disentanglement import factor_vae_score
     from keras_vae_attn.models import save_vae
+    from keras_vae_attn.models.io import rebuild
 
     data = dsprites.load(args.data_dir, args.source)
     model = load_model(args) if args.model_dir else None
@@ -321,11 +347,13 @@ def main(argv=None):
     sample = data.images_from_factors(data.sample_factors(args.eval_images,
                                                           np.random.default_rng([args.seed, 1])))
     if model is None:
-        model, curves, train_seconds = train(args, data, run_dir)
+        model, curves, train_seconds, epoch_seconds = train(args, data, run_dir)
+        if args.precision != "float32":
+            model = rebuild(model)      # scored, mapped and saved in float32
         model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(sample).batch(256))
         save_vae(model, os.path.join(run_dir, "model"))
     else:
-        curves, train_seconds = {}, 0.0
+        curves, train_seconds, epoch_seconds = {}, 0.0, []
     kind = describe(model)
 
     score = factor_vae_score(
@@ -356,6 +384,9 @@ def main(argv=None):
         "kl_per_dim": kl_per_dim,
         **kind, "steps": total_steps, "seed": args.seed, "model_dir": args.model_dir,
         "seconds_per_step": train_seconds / total_steps if total_steps else None,
+        "epoch_seconds": epoch_seconds,
+        "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
+        "precision": args.precision if curves else None,
         "images": data.source,
         "final_losses": {k: float(v[-1]) for k, v in curves.items()},
     }
@@ -366,7 +397,7 @@ def main(argv=None):
                              os.path.join(run_dir, "score_curve.png"),
                              title=f"{kind['model']}: FactorVAE score",
                              ylabel="FactorVAE score")
-    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
+    common.complete_run(run_dir, metrics)
     print(f"{kind['model']}: FactorVAE score {score['eval_accuracy']:.3f} "
           f"({score['num_active_dims']} active dims), top-pair L_AD "
           f"{metrics['attention_overlap_top_pair']:.3f}, "

@@ -18,6 +18,7 @@ def build_parser():
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
     common.add_attention_flags(parser)
+    common.add_prediction_flags(parser, png=False)
     parser.set_defaults(layer="conv1")
     return parser
 
@@ -28,13 +29,15 @@ REFERENCES = ("mean_image_difference", "pixel_deviation")   # model-free, mean o
 
 def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pixels):
     """Image-level AUROC (normal digit vs all others) for each score: the model's, and
-    the model-free references (``pixels``: the normal images' PixelDistribution)."""
+    the model-free references (``pixels``: the normal images' PixelDistribution).
+    Returns (metrics, ROC curves, the method's heatmaps)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     from keras_vae_attn import references, scoring
 
-    out = scoring.batched(model, images, batch_size, options, keys=SCORES,
+    out = scoring.batched(model, images, batch_size, options, keys=SCORES + ("heatmap",),
                           progress=lambda it: common.progress(it, quiet, desc="evaluate"))
+    heatmaps = out.pop("heatmap")
     out["attention_max"] = out.pop("score")
     out.update({name: m.mean(axis=(1, 2))
                 for name, m in references.reference_maps(images, pixels).items()})
@@ -44,7 +47,8 @@ def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pi
         return {"image_auroc": {name: None for name in out},
                 "image_auroc_undefined": "the test images hold only one class (normal "
                                          "digit vs the rest): raise --max-test",
-                "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, {}
+                "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, {}, \
+            heatmaps
     for name in out:
         auc = float(roc_auc_score(is_anomaly, out[name]))
         fpr, tpr, _ = roc_curve(is_anomaly, out[name])
@@ -52,33 +56,58 @@ def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pi
         curves[name] = (fpr, tpr, auc)
     best = max(metrics, key=metrics.get)
     return {"image_auroc": metrics, "best_score": best, "best_auroc": metrics[best],
-            "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, curves
+            "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, curves, \
+        heatmaps
 
 
-def write_figures(model, run_dir, images, labels, options):
-    """gallery.png (Fig. 4 of the paper) and latent_maps.png (Fig. 1)."""
+def write_figures(model, run_dir, images, labels, options, metrics, calibrated, predicted):
+    """gallery.png (Fig. 4 of the paper) and latent_maps.png (Fig. 1), titled with the
+    method and its image AUROC; the gallery's maps on one colour scale from the held-out
+    normal images (with its colorbar, each cell's score and predicted label), the latent
+    maps on one scale for the whole figure."""
     from keras_vae_attn import scoring, viz
     from keras_vae_attn.attention import upsample
+    from keras_vae_attn.evaluate import ATTENTION
+    from keras_vae_attn.predictions import scale_label
 
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
     batch = images[picks]
     out = {k: v.numpy() for k, v in scoring.explain_anomaly(model, batch, options).items()}
-    overlays = viz.overlay(batch, out["heatmap"], vmax=out["heatmap"].max())  # one scale
-    rows = [[batch[i], out["reconstruction"][i], overlays[i]] for i in range(len(picks))]
-    viz.save_grid(rows, os.path.join(run_dir, "gallery.png"),
-                  column_titles=["input", "reconstruction", "anomaly attention"],
-                  row_titles=[f"digit {labels[i]}" for i in picks])
+    notes = [f"score {predicted['image_score'][i]:.3g}\n"
+             f"{'anomalous' if predicted['pred_label'][i] else 'normal'}" for i in picks]
+    title = viz.method_title(f"MNIST, digit {metrics['normal_digit']} vs the rest",
+                             options.describe(),
+                             image_auroc=metrics["image_auroc"].get("attention_max"))
+    columns = [("input", viz.to_rgb(batch)), ("reconstruction", viz.to_rgb(out["reconstruction"])),
+               viz.Heatmaps("anomaly attention", out["heatmap"], calibrated.scales[ATTENTION],
+                            scale_label(ATTENTION, calibrated), calibrated.thresholds.pixel,
+                            notes)]
+    viz.save_figure(viz.heatmap_figure(batch, columns, title=title,
+                                       row_titles=[f"digit {labels[i]}" for i in picks]),
+                    os.path.join(run_dir, "gallery.png"))
     per_latent = upsample(tf_reshape_maps(out["per_latent"]), batch.shape[1:3]).numpy()
     per_latent = per_latent.reshape(len(picks), -1, *batch.shape[1:3])
     shown = picks[:4]
-    rows = []
-    for row, index in enumerate(shown):
-        dims = viz.overlay(np.repeat(batch[row:row + 1], per_latent.shape[1], 0),
-                           per_latent[row])
-        rows.append([batch[row]] + list(dims))
-    viz.save_grid(rows, os.path.join(run_dir, "latent_maps.png"),
-                  column_titles=["input"] + [f"z{d}" for d in range(per_latent.shape[1])],
-                  row_titles=[f"digit {labels[i]}" for i in shown], cell_inches=1.0)
+    figure = viz.latent_figure(batch[:len(shown)], per_latent[:len(shown)],
+                               row_titles=[f"digit {labels[i]}" for i in shown],
+                               title=f"per-latent attention M_i at {options.layer} "
+                                     f"(Eq. 3-4), digit {metrics['normal_digit']} normal")
+    viz.save_figure(figure, os.path.join(run_dir, "latent_maps.png"))
+
+
+def write_predictions(args, test_y, heatmaps, held_out, model, options, run_dir):
+    """predictions.csv and thresholds.json at thresholds calibrated on the held-out
+    normal training digits. Returns (metrics.json entry, Calibration, predictions)."""
+    from keras_vae_attn import predictions
+
+    source = predictions.describe_source(args.calibration_holdout, len(held_out))
+    calibrated = predictions.calibrate(model, held_out, options, 256, source)
+    predicted = predictions.predict(heatmaps, calibrated.thresholds)
+    files = [f"test/{index:05d}" for index in range(len(test_y))]
+    entry = predictions.write(run_dir, files, [int(d) for d in test_y], "digit",
+                              test_y != args.normal_digit, predicted, calibrated)
+    entry["calibration_images"] = len(held_out)
+    return entry, calibrated, predicted
 
 
 def tf_reshape_maps(maps):
@@ -107,6 +136,12 @@ def main(argv=None):
     train_images, train_labels = mnist.load(args.data_dir, "train")
     test_images, test_labels = mnist.load(args.data_dir, "test")
     normal = mnist.to_float(train_images[train_labels == args.normal_digit][:args.max_train])
+    from keras_vae_attn.predictions import split_held_out
+
+    try:
+        normal, held_out = split_held_out(normal, args.calibration_holdout)
+    except ValueError as error:
+        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}")
     test_x = mnist.to_float(test_images[:args.max_test])
     test_y = test_labels[:args.max_test]
 
@@ -126,8 +161,9 @@ def main(argv=None):
 
     from keras_vae_attn import references
 
-    metrics, curves = evaluate(model, test_x, test_y, args.normal_digit, options, 256,
-                               args.quiet, references.fit_pixel_distribution(normal))
+    metrics, curves, heatmaps = evaluate(model, test_x, test_y, args.normal_digit, options,
+                                         256, args.quiet,
+                                         references.fit_pixel_distribution(normal))
     metrics.update(normal_digit=args.normal_digit, layer=args.layer,
                    explain=options.as_config(), attribution=options.describe(),
                    final_losses={k: float(v[-1]) for k, v in history.items()})
@@ -135,15 +171,18 @@ def main(argv=None):
         viz.save_roc(curves, os.path.join(run_dir, "roc.png"),
                      title=f"digit {args.normal_digit} vs rest")
     viz.save_curves(history, os.path.join(run_dir, "curves.png"))
-    write_figures(model, run_dir, test_x, test_y, options)
-    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
+    metrics["train_images"] = len(normal)
+    metrics["predictions"], calibrated, predicted = write_predictions(
+        args, test_y, heatmaps, held_out, model, options, run_dir)
+    write_figures(model, run_dir, test_x, test_y, options, metrics, calibrated, predicted)
+    common.complete_run(run_dir, metrics)
     print(f"anomaly attention = {options.describe()}")
     if "image_auroc_undefined" in metrics:
         print(f"image AUROC not computed: {metrics['image_auroc_undefined']} "
               f"(metrics.json holds null)", file=sys.stderr)
     print("image AUROC: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
                                       for k, v in metrics["image_auroc"].items()))
-    print(f"figures and metrics in {run_dir}")
+    print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")
     return run_dir
 
 

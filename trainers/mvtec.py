@@ -60,6 +60,7 @@ def build_parser():
     parser.add_argument("--max-test", type=int, default=None,
                         help="cap on test images (taken across all defect types)")
     parser.add_argument("--eval-batch-size", type=int, default=16)
+    common.add_prediction_flags(parser)
     common.add_model_dir_flag(parser)
     return parser
 
@@ -151,31 +152,68 @@ def evaluate(model, train_images, test, args, options):
     return metrics, roc, maps, kva_evaluate.summary(result, title)
 
 
-def write_figures(model, test, maps, args, run_dir, options):
+def write_figures(model, test, maps, metrics, run_dir, options, calibrated, predicted):
     """One figure per defect type (the paper's Fig. 6): image, reconstruction, ground
-    truth, anomaly-attention overlay, reconstruction difference. Each method's maps share
-    one colour scale over the whole test set, so figures compare across images."""
-    from keras_vae_attn import scoring, viz
+    truth, anomaly-attention overlay, reconstruction difference; titled with the
+    category, the method and its AUROC. Each map has one colour scale for the whole test
+    set, from the held-out normal images (keras_vae_attn/predictions.py), with its
+    colorbar; each attention cell shows the image's score and predicted label."""
+    from keras_vae_attn import viz
     from keras_vae_attn.data.mvtec import to_float
+    from keras_vae_attn.evaluate import ATTENTION, RECON
+    from keras_vae_attn.predictions import scale_label
 
-    scale = {name: float(np.percentile(m, 99.9)) or 1.0 for name, m in maps.items()}
+    method, recon = metrics["methods"][ATTENTION], metrics["methods"][RECON]
     written = []
     for defect in sorted(set(test.defects)):
         picks = [i for i, d in enumerate(test.defects) if d == defect][:FIGURE_ROWS]
         images = to_float(test.images[picks])
-        recon = scoring.explain_anomaly(model, images, options,
-                                        keys=("reconstruction",))["reconstruction"].numpy()
-        attention = viz.overlay(images, maps["anomaly_attention"][picks],
-                                vmax=scale["anomaly_attention"])
-        difference = viz.colorize(maps["recon_error"][picks], vmax=scale["recon_error"])
-        rows = [[viz.to_rgb(images)[r], viz.to_rgb(recon)[r], test.masks[picks[r]],
-                 attention[r], difference[r]] for r in range(len(picks))]
+        reconstruction = model(images).numpy()     # decode(mu), as explain_anomaly's
+        notes = [f"score {predicted['image_score'][i]:.3g}\n"
+                 f"{'anomalous' if predicted['pred_label'][i] else 'normal'}" for i in picks]
+        columns = [("image", viz.to_rgb(images)), ("reconstruction", viz.to_rgb(reconstruction)),
+                   ("ground truth", test.masks[picks]),
+                   viz.Heatmaps("anomaly attention", maps[ATTENTION][picks],
+                                calibrated.scales[ATTENTION], scale_label(ATTENTION, calibrated),
+                                calibrated.thresholds.pixel, notes),
+                   viz.Heatmaps("recon difference" + (
+                                f"\n(pixel AUROC {recon['pixel_auroc']:.3f})"
+                                if recon["pixel_auroc"] is not None else ""),
+                                maps[RECON][picks], calibrated.scales[RECON],
+                                scale_label(RECON, calibrated), overlay=False)]
+        this = metrics["pixel_auroc_per_defect"].get(defect, {}).get(ATTENTION)
+        title = viz.method_title(f"{metrics['category']}, {defect}", options.describe(),
+                                 method["pixel_auroc"], method["image_auroc"]) + (
+            f" (on {defect} + good: pixel AUROC {this:.3f})" if this is not None else "")
         path = os.path.join(run_dir, f"defect_{defect}.png")
-        viz.save_grid(rows, path, column_titles=["image", "reconstruction", "ground truth",
-                                                 "anomaly attention", "recon difference"],
-                      row_titles=[os.path.basename(test.paths[i]) for i in picks])
+        viz.save_figure(viz.heatmap_figure(
+            images, columns, row_titles=[os.path.basename(test.paths[i]) for i in picks],
+            title=title), path)
         written.append(path)
     return written
+
+
+def write_predictions(args, test, maps, held_out, model, options, run_dir):
+    """predictions.csv, thresholds.json (and with --save-predictions-png one PNG per
+    test image), calibrated on the held-out normal training images. Returns
+    (metrics.json entry, Calibration, predictions)."""
+    from keras_vae_attn import predictions
+    from keras_vae_attn.data.mvtec import to_float
+    from keras_vae_attn.evaluate import ATTENTION
+
+    source = predictions.describe_source(args.calibration_holdout, len(held_out))
+    calibrated = predictions.calibrate(model, to_float(held_out), options,
+                                       args.eval_batch_size, source)
+    predicted = predictions.predict(maps[ATTENTION], calibrated.thresholds)
+    files = [os.path.relpath(path, args.data_dir) for path in test.paths]
+    entry = predictions.write(run_dir, files, test.defects, "defect_type", test.labels,
+                              predicted, calibrated)
+    entry["calibration_images"] = len(held_out)
+    if args.save_predictions_png:
+        entry["png_folder"] = os.path.basename(predictions.save_images(
+            run_dir, files, to_float(test.images), maps[ATTENTION], test.masks, predicted,
+            calibrated))
+    return entry, calibrated, predicted
 
 
 def main(argv=None):
@@ -183,6 +221,12 @@ def main(argv=None):
     train_images, test = load_data(args)
     from keras_vae_attn import viz
     from keras_vae_attn.data import augment
+    from keras_vae_attn.predictions import split_held_out
+
+    try:
+        train_images, held_out = split_held_out(train_images, args.calibration_holdout)
+    except ValueError as error:
+        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}")
 
     options = run_options(args)
     check_layers(args, options)
@@ -213,12 +257,17 @@ def main(argv=None):
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"),
                  title=f"{args.category}: pixel ROC")
-    figures = write_figures(model, test, maps, args, run_dir, options)
-    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
+    metrics["predictions"], calibrated, predicted = write_predictions(
+        args, test, maps, held_out, model, options, run_dir)
+    figures = write_figures(model, test, maps, metrics, run_dir, options, calibrated,
+                            predicted)
+    from keras_vae_attn.evaluate import ATTENTION
+
+    common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines))
     print(f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
           + (", curves.png" if history else ""))
-    print(f"figures and metrics.json in {run_dir}")
+    print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")
     return run_dir
 
 

@@ -61,6 +61,7 @@ def build_parser():
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--figure-frames", type=int, default=FIGURE_ROWS,
                         help="anomalous frames shown in examples.png")
+    common.add_prediction_flags(parser)
     common.add_model_dir_flag(parser, "frames")
     return parser
 
@@ -201,29 +202,59 @@ def pick_frames(test, count):
     return (picks + extra[:count - len(picks)]) or list(range(min(count, len(area))))
 
 
-def write_figure(test, maps, picks, path):
-    """The paper's Fig. 5: frame, ground truth, attention per layer, recon difference.
-
-    Each method's maps share one colour scale over the whole test set, so rows compare.
-    """
+def write_figure(test, maps, picks, path, metrics, options, calibrated, predicted):
+    """The paper's Fig. 5: frame, ground truth, attention per layer, recon difference,
+    titled with the subset, the method and its AUROC. Each map has one colour scale for
+    the whole test set, from the held-out normal frames (keras_vae_attn/predictions.py),
+    with its colorbar; the attention cells show the frame's score and predicted label."""
     from keras_vae_attn import viz
     from keras_vae_attn.data.ucsd import to_float
+    from keras_vae_attn.evaluate import ATTENTION
+    from keras_vae_attn.predictions import scale_label
 
     frames = to_float(test.images[picks])
-    columns, titles = [], []
-    for name, values in maps.items():
-        vmax = float(np.percentile(values, 99.9)) or 1.0
-        shown = (viz.colorize(values[picks], vmax=vmax) if name == RECON
-                 else viz.overlay(frames, values[picks], vmax=vmax))
-        columns.append(shown)
-        titles.append(label(name))
-    order = list(range(1, len(columns))) + [0]           # attention maps, then recon
-    rows = [[viz.to_rgb(frames)[r], test.masks[picks[r]]] + [columns[c][r] for c in order]
-            for r in range(len(picks))]
-    viz.save_grid(rows, path, column_titles=["frame", "ground truth"]
-                  + [titles[c] for c in order],
-                  row_titles=[f"{test.clips[i]}/{os.path.basename(test.paths[i])}"
-                              for i in picks])
+    notes = [f"score {predicted['image_score'][i]:.3g}\n"
+             f"{'anomalous' if predicted['pred_label'][i] else 'normal'}" for i in picks]
+    order = [name for name in maps if name != RECON] + [RECON]   # attention maps, recon
+    columns = [("frame", viz.to_rgb(frames)), ("ground truth", test.masks[picks])]
+    for name in order:
+        auroc = metrics["methods"][name]["pixel_auroc"]
+        columns.append(viz.Heatmaps(
+            label(name) + (f"\n(pixel AUROC {auroc:.3f})" if auroc is not None else ""),
+            maps[name][picks], calibrated.scales[name], scale_label(name, calibrated),
+            calibrated.thresholds.pixel if name == ATTENTION else None,
+            notes if name == ATTENTION else None, overlay=name != RECON))
+    method = metrics["methods"][ATTENTION]
+    title = viz.method_title(f"UCSD {metrics['subset']}", options.describe(),
+                             method["pixel_auroc"], method["image_auroc"])
+    viz.save_figure(viz.heatmap_figure(
+        frames, columns, title=title,
+        row_titles=[f"{test.clips[i]}/{os.path.basename(test.paths[i])}" for i in picks]),
+        path)
+
+
+def write_predictions(args, test, maps, held_out, model, options, run_dir):
+    """predictions.csv, thresholds.json (and with --save-predictions-png one PNG per
+    test frame), calibrated on the held-out normal training frames. Returns
+    (metrics.json entry, Calibration, predictions)."""
+    from keras_vae_attn import predictions
+    from keras_vae_attn.data.ucsd import to_float
+    from keras_vae_attn.evaluate import ATTENTION
+
+    source = predictions.describe_source(args.calibration_holdout, len(held_out))
+    ablation = {method_name(layer): options.replace(layers=(layer,)) for layer in args.layers}
+    calibrated = predictions.calibrate(model, to_float(held_out), options,
+                                       args.eval_batch_size, source, ablation)
+    predicted = predictions.predict(maps[ATTENTION], calibrated.thresholds)
+    files = [os.path.relpath(path, args.data_dir) for path in test.paths]
+    entry = predictions.write(run_dir, files, test.clips, "clip", test.labels, predicted,
+                              calibrated)
+    entry["calibration_frames"] = len(held_out)
+    if args.save_predictions_png:
+        entry["png_folder"] = os.path.basename(predictions.save_images(
+            run_dir, files, to_float(test.images), maps[ATTENTION], test.masks, predicted,
+            calibrated))
+    return entry, calibrated, predicted
 
 
 def load_model(args, train_images, layers, covariance=False):
@@ -248,6 +279,12 @@ def load_model(args, train_images, layers, covariance=False):
 def main(argv=None):
     args = parse_args(argv)
     train_images, test = load_data(args)
+    from keras_vae_attn.predictions import split_held_out
+
+    try:
+        train_images, held_out = split_held_out(train_images, args.calibration_holdout)
+    except ValueError as error:
+        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}")
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn import viz
     from keras_vae_attn.data import augment
@@ -296,12 +333,17 @@ def main(argv=None):
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"UCSD {args.subset}: pixel ROC")
     if history:
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
+    metrics["predictions"], calibrated, predicted = write_predictions(
+        args, test, maps, held_out, model, options, run_dir)
     write_figure(test, maps, pick_frames(test, args.figure_frames),
-                 os.path.join(run_dir, "examples.png"))
-    common.write_json(os.path.join(run_dir, common.RUN_COMPLETE), metrics)
+                 os.path.join(run_dir, "examples.png"), metrics, options, calibrated,
+                 predicted)
+    from keras_vae_attn.evaluate import ATTENTION
+
+    common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines))
-    print(f"figures (examples.png, roc.png{', curves.png' if history else ''}) and "
-          f"metrics.json in {run_dir}")
+    print(f"figures (examples.png, roc.png{', curves.png' if history else ''}), "
+          f"metrics.json, predictions.csv and thresholds.json in {run_dir}")
     return run_dir
 
 

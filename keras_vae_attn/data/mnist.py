@@ -1,9 +1,13 @@
 """MNIST from the four canonical IDX files, or from tensorflow-datasets."""
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
+import logging
 import os
 import struct
+import sys
 
 import numpy as np
 
@@ -66,12 +70,42 @@ def load_split(data_dir, split):
     return images, labels
 
 
-def load_tfds(split):
-    """The same arrays from tensorflow-datasets (downloads on first use)."""
-    import tensorflow_datasets as tfds
+#: Download attempts of tensorflow-datasets (its own default, 10 with backoff, spends
+#: over 3 minutes before it reports a machine without network).
+TFDS_RETRIES = 2
 
-    images, labels = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1,
-                                             as_supervised=True))
+
+def load_tfds(split):
+    """The same arrays from tensorflow-datasets (downloads on first use).
+
+    A missing package raises extras.MissingExtra, a failed download DataError; both in
+    one line naming ``data_dir`` (the four IDX files need no network).
+    """
+    from keras_vae_attn.extras import needs_extra
+
+    with needs_extra("datasets", "loading MNIST through tensorflow-datasets", "data_dir"):
+        import tensorflow_datasets as tfds
+        from absl import logging as absl_logging
+        from tensorflow_datasets.core.download import downloader
+
+        downloader.MAX_RETRIES = min(getattr(downloader, "MAX_RETRIES", 0), TFDS_RETRIES)
+        logging.getLogger("urllib3").setLevel(logging.ERROR)     # one line per retry
+        tfds.display_progress_bar(False)
+        notes, verbosity = io.StringIO(), absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.ERROR)   # "no dataset_info.json" and such
+        try:
+            with contextlib.redirect_stdout(notes):      # "Downloading and preparing ..."
+                images, labels = tfds.as_numpy(tfds.load("mnist", split=split,
+                                                         batch_size=-1, as_supervised=True))
+        except OSError as error:      # requests' errors included: no network, no host
+            raise DataError(f"downloading MNIST through tensorflow-datasets failed "
+                            f"({type(error).__name__}); without network, load it from a "
+                            f"folder (data_dir) holding {', '.join(FILES['train'])} and "
+                            f"{', '.join(FILES['test'])} (.gz or not)",
+                            option="data_dir") from None
+        finally:
+            absl_logging.set_verbosity(verbosity)
+    sys.stdout.write(notes.getvalue())        # a first download says where it went
     return images[..., 0], labels
 
 

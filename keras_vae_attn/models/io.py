@@ -47,6 +47,24 @@ def load_vae(directory):
             raise FileNotFoundError(f"{directory!r} holds no trained model: {path} is missing")
     with open(spec_path, encoding="utf-8") as handle:
         spec = json.load(handle)
+    model = _build(spec, spec_path)
+    model.load_weights(weights_path)
+    _load_legacy_feature_means(model, os.path.join(directory, LEGACY_FEATURE_MEANS))
+    return model
+
+
+def rebuild(model):
+    """A new build of ``model`` from its spec, holding its weights, under the current dtype
+    policy: a model trained under mixed_bfloat16 becomes the float32 model that its saved
+    folder loads as (the trainers evaluate and save that one)."""
+    copy = _build({"class": type(model).__name__, **model.spec}, "the model's spec")
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _build(spec, spec_path):
+    """The model of a stored spec, its weights not loaded; errors name ``spec_path``."""
+    spec = dict(spec)
     kind = spec.pop("class", "VAE")
     feature_layers = spec.pop("feature_layers", [])
     covariance_layers = set(spec.pop("feature_covariance_layers", []))
@@ -62,8 +80,6 @@ def load_vae(directory):
             raise ValueError(f"{spec_path}: cannot rebuild the feature distribution of "
                              f"layer {layer!r}")
         model.add_feature_distribution(layer, shape, layer in covariance_layers)
-    model.load_weights(weights_path)
-    _load_legacy_feature_means(model, os.path.join(directory, LEGACY_FEATURE_MEANS))
     return model
 
 

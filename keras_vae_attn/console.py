@@ -1,0 +1,58 @@
+"""What a command line prints while TensorFlow starts: its own lines, not TF's banners.
+
+TensorFlow writes its start-up notices from C++ before its logging is set up, so
+``TF_CPP_MIN_LOG_LEVEL`` cannot hide them: "All log messages before absl::InitializeLog()",
+the oneDNN and CUDA-driver notices (twice, once per shared library), and, on a machine
+without a GPU, a ``failed call to cuInit`` error. :func:`start_tensorflow` imports
+TensorFlow and initializes its devices with the process's stderr captured, then replays
+every captured line except those notices. Nothing else changes: oneDNN stays on (it
+affects numerics) and ``CUDA_VISIBLE_DEVICES`` is left alone.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+
+#: The start-up notices dropped; any other captured line is printed as it came.
+BANNERS = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|oneDNN custom operations are on"
+    r"|cudart_stub\.cc.*Could not find cuda drivers"
+    r"|failed call to cuInit"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|To enable the following instructions: .* rebuild TensorFlow")
+
+
+def start_tensorflow():
+    """Import TensorFlow and list its devices without its start-up banners on stderr.
+
+    Call it once a command line's flags are parsed (``--help`` must not pay the 4 s
+    import). C++ warnings stay hidden unless ``TF_CPP_MIN_LOG_LEVEL`` is set otherwise;
+    absl's Python logger is kept to errors. Returns the ``tensorflow`` module.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()       # CUDA's init (and its cuInit line)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+            kept = [line for line in text.splitlines(keepends=True)
+                    if not BANNERS.search(line)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+    return tf
