@@ -19,7 +19,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench.timing import median_seconds, print_table  # noqa: E402
 from keras_vae_attn.data import augment, mvtec  # noqa: E402
