@@ -43,7 +43,7 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     assert metrics["test_clips"] == ["Test001", "Test002"]     # Test003 has no masks
     assert metrics["test_frames"] == 2 * SMALL["frames"]
     assert metrics["train_frames"] == 2 * SMALL["frames"] - 2    # the last 2 calibrate
-    assert metrics["predictions"]["calibration_frames"] == 2
+    assert metrics["predictions"]["calibration_images"] == 2
     assert set(metrics["attention_beats_recon"]) == {"anomaly_attention", "conv1", "conv2",
                                                      "conv3"}
     # every reference at every smoothing level (0, side/32, side/16), side by side

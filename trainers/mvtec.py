@@ -193,29 +193,6 @@ def write_figures(model, test, maps, metrics, run_dir, options, calibrated, pred
     return written
 
 
-def write_predictions(args, test, maps, held_out, model, options, run_dir):
-    """predictions.csv, thresholds.json (and with --save-predictions-png one PNG per
-    test image), calibrated on the held-out normal training images. Returns
-    (metrics.json entry, Calibration, predictions)."""
-    from keras_vae_attn import predictions
-    from keras_vae_attn.data.mvtec import to_float
-    from keras_vae_attn.evaluate import ATTENTION
-
-    source = predictions.describe_source(args.calibration_holdout, len(held_out))
-    calibrated = predictions.calibrate(model, to_float(held_out), options,
-                                       args.eval_batch_size, source)
-    predicted = predictions.predict(maps[ATTENTION], calibrated.thresholds)
-    files = [os.path.relpath(path, args.data_dir) for path in test.paths]
-    entry = predictions.write(run_dir, files, test.defects, "defect_type", test.labels,
-                              predicted, calibrated)
-    entry["calibration_images"] = len(held_out)
-    if args.save_predictions_png:
-        entry["png_folder"] = os.path.basename(predictions.save_images(
-            run_dir, files, to_float(test.images), maps[ATTENTION], test.masks, predicted,
-            calibrated))
-    return entry, calibrated, predicted
-
-
 def main(argv=None):
     args = parse_args(argv)
     train_images, test = load_data(args)
@@ -257,12 +234,13 @@ def main(argv=None):
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"),
                  title=f"{args.category}: pixel ROC")
-    metrics["predictions"], calibrated, predicted = write_predictions(
-        args, test, maps, held_out, model, options, run_dir)
-    figures = write_figures(model, test, maps, metrics, run_dir, options, calibrated,
-                            predicted)
     from keras_vae_attn.evaluate import ATTENTION
 
+    metrics["predictions"], calibrated, predicted = common.write_localization_predictions(
+        args, run_dir, model, options, held_out, test, test.defects, "defect_type",
+        maps[ATTENTION])
+    figures = write_figures(model, test, maps, metrics, run_dir, options, calibrated,
+                            predicted)
     common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines))
     print(f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"

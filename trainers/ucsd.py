@@ -233,30 +233,6 @@ def write_figure(test, maps, picks, path, metrics, options, calibrated, predicte
         path)
 
 
-def write_predictions(args, test, maps, held_out, model, options, run_dir):
-    """predictions.csv, thresholds.json (and with --save-predictions-png one PNG per
-    test frame), calibrated on the held-out normal training frames. Returns
-    (metrics.json entry, Calibration, predictions)."""
-    from keras_vae_attn import predictions
-    from keras_vae_attn.data.ucsd import to_float
-    from keras_vae_attn.evaluate import ATTENTION
-
-    source = predictions.describe_source(args.calibration_holdout, len(held_out))
-    ablation = {method_name(layer): options.replace(layers=(layer,)) for layer in args.layers}
-    calibrated = predictions.calibrate(model, to_float(held_out), options,
-                                       args.eval_batch_size, source, ablation)
-    predicted = predictions.predict(maps[ATTENTION], calibrated.thresholds)
-    files = [os.path.relpath(path, args.data_dir) for path in test.paths]
-    entry = predictions.write(run_dir, files, test.clips, "clip", test.labels, predicted,
-                              calibrated)
-    entry["calibration_frames"] = len(held_out)
-    if args.save_predictions_png:
-        entry["png_folder"] = os.path.basename(predictions.save_images(
-            run_dir, files, to_float(test.images), maps[ATTENTION], test.masks, predicted,
-            calibrated))
-    return entry, calibrated, predicted
-
-
 def load_model(args, train_images, layers, covariance=False):
     """The saved model of --model-dir, with the feature distributions it lacks fitted on
     the training frames: (model, no history, 0 training seconds)."""
@@ -333,13 +309,16 @@ def main(argv=None):
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"UCSD {args.subset}: pixel ROC")
     if history:
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
-    metrics["predictions"], calibrated, predicted = write_predictions(
-        args, test, maps, held_out, model, options, run_dir)
+    from keras_vae_attn.evaluate import ATTENTION
+
+    ablation = {method_name(layer): options.replace(layers=(layer,))
+                for layer in args.layers}
+    metrics["predictions"], calibrated, predicted = common.write_localization_predictions(
+        args, run_dir, model, options, held_out, test, test.clips, "clip", maps[ATTENTION],
+        ablation)
     write_figure(test, maps, pick_frames(test, args.figure_frames),
                  os.path.join(run_dir, "examples.png"), metrics, options, calibrated,
                  predicted)
-    from keras_vae_attn.evaluate import ATTENTION
-
     common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines))
     print(f"figures (examples.png, roc.png{', curves.png' if history else ''}), "
