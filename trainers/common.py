@@ -29,7 +29,9 @@ KEEP_CHECKPOINTS = 1
 def add_attention_flags(parser):
     """How a localization trainer's maps are made: a preset plus per-option overrides,
     parsed into one ExplainOptions by :func:`explain_options`."""
-    group = parser.add_argument_group("attribution (keras_vae_attn/attribution.py)")
+    group = parser.add_argument_group(
+        "attribution (keras_vae_attn/attribution.py)",
+        "a flag shown with default None takes its value from the --attribution preset")
     group.add_argument("--attribution", choices=sorted(runs.PRESETS), default="default",
                        help="preset: 'default' (chosen over several datasets, see "
                             "bench/RESULTS.md) or 'paper' (Grad-CAM of the per-latent "
