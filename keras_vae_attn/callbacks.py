@@ -34,10 +34,10 @@ class AttentionImages(keras.callbacks.Callback):
         recon = self.model(self.images).numpy()
         panel = np.concatenate([viz.to_rgb(self.images), viz.to_rgb(recon),
                                 viz.overlay(self.images, maps) / 255.0], axis=2)
-        with self.writer.as_default():
-            tf.summary.image("input|reconstruction|attention", panel, step=epoch,
-                             max_outputs=len(panel))
-        self.writer.flush()
+        panel = np.clip(np.round(panel * 255.0), 0, 255).astype(np.uint8)
+        write_summary(self.writer, epoch, images={
+            f"input|reconstruction|attention/{index}": image
+            for index, image in enumerate(panel)})
 
 
 #: metrics.json entries written as evaluation scalars: {method: {metric: value}}-like

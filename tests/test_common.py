@@ -109,10 +109,19 @@ def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
-    callbacks, _ = common.standard_callbacks(str(tmp_path))
+    from keras_vae_attn.callbacks import AttentionImages
+
+    watch = AttentionImages(images[:2], str(tmp_path / "tensorboard"), layer="conv2")
+    callbacks, _ = common.standard_callbacks(str(tmp_path), watch)
     model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=2,
               callbacks=callbacks, verbose=0, shuffle=False)
     assert len(list((tmp_path / "checkpoints").iterdir())) == common.KEEP_CHECKPOINTS
+    attention = EventAccumulator(str(tmp_path / "tensorboard" / "attention"))
+    attention.Reload()
+    assert attention.Tags()["images"] == ["input|reconstruction|attention/0",
+                                          "input|reconstruction|attention/1"]
+    panels = attention.Images("input|reconstruction|attention/1")
+    assert [p.step for p in panels] == [0, 1] and (panels[0].width, panels[0].height) == (84, 28)
     metrics = {"methods": {"anomaly_attention": {"pixel_auroc": 0.75, "image_auroc": None}},
                "image_auroc_other_scores": {"kl": 0.5}, "category": "demo"}
     heatmaps = np.random.default_rng(1).random((8, 28, 28)).astype("float32")
