@@ -16,10 +16,12 @@ Table 4 times each attribution form's heatmap against the encoder forward pass.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import cli_parser  # noqa: E402
+from keras_vae_attn.console import start_tensorflow  # noqa: E402
+
+start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -167,17 +169,22 @@ def forms_table(cases, repeats, budget):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("attention", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row")
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds per measurement before it stops repeating")
     parser.add_argument("--forms-only", action="store_true",
                         help="only the attribution-forms table (ResNet18 256 px, batch 16)")
     parser.add_argument("--latent-dims", default="10,32,64",
                         help="comma-separated D values for the first table")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         naive = [("small", 32, 2, "last", 4), ("resnet18", 32, 2, "layer2", 4)]

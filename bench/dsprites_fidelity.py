@@ -10,11 +10,11 @@ many frames match exactly.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
+from bench import cli_parser
 from bench.timing import print_table
 from keras_vae_attn.data import DataError, dsprites
 
@@ -37,11 +37,16 @@ def iou_rows(frames):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("dsprites_fidelity", __doc__)
     parser.add_argument("--frames", required=True,
                         help="dsprites_gif_frames_320x64x64_uint8.npy")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isfile(args.frames):
         parser.error(f"--frames: {args.frames!r} does not exist")

@@ -23,7 +23,6 @@ when those are below ``--min-steps``. The runs share the GPU with memory growth 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from bench import cli_parser
 
 MODELS = (
     ("beta-VAE (beta 4)", ["--model", "beta_vae", "--beta", "4"]),
@@ -161,11 +162,15 @@ def markdown(table, seeds):
     return "\n".join(lines)
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=os.path.join("runs", "table3"))
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("dsprites_table", __doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3000,
+                        help="training steps of every run (the paper's grid uses 3000)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one run per model and seed")
+    parser.add_argument("--out", default=os.path.join("runs", "table3"),
+                        help="folder of the runs and the table (rerun to resume)")
     parser.add_argument("--jobs", type=int, default=1, help="trainer runs at once")
     parser.add_argument("--models", nargs="+", choices=[cell_name(a) for _, a in MODELS],
                         default=None, help="train and tabulate only these rows (default all)")
@@ -177,6 +182,11 @@ def parse(argv):
                         help="shrink the grid to fit the budget down to this many steps, "
                              "no further (default: --steps, i.e. never shrink)")
     parser.add_argument("extra", nargs="*", help="after --: passed to every trainer run")
+    return parser
+
+
+def parse(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("steps", "jobs", "calibrate_steps", "min_steps"):
         value = getattr(args, flag)
@@ -189,9 +199,9 @@ def parse(argv):
 
 
 def main(argv=None):
-    from keras_vae_attn import viz
-
     args = parse(argv)
+    from keras_vae_attn import viz      # after the flags: --help answers before TensorFlow
+
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     models = [(name, model_args) for name, model_args in MODELS
               if args.models is None or cell_name(model_args) in args.models]

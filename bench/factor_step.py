@@ -10,10 +10,12 @@ optimizer step (VAE and discriminator updates) on fixed real dSprites images; th
 """
 from __future__ import annotations
 
-import argparse
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import cli_parser  # noqa: E402
+from keras_vae_attn.console import start_tensorflow  # noqa: E402
+
+start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,13 +47,18 @@ def step_seconds(model, batch, repeats, budget):
     return median_seconds(lambda: model.train_on_batch(batch), repeats, budget_s=budget)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("factor_step", __doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per variant")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     size, net = 64, {}
     if args.quick:

@@ -11,12 +11,14 @@ must stay well above 1 (target >= 3).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import cli_parser  # noqa: E402
+from keras_vae_attn.console import start_tensorflow  # noqa: E402
+
+start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 
@@ -35,15 +37,23 @@ def stream_images_per_second(images, batch, batches):
     return batches * batch / (time.perf_counter() - start)
 
 
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("input_pipeline", __doc__)
+    parser.add_argument("--data-dir", default=None,
+                        help="MVTec AD root (default: a generated category)")
+    parser.add_argument("--category", default="bottle", help="category under --data-dir")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="images are resized to this square size")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
+    parser.add_argument("--backbone", default="resnet18", help="VAE encoder: resnet18 or small")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny generated category at 32 px (a smoke run)")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--category", default="bottle")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--quick", action="store_true")
+    parser = build_parser()
     args = parser.parse_args(argv)
     scratch = None
     if args.quick or not args.data_dir:

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from bench import cli_parser
+
 FORMS_WITH_SIGN = ("gradcam", "hirescam", "integrated")
 #: the rule's tie-break order (cheapest first)
 FORM_COST = ("gradcam", "gradient-weighted-deviation", "hirescam", "integrated", "deviation")
@@ -400,16 +402,21 @@ def log(quiet, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("localization_grid", __doc__)
     parser.add_argument("--run", help="a trained MVTec, UCSD or MNIST run folder")
     parser.add_argument("--out", help="where grid.json/md/png go (default <run>/grid)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="test images scored per batch")
     parser.add_argument("--rank", nargs="+", metavar="GRID_JSON",
                         help="apply the default-choosing rule to these grids")
     parser.add_argument("--mnist", metavar="GRID_JSON", help="with --rank: the MNIST grid")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.run) == bool(args.rank):
         parser.error("give either --run (score one run) or --rank (combine grids)")

@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from bench import cli_parser
 
 MEMORY_TARGET_GIB = 6.0
 
@@ -86,15 +87,20 @@ def run_phase(phase, args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("mvtec_throughput", __doc__)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per phase")
     parser.add_argument("--layer", default="last", help="attention layer for evaluation")
     parser.add_argument("--quick", action="store_true", help="64x64, batch 4, 1 step")
     parser.add_argument("--phase", choices=("train", "eval"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batch_size, args.steps = 64, 4, 1

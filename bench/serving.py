@@ -14,13 +14,15 @@ from the Keras model, as a fraction of the map's range.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import cli_parser  # noqa: E402
+from keras_vae_attn.console import start_tensorflow  # noqa: E402
+
+start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -84,13 +86,13 @@ def backends(folder, model, options, threads=0):
     return runners, {"SavedModel": saved_s, "ONNX Runtime": onnx_s}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256)
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("serving", __doc__)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
-    parser.add_argument("--latent", type=int, default=32)
-    parser.add_argument("--layer", default="last")
+    parser.add_argument("--latent", type=int, default=32, help="latent size of the served VAE")
+    parser.add_argument("--layer", default="last", help="encoder layer of the attention")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per batch")
     parser.add_argument("--budget", type=float, default=120.0,
                         help="seconds of timing per batch size at most")
@@ -98,6 +100,11 @@ def main(argv=None):
                         help="intra-op threads of TensorFlow and onnxruntime (0: their "
                              "defaults, all cores)")
     parser.add_argument("--quick", action="store_true", help="64x64, batches 1 and 2")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batches, args.repeats = 64, "1,2", 2

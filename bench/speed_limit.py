@@ -33,10 +33,12 @@ forward. Per model:
 """
 from __future__ import annotations
 
-import argparse
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import cli_parser  # noqa: E402
+from keras_vae_attn.console import start_tensorflow  # noqa: E402
+
+start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -217,14 +219,14 @@ def check_rows(label, build, images, steps, layer="last"):
             "maps max diff / max": float(np.abs(got.numpy() - want).max() / np.abs(want).max())}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("speed_limit", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, XLA off")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
                         help="default: all (--quick: ucsd adfactorvae)")
     parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS,
-                        default=list(common.PRECISIONS))
+                        default=list(common.PRECISIONS), help="dtype policies to time")
     parser.add_argument("--jit", nargs="+", choices=("off", "on"), default=None,
                         help="XLA settings to time (default: both; --quick: off)")
     parser.add_argument("--check", type=int, default=0, metavar="N",
@@ -233,6 +235,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per row")
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds of timed steps per row, about")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.budget = 2, 3.0

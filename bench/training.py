@@ -9,10 +9,12 @@ images/s it implies; FactorVAE rows appear when keras_vae_attn.models.factor_vae
 """
 from __future__ import annotations
 
-import argparse
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import cli_parser  # noqa: E402
+from keras_vae_attn.console import start_tensorflow  # noqa: E402
+
+start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -85,12 +87,18 @@ def factor_rows(size, batch, repeats, budget):
     return rows
 
 
+def build_parser():
+    """Its flags, apart from main: the README test parses its documented commands."""
+    parser = cli_parser("training", __doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="seconds of timed steps per row at most")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--budget", type=float, default=60.0)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         cases, factor_size, factor_batch = [("small", 28, 1, 8)], 64, 4

@@ -8,7 +8,8 @@ from conftest import REPO
 
 CLIS = ["trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites",
         "export.saved_model", "export.onnx", "export.infer", "export.pipeline",
-        "bench.localization_grid"]
+        "bench.localization_grid", "bench.dsprites_table", "bench.dsprites_fidelity",
+        "bench.mvtec_throughput"]
 
 PROBE = """
 import runpy, sys
@@ -37,3 +38,63 @@ def test_attribution_flags_are_documented_in_the_trainers_help():
                  "--ig-steps", "--combine", "--smooth"):
         assert flag in result.stdout, flag
     assert "whitened" in result.stdout and "gradient-weighted-deviation" in result.stdout
+
+
+#: Benchmarks that import TensorFlow when loaded: their help comes after a quiet start.
+BENCH_WITH_TENSORFLOW = ["bench.attention", "bench.factor_step", "bench.input_pipeline",
+                         "bench.serving", "bench.speed_limit", "bench.training"]
+BENCH = BENCH_WITH_TENSORFLOW + ["bench.dsprites_fidelity", "bench.dsprites_table",
+                                 "bench.localization_grid", "bench.mvtec_throughput"]
+TRAINERS = ["trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites"]
+
+
+@pytest.mark.parametrize("module", TRAINERS + BENCH)
+def test_every_flag_has_help_and_the_usage_names_the_command(module):
+    """Each option says what it does (its default is then shown beside it), and the usage
+    line is the command a user types, `python -m <module>`."""
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    silent = [action.option_strings or action.dest for action in parser._actions
+              if not (action.help and action.help.strip())]
+    assert not silent, f"{module}: options without help: {silent}"
+    text = parser.format_help()
+    assert text.startswith(f"usage: python -m {module} "), text[:200]
+
+
+def test_help_shows_defaults_and_examples_one_per_line():
+    result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    text = " ".join(result.stdout.split())            # argparse wraps help text anywhere
+    for shown in ("--epochs EPOCHS training epochs", "(default: 100)", "(default: 0.0001)",
+                  "(default: 32)", "(default: resnet18)", "(default: horizontal)",
+                  "--epochs 6"):
+        assert shown in text, shown
+    lines = result.stdout.splitlines()
+    examples = [line.strip() for line in lines if line.strip().startswith("python -m ")]
+    assert examples[:2] == [
+        "python -m trainers.mvtec --category bottle --data-dir path/to/mvtec_ad",
+        "python -m trainers.mvtec --category demo      # generated category, runs on CPU"]
+    options = text[text.index("options:"):]
+    deviation = options[options.index("--deviation {"):options.index("--feature-baseline {")]
+    assert "whitened (" in deviation and "'default' preset" in deviation
+
+
+def test_dsprites_help_describes_each_model():
+    result = subprocess.run([sys.executable, "-m", "trainers.dsprites", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    text = " ".join(result.stdout.split())
+    assert "total-correlation penalty --gamma" in text and "(default: ad_factor_vae)" in text
+
+
+@pytest.mark.parametrize("module", BENCH_WITH_TENSORFLOW)
+def test_bench_help_prints_no_tensorflow_banner(module):
+    """Without TF_CPP_MIN_LOG_LEVEL (a plain shell), --help shows the usage only."""
+    import os
+
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "", result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: python -m {module} ")

@@ -43,8 +43,12 @@ def add_attention_flags(parser):
                                           "latent (D backward passes), or the total energy "
                                           "(one); --score is the old name")
     group.add_argument("--deviation", choices=runs.DEVIATIONS, default=None,
-                       help="features as they are, minus their normal mean, or standardized "
-                            "by the normal mean and std per position and channel")
+                       help="how the features are compared with the normal ones: none (as "
+                            "they are), centered (minus their normal mean), standardized "
+                            "(also divided by the normal std per position and channel) or "
+                            "whitened (centered, then decorrelated across channels by the "
+                            "normal channel covariance at each position: the 'default' "
+                            "preset's choice)")
     group.add_argument("--feature-baseline", choices=("zero", "normal"), default=None,
                        help="old name: zero = --deviation none, normal = --deviation centered")
     group.add_argument("--sign", choices=runs.SIGNS, default=None,
@@ -85,10 +89,17 @@ def unknown_layer_message(layers, backbone, shape, latent_dim, flag="--layer"):
             f"{shape[0]}x{shape[1]}; valid: {', '.join(valid)}")
 
 
-def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
-    """Flags shared by all trainers, with the experiment's defaults."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """Every flag's default shown, and the description printed as written, so the
+    example commands of a module's docstring stay one per line."""
+
+
+def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last", prog=None):
+    """Flags shared by all trainers, with the experiment's defaults; ``prog`` is the
+    command the usage line names (``python -m trainers.<name>``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", default=None, help="dataset root")
     parser.add_argument("--runs-root", default="runs", help="parent of run folders")
     parser.add_argument("--run-dir", default=None,
@@ -96,16 +107,20 @@ def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last"):
                              "unfinished run of the same command, which is resumed)")
     parser.add_argument("--fresh", action="store_true",
                         help="start a new run even if an unfinished one exists")
-    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help="training epochs (passes over the training data, or of "
+                             "--steps-per-epoch steps)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--latent-dim", type=int, default=latent_dim)
+    parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    parser.add_argument("--latent-dim", type=int, default=latent_dim,
+                        help="size of the VAE's latent code z")
     parser.add_argument("--layer", default=layer, help="encoder layer for attention")
     parser.add_argument("--loss", choices=("bce", "mse"), default="bce",
                         help="reconstruction loss")
     parser.add_argument("--steps-per-epoch", type=int, default=None,
                         help="cap on training steps per epoch (quick runs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights' initialization and the data order")
     parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),
                         default="default", help="tf.distribute strategy")
     parser.add_argument("--cpu-replicas", type=int, default=0,

@@ -25,8 +25,12 @@ DEFAULT_BETA = {"vae": 1.0, "beta_vae": 4.0, "factor_vae": 1.0, "ad_factor_vae":
 
 
 def build_parser():
-    parser = common.base_parser(__doc__, epochs=10, batch_size=64, lr=1e-4, latent_dim=10)
-    parser.add_argument("--model", choices=MODELS, default="ad_factor_vae")
+    parser = common.base_parser(__doc__, epochs=10, batch_size=64, lr=1e-4, latent_dim=10,
+                                prog="python -m trainers.dsprites")
+    parser.add_argument("--model", choices=MODELS, default="ad_factor_vae",
+                        help="vae; beta_vae (KL weighted by --beta); factor_vae (plus the "
+                             "total-correlation penalty --gamma); ad_factor_vae (plus the "
+                             "attention disentanglement loss L_AD, --lambda-ad)")
     parser.add_argument("--beta", type=float, default=None,
                         help="KL weight (default 4 for beta_vae, else 1)")
     parser.add_argument("--gamma", type=float, default=None,
@@ -45,13 +49,18 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=None,
                         help="total training steps, split over --epochs (default 3000)")
     parser.add_argument("--d-lr", type=float, default=1e-4, help="discriminator learning rate")
-    parser.add_argument("--dense-units", type=int, default=128)
+    parser.add_argument("--dense-units", type=int, default=128,
+                        help="width of the encoder's and decoder's dense layers")
     parser.add_argument("--source", choices=("auto", "generate", "archive", "tfds"),
                         default="auto", help="where the images come from (see above)")
     parser.add_argument("--eval-images", type=int, default=4096,
                         help="images for the normal-data latent stats and the L_AD check")
-    parser.add_argument("--metric-train-votes", type=int, default=800)
-    parser.add_argument("--metric-eval-votes", type=int, default=800)
+    parser.add_argument("--metric-train-votes", type=int, default=800,
+                        help="votes the FactorVAE metric's majority-vote classifier is "
+                             "fitted on")
+    parser.add_argument("--metric-eval-votes", type=int, default=800,
+                        help="held-out votes the FactorVAE score is measured on (more: "
+                             "a less noisy score)")
     parser.add_argument("--metric-samples", type=int, default=64,
                         help="images per vote of the FactorVAE metric (L)")
     parser.add_argument("--score-every", type=int, default=0,

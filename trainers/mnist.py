@@ -13,7 +13,8 @@ from trainers import common
 
 
 def build_parser():
-    parser = common.base_parser(__doc__, epochs=10, batch_size=128, lr=1e-3, latent_dim=16)
+    parser = common.base_parser(__doc__, epochs=10, batch_size=128, lr=1e-3, latent_dim=16,
+                                prog="python -m trainers.mnist")
     parser.add_argument("--normal-digit", type=int, default=1, help="the normal class, 0-9")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")

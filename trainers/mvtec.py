@@ -37,7 +37,12 @@ FIGURE_ROWS = 4
 def build_parser():
     parser = common.base_parser(__doc__, epochs=PAPER_DEFAULTS["epochs"],
                                 batch_size=PAPER_DEFAULTS["batch_size"],
-                                lr=PAPER_DEFAULTS["lr"], latent_dim=32, layer=DEFAULT_LAYER)
+                                lr=PAPER_DEFAULTS["lr"], latent_dim=32, layer=DEFAULT_LAYER,
+                                prog="python -m trainers.mvtec")
+    parser.epilog = ("the defaults shown are the paper's; --category demo without "
+                     "--data-dir uses\n" + ", ".join(
+                         f"--{k.replace('_', '-')} {v:g}" for k, v in DEMO_DEFAULTS.items())
+                     + " unless given")
     parser.add_argument("--category", required=True,
                         help="MVTec AD category (e.g. bottle), or 'demo' for the generated one")
     parser.add_argument("--image-size", type=int, default=PAPER_DEFAULTS["image_size"],
@@ -45,11 +50,15 @@ def build_parser():
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3,
                         help="3 loads every category as RGB (grey ones copied to 3 "
                              "channels); 1 loads grey")
-    parser.add_argument("--backbone", choices=("resnet18", "small"), default="resnet18")
+    parser.add_argument("--backbone", choices=("resnet18", "small"), default="resnet18",
+                        help="encoder: the paper's ResNet18 VAE, or a small stack of "
+                             "stride-2 convolutions (conv1, conv2, ...; quick runs)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random mirror and rotation of training images")
     parser.add_argument("--mirror", default="horizontal",
-                        choices=("none", "horizontal", "vertical", "horizontal_and_vertical"))
+                        choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
+                        help="random flips of --augment (choose none for categories whose "
+                             "orientation matters, e.g. transistor)")
     parser.add_argument("--rotation", type=float, default=10.0,
                         help="random rotation range, +- degrees")
     common.add_attention_flags(parser)
@@ -59,7 +68,8 @@ def build_parser():
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None,
                         help="cap on test images (taken across all defect types)")
-    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=int, default=16,
+                        help="test images scored per batch (lower it if memory runs out)")
     common.add_prediction_flags(parser)
     common.add_model_dir_flag(parser)
     return parser

@@ -37,8 +37,10 @@ FIGURE_ROWS = 4
 def build_parser():
     # --layer conv1: the layer set chosen with the default attribution (bench/RESULTS.md)
     parser = common.base_parser(__doc__, epochs=30, batch_size=64, lr=1e-3, latent_dim=32,
-                                layer="conv1")
-    parser.add_argument("--subset", choices=("ped1", "ped2"), default="ped1")
+                                layer="conv1", prog="python -m trainers.ucsd")
+    parser.add_argument("--subset", choices=("ped1", "ped2"), default="ped1",
+                        help="which UCSD pedestrian scene (UCSDped1 or UCSDped2 under "
+                             "--data-dir)")
     parser.add_argument("--demo", action="store_true",
                         help="generate a small UCSD-style dataset and run on it")
     parser.add_argument("--image-size", type=int, default=100,
@@ -47,7 +49,10 @@ def build_parser():
                         help="comma-separated encoder layers for the per-layer ablation rows "
                              "(the same attribution at each layer alone); the exported and "
                              "headline map is --layer")
-    parser.add_argument("--backbone", choices=("small", "resnet18"), default="small")
+    parser.add_argument("--backbone", choices=("small", "resnet18"), default="small",
+                        help="encoder: a small stack of stride-2 convolutions (conv1, "
+                             "conv2, conv3 at 100 px: the layers of the paper's ablation), "
+                             "or ResNet18")
     parser.add_argument("--beta", type=float, default=1.0,
                         help="weight of the KL term (below 1 keeps more of the latent in use)")
     common.add_attention_flags(parser)
@@ -55,10 +60,12 @@ def build_parser():
                         help="train on every k-th frame of each clip")
     parser.add_argument("--test-frame-step", type=int, default=1,
                         help="evaluate every k-th frame of each test clip")
-    parser.add_argument("--max-train-clips", type=int, default=None)
+    parser.add_argument("--max-train-clips", type=int, default=None,
+                        help="cap on the normal training clips (default: all)")
     parser.add_argument("--max-test-clips", type=int, default=None,
                         help="cap on the test clips with masks that are evaluated")
-    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--eval-batch-size", type=int, default=32,
+                        help="test frames scored per batch (lower it if memory runs out)")
     parser.add_argument("--figure-frames", type=int, default=FIGURE_ROWS,
                         help="anomalous frames shown in examples.png")
     common.add_prediction_flags(parser)
