@@ -7,13 +7,17 @@ Scalars and images are written as classic ``Summary`` values (``simple_value``, 
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import viz
+from keras_vae_attn.runs import DiskFull, require_space  # noqa: F401  (re-exported)
 
 
 class AttentionImages(keras.callbacks.Callback):
@@ -126,3 +130,138 @@ def log_evaluation(log_dir, metrics, step, examples=None):
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "evaluation"))
     write_summary(writer, step, flat_metrics(metrics), images)
     writer.close()
+
+
+# --- the training state a killed or interrupted run resumes from --------------------
+
+BACKUP_STATE = "state.json"
+BACKUP_WEIGHTS = "state.weights.h5"
+#: legacy layout of keras.callbacks.BackupAndRestore (runs started by older versions)
+LEGACY_WEIGHTS, LEGACY_STATE = "latest.weights.h5", "training_metadata.json"
+
+
+def state_bytes(model):
+    """The bytes the model's weights and optimizer state take on disk, with a margin
+    for HDF5's bookkeeping: what a backup or a saved model needs free."""
+    variables = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    total = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    return int(total * 1.1) + (1 << 20)
+
+
+def sync_folder(folder):
+    """fsync every file in ``folder`` and the folder itself, so a rename that follows
+    publishes complete files even after a power cut."""
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as handle:
+            os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class TrainingBackup(keras.callbacks.Callback):
+    """The run's training state at the end of each epoch, for the same command to
+    resume from, written so that no kill, Ctrl-C or full disk leaves a state that fails
+    to load or resumes at the wrong epoch.
+
+    Each backup is written into ``<backup_dir>/.partial-<pid>`` (weights with the
+    optimizer's state, and ``state.json`` with the epoch and optimizer step), synced,
+    and renamed to ``epoch-NNNN``; only then is the previous one removed. A kill at any
+    moment leaves the previous complete backup (or none, before the first one). The
+    backup is not deleted when ``fit`` ends: the trainer removes it once ``model/`` is
+    saved (:func:`trainers.common.fit_one_class`), so a kill between the two resumes
+    with nothing left to train rather than from epoch 0.
+    """
+
+    def __init__(self, backup_dir):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.restored = None
+
+    # --- reading -------------------------------------------------------------------
+    def complete_backups(self):
+        """Folders of complete backups, newest first."""
+        if not os.path.isdir(self.backup_dir):
+            return []
+        names = sorted((n for n in os.listdir(self.backup_dir) if n.startswith("epoch-")),
+                       reverse=True)
+        return [os.path.join(self.backup_dir, n) for n in names
+                if os.path.isfile(os.path.join(self.backup_dir, n, BACKUP_STATE))]
+
+    def remove_partial(self):
+        """Staging folders of writes a kill interrupted: never loaded, removed."""
+        if os.path.isdir(self.backup_dir):
+            for name in os.listdir(self.backup_dir):
+                if name.startswith(".partial-"):
+                    shutil.rmtree(os.path.join(self.backup_dir, name), ignore_errors=True)
+
+    def on_train_begin(self, logs=None):
+        self.remove_partial()
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        for folder in self.complete_backups():
+            try:
+                self.model.load_weights(os.path.join(folder, BACKUP_WEIGHTS))
+                with open(os.path.join(folder, BACKUP_STATE), encoding="utf-8") as handle:
+                    state = json.load(handle)
+            except (OSError, ValueError) as error:      # damaged on disk: the older one
+                print(f"warning: the backup {folder} does not load ({error}); trying an "
+                      "older one", file=sys.stderr)
+                continue
+            self.restored = state
+            self.model._initial_epoch = int(state["epoch"])
+            return
+        self._load_legacy()
+
+    def _load_legacy(self):
+        """A backup written by keras.callbacks.BackupAndRestore (older runs)."""
+        weights = os.path.join(self.backup_dir, LEGACY_WEIGHTS)
+        meta = os.path.join(self.backup_dir, LEGACY_STATE)
+        if os.path.isfile(weights) and os.path.isfile(meta):
+            self.model.load_weights(weights)
+            with open(meta, encoding="utf-8") as handle:
+                self.model._initial_epoch = int(json.load(handle)["epoch"])
+
+    # --- writing -------------------------------------------------------------------
+    def on_epoch_end(self, epoch, logs=None):
+        if getattr(self.model, "stop_training", False) and logs and not all(
+                np.isfinite(float(v)) for v in logs.values()):
+            return                      # a diverged epoch is not a state to resume from
+        self.write(epoch + 1)
+
+    def write(self, epoch):
+        """Back up the state after ``epoch`` epochs (see the class docstring)."""
+        os.makedirs(self.backup_dir, exist_ok=True)
+        require_space(self.backup_dir, state_bytes(self.model),
+                      f"the backup of epoch {epoch}")
+        staging = os.path.join(self.backup_dir, f".partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        try:
+            write_backup(self.model, staging, epoch)
+            commit_backup(staging, os.path.join(self.backup_dir, f"epoch-{epoch:04d}"))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for old in self.complete_backups()[1:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_backup(model, staging, epoch):
+    """The state files of a backup into the ``staging`` folder."""
+    model.save_weights(os.path.join(staging, BACKUP_WEIGHTS))
+    step = int(np.asarray(model.optimizer.iterations))
+    with open(os.path.join(staging, BACKUP_STATE), "w", encoding="utf-8") as handle:
+        json.dump({"epoch": epoch, "optimizer_step": step}, handle)
+
+
+def commit_backup(staging, final):
+    """Publish a written backup: synced, then renamed in one step."""
+    sync_folder(staging)
+    shutil.rmtree(final, ignore_errors=True)         # a same-epoch one left by a kill
+    os.rename(staging, final)

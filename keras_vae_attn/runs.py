@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -240,3 +241,17 @@ def read_config(run_dir):
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
+
+
+class DiskFull(OSError):
+    """No room for a file the run must write; the message names it and the way on."""
+
+
+def require_space(folder, needed, what):
+    """Raise DiskFull before writing ``what`` into ``folder`` when the disk has less
+    than ``needed`` bytes free: HDF5 fails on a full disk with a crash or a file that
+    never loads, so the write is not tried (the previous state stays as it is)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskFull(f"no space left for {what} in {folder}: {needed / 2**20:.1f} MiB "
+                       f"needed, {free / 2**20:.1f} MiB free")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -401,6 +402,20 @@ def nan_guard():
     return NaNGuard()
 
 
+#: Where the process is, for the line a Ctrl-C prints (see :func:`main_guard`):
+#: "epoch" is the epoch being trained, "evaluating" is set once model/ is saved.
+STAGE = {"epoch": None, "evaluating": False}
+
+
+def interrupted_message():
+    """The one line a Ctrl-C prints: where it stopped and that re-typing resumes."""
+    if STAGE["evaluating"]:
+        return "interrupted during evaluation; the same command resumes at evaluation"
+    if STAGE["epoch"] is None:
+        return "interrupted before training; the same command starts it again"
+    return f"interrupted at epoch {STAGE['epoch']}; the same command resumes"
+
+
 def training_log(path):
     """A callback appending one JSON line per epoch (and per start) to ``path``.
 
@@ -420,6 +435,9 @@ def training_log(path):
             with open(path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
 
+        def on_epoch_begin(self, epoch, logs=None):
+            STAGE["epoch"] = epoch + 1
+
         def on_train_begin(self, logs=None):
             start = int(getattr(self.model, "_initial_epoch", 0) or 0)
             if start:
@@ -432,48 +450,64 @@ def training_log(path):
     return TrainingLog()
 
 
-def prune_checkpoints(folder, keep):
-    """A callback that, after each epoch, deletes all but the newest ``keep`` files in
-    ``folder`` (a 256-px ResNet18 checkpoint is ~130 MB; one per epoch fills a disk)."""
+def epoch_weights(folder, keep):
+    """A callback writing the weights after each epoch to
+    ``<folder>/epoch-NNN.weights.h5`` (through a temporary name, so a kill never leaves
+    a half-written file under a real name) and deleting all but the newest ``keep``
+    (a 256-px ResNet18 checkpoint is ~130 MB; one per epoch fills a disk)."""
     import keras
 
-    class PruneCheckpoints(keras.callbacks.Callback):
+    from keras_vae_attn.callbacks import require_space, state_bytes
+
+    class EpochWeights(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if not os.path.isdir(folder):
-                return
-            names = sorted(n for n in os.listdir(folder) if n.endswith(".weights.h5"))
+            os.makedirs(folder, exist_ok=True)
+            require_space(folder, state_bytes(self.model), f"the checkpoint of epoch "
+                                                           f"{epoch + 1}")
+            partial = os.path.join(folder, f".partial-{os.getpid()}.weights.h5")
+            try:
+                self.model.save_weights(partial)
+                os.replace(partial, os.path.join(folder, f"epoch-{epoch + 1:03d}.weights.h5"))
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
+            names = sorted(n for n in os.listdir(folder)
+                           if n.startswith("epoch-") and n.endswith(".weights.h5"))
             for name in names[:-keep] if keep > 0 else []:
                 os.remove(os.path.join(folder, name))
 
-    return PruneCheckpoints()
+    return EpochWeights()
 
 
 def standard_callbacks(run_dir, log_images=None, keep_checkpoints=KEEP_CHECKPOINTS):
     """Resume-from-backup, training log, checkpoint, TensorBoard and NaN guard callbacks.
 
-    The backup keeps two generations, so a kill while it is being written still leaves
-    one that loads. Its restore runs first; the training log sees restored weights. Only
-    the newest ``keep_checkpoints`` per-epoch checkpoints are kept.
+    The backup (keras_vae_attn.callbacks.TrainingBackup) is written under a temporary
+    name and renamed, so a kill or Ctrl-C while it is written leaves the previous one;
+    it stays after ``fit`` until the trainer has saved model/ (:func:`finish_training`).
+    Its restore runs first, so the training log sees restored weights. Only the newest
+    ``keep_checkpoints`` per-epoch checkpoints are kept.
     """
-    import keras
-
     from keras_vae_attn import callbacks as kva_callbacks
 
     guard = nan_guard()
-    checkpoints = os.path.join(run_dir, CHECKPOINTS)
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR),
-                                         double_checkpoint=True),
+        kva_callbacks.TrainingBackup(os.path.join(run_dir, BACKUP_DIR)),
         training_log(os.path.join(run_dir, "training_log.jsonl")),
-        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "epoch-{epoch:03d}.weights.h5"),
-                                        save_weights_only=True),
-        prune_checkpoints(checkpoints, keep_checkpoints),
+        epoch_weights(os.path.join(run_dir, CHECKPOINTS), keep_checkpoints),
         kva_callbacks.EpochScalars(os.path.join(run_dir, TENSORBOARD)),
         guard,
     ]
     if log_images is not None:
         callbacks.append(log_images)
     return callbacks, guard
+
+
+def finish_training(run_dir):
+    """Once model/ is saved, the training state is no longer needed: remove the backup
+    and the per-epoch checkpoints (model/ holds the same weights)."""
+    for name in (BACKUP_DIR, CHECKPOINTS):
+        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
 def complete_run(run_dir, metrics, examples=None):
@@ -507,9 +541,17 @@ def main_guard(main):
     """Run a trainer's main, turning expected user errors into one clear line and exit 2."""
     from keras_vae_attn.data import DataError
     from keras_vae_attn.extras import MissingExtra
+    from keras_vae_attn.runs import DiskFull
 
     try:
         return main()
+    except KeyboardInterrupt:
+        print(interrupted_message(), file=sys.stderr)
+        raise SystemExit(130) from None
+    except DiskFull as error:
+        print(f"error: {error}; free space and run the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     except RunFinished as finished:
         print(finished, file=sys.stderr)
         raise SystemExit(0) from None
@@ -517,6 +559,13 @@ def main_guard(main):
         option = getattr(error, "option", None)
         hint = f" [see --{option.replace('_', '-')}]" if option else ""
         print(f"error: {error}{hint}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        name = f" {error.filename}" if error.filename else ""
+        print(f"error: cannot write{name}: {error.strerror}; the same command resumes "
+              "once it can", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -565,12 +614,14 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
 
     model_dir = os.path.join(run_dir, "model")
     log = os.path.join(run_dir, "training_log.jsonl")
+    remove_stale_staging(model_dir)
     if all(os.path.isfile(os.path.join(model_dir, n)) for n in (MODEL_SPEC, MODEL_WEIGHTS)):
         # killed after the model was saved (during evaluation): never train it again
         print(f"{model_dir} holds this run's trained model; resuming at evaluation "
               "(--fresh starts a new run)", file=sys.stderr)
         model = load_vae(model_dir)
-        shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
+        finish_training(run_dir)
+        STAGE["evaluating"] = True
         missing = [name for name in feature_layers
                    if not model.has_feature_distribution(name, covariance)]
         if missing:
@@ -584,8 +635,8 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     with make_strategy(args).scope(), precision_scope(resolve_precision(args)):
         model = build_model()
         model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=jit_compile(args))
-    if args.steps_per_epoch:
-        dataset = dataset.repeat()
+    dataset = fast_forward(dataset, args.steps_per_epoch,
+                           backup_epoch(os.path.join(run_dir, BACKUP_DIR)))
     callbacks, guard = standard_callbacks(run_dir, watch)
     started = time.perf_counter()
     model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
@@ -599,8 +650,52 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     model.fit_normal_stats(normal)
     model.fit_feature_distributions(normal, list(feature_layers), covariance)
     save_vae(model, model_dir)
-    shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)  # model/ has it
+    finish_training(run_dir)            # the backup only now: model/ holds the training
+    STAGE["evaluating"] = True
     return model, losses_per_epoch(log), seconds
+
+
+def remove_stale_staging(model_dir):
+    """Remove ``model/.model-*`` folders that a kill during save_vae left behind."""
+    if os.path.isdir(model_dir):
+        for name in os.listdir(model_dir):
+            if name.startswith(".model-"):
+                shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
+
+
+def backup_epoch(backup_dir):
+    """The epoch the run's newest complete backup resumes from (0: none)."""
+    from keras_vae_attn.callbacks import BACKUP_STATE
+
+    if not os.path.isdir(backup_dir):
+        return 0
+    for name in sorted(os.listdir(backup_dir), reverse=True):
+        path = os.path.join(backup_dir, name, BACKUP_STATE)
+        if name.startswith("epoch-") and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return int(json.load(handle)["epoch"])
+            except (OSError, ValueError, KeyError):
+                continue
+    return 0
+
+
+def fast_forward(dataset, steps_per_epoch, epochs_done):
+    """The training stream as the uninterrupted run sees it after ``epochs_done`` epochs.
+
+    A seeded stream (shuffle order, augmentation draws) is a function of how much of it
+    was read; a resumed run reads past what the backed-up epochs consumed, so the epochs
+    it trains see the same batches as those of an uninterrupted run. With
+    ``steps_per_epoch`` the stream repeats and Keras reads it on across epochs; without,
+    each epoch starts a new pass, reshuffled from the dataset's own seed state.
+    """
+    if steps_per_epoch:
+        dataset = dataset.repeat()
+        return dataset.skip(epochs_done * steps_per_epoch) if epochs_done else dataset
+    for _ in range(epochs_done):
+        for _ in dataset:
+            pass
+    return dataset
 
 
 def losses_per_epoch(log_path):

@@ -361,6 +361,7 @@ def main(argv=None):
             model = rebuild(model)      # scored, mapped and saved in float32
         model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(sample).batch(256))
         save_vae(model, os.path.join(run_dir, "model"))
+        common.finish_training(run_dir)     # backup and checkpoints: model/ holds them
     else:
         curves, train_seconds, epoch_seconds = {}, 0.0, []
     kind = describe(model)

@@ -31,11 +31,17 @@ def save_vae(model, directory):
         with open(os.path.join(staging, MODEL_SPEC), "w", encoding="utf-8") as handle:
             json.dump({"class": type(model).__name__, **model.spec}, handle, indent=2)
         model.save_weights(os.path.join(staging, MODEL_WEIGHTS))
-        names = [MODEL_WEIGHTS, MODEL_SPEC]
-        for name in names:                         # spec last: it marks a complete save
-            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        publish(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging, directory):
+    """Move a complete save from ``staging`` into ``directory``: the weights first, the
+    spec last (a folder with a spec beside its weights is complete; a kill before leaves
+    the staging folder, which the trainers remove at their next start)."""
+    for name in (MODEL_WEIGHTS, MODEL_SPEC):
+        os.replace(os.path.join(staging, name), os.path.join(directory, name))
 
 
 def load_vae(directory):
@@ -57,9 +63,14 @@ def rebuild(model):
     """A new build of ``model`` from its spec, holding its weights, under the current dtype
     policy: a model trained under mixed_bfloat16 becomes the float32 model that its saved
     folder loads as (the trainers evaluate and save that one)."""
-    copy = _build({"class": type(model).__name__, **model.spec}, "the model's spec")
+    copy = build_like(model)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def build_like(model):
+    """A new, freshly initialized model of ``model``'s spec (its weights not copied)."""
+    return _build({"class": type(model).__name__, **model.spec}, "the model's spec")
 
 
 def _build(spec, spec_path):
