@@ -96,3 +96,162 @@ def test_kill_between_fit_and_save_and_during_save_never_retrains(shared_data, t
     begins = [e for e in read_log(run_dir) if e["event"] == "train_begin"]
     assert [b["epoch"] for b in begins] == [0, EPOCHS, EPOCHS]     # nothing retrained
     assert_trained_exactly_the_epochs_asked(run_dir)
+
+
+# --- numbers and folders checked where they enter, before TensorFlow starts ----------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--smooth", "inf"], "--smooth must be a number of pixels from 0 to the image side (64)"),
+    (["--smooth", "1e6"], "--smooth must be a number of pixels from 0 to the image side (64)"),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    (["--latent-dim", "100000000"], "--latent-dim 100000000: training this model needs about"),
+    (["--image-size", "100000"], "--image-size 100000: training this model needs about"),
+])
+def test_numbers_that_cannot_work_are_refused_naming_the_flag(flags, message, capsys, tmp_path):
+    from trainers import mvtec
+
+    with pytest.raises(SystemExit) as stop:
+        mvtec.parse_args(["--category", "demo", "--runs-root", str(tmp_path), *flags])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())                  # nothing written, no data made
+
+
+def cli(module, flags, env=None, timeout=120):
+    """A trainer's CLI as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, flags)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+
+
+def test_tf_config_that_is_not_json_is_one_line(tmp_path):
+    result = cli("trainers.mvtec", ["--category", "demo", "--runs-root", tmp_path,
+                                    "--strategy", "multiworker"],
+                 env={"TF_CONFIG": "{not json"})
+    assert result.returncode == 2
+    assert "the environment variable TF_CONFIG is not JSON" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """``mount(options)``: a fresh tmpfs under tmp_path (e.g. "size=8m" or "ro"),
+    unmounted after the test; skipped where this process may not mount."""
+    mounted = []
+
+    def mount(options):
+        target = tmp_path / f"mnt{len(mounted)}"
+        target.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                                 str(target)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_runs_root_that_cannot_be_written_is_one_line(tmp_path, mount_point, capsys):
+    from trainers import mvtec
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    read_only = mount_point("ro,size=1m")
+    for root, why in ((a_file, "is a file, not a folder"),
+                      (a_file / "runs", "is a file, not a folder"),
+                      (read_only / "runs", "is not writable")):
+        for flag in ("--runs-root", "--run-dir"):
+            with pytest.raises(SystemExit) as stop:
+                mvtec.parse_args(["--category", "demo", flag, str(root)])
+            assert stop.value.code == 2
+            assert f"{flag} {root}: " in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
+
+
+def hold_lock(path):
+    """Another process holding the lock of the run folder ``path`` (as a running
+    trainer does); returns it once it holds the lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "lock = open(os.path.join(sys.argv[1], '.lock'), 'a+')\n"
+         "fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+         "lock.truncate(0); lock.write(str(os.getpid())); lock.flush()\n"
+         "print('held', flush=True); time.sleep(120)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_owner_is_taken_over(tmp_path, capsys):
+    from tests.test_common import args_for
+    from trainers import common
+
+    first = common.run_dir_for(args_for(tmp_path), "exp")
+    common.release(first)                              # as if another process made it
+    holder = hold_lock(first)
+    try:
+        with pytest.raises(common.RunRefused, match=f"the run folder {first} is in use by "
+                                                    f"process {holder.pid}"):
+            common.run_dir_for(args_for(tmp_path), "exp")            # the same command
+        with pytest.raises(common.RunRefused, match="in use by process"):
+            common.run_dir_for(args_for(tmp_path, run_dir=first), "exp")
+        other = common.run_dir_for(args_for(tmp_path, fresh=True), "exp")   # a new run
+        assert other != first
+        common.release(other)
+    finally:
+        holder.kill()
+        holder.wait()
+    capsys.readouterr()                         # killed: its pid stays in the lock file
+    assert common.run_dir_for(args_for(tmp_path, run_dir=first), "exp") == first
+    assert capsys.readouterr().err == (f"taking over the run folder {first} from process "
+                                       f"{holder.pid}, which ended without finishing it\n")
+    common.release(first)
+
+
+def test_run_dir_of_a_finished_run_with_other_flags_is_refused_unless_fresh(tmp_path):
+    from tests.test_common import args_for
+    from trainers import common
+
+    run_dir = str(tmp_path / "mine")
+    common.run_dir_for(args_for(tmp_path, run_dir=run_dir), "exp")
+    common.write_json(f"{run_dir}/metrics.json", {"pixel_auroc": 0.9})
+    common.write_json(f"{run_dir}/predictions.csv", {"kept": True})
+    (tmp_path / "mine" / "notes.txt").write_text("the user's own")
+    common.release(run_dir)
+    config = (tmp_path / "mine" / "config.json").read_text()
+    with pytest.raises(common.RunRefused, match=r"holds a finished run of other flags "
+                                                r"\(--epochs 1 there, 2 here\)"):
+        common.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2), "exp")
+    assert (tmp_path / "mine" / "config.json").read_text() == config      # untouched
+    assert json.loads((tmp_path / "mine" / "metrics.json").read_text()) == {"pixel_auroc": 0.9}
+    common.release(run_dir)
+    with pytest.raises(common.RunFinished):                                 # same flags
+        common.run_dir_for(args_for(tmp_path, run_dir=run_dir), "exp")
+    common.release(run_dir)
+    common.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2, fresh=True), "exp")
+    assert json.loads((tmp_path / "mine" / "config.json").read_text())["epochs"] == 2
+    assert not (tmp_path / "mine" / "metrics.json").exists()
+    assert not (tmp_path / "mine" / "predictions.csv").exists()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own"
+    common.release(run_dir)
+
+
+def test_mvtec_trainer_runs_mirrored_on_two_logical_cpus(tmp_path):
+    """The devices are split when the flags are parsed, before the MVTec trainer's layer
+    check starts TensorFlow's devices (it failed with "Virtual devices cannot be
+    modified after being initialized")."""
+    result = cli("trainers.mvtec", ["--category", "demo", "--runs-root", tmp_path,
+                                    "--image-size", "32", "--epochs", "1",
+                                    "--steps-per-epoch", "2", "--batch-size", "8",
+                                    "--max-train", "16", "--max-test", "6",
+                                    "--eval-batch-size", "8", "--backbone", "small", "--quiet",
+                                    "--strategy", "mirrored", "--cpu-replicas", "2"],
+                 timeout=300)
+    assert "Virtual devices cannot be modified" not in result.stderr
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "mvtec-demo").iterdir()
+    assert read_log(run_dir)[-1]["optimizer_step"] == 2

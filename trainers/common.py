@@ -203,10 +203,128 @@ def parse(parser, argv=None):
     require_counts(parser, args, ("epochs", "batch_size", "latent_dim", "steps_per_epoch"))
     if not math.isfinite(args.lr) or args.lr <= 0:
         parser.error(f"--lr must be a positive number, got {args.lr}")
+    check_numbers(parser, args)
+    check_tf_config(parser)
+    for flag in ("runs_root", "run_dir"):
+        if getattr(args, flag, None):
+            message = unwritable_folder(getattr(args, flag))
+            if message:
+                parser.error(f"--{flag.replace('_', '-')} {message}")
+    message = memory_message(args)
+    if message:
+        parser.error(message)
     from keras_vae_attn.console import start_tensorflow
 
     start_tensorflow()
+    setup_devices(args)         # before anything initializes the devices
     return args
+
+
+#: --seed feeds NumPy and TensorFlow seeds, which take 0 .. 2**32 - 1
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_numbers(parser, args):
+    """Parser errors for numbers that parse but cannot be used: a negative or too large
+    --seed; a --smooth that is not finite or wider than the image (a Gaussian that wide
+    flattens every map, and its kernel alone fills the memory); a negative
+    --cpu-replicas."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        parser.error(f"--seed must be from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed}")
+    smooth = getattr(args, "smooth", None)
+    if smooth is not None:
+        side = image_side(args)
+        if not math.isfinite(smooth) or not 0 <= smooth <= side:
+            parser.error(f"--smooth must be a number of pixels from 0 to the image side "
+                         f"({side}), got {smooth}")
+    if getattr(args, "cpu_replicas", 0) and args.cpu_replicas < 0:
+        parser.error(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}")
+
+
+def image_side(args):
+    """The side of the square images a trainer's model takes (MNIST 28, dSprites 64)."""
+    size = getattr(args, "image_size", None)
+    if size:
+        return size
+    return 28 if hasattr(args, "normal_digit") else 64
+
+
+def check_tf_config(parser):
+    """A parser error when $TF_CONFIG is set but is not a JSON object with a "task"
+    object (tf.distribute would fail on it later with a traceback)."""
+    text = os.environ.get("TF_CONFIG")
+    if text is None:
+        return
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        parser.error(f"the environment variable TF_CONFIG is not JSON ({error}): {text[:80]!r}")
+    if not isinstance(config, dict) or not isinstance(config.get("task", {}), dict):
+        parser.error(f"the environment variable TF_CONFIG must be a JSON object with a "
+                     f"\"task\" object, got {text[:80]!r}")
+
+
+def unwritable_folder(path):
+    """Why a run folder (or the parent of run folders) ``path`` cannot be written, or
+    None: a file in its place, or the nearest existing folder not writable (read-only
+    file system, permissions)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{path}: {probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{path}: {probe} is not writable"
+    return None
+
+
+def training_bytes(backbone, side, channels, latent_dim, batch_size):
+    """A rough size of training in memory: float32 weights with their gradients and the
+    two Adam moments, plus the activations kept for the backward pass and their
+    gradients (counted from the layer shapes: about 250 floats per pixel for ResNet18
+    and its decoder, 64 for the small nets)."""
+    if backbone == "resnet18":
+        steps = max(1, round(math.log2(max(side, 2) / 8)))
+        start = math.ceil(side / 2 ** steps)
+        first = ([256] * steps + [256, 128, 64, 32, 32])[-steps]
+        params = 11.2e6 + latent_dim * (2 * 512 + start * start * first)
+        per_pixel = 250
+    else:
+        filters = (32, 64) if side <= 32 else (32, 32, 64, 64) if side <= 64 else (32, 64, 128)
+        flat = math.ceil(side / 2 ** len(filters)) ** 2 * filters[-1]
+        params = 2 * flat * 256 + 3 * 256 * latent_dim
+        per_pixel = 64
+    activations = batch_size * side * side * (per_pixel + channels)
+    return 4 * (4 * params + 2 * activations)
+
+
+def machine_memory():
+    """Bytes of physical memory of this machine (None where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_message(args):
+    """None when the model of these flags fits in this machine's memory; else the one
+    line that refuses it, naming --latent-dim or --image-size (whichever the size
+    comes from). Checked before any data is loaded: past the memory the kernel kills
+    the process without a word."""
+    total = machine_memory()
+    if total is None or not getattr(args, "latent_dim", None):
+        return None
+    side = image_side(args)
+    backbone = getattr(args, "backbone", "small")
+    channels = getattr(args, "channels", 1 if not hasattr(args, "backbone") else 3)
+    needed = training_bytes(backbone, side, channels, args.latent_dim, args.batch_size)
+    if needed <= total:
+        return None
+    alone = training_bytes(backbone, side, channels, 32, args.batch_size)  # a usual latent
+    flag = f"--latent-dim {args.latent_dim}" if alone <= total else f"--image-size {side}"
+    return (f"{flag}: training this model needs about {needed / 2**30:.0f} GiB of memory, "
+            f"more than this machine's {total / 2**30:.0f} GiB; choose a smaller value")
 
 
 def require_counts(parser, args, flags):
@@ -262,35 +380,165 @@ class RunFinished(Exception):
     """The same command already finished a run; the message names it and the ways on."""
 
 
+class RunRefused(Exception):
+    """The run folder cannot be used as asked (busy, another run's, not writable); the
+    message says why and the way on. One line, exit 2."""
+
+
+#: What a trainer writes into its run folder: what ``--fresh`` clears in a finished or
+#: other-flags ``--run-dir`` before training in it again (nothing else there is touched).
+RUN_OUTPUTS = (BACKUP_DIR, CHECKPOINTS, TENSORBOARD, "model", "predictions",
+               "training_log.jsonl", RUN_COMPLETE, "predictions.csv", "thresholds.json")
+LOCK = ".lock"
+#: {real path of a run folder: its open lock file}, held until the run completes
+_HELD = {}
+
+
 def run_dir_for(args, experiment):
-    """Pick the run folder: explicit, the unfinished run of the same config, or a new one.
+    """Pick the run folder and lock it for this process: explicit, the unfinished run of
+    the same config, or a new one.
 
     Re-typing an interrupted command therefore resumes it from its backup; re-typing a
-    finished one raises RunFinished (nothing is trained twice) unless ``--fresh``.
+    finished one raises RunFinished (nothing is trained twice) unless ``--fresh``; a
+    command whose run is being trained by another process is refused (RunRefused), and
+    so is a ``--run-dir`` holding a run of other flags, unless ``--fresh``.
     """
     config = config_of(args)
-    if args.run_dir:
-        path = args.run_dir
-    else:
-        parent = os.path.join(args.runs_root, experiment)
-        digest = config_hash(config)
-        same = sorted(name for name in os.listdir(parent) if name.endswith(digest)) \
-            if os.path.isdir(parent) and not args.fresh else []
-        unfinished = [name for name in same
-                      if not os.path.exists(os.path.join(parent, name, RUN_COMPLETE))]
-        if same and not unfinished:
-            rescore = hasattr(args, "model_dir") and not args.model_dir
-            raise RunFinished(finished_message(os.path.join(parent, same[-1]), rescore))
-        path = os.path.join(parent, unfinished[-1] if unfinished else
-                            _new_run_name(parent, digest))
-    worker = worker_index()
-    if worker:
-        # Multi-worker training: only worker 0 (the chief) owns the run folder; the
-        # others keep their own copies of checkpoints and backups beside it.
-        path = os.path.join(path, f"worker-{worker}")
-    os.makedirs(path, exist_ok=True)
-    write_json(os.path.join(path, "config.json"), config)
+    try:
+        worker = worker_index()
+        if args.run_dir:
+            path = explicit_run_dir(args, config, worker)
+        else:
+            parent = os.path.join(args.runs_root, experiment)
+            os.makedirs(parent, exist_ok=True)
+            with locked(os.path.join(parent, LOCK)):     # two commands started at once
+                path = own_folder(pick_run_dir(args, parent, config), worker)
+        write_json(os.path.join(path, "config.json"), config)
+    except OSError as error:
+        flag = "--run-dir" if args.run_dir else "--runs-root"
+        raise RunRefused(f"{flag} {args.run_dir or args.runs_root}: cannot write "
+                         f"{error.filename or ''}: {error.strerror or error}") from None
     return path
+
+
+def pick_run_dir(args, parent, config):
+    """The unfinished run of the same config under ``parent``, else a new folder (made
+    here); RunFinished when the same config finished already (unless --fresh)."""
+    digest = config_hash(config)
+    same = sorted(name for name in os.listdir(parent) if name.endswith(digest)) \
+        if not args.fresh else []
+    unfinished = [name for name in same
+                  if not os.path.exists(os.path.join(parent, name, RUN_COMPLETE))]
+    if same and not unfinished:
+        rescore = hasattr(args, "model_dir") and not args.model_dir
+        raise RunFinished(finished_message(os.path.join(parent, same[-1]), rescore))
+    if unfinished:
+        return os.path.join(parent, unfinished[-1])
+    path = os.path.join(parent, _new_run_name(parent, digest))
+    os.makedirs(path)
+    return path
+
+
+def own_folder(path, worker):
+    """The folder this process owns in the run folder ``path``, made and locked: the run
+    folder itself for the chief (worker 0); in multi-worker training the other workers
+    keep their own checkpoints and backups beside it, in ``worker-N``."""
+    if worker:
+        path = os.path.join(path, f"worker-{worker}")
+        os.makedirs(path, exist_ok=True)
+    claim(path)
+    return path
+
+
+def explicit_run_dir(args, config, worker=0):
+    """``--run-dir``: resumed when it holds an unfinished run of the same flags; a
+    finished run of the same flags is RunFinished; a run of other flags is refused,
+    unless ``--fresh``, which clears that run's outputs (RUN_OUTPUTS) first."""
+    path = args.run_dir
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunRefused(f"--run-dir {path} is a file, not a folder")
+    os.makedirs(path, exist_ok=True)
+    path = own_folder(path, worker)
+    old = runs.read_config(path) if os.path.isfile(os.path.join(path, runs.CONFIG)) else {}
+    differ = sorted(key for key in set(old) & set(config)
+                    if key != "explain" and old[key] != config[key])
+    finished = os.path.exists(os.path.join(path, RUN_COMPLETE))
+    if args.fresh and (differ or finished):
+        for name in RUN_OUTPUTS:
+            target = os.path.join(path, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        print(f"--fresh: cleared the previous run's outputs in {path}", file=sys.stderr)
+    elif differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} there, {config[k]!r} here"
+                          for k in differ[:3])
+        state = "finished" if finished else "unfinished"
+        raise RunRefused(f"--run-dir {path} holds a {state} run of other flags ({shown}); "
+                         "pass another --run-dir, or --fresh to replace that run")
+    elif finished:
+        rescore = hasattr(args, "model_dir") and not args.model_dir
+        raise RunFinished(finished_message(path, rescore))
+    return path
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on the file ``path`` for the block (waits for other holders)."""
+    import fcntl
+
+    with open(path, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def claim(path):
+    """Lock the run folder ``path`` for the rest of this process (or until
+    :func:`release`): its ``.lock`` file is flock'ed and holds our pid. A folder locked
+    by a live process is refused (RunRefused); a lock file left by a process that died
+    (a kill frees the flock, the pid stays) is taken over with a line saying so."""
+    import fcntl
+
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return
+    handle = open(os.path.join(path, LOCK), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise RunRefused(f"the run folder {path} is in use by process {owner} (the same "
+                         "command, still running); wait for it to end, or pass --fresh "
+                         "to start another run") from None
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous and previous != str(os.getpid()):
+        print(f"taking over the run folder {path} from process {previous}, which ended "
+              "without finishing it", file=sys.stderr)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD[key] = handle
+
+
+def release(path):
+    """Give up the lock of a finished run folder (its lock file is emptied: no owner)."""
+    import fcntl
+
+    handle = _HELD.pop(os.path.realpath(path), None)
+    if handle is not None:
+        handle.seek(0)
+        handle.truncate()
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def finished_message(path, rescore=True):
@@ -349,10 +597,13 @@ def setup_devices(args):
     """Split the CPU into logical devices before TensorFlow starts, for testing strategies."""
     import tensorflow as tf
 
-    if args.cpu_replicas and args.cpu_replicas > 1:
+    replicas = getattr(args, "cpu_replicas", 0)
+    if replicas and replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
+        if tf.config.get_logical_device_configuration(cpu):
+            return                          # split already (parse does it first)
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_replicas)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
 
 
 def make_strategy(args):
@@ -521,6 +772,7 @@ def complete_run(run_dir, metrics, examples=None):
     kva_callbacks.log_evaluation(os.path.join(run_dir, TENSORBOARD), metrics,
                                  max(len(epochs) - 1, 0), examples)
     write_json(os.path.join(run_dir, RUN_COMPLETE), metrics)
+    release(run_dir)
 
 
 def check_diverged(guard):
@@ -555,6 +807,9 @@ def main_guard(main):
     except RunFinished as finished:
         print(finished, file=sys.stderr)
         raise SystemExit(0) from None
+    except RunRefused as refused:
+        print(f"error: {refused}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (DataError, MissingExtra, TrainingDiverged, FileNotFoundError) as error:
         option = getattr(error, "option", None)
         hint = f" [see --{option.replace('_', '-')}]" if option else ""
