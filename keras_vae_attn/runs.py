@@ -255,3 +255,8 @@ def require_space(folder, needed, what):
     if free < needed:
         raise DiskFull(f"no space left for {what} in {folder}: {needed / 2**20:.1f} MiB "
                        f"needed, {free / 2**20:.1f} MiB free")
+
+
+class ModelLoadError(ValueError):
+    """A saved model folder whose files are there but do not load (not JSON, a spec no
+    builder takes, truncated weights); the message names the folder, on one line."""

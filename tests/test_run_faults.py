@@ -255,3 +255,56 @@ def test_mvtec_trainer_runs_mirrored_on_two_logical_cpus(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (tmp_path / "mvtec-demo").iterdir()
     assert read_log(run_dir)[-1]["optimizer_step"] == 2
+
+
+def broken_models(source, root):
+    """Copies of the saved model ``source`` (a model/ folder), each broken one way."""
+    import shutil
+
+    cases = {}
+    for name in ("not-json", "negative-latent", "unknown-class", "truncated-weights"):
+        target = root / name
+        shutil.copytree(source, target)
+        cases[name] = target
+    (cases["not-json"] / "model.json").write_text("{not json")
+    for name, change in (("negative-latent", {"latent_dim": -4}),
+                         ("unknown-class", {"class": "Transformer"})):
+        spec = json.loads((cases[name] / "model.json").read_text())
+        (cases[name] / "model.json").write_text(json.dumps({**spec, **change}))
+    weights = cases["truncated-weights"] / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    return cases
+
+
+def test_a_model_dir_that_does_not_load_is_one_line(mnist_run, tmp_path, capsys):
+    from keras_vae_attn.models import load_vae
+    from trainers import common
+
+    for name, folder in broken_models(mnist_run / "model", tmp_path).items():
+        with pytest.raises(SystemExit) as stop:
+            common.main_guard(lambda: load_vae(str(folder)))
+        assert stop.value.code == 2, name
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: cannot load the model in {folder}: "), line
+        assert line.endswith("[see --model-dir]")
+
+
+def test_an_mnist_header_of_784x1_pixels_is_one_line(shared_data, tmp_path):
+    """The bytes are all there (10000 x 784 x 1 = 10000 x 28 x 28), only the header's
+    shape is wrong: refused before training, naming the shape."""
+    import gzip
+    import shutil
+    import struct
+
+    folder = tmp_path / "mnist"
+    shutil.copytree(shared_data / "mnist", folder)
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:8] + struct.pack(">II", 784, 1) + raw[16:]))
+    result = cli("trainers.mnist", ["--data-dir", folder, "--runs-root", tmp_path / "runs",
+                                    "--epochs", "1", "--quiet"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: MNIST test images in {str(folder)!r}: the IDX header says 784x1 pixels, "
+        "MNIST's are 28x28")
+    assert "Traceback" not in result.stderr

@@ -793,7 +793,7 @@ def main_guard(main):
     """Run a trainer's main, turning expected user errors into one clear line and exit 2."""
     from keras_vae_attn.data import DataError
     from keras_vae_attn.extras import MissingExtra
-    from keras_vae_attn.runs import DiskFull
+    from keras_vae_attn.runs import DiskFull, ModelLoadError
 
     try:
         return main()
@@ -809,6 +809,9 @@ def main_guard(main):
         raise SystemExit(0) from None
     except RunRefused as refused:
         print(f"error: {refused}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ModelLoadError as error:
+        print(f"error: {error} [see --model-dir]", file=sys.stderr)
         raise SystemExit(2) from None
     except (DataError, MissingExtra, TrainingDiverged, FileNotFoundError) as error:
         option = getattr(error, "option", None)

@@ -64,6 +64,9 @@ def load_split(data_dir, split):
     labels = read_idx(_find(data_dir, label_stem))
     if images.ndim != 3 or labels.ndim != 1:
         raise DataError(f"MNIST {split} files in {data_dir!r} have swapped or wrong contents")
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"MNIST {split} images in {data_dir!r}: the IDX header says "
+                        f"{images.shape[1]}x{images.shape[2]} pixels, MNIST's are 28x28")
     if len(images) != len(labels):
         raise DataError(f"MNIST {split} in {data_dir!r}: {len(images)} images but "
                         f"{len(labels)} labels")

@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 
+from keras_vae_attn.runs import ModelLoadError
+
 MODEL_SPEC = "model.json"
 MODEL_WEIGHTS = "model.weights.h5"
 #: models saved before the feature distributions kept only the normal mean feature map
@@ -51,11 +53,21 @@ def load_vae(directory):
     for path in (spec_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory!r} holds no trained model: {path} is missing")
-    with open(spec_path, encoding="utf-8") as handle:
-        spec = json.load(handle)
-    model = _build(spec, spec_path)
-    model.load_weights(weights_path)
-    _load_legacy_feature_means(model, os.path.join(directory, LEGACY_FEATURE_MEANS))
+    try:
+        with open(spec_path, encoding="utf-8") as handle:
+            spec = json.load(handle)
+        if not isinstance(spec, dict):
+            raise ValueError(f"{spec_path} must hold a JSON object, got "
+                             f"{type(spec).__name__}")
+        model = _build(spec, spec_path)
+        model.load_weights(weights_path)
+        _load_legacy_feature_means(model, os.path.join(directory, LEGACY_FEATURE_MEANS))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        # not JSON, a spec no builder takes (negative latent_dim, unknown class),
+        # truncated or foreign weights: one line naming the folder
+        reason = " ".join(str(error).split())[:300]
+        raise ModelLoadError(f"cannot load the model in {directory}: "
+                             f"{type(error).__name__}: {reason}") from None
     return model
 
 
@@ -84,14 +96,25 @@ def _build(spec, spec_path):
         raise ValueError(f"{spec_path}: cannot rebuild a saved model of class {kind!r}; "
                          f"known: {', '.join(builders)}")
     model = builders[kind](**spec)
-    for layer in feature_layers:        # the weights must exist before they load
-        shape = model.explainer(layer).front.output.shape[1:] \
-            if model.explainer(layer).front is not None else None
+    for key in feature_layers:        # the weights must exist before they load
+        shape = _distribution_shape(model, key)
         if shape is None:
             raise ValueError(f"{spec_path}: cannot rebuild the feature distribution of "
-                             f"layer {layer!r}")
-        model.add_feature_distribution(layer, shape, layer in covariance_layers)
+                             f"layer {key!r}")
+        model.add_feature_distribution(key, shape, key in covariance_layers)
     return model
+
+
+def _distribution_shape(model, key):
+    """The (h, w, K) shape of a stored distribution: a layer's feature map, the image
+    for the pixel residual, the layer's for its feature residual."""
+    from keras_vae_attn.models.vae import PIXELS
+
+    if key == PIXELS:
+        return tuple(model.encoder.inputs[0].shape[1:])
+    layer = key[len("residual_"):] if key.startswith("residual_") else key
+    front = model.explainer(layer).front
+    return None if front is None else front.output.shape[1:]
 
 
 def _load_legacy_feature_means(model, path):
