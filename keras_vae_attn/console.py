@@ -56,3 +56,36 @@ def start_tensorflow():
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
     return tf
+
+
+def decision_lines(entry, what="images"):
+    """What a run decided, for the end of its console output: at the calibrated image
+    threshold, how many test ``what`` were flagged anomalous and how many of those are,
+    with a warning when nothing was flagged (AUROCs alone cannot show a threshold that
+    flags nothing). ``entry``: the "predictions" entry of metrics.json
+    (keras_vae_attn/predictions.write)."""
+    counts = entry["at_threshold"]
+    flagged = counts["true_positive"] + counts["false_positive"]
+    anomalous = counts["true_positive"] + counts["false_negative"]
+    total = anomalous + counts["false_positive"] + counts["true_negative"]
+    threshold = entry["thresholds"]["image"]
+    lines = [f"decisions at the calibrated thresholds (image {threshold:.4g}, pixel "
+             f"{entry['thresholds']['pixel']:.4g}; predictions.csv): {flagged} of {total} "
+             f"test {what} flagged anomalous, {counts['true_positive']} of them anomalous "
+             f"({counts['true_positive']} of the {anomalous} anomalous {what} caught, "
+             f"{counts['false_positive']} false alarms)"]
+    if flagged == 0:
+        lines.append(f"warning: no test {what} scored above the image threshold "
+                     f"{threshold:.4g}: every decision is 'normal' (a model trained too "
+                     "briefly, or calibration images unlike the test ones)")
+    return lines
+
+
+def auroc_text(name, auc):
+    """``name auc`` for a console line; below 0.5 marked as the ROC figures mark it
+    (keras_vae_attn.viz.roc_label): the score is inverted, 1 - AUROC separates."""
+    if auc is None:
+        return f"{name} n/a"
+    if auc < 0.5:
+        return f"{name} {auc:.3f} (inverted: 1-AUROC = {1 - auc:.3f})"
+    return f"{name} {auc:.3f}"

@@ -100,3 +100,52 @@ def test_mnist_through_tfds_with_a_dependency_missing_names_the_extra(tmp_path):
         "error: loading MNIST through tensorflow-datasets needs the Python module "
         "'importlib_resources', which is not installed: pip install "
         "'keras-vae-attn[datasets]' [see --data-dir]")
+
+
+def entry(tp, fp, fn, tn, image=0.25, pixel=0.1):
+    """A metrics.json "predictions" entry with these counts at the threshold."""
+    return {"thresholds": {"image": image, "pixel": pixel},
+            "at_threshold": {"true_positive": tp, "false_positive": fp,
+                             "false_negative": fn, "true_negative": tn}}
+
+
+def test_the_decisions_say_how_many_were_flagged_and_how_many_of_them_are_anomalous():
+    from keras_vae_attn.console import decision_lines
+
+    (line,) = decision_lines(entry(7, 3, 5, 68), "images")
+    assert "image 0.25, pixel 0.1" in line
+    assert "10 of 83 test images flagged anomalous, 7 of them anomalous" in line
+    assert "7 of the 12 anomalous images caught, 3 false alarms" in line
+
+
+def test_nothing_flagged_is_a_warning():
+    """The reported case: UCSD --demo --epochs 2 flagged 0 of 111 anomalous frames."""
+    from keras_vae_attn.console import decision_lines
+
+    line, warning = decision_lines(entry(0, 0, 111, 9, image=0.5), "frames")
+    assert "0 of 120 test frames flagged anomalous" in line
+    assert warning.startswith("warning: no test frames scored above the image threshold 0.5")
+
+
+def test_an_inverted_auroc_is_marked_as_in_the_roc_figure():
+    from keras_vae_attn import viz
+    from keras_vae_attn.console import auroc_text
+
+    assert auroc_text("kl", 0.041) == "kl 0.041 (inverted: 1-AUROC = 0.959)"
+    assert "inverted: 1-AUROC = 0.959" in viz.roc_label("kl", 0.041)
+    assert auroc_text("recon_score", 0.93) == "recon_score 0.930"
+    assert auroc_text("kl", None) == "kl n/a"
+
+
+def test_the_comparison_table_says_at_which_sigma_each_method_is_reported():
+    from keras_vae_attn.metrics.comparison import table_lines
+
+    def scores(pixel, aupro):
+        return {"pixel_auroc": pixel, "aupro": aupro, "best_iou": 0.1, "image_auroc": 0.5}
+
+    results = {"a": {"0": scores(0.7, 0.2), "2": scores(0.8, 0.3)},
+               "b": {"0": scores(0.9, 0.4), "2": scores(0.6, 0.1)}}
+    title, head, row_a, row_b = table_lines(results, "a")
+    assert "best s" in head and "'best s' column" in title
+    assert row_a.split()[-4:] == ["s=2", "0.300", "0.100", "0.500"]
+    assert row_b.split()[-4:] == ["s=0", "0.400", "0.100", "0.500"]

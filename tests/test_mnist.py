@@ -96,6 +96,11 @@ def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
                                            "mean_image_difference", "pixel_deviation"}
     assert all(0.0 <= v <= 1.0 for v in metrics["image_auroc"].values())
     assert metrics["test_images"] == 600 and metrics["normal_digit"] == 1
+    counts = metrics["predictions"]["at_threshold"]
+    flagged = counts["true_positive"] + counts["false_positive"]
+    assert f"{flagged} of 600 test images flagged anomalous" in result.stdout
+    for name, auc in metrics["image_auroc"].items():      # inverted scores said so
+        assert (f"{name} {auc:.3f} (inverted" in result.stdout) == (auc < 0.5), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
 
 

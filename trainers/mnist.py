@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from keras_vae_attn import console
 from trainers import common
 
 
@@ -181,8 +182,9 @@ def main(argv=None):
     if "image_auroc_undefined" in metrics:
         print(f"image AUROC not computed: {metrics['image_auroc_undefined']} "
               f"(metrics.json holds null)", file=sys.stderr)
-    print("image AUROC: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
+    print("image AUROC: " + ", ".join(console.auroc_text(k, v)
                                       for k, v in metrics["image_auroc"].items()))
+    print("\n".join(console.decision_lines(metrics["predictions"], "images")))
     print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")
     return run_dir
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from keras_vae_attn import console
 from trainers import common
 
 DEMO = "demo"
@@ -252,7 +253,7 @@ def main(argv=None):
     figures = write_figures(model, test, maps, metrics, run_dir, options, calibrated,
                             predicted)
     common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "images")))
     print(f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
           + (", curves.png" if history else ""))
     print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from keras_vae_attn import console
 from trainers import common
 
 # The paper's Table 1 (UCSD Ped1, 100x100): pixel AUROC per method.
@@ -156,7 +157,7 @@ def evaluate(model, train_images, test, args, options):
     lines = kva_evaluate.summary(result, (
         f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
         f"frames, {int(test.labels.sum())} anomalous; anomaly attention = "
-        f"{options.describe()}")) + [""] + table(methods, args.subset)
+        f"{options.describe()}")) + [""] + table(methods, args.subset, options.smooth)
     metrics = {**kva_evaluate.as_metrics(result, options), "methods": methods,
                "attention_beats_recon": attention_beats(methods, RECON, args.layers),
                "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers)}
@@ -183,11 +184,17 @@ def attention_beats(methods, other, layers):
             else methods[name]["pixel_auroc"] > theirs for key, name in names.items()}
 
 
-def table(methods, subset):
-    """The paper's Table 1 as text lines: one row per method, the paper's AUROC beside."""
-    lines = [f"{'method':<34} {'pixel AUROC':>11} {'AUPRO':>7} {'best IoU':>9} "
+def table(methods, subset, sigma=0.0):
+    """The paper's Table 1 as text lines: the headline attention, the reconstruction
+    difference and one row per --layers entry, every metric at the run's smoothing
+    ``sigma`` (labelled: the side-by-side table above reports several sigmas), the
+    paper's AUROC beside. The other references are in that table only."""
+    shown_rows = ["anomaly_attention", RECON] + [name for name in methods
+                                                 if name.startswith("attention_")]
+    lines = [f"the paper's Table 1: every metric at sigma {sigma:g} px (the run's --smooth)",
+             f"{'method':<34} {'pixel AUROC':>11} {'AUPRO':>7} {'best IoU':>9} "
              f"{'frame AUROC':>11} {'paper (Ped1)':>12}"]
-    for name, values in methods.items():
+    for name, values in ((n, methods[n]) for n in shown_rows if n in methods):
         paper = PAPER_PED1.get(name) if subset == "ped1" else None
         cells = [values[key] for key in ("pixel_auroc", "aupro", "best_iou", "image_auroc")]
         shown = [f"{v:.3f}" if v is not None else "n/a" for v in cells]
@@ -327,7 +334,7 @@ def main(argv=None):
                  os.path.join(run_dir, "examples.png"), metrics, options, calibrated,
                  predicted)
     common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "frames")))
     print(f"figures (examples.png, roc.png{', curves.png' if history else ''}), "
           f"metrics.json, predictions.csv and thresholds.json in {run_dir}")
     return run_dir

@@ -82,15 +82,16 @@ def table_lines(results, primary, labels=None, metric="pixel_auroc"):
     labels = labels or {}
     levels = list(next(iter(results.values())).keys())
     head = f"{'method':<34}" + "".join(f"{'s=' + lv:>9}" for lv in levels) + \
-        f"{'AUPRO':>8}{'IoU':>7}{'imgAUC':>8}"
+        f"{'best s':>8}{'AUPRO':>8}{'IoU':>7}{'imgAUC':>8}"
     lines = [f"{metric} by smoothing sigma (px); AUPRO / IoU / image AUROC at each "
-             "method's best sigma", head]
+             f"method's best sigma (the 'best s' column)", head]
     for name, by_level in results.items():
         cells = "".join(f"{_fmt(by_level[lv][metric]):>9}" for lv in levels)
         level, _ = best(results, name, metric)
         extra = by_level.get(level, {}) if level is not None else {}
-        tail = "".join(f"{_fmt(extra.get(k)):>{w}}" for k, w in
-                       (("aupro", 8), ("best_iou", 7), ("image_auroc", 8)))
+        tail = f"{'s=' + level if level is not None else 'n/a':>8}" + "".join(
+            f"{_fmt(extra.get(k)):>{w}}" for k, w in
+            (("aupro", 8), ("best_iou", 7), ("image_auroc", 8)))
         shown = ("* " if name == primary else "  ") + labels.get(name, name)
         lines.append(f"{shown[:34]:<34}{cells}{tail}")
     return lines
