@@ -34,6 +34,8 @@ setup(
             "onnxruntime",
             "tensorflow-datasets",
             "importlib_resources",
+            # the tests parse the exported TF Serving warm-up records with its protos
+            "tensorflow-serving-api>=2.21,<2.22",
         ],
     },
 )

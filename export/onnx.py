@@ -6,11 +6,15 @@ The graph is the serving_default signature of :mod:`export.saved_model` (the sam
 :func:`keras_vae_attn.scoring.explain_anomaly` call, gradients included; the latent
 dimensions batched as "stack", see :func:`onnx_options`), frozen and converted by tf2onnx
 with the gradient-op handlers of :mod:`export.onnx_handlers`.
-Input ``images`` float32 (batch, H, W, C) in [0, 1], any batch size; outputs heatmap,
-per_latent, recon_error, score, mu, logvar (+ pred_mask, pred_label, heatmap_normalized
-with --thresholds). What it was made from is in the model's metadata (``input_shape``,
-``options``, ``thresholds``, ...). Before the file is written, the converted graph is
-run on a small batch and compared with the in-memory model (``--no-verify`` skips it).
+Input ``images`` float32 (batch, H, W, C) in [0, 1], any batch size; outputs heatmap
+and score (+ pred_score, pred_label, pred_mask with --thresholds), as serving_default.
+The per-latent maps are left out: they take a second backward pass (D maps per image),
+which the heatmap does not need; the SavedModel's ``explain_latents`` signature has them.
+What the model was made from and how to feed it is in its ``metadata_props`` (every
+value JSON: ``input_shape``, ``preprocessing``, ``options``, ``thresholds``,
+``training_data``, ...; :func:`read_metadata`). Before the file is written, the converted
+graph is run on a small batch and compared with the in-memory model (``--no-verify``
+skips it).
 
 Input checks: unlike the SavedModel signatures, the ONNX graph does not check its
 input. tf2onnx drops TensorFlow's assert ops, and ONNX has no operator that fails with
@@ -35,7 +39,8 @@ import sys
 from export import (ExportError, InputError, Stages, check_options,  # noqa: F401
                     load_run, load_thresholds, no_stages, pid_alive, refuse_existing)
 from export import check_images as _check_images
-from export.saved_model import anomaly_outputs, input_shape, warn_incomplete
+from export.saved_model import (DECISION_OUTPUTS, SERVING_OUTPUTS, anomaly_outputs,
+                                input_shape, model_metadata, warn_incomplete)
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
@@ -154,19 +159,39 @@ def parity(model, options, thresholds, model_proto, images):
 
 
 def add_metadata(model_proto, run, thresholds):
-    """Record the input shape, options and thresholds in the model's metadata_props."""
-    height, width, channels = input_shape(run.model)
-    props = {"input_shape": json.dumps([height, width, channels]),
-             "options": json.dumps(run.options.as_config()),
-             "thresholds": json.dumps(thresholds.as_dict() if thresholds else None),
-             "latent_dim": str(int(run.model.latent_dim)),
-             "source_run": os.path.abspath(run.path),
-             "run_complete": json.dumps(run.complete)}
-    for key, value in props.items():
+    """Record :func:`export.saved_model.model_metadata` in the model's metadata_props,
+    each value as JSON (:func:`read_metadata` reads them back)."""
+    for key, value in model_metadata(run, thresholds).items():
         entry = model_proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        entry.key, entry.value = key, json.dumps(value)
+    outputs = ", ".join([*SERVING_OUTPUTS, *(DECISION_OUTPUTS if thresholds else ())])
     model_proto.doc_string = ("keras-vae-attn anomaly attention: images float32 (B, H, W, C) "
-                              "in [0, 1] -> heatmap, per_latent, recon_error, score, mu, logvar")
+                              f"in [0, 1] -> {outputs}")
+
+
+def read_metadata(path):
+    """The metadata an .onnx file written by :func:`export` holds (a dict: input_shape,
+    image_size, preprocessing, options, thresholds, training_data, ...); ExportError if
+    the file cannot be read."""
+    import onnx
+
+    try:
+        model_proto = onnx.load(path, load_external_data=False)
+    except Exception as error:   # OSError, or protobuf's DecodeError for a non-ONNX file
+        raise ExportError(f"cannot read the ONNX model {path!r}: {error}") from None
+    return parse_metadata({p.key: p.value for p in model_proto.metadata_props})
+
+
+def parse_metadata(props):
+    """{key: JSON string} of metadata_props -> {key: value}; a value that is no JSON
+    (an export of an earlier version) stays a string."""
+    parsed = {}
+    for key, value in props.items():
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            parsed[key] = value
+    return parsed
 
 
 STAGES = 4     # load, trace and convert, parity check, write
@@ -251,8 +276,8 @@ def build_parser():
                              "the attention layer)")
     parser.add_argument("--force", action="store_true", help="replace an existing file")
     parser.add_argument("--thresholds", default=None,
-                        help="thresholds.json (pixel, image): adds pred_mask, pred_label "
-                             "and heatmap_normalized outputs")
+                        help="thresholds.json (pixel, image): adds pred_score, pred_label "
+                             "and pred_mask outputs")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip running the converted graph against the model")
     return parser

@@ -10,13 +10,21 @@ Signatures (all compute :func:`keras_vae_attn.scoring.explain_anomaly`, gradient
 included, with the normal-data latent statistics baked in as model variables):
 
     serving_default  images float32 (B, H, W, C) in [0, 1] -> heatmap (B, H, W),
-                     per_latent (B, D, h, w), recon_error (B, H, W), score (B,), mu (B, D),
-                     logvar (B, D) [+ pred_mask, pred_label, heatmap_normalized with
-                     --thresholds]
-    explain          images -> per_latent (B, D, h, w), attention (B, H, W), mu (B, D):
-                     the plain per-latent attention (Eq. 3-4) at --explain-layer
+                     score (B,) [+ with --thresholds: pred_score (B,) on [0, 1] with the
+                     image threshold at 0.5, pred_label (B,), pred_mask (B, H, W)]
     serve_bytes      image_bytes string (B,) PNG/JPEG -> as serving_default; decoded and
                      resized in the graph exactly as the trainers load images
+    explain_latents  images -> every output: heatmap, per_latent (B, D, h, w),
+                     recon_error (B, H, W), score, mu (B, D), logvar (B, D) [+ the
+                     decisions and heatmap_normalized with --thresholds]
+    explain          images -> per_latent (B, D, h, w), attention (B, H, W), mu (B, D):
+                     the plain per-latent attention (Eq. 3-4) at --explain-layer
+
+The two serving signatures are lean (a REST response of 2 images at 64 px: 0.24 MB
+instead of 1.65 MB with per_latent), and they skip the per-latent and reconstruction
+passes. ``assets/export.json`` holds the model's metadata (:func:`read_metadata`), and
+``assets.extra/tf_serving_warmup_requests`` one request per signature, which TF Serving
+replays when it loads the version.
 
 Every signature checks its input in the graph and fails with a message naming it:
 the shape, float images in [0, 1] (NaN and inf fail too), and at least one image.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import sys
@@ -34,10 +43,16 @@ import sys
 from export import (RUN_COMPLETE, ExportError, Stages, check_options, load_run,
                     load_thresholds, model_name_problem, no_stages, remove_stale_staging)
 
+#: serving_default and serve_bytes (and the ONNX graph): what a client acts on
+SERVING_OUTPUTS = ("heatmap", "score")
+#: added to them with --thresholds
+DECISION_OUTPUTS = ("pred_score", "pred_label", "pred_mask")
+#: explain_latents: every output of the anomaly attention
 ANOMALY_OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
 ATTENTION_OUTPUTS = ("per_latent", "attention", "mu")
-SIGNATURES = ("serving_default", "explain", "serve_bytes")
+SIGNATURES = ("serving_default", "explain", "serve_bytes", "explain_latents")
 EXPORT_INFO = "export.json"
+WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
 def input_shape(model):
@@ -45,19 +60,53 @@ def input_shape(model):
     return tuple(int(d) for d in model.encoder.inputs[0].shape[1:])
 
 
-def anomaly_outputs(model, images, options, thresholds=None):
+def anomaly_outputs(model, images, options, thresholds=None, full=False):
     """The serving outputs for float images (B, H, W, C): a dict of tensors.
 
-    ``options``: the run's :class:`~keras_vae_attn.runs.ExplainOptions`;
-    with ``thresholds`` the calibrated decisions of
-    :func:`keras_vae_attn.calibration.decide` are added.
+    ``options``: the run's :class:`~keras_vae_attn.runs.ExplainOptions`. Lean by
+    default (:data:`SERVING_OUTPUTS`: no per-latent or reconstruction pass runs);
+    ``full`` gives :data:`ANOMALY_OUTPUTS`. With ``thresholds`` the decisions of
+    :func:`decisions` are added.
     """
-    from keras_vae_attn import calibration, scoring
+    from keras_vae_attn import scoring
 
-    out = scoring.explain_anomaly(model, images, options)
-    result = {name: out[name] for name in ANOMALY_OUTPUTS}
+    names = ANOMALY_OUTPUTS if full else SERVING_OUTPUTS
+    out = scoring.explain_anomaly(model, images, options, keys=names)
+    result = {name: out[name] for name in names}
     if thresholds is not None:
-        result.update(calibration.decide(out["heatmap"], out["score"], thresholds))
+        result.update(flag_non_finite(images, decisions(out["heatmap"], out["score"],
+                                                        thresholds, full)))
+    return result
+
+
+def flag_non_finite(images, decided):
+    """``decided`` with every image holding NaN or inf labelled anomalous (pred_label
+    True, pred_score 1): its maps are NaN and its score compares false, which would call
+    it "normal". The SavedModel signatures refuse such input in the graph; an ONNX graph
+    cannot (tf2onnx drops asserts), so this is what it answers instead."""
+    import tensorflow as tf
+
+    bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3]))
+    return {**decided, "pred_label": tf.logical_or(decided["pred_label"], bad),
+            "pred_score": tf.where(bad, tf.ones_like(decided["pred_score"]),
+                                   decided["pred_score"])}
+
+
+def decisions(heatmap, score, thresholds, full=False):
+    """pred_score, pred_label and pred_mask of :data:`DECISION_OUTPUTS` (tensors).
+
+    ``pred_score`` is the image score on [0, 1] with the image threshold at 0.5, the
+    formula of predictions.csv's column (:func:`keras_vae_attn.calibration.normalize`),
+    so ``pred_score > 0.5`` is ``pred_label``; the label and the mask are
+    :func:`keras_vae_attn.calibration.decide`'s. ``full`` adds its heatmap_normalized.
+    """
+    from keras_vae_attn import calibration
+
+    decided = calibration.decide(heatmap, score, thresholds)
+    result = {"pred_score": calibration.normalize(score, thresholds.image),
+              "pred_label": decided["pred_label"], "pred_mask": decided["pred_mask"]}
+    if full:
+        result["heatmap_normalized"] = decided["heatmap_normalized"]
     return result
 
 
@@ -116,7 +165,7 @@ def check_images(images, height, width, channels):
 
 
 def build_archive(model, options, thresholds=None, explain_layer=None):
-    """A ``keras.export.ExportArchive`` with the three signatures (see module doc)."""
+    """A ``keras.export.ExportArchive`` with the signatures of :data:`SIGNATURES` (see module doc)."""
     import keras
     import tensorflow as tf
 
@@ -130,6 +179,10 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
     def serve(images):
         images = check_images(images, height, width, channels)
         return anomaly_outputs(model, images, options, thresholds)
+
+    def explain_latents(images):
+        images = check_images(images, height, width, channels)
+        return anomaly_outputs(model, images, options, thresholds, full=True)
 
     def explain(images):
         images = check_images(images, height, width, channels)
@@ -147,22 +200,163 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
     archive.add_endpoint("serving_default", serve, input_signature=[images_spec])
     archive.add_endpoint("explain", explain, input_signature=[images_spec])
     archive.add_endpoint("serve_bytes", serve_bytes, input_signature=[bytes_spec])
+    archive.add_endpoint("explain_latents", explain_latents, input_signature=[images_spec])
     return archive
+
+
+#: How an image file becomes the float input of serving_default (what serve_bytes and
+#: the trainers do; README "Serving" shows it in Python).
+PREPROCESSING = ("decode the file, resize to input_shape's height x width with "
+                 "tf.image.resize(method='bilinear', antialias=True), round to 8-bit "
+                 "values, divide by 255")
+
+
+def model_metadata(run, thresholds):
+    """What an exported model was made from and how to feed it: the part the
+    SavedModel's ``assets/export.json`` and the ONNX ``metadata_props`` share (read
+    back by :func:`read_metadata` and ``export.onnx.read_metadata``)."""
+    from export import lineage
+
+    height, width, channels = input_shape(run.model)
+    return {"input_shape": [height, width, channels], "image_size": [height, width],
+            "preprocessing": PREPROCESSING, "options": run.options.as_config(),
+            "latent_dim": int(run.model.latent_dim),
+            "thresholds": thresholds.as_dict() if thresholds is not None else None,
+            "training_data": training_data(run.config),
+            "source_run": os.path.abspath(run.path), "run_complete": run.complete,
+            "versions": lineage.package_versions()}
+
+
+def training_data(config):
+    """The fingerprint of the normal training images a run read (file names and sizes,
+    as the pipeline's manifest fingerprints data): for runs whose ``config.json`` names
+    ``data_dir`` and ``category`` (MVTec layout, ``<data_dir>/<category>/train``) while
+    that folder exists; None where it is not known."""
+    from export import lineage
+
+    data_dir, category = config.get("data_dir"), config.get("category")
+    if not isinstance(data_dir, str) or not isinstance(category, str):
+        return None
+    folder = os.path.join(data_dir, category, "train")
+    if not os.path.isdir(folder):
+        return None
+    return {"folder": os.path.abspath(folder), "hashed": "file names and sizes",
+            **lineage.fingerprint_files(folder)}
+
+
+def signature_outputs(thresholds):
+    """{signature: its output names}, as the archive builds them."""
+    decided = DECISION_OUTPUTS if thresholds is not None else ()
+    lean = [*SERVING_OUTPUTS, *decided]
+    full = [*ANOMALY_OUTPUTS, *decided, *(("heatmap_normalized",) if decided else ())]
+    return {"serving_default": lean, "serve_bytes": lean, "explain_latents": full,
+            "explain": list(ATTENTION_OUTPUTS)}
 
 
 def export_info(run, thresholds, explain_layer):
     """What the export was made from and with (written to ``assets/export.json``)."""
-    from export import lineage
-
-    height, width, channels = input_shape(run.model)
-    return {"source_run": os.path.abspath(run.path), "run_complete": run.complete,
-            "input_shape": [height, width, channels], "options": run.options.as_config(),
+    return {**model_metadata(run, thresholds),
             "explain_layer": explain_layer or run.options.layer,
-            "latent_dim": int(run.model.latent_dim),
-            "thresholds": thresholds.as_dict() if thresholds is not None else None,
-            "signatures": list(SIGNATURES),
-            "exported_at": datetime.datetime.now().isoformat(timespec="seconds"),
-            "versions": lineage.package_versions()}
+            "signatures": signature_outputs(thresholds),
+            "warmup_requests": WARMUP,
+            "exported_at": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def read_metadata(path):
+    """The metadata of a SavedModel written by :func:`export` (``assets/export.json``):
+    input_shape, image_size, preprocessing, options, thresholds, training_data,
+    signatures, ... ``path``: a version folder, or a TF Serving model folder (its
+    newest version). ExportError when there is none."""
+    versions = sorted((int(name) for name in os.listdir(path) if name.isdigit()),
+                      reverse=True) if os.path.isdir(path) else []
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")) and versions:
+        path = os.path.join(path, str(versions[0]))
+    info = os.path.join(path, "assets", EXPORT_INFO)
+    try:
+        with open(info, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as error:
+        raise ExportError(f"cannot read the metadata of {path!r}: {info} "
+                          f"({error.strerror or error}); was it written by "
+                          "export.saved_model?") from None
+
+
+def warmup_image(shape):
+    """A deterministic image (1, H, W, C) of 8-bit values / 255 (a smooth gradient):
+    what the warm-up requests send, valid for every signature."""
+    import numpy as np
+
+    height, width, channels = shape
+    rows = np.linspace(0.2, 0.8, height, dtype=np.float32)[:, None, None]
+    cols = np.linspace(0.0, 0.2, width, dtype=np.float32)[None, :, None]
+    image = np.broadcast_to(rows + cols, (height, width, channels))
+    return (np.round(image * 255) / 255).astype(np.float32)[None]
+
+
+def warmup_requests(shape, model_name):
+    """Serialized ``tensorflow.serving.PredictionLog`` records, one PredictRequest of one
+    image per signature (serve_bytes gets the image as a PNG), as TF Serving replays
+    them from ``assets.extra/tf_serving_warmup_requests`` when it loads a version: the
+    first client request then finds every signature's graph initialized."""
+    import numpy as np
+    import tensorflow as tf
+
+    image = warmup_image(shape)
+    png = tf.io.encode_png(tf.constant(np.round(image[0] * 255).astype(np.uint8))).numpy()
+    records = []
+    for signature in SIGNATURES:
+        if signature == "serve_bytes":
+            name, value = "image_bytes", tf.make_tensor_proto([png], dtype=tf.string)
+        else:
+            name, value = "images", tf.make_tensor_proto(image)
+        records.append(prediction_log(model_name, signature, name, value))
+    return records
+
+
+def prediction_log(model_name, signature, input_name, tensor_proto):
+    """A PredictionLog holding one PredictRequest, encoded field by field.
+
+    Field numbers of tensorflow_serving/apis: PredictionLog.predict_log = 6,
+    PredictLog.request = 1, PredictRequest.model_spec = 1 and .inputs = 2 (a map: entries
+    of key = 1, value = 2), ModelSpec.name = 1 and .signature_name = 3. Encoded here so
+    that exporting needs no tensorflow-serving-api package (the tests parse the records
+    with it).
+    """
+    spec = _field(1, model_name.encode()) + _field(3, signature.encode())
+    entry = _field(1, input_name.encode()) + _field(2, tensor_proto.SerializeToString())
+    request = _field(1, spec) + _field(2, entry)
+    return _field(6, _field(1, request))
+
+
+def _field(number, payload):
+    """One length-delimited protobuf field: tag (wire type 2), length, bytes."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value):
+    """A non-negative int as a protobuf varint (7 bits a byte, low bits first)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def write_assets(folder, run, thresholds, explain_layer, model_name):
+    """``assets/export.json`` (the metadata) and the TF Serving warm-up requests into the
+    SavedModel ``folder``."""
+    import tensorflow as tf
+
+    from keras_vae_attn.runs import write_json
+
+    os.makedirs(os.path.join(folder, "assets"), exist_ok=True)
+    write_json(os.path.join(folder, "assets", EXPORT_INFO),
+               export_info(run, thresholds, explain_layer))
+    os.makedirs(os.path.join(folder, os.path.dirname(WARMUP)), exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(folder, WARMUP)) as writer:
+        for record in warmup_requests(input_shape(run.model), model_name):
+            writer.write(record)
 
 
 def next_version(base):
@@ -184,8 +378,6 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     model, existing version without ``force``, bad thresholds) touch nothing.
     ``progress`` is called with each of the :data:`STAGES` stages (an export.Stages).
     """
-    from keras_vae_attn.runs import write_json
-
     if model_name_problem(model_name):
         raise ExportError(f"model name {model_name_problem(model_name)}")
     base = os.path.join(out, model_name)
@@ -211,9 +403,7 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     try:
         progress(f"tracing the signatures and writing {target}")
         archive.write_out(staging, verbose=False)
-        os.makedirs(os.path.join(staging, "assets"), exist_ok=True)
-        write_json(os.path.join(staging, "assets", EXPORT_INFO),
-                   export_info(run, values, explain_layer))
+        write_assets(staging, run, values, explain_layer, model_name)
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -243,8 +433,8 @@ def build_parser():
                         help="version number (default: one more than the latest there)")
     parser.add_argument("--force", action="store_true", help="replace an existing version")
     parser.add_argument("--thresholds", default=None,
-                        help="thresholds.json (pixel, image): adds pred_mask, pred_label "
-                             "and heatmap_normalized outputs")
+                        help="thresholds.json (pixel, image): adds pred_score, pred_label "
+                             "and pred_mask outputs")
     parser.add_argument("--explain-layer", default=None,
                         help="encoder layer of the explain signature (default: the run's)")
     return parser

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from export import explain_options, load_thresholds
 from export import onnx as onnx_export
+from export import saved_model
 from export.infer import InputError, OnnxBackend
 from keras_vae_attn import calibration, scoring
 from keras_vae_attn.data import mvtec
@@ -17,7 +18,8 @@ from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
 
-OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
+LEAN = ("heatmap", "score")
+DECISIONS = ("pred_score", "pred_label", "pred_mask")
 
 
 def run_session(path, images):
@@ -41,10 +43,10 @@ def test_onnxruntime_gives_the_trained_models_heatmaps(name, request):
         x = images[:batch]
         want = {k: v.numpy() for k, v in scoring.explain_anomaly(model, x, options).items()}
         got = run_session(exported / "model.onnx", x)
+        assert set(got) == set(LEAN + (DECISIONS if thresholds else ())), name   # lean
         assert_same_map(got["heatmap"], want["heatmap"], f"{name} heatmap, batch {batch}")
-        for key in OUTPUTS[1:]:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6,
-                                       err_msg=f"{name} {key}, batch {batch}")
+        np.testing.assert_allclose(got["score"], want["score"], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{name} score, batch {batch}")
         if thresholds is not None:
             decided = calibration.decide(want["heatmap"], want["score"], thresholds)
             np.testing.assert_array_equal(got["pred_label"], decided["pred_label"])
@@ -57,12 +59,20 @@ def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export):
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert model.graph.input[0].name == "images"
     assert not dims[0].HasField("dim_value") and [d.dim_value for d in dims[1:]] == [64, 64, 3]
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert json.loads(meta["input_shape"]) == [64, 64, 3]
-    options = json.loads(meta["options"])
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}    # every value JSON
+    assert meta["input_shape"] == [64, 64, 3] and meta["image_size"] == [64, 64]
+    options = meta["options"]
     assert options["smooth"] == 1.0 and options["layers"] == ["conv1"]
     assert options["deviation"] == "whitened" and options["form"] == "gradient-weighted-deviation"
-    assert json.loads(meta["thresholds"])["pixel"] > 0
+    assert meta["thresholds"] == load_thresholds(str(mvtec_export / "thresholds.json")).as_dict()
+    assert meta["training_data"] is None and meta["latent_dim"] == 32
+    assert onnx_export.read_metadata(str(mvtec_export / "model.onnx")) == meta
+    # the SavedModel of the same run says the same
+    served = saved_model.read_metadata(str(mvtec_export / "serving" / "model" / "1"))
+    assert {key: served[key] for key in meta if key != "versions"} == \
+        {key: value for key, value in meta.items() if key != "versions"}
+    with pytest.raises(onnx_export.ExportError, match="cannot read the ONNX model"):
+        onnx_export.read_metadata(str(mvtec_export / "thresholds.json"))
 
 
 def test_an_early_layer_with_convolutions_after_it_converts(mnist_run, mnist_images):
