@@ -3,9 +3,11 @@ compare the anomaly attention (Eq. 5) with the reconstruction difference on its 
 
     python -m trainers.mvtec --category bottle --data-dir path/to/mvtec_ad
     python -m trainers.mvtec --category demo      # generated category, runs on CPU
+    python -m trainers.mvtec --category logical   # generated, defects of the whole image
 
---data-dir defaults to $MVTEC_AD_ROOT. "--category demo" without --data-dir generates a
-small MVTec-style category under <runs-root>/data/ (once) and uses demo-sized defaults.
+--data-dir defaults to $MVTEC_AD_ROOT. "--category demo" (or "logical") without --data-dir
+generates a small MVTec-style category under <runs-root>/data/ (once) and uses demo-sized
+defaults.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from keras_vae_attn import console
 from trainers import common
 
 DEMO = "demo"
+# The generated categories (keras_vae_attn/data/synthetic) and their writers: the demo's,
+# and one whose defects are wrong combinations of normal parts.
+GENERATED = {DEMO: "write_mvtec_category", "logical": "write_logical_category"}
 # The paper's settings (256x256, ResNet18, latent 32); the demo's CPU-sized ones (at 64
 # pixels layer2 is 8x8, the resolution layer4 has at 256). The demo's 90 steps come in 6
 # long epochs: each epoch end writes a backup, a checkpoint and TensorBoard images
@@ -40,12 +45,13 @@ def build_parser():
                                 batch_size=PAPER_DEFAULTS["batch_size"],
                                 lr=PAPER_DEFAULTS["lr"], latent_dim=32, layer=DEFAULT_LAYER,
                                 prog="python -m trainers.mvtec")
-    parser.epilog = ("the defaults shown are the paper's; --category demo without "
-                     "--data-dir uses\n" + ", ".join(
+    parser.epilog = ("the defaults shown are the paper's; --category demo or logical "
+                     "without --data-dir uses\n" + ", ".join(
                          f"--{k.replace('_', '-')} {v:g}" for k, v in DEMO_DEFAULTS.items())
                      + " unless given")
     parser.add_argument("--category", required=True,
-                        help="MVTec AD category (e.g. bottle), or 'demo' for the generated one")
+                        help="MVTec AD category (e.g. bottle), or 'demo' / 'logical' for a "
+                             "generated one")
     parser.add_argument("--image-size", type=int, default=PAPER_DEFAULTS["image_size"],
                         help="images and masks are resized to this square size")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3,
@@ -77,10 +83,11 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Flags, with the demo's defaults for any flag not given when --category is demo."""
+    """Flags, with the demo's defaults for any flag not given when --category is a
+    generated one (demo, logical)."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    if known.category == DEMO and known.data_dir is None:
+    if known.category in GENERATED and known.data_dir is None:
         parser.set_defaults(**DEMO_DEFAULTS)
     args = common.parse(parser, argv)
     common.require_counts(parser, args,
@@ -93,7 +100,7 @@ def parse_args(argv=None):
     args.explain = common.explain_options(parser, args).as_config()
     if args.data_dir is None:
         # The demo ignores $MVTEC_AD_ROOT (a real MVTec AD root has no "demo" category).
-        args.data_dir = (demo_root(args) if args.category == DEMO
+        args.data_dir = (demo_root(args) if args.category in GENERATED
                          else os.environ.get("MVTEC_AD_ROOT"))
         if args.data_dir is None:
             parser.error("no dataset root: pass --data-dir or set $MVTEC_AD_ROOT to the "
@@ -102,18 +109,19 @@ def parse_args(argv=None):
 
 
 def demo_root(args):
-    """Where the generated demo category is cached."""
+    """Where the generated categories are cached."""
     return os.path.join(args.runs_root, "data")
 
 
 def load_data(args):
-    """(train uint8 images, test Split); generates the demo category when asked."""
+    """(train uint8 images, test Split); writes a generated category first when asked."""
     from keras_vae_attn.data import mvtec
 
-    if args.category == DEMO and args.data_dir == demo_root(args):
-        from keras_vae_attn.data.synthetic import write_mvtec_category
+    if args.category in GENERATED and args.data_dir == demo_root(args):
+        from keras_vae_attn.data import synthetic
 
-        write_mvtec_category(args.data_dir, DEMO)      # reused when already there
+        write = getattr(synthetic, GENERATED[args.category])
+        write(args.data_dir, args.category)      # reused when already there
     options = dict(size=args.image_size, channels=args.channels,
                    skip_corrupt=args.skip_corrupt)
     train = mvtec.load_train(args.data_dir, args.category, limit=args.max_train, **options)
