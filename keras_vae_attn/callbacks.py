@@ -215,6 +215,10 @@ class TrainingBackup(keras.callbacks.Callback):
                 continue
             self.restored = state
             self.model._initial_epoch = int(state["epoch"])
+            stored = state.get("seed_states", {})
+            for variable in seed_variables(self.model):
+                if variable.path in stored:
+                    variable.assign(np.asarray(stored[variable.path], variable.dtype))
             return
         self._load_legacy()
 
@@ -257,7 +261,17 @@ def write_backup(model, staging, epoch):
     model.save_weights(os.path.join(staging, BACKUP_WEIGHTS))
     step = int(np.asarray(model.optimizer.iterations))
     with open(os.path.join(staging, BACKUP_STATE), "w", encoding="utf-8") as handle:
-        json.dump({"epoch": epoch, "optimizer_step": step}, handle)
+        json.dump({"epoch": epoch, "optimizer_step": step,
+                   "seed_states": {v.path: np.asarray(v).tolist()
+                                   for v in seed_variables(model)}}, handle)
+
+
+def seed_variables(model):
+    """The model's random-generator states (e.g. the VAE's sampling noise): variables
+    that its weights files leave out, stored in the backup's state.json so a resumed
+    run draws the noise the uninterrupted one would."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
 
 
 def commit_backup(staging, final):

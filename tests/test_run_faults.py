@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -308,3 +309,98 @@ def test_an_mnist_header_of_784x1_pixels_is_one_line(shared_data, tmp_path):
         f"error: MNIST test images in {str(folder)!r}: the IDX header says 784x1 pixels, "
         "MNIST's are 28x28")
     assert "Traceback" not in result.stderr
+
+
+def test_a_deterministic_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
+    """--deterministic survives a resume: the data stream (shuffle order, augmentation
+    draws) is read past what the backed-up epochs consumed and the sampling noise's
+    generator state is restored with the step, so the weights are bit-identical."""
+    from keras_vae_attn.data.synthetic import write_mvtec_category
+    from keras_vae_attn.models import load_vae
+
+    write_mvtec_category(str(tmp_path / "data"), "widget", size=32, n_train=12,
+                         n_test_good=1, n_test_defect=1)
+
+    def flags(name):
+        return ["--category", "widget", "--data-dir", str(tmp_path / "data"), "--runs-root",
+                str(tmp_path / name), "--image-size", "32", "--epochs", str(EPOCHS),
+                "--steps-per-epoch", str(STEPS), "--batch-size", "4", "--max-test", "2",
+                "--eval-batch-size", "4", "--backbone", "small", "--deterministic",
+                "--calibration-holdout", "0", "--quiet"]
+
+    whole = run(flags("whole"), module="trainers.mvtec")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run(flags("resumed"), ("commit_backup", 2, "KILL"), module="trainers.mvtec")
+    assert killed.returncode == -9
+    resumed = run(flags("resumed"), module="trainers.mvtec")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from the backup at epoch 2" in resumed.stderr
+    (a,), (b,) = ((tmp_path / name / "mvtec-widget").iterdir() for name in ("whole", "resumed"))
+    first, second = load_vae(str(a / "model")), load_vae(str(b / "model"))
+    for x, y in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=x.path)
+
+
+def test_no_verdict_is_printed_over_metrics_that_are_all_n_a():
+    """A test set with only good images defines no pixel AUROC: no "beats ... at every
+    sigma" over n/a (issue 26, case 9)."""
+    from keras_vae_attn.metrics.comparison import verdict
+
+    def cell(value):
+        return {"pixel_auroc": value}
+
+    results = {"ours": {"0": cell(None), "1": cell(None)},
+               "theirs": {"0": cell(None), "1": cell(None)},
+               "half": {"0": cell(0.5), "1": cell(None)}}
+    results["ours"]["0"] = cell(None)
+    assert verdict(results, "ours") == [
+        "no verdict on ours vs theirs: the metric is n/a at every sigma",
+        "no verdict on ours vs half: the metric is n/a at every sigma"]
+    results["ours"] = {"0": cell(0.9), "1": cell(None)}
+    assert verdict(results, "ours")[1] == "ours beats half at sigma 0; n/a at 1"
+
+
+def test_grey_photo_masks_are_thresholded_with_a_warning(tmp_path):
+    from PIL import Image
+
+    from keras_vae_attn.data import mvtec
+    from keras_vae_attn.data.synthetic import write_mvtec_category
+
+    write_mvtec_category(str(tmp_path), "widget", size=32, n_train=2, n_test_good=1,
+                         n_test_defect=1)
+    binary = mvtec.load_test(str(tmp_path), "widget", 32).masks
+    grey = sorted((tmp_path / "widget" / "ground_truth").rglob("*.png"))[0]
+    photo = np.random.default_rng(0).integers(20, 110, (32, 32)).astype(np.uint8)
+    photo[:8] = 240                                          # a bright band: the defect
+    Image.fromarray(photo).save(grey)
+    with pytest.warns(UserWarning, match=r"1 of \d+ masks are not binary .*_mask.png"):
+        split = mvtec.load_test(str(tmp_path), "widget", 32)
+    row = [i for i, p in enumerate(split.paths)
+           if p.endswith(f"{grey.parent.name}/{grey.name.replace('_mask', '')}")][0]
+    assert split.masks[row].sum() == 8 * 32                 # the band, not every pixel
+    others = [i for i in range(len(split.paths)) if i != row]
+    np.testing.assert_array_equal(split.masks[others], binary[others])
+
+
+def test_a_test_set_whose_masks_are_all_empty_scores_null_not_a_traceback(tmp_path):
+    """Defect images whose masks mark no pixel: the pixel metrics are undefined; the
+    run finishes with null in metrics.json (it raised UndefinedMetric after training)."""
+    from PIL import Image
+
+    from keras_vae_attn.data.synthetic import write_mvtec_category
+
+    write_mvtec_category(str(tmp_path / "data"), "widget", size=32, n_train=8,
+                         n_test_good=1, n_test_defect=1)
+    for mask in (tmp_path / "data" / "widget" / "ground_truth").rglob("*.png"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
+    result = cli("trainers.mvtec", ["--category", "widget", "--data-dir", tmp_path / "data",
+                                    "--runs-root", tmp_path / "runs", "--image-size", "32",
+                                    "--epochs", "1", "--steps-per-epoch", "1",
+                                    "--batch-size", "4", "--eval-batch-size", "8",
+                                    "--backbone", "small", "--quiet"], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "beats" not in result.stdout.replace("no verdict", "")
+    (run_dir,) = (tmp_path / "runs" / "mvtec-widget").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["methods"]["anomaly_attention"]["pixel_auroc"] is None
+    assert set(metrics["pixel_auroc_per_defect"]["hole"].values()) == {None}

@@ -153,7 +153,8 @@ def evaluate(model, train_images, test, args, options):
     per_defect = {}
     for defect in sorted(set(test.defects) - {"good"}):
         rows = np.array([d in (defect, "good") for d in test.defects])
-        per_defect[defect] = {name: localization.pixel_auroc(m[rows], test.masks[rows])
+        per_defect[defect] = {name: defined(localization.pixel_auroc, m[rows],
+                                            test.masks[rows])
                               for name, m in maps.items()}
     metrics = {
         **kva_evaluate.as_metrics(result, options),
@@ -169,6 +170,17 @@ def evaluate(model, train_images, test, args, options):
              f"images, {int(test.labels.sum())} anomalous; anomaly attention = "
              f"{options.describe()}")
     return metrics, roc, maps, kva_evaluate.summary(result, title)
+
+
+def defined(metric, *args):
+    """``metric(*args)``, or None where the data cannot define it (e.g. a defect type
+    whose masks mark no pixel): metrics.json holds null, the run goes on."""
+    from keras_vae_attn.metrics.localization import UndefinedMetric
+
+    try:
+        return metric(*args)
+    except UndefinedMetric:
+        return None
 
 
 def write_figures(model, test, maps, metrics, run_dir, options, calibrated, predicted):

@@ -207,6 +207,22 @@ def load_train(root, category, size=256, channels=3, limit=None, skip_corrupt=Fa
     return images
 
 
+def binary_masks(decoded, paths):
+    """Bool masks from decoded uint8 masks (resized nearest, so their values are the
+    files'). A binary mask (0 and one other value: 0/1, 0/255) marks its non-zero
+    pixels; a mask with more levels (a grey photo, an anti-aliased drawing) would mark
+    every non-black pixel, so those are thresholded at 128 with a warning naming one."""
+    masks = decoded > 0
+    grey = [i for i, mask in enumerate(decoded) if len(np.unique(mask[mask > 0])) > 1]
+    if grey:
+        levels = len(np.unique(decoded[grey[0]]))
+        warnings.warn(f"{len(grey)} of {len(decoded)} masks are not binary (e.g. "
+                      f"{paths[grey[0]]!r} holds {levels} grey levels); a pixel of those "
+                      "is a defect where the mask is at least 128", stacklevel=3)
+        masks[grey] = decoded[grey] >= 128
+    return masks
+
+
 def load_test(root, category, size=256, channels=3, limit=None, skip_corrupt=False):
     """The test split of ``category`` with its masks; see :class:`Split`."""
     entries = _spread_pick(test_files(root, category), limit)
@@ -220,7 +236,7 @@ def load_test(root, category, size=256, channels=3, limit=None, skip_corrupt=Fal
                                                    1, True, skip_corrupt)
         rows = [with_mask[i] for i in kept_masks]
         _check_mask_sizes(entries, rows, shapes, mask_shapes)
-        masks[rows] = decoded[..., 0] > 0
+        masks[rows] = binary_masks(decoded[..., 0], [entries[i][2] for i in rows])
         # An image whose mask was skipped cannot be scored: leave it out as well.
         keep = sorted(set(range(len(entries))) - (set(with_mask) - set(rows)))
         images, masks, entries = images[keep], masks[keep], [entries[i] for i in keep]

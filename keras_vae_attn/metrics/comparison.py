@@ -104,14 +104,20 @@ def verdict(results, primary, labels=None):
     for name, by_level in beats(results, primary).items():
         won = [lv for lv, ok in by_level.items() if ok]
         lost = [lv for lv, ok in by_level.items() if ok is False]
+        undefined = [lv for lv, ok in by_level.items() if ok is None]
         ours, theirs = labels.get(primary, primary), labels.get(name, name)
-        if not lost:
-            lines.append(f"{ours} beats {theirs} at every sigma")
+        note = f"; n/a at {', '.join(undefined)}" if undefined else ""
+        if not won and not lost:       # e.g. a test set with no anomalous pixel
+            lines.append(f"no verdict on {ours} vs {theirs}: the metric is n/a at every "
+                         "sigma")
+        elif not lost:
+            lines.append(f"{ours} beats {theirs} at every sigma" if not undefined else
+                         f"{ours} beats {theirs} at sigma {', '.join(won)}{note}")
         elif not won:
-            lines.append(f"{ours} does not beat {theirs} at any sigma")
+            lines.append(f"{ours} does not beat {theirs} at any sigma{note}")
         else:
             lines.append(f"{ours} beats {theirs} at sigma {', '.join(won)} "
-                         f"(not at {', '.join(lost)})")
+                         f"(not at {', '.join(lost)}{note})")
     return lines
 
 
