@@ -328,7 +328,7 @@ def infer(model_path, image_paths, out_dir, batch_size=16, force=False):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m export.infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="SavedModel folder, TF Serving model folder, or .onnx file")

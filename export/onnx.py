@@ -267,7 +267,7 @@ def remove_stale_partials(out):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="trained run folder (holds model/)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")

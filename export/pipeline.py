@@ -50,9 +50,10 @@ LINEAGE = "lineage.json"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m export.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--category", required=True)
+    parser.add_argument("--category", required=True,
+                        help="MVTec AD category under --data-dir (e.g. cable)")
     parser.add_argument("--data-dir", default=os.environ.get("MVTEC_AD_ROOT"),
                         help="MVTec AD root (default: $MVTEC_AD_ROOT)")
     parser.add_argument("--serving-dir", required=True,
@@ -67,8 +68,12 @@ def build_parser():
     parser.add_argument("--validation-dir", default=None,
                         help="labelled MVTec-layout root: calibrate F1-optimal thresholds "
                              "on its test split instead of normal percentiles")
-    parser.add_argument("--pixel-percentile", type=float, default=99.5)
-    parser.add_argument("--image-percentile", type=float, default=99.0)
+    parser.add_argument("--pixel-percentile", type=float, default=99.5,
+                        help="pixel threshold: this percentile of the held-out normal "
+                             "images' heatmaps (default: %(default)s)")
+    parser.add_argument("--image-percentile", type=float, default=99.0,
+                        help="image threshold: this percentile of their image scores "
+                             "(default: %(default)s)")
     for metric in GATED_METRICS:
         parser.add_argument(f"--min-{metric.replace('_', '-')}", type=float, default=None,
                             help=f"bless only if {metric} of the anomaly attention >= this")
@@ -79,7 +84,8 @@ def build_parser():
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="how much worse than the reference and the served model a "
                              "candidate may be")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the trainer's --seed (default: %(default)s)")
     parser.add_argument("trainer_args", nargs="*",
                         help="after `--`: extra flags for trainers.mvtec (e.g. --epochs 5)")
     return parser

@@ -423,7 +423,7 @@ def replace_dir(source, target):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m export.saved_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="trained run folder (holds model/)")
     parser.add_argument("--out", required=True, help="TF Serving base folder")

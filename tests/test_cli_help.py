@@ -48,7 +48,10 @@ BENCH = BENCH_WITH_TENSORFLOW + ["bench.dsprites_fidelity", "bench.dsprites_tabl
 TRAINERS = ["trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites"]
 
 
-@pytest.mark.parametrize("module", TRAINERS + BENCH)
+EXPORTERS = ["export.saved_model", "export.onnx", "export.infer", "export.pipeline"]
+
+
+@pytest.mark.parametrize("module", TRAINERS + EXPORTERS + BENCH)
 def test_every_flag_has_help_and_the_usage_names_the_command(module):
     """Each option says what it does (its default is then shown beside it), and the usage
     line is the command a user types, `python -m <module>`."""
