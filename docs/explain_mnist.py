@@ -3,7 +3,8 @@
     python docs/explain_mnist.py --data-dir path/to/mnist-idx --out maps.png
 
 Rows are test digits; the first column is the input, then one overlay per latent
-dimension: which part of the digit each latent dimension looks at.
+dimension: which part of the digit each latent dimension looks at. Every map is drawn on
+one colour scale (the colorbar underneath), so a latent that looks at nothing stays dark.
 """
 import argparse
 import os
@@ -13,15 +14,31 @@ import numpy as np
 from keras_vae_attn.console import start_tensorflow
 from trainers.common import main_guard
 
+LAYER = "conv2"
+
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python docs/explain_mnist.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: TFDS)")
-    parser.add_argument("--out", default="latent_maps.png")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--latent-dim", type=int, default=8)
+    parser.add_argument("--out", default="latent_maps.png",
+                        help="the PNG to write (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="training steps of the VAE (default: %(default)s)")
+    parser.add_argument("--latent-dim", type=int, default=8,
+                        help="latent dimensions: one map column each (default: %(default)s)")
     return parser
+
+
+def maps_figure(images, maps, digits, steps):
+    """The figure: ``images`` (B, 28, 28, 1), their per-latent maps at input size
+    (B, D, 28, 28) on one shared scale (keras_vae_attn.viz.latent_figure), titled with
+    what is shown."""
+    from keras_vae_attn.viz import latent_figure
+
+    return latent_figure(images, maps, row_titles=[f"digit {d}" for d in digits],
+                         title=f"per-latent attention M_i at {LAYER} (Eq. 3-4) of a VAE "
+                               f"trained {steps} steps on MNIST: where each latent z_i looks")
 
 
 def main(argv=None):
@@ -29,11 +46,10 @@ def main(argv=None):
     tf = start_tensorflow()
     import keras
 
-    from keras_vae_attn import overlay
     from keras_vae_attn.attention import upsample
     from keras_vae_attn.data import mnist
     from keras_vae_attn.models import build_vae
-    from keras_vae_attn.viz import save_grid
+    from keras_vae_attn.viz import save_figure
 
     images, _ = mnist.load(args.data_dir, "train")
     test_images, test_labels = mnist.load(args.data_dir, "test")
@@ -46,13 +62,11 @@ def main(argv=None):
 
     picks = [int(np.flatnonzero(test_labels == d)[0]) for d in range(0, 10, 2)]
     batch = mnist.to_float(test_images[picks])
-    maps = model.explainer("conv2").latent_maps(batch)                  # (5, D, 7, 7)
+    maps = model.explainer(LAYER).latent_maps(batch)                    # (5, D, 7, 7)
     flat = tf.reshape(maps, (-1, *maps.shape[2:]))
     big = upsample(flat, batch.shape[1:3]).numpy().reshape(len(picks), args.latent_dim, 28, 28)
-    rows = [[batch[r]] + list(overlay(np.repeat(batch[r:r + 1], args.latent_dim, 0), big[r]))
-            for r in range(len(picks))]
-    save_grid(rows, args.out, column_titles=["input"] + [f"z{d}" for d in range(args.latent_dim)],
-              row_titles=[f"digit {test_labels[i]}" for i in picks], cell_inches=1.0)
+    save_figure(maps_figure(batch, big, [int(test_labels[i]) for i in picks], args.steps),
+                args.out)
     print(f"wrote {os.path.abspath(args.out)}")
 
 

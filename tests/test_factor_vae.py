@@ -206,6 +206,13 @@ def test_trainer_writes_a_complete_run(tmp_path):
     assert all(0.0 <= s <= 1.0 for s in curve["scores"])
     for figure in ("curves.png", "traversals.png", "attention_pairs.png", "score_curve.png"):
         assert (Path(run_dir) / figure).stat().st_size > 0
+    assert not (Path(run_dir) / "checkpoints").exists()        # model/ holds the weights
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    attention = EventAccumulator(str(Path(run_dir) / "tensorboard" / "attention"))
+    attention.Reload()                  # the figure's six images, one panel per epoch
+    assert len(attention.Tags()["images"]) == 6
+    assert [p.step for p in attention.Images("input|reconstruction|attention/0")] == [0, 1]
     assert isinstance(load_vae(Path(run_dir) / "model"), fv.FactorVAE)
     assert 0 <= metrics["non_empty_maps_per_image"] <= 10
     assert 0 <= metrics["empty_second_map_fraction"] <= 1

@@ -70,3 +70,46 @@ def test_roc_legend_names_an_inverted_score():
     assert legend == ["KL (AUROC 0.019; inverted: 1-AUROC = 0.981)",
                       "attention (AUROC 0.900)"]
     plt.close(fig)
+
+
+def test_dsprites_attention_pairs_share_one_labelled_scale_and_have_a_title():
+    """attention_pairs.png (the paper's Fig. 8): both latents' maps on one scale with its
+    colorbar, the model and layer in the title, each row's pair and L_AD."""
+    from trainers.dsprites import attention_pairs_figure
+
+    images = np.random.default_rng(0).random((2, 16, 16, 1)).astype(np.float32)
+    maps = np.zeros((2, 4, 4, 4), np.float32)
+    maps[:, 1] = 2.0                      # the strong first map
+    maps[:, 3, 0, 0] = 0.5                # a weak second one: must stay weak beside it
+    pair = np.array([[1, 3], [1, 3]])
+    fig = attention_pairs_figure(images, maps, pair, np.array([0.25, 0.5]),
+                                 "ad_factor_vae: two highest-response latents at last")
+    (bar,) = colorbars(fig)
+    assert bar.get_xlim() == (0.0, 2.0) and "one scale for both columns" in \
+        bar.xaxis.label.get_text().replace("\n", " ")
+    assert fig._suptitle.get_text().startswith("ad_factor_vae")
+    labels = [axis.get_ylabel() for axis in fig.axes if axis.get_ylabel()]
+    assert labels == ["z1 vs z3: L_AD 0.25", "z1 vs z3: L_AD 0.50"]
+    plt.close(fig)
+
+
+def test_explain_mnist_maps_have_one_scale_and_a_title():
+    """docs/explain_mnist.py's maps.png: the per-latent maps on one colour scale."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("explain_mnist",
+                                                  REPO / "docs" / "explain_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    images = np.random.default_rng(0).random((2, 28, 28, 1)).astype(np.float32)
+    maps = np.random.default_rng(1).random((2, 3, 28, 28)).astype(np.float32)
+    fig = module.maps_figure(images, maps, [0, 2], steps=300)
+    (bar,) = colorbars(fig)
+    assert bar.get_xlim()[1] == pytest.approx(float(maps.max()))
+    assert "per-latent attention" in fig._suptitle.get_text()
+    assert "300 steps" in fig._suptitle.get_text().replace("\n", " ")
+    plt.close(fig)
+    assert module.build_parser().format_help().startswith(
+        "usage: python docs/explain_mnist.py")

@@ -243,20 +243,33 @@ def write_traversals(model, images, path, span=2.5, steps=9):
     return {int(d): float(kl[d]) for d in order}
 
 
-def write_attention_pairs(images, maps, pair, overlap, path):
-    """The paper's Fig. 8: each image beside the maps of its two highest-response latents."""
+def attention_pairs_figure(images, maps, pair, overlap, title):
+    """The paper's Fig. 8: each image beside the maps of its two highest-response
+    latents, both columns on one colour scale (0 to the largest value shown, with its
+    colorbar), so a weak second map looks weak; each row names the pair and its L_AD."""
     from keras_vae_attn import viz
     from keras_vae_attn.attention import upsample
 
-    rows, titles = [], []
-    for i in range(len(images)):
-        chosen = maps[i, pair[i]]                                   # (2, h, w)
-        big = upsample(chosen, images.shape[1:3]).numpy()
-        shown = viz.overlay(np.repeat(images[i:i + 1], 2, 0), big)
-        rows.append([images[i], shown[0], shown[1]])
-        titles.append(f"z{pair[i, 0]} vs z{pair[i, 1]}: L_AD {overlap[i]:.2f}")
-    viz.save_grid(rows, path, column_titles=["image", "1st latent", "2nd latent"],
-                  row_titles=titles, cell_inches=1.4)
+    chosen = np.stack([maps[i, pair[i]] for i in range(len(images))])       # (B, 2, h, w)
+    big = upsample(chosen.reshape(-1, *chosen.shape[2:]), images.shape[1:3]).numpy()
+    big = big.reshape(len(images), 2, *images.shape[1:3])
+    vmax = max(float(big.max()), 1e-12)
+    scale = (f"one scale for both columns and every image: 0 to the largest map value "
+             f"shown, {vmax:.3g}")
+    columns = [("image", viz.to_rgb(images)),
+               viz.Heatmaps("1st latent (highest response)", big[:, 0], vmax, scale),
+               viz.Heatmaps("2nd latent", big[:, 1], vmax, scale)]
+    return viz.heatmap_figure(
+        images, columns, title=title, cell_inches=1.4,
+        row_titles=[f"z{pair[i, 0]} vs z{pair[i, 1]}: L_AD {overlap[i]:.2f}"
+                    for i in range(len(images))])
+
+
+def write_attention_pairs(images, maps, pair, overlap, path, title):
+    """attention_pairs.png (:func:`attention_pairs_figure`)."""
+    from keras_vae_attn import viz
+
+    viz.save_figure(attention_pairs_figure(images, maps, pair, overlap, title), path)
 
 
 def figure_images(data, seed):
@@ -301,7 +314,12 @@ def train(args, data, run_dir):
     dataset = tf.data.Dataset.from_generator(
         lambda: data.batches(args.batch_size, [args.seed, 0]),
         output_signature=batch_spec).prefetch(2)
-    callbacks, guard = common.standard_callbacks(run_dir)
+    from keras_vae_attn.callbacks import AttentionImages
+
+    # the figure's six images, input | reconstruction | attention, per epoch in TensorBoard
+    watch = AttentionImages(figure_images(data, args.seed),
+                            os.path.join(run_dir, common.TENSORBOARD), args.layer)
+    callbacks, guard = common.standard_callbacks(run_dir, watch)
     timer = epoch_timer()
     callbacks.append(timer)
     if args.score_every:
@@ -375,7 +393,10 @@ def main(argv=None):
     shown = figure_images(data, args.seed)
     maps, pair, shown_overlap = latent_pairs(model, shown, args.layer)
     write_attention_pairs(shown, maps, pair, shown_overlap,
-                          os.path.join(run_dir, "attention_pairs.png"))
+                          os.path.join(run_dir, "attention_pairs.png"),
+                          f"{kind['model']}: attention maps of the two highest-response "
+                          f"latents at {args.layer} (the paper's Fig. 8); L_AD = their "
+                          f"overlap, lower = better separated")
     kl_per_dim = write_traversals(model, shown, os.path.join(run_dir, "traversals.png"))
     if curves:
         viz.save_curves({k: v for k, v in curves.items() if k in ("loss", "recon")},

@@ -305,9 +305,20 @@ def load(data_dir=None, source="auto"):
         return load_archive(find_archive(data_dir))
     if source == "tfds":
         return load_tfds(download=True)
-    if source == "auto":
+    if source == "auto" and tfds_copy_present():
         try:
             return load_tfds(download=False)
         except DataError:
             pass
     return DSprites()
+
+
+def tfds_copy_present():
+    """Whether a prepared TFDS dsprites copy is on disk (a ``dataset_info.json`` under
+    ``$TFDS_DATA_DIR/dsprites``, default ``~/tensorflow_datasets``). Checked before
+    asking TFDS, which otherwise logs an absl warning about a version folder that does
+    not exist each time ``auto`` falls back to regenerating."""
+    root = os.path.join(os.environ.get("TFDS_DATA_DIR")
+                        or os.path.join(os.path.expanduser("~"), "tensorflow_datasets"),
+                        "dsprites")
+    return any("dataset_info.json" in files for _, _, files in os.walk(root))
