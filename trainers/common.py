@@ -411,7 +411,7 @@ def run_dir_for(args, experiment):
         else:
             parent = os.path.join(args.runs_root, experiment)
             os.makedirs(parent, exist_ok=True)
-            with locked(os.path.join(parent, LOCK)):     # two commands started at once
+            with locked(parent):                # two commands started at once
                 path = own_folder(pick_run_dir(args, parent, config), worker)
         write_json(os.path.join(path, "config.json"), config)
     except OSError as error:
@@ -484,16 +484,17 @@ def explicit_run_dir(args, config, worker=0):
 
 
 @contextlib.contextmanager
-def locked(path):
-    """An exclusive lock on the file ``path`` for the block (waits for other holders)."""
+def locked(folder):
+    """An exclusive lock on ``folder`` itself for the block (waits for other holders;
+    no file is made in it)."""
     import fcntl
 
-    with open(path, "a", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)                # closing releases the lock
 
 
 def claim(path):
