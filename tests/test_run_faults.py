@@ -404,3 +404,42 @@ def test_a_test_set_whose_masks_are_all_empty_scores_null_not_a_traceback(tmp_pa
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["methods"]["anomaly_attention"]["pixel_auroc"] is None
     assert set(metrics["pixel_auroc_per_defect"]["hole"].values()) == {None}
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(shared_data, mount_point):
+    """Runs on a small tmpfs filled by a ballast file: with no room at all, and with room
+    for the run's small files but not its backup, each is one line and exit 2 (HDF5
+    crashed or left a backup that never loads); once space is freed the same command
+    trains exactly the epochs asked."""
+    import shutil
+
+    disk = mount_point("size=128m")
+    flags = mnist_command(shared_data, disk / "runs")
+    ballast = disk / "ballast"
+
+    def fill(leave):
+        if ballast.exists():
+            ballast.unlink()
+        with open(ballast, "wb") as handle:
+            os.posix_fallocate(handle.fileno(), 0, shutil.disk_usage(disk).free - leave)
+
+    fill(0)
+    full = run(flags)
+    assert full.returncode == 2, full.stderr[-2000:]
+    (line,) = [l for l in full.stderr.splitlines() if "rror" in l]
+    assert line.startswith("error: --runs-root ") and "No space left on device" in line
+
+    fill(4 << 20)                           # the log and config fit, a backup does not
+    no_backup = run(flags)
+    assert no_backup.returncode == 2, no_backup.stderr[-2000:]
+    assert no_backup.stderr.strip().splitlines()[-1].startswith(
+        "error: no space left for the backup of epoch 1 in ")
+    assert "free space and run the same command to resume" in no_backup.stderr
+    assert "Traceback" not in no_backup.stderr + full.stderr
+    run_dir = only_run(disk / "runs")
+    assert not (run_dir / "backup").exists() or not list((run_dir / "backup").iterdir())
+
+    ballast.unlink()
+    done = run(flags)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_trained_exactly_the_epochs_asked(run_dir)
