@@ -21,7 +21,7 @@ included, with the normal-data latent statistics baked in as model variables):
                      the plain per-latent attention (Eq. 3-4) at --explain-layer
 
 The two serving signatures are lean (a REST response of 2 images at 64 px: 0.24 MB
-instead of 1.65 MB with per_latent), and they skip the per-latent and reconstruction
+instead of 1.4 MB with per_latent), and they skip the per-latent and reconstruction
 passes. ``assets/export.json`` holds the model's metadata (:func:`read_metadata`), and
 ``assets.extra/tf_serving_warmup_requests`` one request per signature, which TF Serving
 replays when it loads the version.
