@@ -164,8 +164,9 @@ def test_rest_b64_request_gives_the_float_endpoints_heatmap(mvtec_export, mvtec_
     np.testing.assert_allclose(got["score"], want["score"], rtol=1e-4)
 
 
-def test_wrong_rank_channels_dtype_or_range_fail_clearly(mnist_export):
-    serve = load_saved(mnist_export / "serving" / "model" / "1").signatures["serving_default"]
+@pytest.mark.parametrize("signature", ["serving_default", "explain_latents"])
+def test_wrong_rank_channels_dtype_or_range_fail_clearly(mnist_export, signature):
+    serve = load_saved(mnist_export / "serving" / "model" / "1").signatures[signature]
     bad = {"not compatible with expected shape [?,28,28,1]": np.zeros((2, 28, 28),
                                                                        np.float32),
            "Shape of tensor images [2,28,28,3]": np.zeros((2, 28, 28, 3), np.float32),
