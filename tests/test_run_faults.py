@@ -443,3 +443,23 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(shared_data, mount
     done = run(flags)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_trained_exactly_the_epochs_asked(run_dir)
+
+
+def test_training_images_that_are_all_black_are_one_line(tmp_path):
+    """All-black normal images (a model of them gave NaN maps after training): refused
+    when they are loaded, before any run folder."""
+    from PIL import Image
+
+    from keras_vae_attn.data.synthetic import write_mvtec_category
+
+    write_mvtec_category(str(tmp_path / "data"), "widget", size=32, n_train=4,
+                         n_test_good=1, n_test_defect=1)
+    for image in (tmp_path / "data" / "widget" / "train" / "good").iterdir():
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    result = cli("trainers.mvtec", ["--category", "widget", "--data-dir", tmp_path / "data",
+                                    "--runs-root", tmp_path / "runs", "--image-size", "32"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the 4 training images of 'widget' under {str(tmp_path / 'data')!r} are all "
+        "one flat colour (every pixel 0): there is no normal appearance to learn")
+    assert not (tmp_path / "runs").exists()

@@ -204,6 +204,11 @@ def load_train(root, category, size=256, channels=3, limit=None, skip_corrupt=Fa
     images, _ = decode_files(files, size, channels, skip_corrupt=skip_corrupt)
     if not len(images):
         raise DataError(f"no training image of {category!r} under {root!r} could be decoded")
+    if images.min() == images.max():
+        # nothing to learn, and every per-pixel spread of the normal data is 0
+        raise DataError(f"the {len(images)} training images of {category!r} under {root!r} "
+                        f"are all one flat colour (every pixel {int(images.min())}): there "
+                        "is no normal appearance to learn")
     return images
 
 
