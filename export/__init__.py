@@ -20,8 +20,9 @@ from keras_vae_attn.runs import RUN_COMPLETE, ExplainOptions, OptionError
 
 
 class Stages:
-    """Numbered stage lines on stderr, "export.onnx 2/4: converting ... (5.1 s)" (seconds
-    since the first), so an export that takes half a minute shows where it is. Called
+    """Numbered stage lines on stderr, "export.onnx 2/4: converting ... (5.1 s elapsed)"
+    (seconds since the first stage began, so labelled: not the stage's own time), so an
+    export that takes half a minute shows where it is. Called
     with the stage's description."""
 
     def __init__(self, label, total):
@@ -33,7 +34,8 @@ class Stages:
         self.started = self.started or time.perf_counter()
         self.done += 1
         print(f"{self.label} {self.done}/{self.total}: {message} "
-              f"({time.perf_counter() - self.started:.1f} s)", file=sys.stderr, flush=True)
+              f"({time.perf_counter() - self.started:.1f} s elapsed)", file=sys.stderr,
+              flush=True)
 
 
 def no_stages(message):

@@ -439,7 +439,8 @@ def blessing_reasons(candidate, floors, served, tolerance, reference=None):
     for metric, floor in floors.items():
         value = candidate.get(metric)
         if floor is not None and (value is None or value < floor):
-            reasons.append(f"{metric} {value} is below the required {floor}")
+            shown = "n/a" if value is None else f"{value:.4g}"
+            reasons.append(f"{metric} {shown} is below the required {floor}")
     if reference is not None:
         name, values = reference
         if values is None:

@@ -73,7 +73,8 @@ def decision_lines(entry, what="images"):
              f"{entry['thresholds']['pixel']:.4g}; predictions.csv): {flagged} of {total} "
              f"test {what} flagged anomalous, {counts['true_positive']} of them anomalous "
              f"({counts['true_positive']} of the {anomalous} anomalous {what} caught, "
-             f"{counts['false_positive']} false alarms)"]
+             f"{counts['false_positive']} false alarm"
+             f"{'' if counts['false_positive'] == 1 else 's'})"]
     if flagged == 0:
         lines.append(f"warning: no test {what} scored above the image threshold "
                      f"{threshold:.4g}: every decision is 'normal' (a model trained too "

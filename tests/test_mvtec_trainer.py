@@ -59,6 +59,13 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     # re-scored relative to the normal features (fitted on the training images then)
     explain = json.loads((Path(again) / "config.json").read_text())["explain"]
     assert explain["deviation"] == "centered" and explain["layers"] == ["layer3"]
+    # what each run did: the precision --precision auto chose (a re-score trains in
+    # none), and a re-score records its model's 1 epoch, not the flag's default of 100
+    assert metrics["precision"] in ("float32", "mixed_bfloat16")
+    assert rescored["precision"] is None
+    args = trainer.parse_args(["--category", "cable", "--data-dir", str(tmp_path / "data"),
+                               "--model-dir", str(only / "model")])
+    assert args.epochs == 1
 
 
 @pytest.fixture(scope="module")

@@ -175,10 +175,17 @@ def native_bfloat16():
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def resolve_precision(args):
-    """Turn ``--precision auto`` into the policy it stands for (stored back in ``args``)."""
-    if args.precision == "auto":
+def resolve_precision(args, announce=True):
+    """Turn ``--precision auto`` into the policy it stands for (stored back in ``args``,
+    so metrics.json records it), and with ``announce`` say on stderr which one trains:
+    bfloat16 moves the numbers a little."""
+    chosen = args.precision == "auto"
+    if chosen:
         args.precision = "mixed_bfloat16" if native_bfloat16() else "float32"
+    if announce:
+        print(f"training precision: {args.precision}"
+              + (" (--precision auto: this machine's choice)" if chosen else ""),
+              file=sys.stderr)
     return args.precision
 
 
@@ -213,6 +220,9 @@ def parse(parser, argv=None):
     message = memory_message(args)
     if message:
         parser.error(message)
+    if getattr(args, "model_dir", None):
+        # a re-score trains nothing: its config.json records the model's own epochs
+        args.epochs = trained_epochs(args.model_dir)
     from keras_vae_attn.console import start_tensorflow
 
     start_tensorflow()
@@ -333,6 +343,24 @@ def require_counts(parser, args, flags):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def trained_epochs(model_dir):
+    """The epochs the saved model in ``model_dir`` (a run's model/ folder) was trained
+    for: the last epoch its run's training log ended, else its run's config.json
+    "epochs"; None when neither says (a model from elsewhere)."""
+    run = os.path.dirname(os.path.abspath(model_dir))
+    log = os.path.join(run, "training_log.jsonl")
+    if os.path.isfile(log):
+        with open(log, encoding="utf-8") as handle:
+            ended = [json.loads(line).get("epoch") for line in handle
+                     if '"epoch_end"' in line]
+        if ended:
+            return max(ended)
+    try:
+        return runs.read_config(run).get("epochs")
+    except (OSError, ValueError):
+        return None
 
 
 def add_model_dir_flag(parser, what="images"):
@@ -879,6 +907,7 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
         print(f"{model_dir} holds this run's trained model; resuming at evaluation "
               "(--fresh starts a new run)", file=sys.stderr)
         model = load_vae(model_dir)
+        resolve_precision(args, announce=False)     # what the same command trained in
         finish_training(run_dir)
         STAGE["evaluating"] = True
         missing = [name for name in feature_layers

@@ -167,6 +167,7 @@ def main(argv=None):
                                          256, args.quiet,
                                          references.fit_pixel_distribution(normal))
     metrics.update(normal_digit=args.normal_digit, layer=args.layer,
+                   precision=args.precision,                # --precision auto resolved
                    explain=options.as_config(), attribution=options.describe(),
                    final_losses={k: float(v[-1]) for k, v in history.items()})
     if curves:

@@ -258,6 +258,7 @@ def main(argv=None):
     started = time.perf_counter()
     metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)
     metrics.update(category=args.category, image_size=args.image_size, layer=args.layer,
+                   precision=None if args.model_dir else args.precision,    # auto resolved
                    train_images=len(train_images),
                    seconds={"train": train_seconds, "evaluate": time.perf_counter() - started})
     if history:

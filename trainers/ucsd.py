@@ -315,6 +315,7 @@ def main(argv=None):
         "subset": args.subset, "demo": args.demo, "image_size": args.image_size,
         "layers": args.layers, "exported_layers": list(options.layers),
         "train_frames": len(train_images),
+        "precision": None if args.model_dir else args.precision,      # auto resolved
         "test_frames": len(test.labels), "anomalous_frames": int(test.labels.sum()),
         "test_clips": clips,
         "seconds": {"train": train_seconds, "evaluate": eval_seconds},
