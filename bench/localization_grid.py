@@ -14,8 +14,13 @@ percentile on the normal training images, as the trainers do.
 Writes ``grid.json``, ``grid.md`` and ``grid.png`` (the best configurations beside the
 reference rows) into --out (default: <run>/grid). The score is pixel AUROC at each
 smoothing level (none, side/32, side/16); on an MNIST run, the image AUROC of the max.
-``--rank`` applies the rule of bench/RESULTS.md ("Choosing the default attribution") to
-several grids and prints the mean-rank table and the chosen default.
+Each row is also scored on a randomized twin of the VAE (keras_vae_attn/explain/sanity.py:
+same spec, fresh weights, statistics re-fitted), with the mean per-image Spearman
+correlation of the two maps and the randomization check; every configuration appears
+plain and gated by the reconstruction residual (``--gate recon``), beside the new maps
+that read the decoder (feature-residual, recon-deviation). ``--rank`` applies the second
+rule of bench/RESULTS.md ("Choosing the default attribution, second rule") to several
+grids and prints the mean-rank table and the chosen default.
 """
 from __future__ import annotations
 
@@ -31,16 +36,22 @@ from bench import cli_parser
 
 FORMS_WITH_SIGN = ("gradcam", "hirescam", "integrated")
 #: the rule's tie-break order (cheapest first)
-FORM_COST = ("gradcam", "gradient-weighted-deviation", "hirescam", "integrated", "deviation")
+FORM_COST = ("recon-deviation", "feature-residual", "gradcam", "gradient-weighted-deviation",
+             "hirescam", "integrated", "deviation", "paper")
 PAPER = "paper"
+RESIDUAL = "feature-residual"
+RECON_DEVIATION = "recon-deviation"
 POSITION_SETS = ("1", "2", "3", "1+2", "1+2+3")
+GATES = ("none", "recon")
+#: the references the rule never picks (bench/RESULTS.md, second rule)
+REFERENCE_FORMS = ("deviation",)
 
 
 def configurations():
     """(form, deviation, sign) of every total-energy grid entry; sign "-" = no sign rule.
     Integrated gradients on standardized or whitened features equal the centered ones
     (the path integral does not depend on a linear change of basis), so those rows are
-    left out."""
+    left out. The feature reconstruction residual has no deviation of its own."""
     rows = []
     for form in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
                  "deviation"):
@@ -49,7 +60,7 @@ def configurations():
                 continue
             signs = ("relu", "abs", "signed") if form in FORMS_WITH_SIGN else ("-",)
             rows.extend((form, deviation, sign) for sign in signs)
-    return rows
+    return rows + [(RESIDUAL, "-", "-")]
 
 
 def key(form, deviation, sign):
@@ -61,13 +72,15 @@ def layer_maps_fn(model, layer, configs, size):
     import tensorflow as tf
 
     from keras_vae_attn import attention as attn
-    from keras_vae_attn import attribution
+    from keras_vae_attn import attribution, scoring
+    from keras_vae_attn.runs import ExplainOptions
 
     explainer = model.explainer(layer)
     stats = model.normal_stats()
     distribution = model.feature_distribution(layer)
     zero = tf.zeros(explainer.front.output.shape[1:], tf.float32)
     integrated = explainer.head is not None
+    residual = ExplainOptions(layers=(layer,), form=RESIDUAL)
 
     def compute(images):
         out = {}
@@ -79,7 +92,9 @@ def layer_maps_fn(model, layer, configs, size):
                 paths[deviation] = (path_grads, features - start)
         for form_name, deviation, sign in configs:
             form = attribution.get_form(form_name)
-            if form.integrated:
+            if form.residual:
+                small = scoring.layer_map(model, images, layer, residual, stats)[0]
+            elif form.integrated:
                 if deviation not in paths:
                     continue
                 path_grads, dev = paths[deviation]
@@ -98,6 +113,18 @@ def layer_maps_fn(model, layer, configs, size):
         return out
 
     return tf.function(compute, reduce_retracing=True)
+
+
+def recon_deviation_fn(model):
+    """A tf.function: images -> the standardized reconstruction residual (B, H, W)."""
+    import tensorflow as tf
+
+    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn.scoring import explain_anomaly
+
+    options = ExplainOptions(form=RECON_DEVIATION)
+    return tf.function(lambda images: {RECON_DEVIATION: explain_anomaly(
+        model, images, options, keys=("heatmap",))["heatmap"]}, reduce_retracing=True)
 
 
 def run_layer(fn, images, batch_size, percentile_only=False):
@@ -163,60 +190,115 @@ def score_maps(maps, masks, labels, levels):
             for s in levels}
 
 
-def grid(run_dir, batch_size=16, quiet=False):
-    """The whole grid of one run as a JSON-able dict."""
-    import tensorflow as tf
-
-    from keras_vae_attn import references
-    from keras_vae_attn.attention import stage_layer_names
-    from keras_vae_attn.metrics import comparison
-
-    started = time.perf_counter()
-    experiment, config, model, normal, images, masks, labels = load_run_data(run_dir)
-    layers = stage_layer_names(model.encoder)[:3]
-    missing = [name for name in layers if not model.has_feature_distribution(name, True)]
-    if missing:
-        model.fit_feature_distributions(
-            tf.data.Dataset.from_tensor_slices(normal).batch(64), missing, covariance=True)
-    size = images.shape[1:3]
-    levels = comparison.smoothing_levels(size[0]) if masks is not None else [0.0]
+def model_maps(model, layers, normal, images, batch_size, quiet, tag):
+    """({layer set: {config: maps (N, H, W)}}, recon-deviation maps (N, H, W)) of one
+    model: every configuration at each layer set (combined sets divide each layer's map
+    by its 99th percentile on ``normal``), and the pixel map the gate multiplies in."""
     configs = configurations()
+    size = images.shape[1:3]
     per_layer, scales = {}, {}
     for position, layer in enumerate(layers, 1):
         fn = layer_maps_fn(model, layer, configs, size)
         per_layer[str(position)] = run_layer(fn, images, batch_size)
         scales[str(position)] = run_layer(fn, normal, batch_size, percentile_only=True)
-        log(quiet, f"layer {position} ({layer}): {len(per_layer[str(position)])} maps")
-    rows = []
+        log(quiet, f"{tag}: layer {position} ({layer}): {len(per_layer[str(position)])} maps")
+    sets = {}
     for layer_set in POSITION_SETS:
         positions = layer_set.split("+")
         if any(p not in per_layer for p in positions):
             continue
-        for name in per_layer[positions[0]]:
-            maps = (per_layer[positions[0]][name] if len(positions) == 1 else
-                    np.mean([per_layer[p][name] / scales[p][name] for p in positions], 0))
+        sets[layer_set] = {
+            name: (per_layer[positions[0]][name] if len(positions) == 1 else
+                   np.mean([per_layer[p][name] / scales[p][name] for p in positions], 0))
+            for name in per_layer[positions[0]]}
+    recon = run_layer(recon_deviation_fn(model), images, batch_size)[RECON_DEVIATION]
+    return sets, recon
+
+
+def gated(maps, recon, gate):
+    """The map (gate "none") or its geometric mean with the recon deviation ("recon")."""
+    return maps if gate == "none" else np.sqrt(np.maximum(maps, 0) * recon + 1e-12)
+
+
+def grid(run_dir, batch_size=16, quiet=False, twin=True):
+    """The whole grid of one run as a JSON-able dict; with ``twin`` each row also holds
+    its score on the randomized twin of the VAE and the mean per-image Spearman
+    correlation of the two maps, at the middle smoothing level (the check of the rule)."""
+    import tensorflow as tf
+
+    from keras_vae_attn import references, scoring
+    from keras_vae_attn.attention import stage_layer_names
+    from keras_vae_attn.explain import sanity
+    from keras_vae_attn.metrics import comparison
+    from keras_vae_attn.runs import ExplainOptions
+
+    started = time.perf_counter()
+    experiment, config, model, normal, images, masks, labels = load_run_data(run_dir)
+    layers = stage_layer_names(model.encoder)[:3]
+    batches = tf.data.Dataset.from_tensor_slices(normal).batch(64)
+    scoring.fit_missing_statistics(
+        model, batches, ExplainOptions(layers=tuple(layers), deviation="whitened",
+                                       form="deviation"))
+    size = images.shape[1:3]
+    levels = comparison.smoothing_levels(size[0]) if masks is not None else [0.0]
+    middle = levels[len(levels) // 2]
+    models = {"trained": model}
+    if twin:
+        models["randomized"] = sanity.twin(model, batches, layers, True)
+    computed = {name: model_maps(m, layers, normal, images, batch_size, quiet, name)
+                for name, m in models.items()}
+    (sets, recon), other = computed["trained"], computed.get("randomized")
+    rows = []
+
+    def add(form, deviation, sign, layer_set, gate, trained_maps, twin_maps):
+        row = {"form": form, "deviation": deviation, "sign": sign, "gate": gate,
+               "target": "energy" if form == PAPER else "total-energy",
+               "layer_set": layer_set,
+               "layers": ([] if layer_set == "pixels" else
+                          [layers[int(p) - 1] for p in layer_set.split("+")]),
+               "score": score_maps(trained_maps, masks, labels, levels)}
+        if twin_maps is not None:
+            row["twin_score"] = score_maps(twin_maps, masks, labels, [middle])[
+                comparison.level_key(middle)]
+            row["spearman"] = float(np.mean(sanity.spearman(
+                comparison.blur(trained_maps, middle), comparison.blur(twin_maps, middle))))
+            check = sanity.verdict(row["score"][comparison.level_key(middle)],
+                                   row["twin_score"], [row["spearman"]])
+            row["passes"] = check.passes
+        rows.append(row)
+
+    for layer_set, maps in sets.items():
+        for name, trained_maps in maps.items():
             form, deviation, sign = (PAPER, "none", "relu") if name == PAPER else name.split("/")
-            rows.append({"form": form, "deviation": deviation, "sign": sign,
-                         "target": "energy" if name == PAPER else "total-energy",
-                         "layer_set": layer_set,
-                         "layers": [layers[int(p) - 1] for p in positions],
-                         "score": score_maps(maps, masks, labels, levels)})
+            for gate in (("none",) if form == PAPER else GATES):
+                add(form, deviation, sign, layer_set, gate, gated(trained_maps, recon, gate),
+                    None if other is None else gated(other[0][layer_set][name], other[1],
+                                                     gate))
         log(quiet, f"scored layer set {layer_set}")
-    refs = {}
+    add(RECON_DEVIATION, "-", "-", "pixels", "none", recon,
+        None if other is None else other[1])
+    refs, twin_refs = {}, {}
+    pixel = references.fit_pixel_distribution(normal)
+    recon_maps = {n: reconstruction_difference(m, images, batch_size)
+                  for n, m in models.items()}
     if masks is not None:
-        pixel = references.fit_pixel_distribution(normal)
-        recon = reconstruction_difference(model, images, batch_size)
-        for name, maps in {"recon_error": recon,
+        for name, maps in {"recon_error": recon_maps["trained"],
                            **references.reference_maps(images, pixel)}.items():
             refs[name] = score_maps(maps, masks, labels, levels)
+        if other is not None:
+            refs["random_features"] = score_maps(other[0]["1"]["deviation/whitened/-"],
+                                                 masks, labels, levels)
+            twin_refs["recon_error"] = score_maps(recon_maps["randomized"], masks, labels,
+                                                  [middle])
     else:
-        recon = reconstruction_difference(model, images, batch_size)
-        refs["recon_score"] = {"0": _image_auc(recon.mean(axis=(1, 2)), labels)}
+        refs["recon_score"] = {"0": _image_auc(recon_maps["trained"].mean(axis=(1, 2)),
+                                               labels)}
     return {"run": os.path.abspath(run_dir), "experiment": experiment,
             "dataset": dataset_name(experiment, config), "image_size": int(size[0]),
             "layers": layers, "levels": [comparison.level_key(s) for s in levels],
             "metric": "pixel_auroc" if masks is not None else "image_auroc",
-            "test_images": int(len(images)), "references": refs, "grid": rows,
+            "test_images": int(len(images)), "references": refs,
+            "twin_references": twin_refs, "twin": bool(twin), "grid": rows,
             "seconds": time.perf_counter() - started}
 
 
@@ -228,9 +310,11 @@ def _image_auc(scores, labels):
 
 def reconstruction_difference(model, images, batch_size):
     from keras_vae_attn import scoring
+    from keras_vae_attn.runs import ExplainOptions
 
-    return scoring.batched(model, images, batch_size, "last", keys=("recon_error",),
-                           target="total-energy")["recon_error"]
+    options = ExplainOptions(form=RECON_DEVIATION)
+    return scoring.batched(model, images, batch_size, options,
+                           keys=("recon_error",))["recon_error"]
 
 
 def dataset_name(experiment, config):
@@ -242,100 +326,160 @@ def dataset_name(experiment, config):
     return f"mnist-digit{config['normal_digit']}"
 
 
+def ident(row):
+    """A configuration's identity across grids."""
+    return (row["form"], row["deviation"], row["sign"], row["layer_set"],
+            row.get("gate", "none"))
+
+
 def label(row):
-    sign = "" if row["sign"] == "-" or row["form"] == PAPER else f"/{row['sign']}"
-    what = "paper (gradcam/energy per latent/none/relu)" if row["form"] == PAPER else \
-        f"{row['form']}/{row['deviation']}{sign}"
-    return f"{what} @ {'+'.join(row['layers'])}"
+    return label_of(ident(row))
+
+
+def label_of(k):
+    form, deviation, sign, layer_set, gate = k
+    if form == PAPER:
+        what = "paper (gradcam/energy per latent/none/relu)"
+    elif form in (RESIDUAL, RECON_DEVIATION):
+        what = form
+    else:
+        what = f"{form}/{deviation}" + ("" if sign == "-" else f"/{sign}")
+    where = "pixels" if layer_set == "pixels" else f"layers {layer_set}"
+    return f"{what} @ {where}" + (" x recon" if gate != "none" else "")
+
+
+def _middle(result):
+    return result["levels"][len(result["levels"]) // 2]
 
 
 def markdown(result, top=None):
-    """The grid as a markdown table, best first by the middle smoothing level."""
+    """The grid as a markdown table, best first by the middle smoothing level, with the
+    randomized twin's score and the Spearman correlation when the grid has them."""
     levels = result["levels"]
-    middle = levels[len(levels) // 2]
+    middle = _middle(result)
     rows = sorted(result["grid"], key=lambda r: -(r["score"][middle] or 0))
+    twin = result.get("twin")
+    head = " | ".join(f"sigma {lv}" for lv in levels)
+    extra = f" | randomized (sigma {middle}) | Spearman | check" if twin else ""
     lines = [f"{result['dataset']}: {result['metric']} ({result['test_images']} test images)",
-             "", "| configuration | " + " | ".join(f"sigma {lv}" for lv in levels) + " |",
-             "|---|" + "---|" * len(levels)]
+             "", f"| configuration | {head}{extra} |",
+             "|---|" + "---|" * (len(levels) + (3 if twin else 0))]
     for name, score in result["references"].items():
+        twin_cell = result.get("twin_references", {}).get(name, {}).get(middle)
         lines.append(f"| **reference: {name}** | "
-                     + " | ".join(_fmt(score.get(lv)) for lv in levels) + " |")
+                     + " | ".join(_fmt(score.get(lv)) for lv in levels)
+                     + (f" | {_fmt(twin_cell)} | - | - |" if twin else " |"))
     for row in rows[:top] if top else rows:
-        lines.append(f"| {label(row)} | "
-                     + " | ".join(_fmt(row["score"].get(lv)) for lv in levels) + " |")
+        cells = " | ".join(_fmt(row["score"].get(lv)) for lv in levels)
+        if twin:
+            word = {True: "passes", False: "fails", None: "n/a"}[row.get("passes")]
+            cells += (f" | {_fmt(row.get('twin_score'))} | {row.get('spearman', 0):.2f} | "
+                      f"{word}")
+        lines.append(f"| {label(row)} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
 def figure(result, path, top=15):
-    """Best ``top`` configurations (bars, at the middle level) beside the references."""
+    """Best ``top`` configurations (bars, at the middle level) beside the references;
+    with a twin, the same configuration on the randomized VAE as a grey bar under it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = result["levels"]
-    middle = levels[len(levels) // 2]
+    middle = _middle(result)
     rows = sorted(result["grid"], key=lambda r: -(r["score"][middle] or 0))[:top]
     paper = [r for r in result["grid"] if r["form"] == PAPER]
     paper = max(paper, key=lambda r: r["score"][middle] or 0) if paper else None
     shown = rows + ([paper] if paper and paper not in rows else [])
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(shown) + 1.8))
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(shown) + 1.8))
+    positions = np.arange(len(shown))
     values = [r["score"][middle] or 0 for r in shown]
-    ax.barh(range(len(shown)), values, color=["tab:orange" if r["form"] == PAPER
-                                              else "tab:blue" for r in shown])
-    ax.set_yticks(range(len(shown)), [label(r) for r in shown], fontsize=7)
+    colours = ["tab:orange" if r["form"] == PAPER else
+               "tab:green" if r.get("passes") else "tab:blue" for r in shown]
+    ax.barh(positions - 0.18, values, height=0.36, color=colours, label="trained VAE")
+    if result.get("twin"):
+        ax.barh(positions + 0.18, [r.get("twin_score") or 0 for r in shown], height=0.36,
+                color="lightgrey", label="randomized VAE")
+    ax.set_yticks(positions, [label(r) for r in shown], fontsize=7)
     ax.invert_yaxis()
     for index, (name, score) in enumerate(result["references"].items()):
-        ax.axvline(score.get(middle) or 0, color=f"C{index + 2}", linestyle="--",
+        ax.axvline(score.get(middle) or 0, color=f"C{index + 3}", linestyle="--",
                    label=f"{name} {score.get(middle) or 0:.3f}")
-    low = min(values + [s.get(middle) or 1 for s in result["references"].values()])
-    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set_xlim(0.0, 1.0)
     ax.set_xlabel(f"{result['metric']} at smoothing sigma {middle} px")
-    ax.set_title(f"{result['dataset']}: best {len(rows)} attribution configurations "
-                 "(orange: the paper's form) vs references (dashed)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{result['dataset']}: best {len(rows)} configurations (green: passes the "
+                 "randomization check, orange: the paper's form; grey: the same map on a "
+                 "randomized VAE) vs references (dashed)", fontsize=8)
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def is_reference(row):
+    return row["form"] in REFERENCE_FORMS and row.get("gate", "none") == "none"
+
+
+def best_score(row):
+    values = [v for v in row["score"].values() if v is not None]
+    return max(values) if values else None
+
+
+def dataset_group(name):
+    """Datasets weighted equally: both real bottle sizes are one dataset."""
+    return "mvtec-bottle" if name.startswith("mvtec-bottle-") else name
+
+
 def rank(grids, mnist=None):
-    """The rule of bench/RESULTS.md: mean rank of the candidates over ``grids`` at the
-    middle smoothing level; MNIST image AUROC >= 0.95 as a constraint."""
-    def candidate(row):
-        return row["target"] == "total-energy" and row["form"] not in ("deviation", PAPER)
-
-    def ident(row):
-        return (row["form"], row["deviation"], row["sign"], row["layer_set"])
-
-    tables = []
+    """The second rule of bench/RESULTS.md: candidates pass the randomization check on
+    every grid (else on the most grids); mean rank over datasets weighted equally (the
+    bottle sizes averaged into one), each candidate's score at its best sigma; MNIST
+    image AUROC >= 0.95 as a constraint."""
+    passed, tables = {}, []
     for result in grids:
-        middle = result["levels"][len(result["levels"]) // 2]
-        scores = {ident(r): r["score"][middle] for r in result["grid"] if candidate(r)}
+        scores = {}
+        for row in result["grid"]:
+            if is_reference(row):
+                continue
+            scores[ident(row)] = best_score(row)
+            passed.setdefault(ident(row), []).append(bool(row.get("passes")))
         ranks = {k: _tied_rank(scores, k) for k in scores}
         tables.append((result["dataset"], scores, ranks))
     common = set.intersection(*(set(t[1]) for t in tables))
-    mean_rank = {k: float(np.mean([t[2][k] for t in tables])) for k in common}
+    most = max(sum(passed[k]) for k in common)
+    candidates = [k for k in common if sum(passed[k]) == most]
+    groups = {}
+    for name, _, ranks in tables:
+        groups.setdefault(dataset_group(name), []).append(ranks)
+    mean_rank = {k: float(np.mean([np.mean([r[k] for r in group])
+                                   for group in groups.values()])) for k in candidates}
     mnist_scores = {}
     if mnist is not None:
-        mnist_scores = {ident(r): r["score"]["0"] for r in mnist["grid"] if candidate(r)}
+        mnist_scores = {ident(r): r["score"]["0"] for r in mnist["grid"] if not is_reference(r)}
 
     def tie_break(k):
-        return (mean_rank[k], len(k[3].split("+")), FORM_COST.index(k[0]))
+        layers = 0 if k[3] == "pixels" else len(k[3].split("+"))
+        return (mean_rank[k], layers, k[4] != "none",
+                FORM_COST.index(k[0]) if k[0] in FORM_COST else len(FORM_COST))
 
-    ordered = sorted(common, key=tie_break)
+    ordered = sorted(candidates, key=tie_break)
     chosen = next((k for k in ordered
                    if mnist is None or (mnist_score(mnist_scores, k) or 0) >= 0.95), None)
-    return {"datasets": [t[0] for t in tables], "ordered": ordered, "mean_rank": mean_rank,
+    return {"datasets": [t[0] for t in tables], "groups": sorted(groups),
+            "ordered": ordered, "mean_rank": mean_rank,
+            "passes_everywhere": most == len(grids), "passed_on": most,
             "scores": {t[0]: t[1] for t in tables}, "mnist": mnist_scores, "chosen": chosen}
 
 
 def mnist_score(scores, k):
     """The MNIST score of candidate ``k``; a layer set deeper than MNIST's two-layer
     encoder is read at its first positions that exist there ("1+2+3" -> "1+2")."""
+    if k[3] == "pixels":
+        return scores.get(k)
     positions = k[3].split("+")
     while positions:
-        value = scores.get((*k[:3], "+".join(positions)))
+        value = scores.get((*k[:3], "+".join(positions), k[4]))
         if value is not None:
             return value
         positions = positions[:-1]
@@ -343,30 +487,37 @@ def mnist_score(scores, k):
 
 
 def whole_grid_markdown(grids):
-    """Every row of every grid (candidates, the deviation reference, the paper's form)
-    and the model-free/reconstruction references, at each grid's middle sigma."""
+    """Every row of every grid (trained score at the middle sigma / randomized score /
+    Spearman / check) and the references, one column per grid."""
     names = [g["dataset"] for g in grids]
-    middles = [g["levels"][len(g["levels"]) // 2] for g in grids]
+    middles = [_middle(g) for g in grids]
     keys = []
     for g in grids:
         for r in g["grid"]:
-            k = (r["form"], r["deviation"], r["sign"], r["layer_set"])
-            if k not in keys:
-                keys.append(k)
-    lookup = [{(r["form"], r["deviation"], r["sign"], r["layer_set"]): r["score"][m]
-               for r in g["grid"]} for g, m in zip(grids, middles)]
-    lines = ["| form/deviation/sign | layers | " + " | ".join(
-        f"{n} (sigma {m})" for n, m in zip(names, middles)) + " |",
-        "|---|---|" + "---|" * len(names)]
+            if ident(r) not in keys:
+                keys.append(ident(r))
+    lookup = [{ident(r): r for r in g["grid"]} for g in grids]
+    lines = ["Each cell: trained / randomized score at the middle sigma, Spearman, check.", "",
+             "| configuration | " + " | ".join(
+                 f"{n} (sigma {m})" for n, m in zip(names, middles)) + " |",
+             "|---|" + "---|" * len(names)]
     refs = sorted({name for g in grids for name in g["references"]})
     for ref in refs:
-        lines.append(f"| reference: {ref} | - | " + " | ".join(
-            _fmt(g["references"].get(ref, {}).get(m)) for g, m in zip(grids, middles)) + " |")
+        lines.append(f"| reference: {ref} | " + " | ".join(
+            _fmt(g["references"].get(ref, {}).get(m)) + " / " + _fmt(
+                g.get("twin_references", {}).get(ref, {}).get(m))
+            for g, m in zip(grids, middles)) + " |")
     for k in keys:
-        what = "paper (gradcam/energy per latent/none/relu)" if k[0] == PAPER else \
-            "/".join(k[:3])
-        lines.append(f"| {what} | {k[3]} | " + " | ".join(_fmt(t.get(k)) for t in lookup)
-                     + " |")
+        cells = []
+        for table, middle in zip(lookup, middles):
+            row = table.get(k)
+            if row is None:
+                cells.append("-")
+                continue
+            word = {True: "pass", False: "fail", None: "n/a"}[row.get("passes")]
+            cells.append(f"{_fmt(row['score'].get(middle))} / {_fmt(row.get('twin_score'))}"
+                         f" / {row.get('spearman', float('nan')):.2f} / {word}")
+        lines.append(f"| {label_of(k)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -379,17 +530,18 @@ def _tied_rank(scores, item):
 
 def rank_markdown(ranked, top=20):
     names = ranked["datasets"]
-    lines = ["| rank | form/deviation/sign | layers | mean rank | "
-             + " | ".join(names) + (" | MNIST image AUROC |" if ranked["mnist"] else " |"),
-             "|---|---|---|---|" + "---|" * len(names) + ("---|" if ranked["mnist"] else "")]
+    lines = [f"candidates pass the randomization check on {ranked['passed_on']} of "
+             f"{len(names)} grids" + ("" if ranked["passes_everywhere"] else
+                                      " (none passes on every grid)"), "",
+             "| rank | configuration | mean rank | " + " | ".join(names)
+             + (" | MNIST image AUROC |" if ranked["mnist"] else " |"),
+             "|---|---|---|" + "---|" * len(names) + ("---|" if ranked["mnist"] else "")]
     for index, k in enumerate(ranked["ordered"][:top] if top else ranked["ordered"], 1):
-        cells = " | ".join(_fmt(ranked["scores"][n][k]) for n in names)
+        cells = " | ".join(_fmt(ranked["scores"][n].get(k)) for n in names)
         mark = " **(chosen)**" if k == ranked["chosen"] else ""
-        extra = ""
-        if ranked["mnist"]:
-            extra = f" {_fmt(mnist_score(ranked['mnist'], k))} |"
-        lines.append(f"| {index} | {k[0]}/{k[1]}/{k[2]}{mark} | {k[3]} | "
-                     f"{ranked['mean_rank'][k]:.1f} | {cells} |{extra}")
+        extra = f" {_fmt(mnist_score(ranked['mnist'], k))} |" if ranked["mnist"] else ""
+        lines.append(f"| {index} | {label_of(k)}{mark} | {ranked['mean_rank'][k]:.2f} | "
+                     f"{cells} |{extra}")
     return "\n".join(lines) + "\n"
 
 
@@ -412,6 +564,8 @@ def build_parser():
                         help="apply the default-choosing rule to these grids")
     parser.add_argument("--mnist", metavar="GRID_JSON", help="with --rank: the MNIST grid")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--no-twin", dest="twin", action="store_false",
+                        help="skip the randomized twin (no randomization check per row)")
     return parser
 
 
@@ -439,7 +593,7 @@ def main(argv=None):
         parser.error(f"--run {args.run!r} holds no model/ folder")
     from keras_vae_attn.runs import write_json
 
-    result = grid(args.run, args.batch_size, args.quiet)
+    result = grid(args.run, args.batch_size, args.quiet, args.twin)
     out = args.out or os.path.join(args.run, "grid")
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "grid.json"), result)

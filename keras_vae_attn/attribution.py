@@ -122,6 +122,19 @@ def deviation(features, distribution, kind):
     return centered / tf.sqrt(tf.square(std) + tf.square(floor))
 
 
+def relative_residual(residual, distribution):
+    """A reconstruction residual (B, h, w, K) divided by its normal root mean square per
+    position and channel (floored like the std), *not* centered: the normal residual's
+    mean is the VAE's systematic error where it is trained, but for a VAE that learned
+    nothing it is the mean image, and subtracting it would turn the map into a
+    model-free mean-image difference (keras_vae_attn/explain/sanity.py)."""
+    mean = tf.cast(distribution.mean, tf.float32)
+    check_shape(residual, mean)
+    rms = tf.sqrt(tf.square(mean) + tf.square(tf.cast(distribution.std, tf.float32)))
+    floor = STD_FLOOR * tf.reduce_mean(rms) + 1e-6
+    return residual / tf.sqrt(tf.square(rms) + tf.square(floor))
+
+
 def check_shape(features, mean):
     """A clear error when a fitted (h, w, K) map does not fit ``features`` (B, h, w, K)
     (a tensor, or its TensorShape)."""
@@ -175,6 +188,8 @@ class Form:
     needs_gradient = True     # False: the map needs no backward pass at all
     uses_sign = True          # False: the map is >= 0 by construction
     integrated = False        # True: gradients averaged along a path (see Integrated)
+    residual = False          # True: dev is the standardized feature reconstruction residual
+    pixels = False            # True: a map of the pixels, no layer (see ReconDeviation)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -249,6 +264,26 @@ class DeviationNorm(Form):
 
     def signed_map(self, grads, dev, gradient_relu=False):
         return tf.sqrt(tf.reduce_sum(tf.square(dev), axis=-1) + 1e-12)[:, None]
+
+
+class FeatureResidual(DeviationNorm):
+    """||z|| of z = (A(x) - A(decode(mu))) / r per position, r the normal images'
+    residual root mean square (:func:`relative_residual`): where the features of the
+    image differ from those of its reconstruction more than on normal images. It reads
+    the decoder, so a VAE that learned nothing cannot fake it with feature statistics."""
+
+    name = "feature-residual"
+    residual = True
+
+
+class ReconDeviation(DeviationNorm):
+    """The reconstruction residual relative to its normal size, sqrt(mean_c z_c^2) with
+    z = (x - decode(mu)) / r per pixel and channel (r the normal residual's root mean
+    square, :func:`relative_residual`): a reconstruction difference that discounts where
+    the VAE always errs (edges, texture). No layer: computed at image resolution."""
+
+    name = "recon-deviation"
+    pixels = True
 
 
 if set(FORMS) != set(runs.FORMS):

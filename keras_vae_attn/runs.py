@@ -18,7 +18,11 @@ CONFIG = "config.json"
 # Named here so flags parse without TensorFlow; keras_vae_attn.attribution holds the forms.
 TARGETS = ("latent", "energy", "total-energy")
 FORMS = ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "gradient-norm",
-         "deviation")
+         "deviation", "feature-residual", "recon-deviation")
+#: forms that read what the decoder reconstructs (no deviation of their own)
+RESIDUAL_FORMS = ("feature-residual", "recon-deviation")
+#: "recon": the map's geometric mean with the standardized reconstruction residual
+GATES = ("none", "recon")
 DEVIATIONS = ("none", "centered", "standardized", "whitened")
 SIGNS = ("relu", "abs", "signed")
 COMBINES = ("mean", "product")
@@ -37,7 +41,8 @@ PRESETS = {
 FLAGS = {"layers": "--layer", "target": "--target", "form": "--form",
          "deviation": "--deviation", "sign": "--sign", "steps": "--ig-steps",
          "combine": "--combine", "smooth": "--smooth", "method": "--method",
-         "layer_scales": "--layer (scales)", "gradient_relu": "--gradient-relu"}
+         "layer_scales": "--layer (scales)", "gradient_relu": "--gradient-relu",
+         "gate": "--gate"}
 
 
 class OptionError(ValueError):
@@ -69,6 +74,7 @@ class ExplainOptions:
     layer_scales: tuple | None = None
     smooth: float = 0.0
     method: str = "auto"
+    gate: str = "none"
 
     def __post_init__(self):
         layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
@@ -82,7 +88,8 @@ class ExplainOptions:
     def validate(self):
         for field, choices in (("target", TARGETS), ("form", FORMS),
                                ("deviation", DEVIATIONS), ("sign", SIGNS),
-                               ("combine", COMBINES), ("method", METHODS)):
+                               ("combine", COMBINES), ("method", METHODS),
+                               ("gate", GATES)):
             value = getattr(self, field)
             if value not in choices:
                 raise OptionError(field, f"{FLAGS[field]} {value!r} is unknown; choose one "
@@ -113,12 +120,17 @@ class ExplainOptions:
     @property
     def needs_distribution(self):
         """Whether maps need the layers' fitted normal feature distribution."""
-        return self.deviation != "none"
+        return self.deviation != "none" and self.form not in RESIDUAL_FORMS
 
     @property
     def needs_covariance(self):
         """Whether the distribution must include the channel covariance (whitened)."""
-        return self.deviation == "whitened"
+        return self.deviation == "whitened" and self.needs_distribution
+
+    @property
+    def needs_residuals(self):
+        """Whether maps read the normal distribution of the reconstruction residual."""
+        return self.form in RESIDUAL_FORMS or self.gate != "none"
 
     @property
     def needs_scales(self):
@@ -131,12 +143,17 @@ class ExplainOptions:
 
     def describe(self):
         """A short human label, e.g. 'gradcam/energy/none/relu @ conv1'."""
-        parts = [self.form, self.target, self.deviation]
+        if self.form == "recon-deviation":
+            return "recon-deviation (standardized reconstruction residual, pixels)"
+        parts = ([self.form] if self.form in RESIDUAL_FORMS
+                 else [self.form, self.target, self.deviation])
         if self.form in ("gradcam", "hirescam", "integrated"):
             parts.append(self.sign)
         text = "/".join(parts) + " @ " + "+".join(self.layers)
         if len(self.layers) > 1:
             text += f" ({self.combine})"
+        if self.gate != "none":
+            text += f" x {self.gate} (geometric mean)"
         return text
 
     # --- (de)serialization ------------------------------------------------------------
@@ -203,6 +220,8 @@ class ExplainOptions:
                                                f"--deviation {args.deviation}")
             fields["deviation"] = wanted
         layers = tuple(name.strip() for name in args.layer.split(",") if name.strip())
+        if getattr(args, "gate", None) is not None:
+            fields["gate"] = args.gate
         return cls(layers=layers, gradient_relu=bool(args.gradient_relu),
                    steps=args.ig_steps, combine=args.combine, smooth=float(args.smooth),
                    **fields)

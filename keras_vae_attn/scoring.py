@@ -50,6 +50,11 @@ def layer_map(model, images, layer, options, stats):
                     else None)
     # gradient_relu of a per-latent target acts on dmu_i/dA, before the energy factor
     relu_first = options.gradient_relu and options.target != attn.TOTAL_ENERGY
+    if form.residual:
+        features, mu, logvar = explainer.forward(images)
+        residual = features - explainer.forward(model.decode(mu))[0]
+        dev = attribution.relative_residual(residual, model.residual_distribution(layer))
+        return attribution.attribute(form, None, dev, options.sign), mu, logvar
     if not form.needs_gradient:
         features, mu, logvar = explainer.forward(images)
         grads = None
@@ -113,11 +118,22 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
     stats = model.normal_stats()
     size = tf.shape(images)[1:3]
     wanted = set(keys) if keys is not None else None
-    maps = []
-    for layer in options.layers:
-        small, mu, logvar = layer_map(model, images, layer, options, stats)
-        maps.append(attn.upsample(small, size))
-    heatmap = gaussian_blur(combine_layers(maps, options), options.smooth)
+    pixels = attribution.get_form(options.form).pixels
+    if pixels:
+        mu, logvar = model.encode(images)
+    else:
+        maps = []
+        for layer in options.layers:
+            small, mu, logvar = layer_map(model, images, layer, options, stats)
+            maps.append(attn.upsample(small, size))
+        heatmap = combine_layers(maps, options)
+    reconstruction = None
+    if pixels or options.gate == "recon":
+        reconstruction = model.decode(mu)
+        deviation = recon_deviation(images, reconstruction, model.residual_distribution())
+        heatmap = (deviation if pixels else
+                   tf.sqrt(tf.nn.relu(heatmap) * deviation + 1e-12))   # geometric mean
+    heatmap = gaussian_blur(heatmap, options.smooth)
     out = {
         "heatmap": heatmap,
         "mu": mu,
@@ -129,7 +145,8 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
         "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
     }
     if wanted is None or wanted & {"reconstruction", "recon_error", "recon_score"}:
-        reconstruction = model.decode(mu)
+        if reconstruction is None:
+            reconstruction = model.decode(mu)
         recon_error = gaussian_blur(tf.reduce_mean(tf.abs(images - reconstruction), axis=-1),
                                     options.smooth)
         out.update(reconstruction=reconstruction, recon_error=recon_error,
@@ -141,6 +158,26 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
         out["per_latent"] = latent_maps
         out["attention"] = attn.upsample(tf.reduce_mean(latent_maps, axis=1), size)
     return {key: value for key, value in out.items() if wanted is None or key in wanted}
+
+
+def recon_deviation(images, reconstruction, distribution):
+    """sqrt(mean_c z_c^2) per pixel, z the reconstruction residual relative to its
+    normal root mean square (attribution.relative_residual): (B, H, W)."""
+    z = attribution.relative_residual(images - reconstruction, distribution)
+    return tf.sqrt(tf.reduce_mean(tf.square(z), axis=-1) + 1e-12)
+
+
+def fit_missing_statistics(model, normal_batches, options):
+    """Fit on ``normal_batches`` what ``options`` need and ``model`` lacks (a model saved
+    before a distribution existed, or fitted for other layers): the feature
+    distributions of its layers and the reconstruction residuals'. True if it fitted."""
+    layers = list(options.layers)
+    missing = (not all(model.has_feature_distribution(n, options.needs_covariance)
+                       for n in layers)
+               or not model.has_residual_distribution(layers))
+    if missing:
+        model.fit_feature_distributions(normal_batches, layers, options.needs_covariance)
+    return missing
 
 
 def fit_layer_scales(model, images, options, batch_size=64):

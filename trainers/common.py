@@ -54,6 +54,10 @@ def add_attention_flags(parser):
                        help="old name: zero = --deviation none, normal = --deviation centered")
     group.add_argument("--sign", choices=runs.SIGNS, default=None,
                        help="for gradcam/hirescam/integrated: ReLU, absolute value or signed")
+    group.add_argument("--gate", choices=runs.GATES, default=None,
+                       help="recon: the map's geometric mean with the relative "
+                            "reconstruction residual (needs the decoder: what a VAE that "
+                            "learned nothing cannot fake)")
     group.add_argument("--gradient-relu", action="store_true",
                        help="gradcam: ReLU on gradients before pooling (the paper's printed "
                             "Eq. 3)")

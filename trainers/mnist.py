@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import common
+from trainers import common, sanity
 
 
 def build_parser():
@@ -21,6 +21,7 @@ def build_parser():
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
     common.add_attention_flags(parser)
     common.add_prediction_flags(parser, png=False)
+    sanity.add_flags(parser)
     parser.set_defaults(layer="conv1")
     return parser
 
@@ -163,9 +164,15 @@ def main(argv=None):
 
     from keras_vae_attn import references
 
+    pixels = references.fit_pixel_distribution(normal)
     metrics, curves, heatmaps = evaluate(model, test_x, test_y, args.normal_digit, options,
-                                         256, args.quiet,
-                                         references.fit_pixel_distribution(normal))
+                                         256, args.quiet, pixels)
+    twin = sanity.twin_for(args, model, normal, options)
+    checked, check_lines = sanity.image_level(
+        args, model, twin, test_x, (test_y != args.normal_digit).astype(int), heatmaps,
+        options, pixels, run_dir,
+        f"MNIST, digit {args.normal_digit} vs the rest")
+    metrics.update(checked)
     metrics.update(normal_digit=args.normal_digit, layer=args.layer,
                    precision=args.precision,                # --precision auto resolved
                    explain=options.as_config(), attribution=options.describe(),
@@ -186,6 +193,7 @@ def main(argv=None):
     print("image AUROC: " + ", ".join(console.auroc_text(k, v)
                                       for k, v in metrics["image_auroc"].items()))
     print("\n".join(console.decision_lines(metrics["predictions"], "images")))
+    print("\n".join(check_lines))
     print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")
     return run_dir
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import common
+from trainers import common, sanity
 
 DEMO = "demo"
 # The generated categories (keras_vae_attn/data/synthetic) and their writers: the demo's,
@@ -79,6 +79,7 @@ def build_parser():
                         help="test images scored per batch (lower it if memory runs out)")
     common.add_prediction_flags(parser)
     common.add_model_dir_flag(parser)
+    sanity.add_flags(parser)
     return parser
 
 
@@ -136,19 +137,18 @@ def run_options(args):
     return ExplainOptions.from_config({"explain": args.explain})
 
 
-def evaluate(model, train_images, test, args, options):
+def evaluate(model, train_images, test, args, options, pixels, twin=None):
     """The anomaly attention beside every reference (keras_vae_attn/evaluate.py), per
-    defect type, with ROC curves and the maps at the run's smoothing."""
+    defect type, with ROC curves and the maps at the run's smoothing; with ``twin`` (the
+    randomized VAE) every map beside the same map on it."""
     from keras_vae_attn import evaluate as kva_evaluate
-    from keras_vae_attn import references
     from keras_vae_attn.data.mvtec import to_float
     from keras_vae_attn.metrics import localization
 
     result = kva_evaluate.localize(
         model, to_float(test.images), test.masks, test.labels, options,
-        references.fit_pixel_distribution(train_images), to_float(train_images),
-        args.eval_batch_size,
-        progress=lambda it, desc="": common.progress(it, args.quiet, desc=desc))
+        pixels, to_float(train_images), args.eval_batch_size,
+        progress=lambda it, desc="": common.progress(it, args.quiet, desc=desc), twin=twin)
     maps = result.maps
     per_defect = {}
     for defect in sorted(set(test.defects) - {"good"}):
@@ -169,7 +169,7 @@ def evaluate(model, train_images, test, args, options):
     title = (f"{args.category}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
              f"images, {int(test.labels.sum())} anomalous; anomaly attention = "
              f"{options.describe()}")
-    return metrics, roc, maps, kva_evaluate.summary(result, title)
+    return metrics, roc, result, kva_evaluate.summary(result, title)
 
 
 def defined(metric, *args):
@@ -243,12 +243,10 @@ def main(argv=None):
     print(f"run folder: {run_dir}", file=sys.stderr)
     if model is not None:
         history, train_seconds = None, 0.0
-        missing = [name for name in options.layers
-                   if not model.has_feature_distribution(name, options.needs_covariance)]
-        if missing:
-            model.fit_feature_distributions(
-                augment.train_dataset(train_images, 64, shuffle=False), missing,
-                options.needs_covariance)
+        from keras_vae_attn import scoring
+
+        scoring.fit_missing_statistics(
+            model, augment.train_dataset(train_images, 64, shuffle=False), options)
     else:
         model, history, train_seconds = train(args, train_images, test, run_dir, options)
     from keras_vae_attn.data.mvtec import to_float
@@ -256,7 +254,19 @@ def main(argv=None):
     options = common.fit_and_record_options(model, to_float(train_images), options,
                                             args.eval_batch_size, run_dir)
     started = time.perf_counter()
-    metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)
+    from keras_vae_attn import references
+
+    pixels = references.fit_pixel_distribution(train_images)
+    twin = sanity.twin_for(args, model, to_float(train_images), options)
+    metrics, roc, result, lines = evaluate(model, train_images, test, args, options, pixels,
+                                           twin)
+    maps = result.maps
+    checked, check_lines = sanity.run(
+        args, run_dir, model, result, to_float(test.images), test.masks, test.labels,
+        options, to_float(train_images), pixels,
+        f"{args.category}, {args.image_size}x{args.image_size}")
+    metrics.update(checked)
+    lines += check_lines
     metrics.update(category=args.category, image_size=args.image_size, layer=args.layer,
                    precision=None if args.model_dir else args.precision,    # auto resolved
                    train_images=len(train_images),

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import common
+from trainers import common, sanity
 
 # The paper's Table 1 (UCSD Ped1, 100x100): pixel AUROC per method.
 PAPER_PED1 = {"recon_error": 0.86, "attention_conv1": 0.89, "attention_conv2": 0.92,
@@ -129,7 +129,7 @@ def method_name(layer):
     return f"attention_{layer}"
 
 
-def evaluate(model, train_images, test, args, options):
+def evaluate(model, train_images, test, args, options, twin=None):
     """The anomaly attention beside every reference (keras_vae_attn/evaluate.py), plus
     one ablation row per --layers entry (same attribution, that layer alone).
 
@@ -143,9 +143,10 @@ def evaluate(model, train_images, test, args, options):
 
     images = to_float(test.images)
     wrap = lambda it, desc="": common.progress(it, args.quiet, desc=desc)  # noqa: E731
-    result = kva_evaluate.localize(model, images, test.masks, test.labels, options,
-                                   references.fit_pixel_distribution(train_images),
-                                   to_float(train_images), args.eval_batch_size, wrap)
+    pixels = references.fit_pixel_distribution(train_images)
+    result = kva_evaluate.localize(model, images, test.masks, test.labels, options, pixels,
+                                   to_float(train_images), args.eval_batch_size, wrap,
+                                   twin=twin)
     ablation = {}
     for layer in args.layers:
         single = options.replace(layers=(layer,))
@@ -165,7 +166,7 @@ def evaluate(model, train_images, test, args, options):
            for name in result.methods if result.curves[name] is not None}
     maps = {RECON: result.maps[RECON], kva_evaluate.ATTENTION: result.maps[
         kva_evaluate.ATTENTION], **ablation}
-    return metrics, roc, maps, lines
+    return metrics, roc, maps, lines, result, pixels
 
 
 def label(method):
@@ -247,9 +248,10 @@ def write_figure(test, maps, picks, path, metrics, options, calibrated, predicte
         path)
 
 
-def load_model(args, train_images, layers, covariance=False):
-    """The saved model of --model-dir, with the feature distributions it lacks fitted on
-    the training frames: (model, no history, 0 training seconds)."""
+def load_model(args, train_images, options_list):
+    """The saved model of --model-dir, with the statistics the maps of ``options_list``
+    need and it lacks fitted on the training frames: (model, no history, 0 training
+    seconds)."""
     from keras_vae_attn.data import augment
     from keras_vae_attn.models import load_vae
 
@@ -258,11 +260,11 @@ def load_model(args, train_images, layers, covariance=False):
         raise SystemExit(f"error: the model in {args.model_dir!r} takes "
                          f"{model.spec['input_shape']} frames; pass the matching "
                          f"--image-size (got {args.image_size})")
-    missing = [name for name in layers if not model.has_feature_distribution(name, covariance)]
-    if missing:
-        model.fit_feature_distributions(augment.train_dataset(train_images, 256,
-                                                              shuffle=False), missing,
-                                        covariance)
+    from keras_vae_attn import scoring
+
+    for options in options_list:
+        scoring.fit_missing_statistics(
+            model, augment.train_dataset(train_images, 256, shuffle=False), options)
     return model, {}, 0.0
 
 
@@ -290,8 +292,8 @@ def main(argv=None):
                                           os.path.join(run_dir, "tensorboard"), options.layer)
     layers = sorted(set(args.layers) | set(options.layers))
     if args.model_dir:
-        model, history, train_seconds = load_model(args, train_images, layers,
-                                                   options.needs_covariance)
+        model, history, train_seconds = load_model(
+            args, train_images, [options.replace(layers=tuple(layers))])
     else:
         model, history, train_seconds = common.fit_one_class(
             args, lambda: build_vae(args.backbone, model_shape(args), args.latent_dim,
@@ -305,7 +307,15 @@ def main(argv=None):
                                             args.eval_batch_size, run_dir)
 
     started = time.perf_counter()
-    metrics, roc, maps, lines = evaluate(model, train_images, test, args, options)
+    twin = sanity.twin_for(args, model, to_float(train_images), options)
+    metrics, roc, maps, lines, result, pixels = evaluate(model, train_images, test, args,
+                                                         options, twin)
+    checked, check_lines = sanity.run(
+        args, run_dir, model, result, to_float(test.images), test.masks, test.labels,
+        options, to_float(train_images), pixels,
+        f"UCSD {args.subset}, {args.image_size}x{args.image_size}")
+    metrics.update(checked)
+    lines += check_lines
     eval_seconds = time.perf_counter() - started
     clips = sorted(set(test.clips))
     metrics.update({

@@ -1,6 +1,8 @@
 """The one-class VAE: a small subclassed model around a named encoder and decoder."""
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -151,20 +153,50 @@ class VAE(keras.Model):
         and channel; with ``covariance`` also the whitening of the channel covariance at
         each position) of each of ``layers`` over ``dataset`` (un-augmented normal image
         batches), streamed batch by batch. Stored as non-trainable weights, so it is
-        saved, restored and exported with the model."""
+        saved, restored and exported with the model.
+
+        In the same pass it fits the distributions of what the VAE fails to reconstruct
+        (:data:`PIXELS`: x - decode(mu) per pixel and channel; ``residual_<layer>``:
+        A(x) - A(decode(mu)) per position and channel), which the maps that need the
+        decoder read (forms "recon-deviation" and "feature-residual", ``gate="recon"``).
+        """
         explainers = [self.explainer(layer) for layer in layers]
-        moments = {e.layer_name: FeatureMoments(covariance) for e in explainers}
+        names = [e.layer_name for e in explainers]
+        moments = {name: FeatureMoments(covariance) for name in names}
+        moments.update({PIXELS: FeatureMoments()},
+                       **{residual_key(name): FeatureMoments() for name in names})
         spec = tf.TensorSpec((None, *self.encoder.inputs[0].shape[1:]), tf.float32)
-        features_of = tf.function(lambda x: [e.forward(x)[0] for e in explainers],
-                                  input_signature=[spec])     # one trace, any batch size
+        # a partial of a module function, not a lambda: one traced function per call, and
+        # TensorFlow counts traces per function source (twins and cascades call this often)
+        statistics_of = tf.function(functools.partial(_normal_statistics, self, explainers),
+                                    input_signature=[spec])
         for batch in dataset:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            for explainer, features in zip(explainers, features_of(tf.cast(images, tf.float32))):
-                moments[explainer.layer_name].update(features.numpy())
+            features, residuals, pixels = statistics_of(tf.cast(images, tf.float32))
+            moments[PIXELS].update(pixels.numpy())
+            for name, value, residual in zip(names, features, residuals):
+                moments[name].update(value.numpy())
+                moments[residual_key(name)].update(residual.numpy())
         for name, moment in moments.items():
-            self.store_feature_distribution(
-                name, moment.result() + (moment.whitening() if covariance else ()))
-        return {name: self.feature_distribution(name) for name in moments}
+            whitening = moment.whitening() if covariance and name in names else ()
+            self.store_feature_distribution(name, moment.result() + whitening)
+        return {name: self.feature_distribution(name) for name in names}
+
+    def residual_distribution(self, layer=None):
+        """The normal distribution of the reconstruction residual: of the pixels
+        (``layer`` None) or of ``layer``'s features (see fit_feature_distributions)."""
+        key = PIXELS if layer is None else residual_key(self.explainer(layer).layer_name)
+        if key not in self._distributions:
+            raise ValueError(f"no normal reconstruction-residual distribution for "
+                             f"{'the pixels' if layer is None else repr(layer)}: fit it with "
+                             "model.fit_feature_distributions(normal_images, layers) "
+                             "(models saved before it re-fit on loading)")
+        return FeatureDistribution(*(tf.convert_to_tensor(w)
+                                     for w in self._distributions[key]))
+
+    def has_residual_distribution(self, layers=()):
+        return PIXELS in self._distributions and all(
+            residual_key(self.explainer(n).layer_name) in self._distributions for n in layers)
 
     def store_feature_distribution(self, layer, values):
         """Store (mean, std) or (mean, std, whiten, colour) arrays for ``layer``."""
@@ -194,14 +226,16 @@ class VAE(keras.Model):
             if tracker is not None:
                 tracker.lock()
         covariances = [n for n in self.feature_layers if len(self._distributions[n]) == 4]
-        self.spec["feature_layers"] = list(self.feature_layers)
+        self.spec["feature_layers"] = list(self._distributions)
         if covariances:
             self.spec["feature_covariance_layers"] = covariances
 
     @property
     def feature_layers(self):
-        """Layers with a fitted normal feature distribution, in fitting order."""
-        return list(self._distributions)
+        """Layers with a fitted normal feature distribution, in fitting order (the
+        reconstruction residuals' distributions are stored beside them)."""
+        return [key for key in self._distributions
+                if key != PIXELS and not key.startswith(residual_key(""))]
 
     def has_feature_distribution(self, layer, covariance=False):
         """Whether a normal feature distribution (with the covariance, if asked) is
@@ -212,7 +246,7 @@ class VAE(keras.Model):
     def feature_distribution(self, layer):
         """The stored :class:`FeatureDistribution` of ``layer`` (variables, so a traced
         graph reads them and exports carry them); a clear error when none is stored."""
-        name = self.explainer(layer).layer_name
+        name = layer if layer in self._distributions else self.explainer(layer).layer_name
         if name not in self._distributions:
             fitted = ", ".join(self.feature_layers) or "none"
             raise ValueError(f"no normal feature distribution for layer {name!r} (fitted: "
@@ -220,12 +254,41 @@ class VAE(keras.Model):
                              f"normal_images, [{name!r}])")
         return FeatureDistribution(*(tf.convert_to_tensor(w) for w in self._distributions[name]))
 
+    def fit_normal_statistics(self, dataset, layers, covariance=False):
+        """Everything a map needs from the normal data, fitted over ``dataset``
+        (un-augmented normal image batches): the latent statistics of Eq. 5 and the
+        feature distributions of ``layers``. One call for a trained model and for its
+        randomized twin (keras_vae_attn/explain/sanity.py), so both are fitted alike."""
+        self.fit_normal_stats(dataset)
+        if layers:
+            self.fit_feature_distributions(dataset, list(layers), covariance)
+
     def fit_normal_stats(self, dataset):
         """Measure and store the normal data's latent statistics; returns them."""
         stats = fit_normal_stats(self.encoder, dataset)
         self.normal_mean.assign(stats.mean)
         self.normal_std.assign(stats.std)
         return stats
+
+
+#: the key of the pixel reconstruction residual's distribution
+PIXELS = "pixels"
+
+
+def residual_key(layer_name):
+    """The key of ``layer_name``'s feature reconstruction residual's distribution."""
+    return f"residual_{layer_name}"
+
+
+def _normal_statistics(model, explainers, images):
+    """Per explainer: the features, and the feature residual A(x) - A(decode(mu)); and
+    the pixel residual x - decode(mu): one batch of what fit_feature_distributions
+    accumulates."""
+    features = [e.forward(images)[0] for e in explainers]
+    mu, _ = model.encode(images)
+    reconstruction = model.decode(mu)
+    residuals = [f - e.forward(reconstruction)[0] for f, e in zip(features, explainers)]
+    return features, residuals, images - reconstruction
 
 
 def build_vae(backbone="small", input_shape=(28, 28, 1), latent_dim=16, filters=None,
