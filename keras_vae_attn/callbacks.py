@@ -48,7 +48,8 @@ class AttentionImages(keras.callbacks.Callback):
 #: dicts (nested dicts become "a/b/c" tags).
 METRIC_GROUPS = ("methods", "image_auroc", "image_auroc_other_scores",
                  "pixel_auroc_per_defect", "best_auroc", "factor_vae_score",
-                 "factor_vae_train_accuracy", "attention_overlap_top_pair")
+                 "factor_vae_train_accuracy", "attention_overlap_top_pair",
+                 "sanity", "sanity_cascade", "latent_selectivity")
 EXAMPLES = 4              # test heatmaps shown at the end of a run: 1 normal, 3 anomalous
 
 
@@ -94,8 +95,8 @@ def flat_metrics(metrics):
         if isinstance(value, dict):
             for key, inner in value.items():
                 walk(f"{prefix}/{key}", inner)
-        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-            flat[prefix] = float(value)
+        elif isinstance(value, (int, float, np.number)):
+            flat[prefix] = float(value)       # a verdict (bool) as 1 / 0
 
     for group in METRIC_GROUPS:
         if group in metrics:

@@ -216,6 +216,8 @@ def test_trainer_writes_a_complete_run(tmp_path):
     assert isinstance(load_vae(Path(run_dir) / "model"), fv.FactorVAE)
     assert 0 <= metrics["non_empty_maps_per_image"] <= 10
     assert 0 <= metrics["empty_second_map_fraction"] <= 1
+    selectivity = metrics["latent_selectivity"]
+    assert selectivity["ratio"] > 0 and 0 <= selectivity["top1"] <= 1
 
     # the saved model scored again: the same seed and votes give the same score
     rescored_dir = trainer.main([

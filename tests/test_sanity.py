@@ -140,3 +140,42 @@ def test_deletion_by_the_maps_own_ranking_beats_a_random_ranking(trained):
     assert curves["truth"].deletion_auc < random.deletion_auc
     assert curves["recon"].deletion_auc < random.deletion_auc
     assert curves["recon"].insertion_auc > random.insertion_auc
+
+
+class RegionEncoder:
+    """A model whose latent j is the mean of image quadrant j: the right per-latent map
+    of latent j is that quadrant, so selectivity must find it."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        from keras_vae_attn.attention import NormalStats
+
+        self.stats = NormalStats(tf.zeros(4), tf.ones(4) * 0.1)
+
+    def encode(self, images):
+        import tensorflow as tf
+
+        half = images.shape[1] // 2
+        quads = [images[:, :half, :half], images[:, :half, half:], images[:, half:, :half],
+                 images[:, half:, half:]]
+        mu = tf.stack([tf.reduce_mean(q, axis=[1, 2, 3]) for q in quads], axis=1)
+        return mu, tf.zeros_like(mu)
+
+    def normal_stats(self):
+        return self.stats
+
+
+def test_selectivity_finds_maps_that_point_at_their_own_latent():
+    from keras_vae_attn.explain.faithfulness import selectivity
+
+    rng = np.random.default_rng(2)
+    images = rng.random((6, 8, 8, 1)).astype(np.float32)
+    right = np.zeros((6, 4, 8, 8), np.float32)
+    for j, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+        right[:, j, r:r + 4, c:c + 4] = 1.0 + rng.random((6, 4, 4))
+    model, baseline = RegionEncoder(), np.zeros((8, 8, 1), np.float32)
+    good = selectivity(model, images, right, baseline, fraction=0.25)
+    assert good["top1"] == 1.0 and good["ratio"] > 10
+    wrong = selectivity(model, images, right[:, ::-1], baseline, fraction=0.25)
+    assert wrong["top1"] == 0.0 and wrong["ratio"] < 0.1

@@ -212,6 +212,19 @@ def latent_pairs(model, images, layer):
     return maps.numpy(), pair.numpy(), losses.attention_overlap(*pair_maps(maps, pair)).numpy()
 
 
+def latent_selectivity(model, images, layer):
+    """Are the per-latent maps faithful to their own latent? Deleting map i's top pixels
+    (replaced by the images' mean) should move mu_i more than the other latents
+    (faithfulness.selectivity)."""
+    from keras_vae_attn.attention import upsample
+    from keras_vae_attn.explain import faithfulness
+
+    maps = model.explainer(layer).latent_maps(images)
+    size = images.shape[1:3]
+    maps = np.stack([upsample(maps[:, d], size).numpy() for d in range(maps.shape[1])], 1)
+    return faithfulness.selectivity(model, images, maps, images.mean(0))
+
+
 def map_usage(maps, pair, empty_below=1e-3):
     """How many latents' maps still show something: a map is empty when its mass is below
     ``empty_below`` of the image's largest. A low L_AD with many empty second maps means
@@ -398,6 +411,7 @@ def main(argv=None):
                           f"latents at {args.layer} (the paper's Fig. 8); L_AD = their "
                           f"overlap, lower = better separated")
     kl_per_dim = write_traversals(model, shown, os.path.join(run_dir, "traversals.png"))
+    selectivity = latent_selectivity(model, sample[:64], args.layer)
     if curves:
         viz.save_curves({k: v for k, v in curves.items() if k in ("loss", "recon")},
                         os.path.join(run_dir, "curves.png"), title=f"{kind['model']}: loss")
@@ -413,6 +427,7 @@ def main(argv=None):
         "attention_overlap_top_pair": float(np.mean(overlap)),
         **map_usage(held_out_maps, held_out_pair),
         "kl_per_dim": kl_per_dim,
+        "latent_selectivity": selectivity,
         **kind, "steps": total_steps, "seed": args.seed, "model_dir": args.model_dir,
         "seconds_per_step": train_seconds / total_steps if total_steps else None,
         "epoch_seconds": epoch_seconds,
@@ -433,6 +448,9 @@ def main(argv=None):
           f"({score['num_active_dims']} active dims), top-pair L_AD "
           f"{metrics['attention_overlap_top_pair']:.3f}, "
           f"{metrics['non_empty_maps_per_image']:.1f} non-empty latent maps per image")
+    print(f"per-latent maps: deleting map i's top {selectivity['fraction']:.0%} moves mu_i "
+          f"{selectivity['ratio']:.2f}x as much as the other latents; mu_i moves most in "
+          f"{selectivity['top1']:.0%} of cases (keras_vae_attn/explain/faithfulness.py)")
     print(f"figures and metrics in {run_dir}")
     return run_dir
 

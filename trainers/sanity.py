@@ -24,7 +24,7 @@ def add_flags(parser):
                             "spec, fresh weights, normal statistics re-fitted): the "
                             "'random features' row, the randomization check and "
                             "sanity.png / cascade.png")
-    group.add_argument("--faithfulness-images", type=int, default=32,
+    group.add_argument("--faithfulness-images", type=int, default=16,
                        help="anomalous test images the deletion/insertion curves and the "
                             "per-latent selectivity use (0 skips them)")
 
