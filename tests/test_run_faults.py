@@ -102,8 +102,9 @@ def test_kill_between_fit_and_save_and_during_save_never_retrains(shared_data, t
 # --- numbers and folders checked where they enter, before TensorFlow starts ----------
 
 @pytest.mark.parametrize("flags, message", [
-    (["--smooth", "inf"], "--smooth must be a number of pixels from 0 to the image side (64)"),
-    (["--smooth", "1e6"], "--smooth must be a number of pixels from 0 to the image side (64)"),
+    (["--smooth", "inf"], "--smooth must be >= 0 and finite, got inf"),
+    (["--smooth", "nan"], "--smooth must be >= 0 and finite, got nan"),
+    (["--smooth", "1e6"], "--smooth must be at most the image side (64 px), got 1000000.0"),
     (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
     (["--latent-dim", "100000000"], "--latent-dim 100000000: training this model needs about"),
     (["--image-size", "100000"], "--image-size 100000: training this model needs about"),

@@ -249,9 +249,10 @@ def check_numbers(parser, args):
     smooth = getattr(args, "smooth", None)
     if smooth is not None:
         side = image_side(args)
-        if not math.isfinite(smooth) or not 0 <= smooth <= side:
-            parser.error(f"--smooth must be a number of pixels from 0 to the image side "
-                         f"({side}), got {smooth}")
+        if not math.isfinite(smooth) or smooth < 0:
+            parser.error(f"--smooth must be >= 0 and finite, got {smooth}")
+        if smooth > side:
+            parser.error(f"--smooth must be at most the image side ({side} px), got {smooth}")
     if getattr(args, "cpu_replicas", 0) and args.cpu_replicas < 0:
         parser.error(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}")
 
