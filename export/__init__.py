@@ -10,6 +10,7 @@ export left behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -135,6 +136,10 @@ def load_thresholds(path):
     except (ValueError, TypeError, KeyError) as error:
         raise ExportError(f"--thresholds {path!r} must be a JSON object with numbers "
                           f"'pixel' and 'image' ({type(error).__name__}: {error})") from None
+    for name in ("pixel", "image"):    # json reads NaN and Infinity: every label "normal"
+        if not math.isfinite(getattr(values, name)):
+            raise ExportError(f"--thresholds {path!r}: {name} threshold must be a finite "
+                              f"number, got {getattr(values, name)}")
     if not values.pixel > 0:
         raise ExportError(f"--thresholds {path!r}: pixel threshold must be > 0, got "
                           f"{values.pixel}")
@@ -214,15 +219,81 @@ def pid_alive(pid):
 
 
 def remove_stale_staging(folder):
-    """Delete the staging folders in ``folder`` whose writer is dead: a push or export
-    killed before its rename leaves one, and TF Serving never looks at it. Folders of a
-    live writer (a concurrent export) are kept. Returns the removed paths."""
+    """Delete the staging folders and version claims in ``folder`` whose writer is
+    dead: a push or export killed before its rename leaves one, and TF Serving never
+    looks at it. Those of a live writer (a concurrent export) are kept. Returns the
+    removed paths."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
         match = STAGING.match(name)
         if match and not pid_alive(int(match.group(1))):
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-            removed.append(os.path.join(folder, name))
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif CLAIM.match(name) and claim_owner(path) is not None \
+                and not pid_alive(claim_owner(path)):
+            release_version(path)
+            removed.append(path)
     return removed
+
+
+#: A version number being written: ``.claim-<version>``, a symbolic link whose target
+#: is the writer's pid (made in one system call, so a claim always names its owner).
+CLAIM = re.compile(r"^\.claim-(\d+)$")
+
+
+def claim_owner(path):
+    """The pid a version claim names (None: no claim there, or not one of ours)."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    return int(target) if target.isdigit() else None
+
+
+def claim_version(base, version=None):
+    """Claim a version number under the model folder ``base`` for this process; returns
+    (version, claim path). ``version`` None takes the next free number.
+
+    The claim is a link created by one ``os.symlink``, which fails when the name exists,
+    so two exporters (or an exporter and a push) never get the same number even when
+    they start together; the number is free once nobody holds its claim and no version
+    folder has it. A given ``version`` that another live process holds is an
+    ExportError. Give the claim back with :func:`release_version`.
+    """
+    os.makedirs(base, exist_ok=True)
+    remove_stale_staging(base)
+    number = version or next_free(base)
+    while True:
+        claim = os.path.join(base, f".claim-{number}")
+        try:
+            os.symlink(str(os.getpid()), claim)
+        except FileExistsError:
+            if version is not None:
+                raise ExportError(f"version {version} under {base!r} is being written by "
+                                  f"process {claim_owner(claim)}; pass another --version"
+                                  ) from None
+            number = max(number + 1, next_free(base))
+            continue
+        if version is None and os.path.lexists(os.path.join(base, str(number))):
+            release_version(claim)          # written meanwhile by a writer without claims
+            number = max(number + 1, next_free(base))
+            continue
+        return number, claim
+
+
+def next_free(base):
+    """1 + the largest version number under ``base``, folders and claims alike."""
+    numbers = [int(name) for name in os.listdir(base) if name.isdigit()]
+    numbers += [int(m.group(1)) for m in map(CLAIM.match, os.listdir(base)) if m]
+    return max(numbers, default=0) + 1
+
+
+def release_version(claim):
+    """Remove a claim made by :func:`claim_version` (gone already: nothing to do)."""
+    try:
+        os.remove(claim)
+    except FileNotFoundError:
+        pass

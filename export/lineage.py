@@ -46,14 +46,29 @@ def hash_path(path):
     return digest.hexdigest()
 
 
+class LineageError(ValueError):
+    """A pipeline folder or data folder the bookkeeping cannot read; the message names
+    the path and what is wrong."""
+
+
 def fingerprint_files(root):
-    """A cheap fingerprint of a data folder: its file list with sizes (not contents)."""
+    """A cheap fingerprint of a data folder: its file list with sizes (not contents).
+
+    A link that leads nowhere (dangling, or a loop) is a LineageError naming it: the
+    trainer could not read it either, and saying so here costs nothing.
+    """
     digest = hashlib.sha256()
     count = 0
     for folder, _, names in sorted(os.walk(root)):
         for name in sorted(names):
             full = os.path.join(folder, name)
-            digest.update(f"{os.path.relpath(full, root)}:{os.path.getsize(full)}\n".encode())
+            try:
+                size = os.path.getsize(full)
+            except OSError as error:
+                kind = "a dangling or looping link" if os.path.islink(full) else "unreadable"
+                raise LineageError(f"data file {full!r} is {kind}: "
+                                   f"{error.strerror or error}") from None
+            digest.update(f"{os.path.relpath(full, root)}:{size}\n".encode())
             count += 1
     return {"sha256": digest.hexdigest(), "files": count}
 
@@ -69,8 +84,7 @@ class Manifest:
         self.path = os.path.join(folder, MANIFEST)
         self.data = {"stages": {}}
         if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as handle:
-                self.data = json.load(handle)
+            self.data = read_manifest(self.path)
 
     def record(self, stage):
         return self.data["stages"].get(stage)
@@ -81,6 +95,22 @@ class Manifest:
         with open(partial, "w", encoding="utf-8") as handle:
             json.dump(self.data, handle, indent=2)   # stages stay in the order they ran
         os.replace(partial, self.path)
+
+
+def read_manifest(path):
+    """The dict a ``manifest.json`` holds; LineageError (naming the file) when it is no
+    pipeline manifest: not JSON, or no "stages" object of stage records."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise LineageError(f"{path} is not a pipeline manifest ({error}); move it away, "
+                           "or choose another --pipeline-dir") from None
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, dict) or not all(isinstance(r, dict) for r in stages.values()):
+        raise LineageError(f"{path} is not a pipeline manifest (no \"stages\" object of "
+                           "stage records); move it away, or choose another --pipeline-dir")
+    return data
 
 
 def cache_key(config, inputs, data_fingerprint):

@@ -19,7 +19,12 @@ the pipeline are forwarded to that group, and the group is killed when the pipel
 exits, so a stopped pipeline leaves no orphan training. A train stage that was stopped
 is resumed from the trainer's backup when the same command is run again (its run folder
 is kept); a changed configuration, or ``--from-stage train``, trains afresh.
-``--model-name`` (and the default ``vae_<category>``) is checked before any stage runs.
+``--model-name`` (and the default ``vae_<category>``), ``--category`` and every number
+are checked before anything is written.
+
+The pipeline owns only what it creates: its folder holds a marker file
+(:data:`MARKER`) naming the entries it writes, a ``--pipeline-dir`` holding anything
+else (or overlapping the data) is refused, and it deletes nothing outside those entries.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import atexit
 import ctypes
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -36,7 +42,8 @@ import subprocess
 import sys
 import threading
 
-from export import lineage, model_name_problem, remove_stale_staging
+from export import (claim_version, lineage, model_name_problem, release_version,
+                    remove_stale_staging)
 from keras_vae_attn.runs import write_json
 
 STAGES = ("train", "evaluate", "validate", "export", "push")
@@ -47,6 +54,34 @@ REFERENCES = ("recon_error", "feature_deviation", "mean_image_difference",
 NOT_BLESSED = 3            # exit code of a run whose candidate was not blessed
 GATED_METRICS = ("pixel_auroc", "image_auroc", "aupro")
 LINEAGE = "lineage.json"
+#: The file that marks a folder as a pipeline's, and the entries the pipeline writes
+#: there (its own bookkeeping; nothing else in the folder is ever touched).
+MARKER = ".export-pipeline.json"
+OWNED = (MARKER, lineage.MANIFEST, "train", "evaluate", "export", "data", "holdout.json",
+         "blessing.json")
+
+
+class PipelineError(Exception):
+    """A refused pipeline folder or data folder; the message names it and what is wrong."""
+
+
+def number(low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite float within [low, high] (open ends as asked), so a
+    NaN floor or tolerance cannot bless an unjudged model."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or below or above:
+            left = "any" if low is None else f"{'(' if low_open else '['}{low:g}"
+            right = "" if high is None else f"{high:g}{')' if high_open else ']'}"
+            where = f"in {left}, {right}" if high is not None else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text}")
+        return value
+    return parse
 
 
 def build_parser():
@@ -63,32 +98,47 @@ def build_parser():
                         help="artifact folder (default: runs/pipeline/<category>)")
     parser.add_argument("--from-stage", choices=STAGES, default=None,
                         help="rerun this stage and every later one even if cached")
-    parser.add_argument("--holdout", type=float, default=0.1,
+    parser.add_argument("--holdout", type=number(0, 1, True, True), default=0.1,
                         help="fraction of train/good held out to calibrate thresholds")
     parser.add_argument("--validation-dir", default=None,
                         help="labelled MVTec-layout root: calibrate F1-optimal thresholds "
                              "on its test split instead of normal percentiles")
-    parser.add_argument("--pixel-percentile", type=float, default=99.5,
+    parser.add_argument("--pixel-percentile", type=number(0, 100), default=99.5,
                         help="pixel threshold: this percentile of the held-out normal "
                              "images' heatmaps (default: %(default)s)")
-    parser.add_argument("--image-percentile", type=float, default=99.0,
+    parser.add_argument("--image-percentile", type=number(0, 100), default=99.0,
                         help="image threshold: this percentile of their image scores "
                              "(default: %(default)s)")
     for metric in GATED_METRICS:
-        parser.add_argument(f"--min-{metric.replace('_', '-')}", type=float, default=None,
+        parser.add_argument(f"--min-{metric.replace('_', '-')}", type=number(0, 1),
+                            default=None,
                             help=f"bless only if {metric} of the anomaly attention >= this")
     parser.add_argument("--reference", choices=REFERENCES, default="recon_error",
                         help="bless only if the anomaly attention is no worse than this "
                              "map of the same run (metrics.json 'methods') on every gated "
                              "metric; 'none' requires a --min-* floor")
-    parser.add_argument("--tolerance", type=float, default=0.01,
+    parser.add_argument("--tolerance", type=number(0), default=0.01,
                         help="how much worse than the reference and the served model a "
                              "candidate may be")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed_value, default=0,
                         help="the trainer's --seed (default: %(default)s)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="export stage: skip export.onnx's check of the converted "
+                             "graph against the model")
     parser.add_argument("trainer_args", nargs="*",
                         help="after `--`: extra flags for trainers.mvtec (e.g. --epochs 5)")
     return parser
+
+
+def seed_value(text):
+    """An argparse type: a seed >= 0 (the trainer's random generators take no other)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -130,12 +180,21 @@ def _dies_with(parent_pid):
     return set_death_signal
 
 
+class Interrupted(SystemExit):
+    """The pipeline was stopped by a signal (exit code 128 + the signal); the stage it
+    was in prints the one line that says so."""
+
+    def __init__(self, signum):
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum).name
+
+
 def run_child(command):
     """Run ``command`` like ``subprocess.run(check=True)``, in its own process group.
 
     A SIGINT/SIGTERM to the pipeline is passed on to the group, which then gets
-    CHILD_GRACE_S to exit before it is killed, and the pipeline exits with 128 + the
-    signal; however this returns, nothing of the group is left running.
+    CHILD_GRACE_S to exit before it is killed, and Interrupted (exit 128 + the signal)
+    is raised; however this returns, nothing of the group is left running.
     """
     process = subprocess.Popen(command, start_new_session=True,
                                preexec_fn=_dies_with(os.getpid()))
@@ -144,8 +203,8 @@ def run_child(command):
 
     def forward(signum, frame):
         kill_group(process, signum)
-        stopped.append(signal.Signals(signum).name)
-        raise SystemExit(128 + signum)
+        stopped.append(signum)
+        raise Interrupted(signum)
 
     handle = threading.current_thread() is threading.main_thread()   # signals: main only
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS} \
@@ -160,8 +219,6 @@ def run_child(command):
                 process.wait(timeout=CHILD_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-            print(f"interrupted by {stopped[0]}: stopped {' '.join(command[1:4])}",
-                  file=sys.stderr)
         kill_group(process)            # grandchildren too, whatever happened
         process.wait()
         _children.discard(process)
@@ -175,19 +232,36 @@ class Pipeline:
     def __init__(self, args):
         self.args = args
         self.model_name = args.model_name or f"vae_{args.category}"
-        self.root = os.path.abspath(args.pipeline_dir or
-                                    os.path.join("runs", "pipeline", args.category))
-        os.makedirs(self.root, exist_ok=True)
+        self.root = os.path.abspath(pipeline_dir(args))
+        category = os.path.join(args.data_dir, args.category)
+        if not os.path.isdir(category):
+            raise PipelineError(f"--data-dir {args.data_dir!r} holds no category folder "
+                                f"{args.category!r}")
+        check_apart(self.root, category)
+        self.data = lineage.fingerprint_files(category)
+        claim_folder(self.root)
         self.manifest = lineage.Manifest(self.root)
-        self.data = lineage.fingerprint_files(os.path.join(args.data_dir, args.category))
         self.forced = False
+        self.current = None           # the stage running now (named when interrupted)
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
 
+    def remove(self, name):
+        """Delete entry ``name`` of the pipeline folder: only one of the entries the
+        pipeline writes itself (OWNED) is ever removed."""
+        if name not in OWNED:
+            raise ValueError(f"the pipeline removes only its own entries, not {name!r}")
+        path = self.path(name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
     def stage(self, name, config, inputs, action):
         # --from-stage forces that stage and every later one; otherwise a stage reruns
         # only when its config or the content of its inputs changed (cache key)
+        self.current = name
         self.forced = self.forced or self.args.from_stage == name
         record = lineage.run_stage(self.manifest, name, config, inputs, self.data, action,
                                    force=self.forced)
@@ -222,7 +296,7 @@ class Pipeline:
         if resume and os.path.isdir(run_dir):
             print(f"train: resuming the interrupted training in {run_dir}", file=sys.stderr)
         else:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            self.remove("train")
         # the pipeline holds its own normal images out; the trainer need not hold out more
         own_holdout = [] if any(a.startswith("--calibration-holdout")
                                 for a in self.args.trainer_args) else \
@@ -239,12 +313,14 @@ class Pipeline:
             {"train_images": len(files) - len(held), "held_out": len(held)}
 
     def _training_view(self, held):
-        """A data root that links to the real one, minus the held-out normal images."""
+        """A data root that links to the real one, minus the held-out normal images: a
+        folder of links in the pipeline folder (which never overlaps the data, see
+        check_apart), so rebuilding it deletes links, never an image."""
         from keras_vae_attn.data import mvtec
 
         source = os.path.join(os.path.abspath(self.args.data_dir), self.args.category)
         view = self.path("data")
-        shutil.rmtree(view, ignore_errors=True)
+        self.remove("data")
         good = os.path.join(view, self.args.category, "train", mvtec.GOOD)
         os.makedirs(good)
         for name in os.listdir(source):
@@ -265,7 +341,14 @@ class Pipeline:
                           lambda: self._evaluate(trained["outputs"]))
 
     def _evaluate(self, trained):
-        """The trainer's test-set metrics, plus thresholds calibrated on held-out data."""
+        """The trainer's test-set metrics, thresholds calibrated on held-out data, and
+        predictions.csv: the test-set decisions at those thresholds, the ones the
+        exported model makes (the train run's own predictions.csv and thresholds.json,
+        calibrated on its training images, are replaced by these)."""
+        from export import explain_options
+        from keras_vae_attn.models import load_vae
+        from keras_vae_attn.predictions import PREDICTIONS, THRESHOLDS
+
         out_dir = self.path("evaluate")
         os.makedirs(out_dir, exist_ok=True)
         with open(trained["config"], encoding="utf-8") as handle:
@@ -274,13 +357,22 @@ class Pipeline:
             metrics = json.load(handle)
         with open(trained["holdout"], encoding="utf-8") as handle:
             held = json.load(handle)
-        thresholds = calibrate_run(trained["model"], train_config, held, self.args)
+        model = load_vae(trained["model"])
+        options = explain_options(train_config)
+        thresholds, source = calibrate_run(model, options, train_config, held, self.args)
+        metrics["predictions"] = served_predictions(
+            model, options, train_config, self.args.data_dir, self.args.category,
+            thresholds, source, out_dir)
         metrics_path = os.path.join(out_dir, "metrics.json")
-        thresholds_path = os.path.join(out_dir, "thresholds.json")
+        thresholds_path = os.path.join(out_dir, THRESHOLDS)
         write_json(metrics_path, metrics)
-        write_json(thresholds_path, thresholds.as_dict())
-        return "done", {"metrics": metrics_path, "thresholds": thresholds_path}, \
-            {"metrics": metrics["methods"][METHOD], "thresholds": thresholds.as_dict()}
+        run_dir = os.path.dirname(trained["config"])
+        for name in (PREDICTIONS, THRESHOLDS):     # one set of decisions in the folder
+            shutil.copyfile(os.path.join(out_dir, name), os.path.join(run_dir, name))
+        return "done", {"metrics": metrics_path, "thresholds": thresholds_path,
+                        "predictions": os.path.join(out_dir, PREDICTIONS)}, \
+            {"metrics": metrics["methods"][METHOD], "thresholds": thresholds.as_dict(),
+             "at_threshold": metrics["predictions"]["at_threshold"]}
 
     # --- validate ---------------------------------------------------------------------
     def validate(self, trained, evaluated):
@@ -320,19 +412,22 @@ class Pipeline:
                   "thresholds": evaluated["outputs"]["thresholds"],
                   "metrics": evaluated["outputs"]["metrics"]}
         candidate = validated["config"]["candidate"]     # the id validate judged
-        return self.stage("export", {"model_name": self.model_name, "candidate": candidate},
-                          inputs, lambda: self._export(inputs, candidate))
+        config = {"model_name": self.model_name, "candidate": candidate}
+        if not self.args.verify:        # a verified export is not redone by --no-verify
+            config["verify"] = False
+        return self.stage("export", config, inputs, lambda: self._export(inputs, candidate))
 
     def _export(self, inputs, candidate):
         out = self.path("export")
-        shutil.rmtree(out, ignore_errors=True)
+        self.remove("export")
         os.makedirs(out)
         saved = os.path.join(out, "saved_model")
         onnx_path = os.path.join(out, "model.onnx")
         common = ["--run", self.path("train"), "--thresholds", inputs["thresholds"]]
         run_child([sys.executable, "-m", "export.saved_model", *common, "--out", saved,
                    "--model-name", self.model_name, "--version", "1"])
-        run_child([sys.executable, "-m", "export.onnx", *common, "--out", onnx_path])
+        run_child([sys.executable, "-m", "export.onnx", *common, "--out", onnx_path,
+                   *([] if self.args.verify else ["--no-verify"])])
         version_dir = os.path.join(saved, self.model_name, "1")
         assets = os.path.join(version_dir, "assets")
         os.makedirs(assets, exist_ok=True)
@@ -405,26 +500,47 @@ def served_baseline(serving_dir, model_name, candidate):
     return None
 
 
-def calibrate_run(model_dir, train_config, held_out, args):
+def calibrate_run(model, options, train_config, held_out, args):
     """Thresholds for a trained run: F1-optimal on ``args.validation_dir`` when given,
-    else percentiles of the held-out normal images' scores."""
-    from export import explain_options
+    else percentiles of the held-out normal images' scores. Returns (thresholds, which
+    images, in words)."""
     from keras_vae_attn import calibration, scoring
     from keras_vae_attn.data import mvtec
-    from keras_vae_attn.models import load_vae
 
-    model = load_vae(model_dir)
     size, channels = train_config["image_size"], train_config.get("channels", 3)
-    options = explain_options(train_config)
     keys = ("heatmap", "score")
     if args.validation_dir:
         split = mvtec.load_test(args.validation_dir, args.category, size, channels)
         out = scoring.batched(model, mvtec.to_float(split.images), 16, options, keys=keys)
         return calibration.from_labelled(out["heatmap"], split.masks, out["score"],
-                                         split.labels)
+                                         split.labels), \
+            f"the labelled test split of {args.validation_dir}"
     images, _ = mvtec.decode_files(held_out, size, channels)
-    return calibration.from_model(model, mvtec.to_float(images), options, 16,
-                                  args.pixel_percentile, args.image_percentile)[0]
+    thresholds = calibration.from_model(model, mvtec.to_float(images), options, 16,
+                                        args.pixel_percentile, args.image_percentile)[0]
+    return thresholds, (f"the {len(held_out)} normal training images the pipeline held "
+                        "out (--holdout), not trained on")
+
+
+def served_predictions(model, options, train_config, data_dir, category, thresholds,
+                       source, out_dir):
+    """predictions.csv and thresholds.json into ``out_dir``: the decisions at
+    ``thresholds`` on the test images the trainer evaluated (its image size and
+    --max-test), i.e. what the exported model answers for them. Returns the metrics.json
+    entry (counts at the threshold)."""
+    from keras_vae_attn import predictions, scoring
+    from keras_vae_attn.data import mvtec
+
+    test = mvtec.load_test(data_dir, category, train_config["image_size"],
+                           train_config.get("channels", 3), limit=train_config.get("max_test"),
+                           skip_corrupt=bool(train_config.get("skip_corrupt")))
+    maps = scoring.batched(model, mvtec.to_float(test.images), 16, options,
+                           keys=("heatmap",))["heatmap"]
+    decided = predictions.predict(maps, thresholds)
+    files = [os.path.relpath(path, data_dir) for path in test.paths]
+    calibrated = predictions.Calibration(thresholds, {}, source)
+    return predictions.write(out_dir, files, test.defects, "defect_type", test.labels,
+                             decided, calibrated)
 
 
 def blessing_reasons(candidate, floors, served, tolerance, reference=None):
@@ -471,24 +587,89 @@ def push_version(version_dir, serving_dir, model_name):
     """Copy a SavedModel to ``<serving_dir>/<model_name>/<next version>/`` atomically.
 
     The copy is made under a dot-name TF Serving ignores, then renamed into place; the
-    rename either happens whole or not at all. Staging folders of killed pushes (their
-    pid dead) are removed first. Returns the new version folder.
+    rename either happens whole or not at all. The number is claimed as exporters claim
+    theirs (export.claim_version), so a push and an export never take the same one.
+    Staging folders of killed pushes (their pid dead) are removed first. Returns the new
+    version folder.
     """
     base = os.path.join(serving_dir, model_name)
     os.makedirs(base, exist_ok=True)
     remove_stale_staging(base)
     staging = os.path.join(base, f".incoming-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(version_dir, staging)
-    while True:
-        versions = [int(n) for n in os.listdir(base) if n.isdigit()]
-        target = os.path.join(base, str(max(versions, default=0) + 1))
+    try:
+        shutil.copytree(version_dir, staging)
+        version, claim = claim_version(base)
         try:
-            os.rename(staging, target)       # fails if another push took this number
-            return target
-        except OSError:
-            if not os.path.exists(target):
-                raise
+            target = os.path.join(base, str(version))
+            os.rename(staging, target)
+        finally:
+            release_version(claim)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def pipeline_dir(args):
+    """The pipeline folder: --pipeline-dir, or runs/pipeline/<category>."""
+    return args.pipeline_dir or os.path.join("runs", "pipeline", args.category)
+
+
+def check_apart(root, category_dir):
+    """PipelineError unless the pipeline folder and the category's data folder are
+    apart (neither inside the other): the pipeline rebuilds folders of its own, and
+    they must never be the user's images (nor may its outputs look like data)."""
+    here, data = os.path.realpath(root), os.path.realpath(category_dir)
+    if os.path.commonpath([here, data]) in (here, data):
+        raise PipelineError(f"--pipeline-dir {root!r} and the data folder {category_dir!r} "
+                            "overlap (one holds the other); choose a --pipeline-dir "
+                            "outside the data")
+
+
+def owned(name):
+    """Whether ``name`` in a pipeline folder is one the pipeline writes (an entry of
+    OWNED, or the temporary file of one being rewritten)."""
+    return name in OWNED or any(name.startswith(f"{entry}.partial") for entry in OWNED)
+
+
+def claim_folder(root):
+    """Make ``root`` the pipeline's folder, or PipelineError without touching it.
+
+    A new or empty folder gets the marker file; a folder with the marker may hold only
+    the entries the pipeline writes; one without it is taken only when it holds nothing
+    but a pipeline's own entries and a readable manifest.json (a folder from before the
+    marker). Anything else is the user's, and the pipeline would delete some of it.
+    """
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise PipelineError(f"--pipeline-dir {root!r} exists and is not a folder")
+    entries = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    foreign = [name for name in entries if not owned(name)]
+    earlier = lineage.MANIFEST in entries
+    if earlier and MARKER not in entries:
+        lineage.read_manifest(os.path.join(root, lineage.MANIFEST))   # ours, or refused
+    if foreign or (entries and MARKER not in entries and not earlier):
+        names = foreign or entries
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise PipelineError(f"--pipeline-dir {root!r} holds files the pipeline did not "
+                            f"write ({listed}); choose a new or empty folder, or move them "
+                            "away (the pipeline deletes and rewrites its own entries "
+                            f"there: {', '.join(OWNED[1:])})")
+    os.makedirs(root, exist_ok=True)
+    if MARKER not in entries:
+        write_json(os.path.join(root, MARKER),
+                   {"written_by": "export.pipeline", "owns": list(OWNED)})
+
+
+def check_names(parser, args):
+    """Refuse, before anything is written, a --category that is not a plain folder name
+    (``../x`` would put the pipeline folder elsewhere) and a serving name that would
+    leave --serving-dir."""
+    category = args.category
+    if (not category or category.startswith(".") or "/" in category
+            or os.sep in category):
+        parser.exit(2, f"error: --category {category!r} must be a plain folder name (no "
+                       "path separator, not starting with '.')\n")
+    check_model_name(parser, args)
 
 
 def check_model_name(parser, args):
@@ -508,7 +689,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data-dir is required (or set $MVTEC_AD_ROOT)")
-    check_model_name(parser, args)
+    check_names(parser, args)
     if args.reference == "none" and all(getattr(args, f"min_{m}") is None
                                         for m in GATED_METRICS):
         parser.error("--reference none needs a floor to judge the candidate by: "
@@ -518,11 +699,23 @@ def main(argv=None):
     start_tensorflow()
     from keras_vae_attn.data import DataError
 
+    pipe = None
     try:
-        results = Pipeline(args).run()
-    except (DataError, subprocess.CalledProcessError) as error:
+        pipe = Pipeline(args)
+        results = pipe.run()
+    except (DataError, PipelineError, lineage.LineageError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except subprocess.CalledProcessError as error:
+        print(f"error: the {pipe.current} stage stopped: {' '.join(error.cmd[1:3])} exited "
+              f"with code {error.returncode} (its message is above)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (Interrupted, KeyboardInterrupt) as stop:
+        name = getattr(stop, "signal", "SIGINT")
+        where = f"in the {pipe.current} stage" if pipe and pipe.current else "before any stage"
+        print(f"interrupted by {name} {where}; run the same command to resume from it",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[name].value) from None
     print(json.dumps({name: r["status"] for name, r in results.items()}, indent=2))
     validated = results["validate"]
     if validated["status"] != "blessed":

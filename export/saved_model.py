@@ -40,8 +40,9 @@ import os
 import shutil
 import sys
 
-from export import (RUN_COMPLETE, ExportError, Stages, check_options, load_run,
-                    load_thresholds, model_name_problem, no_stages, remove_stale_staging)
+from export import (RUN_COMPLETE, ExportError, Stages, check_options, claim_version,
+                    load_run, load_thresholds, model_name_problem, no_stages,
+                    release_version)
 
 #: serving_default and serve_bytes (and the ONNX graph): what a client acts on
 SERVING_OUTPUTS = ("heatmap", "score")
@@ -381,12 +382,8 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
     if model_name_problem(model_name):
         raise ExportError(f"model name {model_name_problem(model_name)}")
     base = os.path.join(out, model_name)
-    if version is None:
-        version = next_version(base)
-    target = os.path.join(base, str(version))
-    if os.path.lexists(target) and not force:
-        raise ExportError(f"version {version} of model {model_name!r} already exists at "
-                          f"{target!r}; pass another --version, or --force to replace it")
+    if version is not None:
+        refuse_version(base, version, model_name, force)
     values = load_thresholds(thresholds) if thresholds else None
     progress(f"loading the model of {run_dir}")
     run = load_run(run_dir)
@@ -396,18 +393,32 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
         archive = build_archive(run.model, run.options, values, explain_layer)
     except ValueError as error:       # an unknown --layer / --explain-layer
         raise ExportError(f"cannot build the serving graph of {run_dir!r}: {error}") from None
-    os.makedirs(base, exist_ok=True)
-    remove_stale_staging(base)
+    # the number is claimed only now, so a refusal above leaves nothing behind, and two
+    # exports started together never write the same version (export.claim_version)
+    version, claim = claim_version(base, version)
+    target = os.path.join(base, str(version))
     staging = os.path.join(base, f".incoming-{version}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
+        refuse_version(base, version, model_name, force)
         progress(f"tracing the signatures and writing {target}")
         archive.write_out(staging, verbose=False)
         write_assets(staging, run, values, explain_layer, model_name)
-        replace_dir(staging, target)
+        if force:
+            replace_dir(staging, target)
+        else:
+            os.rename(staging, target)      # fails on a version that appeared meanwhile
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        release_version(claim)
     return target
+
+
+def refuse_version(base, version, model_name, force):
+    """ExportError if version ``version`` exists under ``base`` and ``force`` is unset."""
+    target = os.path.join(base, str(version))
+    if os.path.lexists(target) and not force:
+        raise ExportError(f"version {version} of model {model_name!r} already exists at "
+                          f"{target!r}; pass another --version, or --force to replace it")
 
 
 def replace_dir(source, target):
@@ -457,6 +468,9 @@ def main(argv=None):
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("export.saved_model: interrupted; no version was written", file=sys.stderr)
+        raise SystemExit(130) from None
     warn_incomplete(args.run)
     print(f"SavedModel written to {target}")
     return target

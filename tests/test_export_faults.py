@@ -197,3 +197,186 @@ def test_both_exporters_refuse_options_without_their_distribution_writing_nothin
         assert "no normal feature distribution for layer 'conv1'" in err, (name, err)
         assert not out.exists(), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# --- issue 26, 8: thresholds and opsets checked where they enter -------------------
+
+@pytest.mark.parametrize("values", [{"pixel": float("nan"), "image": 0.5},
+                                    {"pixel": 0.1, "image": float("nan")},
+                                    {"pixel": float("inf"), "image": 0.5},
+                                    {"pixel": 0.1, "image": float("-inf")}],
+                         ids=["pixel-nan", "image-nan", "pixel-inf", "image-minus-inf"])
+def test_thresholds_holding_nan_or_infinity_are_refused(tiny, tmp_path, capsys, values):
+    """json reads NaN and Infinity; exported with them, every image was "normal"."""
+    from export import saved_model
+
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(values))         # NaN / Infinity, as Python's json writes
+    name = "pixel" if values["pixel"] != 0.1 else "image"
+    with pytest.raises(SystemExit) as stop:
+        saved_model.main(["--run", str(tiny[1]), "--out", str(tmp_path / "serving"),
+                          "--thresholds", str(path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --thresholds {str(path)!r}: {name} threshold must be a finite number, "
+        f"got {values[name]}"]
+    assert not (tmp_path / "serving").exists()
+
+
+def test_an_opset_tf2onnx_cannot_write_is_refused_before_the_model_is_loaded(tmp_path):
+    """--opset 100 failed after a minute of conversion; now before loading (the --run
+    here does not even exist, and the opset is what is named)."""
+    command = [sys.executable, "-m", "export.onnx", "--run", str(tmp_path / "no-run"),
+               "--out", str(tmp_path / "model.onnx"), "--opset", "100"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --opset must be between 13 and "), \
+        result.stderr
+    assert lines[0].endswith("got 100") and not os.listdir(tmp_path)
+
+
+# --- issue 26, 5: export versions claimed atomically --------------------------------
+
+def test_version_claims_never_hand_out_one_number_twice(tmp_path):
+    import threading
+
+    from export import claim_version, release_version
+
+    base = str(tmp_path / "model")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "3").mkdir()                 # an existing version
+    start, got = threading.Barrier(8), []
+
+    def claim():
+        start.wait()
+        got.append(claim_version(base))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(number for number, _ in got) == list(range(4, 12))
+    for _, claim in got:
+        assert os.readlink(claim) == str(os.getpid())
+        release_version(claim)
+    assert sorted(os.listdir(base)) == ["3"]
+    dead = dead_pid()                                    # a claim of a killed exporter
+    os.symlink(str(dead), os.path.join(base, ".claim-4"))
+    number, claim = claim_version(base)
+    assert number == 4 and os.readlink(claim) == str(os.getpid())
+    from export import ExportError
+
+    with pytest.raises(ExportError, match=f"version 4 under .* is being written by "
+                                          f"process {os.getpid()}"):
+        claim_version(base, 4)
+    release_version(claim)
+
+
+def test_two_concurrent_exports_into_one_out_write_two_versions(tiny, tmp_path):
+    """Case 5: both reported version 1 and one silently replaced the other."""
+    command = [sys.executable, "-m", "export.saved_model", "--run", str(tiny[1]),
+               "--out", str(tmp_path / "serving"), "--model-name", "m"]
+    exports = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.communicate(timeout=600), p.returncode) for p in exports]
+    assert [code for _, code in results] == [0, 0], [err[-2000:] for (_, err), _ in results]
+    written = sorted(out.strip().splitlines()[-1] for (out, _), _ in results)
+    base = tmp_path / "serving" / "m"
+    assert written == [f"SavedModel written to {base / '1'}", f"SavedModel written to {base / '2'}"]
+    assert sorted(os.listdir(base)) == ["1", "2"]
+    for version in ("1", "2"):
+        assert (base / version / "saved_model.pb").exists()
+
+
+# --- issue 26, 13: non-finite input is flagged, not called normal --------------------
+
+def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from export import load_run
+    from export import onnx as onnx_export
+    from export import saved_model
+
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"pixel": 1e-3, "image": 1e9}))   # finite input: normal
+    onnx_export.export(str(tiny[1]), str(tmp_path / "model.onnx"), thresholds=str(path),
+                       verify=False)
+    images = np.full((4, *SHAPE), 0.5, np.float32)
+    images[1, 3, 3] = np.nan
+    images[2, 5, 5] = np.inf
+    images[3, 7, 7] = -np.inf
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"images": images})))
+    assert outputs["pred_label"].tolist() == [False, True, True, True]
+    # the same function in TensorFlow (what the SavedModel signatures compute) ...
+    run = load_run(str(tiny[1]))
+    decided = saved_model.anomaly_outputs(run.model, tf.constant(images), run.options,
+                                          onnx_export.load_thresholds(str(path)))
+    assert decided["pred_label"].numpy().tolist() == [False, True, True, True]
+    assert decided["pred_score"].numpy()[1:].tolist() == [1.0, 1.0, 1.0]
+    # ... whose graphs refuse such input outright
+    served = tf.saved_model.load(str(tiny[0] / "serving" / "model" / "1"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"in \[0, 1\]"):
+        served.signatures["serving_default"](images=tf.constant(images))
+
+
+# --- issue 26, 7: the ONNX self-check judges real disagreement ----------------------
+
+def test_the_self_check_passes_a_kink_at_round_off_and_fails_a_wrong_graph():
+    from export import onnx as onnx_export
+
+    rng = np.random.default_rng(0)
+    want = rng.random((2, 32, 32)).astype(np.float32)
+    kinked = want.copy()
+    kinked[0, 5, 5] += 6.8e-3                      # the resumed run's noise batch
+    kinked[1, 20, 7:9] -= 3e-3
+    found = onnx_export.agreement(kinked, want)
+    assert found.ok and found.largest > onnx_export.PARITY_TOLERANCE
+    assert found.quantile <= onnx_export.PARITY_TOLERANCE
+    for wrong in (want * 1.002,                    # small but everywhere
+                  np.where(np.arange(32) < 2, want + 0.05, want),   # two columns, by a lot
+                  np.where(rng.random(want.shape) < 0.5, np.nan, want)):
+        assert not onnx_export.agreement(wrong.astype(np.float32), want).ok
+
+
+def perturbed(model_proto, factor):
+    """``model_proto`` with its heatmap output multiplied by ``factor`` (a wrong graph)."""
+    from onnx import helper, numpy_helper
+
+    for node in model_proto.graph.node:
+        for field in (node.input, node.output):
+            for i, name in enumerate(field):
+                if name == "heatmap":
+                    field[i] = "heatmap_unscaled"
+    model_proto.graph.initializer.append(
+        numpy_helper.from_array(np.array(factor, np.float32), "heatmap_factor"))
+    model_proto.graph.node.append(
+        helper.make_node("Mul", ["heatmap_unscaled", "heatmap_factor"], ["heatmap"]))
+    return model_proto
+
+
+def test_the_self_check_runs_the_runs_own_images_and_fails_a_perturbed_graph(tiny, tmp_path):
+    from keras_vae_attn.data.synthetic import write_mvtec_category
+
+    from export import ExportError, load_run
+    from export import onnx as onnx_export
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny[1], run_dir)
+    write_mvtec_category(str(tmp_path / "data"), "demo", size=28, n_train=4, n_test_good=1)
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update(data_dir=str(tmp_path / "data"), category="demo")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    run = load_run(str(run_dir))
+    own = onnx_export.run_images(run)
+    assert own.shape == (onnx_export.CHECK_IMAGES, *SHAPE) and own.dtype == np.float32
+    proto = onnx_export.convert(run.model, run.options)
+    assert onnx_export.verify_graph(run, None, proto) <= onnx_export.PARITY_CEILING
+    with pytest.raises(ExportError, match=r"disagrees with the model's on noise: .* of an "
+                                          r"image's pixels differ by more than 1e-04"):
+        onnx_export.verify_graph(run, None, perturbed(proto, 1.002))

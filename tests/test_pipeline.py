@@ -87,6 +87,17 @@ def test_from_stage_forces_that_stage_and_later_ones(category_root, first_run):
     assert sorted(os.listdir(work / "serving" / "vae_demo")) == ["1"]
 
 
+def test_no_verify_reaches_the_onnx_export(category_root, first_run):
+    """Case 7: the pipeline stopped at export with no way to pass --no-verify."""
+    work, _ = first_run
+    result = run(category_root, work, "--no-verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parity check skipped (--no-verify)" in result.stderr
+    assert "[export] done" in stage_lines(result)
+    manifest = json.loads((work / "pipe" / "manifest.json").read_text())["stages"]
+    assert manifest["export"]["config"]["verify"] is False
+
+
 def test_candidate_worse_than_served_is_not_pushed(category_root, first_run):
     work, _ = first_run
     served = work / "serving" / "vae_demo"
@@ -110,11 +121,11 @@ def test_candidate_worse_than_served_is_not_pushed(category_root, first_run):
 
 def test_floors_block_a_push(category_root, first_run):
     work, _ = first_run
-    result = run(category_root, work, "--min-pixel-auroc", "1.01")
+    result = run(category_root, work, "--min-pixel-auroc", "1")
     assert result.returncode == pipeline.NOT_BLESSED, result.stderr[-3000:]
     assert stage_lines(result)[:2] == ["[train] cached", "[evaluate] cached"]
     assert "[export] cached" in stage_lines(result)
-    assert "pixel_auroc" in result.stderr and "below the required 1.01" in result.stderr
+    assert "pixel_auroc" in result.stderr and "below the required 1.0" in result.stderr
     blessing = json.loads((work / "pipe" / "blessing.json").read_text())
     assert blessing["blessed"] is False
 
@@ -126,10 +137,11 @@ def test_exported_decisions_match_python_thresholds(first_run):
     from keras_vae_attn import calibration, scoring
     from keras_vae_attn.models import load_vae
 
+    from export import load_thresholds
+
     work, _ = first_run
     pipe = work / "pipe"
-    thresholds = calibration.Thresholds(**json.loads(
-        (pipe / "evaluate" / "thresholds.json").read_text()))
+    thresholds = load_thresholds(str(pipe / "evaluate" / "thresholds.json"))
     images = np.random.default_rng(0).random((5, 32, 32, 3)).astype("float32")
     model = load_vae(str(pipe / "train" / "model"))
     config = json.loads((pipe / "train" / "config.json").read_text())
@@ -147,8 +159,53 @@ def test_exported_decisions_match_python_thresholds(first_run):
                                       expected["pred_label"].numpy())
         heat = np.asarray(outputs["heatmap"])
         np.testing.assert_array_equal(np.asarray(outputs["pred_mask"]), heat > thresholds.pixel)
-        np.testing.assert_allclose(np.asarray(outputs["heatmap_normalized"]),
-                                   np.clip(0.5 * heat / thresholds.pixel, 0, 1), atol=1e-6)
+        score = np.asarray(outputs["score"])
+        np.testing.assert_allclose(np.asarray(outputs["pred_score"]),
+                                   np.clip(0.5 * score / thresholds.image, 0, 1), atol=1e-6)
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predictions_are_the_served_models_decisions_at_its_thresholds(category_root,
+                                                                        first_run):
+    """Issue 25, 2: train/predictions.csv was calibrated on the training images while
+    the pushed model used evaluate/thresholds.json. Now evaluate/predictions.csv holds
+    the decisions at the served thresholds, the train run's copy is the same file, and
+    the served SavedModel answers the same labels for the same test images."""
+    import tensorflow as tf
+
+    from export import load_thresholds
+    from keras_vae_attn.data import mvtec
+
+    work, _ = first_run
+    pipe = work / "pipe"
+    rows = read_csv(pipe / "evaluate" / "predictions.csv")
+    assert (pipe / "train" / "predictions.csv").read_text() == \
+        (pipe / "evaluate" / "predictions.csv").read_text()
+    served_thresholds = work / "serving" / "vae_demo" / "1" / "assets" / "thresholds.json"
+    thresholds = load_thresholds(str(served_thresholds))
+    assert load_thresholds(str(pipe / "train" / "thresholds.json")) == thresholds
+    assert "held out" in json.loads(served_thresholds.read_text())["calibrated_on"]
+    test = mvtec.load_test(str(category_root), "demo", 32, 3)
+    files = [os.path.relpath(p, category_root) for p in test.paths]
+    assert [r["file"] for r in rows] == files
+    for row in rows:
+        assert int(row["pred_label"]) == (float(row["image_score"]) > thresholds.image)
+    loaded = tf.saved_model.load(str(work / "serving" / "vae_demo" / "1"))
+    served = loaded.signatures["serving_default"](images=tf.constant(mvtec.to_float(test.images)))
+    np.testing.assert_array_equal(np.asarray(served["pred_label"]).astype(int),
+                                  [int(r["pred_label"]) for r in rows])
+    np.testing.assert_allclose(np.asarray(served["score"]),
+                               [float(r["image_score"]) for r in rows], rtol=1e-4)
+    metrics = json.loads((pipe / "evaluate" / "metrics.json").read_text())
+    at = metrics["predictions"]["at_threshold"]
+    assert sum(at.values()) == len(rows)
+    assert at["true_positive"] + at["false_positive"] == sum(int(r["pred_label"]) for r in rows)
 
 
 READER = r"""

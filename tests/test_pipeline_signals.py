@@ -80,3 +80,28 @@ def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(category_
     ends = [e["epoch"] for e in log_events(log)[len(killed):] if e["event"] == "epoch_end"]
     assert ends == list(range(done + 1, EPOCHS + 1))
     assert stage_lines(again)[0] == "[train] done"
+
+
+def test_ctrl_c_names_the_stage_in_one_line_and_exits_130(category_root, tmp_path):
+    """Issue 25, 4 / 26: Ctrl-C printed the child's traceback and a cut-off command."""
+    log = tmp_path / "pipe" / "train" / "training_log.jsonl"
+    argv = command(category_root, tmp_path, trainer=SLOW_TRAINER)
+    with open(tmp_path / "stderr.txt", "w") as err:
+        pipe = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 600
+            while not any(e["event"] == "train_begin" for e in log_events(log)):
+                assert pipe.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                assert time.time() < deadline, "the trainer did not start in 600 s"
+                time.sleep(0.05)
+            pipe.send_signal(signal.SIGINT)
+            assert pipe.wait(timeout=60) == 130
+        finally:
+            if pipe.poll() is None:
+                pipe.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert stderr.splitlines()[-1] == ("interrupted by SIGINT in the train stage; run the "
+                                       "same command to resume from it"), stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    manifest = json.loads((tmp_path / "pipe" / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "failed"       # resumed by the rerun
