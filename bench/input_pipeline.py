@@ -46,7 +46,8 @@ def build_parser():
     parser.add_argument("--image-size", type=int, default=256,
                         help="images are resized to this square size")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step")
-    parser.add_argument("--backbone", default="resnet18", help="VAE encoder: resnet18 or small")
+    parser.add_argument("--backbone", default="resnet18",
+                        help="VAE encoder: resnet18 or small")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny generated category at 32 px (a smoke run)")
     return parser

@@ -559,7 +559,8 @@ def build_parser():
     parser = cli_parser("localization_grid", __doc__)
     parser.add_argument("--run", help="a trained MVTec, UCSD or MNIST run folder")
     parser.add_argument("--out", help="where grid.json/md/png go (default <run>/grid)")
-    parser.add_argument("--batch-size", type=int, default=16, help="test images scored per batch")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="test images scored per batch")
     parser.add_argument("--rank", nargs="+", metavar="GRID_JSON",
                         help="apply the default-choosing rule to these grids")
     parser.add_argument("--mnist", metavar="GRID_JSON", help="with --rank: the MNIST grid")

@@ -64,7 +64,7 @@ def test_nan_loss_stops_training_and_names_the_batch(tmp_path):
     images[8] = np.nan                                        # third batch of 4
     callbacks, guard = common.standard_callbacks(str(tmp_path))
     history = model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=3,
-                        callbacks=callbacks, verbose=0)
+                        callbacks=callbacks, verbose=0, shuffle=False)
     assert len(history.history["loss"]) == 1                  # stopped in the first epoch
     with pytest.raises(common.TrainingDiverged, match="epoch 1, batch 3: non-finite"):
         common.check_diverged(guard)
@@ -76,7 +76,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
     callbacks, _ = common.standard_callbacks(str(tmp_path), keep_checkpoints=2)
     model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=5,
-              callbacks=callbacks, verbose=0)
+              callbacks=callbacks, verbose=0, shuffle=False)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["epoch-004.weights.h5", "epoch-005.weights.h5"]
     model.load_weights(str(tmp_path / "checkpoints" / kept[-1]))      # still loadable

@@ -151,7 +151,7 @@ def test_max_pool_gradient_routes_ties_like_tensorflow(source, request):
         run = request.getfixturevalue("mvtec_run")
         images = mvtec.to_float(request.getfixturevalue("mvtec_images")[1].images)
         encoder = load_vae(str(run / "model")).encoder
-        conv1 = keras.Model(encoder.inputs, encoder.get_layer("conv1").output)
+        conv1 = keras.Model(encoder.input, encoder.get_layer("conv1").output)
         features = conv1(images).numpy()
     assert tied_windows(features) > 100
     upstream = rng.normal(size=(1, 16, 16, features.shape[-1])).astype(np.float32)

@@ -66,6 +66,14 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     flagged = counts["true_positive"] + counts["false_positive"]
     assert (f"{flagged} of {metrics['test_frames']} test frames flagged anomalous, "
             f"{counts['true_positive']} of them anomalous") in printed
+    # one comparison of the references, every table says at which sigma, and the run's
+    # decisions at its calibrated thresholds close the output
+    assert printed.count("mean-image diff") == 1 and "best s" in printed
+    assert "the paper's Table 1: every metric at sigma 0 px" in printed
+    counts = metrics["predictions"]["at_threshold"]
+    flagged = counts["true_positive"] + counts["false_positive"]
+    assert (f"{flagged} of {metrics['test_frames']} test frames flagged anomalous, "
+            f"{counts['true_positive']} of them anomalous") in printed
 
     # The saved model reproduces the recorded number through the shared scoring code.
     from keras_vae_attn import scoring
@@ -176,7 +184,7 @@ def test_batch_norm_recalibration_sets_the_average_batch_statistics():
                for i in range(3)]
     common.recalibrate_batch_norm(model, tf.data.Dataset.from_tensor_slices(
         np.concatenate(batches)).batch(8))
-    conv = keras.Model(model.encoder.inputs, model.encoder.get_layer("stem_conv").output)
+    conv = keras.Model(model.encoder.input, model.encoder.get_layer("stem_conv").output)
     means = [conv(b).numpy().mean(axis=(0, 1, 2)) for b in batches]
     np.testing.assert_allclose(np.array(bn.moving_mean), np.mean(means, 0), rtol=1e-4,
                                atol=1e-5)
