@@ -66,14 +66,6 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     flagged = counts["true_positive"] + counts["false_positive"]
     assert (f"{flagged} of {metrics['test_frames']} test frames flagged anomalous, "
             f"{counts['true_positive']} of them anomalous") in printed
-    # one comparison of the references, every table says at which sigma, and the run's
-    # decisions at its calibrated thresholds close the output
-    assert printed.count("mean-image diff") == 1 and "best s" in printed
-    assert "the paper's Table 1: every metric at sigma 0 px" in printed
-    counts = metrics["predictions"]["at_threshold"]
-    flagged = counts["true_positive"] + counts["false_positive"]
-    assert (f"{flagged} of {metrics['test_frames']} test frames flagged anomalous, "
-            f"{counts['true_positive']} of them anomalous") in printed
 
     # The saved model reproduces the recorded number through the shared scoring code.
     from keras_vae_attn import scoring
