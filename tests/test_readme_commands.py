@@ -54,6 +54,20 @@ def test_documented_command_parses(command, capsys):
         pytest.fail(f"README command does not parse: {command}\n{capsys.readouterr().err}")
 
 
+def test_documented_scripts_parse():
+    """`python docs/<script>.py ...` commands, parsed with the script's own parser."""
+    import importlib.util
+
+    scripts = re.findall(r"`python (docs/\w+\.py)( [^`]*)?`", README)
+    assert scripts, "the README documents docs/explain_mnist.py"
+    for path, flags in scripts:
+        spec = importlib.util.spec_from_file_location(path[:-3].replace("/", "."),
+                                                      REPO / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build_parser().parse_args(shlex.split(flags or ""))
+
+
 def activation_line():
     """The line of the README's first shell block that enters `.venv`."""
     first = next(block for kind, block in BLOCKS if kind == "bash")
