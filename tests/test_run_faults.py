@@ -69,12 +69,14 @@ def test_kill_and_ctrl_c_during_backups_resume_to_exactly_the_epochs_asked(share
     assert interrupted.stderr.strip().splitlines()[-1] == (
         "interrupted at epoch 2; the same command resumes")
     assert "Traceback" not in interrupted.stderr
+    assert "which ended without finishing it" in interrupted.stderr      # after the kill
     assert [p.name for p in (run_dir / "backup").iterdir()] == ["epoch-0001"]
     last = read_log(run_dir)[-1]                          # epoch 2 trained, not backed up
     assert (last["event"], last["epoch"]) == ("epoch_end", 1)
 
     done = run(flags)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "taking over" not in done.stderr            # a Ctrl-C leaves no stale lock
     begins = [e for e in read_log(run_dir) if e["event"] == "train_begin"]
     assert [b["epoch"] for b in begins] == [0, 0, 1]
     assert begins[-1]["optimizer_step"] == STEPS

@@ -859,6 +859,9 @@ def main_guard(main):
         print(f"error: cannot write{name}: {error.strerror}; the same command resumes "
               "once it can", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        for path in list(_HELD):        # an orderly end (even Ctrl-C) leaves no owner:
+            release(path)               # only a killed run's lock is "taken over"
 
 
 def recalibrate_batch_norm(model, dataset):
