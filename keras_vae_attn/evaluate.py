@@ -3,7 +3,8 @@ every map beside the same map on a randomized twin of the VAE.
 
 Every run scores, on the same test images and at the same smoothing levels:
   anomaly_attention      the run's ExplainOptions (the method)
-  paper_form             the paper's Grad-CAM of the per-latent energy (Eq. 3-5)
+  paper_form             the paper's Grad-CAM of the per-latent energy (Eq. 3-5) at the
+                         last conv layer
   recon_error            |x - reconstruction| of the same VAE
   feature_deviation      the "deviation" form: the VAE's features, no gradient
   random_features        the same on the randomized twin: what random features give
@@ -58,8 +59,9 @@ def reference_options(options):
 
 
 def paper_options(options):
-    """The paper's form (``--attribution paper``) on the run's layers."""
-    return ExplainOptions.preset("paper", layers=options.layers, combine=options.combine)
+    """The paper's form (``--attribution paper``) at the encoder's last conv layer, the
+    paper's own setting (the grid has it at every layer set)."""
+    return ExplainOptions.preset("paper", layers=("last",))
 
 
 def _scaled(model, options, normal_images, batch_size):

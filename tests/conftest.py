@@ -90,7 +90,7 @@ def _train_run(folder, model, images, config, batch_size):
     model.fit(images, epochs=1, batch_size=batch_size, shuffle=False, verbose=0)
     model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(images).batch(64))
     options = ExplainOptions.from_config(config)
-    if options.needs_distribution or options.form == "deviation":
+    if options.needs_distribution or options.needs_residuals or options.form == "deviation":
         model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(images).batch(64),
                                         list(options.layers), options.needs_covariance)
     if options.needs_scales:

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import _train_run
 
+pytestmark = pytest.mark.slow  # trains and exports one model per attribution form
+
 VARIANTS = {
     "hirescam": dict(form="hirescam", target="total-energy", deviation="standardized",
                      sign="abs", layers=["conv1"]),
@@ -21,6 +23,10 @@ VARIANTS = {
     "multi-layer": dict(form="gradient-weighted-deviation", target="total-energy",
                         deviation="standardized", layers=["conv1", "conv2"], combine="mean",
                         smooth=1.0),
+    "feature-residual": dict(form="feature-residual", layers=["conv1"]),
+    "recon-deviation": dict(form="recon-deviation", layers=["conv1"], smooth=1.0),
+    "gated": dict(form="gradient-weighted-deviation", target="total-energy",
+                  deviation="whitened", layers=["conv2"], gate="recon"),
 }
 
 
