@@ -84,9 +84,17 @@ def number(low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser reporting a bad flag in one line (with a pointer to --help),
+    not after its usage, which is longer than a terminal's screen here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m export.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m export.pipeline", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", required=True,
                         help="MVTec AD category under --data-dir (e.g. cable)")
     parser.add_argument("--data-dir", default=os.environ.get("MVTEC_AD_ROOT"),

@@ -154,8 +154,9 @@ def test_numbers_are_checked_where_they_enter(data_root, tmp_path, capsys, flag)
                        "--serving-dir", str(tmp_path / "serving"),
                        "--pipeline-dir", str(tmp_path / "pipe"), *flag.split()])
     assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert BAD_NUMBERS[flag] in err.splitlines()[-1], err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and BAD_NUMBERS[flag] in err[0], err       # no 16-line usage
+    assert err[0].endswith(" (see --help)")
     assert not os.listdir(tmp_path)
 
 
