@@ -342,9 +342,11 @@ class Pipeline:
 
     # --- evaluate ---------------------------------------------------------------------
     def evaluate(self, trained):
+        # "predictions": an evaluate record from before it wrote predictions.csv is
+        # not reused, so every pipeline folder gets the served decisions
         config = {"validation_dir": self.args.validation_dir,
                   "pixel_percentile": self.args.pixel_percentile,
-                  "image_percentile": self.args.image_percentile}
+                  "image_percentile": self.args.image_percentile, "predictions": True}
         return self.stage("evaluate", config, trained["outputs"],
                           lambda: self._evaluate(trained["outputs"]))
 
