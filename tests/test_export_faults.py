@@ -380,3 +380,31 @@ def test_the_self_check_runs_the_runs_own_images_and_fails_a_perturbed_graph(tin
     with pytest.raises(ExportError, match=r"disagrees with the model's on noise: .* of an "
                                           r"image's pixels differ by more than 1e-04"):
         onnx_export.verify_graph(run, None, perturbed(proto, 1.002))
+
+
+def test_ctrl_c_in_an_export_is_one_line_and_writes_nothing(tiny, tmp_path):
+    """The pipeline's export stage forwards Ctrl-C to its exporter, which printed a
+    KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "model.onnx"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        export = subprocess.Popen([sys.executable, "-m", "export.onnx", "--run", str(tiny[1]),
+                                   "--out", str(out)], cwd=REPO, stderr=err,
+                                  stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 300
+            while "export.onnx 2/4" not in (tmp_path / "stderr.txt").read_text():
+                assert export.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+                assert time.time() < deadline, "the conversion did not start in 300 s"
+                time.sleep(0.05)
+            export.send_signal(signal.SIGINT)
+            assert export.wait(timeout=120) == 130
+        finally:
+            if export.poll() is None:
+                export.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert stderr.strip().splitlines()[-1] == f"export.onnx: interrupted; {out} was not written"
+    assert "Traceback" not in stderr and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("model.onnx")]
