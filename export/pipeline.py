@@ -246,6 +246,7 @@ class Pipeline:
             raise PipelineError(f"--data-dir {args.data_dir!r} holds no category folder "
                                 f"{args.category!r}")
         check_apart(self.root, category)
+        check_serving_outside(self.root, args.serving_dir)
         self.data = lineage.fingerprint_files(category)
         claim_folder(self.root)
         self.manifest = lineage.Manifest(self.root)
@@ -634,6 +635,16 @@ def check_apart(root, category_dir):
         raise PipelineError(f"--pipeline-dir {root!r} and the data folder {category_dir!r} "
                             "overlap (one holds the other); choose a --pipeline-dir "
                             "outside the data")
+
+
+def check_serving_outside(root, serving_dir):
+    """PipelineError if --serving-dir lies inside the pipeline folder: that folder holds
+    only the pipeline's own entries, so the next run would refuse it."""
+    here, serving = os.path.realpath(root), os.path.realpath(serving_dir)
+    if os.path.commonpath([here, serving]) == here:
+        raise PipelineError(f"--serving-dir {serving_dir!r} lies inside --pipeline-dir "
+                            f"{root!r}, which holds only the pipeline's own entries; "
+                            "choose a serving folder outside it")
 
 
 def owned(name):

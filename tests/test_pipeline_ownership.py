@@ -58,6 +58,16 @@ def test_a_pipeline_dir_inside_the_data_is_refused(data_root, tmp_path, capsys):
     assert "overlap" in line and not inside.exists()
 
 
+def test_a_serving_dir_inside_the_pipeline_dir_is_refused(data_root, tmp_path, capsys):
+    pipe = tmp_path / "pipe"
+    line = refused(capsys, "--category", "demo", "--data-dir", str(data_root),
+                   "--serving-dir", str(pipe / "serving"), "--pipeline-dir", str(pipe))
+    assert line == (f"error: --serving-dir {str(pipe / 'serving')!r} lies inside "
+                    f"--pipeline-dir {str(pipe)!r}, which holds only the pipeline's own "
+                    "entries; choose a serving folder outside it")
+    assert not pipe.exists()
+
+
 def test_a_folder_holding_the_users_files_is_refused_untouched(data_root, tmp_path, capsys):
     """The user's own train/, export/ and data/ were deleted without a word."""
     pipe = tmp_path / "mine"
