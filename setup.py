@@ -29,6 +29,7 @@ setup(
         "dev": [
             "pytest",
             "pytest-xdist",
+            "ruff>=0.17,<0.18",  # `make lint`; rules and line length in pyproject.toml
             "tf2onnx>=1.17",
             "onnx",
             "onnxruntime",

@@ -14,6 +14,7 @@ def run_bench(name):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_attention_benchmark_prints_its_three_tables():
     out = run_bench("attention")
     assert "loop/batched" in out and "attention/forward" in out and "per-latent/total" in out
@@ -26,6 +27,7 @@ def test_attention_benchmark_prints_its_three_tables():
     assert len(rows) == 10   # one naive-comparison, three floor, one anomaly, five form rows
 
 
+@pytest.mark.slow
 def test_training_benchmark_times_the_step_with_and_without_xla():
     out = run_bench("training")
     rows = [line for line in out.splitlines() if line.startswith("| VAE small")]
@@ -34,6 +36,7 @@ def test_training_benchmark_times_the_step_with_and_without_xla():
     assert len(decoders) == 2 and "before" in decoders[0]
 
 
+@pytest.mark.slow
 def test_input_pipeline_benchmark_reports_the_stream_to_step_ratio():
     out = run_bench("input_pipeline")
     assert "augmented training stream" in out and "stream / step" in out

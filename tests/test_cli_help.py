@@ -90,6 +90,7 @@ def test_dsprites_help_describes_each_model():
     assert "total-correlation penalty --gamma" in text and "(default: ad_factor_vae)" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", BENCH_WITH_TENSORFLOW)
 def test_bench_help_prints_no_tensorflow_banner(module):
     """Without TF_CPP_MIN_LOG_LEVEL (a plain shell), --help shows the usage only."""

@@ -60,6 +60,7 @@ def test_the_filter_drops_the_banners_and_keeps_any_other_line():
     assert all(console.BANNERS.search(line) for line in dropped)
 
 
+@pytest.mark.slow
 def test_onnx_export_without_its_extra_names_the_extra(tmp_path):
     """TensorFlow starts first (without banners), then the missing tf2onnx is named."""
     result = run_cli(["export.onnx", "--run", str(tmp_path), "--out",
@@ -78,6 +79,7 @@ NO_NETWORK = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0
               "NO_PROXY": "", "no_proxy": ""}
 
 
+@pytest.mark.slow
 @needs_tfds
 def test_mnist_through_tfds_without_network_says_so_in_one_line(tmp_path):
     result = run_cli(["trainers.mnist", "--normal-digit", "1", "--runs-root",
@@ -89,6 +91,7 @@ def test_mnist_through_tfds_without_network_says_so_in_one_line(tmp_path):
     assert lines(result.stdout) == [] and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 @needs_tfds
 def test_mnist_through_tfds_with_a_dependency_missing_names_the_extra(tmp_path):
     """The reported case: tensorflow-datasets installed, importlib_resources (which its

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # spawns training processes (mirrored, multi-worker, killed)
+
 SCRIPTS = REPO / "tests" / "scripts"
 
 

@@ -4,6 +4,7 @@ agree for the same images at the same thresholds."""
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from export import explain_options, load_thresholds
@@ -13,6 +14,8 @@ from keras_vae_attn.data import mvtec
 from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
+
+pytestmark = pytest.mark.slow  # trains a run and exports it (shared session fixtures)
 
 
 def test_decisions_agree_across_saved_model_onnx_and_predictions_csv(

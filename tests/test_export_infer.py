@@ -12,6 +12,8 @@ from keras_vae_attn import scoring
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.models import load_vae
 
+pytestmark = pytest.mark.slow  # trains a run and exports it (shared session fixtures)
+
 
 def test_both_backends_score_files_like_the_trained_model(mvtec_run, mvtec_export,
                                                           mvtec_images, tmp_path, capsys):

@@ -18,6 +18,8 @@ from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
 
+pytestmark = pytest.mark.slow  # trains a run and exports it (shared session fixtures)
+
 LEAN = ("heatmap", "score")
 DECISIONS = ("pred_score", "pred_label", "pred_mask")
 

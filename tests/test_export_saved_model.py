@@ -19,6 +19,8 @@ from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
 
+pytestmark = pytest.mark.slow  # trains a run and exports it (shared session fixtures)
+
 OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
 
 

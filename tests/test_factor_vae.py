@@ -189,6 +189,7 @@ def test_saved_factor_vae_reloads_with_its_spec(tmp_path):
         tiny_model(ad_pairs="nearest")
 
 
+@pytest.mark.slow
 def test_trainer_writes_a_complete_run(tmp_path):
     from trainers import dsprites as trainer
 

@@ -56,6 +56,7 @@ def run_trainer(*args, cwd=REPO):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("digit", ["10", "-1"])
 def test_digit_outside_range_is_a_flag_error(digit, tmp_path):
     result = run_trainer("--normal-digit", digit, "--runs-root", str(tmp_path))
@@ -63,6 +64,7 @@ def test_digit_outside_range_is_a_flag_error(digit, tmp_path):
     assert "--normal-digit must be an integer from 0 to 9" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--max-train", "0"], "--max-train must be at least 1, got 0"),
     (["--max-train", "-1"], "--max-train must be at least 1, got -1"),
@@ -74,12 +76,14 @@ def test_bad_counts_are_flag_errors(flags, message, tmp_path):
     assert not (tmp_path / "mnist").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     result = run_trainer("--data-dir", str(tmp_path / "nowhere"), "--runs-root", str(tmp_path))
     assert result.returncode == 2
     assert "MNIST directory" in result.stderr and "does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
     result = run_trainer("--data-dir", str(shared_data / "mnist"), "--epochs", "2",
                          "--steps-per-epoch", "8", "--batch-size", "32", "--max-test", "600",
@@ -104,6 +108,7 @@ def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
 
 
+@pytest.mark.slow
 def test_metrics_that_cannot_be_computed_are_null_with_a_reason(shared_data, tmp_path):
     result = run_trainer("--data-dir", str(shared_data / "mnist"), "--max-train", "64",
                          "--max-test", "1", "--epochs", "1", "--batch-size", "32",

@@ -17,6 +17,7 @@ QUICK = ["--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--bat
          "--max-train", "16", "--max-test", "6", "--eval-batch-size", "8", "--quiet"]
 
 
+@pytest.mark.slow
 def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     run_dir = trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK])
     assert (tmp_path / "data" / "demo" / "train" / "good").is_dir()    # generated cache
@@ -122,6 +123,7 @@ def test_no_root_is_a_flag_error(monkeypatch, capsys):
     assert trainer.parse_args(["--category", "bottle"]).data_dir == "/some/root"
 
 
+@pytest.mark.slow
 def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--category", "bottle",
                              "--data-dir", str(tmp_path / "missing"),
@@ -132,6 +134,7 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_throughput_bench_measures_both_phases():
     from bench import mvtec_throughput
 
@@ -149,6 +152,7 @@ def test_layer_the_encoder_lacks_is_refused_before_any_run_folder(small_root, tm
     assert "conv1" in str(exit_info.value) and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_run_killed_after_its_model_was_saved_resumes_at_evaluation(small_root, tmp_path,
                                                                     capsys):
     """The state a kill during evaluation leaves: model/ saved, no metrics.json. The
@@ -167,6 +171,7 @@ def test_run_killed_after_its_model_was_saved_resumes_at_evaluation(small_root, 
     assert json.loads((run_dir / "metrics.json").read_text())["methods"]
 
 
+@pytest.mark.slow
 def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
     import numpy as np
 
@@ -181,6 +186,7 @@ def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_names_the_file_and_the_cli_adds_its_flag(tmp_path):
     """The library names the loader option; the trainer turns it into its flag."""
     root = tmp_path / "root"

@@ -18,6 +18,7 @@ QUICK = ["--image-size", "32", "--backbone", "small", "--epochs", "1", "--steps-
          "2", "--batch-size", "8", "--eval-batch-size", "8", "--smooth", "1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_predictions_match_the_saved_model_exported_with_the_runs_thresholds(tmp_path):
     data = tmp_path / "data"       # 20 normal training images; tests: 1 good, 3 defects
     write_mvtec_category(str(data), "widget", size=32, n_train=20, n_test_good=1,

@@ -85,6 +85,7 @@ def test_the_first_lines_say_how_to_run_the_other_commands():
     assert ".venv/bin/python -m " in README[:README.index("## ")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REPO / ".venv" / "bin" / "activate").is_file(),
                     reason="no .venv here (make creates it)")
 def test_every_documented_module_answers_help_in_the_readme_shell():

@@ -38,6 +38,7 @@ def test_bad_precision_value_is_a_parser_error(capsys):
     assert "--precision" in error and "'float16'" in error and "mixed_bfloat16" in error
 
 
+@pytest.mark.slow
 def test_bf16_with_xla_trains_like_float32_and_saves_and_loads(tmp_path):
     from keras_vae_attn.models import load_vae, save_vae
 
@@ -103,6 +104,7 @@ def test_maps_are_float32_under_bf16_and_match_float32_maps():
                                atol=0.05 * np.abs(expected.numpy()).max())
 
 
+@pytest.mark.slow
 def test_speed_limit_quick_prints_the_limit_and_step_rows(capsys):
     from bench import speed_limit
 
@@ -143,6 +145,7 @@ def test_grid_plan_shrinks_to_the_budget_or_refuses():
         table3.plan(calibration, 8, 30000, 30000, 500)
 
 
+@pytest.mark.slow
 def test_dsprites_grid_runs_calibrated_on_the_cpu_at_tiny_size(tmp_path, capsys):
     from bench import dsprites_table as table3
 

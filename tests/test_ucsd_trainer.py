@@ -24,6 +24,7 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     run_dir = trainer.main(["--data-dir", str(data_root), "--runs-root", str(tmp_path),
                             "--layers", "conv1,conv2,conv3", *QUICK])
@@ -139,6 +140,7 @@ def test_data_errors_end_in_one_clear_line(data_root, tmp_path, capsys):
     assert not (tmp_path / "ucsd-ped1").exists()          # nothing written before the data
 
 
+@pytest.mark.slow
 def test_a_resnet18_run_re_estimates_batch_norm_statistics(data_root, tmp_path, monkeypatch):
     """The shared one-class routine re-estimates BatchNorm statistics for every trainer
     whose model has BatchNorm (UCSD's --backbone resnet18 too): the moving statistics
