@@ -274,7 +274,8 @@ def check_tf_config(parser):
     try:
         config = json.loads(text)
     except ValueError as error:
-        parser.error(f"the environment variable TF_CONFIG is not JSON ({error}): {text[:80]!r}")
+        parser.error(f"the environment variable TF_CONFIG is not JSON ({error}): "
+                     f"{text[:80]!r}")
     if not isinstance(config, dict) or not isinstance(config.get("task", {}), dict):
         parser.error(f"the environment variable TF_CONFIG must be a JSON object with a "
                      f"\"task\" object, got {text[:80]!r}")
