@@ -932,11 +932,11 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     with make_strategy(args).scope(), precision_scope(resolve_precision(args)):
         model = build_model()
         model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=jit_compile(args))
-    dataset = fast_forward(dataset, args.steps_per_epoch,
-                           backup_epoch(os.path.join(run_dir, BACKUP_DIR)))
+    steps = args.steps_per_epoch or epoch_steps(dataset)
+    dataset = fast_forward(dataset, steps, backup_epoch(os.path.join(run_dir, BACKUP_DIR)))
     callbacks, guard = standard_callbacks(run_dir, watch)
     started = time.perf_counter()
-    model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+    model.fit(dataset, epochs=args.epochs, steps_per_epoch=steps,
               shuffle=False,            # the tf.data stream is shuffled (and seeded) itself
               callbacks=callbacks, verbose=0 if args.quiet else 1)
     seconds = time.perf_counter() - started
@@ -977,22 +977,27 @@ def backup_epoch(backup_dir):
     return 0
 
 
+def epoch_steps(dataset):
+    """The batches in one pass of ``dataset`` (None when tf.data cannot tell)."""
+    count = int(dataset.cardinality())
+    return count if count > 0 else None
+
+
 def fast_forward(dataset, steps_per_epoch, epochs_done):
-    """The training stream as the uninterrupted run sees it after ``epochs_done`` epochs.
+    """The training stream, one repeated dataset read across epochs, as the
+    uninterrupted run sees it after ``epochs_done`` epochs.
 
     A seeded stream (shuffle order, augmentation draws) is a function of how much of it
-    was read; a resumed run reads past what the backed-up epochs consumed, so the epochs
-    it trains see the same batches as those of an uninterrupted run. With
-    ``steps_per_epoch`` the stream repeats and Keras reads it on across epochs; without,
-    each epoch starts a new pass, reshuffled from the dataset's own seed state.
+    was read; a resumed run skips what the backed-up epochs consumed, so the epochs it
+    trains see the same batches as those of an uninterrupted run. Keras reads a
+    repeated stream on across epochs (each pass reshuffled); a fresh pass per epoch
+    would restart the shuffle's seed state with every new process. Without a known
+    ``steps_per_epoch`` the stream is left as it is (a resume then sees other batches).
     """
-    if steps_per_epoch:
-        dataset = dataset.repeat()
-        return dataset.skip(epochs_done * steps_per_epoch) if epochs_done else dataset
-    for _ in range(epochs_done):
-        for _ in dataset:
-            pass
-    return dataset
+    if not steps_per_epoch:
+        return dataset
+    dataset = dataset.repeat()
+    return dataset.skip(epochs_done * steps_per_epoch) if epochs_done else dataset
 
 
 def losses_per_epoch(log_path):
