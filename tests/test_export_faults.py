@@ -68,6 +68,7 @@ def bad_images(value):
     return images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))
 def test_onnx_users_get_the_range_check_of_the_saved_model(tiny, served, case):
     import onnxruntime as ort
@@ -96,6 +97,7 @@ def test_onnx_users_get_the_range_check_of_the_saved_model(tiny, served, case):
 
 # --- 5: empty batch ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_empty_batch_fails_clearly_on_both_backends(tiny, served):
     import tensorflow as tf
 
@@ -122,6 +124,7 @@ def test_an_empty_batch_fails_clearly_on_both_backends(tiny, served):
 
 # --- 2: staging left by a killed push / export -------------------------------------
 
+@pytest.mark.slow
 def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push(tiny):
     from export import pipeline, saved_model
 
@@ -153,6 +156,7 @@ def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push
 
 # --- 6: infer --out that is a file -------------------------------------------------
 
+@pytest.mark.slow
 def test_infer_refuses_an_out_file_before_loading_the_model(tiny, tmp_path):
     image = tmp_path / "digit.png"
     Image.fromarray(np.full((28, 28), 128, np.uint8)).save(image)
@@ -177,6 +181,7 @@ def test_infer_refuses_an_out_file_before_loading_the_model(tiny, tmp_path):
 
 # --- 7: options the model cannot serve ---------------------------------------------
 
+@pytest.mark.slow
 def test_both_exporters_refuse_options_without_their_distribution_writing_nothing(
         tiny, tmp_path, capsys):
     from export import onnx as onnx_export
@@ -201,6 +206,7 @@ def test_both_exporters_refuse_options_without_their_distribution_writing_nothin
 
 # --- issue 26, 8: thresholds and opsets checked where they enter -------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("values", [{"pixel": float("nan"), "image": 0.5},
                                     {"pixel": 0.1, "image": float("nan")},
                                     {"pixel": float("inf"), "image": 0.5},
@@ -223,6 +229,7 @@ def test_thresholds_holding_nan_or_infinity_are_refused(tiny, tmp_path, capsys, 
     assert not (tmp_path / "serving").exists()
 
 
+@pytest.mark.slow
 def test_an_opset_tf2onnx_cannot_write_is_refused_before_the_model_is_loaded(tmp_path):
     """--opset 100 failed after a minute of conversion; now before loading (the --run
     here does not even exist, and the opset is what is named)."""
@@ -274,6 +281,7 @@ def test_version_claims_never_hand_out_one_number_twice(tmp_path):
     release_version(claim)
 
 
+@pytest.mark.slow
 def test_two_concurrent_exports_into_one_out_write_two_versions(tiny, tmp_path):
     """Case 5: both reported version 1 and one silently replaced the other."""
     command = [sys.executable, "-m", "export.saved_model", "--run", str(tiny[1]),
@@ -292,6 +300,7 @@ def test_two_concurrent_exports_into_one_out_write_two_versions(tiny, tmp_path):
 
 # --- issue 26, 13: non-finite input is flagged, not called normal --------------------
 
+@pytest.mark.slow
 def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
     import onnxruntime as ort
     import tensorflow as tf
@@ -360,6 +369,7 @@ def perturbed(model_proto, factor):
     return model_proto
 
 
+@pytest.mark.slow
 def test_the_self_check_runs_the_runs_own_images_and_fails_a_perturbed_graph(tiny, tmp_path):
     from keras_vae_attn.data.synthetic import write_mvtec_category
 
@@ -382,6 +392,7 @@ def test_the_self_check_runs_the_runs_own_images_and_fails_a_perturbed_graph(tin
         onnx_export.verify_graph(run, None, perturbed(proto, 1.002))
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_an_export_is_one_line_and_writes_nothing(tiny, tmp_path):
     """The pipeline's export stage forwards Ctrl-C to its exporter, which printed a
     KeyboardInterrupt traceback."""

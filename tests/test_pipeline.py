@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO
 from export import lineage, pipeline
 
+pytestmark = pytest.mark.slow  # the whole pipeline (trainer, exports, push) in subprocesses
+
 TRAINER = ["--", "--image-size", "32", "--backbone", "small", "--epochs", "1",
            "--steps-per-epoch", "2", "--batch-size", "8", "--latent-dim", "4", "--quiet",
            "--no-augment"]

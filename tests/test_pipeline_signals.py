@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO
 from test_pipeline import TRAINER, category_root, command, run, stage_lines  # noqa: F401
 
+pytestmark = pytest.mark.slow  # kills and interrupts a running pipeline and its trainer
+
 
 EPOCHS = 5
 SLOW_TRAINER = [str(EPOCHS) if TRAINER[i - 1] == "--epochs" else flag     # several epochs

@@ -31,6 +31,7 @@ def test_numbers_that_cannot_work_are_refused_naming_the_flag(flags, message, ca
     assert not list(tmp_path.iterdir())                  # nothing written, no data made
 
 
+@pytest.mark.slow
 def test_tf_config_that_is_not_json_is_one_line(tmp_path):
     result = cli("trainers.mvtec", ["--category", "demo", "--runs-root", tmp_path,
                                     "--strategy", "multiworker"],
@@ -126,6 +127,7 @@ def test_run_dir_of_a_finished_run_with_other_flags_is_refused_unless_fresh(tmp_
     common.release(run_dir)
 
 
+@pytest.mark.slow
 def test_mvtec_trainer_runs_mirrored_on_two_logical_cpus(tmp_path):
     """The devices are split when the flags are parsed, before the MVTec trainer's layer
     check starts TensorFlow's devices (it failed with "Virtual devices cannot be
@@ -163,6 +165,7 @@ def broken_models(source, root):
     return cases
 
 
+@pytest.mark.slow
 def test_a_model_dir_that_does_not_load_is_one_line(mnist_run, tmp_path, capsys):
     from keras_vae_attn.models import load_vae
     from trainers import common
@@ -176,6 +179,7 @@ def test_a_model_dir_that_does_not_load_is_one_line(mnist_run, tmp_path, capsys)
         assert line.endswith("[see --model-dir]")
 
 
+@pytest.mark.slow
 def test_an_mnist_header_of_784x1_pixels_is_one_line(shared_data, tmp_path):
     """The bytes are all there (10000 x 784 x 1 = 10000 x 28 x 28), only the header's
     shape is wrong: refused before training, naming the shape."""
@@ -238,6 +242,7 @@ def test_grey_photo_masks_are_thresholded_with_a_warning(tmp_path):
     np.testing.assert_array_equal(split.masks[others], binary[others])
 
 
+@pytest.mark.slow
 def test_a_test_set_whose_masks_are_all_empty_scores_null_not_a_traceback(tmp_path):
     """Defect images whose masks mark no pixel: the pixel metrics are undefined; the
     run finishes with null in metrics.json (it raised UndefinedMetric after training)."""
@@ -263,6 +268,7 @@ def test_a_test_set_whose_masks_are_all_empty_scores_null_not_a_traceback(tmp_pa
     assert set(metrics["pixel_auroc_per_defect"]["hole"].values()) == {None}
 
 
+@pytest.mark.slow
 def test_training_images_that_are_all_black_are_one_line(tmp_path):
     """All-black normal images (a model of them gave NaN maps after training): refused
     when they are loaded, before any run folder."""

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # kills, fills the disk under and resumes real trainer processes
+
 SCRIPTS = REPO / "tests" / "scripts"
 EPOCHS, STEPS = 3, 2
 
