@@ -200,7 +200,7 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    from keras_vae_attn import viz      # after the flags: --help answers before TensorFlow
+    from keras_vae_attn import viz  # after the flags: --help answers before TensorFlow
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     models = [(name, model_args) for name, model_args in MODELS

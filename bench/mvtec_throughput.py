@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+
 from bench import cli_parser
 
 MEMORY_TARGET_GIB = 6.0

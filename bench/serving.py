@@ -20,8 +20,8 @@ import os
 import tempfile
 import time
 
-from bench import cli_parser  # noqa: E402
-from keras_vae_attn.console import start_tensorflow  # noqa: E402
+from bench import cli_parser
+from keras_vae_attn.console import start_tensorflow
 
 start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 

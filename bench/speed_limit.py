@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import os
 
-from bench import cli_parser  # noqa: E402
-from keras_vae_attn.console import start_tensorflow  # noqa: E402
+from bench import cli_parser
+from keras_vae_attn.console import start_tensorflow
 
 start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
 
