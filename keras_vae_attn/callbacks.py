@@ -49,7 +49,7 @@ class AttentionImages(keras.callbacks.Callback):
 METRIC_GROUPS = ("methods", "image_auroc", "image_auroc_other_scores",
                  "pixel_auroc_per_defect", "best_auroc", "factor_vae_score",
                  "factor_vae_train_accuracy", "attention_overlap_top_pair",
-                 "sanity", "sanity_cascade", "latent_selectivity")
+                 "sanity", "latent_selectivity")
 EXAMPLES = 4              # test heatmaps shown at the end of a run: 1 normal, 3 anomalous
 
 

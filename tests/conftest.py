@@ -136,9 +136,10 @@ def mvtec_images(shared_data):
 @pytest.fixture(scope="session")
 def mvtec_run(build_once, mvtec_images):
     """A run folder of the MVTec model (ResNet18, latent 32) trained two steps at 64x64,
-    with the trainer's default attribution at its default layer (conv1, whose gradient
-    passes the stem max-pool, on real images with flat regions) and maps smoothed by
-    sigma 1 px (--smooth 1)."""
+    with the trainer's default attribution (recon-deviation; its per-latent maps at the
+    default layer conv1, whose gradient passes the stem max-pool, on real images with
+    flat regions) and maps smoothed by sigma 1 px (--smooth 1). The gradient forms are
+    served by tests/test_export_forms.py."""
     from keras_vae_attn.models import build_vae
     from keras_vae_attn.runs import ExplainOptions
 

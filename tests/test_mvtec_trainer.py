@@ -26,7 +26,8 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     assert str(only) == run_dir
     expected = ["metrics.json", "config.json", "roc.png", "curves.png", "defect_good.png",
                 "defect_hole.png", "defect_scratch.png", "defect_stain.png",
-                "model/model.json", "model/model.weights.h5", "training_log.jsonl"]
+                "model/model.json", "model/model.weights.h5", "training_log.jsonl",
+                "sanity.png", "cascade.png", "faithfulness.png"]
     for name in expected:
         assert (only / name).is_file(), name
     assert (only / "defect_hole.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -40,6 +41,15 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
         assert set(values) == set(METRIC_NAMES)
         assert 0.0 <= values["pixel_auroc"] <= 1.0 and 0.0 <= values["best_iou"] <= 1.0
     assert metrics["best_iou_is_test_set_tuned"] is True
+    # the randomization check of every map, and the faithfulness curves
+    assert set(metrics["sanity"]) == set(trainer.METHODS) - {"random_features"}
+    for name in ("mean_image_difference", "pixel_deviation"):     # model-free: fail
+        assert metrics["sanity"][name]["spearman"] == pytest.approx(1.0)
+        assert metrics["sanity"][name]["passes"] is False
+    assert metrics["sanity_passes"] in (True, False)
+    assert set(metrics["faithfulness"]) == set(trainer.METHODS) | {"random order"}
+    stages = [step["stage"] for step in metrics["sanity_cascade"]]
+    assert stages[:3] == ["trained", "decoder", "head"] and stages[-1] == "conv1"
     assert metrics["test_images"] == 6 and metrics["train_images"] == 14   # 2 calibrate
     assert set(metrics["pixel_auroc_per_defect"]) == {"hole", "scratch", "stain"}
     config = json.loads((only / "config.json").read_text())

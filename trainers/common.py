@@ -34,9 +34,13 @@ def add_attention_flags(parser):
         "attribution (keras_vae_attn/attribution.py)",
         "a flag shown with default None takes its value from the --attribution preset")
     group.add_argument("--attribution", choices=sorted(runs.PRESETS), default="default",
-                       help="preset: 'default' (chosen over several datasets, see "
-                            "bench/RESULTS.md) or 'paper' (Grad-CAM of the per-latent "
-                            "Eq. 5 energy, as printed); the flags below override it")
+                       help="preset: 'default' (recon-deviation: the reconstruction "
+                            "residual relative to its normal size, chosen by a rule that "
+                            "requires passing the randomization check, see "
+                            "bench/RESULTS.md), 'paper' (Grad-CAM of the per-latent Eq. 5 "
+                            "energy, as printed) or 'whitened-deviation' (the previous "
+                            "default, which an untrained VAE matches); the flags below "
+                            "override it")
     group.add_argument("--form", choices=runs.FORMS, default=None,
                        help="how gradients and features become a map")
     group.add_argument("--target", "--score", dest="target", choices=runs.TARGETS,

@@ -82,15 +82,16 @@ def run(args, run_dir, model, result, images, masks, labels, options, normal_ima
         stages = sanity.cascade_maps(model, images[picks], normal_batches(normal_images),
                                      options, args.eval_batch_size, normal_images)
         rho = [float(np.mean(sanity.spearman(stages[0][1], maps))) for _, maps in stages]
-        metrics["sanity_cascade"] = {label: value for (label, _), value in zip(stages, rho)}
+        # a list, not a dict: metrics.json sorts keys, and the order is the cascade's
+        metrics["sanity_cascade"] = [{"stage": label, "spearman": value}
+                                     for (label, _), value in zip(stages, rho)]
         viz.save_figure(figures.cascade_figure(
             images[picks], chosen_masks, stages, rho,
             f"{what}: anomaly attention ({options.describe()}) as the VAE is re-initialized "
             "from the top down (decoder, encoder head, then each stage)"),
             os.path.join(run_dir, "cascade.png"))
         lines.append("cascading randomization, Spearman with the trained map: " + ", ".join(
-            f"{label} {value:.2f}" for label, value in metrics["sanity_cascade"].items()
-            if label != "trained"))
+            f"{label} {value:.2f}" for (label, _), value in zip(stages[1:], rho[1:])))
     chosen = _anomalous(labels, args.faithfulness_images)
     if chosen:
         entries, text = faithfulness(

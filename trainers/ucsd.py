@@ -71,6 +71,7 @@ def build_parser():
                         help="anomalous frames shown in examples.png")
     common.add_prediction_flags(parser)
     common.add_model_dir_flag(parser, "frames")
+    sanity.add_flags(parser)
     return parser
 
 
