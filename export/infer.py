@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from export import ExportError, InputError, check_images  # noqa: F401  (re-exported)
+from export import ExportError, InputError, check_images
 
 SCORES = "scores.json"
 
@@ -130,8 +130,9 @@ class OnnxBackend:
         return dict(zip(self.names, self.session.run(None, {"images": images})))
 
     def run_encoded(self, encoded):
-        from export.saved_model import decode_images
         import tensorflow as tf
+
+        from export.saved_model import decode_images
 
         return self.run(decode_images(tf.constant(encoded), *self.input_shape).numpy())
 

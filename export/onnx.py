@@ -37,11 +37,26 @@ import os
 import sys
 from typing import NamedTuple
 
-from export import (ExportError, InputError, Stages, check_options,  # noqa: F401
-                    load_run, load_thresholds, no_stages, pid_alive, refuse_existing)
+from export import (  # noqa: F401
+    ExportError,
+    InputError,
+    Stages,
+    check_options,
+    load_run,
+    load_thresholds,
+    no_stages,
+    pid_alive,
+    refuse_existing,
+)
 from export import check_images as _check_images
-from export.saved_model import (DECISION_OUTPUTS, SERVING_OUTPUTS, anomaly_outputs,
-                                input_shape, model_metadata, warn_incomplete)
+from export.saved_model import (
+    DECISION_OUTPUTS,
+    SERVING_OUTPUTS,
+    anomaly_outputs,
+    input_shape,
+    model_metadata,
+    warn_incomplete,
+)
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17

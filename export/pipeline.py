@@ -42,8 +42,13 @@ import subprocess
 import sys
 import threading
 
-from export import (claim_version, lineage, model_name_problem, release_version,
-                    remove_stale_staging)
+from export import (
+    claim_version,
+    lineage,
+    model_name_problem,
+    release_version,
+    remove_stale_staging,
+)
 from keras_vae_attn.runs import write_json
 
 STAGES = ("train", "evaluate", "validate", "export", "push")

@@ -40,9 +40,18 @@ import os
 import shutil
 import sys
 
-from export import (RUN_COMPLETE, ExportError, Stages, check_options, claim_version,
-                    load_run, load_thresholds, model_name_problem, no_stages,
-                    release_version)
+from export import (
+    RUN_COMPLETE,
+    ExportError,
+    Stages,
+    check_options,
+    claim_version,
+    load_run,
+    load_thresholds,
+    model_name_problem,
+    no_stages,
+    release_version,
+)
 
 #: serving_default and serve_bytes (and the ONNX graph): what a client acts on
 SERVING_OUTPUTS = ("heatmap", "score")

@@ -8,10 +8,10 @@ from typing import NamedTuple
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from keras_vae_attn.attention import normalize_maps  # noqa: E402
+from keras_vae_attn.attention import normalize_maps
 
 
 def colorize(maps, cmap="jet", vmax=None):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_vae_attn import VAEAttention, fit_normal_stats, overlay
-from keras_vae_attn import scoring
+from keras_vae_attn import VAEAttention, fit_normal_stats, overlay, scoring
 from keras_vae_attn.models import build_vae
+
 from conftest import REPO
 
 RNG = np.random.default_rng(1)

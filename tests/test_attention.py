@@ -1,7 +1,7 @@
 """The attention math: batched maps equal per-latent references and closed forms."""
-import keras
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -305,9 +305,8 @@ def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
     import onnxruntime as ort
     import tensorflow as tf
 
-    from export import load_run
+    from export import load_run, saved_model
     from export import onnx as onnx_export
-    from export import saved_model
 
     path = tmp_path / "thresholds.json"
     path.write_text(json.dumps({"pixel": 1e-3, "image": 1e9}))   # finite input: normal
@@ -371,10 +370,9 @@ def perturbed(model_proto, factor):
 
 @pytest.mark.slow
 def test_the_self_check_runs_the_runs_own_images_and_fails_a_perturbed_graph(tiny, tmp_path):
-    from keras_vae_attn.data.synthetic import write_mvtec_category
-
     from export import ExportError, load_run
     from export import onnx as onnx_export
+    from keras_vae_attn.data.synthetic import write_mvtec_category
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny[1], run_dir)

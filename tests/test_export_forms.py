@@ -90,8 +90,7 @@ def test_saved_model_and_onnx_serve_the_models_heatmap(exported, batch):
 
 
 def test_an_export_without_the_distribution_its_options_need_is_refused(tmp_path):
-    from export import ExportError
-    from export import saved_model
+    from export import ExportError, saved_model
     from keras_vae_attn.models import build_vae
 
     run = tmp_path / "run"

@@ -8,9 +8,8 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 
-from export import explain_options, load_thresholds
+from export import explain_options, load_thresholds, saved_model
 from export import onnx as onnx_export
-from export import saved_model
 from export.infer import InputError, OnnxBackend
 from keras_vae_attn import calibration, scoring
 from keras_vae_attn.data import mvtec

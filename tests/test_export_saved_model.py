@@ -24,12 +24,12 @@ pytestmark = pytest.mark.slow  # trains a run and exports it (shared session fix
 OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_model(run):
     return load_vae(str(run / "model"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_saved(folder):
     """tf.saved_model.load, once per folder for this module."""
     return tf.saved_model.load(str(folder))
@@ -294,8 +294,9 @@ def test_training_data_fingerprint_where_the_run_names_its_data(shared_data, tmp
 
 def readme_block(marker):
     """The README code block that contains ``marker``."""
-    from conftest import REPO
     import re
+
+    from conftest import REPO
 
     blocks = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)
     found = [block for block in blocks if marker in block]

@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from keras_vae_attn import losses
 from keras_vae_attn.data import dsprites
-from keras_vae_attn.models import load_vae, save_vae
 from keras_vae_attn.models import factor_vae as fv
+from keras_vae_attn.models import load_vae, save_vae
 
 TINY = dict(input_shape=(16, 16, 1), latent_dim=3, filters=(4, 8), dense_units=8,
             d_units=16, d_depth=2)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from keras_vae_attn.data import DataError, mnist
+
 from conftest import REPO
 
 

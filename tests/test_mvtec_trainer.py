@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from keras_vae_attn.data import DataError
 from keras_vae_attn.data.synthetic import write_mvtec_category
 from keras_vae_attn.metrics.localization import METRIC_NAMES
 from trainers import common
 from trainers import mvtec as trainer
+
+from conftest import REPO
 
 QUICK = ["--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
          "--max-train", "16", "--max-test", "6", "--eval-batch-size", "8", "--quiet"]

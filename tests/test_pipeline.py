@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
 from export import lineage, pipeline
+
+from conftest import REPO
 
 pytestmark = pytest.mark.slow  # the whole pipeline (trainer, exports, push) in subprocesses
 
@@ -136,10 +137,9 @@ def test_exported_decisions_match_python_thresholds(first_run):
     import onnxruntime as ort
     import tensorflow as tf
 
+    from export import load_thresholds
     from keras_vae_attn import calibration, scoring
     from keras_vae_attn.models import load_vae
-
-    from export import load_thresholds
 
     work, _ = first_run
     pipe = work / "pipe"

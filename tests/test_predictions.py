@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import load_thresholds
-from export import saved_model
+from export import load_thresholds, saved_model
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.data.synthetic import write_mvtec_category
 from keras_vae_attn.predictions import split_held_out

@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+
 from test_run_faults import cli, read_log
-from test_run_faults import mount_point as mount_point  # noqa: F401  (a fixture)
+from test_run_faults import mount_point as mount_point
 
 
 @pytest.mark.parametrize("flags, message", [

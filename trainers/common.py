@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from keras_vae_attn import runs
-from keras_vae_attn.runs import RUN_COMPLETE, write_json  # noqa: F401  (re-exported)
+from keras_vae_attn.runs import RUN_COMPLETE, write_json
 
 BACKUP_DIR = "backup"
 CHECKPOINTS = "checkpoints"

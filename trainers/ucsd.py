@@ -283,7 +283,6 @@ def main(argv=None):
     from keras_vae_attn.data import augment
     from keras_vae_attn.data.ucsd import to_float
     from keras_vae_attn.models import build_vae
-
     from keras_vae_attn.runs import ExplainOptions
 
     options = ExplainOptions.from_config({"explain": args.explain})

@@ -271,7 +271,7 @@ def load_tfds(download=True):
                         "archive", option="data_dir") from error
     try:
         dataset = tfds.load("dsprites", split="train", download=download, batch_size=65536)
-    except Exception as error:  # noqa: BLE001 - TFDS raises many kinds for "not there"
+    except Exception as error:
         raise DataError(f"TFDS dsprites is not available ({type(error).__name__}: "
                         f"{error})") from error
     packed = np.zeros((NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE // 8), np.uint8)

@@ -11,7 +11,8 @@ import sys
 
 import numpy as np
 
-from keras_vae_attn.data import DataError, to_float as _to_float
+from keras_vae_attn.data import DataError
+from keras_vae_attn.data import to_float as _to_float
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
