@@ -61,111 +61,127 @@ def jacobian_weights(explainer, images):
 
 
 def naive_table(cases, repeats, budget):
-    rows = []
-    for kind, size, batch, layer, latent in cases:
-        explainer = VAEAttention(encoder_for(kind, size, latent), layer=layer)
-        channels = explainer.encoder.inputs[0].shape[-1]
-        images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
-                             tf.float32)
-        reference = explainer.explain(images).weights.numpy()
-        np.testing.assert_allclose(loop_weights(explainer, images).numpy(), reference,
-                                   rtol=1e-3, atol=1e-6)
-        timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
-                 for name, f in (("batched", lambda x: explainer.explain(x).weights),
-                                 ("loop", lambda x: loop_weights(explainer, x)),
-                                 ("jacobian", lambda x: jacobian_weights(explainer, x)))}
-        rows.append({"net": f"{kind} {size}px", "layer": layer, "D": latent, "batch": batch,
-                     "ours": explainer.method, "batched s": timed["batched"], "loop s": timed["loop"],
-                     "jacobian s": timed["jacobian"],
-                     "loop/batched": timed["loop"] / timed["batched"],
-                     "jacobian/batched": timed["jacobian"] / timed["batched"]})
-    return rows
+    return [naive_row(*case, repeats, budget) for case in cases]
+
+
+def naive_row(kind, size, batch, layer, latent, repeats, budget):
+    """One case of :func:`naive_table`, in its own function so that the timed closures
+    hold this case's explainer and images."""
+    explainer = VAEAttention(encoder_for(kind, size, latent), layer=layer)
+    channels = explainer.encoder.inputs[0].shape[-1]
+    images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
+                         tf.float32)
+    reference = explainer.explain(images).weights.numpy()
+    np.testing.assert_allclose(loop_weights(explainer, images).numpy(), reference,
+                               rtol=1e-3, atol=1e-6)
+    timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
+             for name, f in (("batched", lambda x: explainer.explain(x).weights),
+                             ("loop", lambda x: loop_weights(explainer, x)),
+                             ("jacobian", lambda x: jacobian_weights(explainer, x)))}
+    return {"net": f"{kind} {size}px", "layer": layer, "D": latent, "batch": batch,
+            "ours": explainer.method, "batched s": timed["batched"],
+            "loop s": timed["loop"], "jacobian s": timed["jacobian"],
+            "loop/batched": timed["loop"] / timed["batched"],
+            "jacobian/batched": timed["jacobian"] / timed["batched"]}
 
 
 def floor_table(cases, repeats, budget):
+    return [row for case in cases for row in floor_rows(*case, repeats, budget)]
+
+
+def floor_rows(kind, size, batch, latent, repeats, budget):
+    """One case of :func:`floor_table`: the forward pass and the attention maps, eager,
+    as a tf.function and compiled with XLA."""
+    encoder = encoder_for(kind, size, latent)
+    explainer = VAEAttention(encoder, layer="last")
+    channels = encoder.inputs[0].shape[-1]
+    images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
+                         tf.float32)
+
+    def forward(x):
+        return encoder(x, training=False)[0]
+
+    def attend(x):
+        return explainer.explain(x).latent_maps
+
+    variants = {
+        "eager": (forward, attend),
+        "tf.function": (tf.function(forward), tf.function(attend)),
+        "XLA": (tf.function(forward, jit_compile=True), tf.function(attend, jit_compile=True)),
+    }
     rows = []
-    for kind, size, batch, latent in cases:
-        encoder = encoder_for(kind, size, latent)
-        explainer = VAEAttention(encoder, layer="last")
-        channels = encoder.inputs[0].shape[-1]
-        images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
-                             tf.float32)
-        graph_forward = tf.function(lambda x: encoder(x, training=False)[0])
-        graph_attention = tf.function(lambda x: explainer.explain(x).latent_maps)
-        xla_forward = tf.function(lambda x: encoder(x, training=False)[0], jit_compile=True)
-        xla_attention = tf.function(lambda x: explainer.explain(x).latent_maps,
-                                    jit_compile=True)
-        variants = {
-            "eager": (lambda x: encoder(x, training=False)[0],
-                      lambda x: explainer.explain(x).latent_maps),
-            "tf.function": (graph_forward, graph_attention),
-            "XLA": (xla_forward, xla_attention),
-        }
-        for mode, (forward, attend) in variants.items():
-            t_forward = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
-            t_attention = median_seconds(lambda: attend(images).numpy(), repeats,
-                                         budget_s=budget)
-            rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
-                         "D": latent, "batch": batch, "mode": mode,
-                         "forward s": t_forward, "attention s": t_attention,
-                         "attention/forward": t_attention / t_forward})
+    for mode, (run_forward, run_attend) in variants.items():
+        t_forward = median_seconds(lambda f=run_forward: f(images).numpy(), repeats,
+                                   budget_s=budget)
+        t_attention = median_seconds(lambda f=run_attend: f(images).numpy(), repeats,
+                                     budget_s=budget)
+        rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
+                     "D": latent, "batch": batch, "mode": mode,
+                     "forward s": t_forward, "attention s": t_attention,
+                     "attention/forward": t_attention / t_forward})
     return rows
 
 
 def anomaly_table(cases, repeats, budget):
     """The anomaly heatmap (Eq. 5) per-latent ("energy", D backward passes) vs from the
     total energy ("total-energy", one pass), against the encoder forward pass."""
+    return [anomaly_row(*case, repeats, budget) for case in cases]
+
+
+def anomaly_row(kind, size, batch, layer, latent, repeats, budget):
+    """One case of :func:`anomaly_table`."""
     from keras_vae_attn.attention import TOTAL_ENERGY, NormalStats
 
-    rows = []
-    for kind, size, batch, layer, latent in cases:
-        encoder = encoder_for(kind, size, latent)
-        explainer = VAEAttention(encoder, layer=layer)
-        channels = encoder.inputs[0].shape[-1]
-        images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
-                             tf.float32)
-        stats = NormalStats(tf.zeros(latent), tf.ones(latent))
-        forward = tf.function(lambda x: encoder(x, training=False)[0])
-        timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
-                 for name, f in (
-                     ("forward", forward),
-                     ("energy", lambda x: explainer.anomaly_attention(x, stats, "energy")),
-                     ("total", lambda x: explainer.anomaly_attention(x, stats, TOTAL_ENERGY)))}
-        rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name, "D": latent,
-                     "batch": batch, "forward s": timed["forward"],
-                     "per-latent s": timed["energy"], "total-energy s": timed["total"],
-                     "per-latent/total": timed["energy"] / timed["total"],
-                     "total/forward": timed["total"] / timed["forward"]})
-    return rows
+    encoder = encoder_for(kind, size, latent)
+    explainer = VAEAttention(encoder, layer=layer)
+    channels = encoder.inputs[0].shape[-1]
+    images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
+                         tf.float32)
+    stats = NormalStats(tf.zeros(latent), tf.ones(latent))
+    forward = tf.function(lambda x: encoder(x, training=False)[0])
+    timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
+             for name, f in (
+                 ("forward", forward),
+                 ("energy", lambda x: explainer.anomaly_attention(x, stats, "energy")),
+                 ("total", lambda x: explainer.anomaly_attention(x, stats, TOTAL_ENERGY)))}
+    return {"net": f"{kind} {size}px", "layer": explainer.layer_name, "D": latent,
+            "batch": batch, "forward s": timed["forward"],
+            "per-latent s": timed["energy"], "total-energy s": timed["total"],
+            "per-latent/total": timed["energy"] / timed["total"],
+            "total/forward": timed["total"] / timed["forward"]}
 
 
 def forms_table(cases, repeats, budget):
     """Each attribution form's anomaly heatmap (``scoring.explain_anomaly``, total-energy
     target, standardized deviation) against the encoder forward pass, same batch."""
+    return [row for case in cases for row in forms_rows(*case, repeats, budget)]
+
+
+def forms_rows(kind, size, batch, layer, latent, repeats, budget):
+    """One case of :func:`forms_table`: one row per form."""
     from keras_vae_attn import scoring
     from keras_vae_attn.models import build_vae
     from keras_vae_attn.runs import ExplainOptions
 
+    model = build_vae(kind, (size, size, 3), latent)
+    explainer = model.explainer(layer)
+    model.add_feature_distribution(explainer.layer_name, explainer.front.output.shape[1:])
+    images = tf.constant(np.random.default_rng(0).random((batch, size, size, 3)),
+                         tf.float32)
+    forward = tf.function(lambda x: model.encoder(x, training=False)[0])
+    base = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
     rows = []
-    for kind, size, batch, layer, latent in cases:
-        model = build_vae(kind, (size, size, 3), latent)
-        explainer = model.explainer(layer)
-        model.add_feature_distribution(explainer.layer_name, explainer.front.output.shape[1:])
-        images = tf.constant(np.random.default_rng(0).random((batch, size, size, 3)),
-                             tf.float32)
-        forward = tf.function(lambda x: model.encoder(x, training=False)[0])
-        base = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
-        for form in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
-                     "deviation"):
-            options = ExplainOptions(layers=(layer,), form=form, target="total-energy",
-                                     deviation="standardized", sign="abs", steps=8)
-            heat = tf.function(lambda x, o=options: scoring.explain_anomaly(
-                model, x, o, keys=("heatmap",))["heatmap"])
-            seconds = median_seconds(lambda h=heat: h(images).numpy(), repeats,
-                                     budget_s=budget)
-            rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
-                         "batch": batch, "form": form, "forward s": base,
-                         "heatmap s": seconds, "heatmap/forward": seconds / base})
+    for form in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
+                 "deviation"):
+        options = ExplainOptions(layers=(layer,), form=form, target="total-energy",
+                                 deviation="standardized", sign="abs", steps=8)
+        heat = tf.function(lambda x, o=options: scoring.explain_anomaly(
+            model, x, o, keys=("heatmap",))["heatmap"])
+        seconds = median_seconds(lambda h=heat: h(images).numpy(), repeats,
+                                 budget_s=budget)
+        rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
+                     "batch": batch, "form": form, "forward s": base,
+                     "heatmap s": seconds, "heatmap/forward": seconds / base})
     return rows
 
 

@@ -144,12 +144,12 @@ def limit_rows(model, batch, label, precisions, repeats, budget):
         seconds[signature(layer)] = dict(zip(precisions,
                                              interleaved_medians(ops, repeats, budget / 10)))
     rows, limits = [], {}
-    for kind, matches in (("conv2d", lambda l: not isinstance(l, keras.layers.Dense)),
-                          ("matmul", lambda l: isinstance(l, keras.layers.Dense))):
+    for kind, matches in (("conv2d", lambda op: not isinstance(op, keras.layers.Dense)),
+                          ("matmul", lambda op: isinstance(op, keras.layers.Dense))):
         chosen = [(layer, passes) for layer, passes in layers if matches(layer)]
         if not chosen:
             continue
-        row = {"model": label, "op": f"{kind}, {len({signature(l) for l, _ in chosen})} "
+        row = {"model": label, "op": f"{kind}, {len({signature(op) for op, _ in chosen})} "
                                      f"shapes"}
         for precision in precisions:
             flops = sum(passes * layer_flops(layer) * batch for layer, passes in chosen)
@@ -261,7 +261,7 @@ def main(argv=None):
             with common.precision_scope(precision):
                 model = build()
             model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit == "on")
-            steps.append(lambda model=model: model.train_on_batch(images))
+            steps.append(lambda model=model, images=images: model.train_on_batch(images))
         flops = sum(step_flops(model, batch).values())
         timed = interleaved_medians(steps, args.repeats, args.budget * len(configs))
         for (precision, jit), seconds in zip(configs, timed):

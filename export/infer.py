@@ -111,7 +111,7 @@ class OnnxBackend:
         from keras_vae_attn.extras import needs_extra
 
         with needs_extra("export", "running an .onnx model"):
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401  (only checks that the extra is installed)
         self.path = path
         try:
             self.session = session(path)

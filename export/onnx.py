@@ -37,9 +37,8 @@ import os
 import sys
 from typing import NamedTuple
 
-from export import (  # noqa: F401
+from export import (
     ExportError,
-    InputError,
     Stages,
     check_options,
     load_run,
@@ -360,9 +359,9 @@ def require_onnx_packages():
     from keras_vae_attn.extras import needs_extra
 
     with needs_extra("export", "ONNX export"):
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import tf2onnx  # noqa: F401
+        import onnx  # noqa: F401  (only checks that the extra is installed)
+        import onnxruntime  # noqa: F401  (only checks that the extra is installed)
+        import tf2onnx  # noqa: F401  (only checks that the extra is installed)
 
 
 def remove_stale_partials(out):

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import viz
-from keras_vae_attn.runs import DiskFull, require_space  # noqa: F401  (re-exported)
+from keras_vae_attn.runs import require_space
 
 
 class AttentionImages(keras.callbacks.Callback):

@@ -256,7 +256,7 @@ def save_seed_scores(rows, path, title, ylabel):
     ``rows``: {method: list of per-seed scores}.
     """
     fig, axis = plt.subplots(figsize=(7, 3.6))
-    for position, (method, scores) in enumerate(rows.items()):
+    for position, scores in enumerate(rows.values()):
         scores = np.asarray(scores, np.float64)
         spread = scores.std(ddof=1) if len(scores) > 1 else 0.0
         axis.bar(position, scores.mean(), color="#9ecae1", width=0.6)

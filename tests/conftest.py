@@ -188,3 +188,38 @@ def mvtec_export(build_once, mvtec_run, mvtec_images):
         _export_both(folder, mvtec_run, str(folder / "thresholds.json"))
 
     return build_once("mvtec-export", make)
+
+
+# --- fixtures of two test files each -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def category_root(tmp_path_factory):
+    """A generated MVTec-style category "demo" at 32 px (the pipeline tests' data)."""
+    from keras_vae_attn.data.synthetic import write_mvtec_category
+
+    root = tmp_path_factory.mktemp("mvtec")
+    write_mvtec_category(str(root), "demo", size=32, n_train=20, n_test_good=4)
+    return root
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """``mount(options)``: a fresh tmpfs under tmp_path (e.g. "size=8m" or "ro"),
+    unmounted after the test; skipped where this process may not mount."""
+    import subprocess
+
+    mounted = []
+
+    def mount(options):
+        target = tmp_path / f"mnt{len(mounted)}"
+        target.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                                 str(target)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)

@@ -20,15 +20,6 @@ TRAINER = ["--", "--image-size", "32", "--backbone", "small", "--epochs", "1",
            "--no-augment"]
 
 
-@pytest.fixture(scope="module")
-def category_root(tmp_path_factory):
-    from keras_vae_attn.data.synthetic import write_mvtec_category
-
-    root = tmp_path_factory.mktemp("mvtec")
-    write_mvtec_category(str(root), "demo", size=32, n_train=20, n_test_good=4)
-    return root
-
-
 def command(category_root, work, *extra, trainer=TRAINER):
     return [sys.executable, "-m", "export.pipeline", "--category", "demo",
             "--data-dir", str(category_root), "--serving-dir", str(work / "serving"),

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import REPO
-from test_pipeline import TRAINER, category_root, command, run, stage_lines  # noqa: F401
+from test_pipeline import TRAINER, command, run, stage_lines
 
 pytestmark = pytest.mark.slow  # kills and interrupts a running pipeline and its trainer
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from test_run_faults import cli, read_log
-from test_run_faults import mount_point as mount_point
 
 
 @pytest.mark.parametrize("flags, message", [

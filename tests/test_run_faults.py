@@ -111,27 +111,6 @@ def cli(module, flags, env=None, timeout=120):
                                "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
 
 
-@pytest.fixture
-def mount_point(tmp_path):
-    """``mount(options)``: a fresh tmpfs under tmp_path (e.g. "size=8m" or "ro"),
-    unmounted after the test; skipped where this process may not mount."""
-    mounted = []
-
-    def mount(options):
-        target = tmp_path / f"mnt{len(mounted)}"
-        target.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
-                                 str(target)], capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        subprocess.run(["umount", "-l", str(target)], capture_output=True)
-
-
 def test_a_deterministic_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
     """--deterministic survives a resume: the data stream (shuffle order, augmentation
     draws) is read past what the backed-up epochs consumed and the sampling noise's

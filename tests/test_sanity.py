@@ -76,8 +76,8 @@ def test_stages_cover_every_weighted_layer_once_from_the_top(trained):
     labels = [label for label, _ in stages]
     assert labels[:2] == ["decoder", "head"] and labels[-1] == "conv1"
     pairs = [pair for _, members in stages for pair in members]
-    weighted = [("encoder", l.name) for l in model.encoder.layers if l.weights] + \
-        [("decoder", l.name) for l in model.decoder.layers if l.weights]
+    weighted = [("encoder", layer.name) for layer in model.encoder.layers if layer.weights] + \
+        [("decoder", layer.name) for layer in model.decoder.layers if layer.weights]
     assert sorted(pairs) == sorted(weighted) and len(pairs) == len(set(pairs))
 
 

@@ -747,7 +747,8 @@ def epoch_weights(folder, keep):
     (a 256-px ResNet18 checkpoint is ~130 MB; one per epoch fills a disk)."""
     import keras
 
-    from keras_vae_attn.callbacks import require_space, state_bytes
+    from keras_vae_attn.callbacks import state_bytes
+    from keras_vae_attn.runs import require_space
 
     class EpochWeights(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):

@@ -1,6 +1,9 @@
 """One-class MNIST: train a VAE on one digit, explain what differs in the others.
 
     python -m trainers.mnist --normal-digit 1 --data-dir path/to/mnist-idx
+
+--data-dir is the folder of MNIST's four IDX files; without it the digits come from
+tensorflow-datasets (the [datasets] extra; downloads once).
 """
 from __future__ import annotations
 
@@ -144,7 +147,7 @@ def main(argv=None):
     try:
         normal, held_out = split_held_out(normal, args.calibration_holdout)
     except ValueError as error:
-        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}")
+        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}") from None
     test_x = mnist.to_float(test_images[:args.max_test])
     test_y = test_labels[:args.max_test]
 

@@ -234,7 +234,7 @@ def main(argv=None):
     try:
         train_images, held_out = split_held_out(train_images, args.calibration_holdout)
     except ValueError as error:
-        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}")
+        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}") from None
 
     options = run_options(args)
     check_layers(args, options)

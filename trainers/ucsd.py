@@ -143,7 +143,10 @@ def evaluate(model, train_images, test, args, options, twin=None):
     from keras_vae_attn.metrics import localization
 
     images = to_float(test.images)
-    wrap = lambda it, desc="": common.progress(it, args.quiet, desc=desc)  # noqa: E731
+
+    def wrap(it, desc=""):
+        return common.progress(it, args.quiet, desc=desc)
+
     pixels = references.fit_pixel_distribution(train_images)
     result = kva_evaluate.localize(model, images, test.masks, test.labels, options, pixels,
                                    to_float(train_images), args.eval_batch_size, wrap,
@@ -277,7 +280,7 @@ def main(argv=None):
     try:
         train_images, held_out = split_held_out(train_images, args.calibration_holdout)
     except ValueError as error:
-        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}")
+        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}") from None
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn import viz
     from keras_vae_attn.data import augment

@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_vae_attn.data import DataError, to_float, visible_names  # noqa: F401 (to_float re-exported)
+from keras_vae_attn.data import DataError, visible_names
+from keras_vae_attn.data import to_float as to_float  # re-exported: mvtec.to_float
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
               "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",

@@ -25,7 +25,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from keras_vae_attn.data import DataError, to_float, visible_names  # noqa: F401 (to_float re-exported)
+from keras_vae_attn.data import DataError, visible_names
+from keras_vae_attn.data import to_float as to_float  # re-exported: ucsd.to_float
 
 SUBSETS = {"ped1": "UCSDped1", "ped2": "UCSDped2"}
 FRAME_EXTENSIONS = (".tif", ".tiff", ".bmp", ".png", ".jpg", ".jpeg")

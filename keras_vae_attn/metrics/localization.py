@@ -203,9 +203,10 @@ def image_auroc(scores, labels):
                                         regions=False))
 
 
-def _or_none(compute):
+def _or_none(compute, *args):
+    """``compute(*args)``, or None where the data cannot define the metric."""
     try:
-        return compute()
+        return compute(*args)
     except UndefinedMetric:
         return None
 
@@ -226,17 +227,17 @@ def evaluate_methods(method_maps, masks, labels=None, image_scores=None, fpr_lim
     results, curves = {}, {}
     for name, maps in method_maps.items():
         stats = pixel_stats(maps, masks)
-        iou = _or_none(lambda: best_iou_from_stats(stats)) or (None, None)
+        iou = _or_none(best_iou_from_stats, stats) or (None, None)
         scores = image_scores.get(name)
         if scores is None:
             scores = np.asarray(maps).reshape(len(maps), -1).max(axis=1)
         results[name] = {
-            "pixel_auroc": _or_none(lambda: auroc_from_stats(stats)),
+            "pixel_auroc": _or_none(auroc_from_stats, stats),
             "best_iou": iou[0],
             "best_iou_threshold": iou[1],
-            "aupro": _or_none(lambda: aupro_from_stats(stats, fpr_limit)),
-            "image_auroc": _or_none(lambda: image_auroc(scores, labels)),
+            "aupro": _or_none(aupro_from_stats, stats, fpr_limit),
+            "image_auroc": _or_none(image_auroc, scores, labels),
         }
         if return_curves:
-            curves[name] = _or_none(lambda: roc_curve(stats))
+            curves[name] = _or_none(roc_curve, stats)
     return (results, curves) if return_curves else results
