@@ -1,4 +1,5 @@
 """Packaging for keras-vae-attn: the library, its trainers and its exporters."""
+
 from setuptools import find_packages, setup
 
 setup(

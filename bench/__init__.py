@@ -1,4 +1,5 @@
 """Benchmarks: `python -m bench.<name>`; bench/RESULTS.md holds their results."""
+
 import argparse
 
 
@@ -8,5 +9,6 @@ def cli_parser(name, description):
     as the trainers' help has them."""
     from trainers.common import HelpFormatter
 
-    return argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description,
-                                   formatter_class=HelpFormatter)
+    return argparse.ArgumentParser(
+        prog=f"python -m bench.{name}", description=description, formatter_class=HelpFormatter
+    )

@@ -14,6 +14,7 @@ the same batch (the cost floor), eager, in tf.function and with XLA. Table 3 tim
 anomaly heatmap per-latent (D backward passes) and from the total energy (one pass).
 Table 4 times each attribution form's heatmap against the encoder forward pass.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ import os
 from bench import cli_parser
 from keras_vae_attn.console import start_tensorflow
 
-start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
+start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,19 +36,22 @@ from keras_vae_attn.backbones import resnet18_encoder, small_conv_encoder  # noq
 def encoder_for(kind, size, latent):
     if kind == "resnet18":
         return resnet18_encoder((size, size, 3), latent)
-    return small_conv_encoder((size, size, 1), latent, filters=(32, 32, 64, 64),
-                              dense_units=256)
+    return small_conv_encoder(
+        (size, size, 1), latent, filters=(32, 32, 64, 64), dense_units=256
+    )
 
 
 def loop_weights(explainer, images):
     """The naive way: one tape.gradient per latent dimension."""
-    features_model = keras.Model(explainer.encoder.input,
-                                 [explainer.front.output, *explainer.encoder.outputs])
+    features_model = keras.Model(
+        explainer.encoder.input, [explainer.front.output, *explainer.encoder.outputs]
+    )
     with tf.GradientTape(persistent=True) as tape:
         features, mu, _ = features_model(images, training=False)
         columns = tf.unstack(mu, axis=1)
-    pooled = [tf.reduce_mean(tape.gradient(column, features), axis=[1, 2])
-              for column in columns]
+    pooled = [
+        tf.reduce_mean(tape.gradient(column, features), axis=[1, 2]) for column in columns
+    ]
     del tape
     return tf.stack(pooled, axis=1)
 
@@ -69,20 +73,33 @@ def naive_row(kind, size, batch, layer, latent, repeats, budget):
     hold this case's explainer and images."""
     explainer = VAEAttention(encoder_for(kind, size, latent), layer=layer)
     channels = explainer.encoder.inputs[0].shape[-1]
-    images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
-                         tf.float32)
+    images = tf.constant(
+        np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
+    )
     reference = explainer.explain(images).weights.numpy()
-    np.testing.assert_allclose(loop_weights(explainer, images).numpy(), reference,
-                               rtol=1e-3, atol=1e-6)
-    timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
-             for name, f in (("batched", lambda x: explainer.explain(x).weights),
-                             ("loop", lambda x: loop_weights(explainer, x)),
-                             ("jacobian", lambda x: jacobian_weights(explainer, x)))}
-    return {"net": f"{kind} {size}px", "layer": layer, "D": latent, "batch": batch,
-            "ours": explainer.method, "batched s": timed["batched"],
-            "loop s": timed["loop"], "jacobian s": timed["jacobian"],
-            "loop/batched": timed["loop"] / timed["batched"],
-            "jacobian/batched": timed["jacobian"] / timed["batched"]}
+    np.testing.assert_allclose(
+        loop_weights(explainer, images).numpy(), reference, rtol=1e-3, atol=1e-6
+    )
+    timed = {
+        name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
+        for name, f in (
+            ("batched", lambda x: explainer.explain(x).weights),
+            ("loop", lambda x: loop_weights(explainer, x)),
+            ("jacobian", lambda x: jacobian_weights(explainer, x)),
+        )
+    }
+    return {
+        "net": f"{kind} {size}px",
+        "layer": layer,
+        "D": latent,
+        "batch": batch,
+        "ours": explainer.method,
+        "batched s": timed["batched"],
+        "loop s": timed["loop"],
+        "jacobian s": timed["jacobian"],
+        "loop/batched": timed["loop"] / timed["batched"],
+        "jacobian/batched": timed["jacobian"] / timed["batched"],
+    }
 
 
 def floor_table(cases, repeats, budget):
@@ -95,8 +112,9 @@ def floor_rows(kind, size, batch, latent, repeats, budget):
     encoder = encoder_for(kind, size, latent)
     explainer = VAEAttention(encoder, layer="last")
     channels = encoder.inputs[0].shape[-1]
-    images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
-                         tf.float32)
+    images = tf.constant(
+        np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
+    )
 
     def forward(x):
         return encoder(x, training=False)[0]
@@ -111,14 +129,24 @@ def floor_rows(kind, size, batch, latent, repeats, budget):
     }
     rows = []
     for mode, (run_forward, run_attend) in variants.items():
-        t_forward = median_seconds(lambda f=run_forward: f(images).numpy(), repeats,
-                                   budget_s=budget)
-        t_attention = median_seconds(lambda f=run_attend: f(images).numpy(), repeats,
-                                     budget_s=budget)
-        rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
-                     "D": latent, "batch": batch, "mode": mode,
-                     "forward s": t_forward, "attention s": t_attention,
-                     "attention/forward": t_attention / t_forward})
+        t_forward = median_seconds(
+            lambda f=run_forward: f(images).numpy(), repeats, budget_s=budget
+        )
+        t_attention = median_seconds(
+            lambda f=run_attend: f(images).numpy(), repeats, budget_s=budget
+        )
+        rows.append(
+            {
+                "net": f"{kind} {size}px",
+                "layer": explainer.layer_name,
+                "D": latent,
+                "batch": batch,
+                "mode": mode,
+                "forward s": t_forward,
+                "attention s": t_attention,
+                "attention/forward": t_attention / t_forward,
+            }
+        )
     return rows
 
 
@@ -135,20 +163,30 @@ def anomaly_row(kind, size, batch, layer, latent, repeats, budget):
     encoder = encoder_for(kind, size, latent)
     explainer = VAEAttention(encoder, layer=layer)
     channels = encoder.inputs[0].shape[-1]
-    images = tf.constant(np.random.default_rng(0).random((batch, size, size, channels)),
-                         tf.float32)
+    images = tf.constant(
+        np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
+    )
     stats = NormalStats(tf.zeros(latent), tf.ones(latent))
     forward = tf.function(lambda x: encoder(x, training=False)[0])
-    timed = {name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
-             for name, f in (
-                 ("forward", forward),
-                 ("energy", lambda x: explainer.anomaly_attention(x, stats, "energy")),
-                 ("total", lambda x: explainer.anomaly_attention(x, stats, TOTAL_ENERGY)))}
-    return {"net": f"{kind} {size}px", "layer": explainer.layer_name, "D": latent,
-            "batch": batch, "forward s": timed["forward"],
-            "per-latent s": timed["energy"], "total-energy s": timed["total"],
-            "per-latent/total": timed["energy"] / timed["total"],
-            "total/forward": timed["total"] / timed["forward"]}
+    timed = {
+        name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
+        for name, f in (
+            ("forward", forward),
+            ("energy", lambda x: explainer.anomaly_attention(x, stats, "energy")),
+            ("total", lambda x: explainer.anomaly_attention(x, stats, TOTAL_ENERGY)),
+        )
+    }
+    return {
+        "net": f"{kind} {size}px",
+        "layer": explainer.layer_name,
+        "D": latent,
+        "batch": batch,
+        "forward s": timed["forward"],
+        "per-latent s": timed["energy"],
+        "total-energy s": timed["total"],
+        "per-latent/total": timed["energy"] / timed["total"],
+        "total/forward": timed["total"] / timed["forward"],
+    }
 
 
 def forms_table(cases, repeats, budget):
@@ -166,22 +204,42 @@ def forms_rows(kind, size, batch, layer, latent, repeats, budget):
     model = build_vae(kind, (size, size, 3), latent)
     explainer = model.explainer(layer)
     model.add_feature_distribution(explainer.layer_name, explainer.front.output.shape[1:])
-    images = tf.constant(np.random.default_rng(0).random((batch, size, size, 3)),
-                         tf.float32)
+    images = tf.constant(np.random.default_rng(0).random((batch, size, size, 3)), tf.float32)
     forward = tf.function(lambda x: model.encoder(x, training=False)[0])
     base = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
     rows = []
-    for form in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
-                 "deviation"):
-        options = ExplainOptions(layers=(layer,), form=form, target="total-energy",
-                                 deviation="standardized", sign="abs", steps=8)
-        heat = tf.function(lambda x, o=options: scoring.explain_anomaly(
-            model, x, o, keys=("heatmap",))["heatmap"])
-        seconds = median_seconds(lambda h=heat: h(images).numpy(), repeats,
-                                 budget_s=budget)
-        rows.append({"net": f"{kind} {size}px", "layer": explainer.layer_name,
-                     "batch": batch, "form": form, "forward s": base,
-                     "heatmap s": seconds, "heatmap/forward": seconds / base})
+    for form in (
+        "gradcam",
+        "hirescam",
+        "integrated",
+        "gradient-weighted-deviation",
+        "deviation",
+    ):
+        options = ExplainOptions(
+            layers=(layer,),
+            form=form,
+            target="total-energy",
+            deviation="standardized",
+            sign="abs",
+            steps=8,
+        )
+        heat = tf.function(
+            lambda x, o=options: scoring.explain_anomaly(model, x, o, keys=("heatmap",))[
+                "heatmap"
+            ]
+        )
+        seconds = median_seconds(lambda h=heat: h(images).numpy(), repeats, budget_s=budget)
+        rows.append(
+            {
+                "net": f"{kind} {size}px",
+                "layer": explainer.layer_name,
+                "batch": batch,
+                "form": form,
+                "forward s": base,
+                "heatmap s": seconds,
+                "heatmap/forward": seconds / base,
+            }
+        )
     return rows
 
 
@@ -190,12 +248,22 @@ def build_parser():
     parser = cli_parser("attention", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row")
-    parser.add_argument("--budget", type=float, default=30.0,
-                        help="seconds per measurement before it stops repeating")
-    parser.add_argument("--forms-only", action="store_true",
-                        help="only the attribution-forms table (ResNet18 256 px, batch 16)")
-    parser.add_argument("--latent-dims", default="10,32,64",
-                        help="comma-separated D values for the first table")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=30.0,
+        help="seconds per measurement before it stops repeating",
+    )
+    parser.add_argument(
+        "--forms-only",
+        action="store_true",
+        help="only the attribution-forms table (ResNet18 256 px, batch 16)",
+    )
+    parser.add_argument(
+        "--latent-dims",
+        default="10,32,64",
+        help="comma-separated D values for the first table",
+    )
     return parser
 
 
@@ -216,31 +284,66 @@ def main(argv=None):
         anomaly = [("small", 64, 16, layer, 32) for layer in ("last", "conv1")]
         anomaly += [("resnet18", 256, 4, layer, 32) for layer in ("last", "layer2")]
         forms = [("resnet18", 256, 16, layer, 32) for layer in ("conv1", "layer2")]
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"{os.cpu_count()} CPU cores\n")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores\n"
+    )
     if args.forms_only:
         print_forms(forms, args)
         return
     print("All D per-latent maps: batched pass vs loop vs batch_jacobian (median seconds)")
-    print_table(naive_table(naive, args.repeats, args.budget),
-                ["net", "layer", "D", "batch", "ours", "batched s", "loop s", "jacobian s",
-                 "loop/batched", "jacobian/batched"])
+    print_table(
+        naive_table(naive, args.repeats, args.budget),
+        [
+            "net",
+            "layer",
+            "D",
+            "batch",
+            "ours",
+            "batched s",
+            "loop s",
+            "jacobian s",
+            "loop/batched",
+            "jacobian/batched",
+        ],
+    )
     print("\nAttention at the last conv layer vs the encoder forward pass (the floor)")
-    print_table(floor_table(floor, args.repeats, args.budget),
-                ["net", "layer", "D", "batch", "mode", "forward s", "attention s",
-                 "attention/forward"])
+    print_table(
+        floor_table(floor, args.repeats, args.budget),
+        [
+            "net",
+            "layer",
+            "D",
+            "batch",
+            "mode",
+            "forward s",
+            "attention s",
+            "attention/forward",
+        ],
+    )
     print("\nAnomaly heatmap: per-latent energy (D passes) vs total energy (one pass)")
-    print_table(anomaly_table(anomaly, args.repeats, args.budget),
-                ["net", "layer", "D", "batch", "forward s", "per-latent s", "total-energy s",
-                 "per-latent/total", "total/forward"])
+    print_table(
+        anomaly_table(anomaly, args.repeats, args.budget),
+        [
+            "net",
+            "layer",
+            "D",
+            "batch",
+            "forward s",
+            "per-latent s",
+            "total-energy s",
+            "per-latent/total",
+            "total/forward",
+        ],
+    )
     print_forms(forms, args)
 
 
 def print_forms(forms, args):
     print("\nAttribution forms (total energy, standardized) vs the encoder forward pass")
-    print_table(forms_table(forms, args.repeats, args.budget),
-                ["net", "layer", "batch", "form", "forward s", "heatmap s",
-                 "heatmap/forward"])
+    print_table(
+        forms_table(forms, args.repeats, args.budget),
+        ["net", "layer", "batch", "form", "forward s", "heatmap s", "heatmap/forward"],
+    )
 
 
 if __name__ == "__main__":

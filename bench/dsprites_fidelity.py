@@ -8,6 +8,7 @@ each shape (their factor values are read off the frames, see
 factors; the table gives the pooled pixel IoU per shape, the worst single frame, and how
 many frames match exactly.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,18 +31,24 @@ def iou_rows(frames):
     for shape_class, name in enumerate(dsprites.SHAPES):
         rows_of = factors[:, 1] == shape_class
         per_frame = inter[rows_of] / union[rows_of]
-        rows.append({"shape": name, "frames": int(np.count_nonzero(rows_of)),
-                     "pooled IoU": inter[rows_of].sum() / union[rows_of].sum(),
-                     "worst frame IoU": float(per_frame.min()),
-                     "exact frames": int(np.count_nonzero(per_frame == 1.0))})
+        rows.append(
+            {
+                "shape": name,
+                "frames": int(np.count_nonzero(rows_of)),
+                "pooled IoU": inter[rows_of].sum() / union[rows_of].sum(),
+                "worst frame IoU": float(per_frame.min()),
+                "exact frames": int(np.count_nonzero(per_frame == 1.0)),
+            }
+        )
     return rows
 
 
 def build_parser():
     """Its flags, apart from main: the README test parses its documented commands."""
     parser = cli_parser("dsprites_fidelity", __doc__)
-    parser.add_argument("--frames", required=True,
-                        help="dsprites_gif_frames_320x64x64_uint8.npy")
+    parser.add_argument(
+        "--frames", required=True, help="dsprites_gif_frames_320x64x64_uint8.npy"
+    )
     return parser
 
 
@@ -52,10 +59,13 @@ def main(argv=None):
         parser.error(f"--frames: {args.frames!r} does not exist")
     frames = np.load(args.frames)
     if frames.shape != (320, 64, 64):
-        raise DataError(f"{args.frames!r} holds {frames.shape}, expected the 320 preview "
-                        "frames (320, 64, 64)")
-    print_table(iou_rows(frames), ["shape", "frames", "pooled IoU", "worst frame IoU",
-                                   "exact frames"])
+        raise DataError(
+            f"{args.frames!r} holds {frames.shape}, expected the 320 preview "
+            "frames (320, 64, 64)"
+        )
+    print_table(
+        iou_rows(frames), ["shape", "frames", "pooled IoU", "worst frame IoU", "exact frames"]
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ rest of the wall time the per-run overhead (start-up, compile, metric). It print
 projected grid time; a grid over the budget is shrunk to the steps that fit, or refused
 when those are below ``--min-steps``. The runs share the GPU with memory growth on.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,23 @@ from bench import cli_parser
 MODELS = (
     ("beta-VAE (beta 4)", ["--model", "beta_vae", "--beta", "4"]),
     ("FactorVAE (gamma 40)", ["--model", "factor_vae", "--gamma", "40"]),
-    ("AD-FactorVAE (gamma 40, lambda 1)", ["--model", "ad_factor_vae", "--gamma", "40",
-                                           "--lambda-ad", "1"]),
-    ("AD-FactorVAE, `--ad-maps normalized`", ["--model", "ad_factor_vae", "--gamma", "40",
-                                              "--lambda-ad", "1", "--ad-maps", "normalized"]),
+    (
+        "AD-FactorVAE (gamma 40, lambda 1)",
+        ["--model", "ad_factor_vae", "--gamma", "40", "--lambda-ad", "1"],
+    ),
+    (
+        "AD-FactorVAE, `--ad-maps normalized`",
+        [
+            "--model",
+            "ad_factor_vae",
+            "--gamma",
+            "40",
+            "--lambda-ad",
+            "1",
+            "--ad-maps",
+            "normalized",
+        ],
+    ),
 )
 FACTOR_VAE, AD_FACTOR_VAE = MODELS[1][0], MODELS[2][0]
 
@@ -66,17 +80,35 @@ def train(out, model_args, seed, steps, extra, threads):
     folder = run_folder(out, model_args, seed)
     metrics_path = os.path.join(folder, "metrics.json")
     if not os.path.exists(metrics_path):
-        env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
-                   TF_NUM_INTEROP_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_FORCE_GPU_ALLOW_GROWTH="true")        # the runs share one GPU
-        command = [sys.executable, "-m", "trainers.dsprites", *model_args, "--seed",
-                   str(seed), "--steps", str(steps), "--run-dir", folder, "--quiet", *extra]
+        env = dict(
+            os.environ,
+            TF_NUM_INTRAOP_THREADS=str(threads),
+            TF_NUM_INTEROP_THREADS="1",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            TF_FORCE_GPU_ALLOW_GROWTH="true",
+        )  # the runs share one GPU
+        command = [
+            sys.executable,
+            "-m",
+            "trainers.dsprites",
+            *model_args,
+            "--seed",
+            str(seed),
+            "--steps",
+            str(steps),
+            "--run-dir",
+            folder,
+            "--quiet",
+            *extra,
+        ]
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "trainer.log"), "a", encoding="utf-8") as log:
             done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
-            raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see "
-                               f"{os.path.join(folder, 'trainer.log')}")
+            raise RuntimeError(
+                f"{' '.join(command)} failed (exit {done.returncode}); see "
+                f"{os.path.join(folder, 'trainer.log')}"
+            )
     with open(metrics_path, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -96,13 +128,23 @@ def calibrate(out, model_args, jobs, steps, extra, threads):
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
     with ThreadPoolExecutor(jobs) as pool:
-        runs = list(pool.map(lambda seed: train(folder, model_args, seed, 2 * steps,
-                                                [*extra, "--epochs", "2"], threads),
-                             range(jobs)))
+        runs = list(
+            pool.map(
+                lambda seed: train(
+                    folder, model_args, seed, 2 * steps, [*extra, "--epochs", "2"], threads
+                ),
+                range(jobs),
+            )
+        )
     wall = time.perf_counter() - started
     per_step = max(steady_seconds_per_step(m) for m in runs)
-    return {"jobs": jobs, "steps": 2 * steps, "seconds_per_step": per_step,
-            "overhead_s": max(0.0, wall - 2 * steps * per_step), "wall_s": wall}
+    return {
+        "jobs": jobs,
+        "steps": 2 * steps,
+        "seconds_per_step": per_step,
+        "overhead_s": max(0.0, wall - 2 * steps * per_step),
+        "wall_s": wall,
+    }
 
 
 def plan(calibration, cells, steps, min_steps, budget_s):
@@ -113,15 +155,19 @@ def plan(calibration, cells, steps, min_steps, budget_s):
     def projected(count):
         return waves * (calibration["overhead_s"] + count * calibration["seconds_per_step"])
 
-    line = (f"{cells} runs in {waves} wave(s) of {calibration['jobs']} at once: "
-            f"{steps} steps projected {projected(steps):.0f} s (budget {budget_s:.0f} s)")
+    line = (
+        f"{cells} runs in {waves} wave(s) of {calibration['jobs']} at once: "
+        f"{steps} steps projected {projected(steps):.0f} s (budget {budget_s:.0f} s)"
+    )
     if projected(steps) <= budget_s:
         return steps, line
     fit = int((budget_s / waves - calibration["overhead_s"]) / calibration["seconds_per_step"])
     fit = fit // 1000 * 1000 if fit >= 1000 else fit
     if fit < min_steps:
-        raise SystemExit(f"error: {line}; the budget fits {max(fit, 0)} steps, below "
-                         f"--min-steps {min_steps}: not run")
+        raise SystemExit(
+            f"error: {line}; the budget fits {max(fit, 0)} steps, below "
+            f"--min-steps {min_steps}: not run"
+        )
     return fit, f"{line}; shrunk to {fit} steps ({projected(fit):.0f} s)"
 
 
@@ -144,11 +190,18 @@ def verdict(table, target=0.85):
     ad, factor = table.get(AD_FACTOR_VAE), table.get(FACTOR_VAE)
     if not ad or not factor:
         return {}
-    paired = [a - f for seed, a in zip(ad["seeds"], ad["scores"])
-              for s, f in zip(factor["seeds"], factor["scores"]) if s == seed]
-    return {"ad_minus_factor_vae_mean": ad["mean"] - factor["mean"],
-            "ad_above_on_every_seed": bool(paired) and min(paired) > 0,
-            "ad_meets_target": ad["mean"] >= target, "target": target}
+    paired = [
+        a - f
+        for seed, a in zip(ad["seeds"], ad["scores"])
+        for s, f in zip(factor["seeds"], factor["scores"])
+        if s == seed
+    ]
+    return {
+        "ad_minus_factor_vae_mean": ad["mean"] - factor["mean"],
+        "ad_above_on_every_seed": bool(paired) and min(paired) > 0,
+        "ad_meets_target": ad["mean"] >= target,
+        "target": target,
+    }
 
 
 def markdown(table, seeds):
@@ -157,30 +210,58 @@ def markdown(table, seeds):
     for model, row in table.items():
         by_seed = dict(zip(row["seeds"], row["scores"]))
         cells = [f"{by_seed[s]:.3f}" if s in by_seed else "-" for s in seeds]
-        lines.append(f"| {model} | " + " | ".join(cells)
-                     + f" | **{row['mean']:.3f} +- {row['std']:.3f}** |")
+        lines.append(
+            f"| {model} | "
+            + " | ".join(cells)
+            + f" | **{row['mean']:.3f} +- {row['std']:.3f}** |"
+        )
     return "\n".join(lines)
 
 
 def build_parser():
     """Its flags, apart from main: the README test parses its documented commands."""
     parser = cli_parser("dsprites_table", __doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000,
-                        help="training steps of every run (the paper's grid uses 3000)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="one run per model and seed")
-    parser.add_argument("--out", default=os.path.join("runs", "table3"),
-                        help="folder of the runs and the table (rerun to resume)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3000,
+        help="training steps of every run (the paper's grid uses 3000)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per model and seed"
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join("runs", "table3"),
+        help="folder of the runs and the table (rerun to resume)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="trainer runs at once")
-    parser.add_argument("--models", nargs="+", choices=[cell_name(a) for _, a in MODELS],
-                        default=None, help="train and tabulate only these rows (default all)")
-    parser.add_argument("--budget-minutes", type=float, default=None,
-                        help="calibrate first and fit the grid in this wall time (above)")
-    parser.add_argument("--calibrate-steps", type=int, default=200,
-                        help="steps of each of the calibration's two epochs")
-    parser.add_argument("--min-steps", type=int, default=None,
-                        help="shrink the grid to fit the budget down to this many steps, "
-                             "no further (default: --steps, i.e. never shrink)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=[cell_name(a) for _, a in MODELS],
+        default=None,
+        help="train and tabulate only these rows (default all)",
+    )
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        help="calibrate first and fit the grid in this wall time (above)",
+    )
+    parser.add_argument(
+        "--calibrate-steps",
+        type=int,
+        default=200,
+        help="steps of each of the calibration's two epochs",
+    )
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=None,
+        help="shrink the grid to fit the budget down to this many steps, "
+        "no further (default: --steps, i.e. never shrink)",
+    )
     parser.add_argument("extra", nargs="*", help="after --: passed to every trainer run")
     return parser
 
@@ -203,49 +284,72 @@ def main(argv=None):
     from keras_vae_attn import viz  # after the flags: --help answers before TensorFlow
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    models = [(name, model_args) for name, model_args in MODELS
-              if args.models is None or cell_name(model_args) in args.models]
+    models = [
+        (name, model_args)
+        for name, model_args in MODELS
+        if args.models is None or cell_name(model_args) in args.models
+    ]
     cells = [(name, model_args, seed) for seed in args.seeds for name, model_args in models]
     started, calibration, steps = time.perf_counter(), None, args.steps
     if args.budget_minutes is not None:
         jobs = min(args.jobs, len(cells))
-        calibration = calibrate(args.out, models[-1][1], jobs, args.calibrate_steps,
-                                args.extra, threads)     # the last row is the slowest
-        print(f"calibration: {jobs} x {cell_name(models[-1][1])} at once, "
-              f"{calibration['seconds_per_step'] * 1e3:.1f} ms/step each, "
-              f"{calibration['overhead_s']:.0f} s start-up + metric per run, "
-              f"{calibration['wall_s']:.0f} s", flush=True)
+        calibration = calibrate(
+            args.out, models[-1][1], jobs, args.calibrate_steps, args.extra, threads
+        )  # the last row is the slowest
+        print(
+            f"calibration: {jobs} x {cell_name(models[-1][1])} at once, "
+            f"{calibration['seconds_per_step'] * 1e3:.1f} ms/step each, "
+            f"{calibration['overhead_s']:.0f} s start-up + metric per run, "
+            f"{calibration['wall_s']:.0f} s",
+            flush=True,
+        )
         budget = args.budget_minutes * 60 - calibration["wall_s"]
         steps, line = plan(calibration, len(cells), args.steps, args.min_steps, budget)
         print(line, flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {(name, seed): pool.submit(train, args.out, model_args, seed, steps,
-                                             args.extra, threads)
-                   for name, model_args, seed in cells}
+        futures = {
+            (name, seed): pool.submit(
+                train, args.out, model_args, seed, steps, args.extra, threads
+            )
+            for name, model_args, seed in cells
+        }
         metrics = {key: future.result() for key, future in futures.items()}
     table = summarize({key: m["factor_vae_score"] for key, m in metrics.items()})
 
     def per_model(value):
-        return {name: float(np.mean([value(m) for (n, _), m in metrics.items() if n == name]))
-                for name, _ in models}
+        return {
+            name: float(np.mean([value(m) for (n, _), m in metrics.items() if n == name]))
+            for name, _ in models
+        }
 
-    result = {"steps": steps, "seeds": args.seeds, "trainer_args": args.extra,
-              "table": table, "verdict": verdict(table), "calibration": calibration,
-              "wall_s": time.perf_counter() - started,
-              "seconds_per_step": per_model(lambda m: m["seconds_per_step"]),
-              "images_per_second": per_model(
-                  lambda m: m.get("batch_size", np.nan) / steady_seconds_per_step(m))}
+    result = {
+        "steps": steps,
+        "seeds": args.seeds,
+        "trainer_args": args.extra,
+        "table": table,
+        "verdict": verdict(table),
+        "calibration": calibration,
+        "wall_s": time.perf_counter() - started,
+        "seconds_per_step": per_model(lambda m: m["seconds_per_step"]),
+        "images_per_second": per_model(
+            lambda m: m.get("batch_size", np.nan) / steady_seconds_per_step(m)
+        ),
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
-    viz.save_seed_scores({name: row["scores"] for name, row in table.items()},
-                         os.path.join(args.out, "table.png"),
-                         f"dSprites, {steps} steps, {len(args.seeds)} seeds",
-                         "FactorVAE score")
+    viz.save_seed_scores(
+        {name: row["scores"] for name, row in table.items()},
+        os.path.join(args.out, "table.png"),
+        f"dSprites, {steps} steps, {len(args.seeds)} seeds",
+        "FactorVAE score",
+    )
     print(markdown(table, args.seeds))
     print(json.dumps(result["verdict"]))
-    print(f"{result['wall_s']:.0f} s; images/s per run (last epoch): "
-          + ", ".join(f"{n} {v:.0f}" for n, v in result["images_per_second"].items()))
+    print(
+        f"{result['wall_s']:.0f} s; images/s per run (last epoch): "
+        + ", ".join(f"{n} {v:.0f}" for n, v in result["images_per_second"].items())
+    )
     return result
 
 

@@ -16,6 +16,7 @@ load hits all alike:
 and prints each as a ratio to both evaluations (the issue's target: at most one
 evaluation pass each).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,12 @@ from bench import cli_parser
 def build_parser():
     parser = cli_parser("explain_checks", __doc__)
     parser.add_argument("--run", required=True, help="a trained MVTec or UCSD run folder")
-    parser.add_argument("--images", type=int, default=16,
-                        help="anomalous test images for the faithfulness passes")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=16,
+        help="anomalous test images for the faithfulness passes",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
     return parser
@@ -53,7 +58,7 @@ def main(argv=None):
     batches = tf.data.Dataset.from_tensor_slices(normal).batch(64)
     scoring.fit_missing_statistics(model, batches, options)
     twin = sanity.twin(model, batches, options.layers, options.needs_covariance)
-    bad = images[np.asarray(labels) > 0][:args.images]
+    bad = images[np.asarray(labels) > 0][: args.images]
     heat = scoring.batched(model, bad, args.batch_size, options, keys=("heatmap",))["heatmap"]
     pixels = references.fit_pixel_distribution(normal)
     mean = pixels.mean
@@ -62,8 +67,9 @@ def main(argv=None):
         scoring.batched(vae, images, args.batch_size, options, keys=("heatmap",))
 
     def full_evaluation():
-        evaluate.localize(model, images, masks, labels, options, pixels, normal,
-                          args.batch_size)
+        evaluate.localize(
+            model, images, masks, labels, options, pixels, normal, args.batch_size
+        )
 
     def twin_fit():
         sanity.twin(model, batches, options.layers, options.needs_covariance)
@@ -72,22 +78,40 @@ def main(argv=None):
         faithfulness.curves(model, bad, {"heatmap": heat}, mean, args.batch_size)
 
     def selective():
-        latent = scoring.batched(model, bad, args.batch_size, options,
-                                 keys=("per_latent",))["per_latent"]
-        maps = np.stack([attn.upsample(latent[:, d], bad.shape[1:3]).numpy()
-                         for d in range(latent.shape[1])], axis=1)
+        latent = scoring.batched(model, bad, args.batch_size, options, keys=("per_latent",))[
+            "per_latent"
+        ]
+        maps = np.stack(
+            [
+                attn.upsample(latent[:, d], bad.shape[1:3]).numpy()
+                for d in range(latent.shape[1])
+            ],
+            axis=1,
+        )
         faithfulness.selectivity(model, bad, maps, mean, batch_size=args.batch_size)
 
-    names = ("evaluation", "full evaluation", "twin fit", "twin scoring", "faithfulness",
-             "selectivity")
-    times = interleaved_medians([evaluation, full_evaluation, twin_fit,
-                                 lambda: evaluation(twin), faith, selective],
-                                repeats=args.repeats, budget_s=120.0)
-    print(f"{os.path.basename(os.path.abspath(args.run))}: {len(images)} test images, "
-          f"{len(bad)} anomalous for the faithfulness passes; {options.describe()}")
+    names = (
+        "evaluation",
+        "full evaluation",
+        "twin fit",
+        "twin scoring",
+        "faithfulness",
+        "selectivity",
+    )
+    times = interleaved_medians(
+        [evaluation, full_evaluation, twin_fit, lambda: evaluation(twin), faith, selective],
+        repeats=args.repeats,
+        budget_s=120.0,
+    )
+    print(
+        f"{os.path.basename(os.path.abspath(args.run))}: {len(images)} test images, "
+        f"{len(bad)} anomalous for the faithfulness passes; {options.describe()}"
+    )
     for name, seconds in zip(names, times):
-        print(f"  {name:<16}{seconds:8.2f} s  {seconds / times[0]:6.2f}x the heatmap pass  "
-              f"{seconds / times[1]:6.2f}x the full evaluation")
+        print(
+            f"  {name:<16}{seconds:8.2f} s  {seconds / times[0]:6.2f}x the heatmap pass  "
+            f"{seconds / times[1]:6.2f}x the full evaluation"
+        )
     return dict(zip(names, times))
 
 

@@ -8,6 +8,7 @@ default), first order only, and random pairs. Each is the median seconds of one 
 optimizer step (VAE and discriminator updates) on fixed real dSprites images; the
 "vs FactorVAE" column is the ratio the issue's target (<= 2.0) is about.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ import os
 from bench import cli_parser
 from keras_vae_attn.console import start_tensorflow
 
-start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
+start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,7 +44,7 @@ def images(batch, size, seed=0):
 
 
 def step_seconds(model, batch, repeats, budget):
-    model.train_on_batch(batch)                     # trace, compile, build state
+    model.train_on_batch(batch)  # trace, compile, build state
     return median_seconds(lambda: model.train_on_batch(batch), repeats, budget_s=budget)
 
 
@@ -65,17 +66,24 @@ def main(argv=None):
         size, args.batch_size, args.repeats, args.budget = 16, 8, 3, 5.0
         net = dict(filters=(8, 8), dense_units=16, d_units=32, d_depth=2)
     batch = images(args.batch_size, size)
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU "
-          f"cores; {size}x{size}x1 images, batch {args.batch_size}\n")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU "
+        f"cores; {size}x{size}x1 images, batch {args.batch_size}\n"
+    )
     rows = []
     for name, options in VARIANTS:
         keras.utils.set_random_seed(0)
         model = build_factor_vae(input_shape=(size, size, 1), **net, **options)
         model.compile()
         seconds = step_seconds(model, batch, args.repeats, args.budget)
-        rows.append({"model": name, "step s": seconds,
-                     "images/s": args.batch_size / seconds,
-                     "vs FactorVAE": seconds / rows[0]["step s"] if rows else 1.0})
+        rows.append(
+            {
+                "model": name,
+                "step s": seconds,
+                "images/s": args.batch_size / seconds,
+                "vs FactorVAE": seconds / rows[0]["step s"] if rows else 1.0,
+            }
+        )
     print_table(rows, ["model", "step s", "images/s", "vs FactorVAE"])
 
 

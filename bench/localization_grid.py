@@ -22,6 +22,7 @@ that read the decoder (feature-residual, recon-deviation). ``--rank`` applies th
 rule of bench/RESULTS.md ("Choosing the default attribution, second rule") to several
 grids and prints the mean-rank table and the chosen default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,16 @@ from bench import cli_parser
 
 FORMS_WITH_SIGN = ("gradcam", "hirescam", "integrated")
 #: the rule's tie-break order (cheapest first)
-FORM_COST = ("recon-deviation", "feature-residual", "gradcam", "gradient-weighted-deviation",
-             "hirescam", "integrated", "deviation", "paper")
+FORM_COST = (
+    "recon-deviation",
+    "feature-residual",
+    "gradcam",
+    "gradient-weighted-deviation",
+    "hirescam",
+    "integrated",
+    "deviation",
+    "paper",
+)
 PAPER = "paper"
 RESIDUAL = "feature-residual"
 RECON_DEVIATION = "recon-deviation"
@@ -63,8 +72,7 @@ def configurations(full=False):
             if form == "integrated" and deviation in ("standardized", "whitened"):
                 continue
             signs = ("relu", "abs", "signed") if form in FORMS_WITH_SIGN else ("-",)
-            rows.extend((form, deviation, sign) for sign in signs
-                        if full or sign != "signed")
+            rows.extend((form, deviation, sign) for sign in signs if full or sign != "signed")
     return rows + [(RESIDUAL, "-", "-")]
 
 
@@ -85,7 +93,8 @@ def layer_maps_fn(model, layer, configs, size):
     distribution = model.feature_distribution(layer)
     zero = tf.zeros(explainer.front.output.shape[1:], tf.float32)
     integrated = explainer.head is not None and any(
-        attribution.get_form(form).integrated for form, _, _ in configs)
+        attribution.get_form(form).integrated for form, _, _ in configs
+    )
     residual = ExplainOptions(layers=(layer,), form=RESIDUAL)
 
     def compute(images):
@@ -107,14 +116,17 @@ def layer_maps_fn(model, layer, configs, size):
                 small = attribution.attribute(form, path_grads, dev, sign)
             else:
                 dev = attribution.deviation(features, distribution, deviation)
-                basis = attribution.gradients_in_deviation_basis(grads, distribution,
-                                                                 deviation)
-                small = attribution.attribute(form, basis if form.needs_gradient else None,
-                                              dev, sign)
+                basis = attribution.gradients_in_deviation_basis(
+                    grads, distribution, deviation
+                )
+                small = attribution.attribute(
+                    form, basis if form.needs_gradient else None, dev, sign
+                )
             out[key(form_name, deviation, sign)] = attn.upsample(small, size)
         _, latent_grads, _, _ = explainer.target_gradients(images, "energy", stats)
-        paper = attribution.attribute(attribution.get_form("gradcam"), latent_grads,
-                                      features, "relu")
+        paper = attribution.attribute(
+            attribution.get_form("gradcam"), latent_grads, features, "relu"
+        )
         out[PAPER] = attn.upsample(paper, size)
         return out
 
@@ -129,8 +141,14 @@ def recon_deviation_fn(model):
     from keras_vae_attn.scoring import explain_anomaly
 
     options = ExplainOptions(form=RECON_DEVIATION)
-    return tf.function(lambda images: {RECON_DEVIATION: explain_anomaly(
-        model, images, options, keys=("heatmap",))["heatmap"]}, reduce_retracing=True)
+    return tf.function(
+        lambda images: {
+            RECON_DEVIATION: explain_anomaly(model, images, options, keys=("heatmap",))[
+                "heatmap"
+            ]
+        },
+        reduce_retracing=True,
+    )
 
 
 def run_layer(fn, images, batch_size, percentile_only=False):
@@ -139,7 +157,7 @@ def run_layer(fn, images, batch_size, percentile_only=False):
 
     collected = {}
     for start in range(0, len(images), batch_size):
-        out = fn(tf.constant(images[start:start + batch_size], tf.float32))
+        out = fn(tf.constant(images[start : start + batch_size], tf.float32))
         for name, value in out.items():
             collected.setdefault(name, []).append(value.numpy())
     maps = {name: np.concatenate(parts) for name, parts in collected.items()}
@@ -156,24 +174,39 @@ def load_run_data(run_dir):
 
     config = read_config(run_dir)
     model = load_vae(os.path.join(run_dir, "model"))
-    args = argparse.Namespace(**config, runs_root=os.path.dirname(os.path.dirname(
-        os.path.abspath(run_dir))))
+    args = argparse.Namespace(
+        **config, runs_root=os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+    )
     if "category" in config:
         from keras_vae_attn.data.mvtec import to_float
         from trainers import mvtec
 
         args.skip_corrupt = config.get("skip_corrupt", False)
         train, test = mvtec.load_data(args)
-        return ("mvtec", config, model, to_float(train), to_float(test.images), test.masks,
-                test.labels)
+        return (
+            "mvtec",
+            config,
+            model,
+            to_float(train),
+            to_float(test.images),
+            test.masks,
+            test.labels,
+        )
     if "subset" in config:
         from keras_vae_attn.data.ucsd import to_float
         from trainers import ucsd
 
-        args.demo = False          # the generated data is already on disk
+        args.demo = False  # the generated data is already on disk
         train, test = ucsd.load_data(args)
-        return ("ucsd", config, model, to_float(train), to_float(test.images), test.masks,
-                test.labels)
+        return (
+            "ucsd",
+            config,
+            model,
+            to_float(train),
+            to_float(test.images),
+            test.masks,
+            test.labels,
+        )
     if "normal_digit" in config:
         from keras_vae_attn.data import mnist
 
@@ -192,8 +225,10 @@ def score_maps(maps, masks, labels, levels):
 
     if masks is None:
         return {"0": localization.image_auroc(maps.reshape(len(maps), -1).max(1), labels)}
-    return {comparison.level_key(s): localization.pixel_auroc(comparison.blur(maps, s), masks)
-            for s in levels}
+    return {
+        comparison.level_key(s): localization.pixel_auroc(comparison.blur(maps, s), masks)
+        for s in levels
+    }
 
 
 def model_maps(model, layers, normal, images, batch_size, quiet, tag):
@@ -214,9 +249,13 @@ def model_maps(model, layers, normal, images, batch_size, quiet, tag):
         if any(p not in per_layer for p in positions):
             continue
         sets[layer_set] = {
-            name: (per_layer[positions[0]][name] if len(positions) == 1 else
-                   np.mean([per_layer[p][name] / scales[p][name] for p in positions], 0))
-            for name in per_layer[positions[0]]}
+            name: (
+                per_layer[positions[0]][name]
+                if len(positions) == 1
+                else np.mean([per_layer[p][name] / scales[p][name] for p in positions], 0)
+            )
+            for name in per_layer[positions[0]]
+        }
     recon = run_layer(recon_deviation_fn(model), images, batch_size)[RECON_DEVIATION]
     return sets, recon
 
@@ -243,69 +282,116 @@ def grid(run_dir, batch_size=16, quiet=False, twin=True):
     layers = stage_layer_names(model.encoder)[:3]
     batches = tf.data.Dataset.from_tensor_slices(normal).batch(64)
     scoring.fit_missing_statistics(
-        model, batches, ExplainOptions(layers=tuple(layers), deviation="whitened",
-                                       form="deviation"))
+        model,
+        batches,
+        ExplainOptions(layers=tuple(layers), deviation="whitened", form="deviation"),
+    )
     size = images.shape[1:3]
     levels = comparison.smoothing_levels(size[0]) if masks is not None else [0.0]
     middle = levels[len(levels) // 2]
     models = {"trained": model}
     if twin:
         models["randomized"] = sanity.twin(model, batches, layers, True)
-    computed = {name: model_maps(m, layers, normal, images, batch_size, quiet, name)
-                for name, m in models.items()}
+    computed = {
+        name: model_maps(m, layers, normal, images, batch_size, quiet, name)
+        for name, m in models.items()
+    }
     (sets, recon), other = computed["trained"], computed.get("randomized")
     rows = []
 
     def add(form, deviation, sign, layer_set, gate, trained_maps, twin_maps):
-        row = {"form": form, "deviation": deviation, "sign": sign, "gate": gate,
-               "target": "energy" if form == PAPER else "total-energy",
-               "layer_set": layer_set,
-               "layers": ([] if layer_set == "pixels" else
-                          [layers[int(p) - 1] for p in layer_set.split("+")]),
-               "score": score_maps(trained_maps, masks, labels, levels)}
+        row = {
+            "form": form,
+            "deviation": deviation,
+            "sign": sign,
+            "gate": gate,
+            "target": "energy" if form == PAPER else "total-energy",
+            "layer_set": layer_set,
+            "layers": (
+                []
+                if layer_set == "pixels"
+                else [layers[int(p) - 1] for p in layer_set.split("+")]
+            ),
+            "score": score_maps(trained_maps, masks, labels, levels),
+        }
         if twin_maps is not None:
             row["twin_score"] = score_maps(twin_maps, masks, labels, [middle])[
-                comparison.level_key(middle)]
-            row["spearman"] = float(np.mean(sanity.spearman(
-                comparison.blur(trained_maps, middle), comparison.blur(twin_maps, middle))))
-            check = sanity.verdict(row["score"][comparison.level_key(middle)],
-                                   row["twin_score"], [row["spearman"]])
+                comparison.level_key(middle)
+            ]
+            row["spearman"] = float(
+                np.mean(
+                    sanity.spearman(
+                        comparison.blur(trained_maps, middle),
+                        comparison.blur(twin_maps, middle),
+                    )
+                )
+            )
+            check = sanity.verdict(
+                row["score"][comparison.level_key(middle)],
+                row["twin_score"],
+                [row["spearman"]],
+            )
             row["passes"] = check.passes
         rows.append(row)
 
     for layer_set, maps in sets.items():
         for name, trained_maps in maps.items():
-            form, deviation, sign = (PAPER, "none", "relu") if name == PAPER else name.split("/")
-            for gate in (("none",) if form == PAPER else GATES):
-                add(form, deviation, sign, layer_set, gate, gated(trained_maps, recon, gate),
-                    None if other is None else gated(other[0][layer_set][name], other[1],
-                                                     gate))
+            form, deviation, sign = (
+                (PAPER, "none", "relu") if name == PAPER else name.split("/")
+            )
+            for gate in ("none",) if form == PAPER else GATES:
+                add(
+                    form,
+                    deviation,
+                    sign,
+                    layer_set,
+                    gate,
+                    gated(trained_maps, recon, gate),
+                    None
+                    if other is None
+                    else gated(other[0][layer_set][name], other[1], gate),
+                )
         log(quiet, f"scored layer set {layer_set}")
-    add(RECON_DEVIATION, "-", "-", "pixels", "none", recon,
-        None if other is None else other[1])
+    add(
+        RECON_DEVIATION, "-", "-", "pixels", "none", recon, None if other is None else other[1]
+    )
     refs, twin_refs = {}, {}
     pixel = references.fit_pixel_distribution(normal)
-    recon_maps = {n: reconstruction_difference(m, images, batch_size)
-                  for n, m in models.items()}
+    recon_maps = {
+        n: reconstruction_difference(m, images, batch_size) for n, m in models.items()
+    }
     if masks is not None:
-        for name, maps in {"recon_error": recon_maps["trained"],
-                           **references.reference_maps(images, pixel)}.items():
+        for name, maps in {
+            "recon_error": recon_maps["trained"],
+            **references.reference_maps(images, pixel),
+        }.items():
             refs[name] = score_maps(maps, masks, labels, levels)
         if other is not None:
-            refs["random_features"] = score_maps(other[0]["1"]["deviation/whitened/-"],
-                                                 masks, labels, levels)
-            twin_refs["recon_error"] = score_maps(recon_maps["randomized"], masks, labels,
-                                                  [middle])
+            refs["random_features"] = score_maps(
+                other[0]["1"]["deviation/whitened/-"], masks, labels, levels
+            )
+            twin_refs["recon_error"] = score_maps(
+                recon_maps["randomized"], masks, labels, [middle]
+            )
     else:
-        refs["recon_score"] = {"0": _image_auc(recon_maps["trained"].mean(axis=(1, 2)),
-                                               labels)}
-    return {"run": os.path.abspath(run_dir), "experiment": experiment,
-            "dataset": dataset_name(experiment, config), "image_size": int(size[0]),
-            "layers": layers, "levels": [comparison.level_key(s) for s in levels],
-            "metric": "pixel_auroc" if masks is not None else "image_auroc",
-            "test_images": int(len(images)), "references": refs,
-            "twin_references": twin_refs, "twin": bool(twin), "grid": rows,
-            "seconds": time.perf_counter() - started}
+        refs["recon_score"] = {
+            "0": _image_auc(recon_maps["trained"].mean(axis=(1, 2)), labels)
+        }
+    return {
+        "run": os.path.abspath(run_dir),
+        "experiment": experiment,
+        "dataset": dataset_name(experiment, config),
+        "image_size": int(size[0]),
+        "layers": layers,
+        "levels": [comparison.level_key(s) for s in levels],
+        "metric": "pixel_auroc" if masks is not None else "image_auroc",
+        "test_images": int(len(images)),
+        "references": refs,
+        "twin_references": twin_refs,
+        "twin": bool(twin),
+        "grid": rows,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _image_auc(scores, labels):
@@ -319,23 +405,31 @@ def reconstruction_difference(model, images, batch_size):
     from keras_vae_attn.runs import ExplainOptions
 
     options = ExplainOptions(form=RECON_DEVIATION)
-    return scoring.batched(model, images, batch_size, options,
-                           keys=("recon_error",))["recon_error"]
+    return scoring.batched(model, images, batch_size, options, keys=("recon_error",))[
+        "recon_error"
+    ]
 
 
 def dataset_name(experiment, config):
     if experiment == "mvtec":
         return f"mvtec-{config['category']}-{config['image_size']}px"
     if experiment == "ucsd":
-        return f"ucsd-{os.path.basename(str(config.get('data_dir', '')).rstrip('/'))}-" \
-               f"{config['image_size']}px"
+        return (
+            f"ucsd-{os.path.basename(str(config.get('data_dir', '')).rstrip('/'))}-"
+            f"{config['image_size']}px"
+        )
     return f"mnist-digit{config['normal_digit']}"
 
 
 def ident(row):
     """A configuration's identity across grids."""
-    return (row["form"], row["deviation"], row["sign"], row["layer_set"],
-            row.get("gate", "none"))
+    return (
+        row["form"],
+        row["deviation"],
+        row["sign"],
+        row["layer_set"],
+        row.get("gate", "none"),
+    )
 
 
 def label(row):
@@ -367,20 +461,26 @@ def markdown(result, top=None):
     twin = result.get("twin")
     head = " | ".join(f"sigma {lv}" for lv in levels)
     extra = f" | randomized (sigma {middle}) | Spearman | check" if twin else ""
-    lines = [f"{result['dataset']}: {result['metric']} ({result['test_images']} test images)",
-             "", f"| configuration | {head}{extra} |",
-             "|---|" + "---|" * (len(levels) + (3 if twin else 0))]
+    lines = [
+        f"{result['dataset']}: {result['metric']} ({result['test_images']} test images)",
+        "",
+        f"| configuration | {head}{extra} |",
+        "|---|" + "---|" * (len(levels) + (3 if twin else 0)),
+    ]
     for name, score in result["references"].items():
         twin_cell = result.get("twin_references", {}).get(name, {}).get(middle)
-        lines.append(f"| **reference: {name}** | "
-                     + " | ".join(_fmt(score.get(lv)) for lv in levels)
-                     + (f" | {_fmt(twin_cell)} | - | - |" if twin else " |"))
+        lines.append(
+            f"| **reference: {name}** | "
+            + " | ".join(_fmt(score.get(lv)) for lv in levels)
+            + (f" | {_fmt(twin_cell)} | - | - |" if twin else " |")
+        )
     for row in rows[:top] if top else rows:
         cells = " | ".join(_fmt(row["score"].get(lv)) for lv in levels)
         if twin:
             word = {True: "passes", False: "fails", None: "n/a"}[row.get("passes")]
-            cells += (f" | {_fmt(row.get('twin_score'))} | {row.get('spearman', 0):.2f} | "
-                      f"{word}")
+            cells += (
+                f" | {_fmt(row.get('twin_score'))} | {row.get('spearman', 0):.2f} | {word}"
+            )
         lines.append(f"| {label(row)} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -401,22 +501,36 @@ def figure(result, path, top=15):
     fig, ax = plt.subplots(figsize=(10, 0.4 * len(shown) + 1.8))
     positions = np.arange(len(shown))
     values = [r["score"][middle] or 0 for r in shown]
-    colours = ["tab:orange" if r["form"] == PAPER else
-               "tab:green" if r.get("passes") else "tab:blue" for r in shown]
+    colours = [
+        "tab:orange" if r["form"] == PAPER else "tab:green" if r.get("passes") else "tab:blue"
+        for r in shown
+    ]
     ax.barh(positions - 0.18, values, height=0.36, color=colours, label="trained VAE")
     if result.get("twin"):
-        ax.barh(positions + 0.18, [r.get("twin_score") or 0 for r in shown], height=0.36,
-                color="lightgrey", label="randomized VAE")
+        ax.barh(
+            positions + 0.18,
+            [r.get("twin_score") or 0 for r in shown],
+            height=0.36,
+            color="lightgrey",
+            label="randomized VAE",
+        )
     ax.set_yticks(positions, [label(r) for r in shown], fontsize=7)
     ax.invert_yaxis()
     for index, (name, score) in enumerate(result["references"].items()):
-        ax.axvline(score.get(middle) or 0, color=f"C{index + 3}", linestyle="--",
-                   label=f"{name} {score.get(middle) or 0:.3f}")
+        ax.axvline(
+            score.get(middle) or 0,
+            color=f"C{index + 3}",
+            linestyle="--",
+            label=f"{name} {score.get(middle) or 0:.3f}",
+        )
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel(f"{result['metric']} at smoothing sigma {middle} px")
-    ax.set_title(f"{result['dataset']}: best {len(rows)} configurations (green: passes the "
-                 "randomization check, orange: the paper's form; grey: the same map on a "
-                 "randomized VAE) vs references (dashed)", fontsize=8)
+    ax.set_title(
+        f"{result['dataset']}: best {len(rows)} configurations (green: passes the "
+        "randomization check, orange: the paper's form; grey: the same map on a "
+        "randomized VAE) vs references (dashed)",
+        fontsize=8,
+    )
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -455,28 +569,46 @@ def rank(grids, mnist=None):
     most = max(sum(passed[k]) for k in common)
     candidates = [k for k in common if sum(passed[k]) == most]
     groups = {}
-    for name, scores in tables:          # ranks among the candidates (1 = best)
+    for name, scores in tables:  # ranks among the candidates (1 = best)
         chosen_scores = {k: scores[k] for k in candidates}
         groups.setdefault(dataset_group(name), []).append(
-            {k: _tied_rank(chosen_scores, k) for k in candidates})
-    mean_rank = {k: float(np.mean([np.mean([r[k] for r in group])
-                                   for group in groups.values()])) for k in candidates}
+            {k: _tied_rank(chosen_scores, k) for k in candidates}
+        )
+    mean_rank = {
+        k: float(np.mean([np.mean([r[k] for r in group]) for group in groups.values()]))
+        for k in candidates
+    }
     mnist_scores = {}
     if mnist is not None:
-        mnist_scores = {ident(r): r["score"]["0"] for r in mnist["grid"] if not is_reference(r)}
+        mnist_scores = {
+            ident(r): r["score"]["0"] for r in mnist["grid"] if not is_reference(r)
+        }
 
     def tie_break(k):
         layers = 0 if k[3] == "pixels" else len(k[3].split("+"))
-        return (mean_rank[k], layers, k[4] != "none",
-                FORM_COST.index(k[0]) if k[0] in FORM_COST else len(FORM_COST))
+        return (
+            mean_rank[k],
+            layers,
+            k[4] != "none",
+            FORM_COST.index(k[0]) if k[0] in FORM_COST else len(FORM_COST),
+        )
 
     ordered = sorted(candidates, key=tie_break)
-    chosen = next((k for k in ordered
-                   if mnist is None or (mnist_score(mnist_scores, k) or 0) >= 0.95), None)
-    return {"datasets": [name for name, _ in tables], "groups": sorted(groups),
-            "ordered": ordered, "mean_rank": mean_rank,
-            "passes_everywhere": most == len(grids), "passed_on": most,
-            "scores": dict(tables), "mnist": mnist_scores, "chosen": chosen}
+    chosen = next(
+        (k for k in ordered if mnist is None or (mnist_score(mnist_scores, k) or 0) >= 0.95),
+        None,
+    )
+    return {
+        "datasets": [name for name, _ in tables],
+        "groups": sorted(groups),
+        "ordered": ordered,
+        "mean_rank": mean_rank,
+        "passes_everywhere": most == len(grids),
+        "passed_on": most,
+        "scores": dict(tables),
+        "mnist": mnist_scores,
+        "chosen": chosen,
+    }
 
 
 def mnist_score(scores, k):
@@ -504,16 +636,26 @@ def whole_grid_markdown(grids):
             if ident(r) not in keys:
                 keys.append(ident(r))
     lookup = [{ident(r): r for r in g["grid"]} for g in grids]
-    lines = ["Each cell: trained / randomized score at the middle sigma, Spearman, check.", "",
-             "| configuration | " + " | ".join(
-                 f"{n} (sigma {m})" for n, m in zip(names, middles)) + " |",
-             "|---|" + "---|" * len(names)]
+    lines = [
+        "Each cell: trained / randomized score at the middle sigma, Spearman, check.",
+        "",
+        "| configuration | "
+        + " | ".join(f"{n} (sigma {m})" for n, m in zip(names, middles))
+        + " |",
+        "|---|" + "---|" * len(names),
+    ]
     refs = sorted({name for g in grids for name in g["references"]})
     for ref in refs:
-        lines.append(f"| reference: {ref} | " + " | ".join(
-            _fmt(g["references"].get(ref, {}).get(m)) + " / " + _fmt(
-                g.get("twin_references", {}).get(ref, {}).get(m))
-            for g, m in zip(grids, middles)) + " |")
+        lines.append(
+            f"| reference: {ref} | "
+            + " | ".join(
+                _fmt(g["references"].get(ref, {}).get(m))
+                + " / "
+                + _fmt(g.get("twin_references", {}).get(ref, {}).get(m))
+                for g, m in zip(grids, middles)
+            )
+            + " |"
+        )
     for k in keys:
         cells = []
         for table, middle in zip(lookup, middles):
@@ -522,8 +664,10 @@ def whole_grid_markdown(grids):
                 cells.append("-")
                 continue
             word = {True: "pass", False: "fail", None: "n/a"}[row.get("passes")]
-            cells.append(f"{_fmt(row['score'].get(middle))} / {_fmt(row.get('twin_score'))}"
-                         f" / {row.get('spearman', float('nan')):.2f} / {word}")
+            cells.append(
+                f"{_fmt(row['score'].get(middle))} / {_fmt(row.get('twin_score'))}"
+                f" / {row.get('spearman', float('nan')):.2f} / {word}"
+            )
         lines.append(f"| {label_of(k)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -537,18 +681,24 @@ def _tied_rank(scores, item):
 
 def rank_markdown(ranked, top=20):
     names = ranked["datasets"]
-    lines = [f"candidates pass the randomization check on {ranked['passed_on']} of "
-             f"{len(names)} grids" + ("" if ranked["passes_everywhere"] else
-                                      " (none passes on every grid)"), "",
-             "| rank | configuration | mean rank | " + " | ".join(names)
-             + (" | MNIST image AUROC |" if ranked["mnist"] else " |"),
-             "|---|---|---|" + "---|" * len(names) + ("---|" if ranked["mnist"] else "")]
+    lines = [
+        f"candidates pass the randomization check on {ranked['passed_on']} of "
+        f"{len(names)} grids"
+        + ("" if ranked["passes_everywhere"] else " (none passes on every grid)"),
+        "",
+        "| rank | configuration | mean rank | "
+        + " | ".join(names)
+        + (" | MNIST image AUROC |" if ranked["mnist"] else " |"),
+        "|---|---|---|" + "---|" * len(names) + ("---|" if ranked["mnist"] else ""),
+    ]
     for index, k in enumerate(ranked["ordered"][:top] if top else ranked["ordered"], 1):
         cells = " | ".join(_fmt(ranked["scores"][n].get(k)) for n in names)
         mark = " **(chosen)**" if k == ranked["chosen"] else ""
         extra = f" {_fmt(mnist_score(ranked['mnist'], k))} |" if ranked["mnist"] else ""
-        lines.append(f"| {index} | {label_of(k)}{mark} | {ranked['mean_rank'][k]:.2f} | "
-                     f"{cells} |{extra}")
+        lines.append(
+            f"| {index} | {label_of(k)}{mark} | {ranked['mean_rank'][k]:.2f} | "
+            f"{cells} |{extra}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -566,14 +716,23 @@ def build_parser():
     parser = cli_parser("localization_grid", __doc__)
     parser.add_argument("--run", help="a trained MVTec, UCSD or MNIST run folder")
     parser.add_argument("--out", help="where grid.json/md/png go (default <run>/grid)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="test images scored per batch")
-    parser.add_argument("--rank", nargs="+", metavar="GRID_JSON",
-                        help="apply the default-choosing rule to these grids")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="test images scored per batch"
+    )
+    parser.add_argument(
+        "--rank",
+        nargs="+",
+        metavar="GRID_JSON",
+        help="apply the default-choosing rule to these grids",
+    )
     parser.add_argument("--mnist", metavar="GRID_JSON", help="with --rank: the MNIST grid")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--no-twin", dest="twin", action="store_false",
-                        help="skip the randomized twin (no randomization check per row)")
+    parser.add_argument(
+        "--no-twin",
+        dest="twin",
+        action="store_false",
+        help="skip the randomized twin (no randomization check per row)",
+    )
     return parser
 
 
@@ -593,8 +752,11 @@ def main(argv=None):
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "rank.md"), "w", encoding="utf-8") as handle:
-                handle.write(rank_markdown(ranked, top=None) + "\n"
-                             + whole_grid_markdown(grids + ([mnist] if mnist else [])))
+                handle.write(
+                    rank_markdown(ranked, top=None)
+                    + "\n"
+                    + whole_grid_markdown(grids + ([mnist] if mnist else []))
+                )
             print(f"rank.md (the ranking and the whole grid) in {args.out}")
         return ranked
     if not os.path.isdir(os.path.join(args.run, "model")):
@@ -610,8 +772,10 @@ def main(argv=None):
     if result["metric"] == "pixel_auroc":
         figure(result, os.path.join(out, "grid.png"))
     print(markdown(result, top=12))
-    print(f"grid.json, grid.md{', grid.png' if result['metric'] == 'pixel_auroc' else ''} "
-          f"in {out} ({result['seconds']:.0f} s)")
+    print(
+        f"grid.json, grid.md{', grid.png' if result['metric'] == 'pixel_auroc' else ''} "
+        f"in {out} ({result['seconds']:.0f} s)"
+    )
     return result
 
 

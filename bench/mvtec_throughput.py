@@ -9,6 +9,7 @@ pipeline) belongs to that phase alone. Training runs the trainer's own pipeline
 (augmentation in tf.data, ``model.fit``); evaluation runs ``scoring.batched``, the call the
 trainer evaluates with (anomaly attention + reconstruction difference).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ MEMORY_TARGET_GIB = 6.0
 
 
 def _peak_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _model_and_images(size, batch):
@@ -47,7 +48,7 @@ def measure_train(size, batch, steps):
 
     model, images = _model_and_images(size, batch)
     dataset = train_dataset(images, batch, augmenter(seed=0), seed=0).repeat()
-    model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)   # compile
+    model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)  # compile
     start = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
     return steps * batch / (time.perf_counter() - start)
@@ -61,7 +62,7 @@ def measure_eval(size, batch, steps, layer):
     floats = images.astype("float32") / 255.0
     keys = ("heatmap", "recon_error")
     scoring.batched(model, floats[:batch], batch, layer, keys=keys)
-    batches = [floats[(i % 2) * batch:(i % 2 + 1) * batch] for i in range(steps)]
+    batches = [floats[(i % 2) * batch : (i % 2 + 1) * batch] for i in range(steps)]
     start = time.perf_counter()
     for chunk in batches:
         scoring.batched(model, chunk, batch, layer, keys=keys)
@@ -78,9 +79,21 @@ def worker(args):
 
 
 def run_phase(phase, args):
-    command = [sys.executable, "-m", "bench.mvtec_throughput", "--phase", phase,
-               "--size", str(args.size), "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--layer", args.layer]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.mvtec_throughput",
+        "--phase",
+        phase,
+        "--size",
+        str(args.size),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--layer",
+        args.layer,
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -112,17 +125,26 @@ def main(argv=None):
         return worker(args)
     from bench.timing import print_table
 
-    print(f"ResNet18 VAE, latent 32, {args.size}x{args.size}x3, batch {args.batch_size}, "
-          f"{args.steps} timed steps, {os.cpu_count()} CPU cores\n")
+    print(
+        f"ResNet18 VAE, latent 32, {args.size}x{args.size}x3, batch {args.batch_size}, "
+        f"{args.steps} timed steps, {os.cpu_count()} CPU cores\n"
+    )
     rows = []
     for phase in ("train", "eval"):
         result = run_phase(phase, args)
-        rows.append({"phase": phase, "images/s": result["images_per_s"],
-                     "peak memory GiB": result["peak_gib"]})
+        rows.append(
+            {
+                "phase": phase,
+                "images/s": result["images_per_s"],
+                "peak memory GiB": result["peak_gib"],
+            }
+        )
     print_table(rows, ["phase", "images/s", "peak memory GiB"])
     peak = rows[0]["peak memory GiB"]
     verdict = "meets" if peak <= MEMORY_TARGET_GIB else "misses"
-    print(f"\ntraining peak memory {peak:.2f} GiB {verdict} the {MEMORY_TARGET_GIB:g} GiB target")
+    print(
+        f"\ntraining peak memory {peak:.2f} GiB {verdict} the {MEMORY_TARGET_GIB:g} GiB target"
+    )
     return rows
 
 

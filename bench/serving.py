@@ -13,6 +13,7 @@ per-latent maps of explain_latents are not timed). "keras" is
 and ``scoring.batched`` run it. The table also gives each backend's heatmap difference
 from the Keras model, as a fraction of the map's range.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ import time
 from bench import cli_parser
 from keras_vae_attn.console import start_tensorflow
 
-start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
+start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -74,8 +75,10 @@ def backends(folder, model, options, threads=0):
     onnx_export.export(folder, onnx_path, verify=False)
     onnx_s = time.perf_counter() - started
 
-    keras_fn = tf.function(lambda x: scoring.explain_anomaly(
-        model, x, options, keys=saved_model.SERVING_OUTPUTS), reduce_retracing=True)
+    keras_fn = tf.function(
+        lambda x: scoring.explain_anomaly(model, x, options, keys=saved_model.SERVING_OUTPUTS),
+        reduce_retracing=True,
+    )
     signature = tf.saved_model.load(version).signatures["serving_default"]
     session = onnx_export.session(onnx_path, threads)
     names = [output.name for output in session.get_outputs()]
@@ -95,11 +98,15 @@ def build_parser():
     parser.add_argument("--latent", type=int, default=32, help="latent size of the served VAE")
     parser.add_argument("--layer", default="last", help="encoder layer of the attention")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per batch")
-    parser.add_argument("--budget", type=float, default=120.0,
-                        help="seconds of timing per batch size at most")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="intra-op threads of TensorFlow and onnxruntime (0: their "
-                             "defaults, all cores)")
+    parser.add_argument(
+        "--budget", type=float, default=120.0, help="seconds of timing per batch size at most"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads of TensorFlow and onnxruntime (0: their defaults, all cores)",
+    )
     parser.add_argument("--quick", action="store_true", help="64x64, batches 1 and 2")
     return parser
 
@@ -135,20 +142,43 @@ def main(argv=None):
             for name, run in runners.items():
                 median, best = float(np.median(times[name])), min(times[name])
                 difference = float(np.abs(run(images) - reference).max()) / scale
-                rows.append({"backend": name, "batch": batch, "ms/batch": 1e3 * median,
-                             "heatmaps/s": batch / median, "best heatmaps/s": batch / best,
-                             "rounds": len(times[name]), "max diff / range": difference,
-                             "export s": export_s.get(name)})
+                rows.append(
+                    {
+                        "backend": name,
+                        "batch": batch,
+                        "ms/batch": 1e3 * median,
+                        "heatmaps/s": batch / median,
+                        "best heatmaps/s": batch / best,
+                        "rounds": len(times[name]),
+                        "max diff / range": difference,
+                        "export s": export_s.get(name),
+                    }
+                )
     threads = args.threads or "default"
-    print(f"ResNet18 VAE, {args.size}x{args.size}x3, latent {args.latent}, layer "
-          f"{args.layer}, {os.cpu_count()} CPU cores visible, intra-op threads {threads}")
-    print_table(rows, ["backend", "batch", "ms/batch", "heatmaps/s", "best heatmaps/s",
-                       "rounds", "max diff / range", "export s"])
+    print(
+        f"ResNet18 VAE, {args.size}x{args.size}x3, latent {args.latent}, layer "
+        f"{args.layer}, {os.cpu_count()} CPU cores visible, intra-op threads {threads}"
+    )
+    print_table(
+        rows,
+        [
+            "backend",
+            "batch",
+            "ms/batch",
+            "heatmaps/s",
+            "best heatmaps/s",
+            "rounds",
+            "max diff / range",
+            "export s",
+        ],
+    )
     for batch in batches:
         rate = {r["backend"]: r["heatmaps/s"] for r in rows if r["batch"] == batch}
-        print(f"batch {batch}: ONNX Runtime / SavedModel = "
-              f"{rate['ONNX Runtime'] / rate['SavedModel']:.2f}x, "
-              f"SavedModel / keras = {rate['SavedModel'] / rate['keras (in memory)']:.2f}x")
+        print(
+            f"batch {batch}: ONNX Runtime / SavedModel = "
+            f"{rate['ONNX Runtime'] / rate['SavedModel']:.2f}x, "
+            f"SavedModel / keras = {rate['SavedModel'] / rate['keras (in memory)']:.2f}x"
+        )
     return rows
 
 

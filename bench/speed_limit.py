@@ -31,6 +31,7 @@ forward. Per model:
     inner gradient to the features (~1 x forward); the outer backward then goes through
     both (~2 x): 6 x the head at D x the batch, in place of 3 x the head at the batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ import os
 from bench import cli_parser
 from keras_vae_attn.console import start_tensorflow
 
-start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
+start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -64,8 +65,14 @@ def layer_flops(layer):
     """Forward FLOPs per example (2 x multiply-adds) of a conv or dense layer, else 0."""
     if isinstance(layer, keras.layers.Conv2DTranspose):
         _, height, width, channels = layer.input.shape
-        return 2 * height * width * channels * int(np.prod(layer.kernel.shape[:2])) \
+        return (
+            2
+            * height
+            * width
+            * channels
+            * int(np.prod(layer.kernel.shape[:2]))
             * layer.filters
+        )
     if isinstance(layer, keras.layers.Conv2D):
         _, height, width, filters = layer.output.shape
         return 2 * height * width * filters * int(np.prod(layer.kernel.shape[:3]))
@@ -95,8 +102,12 @@ def step_layers(model):
     parts.append((model.decoder, 3))
     if getattr(model, "discriminator", None) is not None:
         parts.append((model.discriminator, 6))
-    return [(layer, passes) for part, passes in parts for layer in _leaf_layers(part)
-            if layer_flops(layer)]
+    return [
+        (layer, passes)
+        for part, passes in parts
+        for layer in _leaf_layers(part)
+        if layer_flops(layer)
+    ]
 
 
 def step_flops(model, batch):
@@ -120,18 +131,25 @@ def plain_op(layer, batch, dtype):
     elif isinstance(layer, keras.layers.Conv2DTranspose):
         x = tf.constant(rng.random((batch, *layer.input.shape[1:])), dtype)
         shape = (batch, *layer.output.shape[1:])
-        op = tf.function(lambda: tf.nn.conv2d_transpose(x, kernel, shape, layer.strides,
-                                                        layer.padding.upper()))
+        op = tf.function(
+            lambda: tf.nn.conv2d_transpose(
+                x, kernel, shape, layer.strides, layer.padding.upper()
+            )
+        )
     else:
         x = tf.constant(rng.random((batch, *layer.input.shape[1:])), dtype)
-        op = tf.function(lambda: tf.nn.conv2d(x, kernel, layer.strides,
-                                              layer.padding.upper()))
+        op = tf.function(lambda: tf.nn.conv2d(x, kernel, layer.strides, layer.padding.upper()))
     return lambda: op().numpy()
 
 
 def signature(layer):
-    return (type(layer).__name__, tuple(layer.input.shape), tuple(layer.kernel.shape),
-            tuple(getattr(layer, "strides", ())), getattr(layer, "padding", ""))
+    return (
+        type(layer).__name__,
+        tuple(layer.input.shape),
+        tuple(layer.kernel.shape),
+        tuple(getattr(layer, "strides", ())),
+        getattr(layer, "padding", ""),
+    )
 
 
 def limit_rows(model, batch, label, precisions, repeats, budget):
@@ -141,20 +159,26 @@ def limit_rows(model, batch, label, precisions, repeats, budget):
     layers, seconds = step_layers(model), {}
     for layer in {signature(layer): layer for layer, _ in layers}.values():
         ops = [plain_op(layer, batch, PRECISION_DTYPES[p]) for p in precisions]
-        seconds[signature(layer)] = dict(zip(precisions,
-                                             interleaved_medians(ops, repeats, budget / 10)))
+        seconds[signature(layer)] = dict(
+            zip(precisions, interleaved_medians(ops, repeats, budget / 10))
+        )
     rows, limits = [], {}
-    for kind, matches in (("conv2d", lambda op: not isinstance(op, keras.layers.Dense)),
-                          ("matmul", lambda op: isinstance(op, keras.layers.Dense))):
+    for kind, matches in (
+        ("conv2d", lambda op: not isinstance(op, keras.layers.Dense)),
+        ("matmul", lambda op: isinstance(op, keras.layers.Dense)),
+    ):
         chosen = [(layer, passes) for layer, passes in layers if matches(layer)]
         if not chosen:
             continue
-        row = {"model": label, "op": f"{kind}, {len({signature(op) for op, _ in chosen})} "
-                                     f"shapes"}
+        row = {
+            "model": label,
+            "op": f"{kind}, {len({signature(op) for op, _ in chosen})} shapes",
+        }
         for precision in precisions:
             flops = sum(passes * layer_flops(layer) * batch for layer, passes in chosen)
-            spent = sum(passes * seconds[signature(layer)][precision]
-                        for layer, passes in chosen)
+            spent = sum(
+                passes * seconds[signature(layer)][precision] for layer, passes in chosen
+            )
             row[f"{precision} GFLOP/s"] = flops / spent / 1e9
         rows.append(row)
     for precision in precisions:
@@ -182,15 +206,25 @@ def cases(quick):
     built = {}
     for name, backbone in (("resnet18", "resnet18"), ("ucsd", "small")):
         shape, batch = vae[name]
-        built[name] = (f"VAE {backbone} {shape[0]} px", batch,
-                       rng.random((batch, *shape)).astype("f4"),
-                       lambda shape=shape, backbone=backbone: build_vae(backbone, shape, 32))
+        built[name] = (
+            f"VAE {backbone} {shape[0]} px",
+            batch,
+            rng.random((batch, *shape)).astype("f4"),
+            lambda shape=shape, backbone=backbone: build_vae(backbone, shape, 32),
+        )
     frames = dsprites_images(factor_batch, factor_shape[0])
-    for name, label, lambda_ad in (("factorvae", "FactorVAE", 0.0),
-                                   ("adfactorvae", "AD-FactorVAE", 1.0)):
-        built[name] = (f"{label} {factor_shape[0]} px", factor_batch, frames,
-                       lambda lambda_ad=lambda_ad: build_factor_vae(
-                           input_shape=factor_shape, lambda_ad=lambda_ad, **net))
+    for name, label, lambda_ad in (
+        ("factorvae", "FactorVAE", 0.0),
+        ("adfactorvae", "AD-FactorVAE", 1.0),
+    ):
+        built[name] = (
+            f"{label} {factor_shape[0]} px",
+            factor_batch,
+            frames,
+            lambda lambda_ad=lambda_ad: build_factor_vae(
+                input_shape=factor_shape, lambda_ad=lambda_ad, **net
+            ),
+        )
     return built
 
 
@@ -205,36 +239,65 @@ def check_rows(label, build, images, steps, layer="last"):
         with common.precision_scope(precision):
             models[precision] = build()
         models[precision].compile(optimizer=keras.optimizers.Adam(1e-3))
-    losses = {p: [float(m.train_on_batch(images, return_dict=True)["loss"])
-                  for _ in range(steps)][-1] for p, m in models.items()}
+    losses = {
+        p: [float(m.train_on_batch(images, return_dict=True)["loss"]) for _ in range(steps)][
+            -1
+        ]
+        for p, m in models.items()
+    }
     reference, low = models["float32"], models["mixed_bfloat16"]
     low.set_weights(reference.get_weights())
     sample = images[:8]
     want = reference.explainer(layer).latent_maps(sample).numpy()
     got = low.explainer(layer).latent_maps(sample)
-    return {"model": label, "steps": steps, "float32 loss": losses["float32"],
-            "bf16 loss": losses["mixed_bfloat16"],
-            "loss rel. diff": abs(losses["mixed_bfloat16"] / losses["float32"] - 1),
-            "maps dtype": got.dtype.name,
-            "maps max diff / max": float(np.abs(got.numpy() - want).max() / np.abs(want).max())}
+    return {
+        "model": label,
+        "steps": steps,
+        "float32 loss": losses["float32"],
+        "bf16 loss": losses["mixed_bfloat16"],
+        "loss rel. diff": abs(losses["mixed_bfloat16"] / losses["float32"] - 1),
+        "maps dtype": got.dtype.name,
+        "maps max diff / max": float(np.abs(got.numpy() - want).max() / np.abs(want).max()),
+    }
 
 
 def build_parser():
     """Its flags, apart from main: the README test parses its documented commands."""
     parser = cli_parser("speed_limit", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, XLA off")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
-                        help="default: all (--quick: ucsd adfactorvae)")
-    parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS,
-                        default=list(common.PRECISIONS), help="dtype policies to time")
-    parser.add_argument("--jit", nargs="+", choices=("off", "on"), default=None,
-                        help="XLA settings to time (default: both; --quick: off)")
-    parser.add_argument("--check", type=int, default=0, metavar="N",
-                        help="also train N steps in each precision from the same weights "
-                             "and compare the losses and the maps (0: skip)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=None,
+        help="default: all (--quick: ucsd adfactorvae)",
+    )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=common.PRECISIONS,
+        default=list(common.PRECISIONS),
+        help="dtype policies to time",
+    )
+    parser.add_argument(
+        "--jit",
+        nargs="+",
+        choices=("off", "on"),
+        default=None,
+        help="XLA settings to time (default: both; --quick: off)",
+    )
+    parser.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train N steps in each precision from the same weights "
+        "and compare the losses and the maps (0: skip)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per row")
-    parser.add_argument("--budget", type=float, default=30.0,
-                        help="seconds of timed steps per row, about")
+    parser.add_argument(
+        "--budget", type=float, default=30.0, help="seconds of timed steps per row, about"
+    )
     return parser
 
 
@@ -245,15 +308,18 @@ def main(argv=None):
         args.repeats, args.budget = 2, 3.0
     jits = args.jit or (["off"] if args.quick else ["off", "on"])
     models = args.models or (["ucsd", "adfactorvae"] if args.quick else list(MODELS))
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU "
-          f"cores, load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU "
+        f"cores, load average {os.getloadavg()[0]:.1f}\n"
+    )
     built = cases(args.quick)
     op_table, step_table, checks = [], [], []
     for name in models:
         label, batch, images, build = built[name]
         keras.utils.set_random_seed(0)
-        rows, limits = limit_rows(build(), batch, label, args.precisions, args.repeats,
-                                  args.budget)
+        rows, limits = limit_rows(
+            build(), batch, label, args.precisions, args.repeats, args.budget
+        )
         op_table += rows
         configs, steps = [(p, jit) for p in args.precisions for jit in jits], []
         for precision, jit in configs:
@@ -266,22 +332,50 @@ def main(argv=None):
         timed = interleaved_medians(steps, args.repeats, args.budget * len(configs))
         for (precision, jit), seconds in zip(configs, timed):
             achieved = flops / seconds / 1e9
-            step_table.append({
-                "model": label, "batch": batch, "precision": precision, "XLA": jit,
-                "step s": seconds, "images/s": batch / seconds, "GFLOP/step": flops / 1e9,
-                "GFLOP/s": achieved, "limit GFLOP/s": limits[precision],
-                "of limit": achieved / limits[precision], "speed-up": timed[0] / seconds})
+            step_table.append(
+                {
+                    "model": label,
+                    "batch": batch,
+                    "precision": precision,
+                    "XLA": jit,
+                    "step s": seconds,
+                    "images/s": batch / seconds,
+                    "GFLOP/step": flops / 1e9,
+                    "GFLOP/s": achieved,
+                    "limit GFLOP/s": limits[precision],
+                    "of limit": achieved / limits[precision],
+                    "speed-up": timed[0] / seconds,
+                }
+            )
         if args.check:
-            checks.append(check_rows(label, build, images, args.check,
-                                     "last" if "Factor" in label else "conv1"))
+            checks.append(
+                check_rows(
+                    label, build, images, args.check, "last" if "Factor" in label else "conv1"
+                )
+            )
         print(f"{label}: done, load average {os.getloadavg()[0]:.1f}", flush=True)
     print("\nEach model's conv and dense layers as plain ops (FLOP-weighted rates):")
     print_table(op_table, ["model", "op", *[f"{p} GFLOP/s" for p in args.precisions]])
-    print("\nTrain steps, timed in turns (limit: the step's FLOPs at its layers' plain-op "
-          "rates in that precision; speed-up: against the model's first row):")
-    print_table(step_table, ["model", "batch", "precision", "XLA", "step s", "images/s",
-                             "GFLOP/step", "GFLOP/s", "limit GFLOP/s", "of limit",
-                             "speed-up"])
+    print(
+        "\nTrain steps, timed in turns (limit: the step's FLOPs at its layers' plain-op "
+        "rates in that precision; speed-up: against the model's first row):"
+    )
+    print_table(
+        step_table,
+        [
+            "model",
+            "batch",
+            "precision",
+            "XLA",
+            "step s",
+            "images/s",
+            "GFLOP/step",
+            "GFLOP/s",
+            "limit GFLOP/s",
+            "of limit",
+            "speed-up",
+        ],
+    )
     if checks:
         print("\nmixed_bfloat16 against float32 (same seed, same batch):")
         print_table(checks, list(checks[0]))

@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmark scripts: medians of repeated calls."""
+
 from __future__ import annotations
 
 import statistics
@@ -32,8 +33,11 @@ def print_table(rows, columns):
     print(line)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
-        print("| " + " | ".join(_fmt(row.get(c)).ljust(w) for c, w in zip(columns, widths))
-              + " |")
+        print(
+            "| "
+            + " | ".join(_fmt(row.get(c)).ljust(w) for c, w in zip(columns, widths))
+            + " |"
+        )
 
 
 def _fmt(value):

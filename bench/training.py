@@ -7,6 +7,7 @@ the ResNet decoder's stage widths below 256 px (first stages, as before, vs last
 Each row is the median seconds of one optimizer step (after compilation) and the
 images/s it implies; FactorVAE rows appear when keras_vae_attn.models.factor_vae exists.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import os
 from bench import cli_parser
 from keras_vae_attn.console import start_tensorflow
 
-start_tensorflow()      # before keras and TensorFlow load: without their C++ banners
+start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -26,7 +27,7 @@ from keras_vae_attn.models import build_vae  # noqa: E402
 
 def step_seconds(model, images, repeats, budget):
     """Median time of one `train_on_batch` call (the compiled train step)."""
-    model.train_on_batch(images)            # compile and build optimizer state
+    model.train_on_batch(images)  # compile and build optimizer state
     return median_seconds(lambda: model.train_on_batch(images), repeats, budget_s=budget)
 
 
@@ -39,9 +40,16 @@ def vae_rows(cases, repeats, budget):
             model = build_vae(backbone, (size, size, channels), 32)
             model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit)
             seconds = step_seconds(model, images, repeats, budget)
-            rows.append({"model": f"VAE {backbone}", "image": f"{size}x{size}x{channels}",
-                         "batch": batch, "XLA": jit, "step s": seconds,
-                         "images/s": batch / seconds})
+            rows.append(
+                {
+                    "model": f"VAE {backbone}",
+                    "image": f"{size}x{size}x{channels}",
+                    "batch": batch,
+                    "XLA": jit,
+                    "step s": seconds,
+                    "images/s": batch / seconds,
+                }
+            )
     return rows
 
 
@@ -55,16 +63,23 @@ def decoder_rows(cases, repeats, budget):
     rows = []
     for size, batch in cases:
         shape = (size, size, 3)
-        steps = max(1, round(np.log2(size / 8)))         # as resnet_decoder counts them
+        steps = max(1, round(np.log2(size / 8)))  # as resnet_decoder counts them
         images = np.random.default_rng(0).random((batch, *shape)).astype("f4")
         for label, widths in (("first stages (before)", full[:steps]), ("last stages", full)):
             keras.utils.set_random_seed(0)
             model = VAE(resnet18_encoder(shape, 32), resnet_decoder(shape, 32, widths=widths))
             model.compile(optimizer=keras.optimizers.Adam(1e-4))
             seconds = step_seconds(model, images, repeats, budget)
-            rows.append({"model": f"VAE resnet18, decoder {label}", "image": f"{size}x{size}x3",
-                         "batch": batch, "XLA": False, "step s": seconds,
-                         "images/s": batch / seconds})
+            rows.append(
+                {
+                    "model": f"VAE resnet18, decoder {label}",
+                    "image": f"{size}x{size}x3",
+                    "batch": batch,
+                    "XLA": False,
+                    "step s": seconds,
+                    "images/s": batch / seconds,
+                }
+            )
         rows[-1]["vs before"] = rows[-1]["step s"] / rows[-2]["step s"]
     return rows
 
@@ -81,8 +96,16 @@ def factor_rows(size, batch, repeats, budget):
         model = factor_vae.build_factor_vae(input_shape=(size, size, 1), lambda_ad=lambda_ad)
         model.compile()
         seconds = step_seconds(model, images, repeats, budget)
-        rows.append({"model": name, "image": f"{size}x{size}x1", "batch": batch,
-                     "XLA": False, "step s": seconds, "images/s": batch / seconds})
+        rows.append(
+            {
+                "model": name,
+                "image": f"{size}x{size}x1",
+                "batch": batch,
+                "XLA": False,
+                "step s": seconds,
+                "images/s": batch / seconds,
+            }
+        )
     rows[-1]["vs FactorVAE"] = rows[-1]["step s"] / rows[0]["step s"]
     return rows
 
@@ -92,8 +115,9 @@ def build_parser():
     parser = cli_parser("training", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per row")
-    parser.add_argument("--budget", type=float, default=60.0,
-                        help="seconds of timed steps per row at most")
+    parser.add_argument(
+        "--budget", type=float, default=60.0, help="seconds of timed steps per row at most"
+    )
     return parser
 
 
@@ -108,13 +132,16 @@ def main(argv=None):
         cases = [("small", 64, 1, 64), ("resnet18", 128, 3, 16), ("resnet18", 256, 3, 16)]
         factor_size, factor_batch = 64, 64
         decoder_cases = [(64, 16), (128, 16)]
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"{os.cpu_count()} CPU cores\n")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores\n"
+    )
     rows = vae_rows(cases, args.repeats, args.budget)
     rows += factor_rows(factor_size, factor_batch, args.repeats, args.budget)
     rows += decoder_rows(decoder_cases, args.repeats, args.budget)
-    print_table(rows, ["model", "image", "batch", "XLA", "step s", "images/s", "vs FactorVAE",
-                       "vs before"])
+    print_table(
+        rows,
+        ["model", "image", "batch", "XLA", "step s", "images/s", "vs FactorVAE", "vs before"],
+    )
 
 
 if __name__ == "__main__":

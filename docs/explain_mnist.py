@@ -6,6 +6,7 @@ Rows are test digits; the first column is the input, then one overlay per latent
 dimension: which part of the digit each latent dimension looks at. Every map is drawn on
 one colour scale (the colorbar underneath), so a latent that looks at nothing stays dark.
 """
+
 import argparse
 import os
 
@@ -18,15 +19,27 @@ LAYER = "conv2"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python docs/explain_mnist.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python docs/explain_mnist.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: TFDS)")
-    parser.add_argument("--out", default="latent_maps.png",
-                        help="the PNG to write (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=300,
-                        help="training steps of the VAE (default: %(default)s)")
-    parser.add_argument("--latent-dim", type=int, default=8,
-                        help="latent dimensions: one map column each (default: %(default)s)")
+    parser.add_argument(
+        "--out", default="latent_maps.png", help="the PNG to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=300,
+        help="training steps of the VAE (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--latent-dim",
+        type=int,
+        default=8,
+        help="latent dimensions: one map column each (default: %(default)s)",
+    )
     return parser
 
 
@@ -36,9 +49,13 @@ def maps_figure(images, maps, digits, steps):
     what is shown."""
     from keras_vae_attn.viz import latent_figure
 
-    return latent_figure(images, maps, row_titles=[f"digit {d}" for d in digits],
-                         title=f"per-latent attention M_i at {LAYER} (Eq. 3-4) of a VAE "
-                               f"trained {steps} steps on MNIST: where each latent z_i looks")
+    return latent_figure(
+        images,
+        maps,
+        row_titles=[f"digit {d}" for d in digits],
+        title=f"per-latent attention M_i at {LAYER} (Eq. 3-4) of a VAE "
+        f"trained {steps} steps on MNIST: where each latent z_i looks",
+    )
 
 
 def main(argv=None):
@@ -57,16 +74,18 @@ def main(argv=None):
     model = build_vae("small", (28, 28, 1), args.latent_dim)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     data = tf.data.Dataset.from_tensor_slices(mnist.to_float(images)).shuffle(10000).batch(128)
-    model.fit(data.repeat(), steps_per_epoch=args.steps, epochs=1, verbose=2,
-              shuffle=False)                    # the dataset shuffles itself
+    model.fit(
+        data.repeat(), steps_per_epoch=args.steps, epochs=1, verbose=2, shuffle=False
+    )  # the dataset shuffles itself
 
     picks = [int(np.flatnonzero(test_labels == d)[0]) for d in range(0, 10, 2)]
     batch = mnist.to_float(test_images[picks])
-    maps = model.explainer(LAYER).latent_maps(batch)                    # (5, D, 7, 7)
+    maps = model.explainer(LAYER).latent_maps(batch)  # (5, D, 7, 7)
     flat = tf.reshape(maps, (-1, *maps.shape[2:]))
     big = upsample(flat, batch.shape[1:3]).numpy().reshape(len(picks), args.latent_dim, 28, 28)
-    save_figure(maps_figure(batch, big, [int(test_labels[i]) for i in picks], args.steps),
-                args.out)
+    save_figure(
+        maps_figure(batch, big, [int(test_labels[i]) for i in picks], args.steps), args.out
+    )
     print(f"wrote {os.path.abspath(args.out)}")
 
 

@@ -7,6 +7,7 @@ reading a run folder, refusing bad paths and names before anything is written, c
 the images a caller hands an exported model, and clearing the staging folders a killed
 export left behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,12 @@ class Stages:
 
         self.started = self.started or time.perf_counter()
         self.done += 1
-        print(f"{self.label} {self.done}/{self.total}: {message} "
-              f"({time.perf_counter() - self.started:.1f} s elapsed)", file=sys.stderr,
-              flush=True)
+        print(
+            f"{self.label} {self.done}/{self.total}: {message} "
+            f"({time.perf_counter() - self.started:.1f} s elapsed)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def no_stages(message):
@@ -83,11 +87,15 @@ def check_options(run):
         if options.needs_distribution:
             distribution = run.model.feature_distribution(layer)
             if options.needs_covariance and distribution.whiten is None:
-                raise ValueError(f"deviation 'whitened' needs the feature covariance of "
-                                 f"layer {layer!r}, which the model does not hold")
+                raise ValueError(
+                    f"deviation 'whitened' needs the feature covariance of "
+                    f"layer {layer!r}, which the model does not hold"
+                )
     if options.needs_scales:
-        raise ValueError(f"the options combine layers {options.layers} but config.json "
-                         "holds no layer_scales for them")
+        raise ValueError(
+            f"the options combine layers {options.layers} but config.json "
+            "holds no layer_scales for them"
+        )
 
 
 def load_run(path):
@@ -97,12 +105,17 @@ def load_run(path):
     if not os.path.isdir(path):
         raise ExportError(f"--run {path!r} is not a folder")
     model_dir = os.path.join(path, "model")
-    missing = [name for name in (MODEL_SPEC, MODEL_WEIGHTS)
-               if not os.path.isfile(os.path.join(model_dir, name))]
+    missing = [
+        name
+        for name in (MODEL_SPEC, MODEL_WEIGHTS)
+        if not os.path.isfile(os.path.join(model_dir, name))
+    ]
     if missing:
-        raise ExportError(f"run folder {path!r} holds no trained model: "
-                          f"{', '.join(os.path.join(model_dir, m) for m in missing)} missing "
-                          "(train it first, or point --run at a finished run)")
+        raise ExportError(
+            f"run folder {path!r} holds no trained model: "
+            f"{', '.join(os.path.join(model_dir, m) for m in missing)} missing "
+            "(train it first, or point --run at a finished run)"
+        )
     config_path = os.path.join(path, "config.json")
     config = {}
     if os.path.isfile(config_path):
@@ -112,14 +125,20 @@ def load_run(path):
         except (OSError, ValueError) as error:
             raise ExportError(f"cannot read {config_path}: {error}") from None
         if not isinstance(config, dict):
-            raise ExportError(f"{config_path} must hold a JSON object, got "
-                              f"{type(config).__name__}")
+            raise ExportError(
+                f"{config_path} must hold a JSON object, got {type(config).__name__}"
+            )
     try:
         model = load_vae(model_dir)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ExportError(f"cannot load the model in {model_dir!r}: {error}") from None
-    return Run(path, model, config, explain_options(config),
-               os.path.isfile(os.path.join(path, RUN_COMPLETE)))
+    return Run(
+        path,
+        model,
+        config,
+        explain_options(config),
+        os.path.isfile(os.path.join(path, RUN_COMPLETE)),
+    )
 
 
 def load_thresholds(path):
@@ -129,37 +148,53 @@ def load_thresholds(path):
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-        values = Thresholds(float(data["pixel"]), float(data["image"]),
-                            str(data.get("method", "")))
+        values = Thresholds(
+            float(data["pixel"]), float(data["image"]), str(data.get("method", ""))
+        )
     except OSError as error:
         raise ExportError(f"--thresholds {path!r}: {error.strerror or error}") from None
     except (ValueError, TypeError, KeyError) as error:
-        raise ExportError(f"--thresholds {path!r} must be a JSON object with numbers "
-                          f"'pixel' and 'image' ({type(error).__name__}: {error})") from None
-    for name in ("pixel", "image"):    # json reads NaN and Infinity: every label "normal"
+        raise ExportError(
+            f"--thresholds {path!r} must be a JSON object with numbers "
+            f"'pixel' and 'image' ({type(error).__name__}: {error})"
+        ) from None
+    for name in ("pixel", "image"):  # json reads NaN and Infinity: every label "normal"
         if not math.isfinite(getattr(values, name)):
-            raise ExportError(f"--thresholds {path!r}: {name} threshold must be a finite "
-                              f"number, got {getattr(values, name)}")
+            raise ExportError(
+                f"--thresholds {path!r}: {name} threshold must be a finite "
+                f"number, got {getattr(values, name)}"
+            )
     if not values.pixel > 0:
-        raise ExportError(f"--thresholds {path!r}: pixel threshold must be > 0, got "
-                          f"{values.pixel}")
+        raise ExportError(
+            f"--thresholds {path!r}: pixel threshold must be > 0, got {values.pixel}"
+        )
     return values
 
 
 def refuse_existing(path, force, flag="--out"):
     """ExportError if ``path`` exists and ``force`` is not set; nothing is touched."""
     if os.path.lexists(path) and not force:
-        raise ExportError(f"{flag} {path!r} already exists; choose another path or pass "
-                          "--force to replace it")
+        raise ExportError(
+            f"{flag} {path!r} already exists; choose another path or pass "
+            "--force to replace it"
+        )
 
 
 def model_name_problem(name):
     """Why ``name`` cannot be a TF Serving model folder name (None: it can). A name with
     a path separator or ``..`` would put the model outside the serving folder."""
-    if (not name or name.startswith(".") or "/" in name or os.sep in name
-            or ".." in name or name.isdigit()):
-        return (f"{name!r} must be a plain folder name (not a number, no path separator "
-                "or '..', not starting with '.')")
+    if (
+        not name
+        or name.startswith(".")
+        or "/" in name
+        or os.sep in name
+        or ".." in name
+        or name.isdigit()
+    ):
+        return (
+            f"{name!r} must be a plain folder name (not a number, no path separator "
+            "or '..', not starting with '.')"
+        )
     return None
 
 
@@ -176,29 +211,41 @@ def check_images(images, shape):
     height, width, channels = shape
     expected = f"(batch, {height}, {width}, {channels})"
     if images.dtype != np.float32:
-        hint = " (divide 8-bit pixels by 255)" if np.issubdtype(images.dtype, np.integer) \
-            else ""
-        raise InputError(f"images must be float32 {expected} in [0, 1]; got dtype "
-                         f"{images.dtype}{hint}")
+        hint = (
+            " (divide 8-bit pixels by 255)" if np.issubdtype(images.dtype, np.integer) else ""
+        )
+        raise InputError(
+            f"images must be float32 {expected} in [0, 1]; got dtype {images.dtype}{hint}"
+        )
     if images.ndim != 4:
-        raise InputError(f"images must be a 4-D batch {expected}; got shape {images.shape}"
-                         + (" (add a batch axis)" if images.ndim == 3 else ""))
+        raise InputError(
+            f"images must be a 4-D batch {expected}; got shape {images.shape}"
+            + (" (add a batch axis)" if images.ndim == 3 else "")
+        )
     if images.shape[-1] != channels:
-        raise InputError(f"images have {images.shape[-1]} channels but the model takes "
-                         f"{channels}: expected {expected}, got {images.shape}")
+        raise InputError(
+            f"images have {images.shape[-1]} channels but the model takes "
+            f"{channels}: expected {expected}, got {images.shape}"
+        )
     if images.shape[1:3] != (height, width):
-        raise InputError(f"images are {images.shape[1]}x{images.shape[2]} but the model "
-                         f"takes {height}x{width}: expected {expected}, got {images.shape}")
+        raise InputError(
+            f"images are {images.shape[1]}x{images.shape[2]} but the model "
+            f"takes {height}x{width}: expected {expected}, got {images.shape}"
+        )
     if images.shape[0] == 0:
         raise InputError(f"images must hold at least one image; got shape {images.shape}")
     finite = np.isfinite(images)
     if not finite.all():
-        raise InputError(f"images must be float32 in [0, 1]; got {int((~finite).sum())} "
-                         "NaN or infinite values")
+        raise InputError(
+            f"images must be float32 in [0, 1]; got {int((~finite).sum())} "
+            "NaN or infinite values"
+        )
     if images.min() < 0 or images.max() > 1:
-        raise InputError(f"images must be float32 in [0, 1]; got values in "
-                         f"[{images.min():g}, {images.max():g}]"
-                         + (" (divide 8-bit pixels by 255)" if images.max() > 1 else ""))
+        raise InputError(
+            f"images must be float32 in [0, 1]; got values in "
+            f"[{images.min():g}, {images.max():g}]"
+            + (" (divide 8-bit pixels by 255)" if images.max() > 1 else "")
+        )
     return images
 
 
@@ -232,8 +279,11 @@ def remove_stale_staging(folder):
         if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        elif CLAIM.match(name) and claim_owner(path) is not None \
-                and not pid_alive(claim_owner(path)):
+        elif (
+            CLAIM.match(name)
+            and claim_owner(path) is not None
+            and not pid_alive(claim_owner(path))
+        ):
             release_version(path)
             removed.append(path)
     return removed
@@ -272,13 +322,14 @@ def claim_version(base, version=None):
             os.symlink(str(os.getpid()), claim)
         except FileExistsError:
             if version is not None:
-                raise ExportError(f"version {version} under {base!r} is being written by "
-                                  f"process {claim_owner(claim)}; pass another --version"
-                                  ) from None
+                raise ExportError(
+                    f"version {version} under {base!r} is being written by "
+                    f"process {claim_owner(claim)}; pass another --version"
+                ) from None
             number = max(number + 1, next_free(base))
             continue
         if version is None and os.path.lexists(os.path.join(base, str(number))):
-            release_version(claim)          # written meanwhile by a writer without claims
+            release_version(claim)  # written meanwhile by a writer without claims
             number = max(number + 1, next_free(base))
             continue
         return number, claim

@@ -19,6 +19,7 @@ unless ``--force``, which first removes what an earlier run wrote there (the fil
 ``--force`` too. Images are checked (:func:`export.check_images`: float32 in [0, 1], at
 least one) before either backend runs: ONNX Runtime does not check them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def read_files(paths, shape):
                 data = handle.read()
             tf.io.decode_image(data, expand_animations=False)
         except OSError as error:
-            raise DataError(f"cannot read image file {path!r}: {error.strerror or error}") \
-                from None
+            raise DataError(
+                f"cannot read image file {path!r}: {error.strerror or error}"
+            ) from None
         except (tf.errors.OpError, ValueError) as error:
             reason = getattr(error, "message", str(error)).strip().splitlines()[0]
             raise DataError(f"cannot decode image file {path!r}: {reason}") from None
@@ -73,16 +75,21 @@ class SavedModelBackend:
 
         self.path = path
         self.loaded = tf.saved_model.load(path)
-        missing = [name for name in ("serving_default", "serve_bytes")
-                   if name not in self.loaded.signatures]
+        missing = [
+            name
+            for name in ("serving_default", "serve_bytes")
+            if name not in self.loaded.signatures
+        ]
         if missing:
-            raise ExportError(f"SavedModel {path!r} lacks the signature(s) {missing}: it "
-                              "was not written by export.saved_model")
+            raise ExportError(
+                f"SavedModel {path!r} lacks the signature(s) {missing}: it "
+                "was not written by export.saved_model"
+            )
         spec = self.loaded.signatures["serving_default"].structured_input_signature[1]
         self.input_shape = tuple(int(d) for d in spec["images"].shape[1:])
         try:
             self.info = read_metadata(path)
-        except ExportError:          # not written by export.saved_model: no metadata
+        except ExportError:  # not written by export.saved_model: no metadata
             self.info = {}
 
     def run(self, images):
@@ -115,12 +122,14 @@ class OnnxBackend:
         self.path = path
         try:
             self.session = session(path)
-        except Exception as error:   # onnxruntime raises its own exception types
+        except Exception as error:  # onnxruntime raises its own exception types
             raise ExportError(f"onnxruntime cannot load {path!r}: {error}") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != "images":
-            raise ExportError(f"ONNX model {path!r} does not take one 'images' input: it "
-                              "was not written by export.onnx")
+            raise ExportError(
+                f"ONNX model {path!r} does not take one 'images' input: it "
+                "was not written by export.onnx"
+            )
         self.input_shape = tuple(int(d) for d in inputs[0].shape[1:])
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.names = [output.name for output in self.session.get_outputs()]
@@ -144,15 +153,22 @@ def open_model(path):
         raise ExportError(f"--model {path!r} does not exist")
     if os.path.isfile(path):
         if not path.endswith(".onnx"):
-            raise ExportError(f"--model {path!r} is a file but not an .onnx model; give an "
-                              ".onnx file or a SavedModel folder")
+            raise ExportError(
+                f"--model {path!r} is a file but not an .onnx model; give an "
+                ".onnx file or a SavedModel folder"
+            )
         return OnnxBackend(path)
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        versions = sorted(int(name) for name in os.listdir(path) if name.isdigit()
-                          and os.path.isfile(os.path.join(path, name, "saved_model.pb")))
+        versions = sorted(
+            int(name)
+            for name in os.listdir(path)
+            if name.isdigit() and os.path.isfile(os.path.join(path, name, "saved_model.pb"))
+        )
         if not versions:
-            raise ExportError(f"--model {path!r} holds no saved_model.pb and no numeric "
-                              "version folder with one")
+            raise ExportError(
+                f"--model {path!r} holds no saved_model.pb and no numeric "
+                "version folder with one"
+            )
         path = os.path.join(path, str(versions[-1]))
     return SavedModelBackend(path)
 
@@ -180,9 +196,11 @@ def decision_title(name, score, thresholds, decided=None):
     if thresholds is None:
         return f"{name}: score {score:.3g} (the model holds no thresholds: no decision)"
     label = decided["pred_label"]
-    return (f"{name}: score {score:.3g} {'>' if label else '<='} image threshold "
-            f"{thresholds['image']:.3g}: {'anomalous' if label else 'normal'} "
-            f"(pred_score {decided['pred_score']:.2f})")
+    return (
+        f"{name}: score {score:.3g} {'>' if label else '<='} image threshold "
+        f"{thresholds['image']:.3g}: {'anomalous' if label else 'normal'} "
+        f"(pred_score {decided['pred_score']:.2f})"
+    )
 
 
 def overlay_figure(image, name, heatmap, score, vmax, thresholds, decided=None):
@@ -194,22 +212,36 @@ def overlay_figure(image, name, heatmap, score, vmax, thresholds, decided=None):
     from keras_vae_attn import viz
 
     if thresholds is None:
-        scale = (f"one scale for the images of this run: 0 to {vmax:.3g}, their largest "
-                 "value (no thresholds in the model)")
+        scale = (
+            f"one scale for the images of this run: 0 to {vmax:.3g}, their largest "
+            "value (no thresholds in the model)"
+        )
         mark = None
     else:
-        scale = (f"one scale for all images: 0 to {vmax:.3g} = 2x the pixel threshold "
-                 f"{thresholds['pixel']:.3g} (white line)")
+        scale = (
+            f"one scale for all images: 0 to {vmax:.3g} = 2x the pixel threshold "
+            f"{thresholds['pixel']:.3g} (white line)"
+        )
         mark = thresholds["pixel"]
-    columns = [("input", viz.to_rgb(image[None])),
-               viz.Heatmaps("anomaly attention", heatmap[None], vmax, scale, mark,
-                            notes=[f"score {score:.3g}"])]
-    figure = viz.heatmap_figure(image[None], columns,
-                                title=decision_title(name, score, thresholds, decided),
-                                cell_inches=2.0)
+    columns = [
+        ("input", viz.to_rgb(image[None])),
+        viz.Heatmaps(
+            "anomaly attention", heatmap[None], vmax, scale, mark, notes=[f"score {score:.3g}"]
+        ),
+    ]
+    figure = viz.heatmap_figure(
+        image[None],
+        columns,
+        title=decision_title(name, score, thresholds, decided),
+        cell_inches=2.0,
+    )
     if decided is not None and 0 < decided["pred_mask"].mean() < 1:
-        figure.axes[1].contour(decided["pred_mask"].astype(np.float32), levels=[0.5],
-                               colors="white", linewidths=1.0)
+        figure.axes[1].contour(
+            decided["pred_mask"].astype(np.float32),
+            levels=[0.5],
+            colors="white",
+            linewidths=1.0,
+        )
     return figure
 
 
@@ -217,13 +249,28 @@ def write_overlays(images, outputs, names, out_dir, thresholds):
     """One figure per image (:func:`overlay_figure`) at ``out_dir/<its name>``."""
     from keras_vae_attn import viz
 
-    vmax = 2.0 * thresholds["pixel"] if thresholds else \
-        max(float(outputs["heatmap"].max()), 1e-12)
+    vmax = (
+        2.0 * thresholds["pixel"]
+        if thresholds
+        else max(float(outputs["heatmap"].max()), 1e-12)
+    )
     for index, name in enumerate(names):
-        decided = None if thresholds is None else \
-            {key: outputs[key][index] for key in ("pred_score", "pred_label", "pred_mask")}
-        figure = overlay_figure(images[index], name, outputs["heatmap"][index],
-                                float(outputs["score"][index]), vmax, thresholds, decided)
+        decided = (
+            None
+            if thresholds is None
+            else {
+                key: outputs[key][index] for key in ("pred_score", "pred_label", "pred_mask")
+            }
+        )
+        figure = overlay_figure(
+            images[index],
+            name,
+            outputs["heatmap"][index],
+            float(outputs["score"][index]),
+            vmax,
+            thresholds,
+            decided,
+        )
         viz.save_figure(figure, os.path.join(out_dir, name))
 
 
@@ -233,12 +280,16 @@ def check_out(out_dir, force=False):
     if force or not os.path.lexists(out_dir):
         return
     if not os.path.isdir(out_dir):
-        raise ExportError(f"--out {out_dir!r} already exists and is not a folder; choose "
-                          "another path or pass --force to replace it")
+        raise ExportError(
+            f"--out {out_dir!r} already exists and is not a folder; choose "
+            "another path or pass --force to replace it"
+        )
     if os.listdir(out_dir):
-        raise ExportError(f"--out {out_dir!r} is not empty; choose another folder, or pass "
-                          "--force to remove what an earlier export.infer wrote there (the "
-                          f"files its {SCORES} lists) first")
+        raise ExportError(
+            f"--out {out_dir!r} is not empty; choose another folder, or pass "
+            "--force to remove what an earlier export.infer wrote there (the "
+            f"files its {SCORES} lists) first"
+        )
 
 
 def earlier_outputs(out_dir):
@@ -256,8 +307,11 @@ def earlier_outputs(out_dir):
     for name in names:
         path = os.path.join(out_dir, str(name))
         folder = os.path.realpath(os.path.dirname(path))
-        if (folder == root or folder.startswith(root + os.sep)) \
-                and str(name).endswith(".png") and os.path.isfile(path):
+        if (
+            (folder == root or folder.startswith(root + os.sep))
+            and str(name).endswith(".png")
+            and os.path.isfile(path)
+        ):
             found.append(path)
     return found + [record]
 
@@ -288,13 +342,18 @@ def score_rows(image_paths, names, outputs, thresholds):
     pred_label and pred_mask_fraction."""
     rows = []
     for index, path in enumerate(image_paths):
-        row = {"file": os.path.abspath(path), "overlay": names[index],
-               "score": float(outputs["score"][index]),
-               "heatmap_max": float(outputs["heatmap"][index].max())}
+        row = {
+            "file": os.path.abspath(path),
+            "overlay": names[index],
+            "score": float(outputs["score"][index]),
+            "heatmap_max": float(outputs["heatmap"][index].max()),
+        }
         if thresholds is not None:
-            row.update(pred_score=float(outputs["pred_score"][index]),
-                       pred_label=bool(outputs["pred_label"][index]),
-                       pred_mask_fraction=float(outputs["pred_mask"][index].mean()))
+            row.update(
+                pred_score=float(outputs["pred_score"][index]),
+                pred_label=bool(outputs["pred_label"][index]),
+                pred_mask_fraction=float(outputs["pred_mask"][index].mean()),
+            )
         rows.append(row)
     return rows
 
@@ -311,36 +370,54 @@ def infer(model_path, image_paths, out_dir, batch_size=16, force=False):
     backend = open_model(model_path)
     chunks = []
     for start in range(0, len(image_paths), batch_size):
-        paths = image_paths[start:start + batch_size]
+        paths = image_paths[start : start + batch_size]
         encoded, images = read_files(paths, backend.input_shape)
         chunks.append((images, backend.run_encoded(encoded)))
     images = np.concatenate([c[0] for c in chunks])
     outputs = {key: np.concatenate([c[1][key] for c in chunks]) for key in chunks[0][1]}
     thresholds = backend.info.get("thresholds")
     if thresholds is not None and "pred_score" not in outputs:
-        thresholds = None            # an export of an earlier version: no decisions
+        thresholds = None  # an export of an earlier version: no decisions
     make_out(out_dir)
-    scores = {"backend": backend.kind, "model": os.path.abspath(backend.path),
-              "input_shape": list(backend.input_shape), "thresholds": thresholds,
-              "images": score_rows(image_paths, names, outputs, thresholds)}
+    scores = {
+        "backend": backend.kind,
+        "model": os.path.abspath(backend.path),
+        "input_shape": list(backend.input_shape),
+        "thresholds": thresholds,
+        "images": score_rows(image_paths, names, outputs, thresholds),
+    }
     write_json(os.path.join(out_dir, SCORES), scores)
     write_overlays(images, outputs, names, out_dir, thresholds)
     return scores
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m export.infer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="SavedModel folder, TF Serving model folder, or .onnx file")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.infer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="SavedModel folder, TF Serving model folder, or .onnx file",
+    )
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF)")
-    parser.add_argument("--out", required=True,
-                        help="folder for the figures and scores.json (new or empty)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="images per model call (default: %(default)s)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into a non-empty --out after removing what an earlier "
-                             "export.infer wrote there (or replace an --out file)")
+    parser.add_argument(
+        "--out", required=True, help="folder for the figures and scores.json (new or empty)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per model call (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out after removing what an earlier "
+        "export.infer wrote there (or replace an --out file)",
+    )
     return parser
 
 
@@ -350,12 +427,12 @@ def main(argv=None):
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
-        check_out(args.out, args.force)     # before TensorFlow is even imported
+        check_out(args.out, args.force)  # before TensorFlow is even imported
     except ExportError as error:
         parser.exit(2, f"error: {error}\n")
     from keras_vae_attn.console import start_tensorflow
 
-    start_tensorflow()                            # after the flags, without its banners
+    start_tensorflow()  # after the flags, without its banners
     from keras_vae_attn.data import DataError
     from keras_vae_attn.extras import MissingExtra
 
@@ -365,9 +442,12 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     for row in scores["images"]:
-        decision = "" if "pred_label" not in row else \
-            f"  pred_score {row['pred_score']:.3f}  " + \
-            ("anomalous" if row["pred_label"] else "normal   ")
+        decision = (
+            ""
+            if "pred_label" not in row
+            else f"  pred_score {row['pred_score']:.3f}  "
+            + ("anomalous" if row["pred_label"] else "normal   ")
+        )
         print(f"score {row['score']:.6g}{decision}  {row['file']}")
     print(f"figures and {SCORES} in {args.out}")
     return scores

@@ -5,6 +5,7 @@ data fingerprint, start/end time and status in ``manifest.json``. A stage whose 
 (config + input hashes + data fingerprint) matches its last successful record, and whose
 outputs are still on disk unchanged, is skipped and its artifacts reused.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,9 +36,11 @@ def hash_path(path):
     if os.path.isfile(path):
         files = [(os.path.basename(path), path)]
     else:
-        files = sorted((os.path.relpath(os.path.join(root, name), path),
-                        os.path.join(root, name))
-                       for root, _, names in os.walk(path) for name in names)
+        files = sorted(
+            (os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
+            for root, _, names in os.walk(path)
+            for name in names
+        )
     for relative, full in files:
         digest.update(relative.encode())
         with open(full, "rb") as handle:
@@ -66,8 +69,9 @@ def fingerprint_files(root):
                 size = os.path.getsize(full)
             except OSError as error:
                 kind = "a dangling or looping link" if os.path.islink(full) else "unreadable"
-                raise LineageError(f"data file {full!r} is {kind}: "
-                                   f"{error.strerror or error}") from None
+                raise LineageError(
+                    f"data file {full!r} is {kind}: {error.strerror or error}"
+                ) from None
             digest.update(f"{os.path.relpath(full, root)}:{size}\n".encode())
             count += 1
     return {"sha256": digest.hexdigest(), "files": count}
@@ -93,7 +97,7 @@ class Manifest:
         self.data["stages"][stage] = record
         partial = self.path + ".partial"
         with open(partial, "w", encoding="utf-8") as handle:
-            json.dump(self.data, handle, indent=2)   # stages stay in the order they ran
+            json.dump(self.data, handle, indent=2)  # stages stay in the order they ran
         os.replace(partial, self.path)
 
 
@@ -104,19 +108,24 @@ def read_manifest(path):
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError) as error:
-        raise LineageError(f"{path} is not a pipeline manifest ({error}); move it away, "
-                           "or choose another --pipeline-dir") from None
+        raise LineageError(
+            f"{path} is not a pipeline manifest ({error}); move it away, "
+            "or choose another --pipeline-dir"
+        ) from None
     stages = data.get("stages") if isinstance(data, dict) else None
     if not isinstance(stages, dict) or not all(isinstance(r, dict) for r in stages.values()):
-        raise LineageError(f"{path} is not a pipeline manifest (no \"stages\" object of "
-                           "stage records); move it away, or choose another --pipeline-dir")
+        raise LineageError(
+            f'{path} is not a pipeline manifest (no "stages" object of '
+            "stage records); move it away, or choose another --pipeline-dir"
+        )
     return data
 
 
 def cache_key(config, inputs, data_fingerprint):
     """What a stage's result depends on, as one hash."""
-    blob = json.dumps({"config": config, "inputs": inputs, "data": data_fingerprint},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"config": config, "inputs": inputs, "data": data_fingerprint}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -129,23 +138,50 @@ def run_stage(manifest, name, config, inputs, data_fingerprint, action, force=Fa
     input_hashes = {key: hash_path(path) for key, path in inputs.items()}
     key = cache_key(config, input_hashes, data_fingerprint)
     previous = manifest.record(name)
-    if (not force and previous and previous.get("cache_key") == key
-            and previous.get("status") not in ("failed", "running")
-            and all(os.path.exists(path) and hash_path(path) == digest
-                    for path, digest in previous.get("output_hashes", {}).items())):
+    if (
+        not force
+        and previous
+        and previous.get("cache_key") == key
+        and previous.get("status") not in ("failed", "running")
+        and all(
+            os.path.exists(path) and hash_path(path) == digest
+            for path, digest in previous.get("output_hashes", {}).items()
+        )
+    ):
         return {**previous, "cached": True}
-    record = {"stage": name, "status": "running", "config": config, "inputs": inputs,
-              "input_hashes": input_hashes, "data_fingerprint": data_fingerprint,
-              "versions": package_versions(), "cache_key": key, "started": _now()}
+    record = {
+        "stage": name,
+        "status": "running",
+        "config": config,
+        "inputs": inputs,
+        "input_hashes": input_hashes,
+        "data_fingerprint": data_fingerprint,
+        "versions": package_versions(),
+        "cache_key": key,
+        "started": _now(),
+    }
     manifest.write(name, record)
     try:
         status, outputs, details = action()
     except BaseException as error:
-        manifest.write(name, {**record, "status": "failed", "ended": _now(),
-                              "error": f"{type(error).__name__}: {error}"})
+        manifest.write(
+            name,
+            {
+                **record,
+                "status": "failed",
+                "ended": _now(),
+                "error": f"{type(error).__name__}: {error}",
+            },
+        )
         raise
-    record.update(status=status, outputs=outputs, details=details, ended=_now(),
-                  output_hashes={path: hash_path(path) for path in outputs.values()
-                                 if os.path.exists(path)})
+    record.update(
+        status=status,
+        outputs=outputs,
+        details=details,
+        ended=_now(),
+        output_hashes={
+            path: hash_path(path) for path in outputs.values() if os.path.exists(path)
+        },
+    )
     manifest.write(name, record)
     return {**record, "cached": False}

@@ -29,6 +29,7 @@ in Python instead: :func:`check_images` (``check_images(array, input_shape)``, r
     images = check_images(images, runner.get_inputs()[0].shape[1:])
     outputs = runner.run(None, {"images": images})
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,15 +121,17 @@ def convert(model, options, thresholds=None, opset=DEFAULT_OPSET):
     with tf.device("/cpu:0"):
         try:
             model_proto = function_to_onnx(function, spec, opset, catch_errors=False)
-        except Exception:    # an optimizer pass failed: redo with tf2onnx's rollbacks on
+        except Exception:  # an optimizer pass failed: redo with tf2onnx's rollbacks on
             model_proto = function_to_onnx(function, spec, opset, catch_errors=True)
     missing = unsupported_nodes(model_proto)
     if missing:
         listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
-        raise ExportError(f"the attention graph at layer(s) {'+'.join(options.layers)!r} needs "
-                          f"TensorFlow ops that have no ONNX handler at opset {opset}: "
-                          f"{listed}. export.onnx_handlers covers "
-                          f"{', '.join(onnx_handlers.HANDLED_OPS)}")
+        raise ExportError(
+            f"the attention graph at layer(s) {'+'.join(options.layers)!r} needs "
+            f"TensorFlow ops that have no ONNX handler at opset {opset}: "
+            f"{listed}. export.onnx_handlers covers "
+            f"{', '.join(onnx_handlers.HANDLED_OPS)}"
+        )
     return model_proto
 
 
@@ -163,16 +166,19 @@ def session(model_bytes_or_path, threads=0):
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(model_bytes_or_path, options,
-                                        providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        model_bytes_or_path, options, providers=["CPUExecutionProvider"]
+    )
 
 
 def parity(model, options, thresholds, model_proto, images):
     """max |onnx - keras| / range of the Keras heatmap, for float ``images`` (B, H, W, C)."""
     import numpy as np
 
-    expected = {k: np.asarray(v) for k, v in
-                anomaly_outputs(model, images, options, thresholds).items()}
+    expected = {
+        k: np.asarray(v)
+        for k, v in anomaly_outputs(model, images, options, thresholds).items()
+    }
     runner = session(model_proto.SerializeToString())
     names = [output.name for output in runner.get_outputs()]
     got = dict(zip(names, runner.run(None, {"images": images})))
@@ -205,7 +211,7 @@ def agreement(got, want):
     diff = np.abs(got - want) / scale
     diff[~np.isfinite(diff)] = np.inf
     per_image = (diff > PARITY_TOLERANCE).reshape(len(diff), -1).mean(axis=1)
-    high = float(np.quantile(diff, 0.99, method="higher"))    # no inf - inf with NaN maps
+    high = float(np.quantile(diff, 0.99, method="higher"))  # no inf - inf with NaN maps
     return Agreement(float(per_image.max()), high, float(diff.max()))
 
 
@@ -240,15 +246,19 @@ def verify_graph(run, thresholds, model_proto, seed=0):
     Returns the largest difference seen (a fraction of the heatmap's range)."""
     import numpy as np
 
-    batches = {"noise": np.random.default_rng(seed).random(
-        (CHECK_IMAGES, *input_shape(run.model)), dtype=np.float32)}
+    batches = {
+        "noise": np.random.default_rng(seed).random(
+            (CHECK_IMAGES, *input_shape(run.model)), dtype=np.float32
+        )
+    }
     own = run_images(run)
     if own is not None:
         batches["the run's training images"] = own
     largest = 0.0
     for label, images in batches.items():
-        want = np.asarray(anomaly_outputs(run.model, images, run.options,
-                                          thresholds)["heatmap"])
+        want = np.asarray(
+            anomaly_outputs(run.model, images, run.options, thresholds)["heatmap"]
+        )
         found = agreement(onnx_heatmaps(model_proto, images), want)
         if not found.ok:
             raise ExportError(
@@ -256,7 +266,8 @@ def verify_graph(run, thresholds, model_proto, seed=0):
                 f"{found.share:.1%} of an image's pixels differ by more than "
                 f"{PARITY_TOLERANCE:.0e} of the map's range (allowed {PARITY_SHARE:.0%}), "
                 f"the largest by {found.largest:.2e} (allowed {PARITY_CEILING:.0e}); "
-                "nothing was written (--no-verify skips this check)")
+                "nothing was written (--no-verify skips this check)"
+            )
         largest = max(largest, found.largest)
     return largest
 
@@ -268,8 +279,9 @@ def add_metadata(model_proto, run, thresholds):
         entry = model_proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     outputs = ", ".join([*SERVING_OUTPUTS, *(DECISION_OUTPUTS if thresholds else ())])
-    model_proto.doc_string = ("keras-vae-attn anomaly attention: images float32 (B, H, W, C) "
-                              f"in [0, 1] -> {outputs}")
+    model_proto.doc_string = (
+        f"keras-vae-attn anomaly attention: images float32 (B, H, W, C) in [0, 1] -> {outputs}"
+    )
 
 
 def read_metadata(path):
@@ -280,7 +292,7 @@ def read_metadata(path):
 
     try:
         model_proto = onnx.load(path, load_external_data=False)
-    except Exception as error:   # OSError, or protobuf's DecodeError for a non-ONNX file
+    except Exception as error:  # OSError, or protobuf's DecodeError for a non-ONNX file
         raise ExportError(f"cannot read the ONNX model {path!r}: {error}") from None
     return parse_metadata({p.key: p.value for p in model_proto.metadata_props})
 
@@ -297,11 +309,19 @@ def parse_metadata(props):
     return parsed
 
 
-STAGES = 4     # load, trace and convert, parity check, write
+STAGES = 4  # load, trace and convert, parity check, write
 
 
-def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, verify=True,
-           seed=0, progress=no_stages):
+def export(
+    run_dir,
+    out,
+    opset=DEFAULT_OPSET,
+    force=False,
+    thresholds=None,
+    verify=True,
+    seed=0,
+    progress=no_stages,
+):
     """Convert run ``run_dir`` and write ``out`` atomically; returns the parity (or None).
 
     Refusals (``out`` exists without ``force``, no trained model, a graph op without a
@@ -317,13 +337,18 @@ def export(run_dir, out, opset=DEFAULT_OPSET, force=False, thresholds=None, veri
     try:
         check_options(run)
     except ValueError as error:
-        raise ExportError(f"cannot build the attention graph of {run_dir!r}: {error}") from None
+        raise ExportError(
+            f"cannot build the attention graph of {run_dir!r}: {error}"
+        ) from None
     progress(f"tracing the attention graph and converting it to ONNX (opset {opset})")
     model_proto = convert(run.model, run.options, values, opset)
     add_metadata(model_proto, run, values)
     difference = None
-    progress("checking the ONNX heatmaps against the model's" if verify else
-             "parity check skipped (--no-verify)")
+    progress(
+        "checking the ONNX heatmaps against the model's"
+        if verify
+        else "parity check skipped (--no-verify)"
+    )
     if verify:
         difference = verify_graph(run, values, model_proto, seed)
     folder = os.path.dirname(os.path.abspath(out))
@@ -349,8 +374,10 @@ def check_opset(opset):
 
     highest = max(constants.OPSET_TO_IR_VERSION)
     if not MIN_OPSET <= opset <= highest:
-        raise ExportError(f"--opset must be between {MIN_OPSET} and {highest} (the "
-                          f"highest tf2onnx {tf2onnx.__version__} converts to), got {opset}")
+        raise ExportError(
+            f"--opset must be between {MIN_OPSET} and {highest} (the "
+            f"highest tf2onnx {tf2onnx.__version__} converts to), got {opset}"
+        )
 
 
 def require_onnx_packages():
@@ -369,25 +396,38 @@ def remove_stale_partials(out):
     folder = os.path.dirname(os.path.abspath(out))
     prefix = os.path.basename(out) + ".partial-"
     for name in os.listdir(folder):
-        pid = name[len(prefix):]
+        pid = name[len(prefix) :]
         if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
             os.remove(os.path.join(folder, name))
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m export.onnx",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--run", required=True, help="trained run folder (holds model/)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (>= {MIN_OPSET}; >= 16 for a max-pool after "
-                             "the attention layer)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset (>= {MIN_OPSET}; >= 16 for a max-pool after the attention layer)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing file")
-    parser.add_argument("--thresholds", default=None,
-                        help="thresholds.json (pixel, image): adds pred_score, pred_label "
-                             "and pred_mask outputs")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip running the converted graph against the model")
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        help="thresholds.json (pixel, image): adds pred_score, pred_label "
+        "and pred_mask outputs",
+    )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip running the converted graph against the model",
+    )
     return parser
 
 
@@ -395,18 +435,26 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.opset < MIN_OPSET:
-        parser.error(f"--opset must be at least {MIN_OPSET} (dynamic reduction axes), "
-                     f"got {args.opset}")
+        parser.error(
+            f"--opset must be at least {MIN_OPSET} (dynamic reduction axes), got {args.opset}"
+        )
     if not args.out.endswith(".onnx"):
         parser.error(f"--out {args.out!r} must name a .onnx file")
     from keras_vae_attn.console import start_tensorflow
     from keras_vae_attn.extras import MissingExtra
 
     try:
-        start_tensorflow()              # tf2onnx imports it: banners filtered first
+        start_tensorflow()  # tf2onnx imports it: banners filtered first
         require_onnx_packages()
-        difference = export(args.run, args.out, args.opset, args.force, args.thresholds,
-                            args.verify, progress=Stages("export.onnx", STAGES))
+        difference = export(
+            args.run,
+            args.out,
+            args.opset,
+            args.force,
+            args.thresholds,
+            args.verify,
+            progress=Stages("export.onnx", STAGES),
+        )
     except (ExportError, MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -414,8 +462,11 @@ def main(argv=None):
         print(f"export.onnx: interrupted; {args.out} was not written", file=sys.stderr)
         raise SystemExit(130) from None
     warn_incomplete(args.run)
-    checked = "" if difference is None else \
-        f" (heatmap parity with the model: {difference:.1e} of its range)"
+    checked = (
+        ""
+        if difference is None
+        else f" (heatmap parity with the model: {difference:.1e} of its range)"
+    )
     print(f"ONNX model written to {args.out}{checked}")
     return args.out
 

@@ -26,6 +26,7 @@ defined at the kink.
 Importing this module registers them with tf2onnx's ``tf_op`` registry (default ONNX
 domain), so any later conversion uses them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,14 @@ from tf2onnx.graph_builder import GraphBuilder
 from tf2onnx.handler import tf_op
 
 #: TensorFlow ops this module adds (or replaces) handlers for.
-HANDLED_OPS = ("ReluGrad", "ShapeN", "BroadcastGradientArgs", "MaxPoolGrad", "DynamicStitch",
-               "ParallelDynamicStitch")
+HANDLED_OPS = (
+    "ReluGrad",
+    "ShapeN",
+    "BroadcastGradientArgs",
+    "MaxPoolGrad",
+    "DynamicStitch",
+    "ParallelDynamicStitch",
+)
 
 
 def _replace(ctx, node, op_type, inputs, attr=None, output_count=None):
@@ -47,8 +54,15 @@ def _replace(ctx, node, op_type, inputs, attr=None, output_count=None):
     dtypes = [ctx.get_dtype(name) for name in outputs]
     name = node.name
     ctx.remove_node(name)
-    return ctx.make_node(op_type, inputs, attr=attr or {}, name=name, outputs=outputs,
-                         shapes=shapes, dtypes=dtypes)
+    return ctx.make_node(
+        op_type,
+        inputs,
+        attr=attr or {},
+        name=name,
+        outputs=outputs,
+        shapes=shapes,
+        dtypes=dtypes,
+    )
 
 
 def _const(ctx, value, dtype):
@@ -89,8 +103,9 @@ class ShapeN:
                 ctx.make_node("Shape", [source], outputs=[output], dtypes=[dtype])
             else:
                 shape = ctx.make_node("Shape", [source]).output[0]
-                ctx.make_node("Cast", [shape], attr={"to": dtype}, outputs=[output],
-                              dtypes=[dtype])
+                ctx.make_node(
+                    "Cast", [shape], attr={"to": dtype}, outputs=[output], dtypes=[dtype]
+                )
 
 
 @tf_op("BroadcastGradientArgs")
@@ -114,18 +129,27 @@ class BroadcastGradientArgs:
         results = []
         for shape, length in zip(shapes, lengths):
             missing = ctx.make_node("Sub", [rank, length]).output[0]
-            ones = ctx.make_node("ConstantOfShape", [missing], attr={
-                "value": helper.make_tensor("value", TensorProto.INT64, [1], [1])}).output[0]
+            ones = ctx.make_node(
+                "ConstantOfShape",
+                [missing],
+                attr={"value": helper.make_tensor("value", TensorProto.INT64, [1], [1])},
+            ).output[0]
             padded = ctx.make_node("Concat", [ones, shape], attr={"axis": 0}).output[0]
             is_one = ctx.make_node("Equal", [padded, one]).output[0]
-            axes = ctx.make_node("NonZero", [is_one]).output[0]          # (1, k)
+            axes = ctx.make_node("NonZero", [is_one]).output[0]  # (1, k)
             flat = ctx.make_node("Reshape", [axes, _const(ctx, [-1], np.int64)]).output[0]
             results.append(flat)
         outputs = list(node.output)
         ctx.remove_node(node.name)
         for flat, output in zip(results, outputs):
-            ctx.make_node("Cast", [flat], attr={"to": out_dtype}, outputs=[output],
-                          shapes=[[-1]], dtypes=[out_dtype])
+            ctx.make_node(
+                "Cast",
+                [flat],
+                attr={"to": out_dtype},
+                outputs=[output],
+                shapes=[[-1]],
+                dtypes=[out_dtype],
+            )
 
 
 @tf_op("MaxPoolGrad")
@@ -146,28 +170,46 @@ class MaxPoolGrad:
         data_format = data_format.decode() if isinstance(data_format, bytes) else data_format
         padding = node.get_attr_value("padding")
         padding = padding.decode() if isinstance(padding, bytes) else padding
-        utils.make_sure(padding in ("SAME", "VALID"),
-                        "MaxPoolGrad with padding %s has no ONNX handler", padding)
+        utils.make_sure(
+            padding in ("SAME", "VALID"),
+            "MaxPoolGrad with padding %s has no ONNX handler",
+            padding,
+        )
         ksize = node.get_attr_value("ksize")
         strides = node.get_attr_value("strides")
         channels_last = data_format == "NHWC"
         spatial = slice(1, 3) if channels_last else slice(2, 4)
         if channels_last:
-            original = ctx.make_node("Transpose", [original], attr={"perm": [0, 3, 1, 2]}).output[0]
-            gradient = ctx.make_node("Transpose", [gradient], attr={"perm": [0, 3, 1, 2]}).output[0]
-        pool = ctx.make_node("MaxPool", [original], output_count=2, attr={
-            "kernel_shape": list(ksize[spatial]), "strides": list(strides[spatial]),
-            "auto_pad": "SAME_UPPER" if padding == "SAME" else "VALID"})
+            original = ctx.make_node(
+                "Transpose", [original], attr={"perm": [0, 3, 1, 2]}
+            ).output[0]
+            gradient = ctx.make_node(
+                "Transpose", [gradient], attr={"perm": [0, 3, 1, 2]}
+            ).output[0]
+        pool = ctx.make_node(
+            "MaxPool",
+            [original],
+            output_count=2,
+            attr={
+                "kernel_shape": list(ksize[spatial]),
+                "strides": list(strides[spatial]),
+                "auto_pad": "SAME_UPPER" if padding == "SAME" else "VALID",
+            },
+        )
         flat = _const(ctx, [-1], np.int64)
         indices = ctx.make_node("Reshape", [pool.output[1], flat]).output[0]
         updates = ctx.make_node("Reshape", [gradient, flat]).output[0]
         shape = ctx.make_node("Shape", [original]).output[0]
         size = ctx.make_node("ReduceProd", [shape], attr={"keepdims": 1}).output[0]
         dtype = ctx.get_dtype(node.output[0])
-        zeros = ctx.make_node("ConstantOfShape", [size], attr={
-            "value": helper.make_tensor("value", dtype, [1], [0])}).output[0]
-        summed = ctx.make_node("ScatterElements", [zeros, indices, updates],
-                               attr={"axis": 0, "reduction": "add"}).output[0]
+        zeros = ctx.make_node(
+            "ConstantOfShape",
+            [size],
+            attr={"value": helper.make_tensor("value", dtype, [1], [0])},
+        ).output[0]
+        summed = ctx.make_node(
+            "ScatterElements", [zeros, indices, updates], attr={"axis": 0, "reduction": "add"}
+        ).output[0]
         if not channels_last:
             _replace(ctx, node, "Reshape", [summed, shape])
             return
@@ -189,44 +231,74 @@ class DynamicStitch:
         count = len(node.input) // 2
         builder = GraphBuilder(ctx)
         flat = _const(ctx, [-1], np.int64)
-        indices = [ctx.make_node("Reshape", [_to_int64(ctx, name), flat]).output[0]
-                   for name in node.input[:count]]
+        indices = [
+            ctx.make_node("Reshape", [_to_int64(ctx, name), flat]).output[0]
+            for name in node.input[:count]
+        ]
         data = []
         for index_name, data_name in zip(node.input[:count], node.input[count:]):
             index_rank = len(ctx.get_shape(index_name) or [])
-            utils.make_sure(ctx.get_shape(index_name) is not None and index_rank <= 1,
-                            "DynamicStitch handler takes rank-0/1 indices, got %s", index_name)
-            data.append(data_name if index_rank == 1 else
-                        builder.make_unsqueeze({"data": data_name, "axes": [0]}))
-        index = ctx.make_node("Concat", indices, attr={"axis": 0}).output[0]      # (n,)
-        values = ctx.make_node("Concat", data, attr={"axis": 0}).output[0]        # (n, ...)
+            utils.make_sure(
+                ctx.get_shape(index_name) is not None and index_rank <= 1,
+                "DynamicStitch handler takes rank-0/1 indices, got %s",
+                index_name,
+            )
+            data.append(
+                data_name
+                if index_rank == 1
+                else builder.make_unsqueeze({"data": data_name, "axes": [0]})
+            )
+        index = ctx.make_node("Concat", indices, attr={"axis": 0}).output[0]  # (n,)
+        values = ctx.make_node("Concat", data, attr={"axis": 0}).output[0]  # (n, ...)
         size = ctx.make_node("Shape", [index]).output[0]
-        position = ctx.make_node("Range", [_const(ctx, 0, np.int64),
-                                           builder.make_squeeze({"data": size, "axes": [0]}),
-                                           _const(ctx, 1, np.int64)]).output[0]
+        position = ctx.make_node(
+            "Range",
+            [
+                _const(ctx, 0, np.int64),
+                builder.make_squeeze({"data": size, "axes": [0]}),
+                _const(ctx, 1, np.int64),
+            ],
+        ).output[0]
         column = builder.make_unsqueeze({"data": index, "axes": [1]})
         row = builder.make_unsqueeze({"data": index, "axes": [0]})
         same = ctx.make_node("Equal", [column, row]).output[0]
-        later = ctx.make_node("Less", [builder.make_unsqueeze({"data": position, "axes": [1]}),
-                                       builder.make_unsqueeze({"data": position, "axes": [0]})]
-                              ).output[0]
-        overridden = ctx.make_node("Cast", [ctx.make_node("And", [same, later]).output[0]],
-                                   attr={"to": TensorProto.FLOAT}).output[0]
+        later = ctx.make_node(
+            "Less",
+            [
+                builder.make_unsqueeze({"data": position, "axes": [1]}),
+                builder.make_unsqueeze({"data": position, "axes": [0]}),
+            ],
+        ).output[0]
+        overridden = ctx.make_node(
+            "Cast",
+            [ctx.make_node("And", [same, later]).output[0]],
+            attr={"to": TensorProto.FLOAT},
+        ).output[0]
         overridden = builder.make_reduce_max({"data": overridden, "axes": [1], "keepdims": 0})
         keep = ctx.make_node("Equal", [overridden, _const(ctx, 0, np.float32)]).output[0]
         index = ctx.make_node("Compress", [index, keep], attr={"axis": 0}).output[0]
         values = ctx.make_node("Compress", [values, keep], attr={"axis": 0}).output[0]
-        rows = ctx.make_node("Add", [builder.make_reduce_max(
-            {"data": index, "axes": [0], "keepdims": 1}), _const(ctx, [1], np.int64)]).output[0]
+        rows = ctx.make_node(
+            "Add",
+            [
+                builder.make_reduce_max({"data": index, "axes": [0], "keepdims": 1}),
+                _const(ctx, [1], np.int64),
+            ],
+        ).output[0]
         value_shape = ctx.make_node("Shape", [values]).output[0]
-        tail = builder.make_slice({"data": value_shape, "starts": [1], "ends": [2 ** 62],
-                                   "axes": [0]})
+        tail = builder.make_slice(
+            {"data": value_shape, "starts": [1], "ends": [2**62], "axes": [0]}
+        )
         out_shape = ctx.make_node("Concat", [rows, tail], attr={"axis": 0}).output[0]
         dtype = ctx.get_dtype(node.output[0])
-        zeros = ctx.make_node("ConstantOfShape", [out_shape], attr={
-            "value": helper.make_tensor("value", dtype, [1], [0])}).output[0]
+        zeros = ctx.make_node(
+            "ConstantOfShape",
+            [out_shape],
+            attr={"value": helper.make_tensor("value", dtype, [1], [0])},
+        ).output[0]
         value_rank = len(ctx.get_shape(node.input[count]) or []) + (
-            1 - len(ctx.get_shape(node.input[0]) or []))
+            1 - len(ctx.get_shape(node.input[0]) or [])
+        )
         if value_rank > 1:
             index = builder.make_unsqueeze({"data": index, "axes": list(range(1, value_rank))})
         index = ctx.make_node("Expand", [index, value_shape]).output[0]

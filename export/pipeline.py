@@ -26,6 +26,7 @@ The pipeline owns only what it creates: its folder holds a marker file
 (:data:`MARKER`) naming the entries it writes, a ``--pipeline-dir`` holding anything
 else (or overlapping the data) is refused, and it deletes nothing outside those entries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,16 +55,29 @@ from keras_vae_attn.runs import write_json
 STAGES = ("train", "evaluate", "validate", "export", "push")
 METHOD = "anomaly_attention"
 #: Rows of the run's metrics.json a candidate may be compared with (--reference).
-REFERENCES = ("recon_error", "feature_deviation", "mean_image_difference",
-              "pixel_deviation", "none")
-NOT_BLESSED = 3            # exit code of a run whose candidate was not blessed
+REFERENCES = (
+    "recon_error",
+    "feature_deviation",
+    "mean_image_difference",
+    "pixel_deviation",
+    "none",
+)
+NOT_BLESSED = 3  # exit code of a run whose candidate was not blessed
 GATED_METRICS = ("pixel_auroc", "image_auroc", "aupro")
 LINEAGE = "lineage.json"
 #: The file that marks a folder as a pipeline's, and the entries the pipeline writes
 #: there (its own bookkeeping; nothing else in the folder is ever touched).
 MARKER = ".export-pipeline.json"
-OWNED = (MARKER, lineage.MANIFEST, "train", "evaluate", "export", "data", "holdout.json",
-         "blessing.json")
+OWNED = (
+    MARKER,
+    lineage.MANIFEST,
+    "train",
+    "evaluate",
+    "export",
+    "data",
+    "holdout.json",
+    "blessing.json",
+)
 
 
 class PipelineError(Exception):
@@ -73,6 +87,7 @@ class PipelineError(Exception):
 def number(low=None, high=None, low_open=False, high_open=False):
     """An argparse type: a finite float within [low, high] (open ends as asked), so a
     NaN floor or tolerance cannot bless an unjudged model."""
+
     def parse(text):
         try:
             value = float(text)
@@ -86,6 +101,7 @@ def number(low=None, high=None, low_open=False, high_open=False):
             where = f"in {left}, {right}" if high is not None else f">= {low:g}"
             raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text}")
         return value
+
     return parse
 
 
@@ -98,48 +114,99 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = OneLineParser(prog="python -m export.pipeline", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--category", required=True,
-                        help="MVTec AD category under --data-dir (e.g. cable)")
-    parser.add_argument("--data-dir", default=os.environ.get("MVTEC_AD_ROOT"),
-                        help="MVTec AD root (default: $MVTEC_AD_ROOT)")
-    parser.add_argument("--serving-dir", required=True,
-                        help="TF Serving model base path: <dir>/<model name>/<version>/")
+    parser = OneLineParser(
+        prog="python -m export.pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--category", required=True, help="MVTec AD category under --data-dir (e.g. cable)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("MVTEC_AD_ROOT"),
+        help="MVTec AD root (default: $MVTEC_AD_ROOT)",
+    )
+    parser.add_argument(
+        "--serving-dir",
+        required=True,
+        help="TF Serving model base path: <dir>/<model name>/<version>/",
+    )
     parser.add_argument("--model-name", default=None, help="default: vae_<category>")
-    parser.add_argument("--pipeline-dir", default=None,
-                        help="artifact folder (default: runs/pipeline/<category>)")
-    parser.add_argument("--from-stage", choices=STAGES, default=None,
-                        help="rerun this stage and every later one even if cached")
-    parser.add_argument("--holdout", type=number(0, 1, True, True), default=0.1,
-                        help="fraction of train/good held out to calibrate thresholds")
-    parser.add_argument("--validation-dir", default=None,
-                        help="labelled MVTec-layout root: calibrate F1-optimal thresholds "
-                             "on its test split instead of normal percentiles")
-    parser.add_argument("--pixel-percentile", type=number(0, 100), default=99.5,
-                        help="pixel threshold: this percentile of the held-out normal "
-                             "images' heatmaps (default: %(default)s)")
-    parser.add_argument("--image-percentile", type=number(0, 100), default=99.0,
-                        help="image threshold: this percentile of their image scores "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--pipeline-dir",
+        default=None,
+        help="artifact folder (default: runs/pipeline/<category>)",
+    )
+    parser.add_argument(
+        "--from-stage",
+        choices=STAGES,
+        default=None,
+        help="rerun this stage and every later one even if cached",
+    )
+    parser.add_argument(
+        "--holdout",
+        type=number(0, 1, True, True),
+        default=0.1,
+        help="fraction of train/good held out to calibrate thresholds",
+    )
+    parser.add_argument(
+        "--validation-dir",
+        default=None,
+        help="labelled MVTec-layout root: calibrate F1-optimal thresholds "
+        "on its test split instead of normal percentiles",
+    )
+    parser.add_argument(
+        "--pixel-percentile",
+        type=number(0, 100),
+        default=99.5,
+        help="pixel threshold: this percentile of the held-out normal "
+        "images' heatmaps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-percentile",
+        type=number(0, 100),
+        default=99.0,
+        help="image threshold: this percentile of their image scores (default: %(default)s)",
+    )
     for metric in GATED_METRICS:
-        parser.add_argument(f"--min-{metric.replace('_', '-')}", type=number(0, 1),
-                            default=None,
-                            help=f"bless only if {metric} of the anomaly attention >= this")
-    parser.add_argument("--reference", choices=REFERENCES, default="recon_error",
-                        help="bless only if the anomaly attention is no worse than this "
-                             "map of the same run (metrics.json 'methods') on every gated "
-                             "metric; 'none' requires a --min-* floor")
-    parser.add_argument("--tolerance", type=number(0), default=0.01,
-                        help="how much worse than the reference and the served model a "
-                             "candidate may be")
-    parser.add_argument("--seed", type=seed_value, default=0,
-                        help="the trainer's --seed (default: %(default)s)")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="export stage: skip export.onnx's check of the converted "
-                             "graph against the model")
-    parser.add_argument("trainer_args", nargs="*",
-                        help="after `--`: extra flags for trainers.mvtec (e.g. --epochs 5)")
+        parser.add_argument(
+            f"--min-{metric.replace('_', '-')}",
+            type=number(0, 1),
+            default=None,
+            help=f"bless only if {metric} of the anomaly attention >= this",
+        )
+    parser.add_argument(
+        "--reference",
+        choices=REFERENCES,
+        default="recon_error",
+        help="bless only if the anomaly attention is no worse than this "
+        "map of the same run (metrics.json 'methods') on every gated "
+        "metric; 'none' requires a --min-* floor",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=number(0),
+        default=0.01,
+        help="how much worse than the reference and the served model a candidate may be",
+    )
+    parser.add_argument(
+        "--seed",
+        type=seed_value,
+        default=0,
+        help="the trainer's --seed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="export stage: skip export.onnx's check of the converted graph against the model",
+    )
+    parser.add_argument(
+        "trainer_args",
+        nargs="*",
+        help="after `--`: extra flags for trainers.mvtec (e.g. --epochs 5)",
+    )
     return parser
 
 
@@ -175,7 +242,7 @@ def _kill_children():
         kill_group(process)
 
 
-_PR_SET_PDEATHSIG = 1       # linux/prctl.h
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _dies_with(parent_pid):
@@ -183,11 +250,11 @@ def _dies_with(parent_pid):
     SIGKILL, which no handler of the pipeline can catch. Elsewhere: a no-op."""
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(None, use_errno=True)         # loaded before the fork
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
 
     def set_death_signal():
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:               # the pipeline died before prctl
+        if os.getppid() != parent_pid:  # the pipeline died before prctl
             os.kill(os.getpid(), signal.SIGTERM)
 
     return set_death_signal
@@ -209,8 +276,9 @@ def run_child(command):
     CHILD_GRACE_S to exit before it is killed, and Interrupted (exit 128 + the signal)
     is raised; however this returns, nothing of the group is left running.
     """
-    process = subprocess.Popen(command, start_new_session=True,
-                               preexec_fn=_dies_with(os.getpid()))
+    process = subprocess.Popen(
+        command, start_new_session=True, preexec_fn=_dies_with(os.getpid())
+    )
     _children.add(process)
     stopped = []
 
@@ -219,9 +287,10 @@ def run_child(command):
         stopped.append(signum)
         raise Interrupted(signum)
 
-    handle = threading.current_thread() is threading.main_thread()   # signals: main only
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS} \
-        if handle else {}
+    handle = threading.current_thread() is threading.main_thread()  # signals: main only
+    previous = (
+        {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS} if handle else {}
+    )
     try:
         code = process.wait()
     finally:
@@ -232,7 +301,7 @@ def run_child(command):
                 process.wait(timeout=CHILD_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-        kill_group(process)            # grandchildren too, whatever happened
+        kill_group(process)  # grandchildren too, whatever happened
         process.wait()
         _children.discard(process)
     if code:
@@ -248,15 +317,16 @@ class Pipeline:
         self.root = os.path.abspath(pipeline_dir(args))
         category = os.path.join(args.data_dir, args.category)
         if not os.path.isdir(category):
-            raise PipelineError(f"--data-dir {args.data_dir!r} holds no category folder "
-                                f"{args.category!r}")
+            raise PipelineError(
+                f"--data-dir {args.data_dir!r} holds no category folder {args.category!r}"
+            )
         check_apart(self.root, category)
         check_serving_outside(self.root, args.serving_dir)
         self.data = lineage.fingerprint_files(category)
         claim_folder(self.root)
         self.manifest = lineage.Manifest(self.root)
         self.forced = False
-        self.current = None           # the stage running now (named when interrupted)
+        self.current = None  # the stage running now (named when interrupted)
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -277,16 +347,21 @@ class Pipeline:
         # only when its config or the content of its inputs changed (cache key)
         self.current = name
         self.forced = self.forced or self.args.from_stage == name
-        record = lineage.run_stage(self.manifest, name, config, inputs, self.data, action,
-                                   force=self.forced)
+        record = lineage.run_stage(
+            self.manifest, name, config, inputs, self.data, action, force=self.forced
+        )
         verdict = "cached" if record["cached"] else record["status"]
         print(f"[{name}] {verdict}", file=sys.stderr)
         return record
 
     # --- train ------------------------------------------------------------------------
     def train(self):
-        config = {"category": self.args.category, "holdout": self.args.holdout,
-                  "seed": self.args.seed, "trainer_args": self.args.trainer_args}
+        config = {
+            "category": self.args.category,
+            "holdout": self.args.holdout,
+            "seed": self.args.seed,
+            "trainer_args": self.args.trainer_args,
+        }
         resume = self.interrupted("train", config) and not self.args.from_stage == "train"
         return self.stage("train", config, {}, lambda: self._train(resume))
 
@@ -294,8 +369,9 @@ class Pipeline:
         """Whether stage ``name`` last started with this same config and never finished
         (killed: "running", or stopped by a signal or an error: "failed")."""
         previous = self.manifest.record(name) or {}
-        return (previous.get("status") in ("running", "failed")
-                and previous.get("cache_key") == lineage.cache_key(config, {}, self.data))
+        return previous.get("status") in ("running", "failed") and previous.get(
+            "cache_key"
+        ) == lineage.cache_key(config, {}, self.data)
 
     def _train(self, resume=False):
         """Run the trainer on the training view; with ``resume`` its run folder is kept,
@@ -303,8 +379,11 @@ class Pipeline:
         from keras_vae_attn.data import mvtec
 
         files = mvtec.train_files(self.args.data_dir, self.args.category)
-        held = sorted(random.Random(self.args.seed).sample(
-            files, max(1, int(round(self.args.holdout * len(files))))))
+        held = sorted(
+            random.Random(self.args.seed).sample(
+                files, max(1, int(round(self.args.holdout * len(files))))
+            )
+        )
         view = self._training_view(set(held))
         run_dir = self.path("train")
         if resume and os.path.isdir(run_dir):
@@ -312,19 +391,39 @@ class Pipeline:
         else:
             self.remove("train")
         # the pipeline holds its own normal images out; the trainer need not hold out more
-        own_holdout = [] if any(a.startswith("--calibration-holdout")
-                                for a in self.args.trainer_args) else \
-            ["--calibration-holdout", "0"]
-        command = [sys.executable, "-m", "trainers.mvtec", "--category", self.args.category,
-                   "--data-dir", view, "--run-dir", run_dir, "--seed", str(self.args.seed),
-                   *own_holdout, *self.args.trainer_args]
+        own_holdout = (
+            []
+            if any(a.startswith("--calibration-holdout") for a in self.args.trainer_args)
+            else ["--calibration-holdout", "0"]
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "trainers.mvtec",
+            "--category",
+            self.args.category,
+            "--data-dir",
+            view,
+            "--run-dir",
+            run_dir,
+            "--seed",
+            str(self.args.seed),
+            *own_holdout,
+            *self.args.trainer_args,
+        ]
         run_child(command)
         holdout = self.path("holdout.json")
         write_json(holdout, held)
-        return "done", {"model": os.path.join(run_dir, "model"), "holdout": holdout,
-                        "config": os.path.join(run_dir, "config.json"),
-                        "metrics": os.path.join(run_dir, "metrics.json")}, \
-            {"train_images": len(files) - len(held), "held_out": len(held)}
+        return (
+            "done",
+            {
+                "model": os.path.join(run_dir, "model"),
+                "holdout": holdout,
+                "config": os.path.join(run_dir, "config.json"),
+                "metrics": os.path.join(run_dir, "metrics.json"),
+            },
+            {"train_images": len(files) - len(held), "held_out": len(held)},
+        )
 
     def _training_view(self, held):
         """A data root that links to the real one, minus the held-out normal images: a
@@ -339,8 +438,9 @@ class Pipeline:
         os.makedirs(good)
         for name in os.listdir(source):
             if name != "train":
-                os.symlink(os.path.join(source, name), os.path.join(view, self.args.category,
-                                                                    name))
+                os.symlink(
+                    os.path.join(source, name), os.path.join(view, self.args.category, name)
+                )
         for path in mvtec.train_files(self.args.data_dir, self.args.category):
             if path not in held:
                 os.symlink(os.path.abspath(path), os.path.join(good, os.path.basename(path)))
@@ -350,11 +450,15 @@ class Pipeline:
     def evaluate(self, trained):
         # "predictions": an evaluate record from before it wrote predictions.csv is
         # not reused, so every pipeline folder gets the served decisions
-        config = {"validation_dir": self.args.validation_dir,
-                  "pixel_percentile": self.args.pixel_percentile,
-                  "image_percentile": self.args.image_percentile, "predictions": True}
-        return self.stage("evaluate", config, trained["outputs"],
-                          lambda: self._evaluate(trained["outputs"]))
+        config = {
+            "validation_dir": self.args.validation_dir,
+            "pixel_percentile": self.args.pixel_percentile,
+            "image_percentile": self.args.image_percentile,
+            "predictions": True,
+        }
+        return self.stage(
+            "evaluate", config, trained["outputs"], lambda: self._evaluate(trained["outputs"])
+        )
 
     def _evaluate(self, trained):
         """The trainer's test-set metrics, thresholds calibrated on held-out data, and
@@ -377,31 +481,58 @@ class Pipeline:
         options = explain_options(train_config)
         thresholds, source = calibrate_run(model, options, train_config, held, self.args)
         metrics["predictions"] = served_predictions(
-            model, options, train_config, self.args.data_dir, self.args.category,
-            thresholds, source, out_dir)
+            model,
+            options,
+            train_config,
+            self.args.data_dir,
+            self.args.category,
+            thresholds,
+            source,
+            out_dir,
+        )
         metrics_path = os.path.join(out_dir, "metrics.json")
         thresholds_path = os.path.join(out_dir, THRESHOLDS)
         write_json(metrics_path, metrics)
         run_dir = os.path.dirname(trained["config"])
-        for name in (PREDICTIONS, THRESHOLDS):     # one set of decisions in the folder
+        for name in (PREDICTIONS, THRESHOLDS):  # one set of decisions in the folder
             shutil.copyfile(os.path.join(out_dir, name), os.path.join(run_dir, name))
-        return "done", {"metrics": metrics_path, "thresholds": thresholds_path,
-                        "predictions": os.path.join(out_dir, PREDICTIONS)}, \
-            {"metrics": metrics["methods"][METHOD], "thresholds": thresholds.as_dict(),
-             "at_threshold": metrics["predictions"]["at_threshold"]}
+        return (
+            "done",
+            {
+                "metrics": metrics_path,
+                "thresholds": thresholds_path,
+                "predictions": os.path.join(out_dir, PREDICTIONS),
+            },
+            {
+                "metrics": metrics["methods"][METHOD],
+                "thresholds": thresholds.as_dict(),
+                "at_threshold": metrics["predictions"]["at_threshold"],
+            },
+        )
 
     # --- validate ---------------------------------------------------------------------
     def validate(self, trained, evaluated):
         floors = {m: getattr(self.args, f"min_{m}") for m in GATED_METRICS}
-        candidate = candidate_id(trained["outputs"]["model"], evaluated["outputs"]["thresholds"])
+        candidate = candidate_id(
+            trained["outputs"]["model"], evaluated["outputs"]["thresholds"]
+        )
         baseline = served_baseline(self.args.serving_dir, self.model_name, candidate)
-        config = {"floors": floors, "tolerance": self.args.tolerance, "candidate": candidate,
-                  "served": baseline, "reference": self.args.reference}
+        config = {
+            "floors": floors,
+            "tolerance": self.args.tolerance,
+            "candidate": candidate,
+            "served": baseline,
+            "reference": self.args.reference,
+        }
         inputs = dict(evaluated["outputs"])
         if baseline:
             inputs["served_metrics"] = baseline
-        return self.stage("validate", config, inputs,
-                          lambda: self._validate(evaluated["outputs"], floors, baseline))
+        return self.stage(
+            "validate",
+            config,
+            inputs,
+            lambda: self._validate(evaluated["outputs"], floors, baseline),
+        )
 
     def _validate(self, evaluated, floors, served_path):
         with open(evaluated["metrics"], encoding="utf-8") as handle:
@@ -414,22 +545,31 @@ class Pipeline:
         name = self.args.reference
         reference = None if name == "none" else (name, methods.get(name))
         reasons = blessing_reasons(candidate, floors, served, self.args.tolerance, reference)
-        blessing = {"blessed": not reasons, "reasons": reasons, "candidate": candidate,
-                    "served": served, "served_metrics": served_path, "floors": floors,
-                    "reference": name, "reference_metrics": reference and reference[1],
-                    "tolerance": self.args.tolerance}
+        blessing = {
+            "blessed": not reasons,
+            "reasons": reasons,
+            "candidate": candidate,
+            "served": served,
+            "served_metrics": served_path,
+            "floors": floors,
+            "reference": name,
+            "reference_metrics": reference and reference[1],
+            "tolerance": self.args.tolerance,
+        }
         path = self.path("blessing.json")
         write_json(path, blessing)
         return ("blessed" if not reasons else "not blessed"), {"blessing": path}, blessing
 
     # --- export -----------------------------------------------------------------------
     def export(self, trained, evaluated, validated):
-        inputs = {"model": trained["outputs"]["model"],
-                  "thresholds": evaluated["outputs"]["thresholds"],
-                  "metrics": evaluated["outputs"]["metrics"]}
-        candidate = validated["config"]["candidate"]     # the id validate judged
+        inputs = {
+            "model": trained["outputs"]["model"],
+            "thresholds": evaluated["outputs"]["thresholds"],
+            "metrics": evaluated["outputs"]["metrics"],
+        }
+        candidate = validated["config"]["candidate"]  # the id validate judged
         config = {"model_name": self.model_name, "candidate": candidate}
-        if not self.args.verify:        # a verified export is not redone by --no-verify
+        if not self.args.verify:  # a verified export is not redone by --no-verify
             config["verify"] = False
         return self.stage("export", config, inputs, lambda: self._export(inputs, candidate))
 
@@ -440,25 +580,54 @@ class Pipeline:
         saved = os.path.join(out, "saved_model")
         onnx_path = os.path.join(out, "model.onnx")
         common = ["--run", self.path("train"), "--thresholds", inputs["thresholds"]]
-        run_child([sys.executable, "-m", "export.saved_model", *common, "--out", saved,
-                   "--model-name", self.model_name, "--version", "1"])
-        run_child([sys.executable, "-m", "export.onnx", *common, "--out", onnx_path,
-                   *([] if self.args.verify else ["--no-verify"])])
+        run_child(
+            [
+                sys.executable,
+                "-m",
+                "export.saved_model",
+                *common,
+                "--out",
+                saved,
+                "--model-name",
+                self.model_name,
+                "--version",
+                "1",
+            ]
+        )
+        run_child(
+            [
+                sys.executable,
+                "-m",
+                "export.onnx",
+                *common,
+                "--out",
+                onnx_path,
+                *([] if self.args.verify else ["--no-verify"]),
+            ]
+        )
         version_dir = os.path.join(saved, self.model_name, "1")
         assets = os.path.join(version_dir, "assets")
         os.makedirs(assets, exist_ok=True)
         shutil.copy(inputs["metrics"], os.path.join(assets, "metrics.json"))
         shutil.copy(inputs["thresholds"], os.path.join(assets, "thresholds.json"))
-        write_json(os.path.join(assets, LINEAGE),
-                   {"candidate": candidate, "pipeline": self.root, "manifest": self.manifest.path})
+        write_json(
+            os.path.join(assets, LINEAGE),
+            {"candidate": candidate, "pipeline": self.root, "manifest": self.manifest.path},
+        )
         return "done", {"saved_model": version_dir, "onnx": onnx_path}, {}
 
     # --- push -------------------------------------------------------------------------
     def push(self, validated, exported):
-        inputs = {"blessing": validated["outputs"]["blessing"],
-                  "saved_model": exported["outputs"]["saved_model"]}
-        return self.stage("push", {"serving_dir": os.path.abspath(self.args.serving_dir)},
-                          inputs, lambda: self._push(validated, exported))
+        inputs = {
+            "blessing": validated["outputs"]["blessing"],
+            "saved_model": exported["outputs"]["saved_model"],
+        }
+        return self.stage(
+            "push",
+            {"serving_dir": os.path.abspath(self.args.serving_dir)},
+            inputs,
+            lambda: self._push(validated, exported),
+        )
 
     def _push(self, validated, exported):
         if validated["status"] != "blessed":
@@ -478,8 +647,13 @@ class Pipeline:
         validated = self.validate(trained, evaluated)
         exported = self.export(trained, evaluated, validated)
         pushed = self.push(validated, exported)
-        return {"train": trained, "evaluate": evaluated, "validate": validated,
-                "export": exported, "push": pushed}
+        return {
+            "train": trained,
+            "evaluate": evaluated,
+            "validate": validated,
+            "export": exported,
+            "push": pushed,
+        }
 
 
 def candidate_id(model_dir, thresholds_path):
@@ -493,8 +667,10 @@ def served_versions(serving_dir, model_name):
     folder = os.path.join(serving_dir, model_name)
     if not os.path.isdir(folder):
         return []
-    return [os.path.join(folder, str(v))
-            for v in sorted(int(n) for n in os.listdir(folder) if n.isdigit())]
+    return [
+        os.path.join(folder, str(v))
+        for v in sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+    ]
 
 
 def read_candidate(version_dir):
@@ -528,18 +704,27 @@ def calibrate_run(model, options, train_config, held_out, args):
     if args.validation_dir:
         split = mvtec.load_test(args.validation_dir, args.category, size, channels)
         out = scoring.batched(model, mvtec.to_float(split.images), 16, options, keys=keys)
-        return calibration.from_labelled(out["heatmap"], split.masks, out["score"],
-                                         split.labels), \
-            f"the labelled test split of {args.validation_dir}"
+        return calibration.from_labelled(
+            out["heatmap"], split.masks, out["score"], split.labels
+        ), f"the labelled test split of {args.validation_dir}"
     images, _ = mvtec.decode_files(held_out, size, channels)
-    thresholds = calibration.from_model(model, mvtec.to_float(images), options, 16,
-                                        args.pixel_percentile, args.image_percentile)[0]
-    return thresholds, (f"the {len(held_out)} normal training images the pipeline held "
-                        "out (--holdout), not trained on")
+    thresholds = calibration.from_model(
+        model,
+        mvtec.to_float(images),
+        options,
+        16,
+        args.pixel_percentile,
+        args.image_percentile,
+    )[0]
+    return thresholds, (
+        f"the {len(held_out)} normal training images the pipeline held "
+        "out (--holdout), not trained on"
+    )
 
 
-def served_predictions(model, options, train_config, data_dir, category, thresholds,
-                       source, out_dir):
+def served_predictions(
+    model, options, train_config, data_dir, category, thresholds, source, out_dir
+):
     """predictions.csv and thresholds.json into ``out_dir``: the decisions at
     ``thresholds`` on the test images the trainer evaluated (its image size and
     --max-test), i.e. what the exported model answers for them. Returns the metrics.json
@@ -547,16 +732,23 @@ def served_predictions(model, options, train_config, data_dir, category, thresho
     from keras_vae_attn import predictions, scoring
     from keras_vae_attn.data import mvtec
 
-    test = mvtec.load_test(data_dir, category, train_config["image_size"],
-                           train_config.get("channels", 3), limit=train_config.get("max_test"),
-                           skip_corrupt=bool(train_config.get("skip_corrupt")))
-    maps = scoring.batched(model, mvtec.to_float(test.images), 16, options,
-                           keys=("heatmap",))["heatmap"]
+    test = mvtec.load_test(
+        data_dir,
+        category,
+        train_config["image_size"],
+        train_config.get("channels", 3),
+        limit=train_config.get("max_test"),
+        skip_corrupt=bool(train_config.get("skip_corrupt")),
+    )
+    maps = scoring.batched(model, mvtec.to_float(test.images), 16, options, keys=("heatmap",))[
+        "heatmap"
+    ]
     decided = predictions.predict(maps, thresholds)
     files = [os.path.relpath(path, data_dir) for path in test.paths]
     calibrated = predictions.Calibration(thresholds, {}, source)
-    return predictions.write(out_dir, files, test.defects, "defect_type", test.labels,
-                             decided, calibrated)
+    return predictions.write(
+        out_dir, files, test.defects, "defect_type", test.labels, decided, calibrated
+    )
 
 
 def blessing_reasons(candidate, floors, served, tolerance, reference=None):
@@ -582,8 +774,10 @@ def blessing_reasons(candidate, floors, served, tolerance, reference=None):
     if served:
         reasons += worse_than(candidate, served, tolerance, "the served model's")
     if reference is None and not served and all(f is None for f in floors.values()):
-        reasons.append("nothing to judge it by: no floor (--min-pixel-auroc ...), no "
-                       "--reference and no served model")
+        reasons.append(
+            "nothing to judge it by: no floor (--min-pixel-auroc ...), no "
+            "--reference and no served model"
+        )
     return reasons
 
 
@@ -594,8 +788,9 @@ def worse_than(candidate, other, tolerance, label):
     for metric in GATED_METRICS:
         new, old = candidate.get(metric), other.get(metric)
         if new is not None and old is not None and new < old - tolerance:
-            reasons.append(f"{metric} {new:.4f} is worse than {label} {old:.4f} by more "
-                           f"than {tolerance}")
+            reasons.append(
+                f"{metric} {new:.4f} is worse than {label} {old:.4f} by more than {tolerance}"
+            )
     return reasons
 
 
@@ -637,9 +832,11 @@ def check_apart(root, category_dir):
     they must never be the user's images (nor may its outputs look like data)."""
     here, data = os.path.realpath(root), os.path.realpath(category_dir)
     if os.path.commonpath([here, data]) in (here, data):
-        raise PipelineError(f"--pipeline-dir {root!r} and the data folder {category_dir!r} "
-                            "overlap (one holds the other); choose a --pipeline-dir "
-                            "outside the data")
+        raise PipelineError(
+            f"--pipeline-dir {root!r} and the data folder {category_dir!r} "
+            "overlap (one holds the other); choose a --pipeline-dir "
+            "outside the data"
+        )
 
 
 def check_serving_outside(root, serving_dir):
@@ -647,9 +844,11 @@ def check_serving_outside(root, serving_dir):
     only the pipeline's own entries, so the next run would refuse it."""
     here, serving = os.path.realpath(root), os.path.realpath(serving_dir)
     if os.path.commonpath([here, serving]) == here:
-        raise PipelineError(f"--serving-dir {serving_dir!r} lies inside --pipeline-dir "
-                            f"{root!r}, which holds only the pipeline's own entries; "
-                            "choose a serving folder outside it")
+        raise PipelineError(
+            f"--serving-dir {serving_dir!r} lies inside --pipeline-dir "
+            f"{root!r}, which holds only the pipeline's own entries; "
+            "choose a serving folder outside it"
+        )
 
 
 def owned(name):
@@ -672,18 +871,21 @@ def claim_folder(root):
     foreign = [name for name in entries if not owned(name)]
     earlier = lineage.MANIFEST in entries
     if earlier and MARKER not in entries:
-        lineage.read_manifest(os.path.join(root, lineage.MANIFEST))   # ours, or refused
+        lineage.read_manifest(os.path.join(root, lineage.MANIFEST))  # ours, or refused
     if foreign or (entries and MARKER not in entries and not earlier):
         names = foreign or entries
         listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise PipelineError(f"--pipeline-dir {root!r} holds files the pipeline did not "
-                            f"write ({listed}); choose a new or empty folder, or move them "
-                            "away (the pipeline deletes and rewrites its own entries "
-                            f"there: {', '.join(OWNED[1:])})")
+        raise PipelineError(
+            f"--pipeline-dir {root!r} holds files the pipeline did not "
+            f"write ({listed}); choose a new or empty folder, or move them "
+            "away (the pipeline deletes and rewrites its own entries "
+            f"there: {', '.join(OWNED[1:])})"
+        )
     os.makedirs(root, exist_ok=True)
     if MARKER not in entries:
-        write_json(os.path.join(root, MARKER),
-                   {"written_by": "export.pipeline", "owns": list(OWNED)})
+        write_json(
+            os.path.join(root, MARKER), {"written_by": "export.pipeline", "owns": list(OWNED)}
+        )
 
 
 def check_names(parser, args):
@@ -691,10 +893,12 @@ def check_names(parser, args):
     (``../x`` would put the pipeline folder elsewhere) and a serving name that would
     leave --serving-dir."""
     category = args.category
-    if (not category or category.startswith(".") or "/" in category
-            or os.sep in category):
-        parser.exit(2, f"error: --category {category!r} must be a plain folder name (no "
-                       "path separator, not starting with '.')\n")
+    if not category or category.startswith(".") or "/" in category or os.sep in category:
+        parser.exit(
+            2,
+            f"error: --category {category!r} must be a plain folder name (no "
+            "path separator, not starting with '.')\n",
+        )
     check_model_name(parser, args)
 
 
@@ -716,10 +920,13 @@ def main(argv=None):
     if not args.data_dir:
         parser.error("--data-dir is required (or set $MVTEC_AD_ROOT)")
     check_names(parser, args)
-    if args.reference == "none" and all(getattr(args, f"min_{m}") is None
-                                        for m in GATED_METRICS):
-        parser.error("--reference none needs a floor to judge the candidate by: "
-                     "--min-pixel-auroc, --min-image-auroc or --min-aupro")
+    if args.reference == "none" and all(
+        getattr(args, f"min_{m}") is None for m in GATED_METRICS
+    ):
+        parser.error(
+            "--reference none needs a floor to judge the candidate by: "
+            "--min-pixel-auroc, --min-image-auroc or --min-aupro"
+        )
     from keras_vae_attn.console import start_tensorflow
 
     start_tensorflow()
@@ -733,20 +940,27 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except subprocess.CalledProcessError as error:
-        print(f"error: the {pipe.current} stage stopped: {' '.join(error.cmd[1:3])} exited "
-              f"with code {error.returncode} (its message is above)", file=sys.stderr)
+        print(
+            f"error: the {pipe.current} stage stopped: {' '.join(error.cmd[1:3])} exited "
+            f"with code {error.returncode} (its message is above)",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     except (Interrupted, KeyboardInterrupt) as stop:
         name = getattr(stop, "signal", "SIGINT")
         where = f"in the {pipe.current} stage" if pipe and pipe.current else "before any stage"
-        print(f"interrupted by {name} {where}; run the same command to resume from it",
-              file=sys.stderr)
+        print(
+            f"interrupted by {name} {where}; run the same command to resume from it",
+            file=sys.stderr,
+        )
         raise SystemExit(128 + signal.Signals[name].value) from None
     print(json.dumps({name: r["status"] for name, r in results.items()}, indent=2))
     validated = results["validate"]
     if validated["status"] != "blessed":
-        print("not blessed, nothing pushed: " + "; ".join(validated["details"]["reasons"]),
-              file=sys.stderr)
+        print(
+            "not blessed, nothing pushed: " + "; ".join(validated["details"]["reasons"]),
+            file=sys.stderr,
+        )
         raise SystemExit(NOT_BLESSED)
     return results
 

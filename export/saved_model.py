@@ -31,6 +31,7 @@ the shape, float images in [0, 1] (NaN and inf fail too), and at least one image
 Staging folders left by a killed export (``.incoming-<version>-<pid>``, dead pid) are
 removed by the next export into the same model folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,9 @@ def anomaly_outputs(model, images, options, thresholds=None, full=False):
     out = scoring.explain_anomaly(model, images, options, keys=names)
     result = {name: out[name] for name in names}
     if thresholds is not None:
-        result.update(flag_non_finite(images, decisions(out["heatmap"], out["score"],
-                                                        thresholds, full)))
+        result.update(
+            flag_non_finite(images, decisions(out["heatmap"], out["score"], thresholds, full))
+        )
     return result
 
 
@@ -97,9 +99,13 @@ def flag_non_finite(images, decided):
     import tensorflow as tf
 
     bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3]))
-    return {**decided, "pred_label": tf.logical_or(decided["pred_label"], bad),
-            "pred_score": tf.where(bad, tf.ones_like(decided["pred_score"]),
-                                   decided["pred_score"])}
+    return {
+        **decided,
+        "pred_label": tf.logical_or(decided["pred_label"], bad),
+        "pred_score": tf.where(
+            bad, tf.ones_like(decided["pred_score"]), decided["pred_score"]
+        ),
+    }
 
 
 def decisions(heatmap, score, thresholds, full=False):
@@ -113,8 +119,11 @@ def decisions(heatmap, score, thresholds, full=False):
     from keras_vae_attn import calibration
 
     decided = calibration.decide(heatmap, score, thresholds)
-    result = {"pred_score": calibration.normalize(score, thresholds.image),
-              "pred_label": decided["pred_label"], "pred_mask": decided["pred_mask"]}
+    result = {
+        "pred_score": calibration.normalize(score, thresholds.image),
+        "pred_label": decided["pred_label"],
+        "pred_mask": decided["pred_mask"],
+    }
     if full:
         result["heatmap_normalized"] = decided["heatmap_normalized"]
     return result
@@ -141,8 +150,9 @@ def decode_images(encoded, height, width, channels):
         image = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
         return tf.clip_by_value(tf.round(image), 0.0, 255.0) / 255.0
 
-    return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec(
-        (height, width, channels), tf.float32))
+    return tf.map_fn(
+        one, encoded, fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32)
+    )
 
 
 def assert_not_empty(tensor, name):
@@ -150,8 +160,9 @@ def assert_not_empty(tensor, name):
     "input depth must be evenly divisible ..." instead)."""
     import tensorflow as tf
 
-    return tf.debugging.assert_positive(tf.shape(tensor)[0],
-                                        message=f"{name} must hold at least one image")
+    return tf.debugging.assert_positive(
+        tf.shape(tensor)[0], message=f"{name} must hold at least one image"
+    )
 
 
 def check_images(images, height, width, channels):
@@ -165,12 +176,17 @@ def check_images(images, height, width, channels):
     import tensorflow as tf
 
     images = tf.ensure_shape(images, (None, height, width, channels), name="images")
-    message = ("images must be float32 in [0, 1] (divide 8-bit pixels by 255, or send "
-               "encoded files to the serve_bytes signature)")
-    with tf.control_dependencies([
+    message = (
+        "images must be float32 in [0, 1] (divide 8-bit pixels by 255, or send "
+        "encoded files to the serve_bytes signature)"
+    )
+    with tf.control_dependencies(
+        [
             assert_not_empty(images, "images"),
             tf.debugging.assert_greater_equal(images, tf.constant(0.0), message=message),
-            tf.debugging.assert_less_equal(images, tf.constant(1.0), message=message)]):
+            tf.debugging.assert_less_equal(images, tf.constant(1.0), message=message),
+        ]
+    ):
         return tf.identity(images)
 
 
@@ -183,7 +199,7 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
     images_spec = tf.TensorSpec((None, height, width, channels), tf.float32, name="images")
     bytes_spec = tf.TensorSpec((None,), tf.string, name="image_bytes")
     explain_layer = explain_layer or options.layer
-    for layer in (*options.layers, explain_layer):    # an unknown layer fails before tracing
+    for layer in (*options.layers, explain_layer):  # an unknown layer fails before tracing
         model.explainer(layer, options.gradient_relu)
 
     def serve(images):
@@ -216,9 +232,11 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
 
 #: How an image file becomes the float input of serving_default (what serve_bytes and
 #: the trainers do; README "Serving" shows it in Python).
-PREPROCESSING = ("decode the file, resize to input_shape's height x width with "
-                 "tf.image.resize(method='bilinear', antialias=True), round to 8-bit "
-                 "values, divide by 255")
+PREPROCESSING = (
+    "decode the file, resize to input_shape's height x width with "
+    "tf.image.resize(method='bilinear', antialias=True), round to 8-bit "
+    "values, divide by 255"
+)
 
 
 def model_metadata(run, thresholds):
@@ -228,13 +246,18 @@ def model_metadata(run, thresholds):
     from export import lineage
 
     height, width, channels = input_shape(run.model)
-    return {"input_shape": [height, width, channels], "image_size": [height, width],
-            "preprocessing": PREPROCESSING, "options": run.options.as_config(),
-            "latent_dim": int(run.model.latent_dim),
-            "thresholds": thresholds.as_dict() if thresholds is not None else None,
-            "training_data": training_data(run.config),
-            "source_run": os.path.abspath(run.path), "run_complete": run.complete,
-            "versions": lineage.package_versions()}
+    return {
+        "input_shape": [height, width, channels],
+        "image_size": [height, width],
+        "preprocessing": PREPROCESSING,
+        "options": run.options.as_config(),
+        "latent_dim": int(run.model.latent_dim),
+        "thresholds": thresholds.as_dict() if thresholds is not None else None,
+        "training_data": training_data(run.config),
+        "source_run": os.path.abspath(run.path),
+        "run_complete": run.complete,
+        "versions": lineage.package_versions(),
+    }
 
 
 def training_data(config):
@@ -250,8 +273,11 @@ def training_data(config):
     folder = os.path.join(data_dir, category, "train")
     if not os.path.isdir(folder):
         return None
-    return {"folder": os.path.abspath(folder), "hashed": "file names and sizes",
-            **lineage.fingerprint_files(folder)}
+    return {
+        "folder": os.path.abspath(folder),
+        "hashed": "file names and sizes",
+        **lineage.fingerprint_files(folder),
+    }
 
 
 def signature_outputs(thresholds):
@@ -259,17 +285,23 @@ def signature_outputs(thresholds):
     decided = DECISION_OUTPUTS if thresholds is not None else ()
     lean = [*SERVING_OUTPUTS, *decided]
     full = [*ANOMALY_OUTPUTS, *decided, *(("heatmap_normalized",) if decided else ())]
-    return {"serving_default": lean, "serve_bytes": lean, "explain_latents": full,
-            "explain": list(ATTENTION_OUTPUTS)}
+    return {
+        "serving_default": lean,
+        "serve_bytes": lean,
+        "explain_latents": full,
+        "explain": list(ATTENTION_OUTPUTS),
+    }
 
 
 def export_info(run, thresholds, explain_layer):
     """What the export was made from and with (written to ``assets/export.json``)."""
-    return {**model_metadata(run, thresholds),
-            "explain_layer": explain_layer or run.options.layer,
-            "signatures": signature_outputs(thresholds),
-            "warmup_requests": WARMUP,
-            "exported_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        **model_metadata(run, thresholds),
+        "explain_layer": explain_layer or run.options.layer,
+        "signatures": signature_outputs(thresholds),
+        "warmup_requests": WARMUP,
+        "exported_at": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def read_metadata(path):
@@ -277,8 +309,11 @@ def read_metadata(path):
     input_shape, image_size, preprocessing, options, thresholds, training_data,
     signatures, ... ``path``: a version folder, or a TF Serving model folder (its
     newest version). ExportError when there is none."""
-    versions = sorted((int(name) for name in os.listdir(path) if name.isdigit()),
-                      reverse=True) if os.path.isdir(path) else []
+    versions = (
+        sorted((int(name) for name in os.listdir(path) if name.isdigit()), reverse=True)
+        if os.path.isdir(path)
+        else []
+    )
     if not os.path.isfile(os.path.join(path, "saved_model.pb")) and versions:
         path = os.path.join(path, str(versions[0]))
     info = os.path.join(path, "assets", EXPORT_INFO)
@@ -286,9 +321,11 @@ def read_metadata(path):
         with open(info, encoding="utf-8") as handle:
             return json.load(handle)
     except OSError as error:
-        raise ExportError(f"cannot read the metadata of {path!r}: {info} "
-                          f"({error.strerror or error}); was it written by "
-                          "export.saved_model?") from None
+        raise ExportError(
+            f"cannot read the metadata of {path!r}: {info} "
+            f"({error.strerror or error}); was it written by "
+            "export.saved_model?"
+        ) from None
 
 
 def warmup_image(shape):
@@ -361,8 +398,10 @@ def write_assets(folder, run, thresholds, explain_layer, model_name):
     from keras_vae_attn.runs import write_json
 
     os.makedirs(os.path.join(folder, "assets"), exist_ok=True)
-    write_json(os.path.join(folder, "assets", EXPORT_INFO),
-               export_info(run, thresholds, explain_layer))
+    write_json(
+        os.path.join(folder, "assets", EXPORT_INFO),
+        export_info(run, thresholds, explain_layer),
+    )
     os.makedirs(os.path.join(folder, os.path.dirname(WARMUP)), exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(folder, WARMUP)) as writer:
         for record in warmup_requests(input_shape(run.model), model_name):
@@ -376,11 +415,19 @@ def next_version(base):
     return max((int(name) for name in os.listdir(base) if name.isdigit()), default=0) + 1
 
 
-STAGES = 3     # load, build, trace and write
+STAGES = 3  # load, build, trace and write
 
 
-def export(run_dir, out, model_name="vae", version=None, force=False, thresholds=None,
-           explain_layer=None, progress=no_stages):
+def export(
+    run_dir,
+    out,
+    model_name="vae",
+    version=None,
+    force=False,
+    thresholds=None,
+    explain_layer=None,
+    progress=no_stages,
+):
     """Write ``<out>/<model_name>/<version>/`` atomically; returns that path.
 
     The SavedModel is written under a dot-name TF Serving ignores, then renamed into
@@ -400,7 +447,7 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
         check_options(run)
         progress("building the signatures " + ", ".join(SIGNATURES))
         archive = build_archive(run.model, run.options, values, explain_layer)
-    except ValueError as error:       # an unknown --layer / --explain-layer
+    except ValueError as error:  # an unknown --layer / --explain-layer
         raise ExportError(f"cannot build the serving graph of {run_dir!r}: {error}") from None
     # the number is claimed only now, so a refusal above leaves nothing behind, and two
     # exports started together never write the same version (export.claim_version)
@@ -415,7 +462,7 @@ def export(run_dir, out, model_name="vae", version=None, force=False, thresholds
         if force:
             replace_dir(staging, target)
         else:
-            os.rename(staging, target)      # fails on a version that appeared meanwhile
+            os.rename(staging, target)  # fails on a version that appeared meanwhile
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         release_version(claim)
@@ -426,8 +473,10 @@ def refuse_version(base, version, model_name, force):
     """ExportError if version ``version`` exists under ``base`` and ``force`` is unset."""
     target = os.path.join(base, str(version))
     if os.path.lexists(target) and not force:
-        raise ExportError(f"version {version} of model {model_name!r} already exists at "
-                          f"{target!r}; pass another --version, or --force to replace it")
+        raise ExportError(
+            f"version {version} of model {model_name!r} already exists at "
+            f"{target!r}; pass another --version, or --force to replace it"
+        )
 
 
 def replace_dir(source, target):
@@ -443,20 +492,36 @@ def replace_dir(source, target):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m export.saved_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m export.saved_model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--run", required=True, help="trained run folder (holds model/)")
     parser.add_argument("--out", required=True, help="TF Serving base folder")
-    parser.add_argument("--model-name", default="vae",
-                        help="model name: the version goes to <out>/<model name>/<version>")
-    parser.add_argument("--version", type=int, default=None,
-                        help="version number (default: one more than the latest there)")
+    parser.add_argument(
+        "--model-name",
+        default="vae",
+        help="model name: the version goes to <out>/<model name>/<version>",
+    )
+    parser.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="version number (default: one more than the latest there)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing version")
-    parser.add_argument("--thresholds", default=None,
-                        help="thresholds.json (pixel, image): adds pred_score, pred_label "
-                             "and pred_mask outputs")
-    parser.add_argument("--explain-layer", default=None,
-                        help="encoder layer of the explain signature (default: the run's)")
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        help="thresholds.json (pixel, image): adds pred_score, pred_label "
+        "and pred_mask outputs",
+    )
+    parser.add_argument(
+        "--explain-layer",
+        default=None,
+        help="encoder layer of the explain signature (default: the run's)",
+    )
     return parser
 
 
@@ -472,8 +537,16 @@ def main(argv=None):
 
     start_tensorflow()
     try:
-        target = export(args.run, args.out, name, args.version, args.force, args.thresholds,
-                        args.explain_layer, Stages("export.saved_model", STAGES))
+        target = export(
+            args.run,
+            args.out,
+            name,
+            args.version,
+            args.force,
+            args.thresholds,
+            args.explain_layer,
+            Stages("export.saved_model", STAGES),
+        )
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -488,8 +561,11 @@ def main(argv=None):
 def warn_incomplete(run_dir):
     """Say so on stderr when the exported run never wrote ``metrics.json``."""
     if not os.path.isfile(os.path.join(run_dir, RUN_COMPLETE)):
-        print(f"warning: {os.path.join(run_dir, RUN_COMPLETE)} is missing, so the run did not "
-              "finish; the model it saved was exported", file=sys.stderr)
+        print(
+            f"warning: {os.path.join(run_dir, RUN_COMPLETE)} is missing, so the run did not "
+            "finish; the model it saved was exported",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -10,14 +10,22 @@ latent mean (and log-variance).
     maps = explainer.latent_maps(images)        # (B, D, h, w)
     heat = explainer.attention(images)          # (B, H, W)
 """
+
 import importlib
 
 # Imported on first use, so that `keras_vae_attn.runs` (flags, config) loads without
 # TensorFlow and a CLI's --help answers at once.
-_LAZY = {"Explanation": "attention", "NormalStats": "attention", "VAEAttention": "attention",
-         "difference_distribution": "attention", "feature_layer_names": "attention",
-         "fit_normal_stats": "attention", "normalize_maps": "attention", "overlay": "viz",
-         "ExplainOptions": "runs"}
+_LAZY = {
+    "Explanation": "attention",
+    "NormalStats": "attention",
+    "VAEAttention": "attention",
+    "difference_distribution": "attention",
+    "feature_layer_names": "attention",
+    "fit_normal_stats": "attention",
+    "normalize_maps": "attention",
+    "overlay": "viz",
+    "ExplainOptions": "runs",
+}
 
 
 def __getattr__(name):

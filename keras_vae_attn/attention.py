@@ -23,6 +23,7 @@ up wherever its channels got positive weight. With the normal mean removed, the 
 first-order expansion of the anomaly score around the normal feature map, spread over
 the pixels where this image's features differ from normal ones.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -33,7 +34,7 @@ import tensorflow as tf
 
 TOTAL_ENERGY = "total-energy"
 ANOMALY_SCORES = ("energy", "latent", TOTAL_ENERGY)
-METHODS = ("auto", "stack", "jacobian")      # what callers may ask for
+METHODS = ("auto", "stack", "jacobian")  # what callers may ask for
 #: what ``VAEAttention.method`` may hold: a choice above, or "hooked" (a subclassed
 #: encoder, which has no graph to read A from: a call hook on the layer records it)
 RESOLVED_METHODS = ("stack", "jacobian", "hooked")
@@ -49,20 +50,20 @@ class NormalStats(NamedTuple):
 class Explanation(NamedTuple):
     """Everything one batched pass yields. Maps are raw, non-negative float32."""
 
-    mu: tf.Tensor            # (B, D)
-    logvar: tf.Tensor        # (B, D) or None
-    features: tf.Tensor      # (B, h, w, K) the feature map A
-    weights: tf.Tensor       # (B, D, K) pooled gradients w_i
-    latent_maps: tf.Tensor   # (B, D, h, w) the M_i at feature resolution
+    mu: tf.Tensor  # (B, D)
+    logvar: tf.Tensor  # (B, D) or None
+    features: tf.Tensor  # (B, h, w, K) the feature map A
+    weights: tf.Tensor  # (B, D, K) pooled gradients w_i
+    latent_maps: tf.Tensor  # (B, D, h, w) the M_i at feature resolution
 
 
 class EnergyAttention(NamedTuple):
     """What :meth:`VAEAttention.energy_attention` yields (float32)."""
 
-    heatmap: tf.Tensor       # (B, h, w) at feature resolution
-    mu: tf.Tensor            # (B, D)
-    logvar: tf.Tensor        # (B, D)
-    energy: tf.Tensor        # (B,) sum_i u_i^2 / (2 var_i)
+    heatmap: tf.Tensor  # (B, h, w) at feature resolution
+    mu: tf.Tensor  # (B, D)
+    logvar: tf.Tensor  # (B, D)
+    energy: tf.Tensor  # (B,) sum_i u_i^2 / (2 var_i)
 
 
 def difference_distribution(normal_mean, normal_std, mu, sigma):
@@ -71,7 +72,9 @@ def difference_distribution(normal_mean, normal_std, mu, sigma):
     ``u_i ~ N(mu_x,i - mu_y,i, sigma_x,i^2 + sigma_y,i^2)``; shapes broadcast.
     """
     mean = tf.cast(normal_mean, tf.float32) - tf.cast(mu, tf.float32)
-    variance = tf.square(tf.cast(normal_std, tf.float32)) + tf.square(tf.cast(sigma, tf.float32))
+    variance = tf.square(tf.cast(normal_std, tf.float32)) + tf.square(
+        tf.cast(sigma, tf.float32)
+    )
     return mean, variance
 
 
@@ -102,8 +105,11 @@ def feature_layer_names(encoder):
     """Names of the encoder's layers that output a 4-D feature map (candidates for A)."""
     if getattr(encoder, "inputs", None) is None:
         return [layer.name for layer in _all_layers(encoder)]
-    return [layer.name for layer in encoder.layers if _layer_output_rank(layer) == 4
-            and not isinstance(layer, keras.layers.InputLayer)]
+    return [
+        layer.name
+        for layer in encoder.layers
+        if _layer_output_rank(layer) == 4 and not isinstance(layer, keras.layers.InputLayer)
+    ]
 
 
 def stage_layer_names(encoder):
@@ -112,8 +118,9 @@ def stage_layer_names(encoder):
     inside them. Layer sets "by position" (bench.localization_grid) count these."""
     import re
 
-    return [name for name in feature_layer_names(encoder)
-            if re.fullmatch(r"(conv|layer)\d+", name)]
+    return [
+        name for name in feature_layer_names(encoder) if re.fullmatch(r"(conv|layer)\d+", name)
+    ]
 
 
 def _find_layer(encoder, name):
@@ -129,12 +136,16 @@ def _output_index(encoder, which, role):
     if isinstance(which, int):
         return which
     if outputs is None:
-        raise ValueError(f"{role}={which!r}: a subclassed encoder has no named outputs; "
-                         f"pass the output's position (e.g. {role}=0)")
+        raise ValueError(
+            f"{role}={which!r}: a subclassed encoder has no named outputs; "
+            f"pass the output's position (e.g. {role}=0)"
+        )
     names = [tensor._keras_history.operation.name for tensor in outputs]
     if which not in names:
-        raise ValueError(f"{role}={which!r} is not an output of encoder {encoder.name!r}; "
-                         f"its outputs are {names}")
+        raise ValueError(
+            f"{role}={which!r} is not an output of encoder {encoder.name!r}; "
+            f"its outputs are {names}"
+        )
     return names.index(which)
 
 
@@ -169,12 +180,20 @@ class VAEAttention:
     gradients before pooling (the paper's printed Eq. 3); the default is the Grad-CAM form.
     """
 
-    def __init__(self, encoder, layer="last", latent="mu", logvar="logvar",
-                 gradient_relu=False, jit_compile=False, method="auto"):
+    def __init__(
+        self,
+        encoder,
+        layer="last",
+        latent="mu",
+        logvar="logvar",
+        gradient_relu=False,
+        jit_compile=False,
+        method="auto",
+    ):
         self.encoder = encoder
         self.gradient_relu = gradient_relu
         self.jit_compile = jit_compile
-        self._compiled = {}              # graph function -> its compiled tf.function
+        self._compiled = {}  # graph function -> its compiled tf.function
         self.functional = getattr(encoder, "inputs", None) is not None
         candidates = feature_layer_names(encoder)
         if layer == "last":
@@ -183,11 +202,15 @@ class VAEAttention:
             layer = candidates[-1]
         target = _find_layer(encoder, layer)
         if target is None or (self.functional and layer not in candidates):
-            raise ValueError(f"layer {layer!r} is not a feature-map layer of encoder "
-                             f"{encoder.name!r}; valid names: {', '.join(candidates)}")
+            raise ValueError(
+                f"layer {layer!r} is not a feature-map layer of encoder "
+                f"{encoder.name!r}; valid names: {', '.join(candidates)}"
+            )
         self.layer_name = layer
         self.latent_index = _output_index(encoder, latent, "latent")
-        self.logvar_index = None if logvar is None else _output_index(encoder, logvar, "logvar")
+        self.logvar_index = (
+            None if logvar is None else _output_index(encoder, logvar, "logvar")
+        )
         self.front = self.head = self.tapped = None
         self._target_layer = target
         if self.functional:
@@ -198,9 +221,11 @@ class VAEAttention:
         latent_tensor = self.encoder.outputs[self.latent_index]
         features = _upstream_tensors(latent_tensor).get(target.name)
         if features is None:
-            raise ValueError(f"layer {target.name!r} is not upstream of the latent output "
-                             f"of encoder {self.encoder.name!r}, so the latent has no "
-                             "gradient with respect to it")
+            raise ValueError(
+                f"layer {target.name!r} is not upstream of the latent output "
+                f"of encoder {self.encoder.name!r}, so the latent has no "
+                "gradient with respect to it"
+            )
         inputs = self.encoder.inputs
         self.front = keras.Model(inputs[0] if len(inputs) == 1 else inputs, features)
         try:
@@ -209,8 +234,7 @@ class VAEAttention:
             # The part after the layer also reads earlier tensors (a skip connection
             # around it): run the whole encoder, reading A as an extra output.
             self.head = None
-            self.tapped = keras.Model(self.front.inputs,
-                                      [features, *self.encoder.outputs])
+            self.tapped = keras.Model(self.front.inputs, [features, *self.encoder.outputs])
 
     def _choose_method(self, method):
         """How the D backward passes are batched (see the module docstring).
@@ -227,15 +251,18 @@ class VAEAttention:
         if self.head is None:
             return "jacobian" if self.tapped is not None else "hooked"
         if method == "auto":
-            convolutional = any(len(getattr(layer, "kernel", np.zeros(0)).shape) == 4
-                                for layer in self.head.layers)
+            convolutional = any(
+                len(getattr(layer, "kernel", np.zeros(0)).shape) == 4
+                for layer in self.head.layers
+            )
             return "jacobian" if convolutional else "stack"
         return method
 
     @property
     def latent_dim(self):
-        return int(self.encoder.outputs[self.latent_index].shape[-1]) if self.functional \
-            else None
+        return (
+            int(self.encoder.outputs[self.latent_index].shape[-1]) if self.functional else None
+        )
 
     def check_images(self, images):
         """Raise a clear error for images of the wrong rank or channel count."""
@@ -244,10 +271,16 @@ class VAEAttention:
             raise ValueError(f"images must be a 4-D batch (B, H, W, C); got shape {shape}")
         if self.functional:
             expected = self.encoder.inputs[0].shape
-            if shape[-1] is not None and expected[-1] is not None and shape[-1] != expected[-1]:
-                raise ValueError(f"images have {shape[-1]} channels but encoder "
-                                 f"{self.encoder.name!r} expects {expected[-1]} "
-                                 f"(input shape {tuple(expected[1:])})")
+            if (
+                shape[-1] is not None
+                and expected[-1] is not None
+                and shape[-1] != expected[-1]
+            ):
+                raise ValueError(
+                    f"images have {shape[-1]} channels but encoder "
+                    f"{self.encoder.name!r} expects {expected[-1]} "
+                    f"(input shape {tuple(expected[1:])})"
+                )
 
     def _pool(self, grads, axes=(1, 2)):
         """Average gradients over the spatial ``axes`` (after ReLU if asked), float32."""
@@ -270,14 +303,14 @@ class VAEAttention:
             dtype = tf.float64 if latent.dtype == tf.float64 else tf.float32
             selector = tf.repeat(tf.eye(depth, dtype=dtype), repeats=batch, axis=0)
             chosen = tf.reduce_sum(tf.cast(latent, dtype) * selector)
-        grads = tape.gradient(chosen, stacked)                       # (D*B, h, w, K)
+        grads = tape.gradient(chosen, stacked)  # (D*B, h, w, K)
         grads = tf.reshape(grads, tf.concat([[depth, batch], tf.shape(grads)[1:]], 0))
         return [output[:batch] for output in outputs], tf.transpose(grads, [1, 0, 2, 3, 4])
 
     def _explain_split(self, images):
         features = self.front(images, training=False)
         outputs, grads = self.stacked_gradients(features)
-        weights = self._pool(grads, axes=(2, 3))                       # (B, D, K)
+        weights = self._pool(grads, axes=(2, 3))  # (B, D, K)
         logvar = None if self.logvar_index is None else outputs[self.logvar_index]
         return features, weights, tf.cast(outputs[self.latent_index], tf.float32), logvar
 
@@ -290,7 +323,7 @@ class VAEAttention:
             tape.watch(features)
             return features, _as_list(self.head(features, training=False))
         if self.tapped is not None:
-            tape.watch(images)       # records A -> codes even for frozen weights
+            tape.watch(images)  # records A -> codes even for frozen weights
             features, *outputs = self.tapped(images, training=False)
             return features, outputs
         captured = {}
@@ -352,15 +385,19 @@ class VAEAttention:
         into the caller's graph otherwise."""
         if not tf.executing_eagerly():
             return graph_fn(*args)
-        key = getattr(graph_fn, "__func__", graph_fn)     # a bound method's function
+        key = getattr(graph_fn, "__func__", graph_fn)  # a bound method's function
         if key not in self._compiled:
-            self._compiled[key] = tf.function(graph_fn, reduce_retracing=True,
-                                              jit_compile=self.jit_compile)
+            self._compiled[key] = tf.function(
+                graph_fn, reduce_retracing=True, jit_compile=self.jit_compile
+            )
         return self._compiled[key](*args)
 
     def _explain_graph(self, images):
-        run = {"stack": self._explain_split, "jacobian": self._explain_jacobian,
-               "hooked": self._explain_jacobian}[self.method]
+        run = {
+            "stack": self._explain_split,
+            "jacobian": self._explain_jacobian,
+            "hooked": self._explain_jacobian,
+        }[self.method]
         features, weights, mu, logvar = run(images)
         features = tf.cast(features, tf.float32)
         maps = combine(weights, features)
@@ -378,8 +415,9 @@ class VAEAttention:
         maps = tf.reduce_mean(self.latent_maps(images), axis=1)
         return upsample(maps, tf.shape(images)[1:3])
 
-    def anomaly_attention(self, images, normal_stats, score="energy", sample=False,
-                          seed=None, baseline=None):
+    def anomaly_attention(
+        self, images, normal_stats, score="energy", sample=False, seed=None, baseline=None
+    ):
         """Anomaly attention of Eq. 5, upsampled to the input size, (B, H, W).
 
         ``score="total-energy"`` takes one backward pass (:meth:`energy_attention`); the
@@ -392,8 +430,12 @@ class VAEAttention:
                 raise ValueError("sample=True needs a per-latent score ('energy' or 'latent')")
             maps = self.energy_attention(images, normal_stats, baseline).heatmap
         else:
-            maps = tf.reduce_mean(anomaly_maps(self.explain(images), normal_stats, score,
-                                               sample, seed, baseline), axis=1)
+            maps = tf.reduce_mean(
+                anomaly_maps(
+                    self.explain(images), normal_stats, score, sample, seed, baseline
+                ),
+                axis=1,
+            )
         return upsample(maps, tf.shape(images)[1:3])
 
     def energy_attention(self, images, normal_stats, baseline=None):
@@ -414,17 +456,24 @@ class VAEAttention:
             raise ValueError("anomaly attention needs the encoder's log-variance output")
         if baseline is not None:
             baseline = tf.cast(baseline, tf.float32)
-        return self._run(self._energy_graph, images, tf.cast(normal_stats.mean, tf.float32),
-                         tf.cast(normal_stats.std, tf.float32), baseline)
+        return self._run(
+            self._energy_graph,
+            images,
+            tf.cast(normal_stats.mean, tf.float32),
+            tf.cast(normal_stats.std, tf.float32),
+            baseline,
+        )
 
     def _energy_graph(self, images, normal_mean, normal_std, baseline=None):
         features, grads, mu, logvar, energy = self._energy_and_gradients(
-            images, normal_mean, normal_std)
-        weights = self._pool(grads)                                      # (B, K)
+            images, normal_mean, normal_std
+        )
+        weights = self._pool(grads)  # (B, K)
         features = relative_features(tf.cast(features, tf.float32), baseline)
         heatmap = tf.nn.relu(tf.einsum("bk,bhwk->bhw", weights, features))
-        return EnergyAttention(heatmap / tf.cast(tf.shape(mu)[-1], tf.float32), mu, logvar,
-                               energy)
+        return EnergyAttention(
+            heatmap / tf.cast(tf.shape(mu)[-1], tf.float32), mu, logvar, energy
+        )
 
     # --- gradients for the attribution forms (keras_vae_attn/attribution.py) ----------
     def target_gradients(self, images, target, normal_stats, relu_latent_gradients=False):
@@ -443,8 +492,14 @@ class VAEAttention:
             return self._run(self._total_energy_gradients, images, mean, std)
         if target not in ANOMALY_SCORES:
             raise ValueError(f"unknown target {target!r}; choose one of {ANOMALY_SCORES}")
-        return self._run(self._latent_target_gradients, images, mean, std, target,
-                         bool(relu_latent_gradients))
+        return self._run(
+            self._latent_target_gradients,
+            images,
+            mean,
+            std,
+            target,
+            bool(relu_latent_gradients),
+        )
 
     def path_gradients(self, images, normal_stats, baseline, steps):
         """Integrated-gradient ingredients for the total energy: the gradients averaged
@@ -454,12 +509,15 @@ class VAEAttention:
         Returns (A, mean gradients (B, 1, h, w, K), mu, logvar)."""
         images = self._checked(images)
         if self.head is None:
-            raise ValueError(f"the integrated form needs layer {self.layer_name!r} to be a "
-                             "cut point of a functional encoder (no skip connection around "
-                             "it)")
+            raise ValueError(
+                f"the integrated form needs layer {self.layer_name!r} to be a "
+                "cut point of a functional encoder (no skip connection around "
+                "it)"
+            )
         mean, std = (tf.cast(v, tf.float32) for v in normal_stats)
-        return self._run(self._path_gradients, images, mean, std,
-                         tf.cast(baseline, tf.float32), int(steps))
+        return self._run(
+            self._path_gradients, images, mean, std, tf.cast(baseline, tf.float32), int(steps)
+        )
 
     def forward(self, images):
         """(A, mu, logvar) without any gradient: what the "deviation" form needs."""
@@ -476,8 +534,11 @@ class VAEAttention:
     def _forward_graph(self, images):
         with tf.GradientTape() as tape:
             features, outputs = self._forward(images, tape)
-        return (tf.cast(features, tf.float32), tf.cast(outputs[self.latent_index], tf.float32),
-                tf.cast(outputs[self.logvar_index], tf.float32))
+        return (
+            tf.cast(features, tf.float32),
+            tf.cast(outputs[self.latent_index], tf.float32),
+            tf.cast(outputs[self.logvar_index], tf.float32),
+        )
 
     def _energy_and_gradients(self, images, normal_mean, normal_std):
         """(A, dE/dA (B, h, w, K), mu, logvar, E) of the total energy, variance held."""
@@ -485,19 +546,22 @@ class VAEAttention:
             features, outputs = self._forward(images, tape)
             mu = tf.cast(outputs[self.latent_index], tf.float32)
             logvar = tf.cast(outputs[self.logvar_index], tf.float32)
-            mean, variance = difference_distribution(normal_mean, normal_std, mu,
-                                                     tf.exp(0.5 * logvar))
+            mean, variance = difference_distribution(
+                normal_mean, normal_std, mu, tf.exp(0.5 * logvar)
+            )
             value = energy(mean, tf.stop_gradient(variance))
         grads = tf.cast(tape.gradient(value, features), tf.float32)
         return tf.cast(features, tf.float32), grads, mu, logvar, value
 
     def _total_energy_gradients(self, images, normal_mean, normal_std):
-        features, grads, mu, logvar, _ = self._energy_and_gradients(images, normal_mean,
-                                                                    normal_std)
+        features, grads, mu, logvar, _ = self._energy_and_gradients(
+            images, normal_mean, normal_std
+        )
         return features, grads[:, None], mu, logvar
 
-    def _latent_target_gradients(self, images, normal_mean, normal_std, target,
-                                 relu_latent_gradients=False):
+    def _latent_target_gradients(
+        self, images, normal_mean, normal_std, target, relu_latent_gradients=False
+    ):
         if self.method == "stack":
             features = self.front(images, training=False)
             outputs, grads = self.stacked_gradients(features)
@@ -507,39 +571,44 @@ class VAEAttention:
             with tf.GradientTape() as tape:
                 features, outputs = self._forward(images, tape)
                 mu = tf.cast(outputs[self.latent_index], tf.float32)
-            grads = tape.batch_jacobian(mu, features)                    # (B, D, h, w, K)
+            grads = tape.batch_jacobian(mu, features)  # (B, D, h, w, K)
             logvar = outputs[self.logvar_index]
         grads = tf.cast(grads, tf.float32)
         if relu_latent_gradients:
             grads = tf.nn.relu(grads)
         logvar = tf.cast(logvar, tf.float32)
-        if target == "latent":                                           # du_i = -dmu_i
+        if target == "latent":  # du_i = -dmu_i
             factor = -tf.ones_like(mu)
-        else:                                                            # dE_i/dmu_i
-            mean, variance = difference_distribution(normal_mean, normal_std, mu,
-                                                     tf.exp(0.5 * logvar))
+        else:  # dE_i/dmu_i
+            mean, variance = difference_distribution(
+                normal_mean, normal_std, mu, tf.exp(0.5 * logvar)
+            )
             factor = -mean / variance
-        return (tf.cast(features, tf.float32), grads * factor[:, :, None, None, None], mu,
-                logvar)
+        return (
+            tf.cast(features, tf.float32),
+            grads * factor[:, :, None, None, None],
+            mu,
+            logvar,
+        )
 
     def _path_gradients(self, images, normal_mean, normal_std, baseline, steps):
         features = tf.cast(self.front(images, training=False), tf.float32)
         outputs = _as_list(self.head(features, training=False))
         mu = tf.cast(outputs[self.latent_index], tf.float32)
         logvar = tf.cast(outputs[self.logvar_index], tf.float32)
-        _, variance = difference_distribution(normal_mean, normal_std, mu,
-                                              tf.exp(0.5 * logvar))
+        _, variance = difference_distribution(
+            normal_mean, normal_std, mu, tf.exp(0.5 * logvar)
+        )
         alphas = (tf.range(steps, dtype=tf.float32) + 0.5) / float(steps)
         path = baseline + alphas[:, None, None, None, None] * (features - baseline)[None]
         shape = tf.shape(features)
-        path = tf.reshape(path, tf.concat([[-1], shape[1:]], 0))         # (m*B, h, w, K)
+        path = tf.reshape(path, tf.concat([[-1], shape[1:]], 0))  # (m*B, h, w, K)
         with tf.GradientTape() as tape:
             tape.watch(path)
             along = _as_list(self.head(path, training=False))
             mu_path = tf.cast(along[self.latent_index], tf.float32)
             value = energy(normal_mean - mu_path, tf.tile(variance, [steps, 1]))
-        grads = tf.reshape(tape.gradient(value, path),
-                           tf.concat([[steps], shape], 0))
+        grads = tf.reshape(tape.gradient(value, path), tf.concat([[steps], shape], 0))
         return features, tf.reduce_mean(grads, 0)[:, None], mu, logvar
 
     def fit_normal_stats(self, dataset):
@@ -553,9 +622,11 @@ def relative_features(features, baseline):
         return features
     baseline = tf.cast(baseline, tf.float32)
     if not features.shape[1:].is_compatible_with(baseline.shape):
-        raise ValueError(f"the feature baseline's shape {tuple(baseline.shape)} differs from "
-                         f"this layer's feature map {tuple(features.shape[1:])}: fit it "
-                         "(feature_mean) on images of the size being explained")
+        raise ValueError(
+            f"the feature baseline's shape {tuple(baseline.shape)} differs from "
+            f"this layer's feature map {tuple(features.shape[1:])}: fit it "
+            "(feature_mean) on images of the size being explained"
+        )
     return features - baseline
 
 
@@ -582,14 +653,16 @@ def anomaly_weights(explanation, normal_stats, score="energy", sample=False, see
     if score not in ANOMALY_SCORES:
         raise ValueError(f"unknown anomaly score {score!r}; choose one of {ANOMALY_SCORES}")
     if score == TOTAL_ENERGY:
-        summed = tf.reduce_sum(anomaly_weights(explanation, normal_stats, "energy"), axis=1,
-                               keepdims=True)
+        summed = tf.reduce_sum(
+            anomaly_weights(explanation, normal_stats, "energy"), axis=1, keepdims=True
+        )
         return summed / tf.cast(tf.shape(explanation.weights)[1], tf.float32)
     if explanation.logvar is None:
         raise ValueError("anomaly attention needs the encoder's log-variance output")
     sigma = tf.exp(0.5 * explanation.logvar)
-    mean, variance = difference_distribution(normal_stats.mean, normal_stats.std,
-                                             explanation.mu, sigma)
+    mean, variance = difference_distribution(
+        normal_stats.mean, normal_stats.std, explanation.mu, sigma
+    )
     if score == "latent":
         return -explanation.weights
     u = mean
@@ -599,8 +672,9 @@ def anomaly_weights(explanation, normal_stats, score="energy", sample=False, see
     return explanation.weights * (-u / variance)[..., None]
 
 
-def anomaly_maps(explanation, normal_stats, score="energy", sample=False, seed=None,
-                 baseline=None):
+def anomaly_maps(
+    explanation, normal_stats, score="energy", sample=False, seed=None, baseline=None
+):
     """Per-latent anomaly maps (B, D, h, w); their mean is the anomaly attention.
     ``baseline`` (h, w, K): weigh A - baseline instead of A (module docstring)."""
     weights = anomaly_weights(explanation, normal_stats, score, sample, seed)
@@ -628,13 +702,13 @@ def fit_normal_stats(encoder, dataset, latent_index=0, logvar_index=1):
         if total is None:
             total, total_sq, total_var = (np.zeros(mu.shape[1]) for _ in range(3))
         total += mu.sum(0)
-        total_sq += (mu ** 2).sum(0)
+        total_sq += (mu**2).sum(0)
         total_var += var.sum(0)
         count += mu.shape[0]
     if count == 0:
         raise ValueError("cannot fit normal latent statistics on an empty dataset")
     mean = total / count
-    spread = np.maximum(total_sq / count - mean ** 2, 0.0) + total_var / count
+    spread = np.maximum(total_sq / count - mean**2, 0.0) + total_var / count
     return NormalStats(tf.constant(mean, tf.float32), tf.constant(np.sqrt(spread), tf.float32))
 
 

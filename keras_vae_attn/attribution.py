@@ -19,6 +19,7 @@ A new form is one small ``Form`` subclass with a ``name`` and a ``signed_map`` h
 registers itself. Its name goes in ``runs.FORMS`` too, the list the CLIs check flags
 against without importing TensorFlow (a name missing there fails at import).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -55,7 +56,7 @@ class FeatureMoments:
 
     def __init__(self, covariance=False):
         self.count, self.mean, self.m2, self.c2 = 0, None, None, None
-        self.covariance = covariance      # also the channel covariance at each position
+        self.covariance = covariance  # also the channel covariance at each position
 
     def update(self, features):
         features = np.asarray(features, np.float64)
@@ -72,7 +73,7 @@ class FeatureMoments:
         delta = mean - self.mean
         weight = self.count * count / total
         self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta ** 2 * weight
+        self.m2 = self.m2 + m2 + delta**2 * weight
         if self.covariance:
             self.c2 = self.c2 + c2 + np.einsum("...k,...l->...kl", delta, delta) * weight
         self.count = total
@@ -80,8 +81,7 @@ class FeatureMoments:
     def result(self):
         if not self.count:
             raise ValueError("cannot fit a feature distribution on an empty dataset")
-        return (self.mean.astype(np.float32),
-                np.sqrt(self.m2 / self.count).astype(np.float32))
+        return (self.mean.astype(np.float32), np.sqrt(self.m2 / self.count).astype(np.float32))
 
     def whitening(self):
         """(L^-1, L) float32 (h, w, K, K) of the ridged covariance (COVARIANCE_RIDGE)."""
@@ -89,8 +89,11 @@ class FeatureMoments:
             raise ValueError("no covariance was accumulated")
         covariance = self.c2 / self.count
         channels = covariance.shape[-1]
-        ridge = COVARIANCE_RIDGE * float(np.trace(covariance, axis1=-2, axis2=-1).mean()
-                                         / channels) + 1e-6
+        ridge = (
+            COVARIANCE_RIDGE
+            * float(np.trace(covariance, axis1=-2, axis2=-1).mean() / channels)
+            + 1e-6
+        )
         colour = np.linalg.cholesky(covariance + ridge * np.eye(channels))
         return np.linalg.inv(colour).astype(np.float32), colour.astype(np.float32)
 
@@ -100,8 +103,9 @@ def _scatter(centered):
     matrix product (no per-image outer products in memory)."""
     positions = centered.shape[1:-1]
     flat = centered.reshape(centered.shape[0], -1, centered.shape[-1]).transpose(1, 0, 2)
-    return np.matmul(flat.transpose(0, 2, 1), flat).reshape(*positions, centered.shape[-1],
-                                                          centered.shape[-1])
+    return np.matmul(flat.transpose(0, 2, 1), flat).reshape(
+        *positions, centered.shape[-1], centered.shape[-1]
+    )
 
 
 def deviation(features, distribution, kind):
@@ -140,15 +144,19 @@ def check_shape(features, mean):
     (a tensor, or its TensorShape)."""
     shape = features if isinstance(features, tf.TensorShape) else features.shape
     if not shape[1:].is_compatible_with(mean.shape):
-        raise ValueError(f"the normal feature distribution's shape {tuple(mean.shape)} "
-                         f"differs from this layer's feature map {tuple(shape[1:])}: "
-                         "fit it on images of the size being explained")
+        raise ValueError(
+            f"the normal feature distribution's shape {tuple(mean.shape)} "
+            f"differs from this layer's feature map {tuple(shape[1:])}: "
+            "fit it on images of the size being explained"
+        )
 
 
 def _whitening(distribution):
     if distribution.whiten is None:
-        raise ValueError("deviation 'whitened' needs the layer's feature covariance: fit it "
-                         "with model.fit_feature_distributions(..., covariance=True)")
+        raise ValueError(
+            "deviation 'whitened' needs the layer's feature covariance: fit it "
+            "with model.fit_feature_distributions(..., covariance=True)"
+        )
     return distribution
 
 
@@ -185,17 +193,19 @@ class Form:
     gradients (B, T, h, w, K) and the deviation (B, h, w, K) to (B, T, h, w)."""
 
     name = ""
-    needs_gradient = True     # False: the map needs no backward pass at all
-    uses_sign = True          # False: the map is >= 0 by construction
-    integrated = False        # True: gradients averaged along a path (see Integrated)
-    residual = False          # True: dev is the standardized feature reconstruction residual
-    pixels = False            # True: a map of the pixels, no layer (see ReconDeviation)
+    needs_gradient = True  # False: the map needs no backward pass at all
+    uses_sign = True  # False: the map is >= 0 by construction
+    integrated = False  # True: gradients averaged along a path (see Integrated)
+    residual = False  # True: dev is the standardized feature reconstruction residual
+    pixels = False  # True: a map of the pixels, no layer (see ReconDeviation)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.name not in runs.FORMS:
-            raise TypeError(f"attribution form {cls.name!r} is not listed in "
-                            "keras_vae_attn.runs.FORMS, so no flag could choose it")
+            raise TypeError(
+                f"attribution form {cls.name!r} is not listed in "
+                "keras_vae_attn.runs.FORMS, so no flag could choose it"
+            )
         FORMS[cls.name] = cls()
 
     def signed_map(self, grads, dev, gradient_relu=False):
@@ -299,8 +309,11 @@ def get_form(name):
 def attribute(form, grads, dev, sign, gradient_relu=False):
     """The map of ``form`` at feature resolution, (B, h, w): signed maps, the sign rule
     (when the form uses one), mean over targets."""
-    maps = form.signed_map(tf.cast(grads, tf.float32) if grads is not None else None,
-                           tf.cast(dev, tf.float32), gradient_relu)
+    maps = form.signed_map(
+        tf.cast(grads, tf.float32) if grads is not None else None,
+        tf.cast(dev, tf.float32),
+        gradient_relu,
+    )
     if form.uses_sign:
         maps = apply_sign(maps, sign)
     return tf.reduce_mean(maps, axis=1)

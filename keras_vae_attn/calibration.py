@@ -5,6 +5,7 @@ scores: no labels needed) or, when a labelled validation set exists, at the F1-o
 point. :func:`decide` turns raw outputs into masks, labels and a heatmap normalized so
 that 0.5 is the threshold; exported graphs call the same function.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -28,8 +29,9 @@ class Thresholds(NamedTuple):
         return {"pixel": float(self.pixel), "image": float(self.image), "method": self.method}
 
 
-def from_normal(heatmaps, scores, pixel_percentile=PIXEL_PERCENTILE,
-                image_percentile=IMAGE_PERCENTILE):
+def from_normal(
+    heatmaps, scores, pixel_percentile=PIXEL_PERCENTILE, image_percentile=IMAGE_PERCENTILE
+):
     """Thresholds from normal images only: percentiles of their pixel and image scores.
 
     ``heatmaps`` (N, H, W) and ``scores`` (N,) of held-out normal images. A pixel of a
@@ -39,24 +41,32 @@ def from_normal(heatmaps, scores, pixel_percentile=PIXEL_PERCENTILE,
     scores = np.asarray(scores, np.float32)
     if heatmaps.size == 0 or scores.size == 0:
         raise ValueError("calibration needs at least one held-out normal image")
-    return Thresholds(float(np.percentile(heatmaps, pixel_percentile)),
-                      float(np.percentile(scores, image_percentile)),
-                      f"normal percentiles {pixel_percentile}/{image_percentile}")
+    return Thresholds(
+        float(np.percentile(heatmaps, pixel_percentile)),
+        float(np.percentile(scores, image_percentile)),
+        f"normal percentiles {pixel_percentile}/{image_percentile}",
+    )
 
 
-def from_model(model, normal_images, options, batch_size=16,
-               pixel_percentile=PIXEL_PERCENTILE, image_percentile=IMAGE_PERCENTILE,
-               keys=()):
+def from_model(
+    model,
+    normal_images,
+    options,
+    batch_size=16,
+    pixel_percentile=PIXEL_PERCENTILE,
+    image_percentile=IMAGE_PERCENTILE,
+    keys=(),
+):
     """:func:`from_normal` on a model's outputs for held-out ``normal_images`` (float
     (N, H, W, C)) with the run's ExplainOptions: how a run's predictions.csv and the
     export pipeline calibrate. Returns (thresholds, outputs); the outputs (numpy) hold
     heatmap, score and the extra ``keys`` (e.g. "recon_error")."""
     from keras_vae_attn import scoring
 
-    out = scoring.batched(model, normal_images, batch_size, options,
-                          keys=("heatmap", "score", *keys))
-    return from_normal(out["heatmap"], out["score"], pixel_percentile,
-                       image_percentile), out
+    out = scoring.batched(
+        model, normal_images, batch_size, options, keys=("heatmap", "score", *keys)
+    )
+    return from_normal(out["heatmap"], out["score"], pixel_percentile, image_percentile), out
 
 
 def best_f1_threshold(scores, labels, candidates=1000):

@@ -5,6 +5,7 @@ Scalars and images are written as classic ``Summary`` values (``simple_value``, 
 ``image``): TensorBoard shows them, and so does every reader of event files, e.g.
 ``EventAccumulator.Scalars``, which sees nothing of ``tf.summary.scalar``'s tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,38 +37,68 @@ class AttentionImages(keras.callbacks.Callback):
             return
         maps = self.model.explainer(self.layer).attention(self.images).numpy()
         recon = self.model(self.images).numpy()
-        panel = np.concatenate([viz.to_rgb(self.images), viz.to_rgb(recon),
-                                viz.overlay(self.images, maps) / 255.0], axis=2)
+        panel = np.concatenate(
+            [
+                viz.to_rgb(self.images),
+                viz.to_rgb(recon),
+                viz.overlay(self.images, maps) / 255.0,
+            ],
+            axis=2,
+        )
         panel = np.clip(np.round(panel * 255.0), 0, 255).astype(np.uint8)
-        write_summary(self.writer, epoch, images={
-            f"input|reconstruction|attention/{index}": image
-            for index, image in enumerate(panel)})
+        write_summary(
+            self.writer,
+            epoch,
+            images={
+                f"input|reconstruction|attention/{index}": image
+                for index, image in enumerate(panel)
+            },
+        )
 
 
 #: metrics.json entries written as evaluation scalars: {method: {metric: value}}-like
 #: dicts (nested dicts become "a/b/c" tags).
-METRIC_GROUPS = ("methods", "image_auroc", "image_auroc_other_scores",
-                 "pixel_auroc_per_defect", "best_auroc", "factor_vae_score",
-                 "factor_vae_train_accuracy", "attention_overlap_top_pair",
-                 "sanity", "latent_selectivity")
-EXAMPLES = 4              # test heatmaps shown at the end of a run: 1 normal, 3 anomalous
+METRIC_GROUPS = (
+    "methods",
+    "image_auroc",
+    "image_auroc_other_scores",
+    "pixel_auroc_per_defect",
+    "best_auroc",
+    "factor_vae_score",
+    "factor_vae_train_accuracy",
+    "attention_overlap_top_pair",
+    "sanity",
+    "latent_selectivity",
+)
+EXAMPLES = 4  # test heatmaps shown at the end of a run: 1 normal, 3 anomalous
 
 
 def write_summary(writer, step, scalars=None, images=None):
     """Write ``scalars`` {tag: number} and ``images`` {tag: uint8 (H, W, 3)} at ``step``
     (non-finite and None values are left out)."""
     Summary = tf.compat.v1.Summary
-    values = [Summary.Value(tag=tag, simple_value=float(value))
-              for tag, value in (scalars or {}).items()
-              if value is not None and np.isfinite(float(value))]
+    values = [
+        Summary.Value(tag=tag, simple_value=float(value))
+        for tag, value in (scalars or {}).items()
+        if value is not None and np.isfinite(float(value))
+    ]
     for tag, image in (images or {}).items():
         png = tf.io.encode_png(np.asarray(image, np.uint8)).numpy()
-        values.append(Summary.Value(tag=tag, image=Summary.Image(
-            height=image.shape[0], width=image.shape[1], colorspace=3,
-            encoded_image_string=png)))
+        values.append(
+            Summary.Value(
+                tag=tag,
+                image=Summary.Image(
+                    height=image.shape[0],
+                    width=image.shape[1],
+                    colorspace=3,
+                    encoded_image_string=png,
+                ),
+            )
+        )
     with writer.as_default():
-        tf.summary.experimental.write_raw_pb(Summary(value=values).SerializeToString(),
-                                             step=step)
+        tf.summary.experimental.write_raw_pb(
+            Summary(value=values).SerializeToString(), step=step
+        )
     writer.flush()
 
 
@@ -83,8 +114,11 @@ class EpochScalars(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.writer is None:
             self.writer = tf.summary.create_file_writer(self.log_dir)
-        write_summary(self.writer, epoch, {f"epoch_{name}": value
-                                           for name, value in (logs or {}).items()})
+        write_summary(
+            self.writer,
+            epoch,
+            {f"epoch_{name}": value for name, value in (logs or {}).items()},
+        )
 
 
 def flat_metrics(metrics):
@@ -96,7 +130,7 @@ def flat_metrics(metrics):
             for key, inner in value.items():
                 walk(f"{prefix}/{key}", inner)
         elif isinstance(value, (int, float, np.number)):
-            flat[prefix] = float(value)       # a verdict (bool) as 1 / 0
+            flat[prefix] = float(value)  # a verdict (bool) as 1 / 0
 
     for group in METRIC_GROUPS:
         if group in metrics:
@@ -108,8 +142,9 @@ def example_picks(labels, count=EXAMPLES):
     """Indices of the first normal test image and the first ``count - 1`` anomalous ones
     (fewer when the test set has fewer)."""
     labels = np.asarray(labels)
-    return (list(np.flatnonzero(labels == 0)[:1])
-            + list(np.flatnonzero(labels != 0)[:count - 1]))
+    return list(np.flatnonzero(labels == 0)[:1]) + list(
+        np.flatnonzero(labels != 0)[: count - 1]
+    )
 
 
 def log_evaluation(log_dir, metrics, step, examples=None):
@@ -126,8 +161,10 @@ def log_evaluation(log_dir, metrics, step, examples=None):
             pictures = pictures / 255.0
         maps = np.asarray(maps)[picks]
         shown = viz.overlay(pictures, maps, vmax=float(maps.max()) or None)
-        images = {f"test heatmap {index} ({'anomalous' if labels[i] else 'normal'})": image
-                  for index, (i, image) in enumerate(zip(picks, shown))}
+        images = {
+            f"test heatmap {index} ({'anomalous' if labels[i] else 'normal'})": image
+            for index, (i, image) in enumerate(zip(picks, shown))
+        }
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "evaluation"))
     write_summary(writer, step, flat_metrics(metrics), images)
     writer.close()
@@ -189,10 +226,14 @@ class TrainingBackup(keras.callbacks.Callback):
         """Folders of complete backups, newest first."""
         if not os.path.isdir(self.backup_dir):
             return []
-        names = sorted((n for n in os.listdir(self.backup_dir) if n.startswith("epoch-")),
-                       reverse=True)
-        return [os.path.join(self.backup_dir, n) for n in names
-                if os.path.isfile(os.path.join(self.backup_dir, n, BACKUP_STATE))]
+        names = sorted(
+            (n for n in os.listdir(self.backup_dir) if n.startswith("epoch-")), reverse=True
+        )
+        return [
+            os.path.join(self.backup_dir, n)
+            for n in names
+            if os.path.isfile(os.path.join(self.backup_dir, n, BACKUP_STATE))
+        ]
 
     def remove_partial(self):
         """Staging folders of writes a kill interrupted: never loaded, removed."""
@@ -210,9 +251,12 @@ class TrainingBackup(keras.callbacks.Callback):
                 self.model.load_weights(os.path.join(folder, BACKUP_WEIGHTS))
                 with open(os.path.join(folder, BACKUP_STATE), encoding="utf-8") as handle:
                     state = json.load(handle)
-            except (OSError, ValueError) as error:      # damaged on disk: the older one
-                print(f"warning: the backup {folder} does not load ({error}); trying an "
-                      "older one", file=sys.stderr)
+            except (OSError, ValueError) as error:  # damaged on disk: the older one
+                print(
+                    f"warning: the backup {folder} does not load ({error}); trying an "
+                    "older one",
+                    file=sys.stderr,
+                )
                 continue
             self.restored = state
             self.model._initial_epoch = int(state["epoch"])
@@ -234,16 +278,18 @@ class TrainingBackup(keras.callbacks.Callback):
 
     # --- writing -------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
-        if getattr(self.model, "stop_training", False) and logs and not all(
-                np.isfinite(float(v)) for v in logs.values()):
-            return                      # a diverged epoch is not a state to resume from
+        if (
+            getattr(self.model, "stop_training", False)
+            and logs
+            and not all(np.isfinite(float(v)) for v in logs.values())
+        ):
+            return  # a diverged epoch is not a state to resume from
         self.write(epoch + 1)
 
     def write(self, epoch):
         """Back up the state after ``epoch`` epochs (see the class docstring)."""
         os.makedirs(self.backup_dir, exist_ok=True)
-        require_space(self.backup_dir, state_bytes(self.model),
-                      f"the backup of epoch {epoch}")
+        require_space(self.backup_dir, state_bytes(self.model), f"the backup of epoch {epoch}")
         staging = os.path.join(self.backup_dir, f".partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
@@ -262,9 +308,14 @@ def write_backup(model, staging, epoch):
     model.save_weights(os.path.join(staging, BACKUP_WEIGHTS))
     step = int(np.asarray(model.optimizer.iterations))
     with open(os.path.join(staging, BACKUP_STATE), "w", encoding="utf-8") as handle:
-        json.dump({"epoch": epoch, "optimizer_step": step,
-                   "seed_states": {v.path: np.asarray(v).tolist()
-                                   for v in seed_variables(model)}}, handle)
+        json.dump(
+            {
+                "epoch": epoch,
+                "optimizer_step": step,
+                "seed_states": {v.path: np.asarray(v).tolist() for v in seed_variables(model)},
+            },
+            handle,
+        )
 
 
 def seed_variables(model):
@@ -278,5 +329,5 @@ def seed_variables(model):
 def commit_backup(staging, final):
     """Publish a written backup: synced, then renamed in one step."""
     sync_folder(staging)
-    shutil.rmtree(final, ignore_errors=True)         # a same-epoch one left by a kill
+    shutil.rmtree(final, ignore_errors=True)  # a same-epoch one left by a kill
     os.rename(staging, final)

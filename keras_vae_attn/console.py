@@ -8,6 +8,7 @@ TensorFlow and initializes its devices with the process's stderr captured, then 
 every captured line except those notices. Nothing else changes: oneDNN stays on (it
 affects numerics) and ``CUDA_VISIBLE_DEVICES`` is left alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,8 @@ BANNERS = re.compile(
     r"|Unable to register cu(DNN|FFT|BLAS) factory"
     r"|computation placer already registered"
     r"|This TensorFlow binary is optimized to use available CPU instructions"
-    r"|To enable the following instructions: .* rebuild TensorFlow")
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+)
 
 
 def start_tensorflow():
@@ -44,15 +46,16 @@ def start_tensorflow():
         try:
             import tensorflow as tf
 
-            tf.config.list_physical_devices()       # CUDA's init (and its cuInit line)
+            tf.config.list_physical_devices()  # CUDA's init (and its cuInit line)
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
             text = capture.read().decode("utf-8", "replace")
-            kept = [line for line in text.splitlines(keepends=True)
-                    if not BANNERS.search(line)]
+            kept = [
+                line for line in text.splitlines(keepends=True) if not BANNERS.search(line)
+            ]
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
     return tf
@@ -69,16 +72,20 @@ def decision_lines(entry, what="images"):
     anomalous = counts["true_positive"] + counts["false_negative"]
     total = anomalous + counts["false_positive"] + counts["true_negative"]
     threshold = entry["thresholds"]["image"]
-    lines = [f"decisions at the calibrated thresholds (image {threshold:.4g}, pixel "
-             f"{entry['thresholds']['pixel']:.4g}; predictions.csv): {flagged} of {total} "
-             f"test {what} flagged anomalous, {counts['true_positive']} of them anomalous "
-             f"({counts['true_positive']} of the {anomalous} anomalous {what} caught, "
-             f"{counts['false_positive']} false alarm"
-             f"{'' if counts['false_positive'] == 1 else 's'})"]
+    lines = [
+        f"decisions at the calibrated thresholds (image {threshold:.4g}, pixel "
+        f"{entry['thresholds']['pixel']:.4g}; predictions.csv): {flagged} of {total} "
+        f"test {what} flagged anomalous, {counts['true_positive']} of them anomalous "
+        f"({counts['true_positive']} of the {anomalous} anomalous {what} caught, "
+        f"{counts['false_positive']} false alarm"
+        f"{'' if counts['false_positive'] == 1 else 's'})"
+    ]
     if flagged == 0:
-        lines.append(f"warning: no test {what} scored above the image threshold "
-                     f"{threshold:.4g}: every decision is 'normal' (a model trained too "
-                     "briefly, or calibration images unlike the test ones)")
+        lines.append(
+            f"warning: no test {what} scored above the image threshold "
+            f"{threshold:.4g}: every decision is 'normal' (a model trained too "
+            "briefly, or calibration images unlike the test ones)"
+        )
     return lines
 
 

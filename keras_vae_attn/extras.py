@@ -6,6 +6,7 @@
 ``ModuleNotFoundError`` of any module they import, however deep, into
 :class:`MissingExtra`; the command lines print its message and exit 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,5 +38,8 @@ def needs_extra(extra, purpose, option=None):
     try:
         yield
     except ModuleNotFoundError as error:
-        raise MissingExtra(f"{purpose} needs the Python module {error.name!r}, which is not "
-                           f"installed: {install_hint(extra)}", option) from None
+        raise MissingExtra(
+            f"{purpose} needs the Python module {error.name!r}, which is not "
+            f"installed: {install_hint(extra)}",
+            option,
+        ) from None

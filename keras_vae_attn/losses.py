@@ -1,5 +1,6 @@
 """Per-example losses. Every function returns a (B,) tensor so callers can average over
 the *global* batch under a distribution strategy."""
+
 from __future__ import annotations
 
 import tensorflow as tf

@@ -14,6 +14,7 @@ images the model was not trained on (:func:`split_held_out`), as the export pipe
 calibrates; the decisions are :func:`keras_vae_attn.calibration.decide`, as in an
 exported graph.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,15 +29,15 @@ from keras_vae_attn.runs import write_json
 
 PREDICTIONS = "predictions.csv"
 THRESHOLDS = "thresholds.json"
-FOLDER = "predictions"          # the optional per-image PNGs
+FOLDER = "predictions"  # the optional per-image PNGs
 
 
 class Calibration(NamedTuple):
     """Thresholds, and the colour scale of each map in the figures (module doc)."""
 
     thresholds: calibration.Thresholds
-    scales: dict    # {map name: vmax}: twice the 99.5th percentile on the normal images
-    source: str     # which normal images, in words
+    scales: dict  # {map name: vmax}: twice the 99.5th percentile on the normal images
+    source: str  # which normal images, in words
 
 
 def split_held_out(images, fraction):
@@ -47,8 +48,10 @@ def split_held_out(images, fraction):
     if fraction > 0:
         count = max(1, count)
     if count >= len(images):
-        raise ValueError(f"holding out {count} of {len(images)} normal training images "
-                         "for calibration leaves none to train on: lower the fraction")
+        raise ValueError(
+            f"holding out {count} of {len(images)} normal training images "
+            "for calibration leaves none to train on: lower the fraction"
+        )
     if count == 0:
         return images, images
     return images[:-count], images[-count:]
@@ -57,8 +60,10 @@ def split_held_out(images, fraction):
 def describe_source(fraction, held_out):
     """The words predictions.csv's metrics use for the calibration images."""
     if fraction > 0:
-        return (f"the last {fraction:.0%} of the normal training images ({held_out}), "
-                "not trained on")
+        return (
+            f"the last {fraction:.0%} of the normal training images ({held_out}), "
+            "not trained on"
+        )
     return f"the {held_out} normal training images (no held-out split)"
 
 
@@ -72,10 +77,10 @@ def calibrate(model, normal_images, options, batch_size, source, others=None):
     """Thresholds from held-out ``normal_images`` (float (N, H, W, C)) and the colour
     scale of the method's map, the reconstruction difference and each of ``others``
     ({name: ExplainOptions}, e.g. single-layer ablations)."""
-    thresholds, out = calibration.from_model(model, normal_images, options, batch_size,
-                                             keys=(RECON,))
-    scales = {ATTENTION: 2.0 * max(thresholds.pixel, 1e-12),
-              RECON: display_scale(out[RECON])}
+    thresholds, out = calibration.from_model(
+        model, normal_images, options, batch_size, keys=(RECON,)
+    )
+    scales = {ATTENTION: 2.0 * max(thresholds.pixel, 1e-12), RECON: display_scale(out[RECON])}
     for name, other in (others or {}).items():
         maps = scoring.batched(model, normal_images, batch_size, other, keys=("heatmap",))
         scales[name] = display_scale(maps["heatmap"])
@@ -87,11 +92,15 @@ def scale_label(name, calibrated):
     top = calibrated.scales[name]
     if name == ATTENTION:
         pixel = calibrated.thresholds.pixel
-        return (f"one scale for all images: 0 to {top:.3g} = 2x the pixel threshold "
-                f"{pixel:.3g} (white line), the {calibration.PIXEL_PERCENTILE}th "
-                f"percentile of the map on {calibrated.source}")
-    return (f"one scale for all images: 0 to {top:.3g} = 2x the "
-            f"{calibration.PIXEL_PERCENTILE}th percentile of the map on {calibrated.source}")
+        return (
+            f"one scale for all images: 0 to {top:.3g} = 2x the pixel threshold "
+            f"{pixel:.3g} (white line), the {calibration.PIXEL_PERCENTILE}th "
+            f"percentile of the map on {calibrated.source}"
+        )
+    return (
+        f"one scale for all images: 0 to {top:.3g} = 2x the "
+        f"{calibration.PIXEL_PERCENTILE}th percentile of the map on {calibrated.source}"
+    )
 
 
 def predict(heatmaps, thresholds, batch_size=256):
@@ -102,42 +111,66 @@ def predict(heatmaps, thresholds, batch_size=256):
     scores = heatmaps.max(axis=(1, 2))
     labels, fractions = [], []
     for start in range(0, len(heatmaps), batch_size):
-        decided = calibration.decide(heatmaps[start:start + batch_size],
-                                     scores[start:start + batch_size], thresholds)
+        decided = calibration.decide(
+            heatmaps[start : start + batch_size],
+            scores[start : start + batch_size],
+            thresholds,
+        )
         labels.append(decided["pred_label"].numpy())
         fractions.append(decided["pred_mask"].numpy().mean(axis=(1, 2)))
-    return {"image_score": scores,
-            "pred_score": calibration.normalize(scores, thresholds.image).numpy(),
-            "pred_label": np.concatenate(labels),
-            "pred_mask_fraction": np.concatenate(fractions)}
+    return {
+        "image_score": scores,
+        "pred_score": calibration.normalize(scores, thresholds.image).numpy(),
+        "pred_label": np.concatenate(labels),
+        "pred_mask_fraction": np.concatenate(fractions),
+    }
 
 
 def write(run_dir, files, groups, group_name, labels, predicted, calibrated):
     """predictions.csv and thresholds.json into ``run_dir``; returns the metrics.json
     entry (the files, thresholds, calibration images and counts at the threshold)."""
     labels = np.asarray(labels).astype(int)
-    columns = ["file", group_name, "label", "image_score", "pred_score", "pred_label",
-               "pred_mask_fraction"]
+    columns = [
+        "file",
+        group_name,
+        "label",
+        "image_score",
+        "pred_score",
+        "pred_label",
+        "pred_mask_fraction",
+    ]
     partial = os.path.join(run_dir, PREDICTIONS + ".partial")
     with open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for i, name in enumerate(files):
-            writer.writerow([name, groups[i], labels[i],
-                             f"{predicted['image_score'][i]:.6g}",
-                             f"{predicted['pred_score'][i]:.4f}",
-                             int(predicted["pred_label"][i]),
-                             f"{predicted['pred_mask_fraction'][i]:.4f}"])
+            writer.writerow(
+                [
+                    name,
+                    groups[i],
+                    labels[i],
+                    f"{predicted['image_score'][i]:.6g}",
+                    f"{predicted['pred_score'][i]:.4f}",
+                    int(predicted["pred_label"][i]),
+                    f"{predicted['pred_mask_fraction'][i]:.4f}",
+                ]
+            )
     os.replace(partial, os.path.join(run_dir, PREDICTIONS))
     thresholds = {**calibrated.thresholds.as_dict(), "calibrated_on": calibrated.source}
     write_json(os.path.join(run_dir, THRESHOLDS), thresholds)
     pred = np.asarray(predicted["pred_label"], bool)
     truth = labels.astype(bool)
-    return {"file": PREDICTIONS, "thresholds_file": THRESHOLDS, "thresholds": thresholds,
-            "at_threshold": {"true_positive": int((pred & truth).sum()),
-                             "false_positive": int((pred & ~truth).sum()),
-                             "false_negative": int((~pred & truth).sum()),
-                             "true_negative": int((~pred & ~truth).sum())}}
+    return {
+        "file": PREDICTIONS,
+        "thresholds_file": THRESHOLDS,
+        "thresholds": thresholds,
+        "at_threshold": {
+            "true_positive": int((pred & truth).sum()),
+            "false_positive": int((pred & ~truth).sum()),
+            "false_negative": int((~pred & truth).sum()),
+            "true_negative": int((~pred & ~truth).sum()),
+        },
+    }
 
 
 def save_images(run_dir, files, images, heatmaps, masks, predicted, calibrated):
@@ -151,16 +184,25 @@ def save_images(run_dir, files, images, heatmaps, masks, predicted, calibrated):
     thresholds = calibrated.thresholds
     for i, name in enumerate(files):
         score, label = predicted["image_score"][i], predicted["pred_label"][i]
-        columns = [("input", viz.to_rgb(images[i:i + 1])),
-                   viz.Heatmaps("anomaly attention", heatmaps[i:i + 1],
-                                calibrated.scales[ATTENTION],
-                                scale_label(ATTENTION, calibrated), thresholds.pixel),
-                   ("ground truth", masks[i:i + 1]),
-                   ("predicted mask", heatmaps[i:i + 1] > thresholds.pixel)]
-        title = (f"{name}: score {score:.3g} {'>' if label else '<='} image threshold "
-                 f"{thresholds.image:.3g}: {'anomalous' if label else 'normal'}")
+        columns = [
+            ("input", viz.to_rgb(images[i : i + 1])),
+            viz.Heatmaps(
+                "anomaly attention",
+                heatmaps[i : i + 1],
+                calibrated.scales[ATTENTION],
+                scale_label(ATTENTION, calibrated),
+                thresholds.pixel,
+            ),
+            ("ground truth", masks[i : i + 1]),
+            ("predicted mask", heatmaps[i : i + 1] > thresholds.pixel),
+        ]
+        title = (
+            f"{name}: score {score:.3g} {'>' if label else '<='} image threshold "
+            f"{thresholds.image:.3g}: {'anomalous' if label else 'normal'}"
+        )
         stem = os.path.splitext(name)[0].replace(os.sep, "__").replace("/", "__")
-        viz.save_figure(viz.heatmap_figure(images[i:i + 1], columns, title=title,
-                                           cell_inches=2.0),
-                        os.path.join(folder, f"{stem}.png"))
+        viz.save_figure(
+            viz.heatmap_figure(images[i : i + 1], columns, title=title, cell_inches=2.0),
+            os.path.join(folder, f"{stem}.png"),
+        )
     return folder

@@ -3,6 +3,7 @@ scoring, re-scoring and every exporter agree on how a heatmap is made.
 
 Pure Python (no TensorFlow import), so trainers can parse flags before TensorFlow loads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,16 @@ CONFIG = "config.json"
 
 # Named here so flags parse without TensorFlow; keras_vae_attn.attribution holds the forms.
 TARGETS = ("latent", "energy", "total-energy")
-FORMS = ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "gradient-norm",
-         "deviation", "feature-residual", "recon-deviation")
+FORMS = (
+    "gradcam",
+    "hirescam",
+    "integrated",
+    "gradient-weighted-deviation",
+    "gradient-norm",
+    "deviation",
+    "feature-residual",
+    "recon-deviation",
+)
 #: forms that read what the decoder reconstructs (no deviation of their own)
 RESIDUAL_FORMS = ("feature-residual", "recon-deviation")
 #: "recon": the map's geometric mean with the standardized reconstruction residual
@@ -37,18 +46,32 @@ PRESETS = {
     # model-randomization check on all 5 development datasets; of the 13 that pass on 3,
     # this one has the lowest mean rank (1.75), MNIST 0.989. Deviation "whitened" is what
     # the run's feature-deviation reference (and the "random features" row) are read with.
-    "default": dict(form="recon-deviation", target="total-energy", deviation="whitened",
-                    sign="abs"),
+    "default": dict(
+        form="recon-deviation", target="total-energy", deviation="whitened", sign="abs"
+    ),
     # the first rule's choice (issue 19): it scores as well on an untrained VAE
-    "whitened-deviation": dict(form="gradient-weighted-deviation", target="total-energy",
-                               deviation="whitened", sign="abs"),
+    "whitened-deviation": dict(
+        form="gradient-weighted-deviation",
+        target="total-energy",
+        deviation="whitened",
+        sign="abs",
+    ),
 }
 #: The CLI flag behind each option, for error messages.
-FLAGS = {"layers": "--layer", "target": "--target", "form": "--form",
-         "deviation": "--deviation", "sign": "--sign", "steps": "--ig-steps",
-         "combine": "--combine", "smooth": "--smooth", "method": "--method",
-         "layer_scales": "--layer (scales)", "gradient_relu": "--gradient-relu",
-         "gate": "--gate"}
+FLAGS = {
+    "layers": "--layer",
+    "target": "--target",
+    "form": "--form",
+    "deviation": "--deviation",
+    "sign": "--sign",
+    "steps": "--ig-steps",
+    "combine": "--combine",
+    "smooth": "--smooth",
+    "method": "--method",
+    "layer_scales": "--layer (scales)",
+    "gradient_relu": "--gradient-relu",
+    "gate": "--gate",
+}
 
 
 class OptionError(ValueError):
@@ -86,36 +109,52 @@ class ExplainOptions:
         layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
         object.__setattr__(self, "layers", layers)
         if self.layer_scales is not None:
-            object.__setattr__(self, "layer_scales",
-                               tuple(float(s) for s in self.layer_scales))
+            object.__setattr__(
+                self, "layer_scales", tuple(float(s) for s in self.layer_scales)
+            )
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
     def validate(self):
-        for field, choices in (("target", TARGETS), ("form", FORMS),
-                               ("deviation", DEVIATIONS), ("sign", SIGNS),
-                               ("combine", COMBINES), ("method", METHODS),
-                               ("gate", GATES)):
+        for field, choices in (
+            ("target", TARGETS),
+            ("form", FORMS),
+            ("deviation", DEVIATIONS),
+            ("sign", SIGNS),
+            ("combine", COMBINES),
+            ("method", METHODS),
+            ("gate", GATES),
+        ):
             value = getattr(self, field)
             if value not in choices:
-                raise OptionError(field, f"{FLAGS[field]} {value!r} is unknown; choose one "
-                                         f"of {', '.join(choices)}")
+                raise OptionError(
+                    field,
+                    f"{FLAGS[field]} {value!r} is unknown; choose one of {', '.join(choices)}",
+                )
         if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
             raise OptionError("layers", f"--layer names no layer: {self.layers!r}")
         if len(set(self.layers)) != len(self.layers):
             raise OptionError("layers", f"--layer repeats a layer: {','.join(self.layers)}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise OptionError("steps", f"--ig-steps must be an integer >= 1, got {self.steps!r}")
+            raise OptionError(
+                "steps", f"--ig-steps must be an integer >= 1, got {self.steps!r}"
+            )
         if not (isinstance(self.smooth, (int, float)) and self.smooth >= 0):
             raise OptionError("smooth", f"--smooth must be >= 0, got {self.smooth!r}")
         if self.form == "integrated" and self.target != "total-energy":
-            raise OptionError("target", "--form integrated integrates one scalar target: "
-                                        "use --target total-energy")
+            raise OptionError(
+                "target",
+                "--form integrated integrates one scalar target: use --target total-energy",
+            )
         if self.layer_scales is not None and (
-                len(self.layer_scales) != len(self.layers)
-                or not all(s > 0 and np.isfinite(s) for s in self.layer_scales)):
-            raise OptionError("layer_scales", f"layer_scales {self.layer_scales!r} must hold "
-                                              f"one positive number per layer {self.layers}")
+            len(self.layer_scales) != len(self.layers)
+            or not all(s > 0 and np.isfinite(s) for s in self.layer_scales)
+        ):
+            raise OptionError(
+                "layer_scales",
+                f"layer_scales {self.layer_scales!r} must hold "
+                f"one positive number per layer {self.layers}",
+            )
 
     # --- derived ----------------------------------------------------------------------
     @property
@@ -144,15 +183,18 @@ class ExplainOptions:
 
     def replace(self, **changes):
         if "layers" in changes and "layer_scales" not in changes:
-            changes["layer_scales"] = None       # scales belong to the old layers
+            changes["layer_scales"] = None  # scales belong to the old layers
         return dataclasses.replace(self, **changes)
 
     def describe(self):
         """A short human label, e.g. 'gradcam/energy/none/relu @ conv1'."""
         if self.form == "recon-deviation":
             return "recon-deviation (reconstruction residual relative to its normal size)"
-        parts = ([self.form] if self.form in RESIDUAL_FORMS
-                 else [self.form, self.target, self.deviation])
+        parts = (
+            [self.form]
+            if self.form in RESIDUAL_FORMS
+            else [self.form, self.target, self.deviation]
+        )
         if self.form in ("gradcam", "hirescam", "integrated"):
             parts.append(self.sign)
         text = "/".join(parts) + " @ " + "+".join(self.layers)
@@ -167,15 +209,16 @@ class ExplainOptions:
         """Plain JSON values, stored under "explain" in a run's config.json."""
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)
-        data["layer_scales"] = (None if self.layer_scales is None
-                                else list(self.layer_scales))
+        data["layer_scales"] = None if self.layer_scales is None else list(self.layer_scales)
         return data
 
     @classmethod
     def preset(cls, name, **overrides):
         if name not in PRESETS:
-            raise OptionError("preset", f"--attribution {name!r} is unknown; choose one of "
-                                        f"{', '.join(PRESETS)}")
+            raise OptionError(
+                "preset",
+                f"--attribution {name!r} is unknown; choose one of {', '.join(PRESETS)}",
+            )
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -185,11 +228,13 @@ class ExplainOptions:
         if isinstance(config.get("explain"), dict):
             known = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in config["explain"].items() if k in known})
-        return cls.from_legacy(layer=config.get("layer", "last"),
-                               score=config.get("score", "energy"),
-                               gradient_relu=bool(config.get("gradient_relu", False)),
-                               smooth=float(config.get("smooth", 0.0) or 0.0),
-                               feature_baseline=config.get("feature_baseline", "zero"))
+        return cls.from_legacy(
+            layer=config.get("layer", "last"),
+            score=config.get("score", "energy"),
+            gradient_relu=bool(config.get("gradient_relu", False)),
+            smooth=float(config.get("smooth", 0.0) or 0.0),
+            feature_baseline=config.get("feature_baseline", "zero"),
+        )
 
     @classmethod
     def from_legacy(cls, layer="last", score=None, feature_baseline=None, **fields):
@@ -199,11 +244,15 @@ class ExplainOptions:
             fields.setdefault("target", score)
         if feature_baseline is not None:
             if feature_baseline not in ("zero", "normal"):
-                raise OptionError("deviation", f"unknown feature_baseline "
-                                               f"{feature_baseline!r}; choose zero or normal "
-                                               "(or use deviation=)")
-            fields.setdefault("deviation",
-                              "centered" if feature_baseline == "normal" else "none")
+                raise OptionError(
+                    "deviation",
+                    f"unknown feature_baseline "
+                    f"{feature_baseline!r}; choose zero or normal "
+                    "(or use deviation=)",
+                )
+            fields.setdefault(
+                "deviation", "centered" if feature_baseline == "normal" else "none"
+            )
         layers = fields.pop("layers", layer)
         if isinstance(layers, str):
             layers = tuple(name.strip() for name in layers.split(",") if name.strip())
@@ -213,24 +262,36 @@ class ExplainOptions:
     def from_args(cls, args):
         """From parsed trainer flags (see trainers/common.add_attention_flags)."""
         fields = dict(PRESETS[args.attribution])
-        for field, attr in (("target", "target"), ("form", "form"),
-                            ("deviation", "deviation"), ("sign", "sign")):
+        for field, attr in (
+            ("target", "target"),
+            ("form", "form"),
+            ("deviation", "deviation"),
+            ("sign", "sign"),
+        ):
             if getattr(args, attr, None) is not None:
                 fields[field] = getattr(args, attr)
         baseline = getattr(args, "feature_baseline", None)
         if baseline is not None:
             wanted = "centered" if baseline == "normal" else "none"
             if getattr(args, "deviation", None) not in (None, wanted):
-                raise OptionError("deviation", f"--feature-baseline {baseline} (an alias of "
-                                               f"--deviation {wanted}) contradicts "
-                                               f"--deviation {args.deviation}")
+                raise OptionError(
+                    "deviation",
+                    f"--feature-baseline {baseline} (an alias of "
+                    f"--deviation {wanted}) contradicts "
+                    f"--deviation {args.deviation}",
+                )
             fields["deviation"] = wanted
         layers = tuple(name.strip() for name in args.layer.split(",") if name.strip())
         if getattr(args, "gate", None) is not None:
             fields["gate"] = args.gate
-        return cls(layers=layers, gradient_relu=bool(args.gradient_relu),
-                   steps=args.ig_steps, combine=args.combine, smooth=float(args.smooth),
-                   **fields)
+        return cls(
+            layers=layers,
+            gradient_relu=bool(args.gradient_relu),
+            steps=args.ig_steps,
+            combine=args.combine,
+            smooth=float(args.smooth),
+            **fields,
+        )
 
 
 def to_jsonable(value):
@@ -278,8 +339,10 @@ def require_space(folder, needed, what):
     never loads, so the write is not tried (the previous state stays as it is)."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise DiskFull(f"no space left for {what} in {folder}: {needed / 2**20:.1f} MiB "
-                       f"needed, {free / 2**20:.1f} MiB free")
+        raise DiskFull(
+            f"no space left for {what} in {folder}: {needed / 2**20:.1f} MiB "
+            f"needed, {free / 2**20:.1f} MiB free"
+        )
 
 
 class ModelLoadError(ValueError):

@@ -1,5 +1,6 @@
 """Anomaly outputs of a trained VAE for a batch: the one function trainers, metrics and
 exported graphs all call, so they cannot disagree."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,9 @@ def gaussian_blur(maps, sigma):
     offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
     kernel = tf.exp(-0.5 * tf.square(offsets / sigma))
     kernel = kernel / tf.reduce_sum(kernel)
-    x = tf.pad(maps[..., None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-               mode="REFLECT")
+    x = tf.pad(
+        maps[..., None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT"
+    )
     x = tf.nn.conv2d(x, tf.reshape(kernel, [-1, 1, 1, 1]), 1, "VALID")
     x = tf.nn.conv2d(x, tf.reshape(kernel, [1, -1, 1, 1]), 1, "VALID")
     return x[..., 0]
@@ -46,8 +48,7 @@ def layer_map(model, images, layer, options, stats):
     """One layer's anomaly map at feature resolution (B, h, w), and mu, logvar."""
     explainer = model.explainer(layer, method=options.method)
     form = attribution.get_form(options.form)
-    distribution = (model.feature_distribution(layer) if options.needs_distribution
-                    else None)
+    distribution = model.feature_distribution(layer) if options.needs_distribution else None
     # gradient_relu of a per-latent target acts on dmu_i/dA, before the energy factor
     relu_first = options.gradient_relu and options.target != attn.TOTAL_ENERGY
     if form.residual:
@@ -59,20 +60,26 @@ def layer_map(model, images, layer, options, stats):
         features, mu, logvar = explainer.forward(images)
         grads = None
     elif form.integrated:
-        start = (distribution.mean if distribution is not None else
-                 tf.zeros(explainer.front.output.shape[1:], tf.float32))
+        start = (
+            distribution.mean
+            if distribution is not None
+            else tf.zeros(explainer.front.output.shape[1:], tf.float32)
+        )
         attribution.check_shape(tf.TensorShape(explainer.front.output.shape), start)
-        features, grads, mu, logvar = explainer.path_gradients(images, stats, start,
-                                                               options.steps)
+        features, grads, mu, logvar = explainer.path_gradients(
+            images, stats, start, options.steps
+        )
     else:
         features, grads, mu, logvar = explainer.target_gradients(
-            images, options.target, stats, relu_latent_gradients=relu_first)
+            images, options.target, stats, relu_latent_gradients=relu_first
+        )
     if form.integrated:
         dev = features - tf.cast(start, tf.float32)
     else:
         dev = attribution.deviation(features, distribution, options.deviation)
-        grads = attribution.gradients_in_deviation_basis(grads, distribution,
-                                                         options.deviation)
+        grads = attribution.gradients_in_deviation_basis(
+            grads, distribution, options.deviation
+        )
     relu_after = options.gradient_relu and not relu_first
     return attribution.attribute(form, grads, dev, options.sign, relu_after), mu, logvar
 
@@ -83,10 +90,14 @@ def combine_layers(maps, options):
     if len(maps) == 1:
         return maps[0]
     if options.layer_scales is None:
-        raise ValueError(f"combining layers {options.layers} needs their normal-data scales: "
-                         "fit them first (scoring.fit_layer_scales)")
+        raise ValueError(
+            f"combining layers {options.layers} needs their normal-data scales: "
+            "fit them first (scoring.fit_layer_scales)"
+        )
     scaled = tf.stack([m / s for m, s in zip(maps, options.layer_scales)], 0)
-    return tf.reduce_mean(scaled, 0) if options.combine == "mean" else tf.reduce_prod(scaled, 0)
+    return (
+        tf.reduce_mean(scaled, 0) if options.combine == "mean" else tf.reduce_prod(scaled, 0)
+    )
 
 
 def explain_anomaly(model, images, options=None, keys=None, **legacy):
@@ -131,29 +142,36 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
     if pixels or options.gate == "recon":
         reconstruction = model.decode(mu)
         deviation = recon_deviation(images, reconstruction, model.residual_distribution())
-        heatmap = (deviation if pixels else
-                   tf.sqrt(tf.nn.relu(heatmap) * deviation + 1e-12))   # geometric mean
+        heatmap = (
+            deviation if pixels else tf.sqrt(tf.nn.relu(heatmap) * deviation + 1e-12)
+        )  # geometric mean
     heatmap = gaussian_blur(heatmap, options.smooth)
     out = {
         "heatmap": heatmap,
         "mu": mu,
         "logvar": logvar,
         "score": tf.reduce_max(heatmap, axis=[1, 2]),
-        "latent_distance": attn.energy(*attn.difference_distribution(
-            stats.mean, stats.std, mu, tf.exp(0.5 * logvar))),
+        "latent_distance": attn.energy(
+            *attn.difference_distribution(stats.mean, stats.std, mu, tf.exp(0.5 * logvar))
+        ),
         "kl": losses.kl_divergence(mu, logvar),
         "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
     }
     if wanted is None or wanted & {"reconstruction", "recon_error", "recon_score"}:
         if reconstruction is None:
             reconstruction = model.decode(mu)
-        recon_error = gaussian_blur(tf.reduce_mean(tf.abs(images - reconstruction), axis=-1),
-                                    options.smooth)
-        out.update(reconstruction=reconstruction, recon_error=recon_error,
-                   recon_score=tf.reduce_mean(recon_error, axis=[1, 2]))
+        recon_error = gaussian_blur(
+            tf.reduce_mean(tf.abs(images - reconstruction), axis=-1), options.smooth
+        )
+        out.update(
+            reconstruction=reconstruction,
+            recon_error=recon_error,
+            recon_score=tf.reduce_mean(recon_error, axis=[1, 2]),
+        )
     if wanted is None or wanted & {"per_latent", "attention"}:
-        explainer = model.explainer(options.layer, gradient_relu=options.gradient_relu,
-                                    method=options.method)
+        explainer = model.explainer(
+            options.layer, gradient_relu=options.gradient_relu, method=options.method
+        )
         latent_maps = explainer.explain(images).latent_maps
         out["per_latent"] = latent_maps
         out["attention"] = attn.upsample(tf.reduce_mean(latent_maps, axis=1), size)
@@ -172,9 +190,9 @@ def fit_missing_statistics(model, normal_batches, options):
     before a distribution existed, or fitted for other layers): the feature
     distributions of its layers and the reconstruction residuals'. True if it fitted."""
     layers = list(options.layers)
-    missing = (not all(model.has_feature_distribution(n, options.needs_covariance)
-                       for n in layers)
-               or not model.has_residual_distribution(layers))
+    missing = not all(
+        model.has_feature_distribution(n, options.needs_covariance) for n in layers
+    ) or not model.has_residual_distribution(layers)
     if missing:
         model.fit_feature_distributions(normal_batches, layers, options.needs_covariance)
     return missing
@@ -208,11 +226,13 @@ def batched(model, images, batch_size=64, options=None, keys=None, progress=None
     # partial, not a lambda: TensorFlow counts traces per function source, so the passes
     # of one run with different options (method, references, layers) would add up to a
     # false "retracing" warning.
-    run = tf.function(functools.partial(explain_anomaly, model, options=options, keys=keys),
-                      reduce_retracing=True)
+    run = tf.function(
+        functools.partial(explain_anomaly, model, options=options, keys=keys),
+        reduce_retracing=True,
+    )
     collected = {}
     for start in starts:
-        batch = np.asarray(images[start:start + batch_size], np.float32)
+        batch = np.asarray(images[start : start + batch_size], np.float32)
         count = len(batch)
         if count < batch_size and len(images) > batch_size:
             # pad the last batch to the traced shape: one trace, not two

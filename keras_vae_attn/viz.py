@@ -1,4 +1,5 @@
 """Figures: heatmap overlays, image grids, ROC curves, written as PNG."""
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,10 @@ def overlay(images, maps, alpha=0.5, cmap="jet", vmax=None):
     images = to_rgb(images)
     heat = colorize(maps, cmap, vmax)
     if heat.shape[1:3] != images.shape[1:3]:
-        raise ValueError(f"maps of size {heat.shape[1:3]} do not match images of size "
-                         f"{images.shape[1:3]}; upsample the maps first")
+        raise ValueError(
+            f"maps of size {heat.shape[1:3]} do not match images of size "
+            f"{images.shape[1:3]}; upsample the maps first"
+        )
     return np.round(255 * ((1 - alpha) * images + alpha * heat)).astype(np.uint8)
 
 
@@ -83,8 +86,11 @@ def heatmap_figure(images, columns, row_titles=None, title=None, cell_inches=1.6
     for index, column in enumerate(columns):
         if isinstance(column, Heatmaps):
             vmax = max(float(column.vmax), 1e-12)
-            shown = (overlay(images, column.maps, vmax=vmax) if column.overlay
-                     else colorize(column.maps, vmax=vmax))
+            shown = (
+                overlay(images, column.maps, vmax=vmax)
+                if column.overlay
+                else colorize(column.maps, vmax=vmax)
+            )
             for row, text in enumerate(column.notes or []):
                 if text:
                     notes[(row, index)] = text
@@ -98,13 +104,26 @@ def heatmap_figure(images, columns, row_titles=None, title=None, cell_inches=1.6
         for row in range(len(images)):
             cells[row].append(shown[row])
     titles = [c.title if isinstance(c, Heatmaps) else c[0] for c in columns]
-    return grid_figure(cells, column_titles=titles, row_titles=row_titles, title=title,
-                       cell_inches=cell_inches, notes=notes,
-                       colorbars=[(cols, *key) for key, cols in bars])
+    return grid_figure(
+        cells,
+        column_titles=titles,
+        row_titles=row_titles,
+        title=title,
+        cell_inches=cell_inches,
+        notes=notes,
+        colorbars=[(cols, *key) for key, cols in bars],
+    )
 
 
-def grid_figure(rows, column_titles=None, row_titles=None, cell_inches=1.6, title=None,
-                notes=None, colorbars=()):
+def grid_figure(
+    rows,
+    column_titles=None,
+    row_titles=None,
+    cell_inches=1.6,
+    title=None,
+    notes=None,
+    colorbars=(),
+):
     """A grid of images (each (H, W), (H, W, 1) or (H, W, 3)) as a Figure.
 
     ``notes``: {(row, column): text} written on a cell. ``colorbars``: (columns, vmax,
@@ -113,8 +132,13 @@ def grid_figure(rows, column_titles=None, row_titles=None, cell_inches=1.6, titl
     """
     n_rows, n_cols = len(rows), max(len(row) for row in rows)
     extra = (0.5 if title else 0) + (0.7 if colorbars else 0)
-    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, layout="constrained",
-                             figsize=(cell_inches * n_cols, cell_inches * n_rows + extra))
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        squeeze=False,
+        layout="constrained",
+        figsize=(cell_inches * n_cols, cell_inches * n_rows + extra),
+    )
     for r, row in enumerate(rows):
         for c in range(n_cols):
             axis = axes[r][c]
@@ -124,15 +148,26 @@ def grid_figure(rows, column_titles=None, row_titles=None, cell_inches=1.6, titl
                 image = np.asarray(row[c])
                 if image.ndim == 3 and image.shape[-1] == 1:
                     image = image[..., 0]
-                axis.imshow(image, cmap="gray" if image.ndim == 2 else None,
-                            vmin=0 if image.ndim == 2 else None,
-                            vmax=1 if image.ndim == 2 and image.dtype != np.uint8 else None)
+                axis.imshow(
+                    image,
+                    cmap="gray" if image.ndim == 2 else None,
+                    vmin=0 if image.ndim == 2 else None,
+                    vmax=1 if image.ndim == 2 and image.dtype != np.uint8 else None,
+                )
             else:
                 axis.axis("off")
             if (r, c) in (notes or {}):
-                axis.text(0.03, 0.97, notes[(r, c)], transform=axis.transAxes, fontsize=6,
-                          va="top", ha="left", color="white",
-                          bbox=dict(facecolor="black", alpha=0.6, pad=1.0, linewidth=0))
+                axis.text(
+                    0.03,
+                    0.97,
+                    notes[(r, c)],
+                    transform=axis.transAxes,
+                    fontsize=6,
+                    va="top",
+                    ha="left",
+                    color="white",
+                    bbox=dict(facecolor="black", alpha=0.6, pad=1.0, linewidth=0),
+                )
             if r == 0 and column_titles and c < len(column_titles):
                 axis.set_title(column_titles[c], fontsize=8)
             if c == 0 and row_titles and r < len(row_titles):
@@ -140,11 +175,17 @@ def grid_figure(rows, column_titles=None, row_titles=None, cell_inches=1.6, titl
     width = cell_inches * n_cols
     for columns, vmax, label, mark in colorbars:
         mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, vmax), "jet")
-        bar = fig.colorbar(mappable, ax=list(axes[:, columns].ravel()), location="bottom",
-                           shrink=0.95, aspect=12 * len(columns), pad=0.01)
+        bar = fig.colorbar(
+            mappable,
+            ax=list(axes[:, columns].ravel()),
+            location="bottom",
+            shrink=0.95,
+            aspect=12 * len(columns),
+            pad=0.01,
+        )
         chars = max(int(22 * cell_inches * len(columns)), 24)
         bar.set_label(textwrap.fill(label, chars), fontsize=6)
-        ticks = [0.0, vmax / 2, vmax]          # three ticks: readable at any width
+        ticks = [0.0, vmax / 2, vmax]  # three ticks: readable at any width
         bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
         bar.ax.tick_params(labelsize=6)
         if mark is not None and 0 < mark < vmax:
@@ -154,14 +195,14 @@ def grid_figure(rows, column_titles=None, row_titles=None, cell_inches=1.6, titl
     return fig
 
 
-def save_grid(rows, path, column_titles=None, row_titles=None, cell_inches=1.6, dpi=100,
-              **kwargs):
+def save_grid(
+    rows, path, column_titles=None, row_titles=None, cell_inches=1.6, dpi=100, **kwargs
+):
     """Write a grid of images as one PNG (:func:`grid_figure`, same arguments)."""
-    save_figure(grid_figure(rows, column_titles, row_titles, cell_inches, **kwargs), path,
-                dpi)
+    save_figure(grid_figure(rows, column_titles, row_titles, cell_inches, **kwargs), path, dpi)
 
 
-EMPTY = 0.01     # a latent map whose peak is below this share of the figure's scale
+EMPTY = 0.01  # a latent map whose peak is below this share of the figure's scale
 
 
 def latent_figure(images, maps, row_titles=None, title=None, cell_inches=1.0):
@@ -171,12 +212,20 @@ def latent_figure(images, maps, row_titles=None, title=None, cell_inches=1.0):
     maps = np.asarray(maps, np.float32)
     vmax = float(maps.max()) if maps.size and maps.max() > 0 else 1.0
     peaks = maps.max(axis=(2, 3))
-    scale = (f"one scale for every map of the figure: 0 to its largest value {vmax:.3g}; "
-             f"'empty': the map peaks below {EMPTY:.0%} of that")
+    scale = (
+        f"one scale for every map of the figure: 0 to its largest value {vmax:.3g}; "
+        f"'empty': the map peaks below {EMPTY:.0%} of that"
+    )
     columns = [("input", to_rgb(images))] + [
-        Heatmaps(f"z{d}", maps[:, d], vmax, scale,
-                 notes=["empty" if peak < EMPTY * vmax else "" for peak in peaks[:, d]])
-        for d in range(maps.shape[1])]
+        Heatmaps(
+            f"z{d}",
+            maps[:, d],
+            vmax,
+            scale,
+            notes=["empty" if peak < EMPTY * vmax else "" for peak in peaks[:, d]],
+        )
+        for d in range(maps.shape[1])
+    ]
     return heatmap_figure(images, columns, row_titles, title, cell_inches)
 
 
@@ -184,10 +233,14 @@ def method_title(what, description, pixel_auroc=None, image_auroc=None):
     """The headline of a run's figure: the data, the method and its AUROC, e.g.
     "bottle, broken_large: anomaly attention = gradcam/... @ conv1; pixel AUROC 0.912,
     image AUROC 0.801" (an AUROC left out when None)."""
-    scores = [f"{name} AUROC {value:.3f}" for name, value in
-              (("pixel", pixel_auroc), ("image", image_auroc)) if value is not None]
+    scores = [
+        f"{name} AUROC {value:.3f}"
+        for name, value in (("pixel", pixel_auroc), ("image", image_auroc))
+        if value is not None
+    ]
     return f"{what}: anomaly attention = {description}" + (
-        "; " + ", ".join(scores) if scores else "")
+        "; " + ", ".join(scores) if scores else ""
+    )
 
 
 def roc_label(label, auc):
@@ -220,11 +273,14 @@ def save_curves(history, path, title="training"):
     """Each series of a ``History.history``-like dict against its epoch, one panel per
     series: the loss (~1e4) and the KL (~1e1) do not share a readable axis."""
     names = list(history)
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 3),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 3), squeeze=False
+    )
     for axis, name in zip(axes[0], names):
         values = history[name]
-        axis.plot(np.arange(1, len(values) + 1), values, marker="." if len(values) < 30 else None)
+        axis.plot(
+            np.arange(1, len(values) + 1), values, marker="." if len(values) < 30 else None
+        )
         axis.set_xlabel("epoch")
         axis.set_title(name, fontsize=9)
         axis.grid(alpha=0.3)
@@ -238,8 +294,7 @@ def save_score_curve(steps, scores, final, path, title, ylabel):
     as a star: shows whether a longer run would have helped."""
     fig, axis = plt.subplots(figsize=(6, 4))
     axis.plot(steps, scores, marker="o", label="during training")
-    axis.plot([final[0]], [final[1]], marker="*", markersize=14, linestyle="",
-              label="final")
+    axis.plot([final[0]], [final[1]], marker="*", markersize=14, linestyle="", label="final")
     axis.set_xlabel("training step")
     axis.set_ylabel(ylabel)
     axis.set_ylim(0, 1)
@@ -261,8 +316,13 @@ def save_seed_scores(rows, path, title, ylabel):
         spread = scores.std(ddof=1) if len(scores) > 1 else 0.0
         axis.bar(position, scores.mean(), color="#9ecae1", width=0.6)
         axis.errorbar(position, scores.mean(), yerr=spread, color="k", capsize=6)
-        axis.scatter(np.full(len(scores), position), scores, color="#08519c", zorder=3,
-                     label="one seed" if position == 0 else None)
+        axis.scatter(
+            np.full(len(scores), position),
+            scores,
+            color="#08519c",
+            zorder=3,
+            label="one seed" if position == 0 else None,
+        )
     axis.set_xticks(range(len(rows)), [m.replace(" (", "\n(") for m in rows], fontsize=8)
     axis.set_ylim(0, 1)
     axis.set_ylabel(ylabel)

@@ -1,4 +1,5 @@
 """Shared test fixtures: the real datasets beside the project and small models."""
+
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ UNCONTROLLED_WARNINGS = [
 def pytest_configure(config):
     for line in UNCONTROLLED_WARNINGS:
         config.addinivalue_line("filterwarnings", line)
+
+
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -46,6 +49,7 @@ def shared_data():
 # Exporting a ResNet18 takes tens of seconds, so the export tests share their run folders
 # and exported models; with pytest-xdist the workers share them through a lock file.
 
+
 @pytest.fixture(scope="session")
 def build_once(tmp_path_factory):
     """``build(name, make)``: the folder ``make(folder)`` fills, made once per session."""
@@ -54,7 +58,7 @@ def build_once(tmp_path_factory):
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent                     # shared by all workers of this session
+        root = root.parent  # shared by all workers of this session
     cache = root / "built-once"
     cache.mkdir(exist_ok=True)
 
@@ -91,8 +95,11 @@ def _train_run(folder, model, images, config, batch_size):
     model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(images).batch(64))
     options = ExplainOptions.from_config(config)
     if options.needs_distribution or options.needs_residuals or options.form == "deviation":
-        model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(images).batch(64),
-                                        list(options.layers), options.needs_covariance)
+        model.fit_feature_distributions(
+            tf.data.Dataset.from_tensor_slices(images).batch(64),
+            list(options.layers),
+            options.needs_covariance,
+        )
     if options.needs_scales:
         options = scoring.fit_layer_scales(model, images, options)
         config = {**config, "explain": options.as_config()}
@@ -117,8 +124,13 @@ def mnist_run(build_once, mnist_images):
     from keras_vae_attn.models import build_vae
 
     def make(folder):
-        _train_run(folder, build_vae("small", (28, 28, 1), 16), mnist_images[0],
-                   {"layer": "last", "normal_digit": 1}, batch_size=16)
+        _train_run(
+            folder,
+            build_vae("small", (28, 28, 1), 16),
+            mnist_images[0],
+            {"layer": "last", "normal_digit": 1},
+            batch_size=16,
+        )
 
     return build_once("mnist-run", make)
 
@@ -129,8 +141,10 @@ def mvtec_images(shared_data):
     from keras_vae_attn.data import mvtec
 
     root = str(shared_data / "mvtec_ad")
-    return (mvtec.to_float(mvtec.load_train(root, "bottle", 64, limit=16)),
-            mvtec.load_test(root, "bottle", 64, limit=7))
+    return (
+        mvtec.to_float(mvtec.load_train(root, "bottle", 64, limit=16)),
+        mvtec.load_test(root, "bottle", 64, limit=7),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -146,9 +160,19 @@ def mvtec_run(build_once, mvtec_images):
     explain = ExplainOptions.preset("default", layers=("conv1",), smooth=1.0).as_config()
 
     def make(folder):
-        _train_run(folder, build_vae("resnet18", (64, 64, 3), 32, recon_loss="mse"),
-                   mvtec_images[0], {"layer": "conv1", "image_size": 64, "channels": 3,
-                                     "category": "bottle", "explain": explain}, batch_size=8)
+        _train_run(
+            folder,
+            build_vae("resnet18", (64, 64, 3), 32, recon_loss="mse"),
+            mvtec_images[0],
+            {
+                "layer": "conv1",
+                "image_size": 64,
+                "channels": 3,
+                "category": "bottle",
+                "explain": explain,
+            },
+            batch_size=8,
+        )
 
     return build_once("mvtec-run", make)
 
@@ -159,8 +183,9 @@ def _export_both(folder, run, thresholds=None):
     from export import saved_model
 
     saved_model.export(str(run), str(folder / "serving"), "model", thresholds=thresholds)
-    onnx_export.export(str(run), str(folder / "model.onnx"), thresholds=thresholds,
-                       verify=False)
+    onnx_export.export(
+        str(run), str(folder / "model.onnx"), thresholds=thresholds, verify=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -173,6 +198,7 @@ def mnist_export(build_once, mnist_run):
 def mvtec_export(build_once, mvtec_run, mvtec_images):
     """``mvtec_run`` exported with thresholds calibrated on its training images:
     thresholds.json, serving/model/1/ (SavedModel) and model.onnx."""
+
     def make(folder):
         import json
 
@@ -181,7 +207,9 @@ def mvtec_export(build_once, mvtec_run, mvtec_images):
         from keras_vae_attn.runs import ExplainOptions
 
         model = load_vae(str(mvtec_run / "model"))
-        options = ExplainOptions.from_config(json.loads((mvtec_run / "config.json").read_text()))
+        options = ExplainOptions.from_config(
+            json.loads((mvtec_run / "config.json").read_text())
+        )
         out = scoring.batched(model, mvtec_images[0], 16, options, keys=("heatmap", "score"))
         thresholds = calibration.from_normal(out["heatmap"], out["score"])
         (folder / "thresholds.json").write_text(json.dumps(thresholds.as_dict()))
@@ -191,6 +219,7 @@ def mvtec_export(build_once, mvtec_run, mvtec_images):
 
 
 # --- fixtures of two test files each -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def category_root(tmp_path_factory):
@@ -213,8 +242,11 @@ def mount_point(tmp_path):
     def mount(options):
         target = tmp_path / f"mnt{len(mounted)}"
         target.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
-                                 str(target)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
         mounted.append(target)

@@ -1,4 +1,5 @@
 """The public API on the user's own encoders: every kind of Keras model, dtypes, errors."""
+
 import re
 
 import keras
@@ -27,16 +28,20 @@ def test_readme_snippet_runs_verbatim(capsys):
 
 
 def shared_layers():
-    return dict(conv=keras.layers.Conv2D(4, 3, activation="relu", name="feat"),
-                flat=keras.layers.Flatten(), mu=keras.layers.Dense(3, name="mu"),
-                logvar=keras.layers.Dense(3, name="logvar"))
+    return dict(
+        conv=keras.layers.Conv2D(4, 3, activation="relu", name="feat"),
+        flat=keras.layers.Flatten(),
+        mu=keras.layers.Dense(3, name="mu"),
+        logvar=keras.layers.Dense(3, name="logvar"),
+    )
 
 
 class SubclassedEncoder(keras.Model):
     def __init__(self, parts):
         super().__init__()
-        self.feat, self.flat, self.mu, self.logvar = (parts[k] for k in
-                                                      ("conv", "flat", "mu", "logvar"))
+        self.feat, self.flat, self.mu, self.logvar = (
+            parts[k] for k in ("conv", "flat", "mu", "logvar")
+        )
 
     def call(self, images):
         hidden = self.flat(self.feat(images))
@@ -49,8 +54,9 @@ def three_encoders():
     inputs = keras.Input((16, 16, 1))
     hidden = parts["flat"](parts["conv"](inputs))
     functional = keras.Model(inputs, [parts["mu"](hidden), parts["logvar"](hidden)])
-    sequential = keras.Sequential([keras.Input((16, 16, 1)), parts["conv"], parts["flat"],
-                                   parts["mu"]])
+    sequential = keras.Sequential(
+        [keras.Input((16, 16, 1)), parts["conv"], parts["flat"], parts["mu"]]
+    )
     subclassed = SubclassedEncoder(parts)
     subclassed(X)
     return functional, sequential, subclassed
@@ -61,7 +67,7 @@ def test_functional_sequential_and_subclassed_encoders_give_the_same_maps():
     reference = VAEAttention(functional, "feat").latent_maps(X).numpy()
     seq = VAEAttention(sequential, "feat", latent=0, logvar=None).latent_maps(X).numpy()
     sub_explainer = VAEAttention(subclassed, "feat", latent=0, logvar=1)
-    assert sub_explainer.head is None        # no graph to split: vectorized Jacobian path
+    assert sub_explainer.head is None  # no graph to split: vectorized Jacobian path
     np.testing.assert_allclose(seq, reference, atol=1e-6)
     np.testing.assert_allclose(sub_explainer.latent_maps(X).numpy(), reference, atol=1e-6)
     assert reference.shape == (3, 3, 14, 14) and reference.max() > 0
@@ -79,7 +85,9 @@ def test_inputs_of_any_size_the_encoder_accepts():
     inputs = keras.Input((None, None, 1))
     feat = keras.layers.Conv2D(4, 3, activation="relu", name="feat")(inputs)
     pooled = keras.layers.GlobalAveragePooling2D()(feat)
-    encoder = keras.Model(inputs, [keras.layers.Dense(3)(pooled), keras.layers.Dense(3)(pooled)])
+    encoder = keras.Model(
+        inputs, [keras.layers.Dense(3)(pooled), keras.layers.Dense(3)(pooled)]
+    )
     explainer = VAEAttention(encoder, "feat", latent=0, logvar=1)
     for shape in ((2, 20, 24, 1), (1, 9, 9, 1)):
         assert explainer.attention(RNG.random(shape).astype("float32")).shape == shape[:3]
@@ -132,10 +140,14 @@ def test_api_equals_the_trainers_internal_path():
     stats = explainer.fit_normal_stats([data[:3], data[3:]])
     np.testing.assert_allclose(stats.mean.numpy(), model.normal_mean.numpy(), atol=1e-7)
     internal = scoring.explain_anomaly(model, data, layer="conv2")
-    np.testing.assert_allclose(explainer.anomaly_attention(data, stats).numpy(),
-                               internal["heatmap"].numpy(), atol=1e-6)
-    np.testing.assert_allclose(explainer.attention(data).numpy(),
-                               internal["attention"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        explainer.anomaly_attention(data, stats).numpy(),
+        internal["heatmap"].numpy(),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        explainer.attention(data).numpy(), internal["attention"].numpy(), atol=1e-6
+    )
 
 
 def test_overlay_checks_sizes_and_returns_uint8_rgb():

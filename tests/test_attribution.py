@@ -6,6 +6,7 @@ layer's output (so d target / d delta = d target / d A) or replaces the output (
 the rest of the encoder on a chosen feature map), take one ``tf.GradientTape`` per
 latent dimension, and build every form with numpy.
 """
+
 import keras
 import numpy as np
 import pytest
@@ -26,21 +27,21 @@ def odd_images(count, size=28, channels=1, seed=1):
     out = rng.random((count, size, size, channels)).astype("float32") * 0.3
     for image in out:
         r, c = rng.integers(2, size - 10, 2)
-        image[r:r + 8, c:c + 8] = 1.0
+        image[r : r + 8, c : c + 8] = 1.0
     return out
 
 
 def normal_images(count, size=28, channels=1, seed=2):
-    return (np.random.default_rng(seed).random((count, size, size, channels)) * 0.5
-            ).astype("float32")
+    return (np.random.default_rng(seed).random((count, size, size, channels)) * 0.5).astype(
+        "float32"
+    )
 
 
 def small_vae():
     """A tiny VAE whose untrained codes still spread: random biases (so no layer is
     positively homogeneous), a wider mu and a smaller posterior variance."""
     keras.utils.set_random_seed(0)
-    model = build_vae("small", (28, 28, 1), latent_dim=LATENT, filters=(8, 16),
-                      dense_units=32)
+    model = build_vae("small", (28, 28, 1), latent_dim=LATENT, filters=(8, 16), dense_units=32)
     rng = np.random.default_rng(3)
     for layer in model.encoder.layers:
         if getattr(layer, "bias", None) is not None:
@@ -57,9 +58,10 @@ def vae():
     model = small_vae()
     normal = normal_images(8)
     model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal).batch(4))
-    assert not np.allclose(model.normal_std.numpy(), 1.0)       # not the prior
-    model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(normal).batch(4),
-                                    ["conv1", "conv2"])
+    assert not np.allclose(model.normal_std.numpy(), 1.0)  # not the prior
+    model.fit_feature_distributions(
+        tf.data.Dataset.from_tensor_slices(normal).batch(4), ["conv1", "conv2"]
+    )
     return model
 
 
@@ -105,7 +107,7 @@ def constants(model, layer, images):
     """A, mu, logvar of ``images`` and the fixed energy variances (B, D), numpy."""
     features, mu, logvar = run_encoder(model.encoder, layer, images)
     std = model.normal_std.numpy()
-    variance = (std ** 2 + np.exp(logvar.numpy())).astype("float32")
+    variance = (std**2 + np.exp(logvar.numpy())).astype("float32")
     return features.numpy(), mu.numpy(), logvar.numpy(), variance
 
 
@@ -123,15 +125,21 @@ def reference_gradients(model, layer, images, target):
         return tape.gradient(value, delta).numpy()
 
     if target == "total-energy":
-        return features, grad(lambda mu: 0.5 * tf.reduce_sum(
-            tf.square(normal_mean - mu) / variance))[:, None]
+        return features, grad(
+            lambda mu: 0.5 * tf.reduce_sum(tf.square(normal_mean - mu) / variance)
+        )[:, None]
     rows = []
     for i in range(normal_mean.shape[0]):
-        if target == "latent":                     # u_i = m_i - mu_i
+        if target == "latent":  # u_i = m_i - mu_i
             rows.append(grad(lambda mu, i=i: tf.reduce_sum(normal_mean[i] - mu[:, i])))
-        else:                                      # E_i = (m_i - mu_i)^2 / (2 var_i)
-            rows.append(grad(lambda mu, i=i: tf.reduce_sum(
-                0.5 * tf.square(normal_mean[i] - mu[:, i]) / variance[:, i])))
+        else:  # E_i = (m_i - mu_i)^2 / (2 var_i)
+            rows.append(
+                grad(
+                    lambda mu, i=i: tf.reduce_sum(
+                        0.5 * tf.square(normal_mean[i] - mu[:, i]) / variance[:, i]
+                    )
+                )
+            )
     return features, np.stack(rows, axis=1)
 
 
@@ -168,7 +176,7 @@ def reference_deviation(features, model, layer, kind):
     if kind == "centered":
         return features - mean
     floor = attribution.STD_FLOOR * std.mean() + 1e-6
-    return (features - mean) / np.sqrt(std ** 2 + floor ** 2)
+    return (features - mean) / np.sqrt(std**2 + floor**2)
 
 
 def signed(maps, sign):
@@ -179,26 +187,29 @@ def reference_map(model, layer, images, form, target, deviation, sign, steps=8):
     """The map of the options at feature resolution (B, h, w), the slow way."""
     if form == "integrated":
         features = constants(model, layer, images)[0]
-        baseline = (np.zeros(features.shape[1:], np.float32) if deviation == "none"
-                    else model.feature_distribution(layer).mean.numpy())
+        baseline = (
+            np.zeros(features.shape[1:], np.float32)
+            if deviation == "none"
+            else model.feature_distribution(layer).mean.numpy()
+        )
         features, grads = reference_path_gradients(model, layer, images, baseline, steps)
         maps = (grads * (features - baseline)[:, None]).sum(-1)
         return signed(maps, sign).mean(1)
     if form == "deviation":
         features = constants(model, layer, images)[0]
         dev = reference_deviation(features, model, layer, deviation)
-        return np.sqrt((dev ** 2).sum(-1))
+        return np.sqrt((dev**2).sum(-1))
     features, grads = reference_gradients(model, layer, images, target)
     dev = reference_deviation(features, model, layer, deviation)
-    pooled = grads.mean(axis=(2, 3))                                   # (B, T, K)
+    pooled = grads.mean(axis=(2, 3))  # (B, T, K)
     if form == "gradcam":
         maps = signed(np.einsum("btk,bhwk->bthw", pooled, dev), sign)
     elif form == "hirescam":
         maps = signed((grads * dev[:, None]).sum(-1), sign)
     elif form == "gradient-weighted-deviation":
-        maps = np.sqrt(np.einsum("btk,bhwk->bthw", np.abs(pooled), dev ** 2))
+        maps = np.sqrt(np.einsum("btk,bhwk->bthw", np.abs(pooled), dev**2))
     elif form == "gradient-norm":
-        maps = np.sqrt((grads ** 2).sum(-1))
+        maps = np.sqrt((grads**2).sum(-1))
     else:
         raise AssertionError(form)
     return maps.mean(1)
@@ -219,39 +230,54 @@ def heatmap(model, images, options):
 # --- 1. every form against its reference ------------------------------------------------
 CASES = (
     # gradcam / hirescam: every target, both batching paths (conv1: jacobian, conv2: stack)
-    [(form, target, deviation, "relu", layer)
-     for form in ("gradcam", "hirescam")
-     for target in ("total-energy", "energy", "latent")
-     for deviation in ("none", "standardized")
-     for layer in ("conv1", "conv2")]
-    + [("gradcam", "total-energy", "centered", "relu", "conv2"),
-       ("hirescam", "energy", "centered", "relu", "conv2"),
-       ("gradcam", "energy", "standardized", "abs", "conv2"),
-       ("gradcam", "latent", "none", "signed", "conv1"),
-       ("hirescam", "total-energy", "standardized", "signed", "conv1"),
-       ("hirescam", "energy", "none", "abs", "conv2")]
-    + [("integrated", "total-energy", deviation, sign, "conv2")
-       for deviation in ("none", "centered", "standardized")
-       for sign in ("relu", "signed")]
+    [
+        (form, target, deviation, "relu", layer)
+        for form in ("gradcam", "hirescam")
+        for target in ("total-energy", "energy", "latent")
+        for deviation in ("none", "standardized")
+        for layer in ("conv1", "conv2")
+    ]
+    + [
+        ("gradcam", "total-energy", "centered", "relu", "conv2"),
+        ("hirescam", "energy", "centered", "relu", "conv2"),
+        ("gradcam", "energy", "standardized", "abs", "conv2"),
+        ("gradcam", "latent", "none", "signed", "conv1"),
+        ("hirescam", "total-energy", "standardized", "signed", "conv1"),
+        ("hirescam", "energy", "none", "abs", "conv2"),
+    ]
+    + [
+        ("integrated", "total-energy", deviation, sign, "conv2")
+        for deviation in ("none", "centered", "standardized")
+        for sign in ("relu", "signed")
+    ]
     + [("integrated", "total-energy", "none", "abs", "conv1")]
-    + [("gradient-weighted-deviation", target, deviation, "abs", "conv2")
-       for target in ("total-energy", "energy") for deviation in ("none", "standardized")]
+    + [
+        ("gradient-weighted-deviation", target, deviation, "abs", "conv2")
+        for target in ("total-energy", "energy")
+        for deviation in ("none", "standardized")
+    ]
     + [("gradient-weighted-deviation", "latent", "centered", "abs", "conv1")]
-    + [("gradient-norm", target, "none", "abs", layer)
-       for target in ("total-energy", "energy") for layer in ("conv1", "conv2")]
-    + [("deviation", "total-energy", deviation, "abs", layer)
-       for deviation in ("none", "centered", "standardized") for layer in ("conv1", "conv2")]
+    + [
+        ("gradient-norm", target, "none", "abs", layer)
+        for target in ("total-energy", "energy")
+        for layer in ("conv1", "conv2")
+    ]
+    + [
+        ("deviation", "total-energy", deviation, "abs", layer)
+        for deviation in ("none", "centered", "standardized")
+        for layer in ("conv1", "conv2")
+    ]
 )
 
 
 @pytest.mark.parametrize("form, target, deviation, sign, layer", CASES)
 def test_form_matches_slow_reference(vae, form, target, deviation, sign, layer):
     x = odd_images(3)
-    options = ExplainOptions(layers=(layer,), form=form, target=target,
-                             deviation=deviation, sign=sign, steps=6)
+    options = ExplainOptions(
+        layers=(layer,), form=form, target=target, deviation=deviation, sign=sign, steps=6
+    )
     expected = reference_map(vae, layer, x, form, target, deviation, sign, steps=6)
-    small, mu, _ = scoring.layer_map(vae, tf.constant(x), layer, options,
-                                     vae.normal_stats())
+    small, mu, _ = scoring.layer_map(vae, tf.constant(x), layer, options, vae.normal_stats())
     assert_close(small.numpy(), expected)
     np.testing.assert_allclose(mu.numpy(), constants(vae, layer, x)[1], atol=1e-6)
     got = heatmap(vae, x, options).numpy()
@@ -259,20 +285,25 @@ def test_form_matches_slow_reference(vae, form, target, deviation, sign, layer):
     assert_close(got, attn.upsample(tf.constant(expected, tf.float32), (28, 28)).numpy())
 
 
-@pytest.mark.parametrize("form, target, deviation", [
-    ("gradcam", "energy", "none"),
-    ("hirescam", "total-energy", "standardized"),
-    ("hirescam", "latent", "centered"),
-    ("gradient-weighted-deviation", "total-energy", "standardized"),
-])
+@pytest.mark.parametrize(
+    "form, target, deviation",
+    [
+        ("gradcam", "energy", "none"),
+        ("hirescam", "total-energy", "standardized"),
+        ("hirescam", "latent", "centered"),
+        ("gradient-weighted-deviation", "total-energy", "standardized"),
+    ],
+)
 def test_forms_at_a_layer_inside_a_residual_block(resnet, form, target, deviation):
     x = odd_images(2, 32, 3)
     assert resnet.explainer(HOOKED).method == "jacobian" and resnet.explainer(HOOKED).tapped
-    options = ExplainOptions(layers=(HOOKED,), form=form, target=target, deviation=deviation,
-                             sign="abs")
+    options = ExplainOptions(
+        layers=(HOOKED,), form=form, target=target, deviation=deviation, sign="abs"
+    )
     expected = reference_map(resnet, HOOKED, x, form, target, deviation, "abs")
-    small, _, _ = scoring.layer_map(resnet, tf.constant(x), HOOKED, options,
-                                    resnet.normal_stats())
+    small, _, _ = scoring.layer_map(
+        resnet, tf.constant(x), HOOKED, options, resnet.normal_stats()
+    )
     assert small.shape == (2, 4, 4)
     assert_close(small.numpy(), expected)
 
@@ -294,28 +325,40 @@ def test_target_gradients_equal_per_latent_tapes(vae):
 
 
 # --- 2. integrated gradients: completeness ----------------------------------------------
-@pytest.mark.parametrize("layer, deviation", [("conv2", "none"), ("conv2", "centered"),
-                                              ("conv1", "none"), ("conv1", "standardized")])
+@pytest.mark.parametrize(
+    "layer, deviation",
+    [("conv2", "none"), ("conv2", "centered"), ("conv1", "none"), ("conv1", "standardized")],
+)
 def test_integrated_sums_to_energy_difference_and_converges(vae, layer, deviation):
     """Completeness: sum over positions = E(A) - E(baseline) up to the midpoint rule's
     error, which shrinks with the steps. (The encoder's ReLUs make the path integrand
     piecewise smooth, so the error falls roughly as 1 / steps, not 1 / steps^2.)"""
     x = odd_images(3)
     features, mu, _, variance = constants(vae, layer, x)
-    baseline = (np.zeros(features.shape[1:], np.float32) if deviation == "none"
-                else vae.feature_distribution(layer).mean.numpy())
+    baseline = (
+        np.zeros(features.shape[1:], np.float32)
+        if deviation == "none"
+        else vae.feature_distribution(layer).mean.numpy()
+    )
     own = (0.5 * np.square(vae.normal_mean.numpy() - mu) / variance).sum(-1)
     np.testing.assert_allclose(energy_at(vae, layer, x, features), own, rtol=1e-5)
     start = energy_at(vae, layer, x, baseline)
     difference = own - start
     scale = np.abs(own) + np.abs(start)
-    assert (np.abs(difference) > 0.05 * scale).all()            # something to attribute
+    assert (np.abs(difference) > 0.05 * scale).all()  # something to attribute
     errors = {}
     for steps in (4, 32, 256):
-        options = ExplainOptions(layers=(layer,), form="integrated", target="total-energy",
-                                 deviation=deviation, sign="signed", steps=steps)
-        small, _, _ = scoring.layer_map(vae, tf.constant(x), layer, options,
-                                        vae.normal_stats())
+        options = ExplainOptions(
+            layers=(layer,),
+            form="integrated",
+            target="total-energy",
+            deviation=deviation,
+            sign="signed",
+            steps=steps,
+        )
+        small, _, _ = scoring.layer_map(
+            vae, tf.constant(x), layer, options, vae.normal_stats()
+        )
         errors[steps] = np.abs(small.numpy().sum(axis=(1, 2)) - difference)
     report = (errors, difference)
     assert (errors[256] < 0.01 * scale).all(), report
@@ -340,12 +383,16 @@ def test_standardized_on_constant_features_is_finite():
     assert model.feature_distribution("conv1").std.numpy().max() == 0
     x = np.concatenate([one, odd_images(2)])
     for layer in ("conv1", "conv2"):
-        for form, target in (("gradcam", "energy"), ("hirescam", "total-energy"),
-                             ("integrated", "total-energy"),
-                             ("gradient-weighted-deviation", "total-energy"),
-                             ("deviation", "total-energy")):
-            options = ExplainOptions(layers=(layer,), form=form, target=target,
-                                     deviation="standardized", sign="abs")
+        for form, target in (
+            ("gradcam", "energy"),
+            ("hirescam", "total-energy"),
+            ("integrated", "total-energy"),
+            ("gradient-weighted-deviation", "total-energy"),
+            ("deviation", "total-energy"),
+        ):
+            options = ExplainOptions(
+                layers=(layer,), form=form, target=target, deviation="standardized", sign="abs"
+            )
             maps = heatmap(model, x, options).numpy()
             assert np.isfinite(maps).all(), (layer, form)
             assert np.abs(maps[1:]).max() > 0, (layer, form)
@@ -355,27 +402,27 @@ def test_standardized_on_constant_features_is_finite():
 def test_streamed_feature_distribution_equals_all_at_once():
     model = small_vae()
     data = normal_images(11)
-    batches = [data[:3], data[3:4], data[4:9], data[9:]]                # 3, 1, 5, 2
+    batches = [data[:3], data[3:4], data[4:9], data[9:]]  # 3, 1, 5, 2
     fitted = model.fit_feature_distributions(batches, ["conv1", "last"])
     assert sorted(fitted) == ["conv1", "conv2"] == sorted(model.feature_layers)
     for layer in ("conv1", "conv2"):
         features = run_encoder(model.encoder, layer, data)[0].numpy().astype(np.float64)
         stored = model.feature_distribution(layer)
         assert stored.mean.shape == features.shape[1:]
-        np.testing.assert_allclose(stored.mean.numpy(), features.mean(0), rtol=1e-5,
-                                   atol=1e-6)
-        np.testing.assert_allclose(stored.std.numpy(), features.std(0), rtol=1e-4,
-                                   atol=1e-6)
-        np.testing.assert_allclose(fitted[layer].std.numpy(), features.std(0), rtol=1e-4,
-                                   atol=1e-6)
+        np.testing.assert_allclose(stored.mean.numpy(), features.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stored.std.numpy(), features.std(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            fitted[layer].std.numpy(), features.std(0), rtol=1e-4, atol=1e-6
+        )
     assert model.feature_distribution("last").mean.shape == (7, 7, 16)
     # (images, labels) tuples from a tf.data pipeline, and a refit replaces the values
     other = normal_images(6, seed=5) + 0.25
     dataset = tf.data.Dataset.from_tensor_slices((other, np.zeros(6))).batch(4)
     model.fit_feature_distributions(dataset, ["conv2"])
     features = run_encoder(model.encoder, "conv2", other)[0].numpy().astype(np.float64)
-    np.testing.assert_allclose(model.feature_distribution("conv2").std.numpy(),
-                               features.std(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        model.feature_distribution("conv2").std.numpy(), features.std(0), rtol=1e-4, atol=1e-6
+    )
     assert model.feature_layers == ["conv1", "conv2"]
     with pytest.raises(ValueError, match="empty dataset"):
         model.fit_feature_distributions([], ["conv1"])
@@ -384,7 +431,7 @@ def test_streamed_feature_distribution_equals_all_at_once():
 def test_feature_moments_merge_batches_exactly():
     data = RNG.normal(3.0, 2.0, size=(23, 2, 3, 4)).astype("float32") * 100
     moments = attribution.FeatureMoments()
-    for start, stop in ((0, 1), (1, 1), (1, 9), (9, 10), (10, 23)):      # one empty batch
+    for start, stop in ((0, 1), (1, 1), (1, 9), (9, 10), (10, 23)):  # one empty batch
         moments.update(data[start:stop])
     assert moments.count == 23
     mean, std = moments.result()
@@ -410,13 +457,22 @@ def test_feature_distributions_survive_save_and_load(vae, tmp_path):
         for part in ("mean", "std"):
             np.testing.assert_array_equal(
                 getattr(loaded.feature_distribution(layer), part).numpy(),
-                getattr(vae.feature_distribution(layer), part).numpy())
+                getattr(vae.feature_distribution(layer), part).numpy(),
+            )
         for form in ("hirescam", "gradient-weighted-deviation"):
-            options = ExplainOptions(layers=(layer,), form=form, target="total-energy",
-                                     deviation="standardized", sign="abs")
-            np.testing.assert_allclose(heatmap(loaded, x, options).numpy(),
-                                       heatmap(vae, x, options).numpy(), rtol=1e-6,
-                                       atol=1e-7)
+            options = ExplainOptions(
+                layers=(layer,),
+                form=form,
+                target="total-energy",
+                deviation="standardized",
+                sign="abs",
+            )
+            np.testing.assert_allclose(
+                heatmap(loaded, x, options).numpy(),
+                heatmap(vae, x, options).numpy(),
+                rtol=1e-6,
+                atol=1e-7,
+            )
     # a model without distributions loads, also from a folder that held one with them
     plain = small_vae()
     for folder in ("plain", "m"):
@@ -441,50 +497,75 @@ def test_a_model_saved_before_distributions_keeps_its_centered_maps(vae, tmp_pat
     np.savez(folder / "feature_baselines.npz", **means)
     loaded = load_vae(str(folder))
     assert loaded.feature_layers == ["conv1"]
-    np.testing.assert_array_equal(loaded.feature_distribution("conv1").mean.numpy(),
-                                  means["conv1"])
+    np.testing.assert_array_equal(
+        loaded.feature_distribution("conv1").mean.numpy(), means["conv1"]
+    )
     assert (loaded.feature_distribution("conv1").std.numpy() == 1).all()
     x = odd_images(2)
     options = ExplainOptions.from_config({"layer": "conv1", "feature_baseline": "normal"})
     assert options.deviation == "centered"
-    np.testing.assert_allclose(heatmap(loaded, x, options).numpy(),
-                               heatmap(vae, x, options).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        heatmap(loaded, x, options).numpy(),
+        heatmap(vae, x, options).numpy(),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_distribution_at_a_residual_block_layer_survives_save_and_load(resnet, tmp_path):
     save_vae(resnet, str(tmp_path / "r"))
     loaded = load_vae(str(tmp_path / "r"))
     assert loaded.feature_layers == [HOOKED]
-    np.testing.assert_array_equal(loaded.feature_distribution(HOOKED).std.numpy(),
-                                  resnet.feature_distribution(HOOKED).std.numpy())
-    options = ExplainOptions(layers=(HOOKED,), form="hirescam", target="total-energy",
-                             deviation="standardized", sign="abs")
+    np.testing.assert_array_equal(
+        loaded.feature_distribution(HOOKED).std.numpy(),
+        resnet.feature_distribution(HOOKED).std.numpy(),
+    )
+    options = ExplainOptions(
+        layers=(HOOKED,),
+        form="hirescam",
+        target="total-energy",
+        deviation="standardized",
+        sign="abs",
+    )
     x = odd_images(2, 32, 3)
-    np.testing.assert_allclose(heatmap(loaded, x, options).numpy(),
-                               heatmap(resnet, x, options).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        heatmap(loaded, x, options).numpy(),
+        heatmap(resnet, x, options).numpy(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 # --- 6. several layers in one map ----------------------------------------------------------
 def test_layer_scales_and_combined_maps(vae):
     normal = normal_images(5, seed=7)
     x = odd_images(3)
-    options = ExplainOptions(layers=("conv1", "conv2"), form="hirescam",
-                             target="total-energy", deviation="standardized", sign="abs")
+    options = ExplainOptions(
+        layers=("conv1", "conv2"),
+        form="hirescam",
+        target="total-energy",
+        deviation="standardized",
+        sign="abs",
+    )
     assert options.needs_scales
-    fitted = scoring.fit_layer_scales(vae, normal, options, batch_size=2)   # padded batch
+    fitted = scoring.fit_layer_scales(vae, normal, options, batch_size=2)  # padded batch
     assert fitted.layers == options.layers and not fitted.needs_scales
     singles = {layer: options.replace(layers=(layer,)) for layer in options.layers}
     for layer, scale in zip(options.layers, fitted.layer_scales):
         normal_map = heatmap(vae, normal, singles[layer]).numpy()
         np.testing.assert_allclose(scale, np.percentile(normal_map, 99.0), rtol=1e-4)
-    scaled = [heatmap(vae, x, singles[layer]).numpy() / scale
-              for layer, scale in zip(options.layers, fitted.layer_scales)]
-    np.testing.assert_allclose(heatmap(vae, x, fitted).numpy(), np.mean(scaled, 0),
-                               rtol=1e-5, atol=1e-6)
+    scaled = [
+        heatmap(vae, x, singles[layer]).numpy() / scale
+        for layer, scale in zip(options.layers, fitted.layer_scales)
+    ]
+    np.testing.assert_allclose(
+        heatmap(vae, x, fitted).numpy(), np.mean(scaled, 0), rtol=1e-5, atol=1e-6
+    )
     product = fitted.replace(combine="product")
     assert product.layer_scales == fitted.layer_scales
-    np.testing.assert_allclose(heatmap(vae, x, product).numpy(), np.prod(scaled, 0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        heatmap(vae, x, product).numpy(), np.prod(scaled, 0), rtol=1e-5, atol=1e-6
+    )
     # the fitted scales travel through a run's config.json
     assert ExplainOptions.from_config({"explain": fitted.as_config()}) == fitted
     # a single layer needs no scale
@@ -492,20 +573,22 @@ def test_layer_scales_and_combined_maps(vae):
 
 
 # --- 7. bad inputs -------------------------------------------------------------------------
-@pytest.mark.parametrize("fields, field, flag", [
-    (dict(form="nope"), "form", "--form 'nope' is unknown"),
-    (dict(target="nope"), "target", "--target"),
-    (dict(deviation="nope"), "deviation", "--deviation"),
-    (dict(sign="nope"), "sign", "--sign"),
-    (dict(combine="sum"), "combine", "--combine"),
-    (dict(steps=0), "steps", "--ig-steps"),
-    (dict(steps=2.5), "steps", "--ig-steps"),
-    (dict(form="integrated", target="energy"), "target", "--form integrated"),
-    (dict(form="integrated", target="latent"), "target", "--target total-energy"),
-    (dict(layers=("conv1", "conv2"), layer_scales=(1.0,)), "layer_scales", "layer_scales"),
-    (dict(layers=("conv1", "conv2"), layer_scales=(1.0, 0.0)), "layer_scales",
-     "positive"),
-])
+@pytest.mark.parametrize(
+    "fields, field, flag",
+    [
+        (dict(form="nope"), "form", "--form 'nope' is unknown"),
+        (dict(target="nope"), "target", "--target"),
+        (dict(deviation="nope"), "deviation", "--deviation"),
+        (dict(sign="nope"), "sign", "--sign"),
+        (dict(combine="sum"), "combine", "--combine"),
+        (dict(steps=0), "steps", "--ig-steps"),
+        (dict(steps=2.5), "steps", "--ig-steps"),
+        (dict(form="integrated", target="energy"), "target", "--form integrated"),
+        (dict(form="integrated", target="latent"), "target", "--target total-energy"),
+        (dict(layers=("conv1", "conv2"), layer_scales=(1.0,)), "layer_scales", "layer_scales"),
+        (dict(layers=("conv1", "conv2"), layer_scales=(1.0, 0.0)), "layer_scales", "positive"),
+    ],
+)
 def test_bad_options_name_their_flag(fields, field, flag):
     with pytest.raises(OptionError, match=flag) as caught:
         ExplainOptions(**fields)
@@ -516,13 +599,22 @@ def test_bad_model_inputs_give_clear_errors(vae, resnet):
     x = odd_images(2)
     bare = small_vae()
     for deviation in ("centered", "standardized"):
-        options = ExplainOptions(layers=("conv1",), form="hirescam", target="total-energy",
-                                 deviation=deviation)
+        options = ExplainOptions(
+            layers=("conv1",), form="hirescam", target="total-energy", deviation=deviation
+        )
         with pytest.raises(ValueError, match=r"feature distribution for layer 'conv1'"):
             heatmap(bare, x, options)
     with pytest.raises(ValueError, match=r"feature distribution for layer 'conv2'"):
-        heatmap(bare, x, ExplainOptions(layers=("last",), form="integrated",
-                                        target="total-energy", deviation="centered"))
+        heatmap(
+            bare,
+            x,
+            ExplainOptions(
+                layers=("last",),
+                form="integrated",
+                target="total-energy",
+                deviation="centered",
+            ),
+        )
     with pytest.raises(ValueError, match=r"'conv9'.*valid names: conv1, conv2"):
         heatmap(vae, x, ExplainOptions(layers=("conv1", "conv9"), layer_scales=(1.0, 1.0)))
     with pytest.raises(ValueError, match=r"normal-data scales.*fit_layer_scales"):
@@ -536,8 +628,11 @@ def test_bad_model_inputs_give_clear_errors(vae, resnet):
         heatmap(wrong, x, ExplainOptions(layers=("conv1",), deviation="standardized"))
     # integrated gradients need a cut point
     with pytest.raises(ValueError, match=f"integrated form needs layer '{HOOKED}'"):
-        heatmap(resnet, odd_images(1, 32, 3),
-                ExplainOptions(layers=(HOOKED,), form="integrated", target="total-energy"))
+        heatmap(
+            resnet,
+            odd_images(1, 32, 3),
+            ExplainOptions(layers=(HOOKED,), form="integrated", target="total-energy"),
+        )
 
 
 # --- 8. the paper preset is the older API ----------------------------------------------------
@@ -546,7 +641,11 @@ def test_paper_preset_reproduces_anomaly_attention(vae, layer):
     x = odd_images(3)
     options = ExplainOptions.preset("paper", layers=(layer,))
     assert (options.form, options.target, options.deviation, options.sign) == (
-        "gradcam", "energy", "none", "relu")
+        "gradcam",
+        "energy",
+        "none",
+        "relu",
+    )
     old = vae.explainer(layer).anomaly_attention(x, vae.normal_stats(), "energy").numpy()
     assert_close(heatmap(vae, x, options).numpy(), old, rtol=1e-5)
     # and the legacy keyword call
@@ -561,10 +660,11 @@ def test_gradient_relu_of_a_per_latent_target_acts_on_the_latent_gradient(vae, s
     x = odd_images(3)
     explainer = vae.explainer("conv2", gradient_relu=True)
     old = explainer.anomaly_attention(x, vae.normal_stats(), score).numpy()
-    options = ExplainOptions.preset("paper", layers=("conv2",), target=score,
-                                    gradient_relu=True)
+    options = ExplainOptions.preset(
+        "paper", layers=("conv2",), target=score, gradient_relu=True
+    )
     new = heatmap(vae, x, options).numpy()
-    if score == "latent":       # -ReLU(dmu/dA) pooled times ReLU features: nothing left
+    if score == "latent":  # -ReLU(dmu/dA) pooled times ReLU features: nothing left
         assert np.abs(old).max() == 0 and np.abs(new).max() == 0
     else:
         assert_close(new, old, rtol=1e-5)
@@ -573,8 +673,9 @@ def test_gradient_relu_of_a_per_latent_target_acts_on_the_latent_gradient(vae, s
 def test_integrated_refuses_a_distribution_of_another_shape(vae):
     model = small_vae()
     model.add_feature_distribution("conv1", (1, 1, 8))
-    options = ExplainOptions(layers=("conv1",), form="integrated", target="total-energy",
-                             deviation="centered")
+    options = ExplainOptions(
+        layers=("conv1",), form="integrated", target="total-energy", deviation="centered"
+    )
     with pytest.raises(ValueError, match=r"shape \(1, 1, 8\) differs"):
         scoring.explain_anomaly(model, odd_images(2), options, keys=("heatmap",))
 
@@ -589,8 +690,9 @@ def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
     model = small_vae()
     normal = normal_images(12)
     model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal).batch(5))
-    model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(normal).batch(5),
-                                    ["conv2"], covariance=True)
+    model.fit_feature_distributions(
+        tf.data.Dataset.from_tensor_slices(normal).batch(5), ["conv2"], covariance=True
+    )
     features = run_encoder(model.encoder, "conv2", normal)[0].numpy().astype(np.float64)
     mean = features.mean(0)
     centered = features - mean
@@ -604,16 +706,17 @@ def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
     x = odd_images(3)
     test_features = run_encoder(model.encoder, "conv2", x)[0].numpy().astype(np.float64)
     d = test_features - mean
-    maha = np.sqrt(np.einsum("bhwk,hwkl,bhwl->bhw", d, np.linalg.inv(
-        cov + ridge * np.eye(channels)), d))
+    maha = np.sqrt(
+        np.einsum("bhwk,hwkl,bhwl->bhw", d, np.linalg.inv(cov + ridge * np.eye(channels)), d)
+    )
     options = ExplainOptions(layers=("conv2",), form="deviation", deviation="whitened")
     got = scoring.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
     assert_close(got, maha, rtol=2e-4)
 
-    grads = reference_gradients(model, "conv2", x, "total-energy")[1]        # (B,1,h,w,K)
+    grads = reference_gradients(model, "conv2", x, "total-energy")[1]  # (B,1,h,w,K)
     z = np.einsum("hwkl,bhwl->bhwk", np.linalg.inv(colour), d)
     weights = np.abs(np.einsum("hwlk,bthwl->bthwk", colour, grads).mean(axis=(2, 3)))
-    expected = np.sqrt(np.einsum("btk,bhwk->bthw", weights, z ** 2)).mean(1)
+    expected = np.sqrt(np.einsum("btk,bhwk->bthw", weights, z**2)).mean(1)
     options = options.replace(form="gradient-weighted-deviation", target="total-energy")
     got = scoring.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
     assert_close(got, expected, rtol=2e-4)
@@ -622,11 +725,14 @@ def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
 def test_whitened_needs_the_covariance_and_survives_save_and_load(vae, tmp_path):
     options = ExplainOptions(layers=("conv1",), form="deviation", deviation="whitened")
     with pytest.raises(ValueError, match="covariance=True"):
-        heatmap(vae, odd_images(2), options)                  # fitted without covariance
+        heatmap(vae, odd_images(2), options)  # fitted without covariance
     model = small_vae()
     model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal_images(6)).batch(3))
-    model.fit_feature_distributions(tf.data.Dataset.from_tensor_slices(
-        normal_images(6)).batch(3), ["conv1"], covariance=True)
+    model.fit_feature_distributions(
+        tf.data.Dataset.from_tensor_slices(normal_images(6)).batch(3),
+        ["conv1"],
+        covariance=True,
+    )
     assert model.has_feature_distribution("conv1", covariance=True)
     before = heatmap(model, odd_images(2), options).numpy()
     save_vae(model, str(tmp_path / "m"))

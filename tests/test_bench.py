@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end at tiny sizes and print their tables."""
+
 import subprocess
 import sys
 
@@ -8,8 +9,13 @@ from conftest import REPO
 
 
 def run_bench(name):
-    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -20,11 +26,19 @@ def test_attention_benchmark_prints_its_three_tables():
     assert "loop/batched" in out and "attention/forward" in out and "per-latent/total" in out
     assert "heatmap/forward" in out
     forms = [line for line in out.splitlines() if "| resnet18" in line and "conv1" in line]
-    assert {f for f in ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation",
-                        "deviation") if any(f"| {f} " in line for line in forms)} == {
-        "gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "deviation"}
+    assert {
+        f
+        for f in (
+            "gradcam",
+            "hirescam",
+            "integrated",
+            "gradient-weighted-deviation",
+            "deviation",
+        )
+        if any(f"| {f} " in line for line in forms)
+    } == {"gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "deviation"}
     rows = [line for line in out.splitlines() if line.startswith("| resnet18")]
-    assert len(rows) == 10   # one naive-comparison, three floor, one anomaly, five form rows
+    assert len(rows) == 10  # one naive-comparison, three floor, one anomaly, five form rows
 
 
 @pytest.mark.slow
@@ -52,10 +66,10 @@ def test_dsprites_table_summarizes_seeds_and_compares_paired_seeds():
     table = table3.summarize(scores)
     assert table[table3.AD_FACTOR_VAE]["seeds"] == [0, 1, 2]
     assert abs(table[table3.FACTOR_VAE]["mean"] - 0.6) < 1e-12
-    assert abs(table[table3.FACTOR_VAE]["std"] - 0.1) < 1e-12        # sample std
+    assert abs(table[table3.FACTOR_VAE]["std"] - 0.1) < 1e-12  # sample std
     verdict = table3.verdict(table)
     assert abs(verdict["ad_minus_factor_vae_mean"] - 0.1 / 3) < 1e-12
-    assert verdict["ad_above_on_every_seed"] is False                # seed 2 is below
+    assert verdict["ad_above_on_every_seed"] is False  # seed 2 is below
     assert verdict["ad_meets_target"] is False
     rows = table3.markdown(table, [0, 1, 2, 3]).splitlines()
     assert rows[2].startswith(f"| {table3.FACTOR_VAE} | 0.600 | 0.500 | 0.700 | - |")
@@ -71,8 +85,9 @@ def test_dsprites_table_reads_a_finished_run_back_instead_of_training(tmp_path):
     with open(f"{folder}/metrics.json", "w", encoding="utf-8") as handle:
         json.dump({"factor_vae_score": 0.5}, handle)
     # a model the trainer would refuse: any attempt to train would raise
-    metrics = table3.train(str(tmp_path), ["--model", "factor_vae"], 4, 10,
-                           ["--no-such-flag"], 1)
+    metrics = table3.train(
+        str(tmp_path), ["--model", "factor_vae"], 4, 10, ["--no-such-flag"], 1
+    )
     assert metrics == {"factor_vae_score": 0.5}
     with pytest.raises(RuntimeError, match="trainer.log"):
         table3.train(str(tmp_path), ["--model", "factor_vae"], 5, 10, ["--no-such-flag"], 1)

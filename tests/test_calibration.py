@@ -1,4 +1,5 @@
 """Threshold calibration and the decisions it drives."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """Every command line answers --help at once: argparse runs before TensorFlow loads."""
+
 import subprocess
 import sys
 
@@ -6,10 +7,20 @@ import pytest
 
 from conftest import REPO
 
-CLIS = ["trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites",
-        "export.saved_model", "export.onnx", "export.infer", "export.pipeline",
-        "bench.localization_grid", "bench.dsprites_table", "bench.dsprites_fidelity",
-        "bench.mvtec_throughput"]
+CLIS = [
+    "trainers.mvtec",
+    "trainers.ucsd",
+    "trainers.mnist",
+    "trainers.dsprites",
+    "export.saved_model",
+    "export.onnx",
+    "export.infer",
+    "export.pipeline",
+    "bench.localization_grid",
+    "bench.dsprites_table",
+    "bench.dsprites_fidelity",
+    "bench.mvtec_throughput",
+]
 
 PROBE = """
 import runpy, sys
@@ -24,27 +35,55 @@ print("TENSORFLOW LOADED" if "tensorflow" in sys.modules else "no tensorflow")
 
 @pytest.mark.parametrize("module", CLIS)
 def test_help_needs_no_tensorflow(module):
-    result = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(module=module)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
     assert result.stdout.strip().endswith("no tensorflow")
 
 
 def test_attribution_flags_are_documented_in_the_trainers_help():
-    result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
-    for flag in ("--attribution", "--form", "--target", "--deviation", "--sign",
-                 "--ig-steps", "--combine", "--smooth"):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.mvtec", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for flag in (
+        "--attribution",
+        "--form",
+        "--target",
+        "--deviation",
+        "--sign",
+        "--ig-steps",
+        "--combine",
+        "--smooth",
+    ):
         assert flag in result.stdout, flag
     assert "whitened" in result.stdout and "gradient-weighted-deviation" in result.stdout
 
 
 #: Benchmarks that import TensorFlow when loaded: their help comes after a quiet start.
-BENCH_WITH_TENSORFLOW = ["bench.attention", "bench.factor_step", "bench.input_pipeline",
-                         "bench.serving", "bench.speed_limit", "bench.training"]
-BENCH = BENCH_WITH_TENSORFLOW + ["bench.dsprites_fidelity", "bench.dsprites_table",
-                                 "bench.localization_grid", "bench.mvtec_throughput"]
+BENCH_WITH_TENSORFLOW = [
+    "bench.attention",
+    "bench.factor_step",
+    "bench.input_pipeline",
+    "bench.serving",
+    "bench.speed_limit",
+    "bench.training",
+]
+BENCH = BENCH_WITH_TENSORFLOW + [
+    "bench.dsprites_fidelity",
+    "bench.dsprites_table",
+    "bench.localization_grid",
+    "bench.mvtec_throughput",
+]
 TRAINERS = ["trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites"]
 
 
@@ -58,34 +97,54 @@ def test_every_flag_has_help_and_the_usage_names_the_command(module):
     import importlib
 
     parser = importlib.import_module(module).build_parser()
-    silent = [action.option_strings or action.dest for action in parser._actions
-              if not (action.help and action.help.strip())]
+    silent = [
+        action.option_strings or action.dest
+        for action in parser._actions
+        if not (action.help and action.help.strip())
+    ]
     assert not silent, f"{module}: options without help: {silent}"
     text = parser.format_help()
     assert text.startswith(f"usage: python -m {module} "), text[:200]
 
 
 def test_help_shows_defaults_and_examples_one_per_line():
-    result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
-    text = " ".join(result.stdout.split())            # argparse wraps help text anywhere
-    for shown in ("--epochs EPOCHS training epochs", "(default: 100)", "(default: 0.0001)",
-                  "(default: 32)", "(default: resnet18)", "(default: horizontal)",
-                  "--epochs 6"):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.mvtec", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    text = " ".join(result.stdout.split())  # argparse wraps help text anywhere
+    for shown in (
+        "--epochs EPOCHS training epochs",
+        "(default: 100)",
+        "(default: 0.0001)",
+        "(default: 32)",
+        "(default: resnet18)",
+        "(default: horizontal)",
+        "--epochs 6",
+    ):
         assert shown in text, shown
     lines = result.stdout.splitlines()
     examples = [line.strip() for line in lines if line.strip().startswith("python -m ")]
     assert examples[:2] == [
         "python -m trainers.mvtec --category bottle --data-dir path/to/mvtec_ad",
-        "python -m trainers.mvtec --category demo      # generated category, runs on CPU"]
-    options = text[text.index("options:"):]
-    deviation = options[options.index("--deviation {"):options.index("--feature-baseline {")]
+        "python -m trainers.mvtec --category demo      # generated category, runs on CPU",
+    ]
+    options = text[text.index("options:") :]
+    deviation = options[options.index("--deviation {") : options.index("--feature-baseline {")]
     assert "whitened (" in deviation and "'default' preset" in deviation
 
 
 def test_dsprites_help_describes_each_model():
-    result = subprocess.run([sys.executable, "-m", "trainers.dsprites", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.dsprites", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     text = " ".join(result.stdout.split())
     assert "total-correlation penalty --gamma" in text and "(default: ad_factor_vae)" in text
 
@@ -97,8 +156,14 @@ def test_bench_help_prints_no_tensorflow_banner(module):
     import os
 
     environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120, env=environment)
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr == "", result.stderr[-2000:]
     assert result.stdout.startswith(f"usage: python -m {module} ")

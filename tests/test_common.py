@@ -1,4 +1,5 @@
 """Shared trainer plumbing: run folders, resumption choice, NaN guard, worker roles."""
+
 import json
 
 import keras
@@ -20,18 +21,19 @@ def args_for(tmp_path, **overrides):
 
 def test_same_command_reuses_the_unfinished_run_and_a_finished_one_is_kept(tmp_path):
     first = common.run_dir_for(args_for(tmp_path), "exp")
-    assert common.run_dir_for(args_for(tmp_path), "exp") == first          # resumed
+    assert common.run_dir_for(args_for(tmp_path), "exp") == first  # resumed
     assert json.load(open(f"{first}/config.json"))["epochs"] == 1
-    other = common.run_dir_for(args_for(tmp_path, epochs=2), "exp")        # other config
+    other = common.run_dir_for(args_for(tmp_path, epochs=2), "exp")  # other config
     assert other != first
     common.write_json(f"{first}/metrics.json", {"done": True})
-    with pytest.raises(common.RunFinished) as finished:                    # not trained again
+    with pytest.raises(common.RunFinished) as finished:  # not trained again
         common.run_dir_for(args_for(tmp_path), "exp")
     assert str(finished.value) == (
         f"this command already finished a run: {first} (metrics.json and figures); "
-        "--fresh trains a new one")
+        "--fresh trains a new one"
+    )
     fresh = common.run_dir_for(args_for(tmp_path, fresh=True), "exp")
-    assert fresh != first and fresh.endswith(first[-8:])                   # same hash
+    assert fresh != first and fresh.endswith(first[-8:])  # same hash
 
 
 def test_a_finished_run_is_named_with_how_to_rescore_it_and_exit_0(tmp_path, capsys):
@@ -44,14 +46,17 @@ def test_a_finished_run_is_named_with_how_to_rescore_it_and_exit_0(tmp_path, cap
     assert capsys.readouterr().err.splitlines() == [
         f"this command already finished a run: {first} (metrics.json and figures); "
         f"re-score its model with other flags: --model-dir {first}/model; --fresh trains "
-        "a new one"]
+        "a new one"
+    ]
 
 
 def test_bad_flag_values_name_the_flag(capsys):
     parser = common.base_parser("test", epochs=1, batch_size=4, lr=1e-3, latent_dim=4)
-    for argv, message in ((["--epochs", "0"], "--epochs must be at least 1"),
-                          (["--lr", "nan"], "--lr must be a positive number"),
-                          (["--batch-size", "-3"], "--batch-size must be at least 1")):
+    for argv, message in (
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--batch-size", "-3"], "--batch-size must be at least 1"),
+    ):
         with pytest.raises(SystemExit):
             common.parse(parser, argv)
         assert message in capsys.readouterr().err
@@ -61,11 +66,16 @@ def test_nan_loss_stops_training_and_names_the_batch(tmp_path):
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = np.random.default_rng(0).random((12, 28, 28, 1)).astype("float32")
-    images[8] = np.nan                                        # third batch of 4
+    images[8] = np.nan  # third batch of 4
     callbacks, guard = common.standard_callbacks(str(tmp_path))
-    history = model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=3,
-                        callbacks=callbacks, verbose=0, shuffle=False)
-    assert len(history.history["loss"]) == 1                  # stopped in the first epoch
+    history = model.fit(
+        tf.data.Dataset.from_tensor_slices(images).batch(4),
+        epochs=3,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
+    )
+    assert len(history.history["loss"]) == 1  # stopped in the first epoch
     with pytest.raises(common.TrainingDiverged, match="epoch 1, batch 3: non-finite"):
         common.check_diverged(guard)
 
@@ -75,21 +85,34 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
     callbacks, _ = common.standard_callbacks(str(tmp_path), keep_checkpoints=2)
-    model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=5,
-              callbacks=callbacks, verbose=0, shuffle=False)
+    model.fit(
+        tf.data.Dataset.from_tensor_slices(images).batch(4),
+        epochs=5,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
+    )
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["epoch-004.weights.h5", "epoch-005.weights.h5"]
-    model.load_weights(str(tmp_path / "checkpoints" / kept[-1]))      # still loadable
+    model.load_weights(str(tmp_path / "checkpoints" / kept[-1]))  # still loadable
 
 
-@pytest.mark.parametrize("config, index", [
-    ({}, 0),
-    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, 0),
-    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, 1),
-    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "chief"}}, 0),
-    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]},
-      "task": {"type": "worker", "index": 0}}, 1),
-])
+@pytest.mark.parametrize(
+    "config, index",
+    [
+        ({}, 0),
+        ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, 0),
+        ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, 1),
+        ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "chief"}}, 0),
+        (
+            {
+                "cluster": {"chief": ["c:0"], "worker": ["a:1"]},
+                "task": {"type": "worker", "index": 0},
+            },
+            1,
+        ),
+    ],
+)
 def test_worker_index_makes_only_the_chief_own_the_run_folder(monkeypatch, config, index):
     monkeypatch.setenv("TF_CONFIG", json.dumps(config))
     assert common.worker_index() == index
@@ -113,21 +136,35 @@ def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
 
     watch = AttentionImages(images[:2], str(tmp_path / "tensorboard"), layer="conv2")
     callbacks, _ = common.standard_callbacks(str(tmp_path), watch)
-    model.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=2,
-              callbacks=callbacks, verbose=0, shuffle=False)
+    model.fit(
+        tf.data.Dataset.from_tensor_slices(images).batch(4),
+        epochs=2,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
+    )
     assert len(list((tmp_path / "checkpoints").iterdir())) == common.KEEP_CHECKPOINTS
     attention = EventAccumulator(str(tmp_path / "tensorboard" / "attention"))
     attention.Reload()
-    assert attention.Tags()["images"] == ["input|reconstruction|attention/0",
-                                          "input|reconstruction|attention/1"]
+    assert attention.Tags()["images"] == [
+        "input|reconstruction|attention/0",
+        "input|reconstruction|attention/1",
+    ]
     panels = attention.Images("input|reconstruction|attention/1")
-    assert [p.step for p in panels] == [0, 1] and (panels[0].width, panels[0].height) == (84, 28)
-    metrics = {"methods": {"anomaly_attention": {"pixel_auroc": 0.75, "image_auroc": None}},
-               "image_auroc_other_scores": {"kl": 0.5}, "category": "demo"}
+    assert [p.step for p in panels] == [0, 1] and (panels[0].width, panels[0].height) == (
+        84,
+        28,
+    )
+    metrics = {
+        "methods": {"anomaly_attention": {"pixel_auroc": 0.75, "image_auroc": None}},
+        "image_auroc_other_scores": {"kl": 0.5},
+        "category": "demo",
+    }
     heatmaps = np.random.default_rng(1).random((8, 28, 28)).astype("float32")
     labels = np.array([0, 0, 1, 1, 1, 1, 1, 0])
-    common.complete_run(str(tmp_path), metrics, ((images * 255).astype("uint8"), heatmaps,
-                                                 labels))
+    common.complete_run(
+        str(tmp_path), metrics, ((images * 255).astype("uint8"), heatmaps, labels)
+    )
     assert json.load(open(tmp_path / "metrics.json"))["category"] == "demo"
 
     train = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
@@ -137,11 +174,16 @@ def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
     evaluation = EventAccumulator(str(tmp_path / "tensorboard" / "evaluation"))
     evaluation.Reload()
     assert sorted(evaluation.Tags()["scalars"]) == [
-        "image_auroc_other_scores/kl", "methods/anomaly_attention/pixel_auroc"]
+        "image_auroc_other_scores/kl",
+        "methods/anomaly_attention/pixel_auroc",
+    ]
     (auroc,) = evaluation.Scalars("methods/anomaly_attention/pixel_auroc")
-    assert auroc.value == 0.75 and auroc.step == 1                  # the last epoch
+    assert auroc.value == 0.75 and auroc.step == 1  # the last epoch
     assert evaluation.Tags()["images"] == [
-        "test heatmap 0 (normal)", "test heatmap 1 (anomalous)", "test heatmap 2 (anomalous)",
-        "test heatmap 3 (anomalous)"]
+        "test heatmap 0 (normal)",
+        "test heatmap 1 (anomalous)",
+        "test heatmap 2 (anomalous)",
+        "test heatmap 3 (anomalous)",
+    ]
     (image,) = evaluation.Images("test heatmap 1 (anomalous)")
     assert (image.width, image.height) == (28, 28)

@@ -4,6 +4,7 @@ The official UCSD Ped2 names the masks of three test clips ``frame001.bmp`` besi
 ``001.tif``; copies made on macOS or Windows carry ``.DS_Store``, ``._*`` resource forks
 and ``Thumbs.db``; MVTec-style masks may be stored 0/1 or drawn at another size.
 """
+
 import logging
 import os
 import shutil
@@ -44,24 +45,40 @@ def ped2_copy(ped2, tmp_path):
     return tmp_path / "root"
 
 
-@pytest.mark.parametrize("name, hidden", [(".DS_Store", True), ("._001.tif", True),
-                                          ("Thumbs.db", True), ("desktop.ini", True),
-                                          ("001.tif", False), ("frame001.bmp", False)])
+@pytest.mark.parametrize(
+    "name, hidden",
+    [
+        (".DS_Store", True),
+        ("._001.tif", True),
+        ("Thumbs.db", True),
+        ("desktop.ini", True),
+        ("001.tif", False),
+        ("frame001.bmp", False),
+    ],
+)
 def test_hidden_and_system_files_are_recognised_by_name(name, hidden):
     assert is_hidden(name) is hidden
 
 
 def test_official_ped2_layout_is_written_with_its_quirks(ped2):
     test_dir = ped2 / "UCSDped2" / "Test"
-    assert sorted(os.listdir(ped2 / "UCSDped2" / "Train" / "Train001"))[:4] == \
-        [".DS_Store", "._001.tif", "001.tif", "002.tif"]
+    assert sorted(os.listdir(ped2 / "UCSDped2" / "Train" / "Train001"))[:4] == [
+        ".DS_Store",
+        "._001.tif",
+        "001.tif",
+        "002.tif",
+    ]
     clips = [f"Test{n:03d}" for n in range(1, 7)]
     assert sorted(os.listdir(test_dir)) == sorted(
-        clips + [c + "_gt" for c in clips] + ["UCSDped2.m"])
+        clips + [c + "_gt" for c in clips] + ["UCSDped2.m"]
+    )
     assert sorted(os.listdir(test_dir / "Test001_gt"))[2:4] == ["001.bmp", "002.bmp"]
-    assert sorted(os.listdir(test_dir / "Test006_gt"))[:3] == \
-        [".DS_Store", "._frame001.bmp", "frame001.bmp"]
-    with pytest.raises(OSError):                      # the junk really is not an image
+    assert sorted(os.listdir(test_dir / "Test006_gt"))[:3] == [
+        ".DS_Store",
+        "._frame001.bmp",
+        "frame001.bmp",
+    ]
+    with pytest.raises(OSError):  # the junk really is not an image
         Image.open(test_dir / "Test006" / "._001.tif")
 
 
@@ -75,15 +92,17 @@ def test_official_ped2_layout_loads_end_to_end(ped2, caplog):
     assert 0 < test.labels.sum() < len(test.labels)
     for clip in ucsd.list_clips(str(ped2), "ped2", "Test"):
         prefix = "frame" if clip.name == "Test006" else ""
-        assert [os.path.basename(m) for m in clip.masks] == \
-            [f"{prefix}{n:03d}.bmp" for n in range(1, PED2["frames"] + 1)]
-        assert [ucsd.frame_number(m) for m in clip.masks] == \
-            [ucsd.frame_number(f) for f in clip.frames]
+        assert [os.path.basename(m) for m in clip.masks] == [
+            f"{prefix}{n:03d}.bmp" for n in range(1, PED2["frames"] + 1)
+        ]
+        assert [ucsd.frame_number(m) for m in clip.masks] == [
+            ucsd.frame_number(f) for f in clip.frames
+        ]
     skips = hidden_skips(caplog)
     base = ped2 / "UCSDped2"
-    folders = ([base / "Train" / f"Train{n:03d}" for n in (1, 2)]
-               + [base / "Test" / f"Test{n:03d}{gt}" for n in range(1, 7)
-                  for gt in ("", "_gt")])
+    folders = [base / "Train" / f"Train{n:03d}" for n in (1, 2)] + [
+        base / "Test" / f"Test{n:03d}{gt}" for n in range(1, 7) for gt in ("", "_gt")
+    ]
     assert {str(folder): 2 for folder in folders}.items() <= skips.items()
 
 
@@ -106,16 +125,28 @@ def test_masks_pair_with_frames_by_number_not_by_name(tmp_path):
     assert test.labels.all()
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda clip, gt: os.remove(gt / "frame005.bmp"),
-     r"Test006_gt.*frames without a mask: 005\.tif"),
-    (lambda clip, gt: shutil.copy(gt / "frame008.bmp", gt / "frame009.bmp"),
-     r"Test006_gt.*masks without a frame: frame009\.bmp"),
-    (lambda clip, gt: shutil.copy(gt / "frame001.bmp", gt / "001.bmp"),
-     r"Test006_gt.*more than one file for frame number\(s\) 1 \(001\.bmp, frame001\.bmp\)"),
-    (lambda clip, gt: shutil.copy(clip / "003.tif", clip / "3.tif"),
-     r"Test006'.*more than one file for frame number\(s\) 3 \(003\.tif, 3\.tif\)"),
-], ids=["missing-mask", "mask-without-frame", "duplicate-mask", "duplicate-frame"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda clip, gt: os.remove(gt / "frame005.bmp"),
+            r"Test006_gt.*frames without a mask: 005\.tif",
+        ),
+        (
+            lambda clip, gt: shutil.copy(gt / "frame008.bmp", gt / "frame009.bmp"),
+            r"Test006_gt.*masks without a frame: frame009\.bmp",
+        ),
+        (
+            lambda clip, gt: shutil.copy(gt / "frame001.bmp", gt / "001.bmp"),
+            r"Test006_gt.*more than one file for frame number\(s\) 1 \(001\.bmp, frame001\.bmp\)",
+        ),
+        (
+            lambda clip, gt: shutil.copy(clip / "003.tif", clip / "3.tif"),
+            r"Test006'.*more than one file for frame number\(s\) 3 \(003\.tif, 3\.tif\)",
+        ),
+    ],
+    ids=["missing-mask", "mask-without-frame", "duplicate-mask", "duplicate-frame"],
+)
 def test_real_mismatches_are_refused_naming_folder_and_number(ped2_copy, damage, message):
     test_dir = ped2_copy / "UCSDped2" / "Test"
     damage(test_dir / "Test006", test_dir / "Test006_gt")
@@ -124,6 +155,7 @@ def test_real_mismatches_are_refused_naming_folder_and_number(ped2_copy, damage,
 
 
 # --- MVTec ------------------------------------------------------------------------------
+
 
 def write_image(path, pixels):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +179,7 @@ def mvtec_root(tmp_path):
     for n, high in ((0, 1), (1, 255)):
         write_image(base / "test" / "crack" / f"{n:03d}.png", rng.integers(0, 255, RGB))
         mask = np.zeros((32, 32))
-        mask[4:10 + 4 * n, 8:20] = high
+        mask[4 : 10 + 4 * n, 8:20] = high
         write_image(base / "ground_truth" / "crack" / f"{n:03d}_mask.png", mask)
     for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack", "test", ""):
         junk(base / folder)
@@ -174,8 +206,13 @@ def test_mvtec_hidden_files_are_skipped_unread_and_counted(mvtec_root, caplog):
 def test_mvtec_mask_of_another_size_is_refused_naming_both(mvtec_root):
     crack = mvtec_root / "part" / "test" / "crack"
     write_image(crack / "001.png", np.zeros((256, 256, 3)))
-    write_image(mvtec_root / "part" / "ground_truth" / "crack" / "001_mask.png",
-                np.full((60, 100), 255))
-    with pytest.raises(DataError, match=r"mask '.*crack[/\\]001_mask\.png' is 100x60 but "
-                                        r"its image '.*crack[/\\]001\.png' is 256x256"):
+    write_image(
+        mvtec_root / "part" / "ground_truth" / "crack" / "001_mask.png",
+        np.full((60, 100), 255),
+    )
+    with pytest.raises(
+        DataError,
+        match=r"mask '.*crack[/\\]001_mask\.png' is 100x60 but "
+        r"its image '.*crack[/\\]001\.png' is 256x256",
+    ):
         mvtec.load_test(str(mvtec_root), "part", size=32)

@@ -1,5 +1,6 @@
 """FactorVAE score sanity checks: true factors score ~1, random codes ~chance, collapsed
 dims are dropped, and the score is seeded."""
+
 import numpy as np
 import pytest
 
@@ -31,13 +32,19 @@ def true_factors_plus_noise(images):
 
 
 def test_true_factors_score_one():
-    score = factor_vae_score(true_factors_plus_noise, FactorsAsImages(), seed=0,
-                             train_votes=200, eval_votes=200, samples_per_vote=32,
-                             variance_samples=2000)
+    score = factor_vae_score(
+        true_factors_plus_noise,
+        FactorsAsImages(),
+        seed=0,
+        train_votes=200,
+        eval_votes=200,
+        samples_per_vote=32,
+        variance_samples=2000,
+    )
     assert score["eval_accuracy"] >= 0.99 and score["train_accuracy"] >= 0.99
     assert score["num_active_dims"] == 8
     votes = np.array(score["eval_votes"])
-    assert votes[5:].sum() == 0                      # noise dims never win a vote
+    assert votes[5:].sum() == 0  # noise dims never win a vote
 
 
 def test_random_codes_score_about_chance():
@@ -46,9 +53,16 @@ def test_random_codes_score_about_chance():
     def random_codes(images):
         return rng.normal(size=(len(images), 10))
 
-    score = factor_vae_score(random_codes, FactorsAsImages(), seed=0, train_votes=300,
-                             eval_votes=500, samples_per_vote=32, variance_samples=2000)
-    assert 0.1 < score["eval_accuracy"] < 0.35      # chance is 1/5 varying factors
+    score = factor_vae_score(
+        random_codes,
+        FactorsAsImages(),
+        seed=0,
+        train_votes=300,
+        eval_votes=500,
+        samples_per_vote=32,
+        variance_samples=2000,
+    )
+    assert 0.1 < score["eval_accuracy"] < 0.35  # chance is 1/5 varying factors
 
 
 def test_collapsed_dims_are_dropped_and_counted():
@@ -56,14 +70,26 @@ def test_collapsed_dims_are_dropped_and_counted():
         codes = true_factors_plus_noise(images)[:, :5]
         return np.concatenate([np.zeros((len(images), 2)), codes], axis=1)
 
-    score = factor_vae_score(with_constant_dims, FactorsAsImages(), seed=0, train_votes=50,
-                             eval_votes=50, samples_per_vote=16, variance_samples=500)
+    score = factor_vae_score(
+        with_constant_dims,
+        FactorsAsImages(),
+        seed=0,
+        train_votes=50,
+        eval_votes=50,
+        samples_per_vote=16,
+        variance_samples=500,
+    )
     assert score["num_active_dims"] == 5
     assert np.array(score["train_votes"])[:2].sum() == 0
     assert score["eval_accuracy"] >= 0.99
 
-    nothing = factor_vae_score(lambda x: np.zeros((len(x), 4)), FactorsAsImages(),
-                               train_votes=5, eval_votes=5, variance_samples=100)
+    nothing = factor_vae_score(
+        lambda x: np.zeros((len(x), 4)),
+        FactorsAsImages(),
+        train_votes=5,
+        eval_votes=5,
+        variance_samples=100,
+    )
     assert nothing["num_active_dims"] == 0 and nothing["eval_accuracy"] == 0.0
 
 

@@ -1,5 +1,6 @@
 """Real tf.distribute strategies on CPU: mirrored replicas, two local workers, and a
 training process killed with SIGKILL that resumes from its backup."""
+
 import json
 import os
 import signal
@@ -19,10 +20,21 @@ SCRIPTS = REPO / "tests" / "scripts"
 
 
 def python(*args, env=None, **kwargs):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
-                **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def test_two_replicas_match_one_replica_on_the_same_global_batch(tmp_path):
@@ -55,10 +67,16 @@ def test_two_local_workers_train_to_the_same_weights(tmp_path):
     processes = []
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        processes.append(subprocess.Popen(
-            [sys.executable, str(SCRIPTS / "multiworker.py"), str(tmp_path)], cwd=REPO,
-            env={**os.environ, **env, "TF_CONFIG": json.dumps(config)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPTS / "multiworker.py"), str(tmp_path)],
+                cwd=REPO,
+                env={**os.environ, **env, "TF_CONFIG": json.dumps(config)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-2000:]
@@ -70,17 +88,38 @@ def test_two_local_workers_train_to_the_same_weights(tmp_path):
 
 
 def read_log(run_dir):
-    return [json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()
+    ]
 
 
 def test_killed_run_resumes_from_its_backup(shared_data, tmp_path):
-    command = [sys.executable, "-m", "trainers.mnist", "--data-dir", str(shared_data / "mnist"),
-               "--epochs", "40", "--steps-per-epoch", "2", "--batch-size", "16",
-               "--max-train", "256", "--max-test", "100", "--latent-dim", "4",
-               "--runs-root", str(tmp_path), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "trainers.mnist",
+        "--data-dir",
+        str(shared_data / "mnist"),
+        "--epochs",
+        "40",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-train",
+        "256",
+        "--max-test",
+        "100",
+        "--latent-dim",
+        "4",
+        "--runs-root",
+        str(tmp_path),
+        "--quiet",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     run_dir = None
     while time.time() < deadline and first.poll() is None:
@@ -97,19 +136,21 @@ def test_killed_run_resumes_from_its_backup(shared_data, tmp_path):
     done = [e for e in killed_log if e["event"] == "epoch_end"]
     assert not (run_dir / "metrics.json").exists()
 
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    second = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     assert [p.name for p in (tmp_path / "mnist").iterdir()] == [run_dir.name]  # same folder
-    resumed = read_log(run_dir)[len(killed_log):]
+    resumed = read_log(run_dir)[len(killed_log) :]
     begin = resumed[0]
     assert begin["event"] == "train_begin" and begin["epoch"] >= 3
     # it starts from the weights of the last backed-up epoch, not from scratch
     backed_up = next(e for e in done if e["epoch"] == begin["epoch"])
     assert begin["weights_checksum"] == pytest.approx(backed_up["weights_checksum"], rel=1e-6)
     assert begin["optimizer_step"] == backed_up["optimizer_step"] == 2 * begin["epoch"]
-    assert begin["weights_checksum"] != pytest.approx(killed_log[0]["weights_checksum"],
-                                                      rel=1e-6)
+    assert begin["weights_checksum"] != pytest.approx(
+        killed_log[0]["weights_checksum"], rel=1e-6
+    )
     assert resumed[1]["epoch"] == begin["epoch"] + 1
     assert resumed[-1]["epoch"] == 40
     assert f"resuming from the backup at epoch {begin['epoch'] + 1}" in second.stderr
@@ -117,10 +158,27 @@ def test_killed_run_resumes_from_its_backup(shared_data, tmp_path):
 
 
 def test_mnist_trainer_runs_mirrored_on_two_logical_cpus(shared_data, tmp_path):
-    result = python("-m", "trainers.mnist", "--data-dir", shared_data / "mnist",
-                    "--epochs", "1", "--steps-per-epoch", "3", "--max-test", "100",
-                    "--latent-dim", "4", "--runs-root", tmp_path, "--quiet",
-                    "--strategy", "mirrored", "--cpu-replicas", "2")
+    result = python(
+        "-m",
+        "trainers.mnist",
+        "--data-dir",
+        shared_data / "mnist",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "3",
+        "--max-test",
+        "100",
+        "--latent-dim",
+        "4",
+        "--runs-root",
+        tmp_path,
+        "--quiet",
+        "--strategy",
+        "mirrored",
+        "--cpu-replicas",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (tmp_path / "mnist").iterdir()
     log = read_log(run_dir)
@@ -136,6 +194,6 @@ def test_models_train_under_mirrored_strategy_with_finite_losses(kind):
     assert logs.pop("replicas") == 2
     assert all(np.isfinite(values).all() for values in logs.values())
     if kind == "ad_factor_vae":
-        assert 0.0 < logs["l_ad"][-1] <= 1.0          # the attention overlap is live
+        assert 0.0 < logs["l_ad"][-1] <= 1.0  # the attention overlap is live
     if kind != "vae":
         assert "tc" in logs and "d_loss" in logs

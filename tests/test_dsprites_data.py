@@ -1,5 +1,6 @@
 """dSprites: the official factor ordering, the regenerated images against the real preview
 frames, and clear errors for bad archives and factors."""
+
 import numpy as np
 import pytest
 
@@ -35,7 +36,8 @@ def _iou_per_shape(frames):
     for shape_class, name in enumerate(dsprites.SHAPES):
         rows = factors[:, 1] == shape_class
         result[name] = np.count_nonzero(drawn[rows] & real[rows]) / np.count_nonzero(
-            drawn[rows] | real[rows])
+            drawn[rows] | real[rows]
+        )
     return result
 
 

@@ -2,6 +2,7 @@
 to a loaded SavedModel and an ONNX Runtime session, staging folders left by killed
 exports, an infer --out that is a file, and options the model cannot serve. A tiny model
 trained on random images, so this runs without the shared datasets."""
+
 import json
 import os
 import shutil
@@ -15,9 +16,15 @@ from PIL import Image
 from conftest import REPO, _train_run
 
 SHAPE = (28, 28, 1)
-NEEDS_DISTRIBUTION = {"explain": dict(form="hirescam", target="total-energy",
-                                      deviation="standardized", sign="abs",
-                                      layers=["conv1"])}
+NEEDS_DISTRIBUTION = {
+    "explain": dict(
+        form="hirescam",
+        target="total-energy",
+        deviation="standardized",
+        sign="abs",
+        layers=["conv1"],
+    )
+}
 
 
 def dead_pid():
@@ -57,9 +64,12 @@ def served(tiny):
 
 # --- 4: out-of-range input ---------------------------------------------------------
 
-BAD_VALUES = {"NaN": (np.nan, "NaN or infinite"), "inf": (np.inf, "NaN or infinite"),
-              "0..255": (255.0, r"255\] \(divide 8-bit pixels by 255\)"),
-              "negative": (-0.5, r"got values in \[-0.5, 0.5\]")}
+BAD_VALUES = {
+    "NaN": (np.nan, "NaN or infinite"),
+    "inf": (np.inf, "NaN or infinite"),
+    "0..255": (255.0, r"255\] \(divide 8-bit pixels by 255\)"),
+    "negative": (-0.5, r"got values in \[-0.5, 0.5\]"),
+}
 
 
 def bad_images(value):
@@ -83,11 +93,14 @@ def test_onnx_users_get_the_range_check_of_the_saved_model(tiny, served, case):
     range_message = r"images must be float32 in \[0, 1\]"
     with pytest.raises(tf.errors.InvalidArgumentError, match=range_message):
         served.signatures["serving_default"](images=tf.constant(images))
-    session = ort.InferenceSession(str(tiny[0] / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tiny[0] / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     shape = session.get_inputs()[0].shape[1:]
-    for check in (lambda: onnx_export.check_images(images, shape),       # the user's helper
-                  lambda: OnnxBackend(str(tiny[0] / "model.onnx")).run(images)):  # infer's
+    for check in (
+        lambda: onnx_export.check_images(images, shape),  # the user's helper
+        lambda: OnnxBackend(str(tiny[0] / "model.onnx")).run(images),
+    ):  # infer's
         with pytest.raises(InputError, match=range_message) as error:
             check()
         assert error.match(detail), str(error.value)
@@ -96,6 +109,7 @@ def test_onnx_users_get_the_range_check_of_the_saved_model(tiny, served, case):
 
 
 # --- 5: empty batch ----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_an_empty_batch_fails_clearly_on_both_backends(tiny, served):
@@ -107,32 +121,40 @@ def test_an_empty_batch_fails_clearly_on_both_backends(tiny, served):
 
     empty = np.zeros((0, *SHAPE), np.float32)
     for name in ("serving_default", "explain"):
-        with pytest.raises(tf.errors.InvalidArgumentError,
-                           match="images must hold at least one image"):
+        with pytest.raises(
+            tf.errors.InvalidArgumentError, match="images must hold at least one image"
+        ):
             served.signatures[name](images=tf.constant(empty))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="image_bytes must hold at least one image"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="image_bytes must hold at least one image"
+    ):
         served.signatures["serve_bytes"](image_bytes=tf.constant([], tf.string))
-    with pytest.raises(InputError, match=r"images must hold at least one image; got shape "
-                                         r"\(0, 28, 28, 1\)"):
+    with pytest.raises(
+        InputError,
+        match=r"images must hold at least one image; got shape "
+        r"\(0, 28, 28, 1\)",
+    ):
         onnx_export.check_images(empty, SHAPE)
-    for backend in (OnnxBackend(str(tiny[0] / "model.onnx")),
-                    SavedModelBackend(str(tiny[0] / "serving" / "model" / "1"))):
+    for backend in (
+        OnnxBackend(str(tiny[0] / "model.onnx")),
+        SavedModelBackend(str(tiny[0] / "serving" / "model" / "1")),
+    ):
         with pytest.raises(InputError, match="images must hold at least one image"):
             backend.run(empty)
 
 
 # --- 2: staging left by a killed push / export -------------------------------------
 
+
 @pytest.mark.slow
 def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push(tiny):
     from export import pipeline, saved_model
 
     folder, run, stale_partial = tiny
-    assert not (folder / f"model.onnx.partial-{stale_partial}").exists()     # ONNX export
+    assert not (folder / f"model.onnx.partial-{stale_partial}").exists()  # ONNX export
     base = folder / "serving" / "model"
     dead = dead_pid()
-    writer = subprocess.Popen(["sleep", "60"])             # an export still running
+    writer = subprocess.Popen(["sleep", "60"])  # an export still running
     try:
         stale = [f".incoming-{dead}", f".incoming-2-{dead}", f"1.replaced-{dead}"]
         live = [f".incoming-{writer.pid}", f".incoming-7-{writer.pid}"]
@@ -143,7 +165,7 @@ def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push
         assert os.path.basename(target) == "2"
         assert sorted(os.listdir(base)) == sorted(["1", "2", *live])
 
-        (base / f".incoming-{dead}").mkdir()             # a push killed before its rename
+        (base / f".incoming-{dead}").mkdir()  # a push killed before its rename
         pushed = pipeline.push_version(str(base / "1"), str(folder / "serving"), "model")
         assert os.path.basename(pushed) == "3"
         assert sorted(os.listdir(base)) == sorted(["1", "2", "3", *live])
@@ -156,24 +178,35 @@ def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push
 
 # --- 6: infer --out that is a file -------------------------------------------------
 
+
 @pytest.mark.slow
 def test_infer_refuses_an_out_file_before_loading_the_model(tiny, tmp_path):
     image = tmp_path / "digit.png"
     Image.fromarray(np.full((28, 28), 128, np.uint8)).save(image)
     out = tmp_path / "results.txt"
     out.write_text("keep me")
-    command = [sys.executable, "-m", "export.infer", "--model", str(tmp_path / "no-model"),
-               str(image), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "export.infer",
+        "--model",
+        str(tmp_path / "no-model"),
+        str(image),
+        "--out",
+        str(out),
+    ]
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.splitlines() == [
         f"error: --out {str(out)!r} already exists and is not a folder; choose another "
-        "path or pass --force to replace it"]
+        "path or pass --force to replace it"
+    ]
     assert out.read_text() == "keep me"
 
-    command[4] = str(tiny[0] / "model.onnx")              # a real model, and --force
-    forced = subprocess.run([*command, "--force"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    command[4] = str(tiny[0] / "model.onnx")  # a real model, and --force
+    forced = subprocess.run(
+        [*command, "--force"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert forced.returncode == 0, forced.stderr[-3000:]
     scores = json.loads((out / "scores.json").read_text())
     assert scores["backend"] == "onnx" and len(scores["images"]) == 1
@@ -181,19 +214,29 @@ def test_infer_refuses_an_out_file_before_loading_the_model(tiny, tmp_path):
 
 # --- 7: options the model cannot serve ---------------------------------------------
 
+
 @pytest.mark.slow
 def test_both_exporters_refuse_options_without_their_distribution_writing_nothing(
-        tiny, tmp_path, capsys):
+    tiny, tmp_path, capsys
+):
     from export import onnx as onnx_export
     from export import saved_model
 
     run = tmp_path / "run"
     shutil.copytree(tiny[1], run)
     (run / "config.json").write_text(json.dumps(NEEDS_DISTRIBUTION))
-    exports = {"onnx": (onnx_export.main, tmp_path / "onnx", ["--out", str(tmp_path / "onnx" /
-                                                                          "model.onnx")]),
-               "saved_model": (saved_model.main, tmp_path / "serving",
-                               ["--out", str(tmp_path / "serving"), "--model-name", "m"])}
+    exports = {
+        "onnx": (
+            onnx_export.main,
+            tmp_path / "onnx",
+            ["--out", str(tmp_path / "onnx" / "model.onnx")],
+        ),
+        "saved_model": (
+            saved_model.main,
+            tmp_path / "serving",
+            ["--out", str(tmp_path / "serving"), "--model-name", "m"],
+        ),
+    }
     for name, (main, out, flags) in exports.items():
         with pytest.raises(SystemExit) as exit_info:
             main(["--run", str(run), *flags])
@@ -206,26 +249,41 @@ def test_both_exporters_refuse_options_without_their_distribution_writing_nothin
 
 # --- issue 26, 8: thresholds and opsets checked where they enter -------------------
 
+
 @pytest.mark.slow
-@pytest.mark.parametrize("values", [{"pixel": float("nan"), "image": 0.5},
-                                    {"pixel": 0.1, "image": float("nan")},
-                                    {"pixel": float("inf"), "image": 0.5},
-                                    {"pixel": 0.1, "image": float("-inf")}],
-                         ids=["pixel-nan", "image-nan", "pixel-inf", "image-minus-inf"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"pixel": float("nan"), "image": 0.5},
+        {"pixel": 0.1, "image": float("nan")},
+        {"pixel": float("inf"), "image": 0.5},
+        {"pixel": 0.1, "image": float("-inf")},
+    ],
+    ids=["pixel-nan", "image-nan", "pixel-inf", "image-minus-inf"],
+)
 def test_thresholds_holding_nan_or_infinity_are_refused(tiny, tmp_path, capsys, values):
     """json reads NaN and Infinity; exported with them, every image was "normal"."""
     from export import saved_model
 
     path = tmp_path / "thresholds.json"
-    path.write_text(json.dumps(values))         # NaN / Infinity, as Python's json writes
+    path.write_text(json.dumps(values))  # NaN / Infinity, as Python's json writes
     name = "pixel" if values["pixel"] != 0.1 else "image"
     with pytest.raises(SystemExit) as stop:
-        saved_model.main(["--run", str(tiny[1]), "--out", str(tmp_path / "serving"),
-                          "--thresholds", str(path)])
+        saved_model.main(
+            [
+                "--run",
+                str(tiny[1]),
+                "--out",
+                str(tmp_path / "serving"),
+                "--thresholds",
+                str(path),
+            ]
+        )
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --thresholds {str(path)!r}: {name} threshold must be a finite number, "
-        f"got {values[name]}"]
+        f"got {values[name]}"
+    ]
     assert not (tmp_path / "serving").exists()
 
 
@@ -233,17 +291,28 @@ def test_thresholds_holding_nan_or_infinity_are_refused(tiny, tmp_path, capsys, 
 def test_an_opset_tf2onnx_cannot_write_is_refused_before_the_model_is_loaded(tmp_path):
     """--opset 100 failed after a minute of conversion; now before loading (the --run
     here does not even exist, and the opset is what is named)."""
-    command = [sys.executable, "-m", "export.onnx", "--run", str(tmp_path / "no-run"),
-               "--out", str(tmp_path / "model.onnx"), "--opset", "100"]
+    command = [
+        sys.executable,
+        "-m",
+        "export.onnx",
+        "--run",
+        str(tmp_path / "no-run"),
+        "--out",
+        str(tmp_path / "model.onnx"),
+        "--opset",
+        "100",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: --opset must be between 13 and "), \
+    assert len(lines) == 1 and lines[0].startswith("error: --opset must be between 13 and "), (
         result.stderr
+    )
     assert lines[0].endswith("got 100") and not os.listdir(tmp_path)
 
 
 # --- issue 26, 5: export versions claimed atomically --------------------------------
+
 
 def test_version_claims_never_hand_out_one_number_twice(tmp_path):
     import threading
@@ -252,7 +321,7 @@ def test_version_claims_never_hand_out_one_number_twice(tmp_path):
 
     base = str(tmp_path / "model")
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "3").mkdir()                 # an existing version
+    (tmp_path / "model" / "3").mkdir()  # an existing version
     start, got = threading.Barrier(8), []
 
     def claim():
@@ -269,14 +338,15 @@ def test_version_claims_never_hand_out_one_number_twice(tmp_path):
         assert os.readlink(claim) == str(os.getpid())
         release_version(claim)
     assert sorted(os.listdir(base)) == ["3"]
-    dead = dead_pid()                                    # a claim of a killed exporter
+    dead = dead_pid()  # a claim of a killed exporter
     os.symlink(str(dead), os.path.join(base, ".claim-4"))
     number, claim = claim_version(base)
     assert number == 4 and os.readlink(claim) == str(os.getpid())
     from export import ExportError
 
-    with pytest.raises(ExportError, match=f"version 4 under .* is being written by "
-                                          f"process {os.getpid()}"):
+    with pytest.raises(
+        ExportError, match=f"version 4 under .* is being written by process {os.getpid()}"
+    ):
         claim_version(base, 4)
     release_version(claim)
 
@@ -284,21 +354,38 @@ def test_version_claims_never_hand_out_one_number_twice(tmp_path):
 @pytest.mark.slow
 def test_two_concurrent_exports_into_one_out_write_two_versions(tiny, tmp_path):
     """Case 5: both reported version 1 and one silently replaced the other."""
-    command = [sys.executable, "-m", "export.saved_model", "--run", str(tiny[1]),
-               "--out", str(tmp_path / "serving"), "--model-name", "m"]
-    exports = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "export.saved_model",
+        "--run",
+        str(tiny[1]),
+        "--out",
+        str(tmp_path / "serving"),
+        "--model-name",
+        "m",
+    ]
+    exports = [
+        subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(p.communicate(timeout=600), p.returncode) for p in exports]
     assert [code for _, code in results] == [0, 0], [err[-2000:] for (_, err), _ in results]
     written = sorted(out.strip().splitlines()[-1] for (out, _), _ in results)
     base = tmp_path / "serving" / "m"
-    assert written == [f"SavedModel written to {base / '1'}", f"SavedModel written to {base / '2'}"]
+    assert written == [
+        f"SavedModel written to {base / '1'}",
+        f"SavedModel written to {base / '2'}",
+    ]
     assert sorted(os.listdir(base)) == ["1", "2"]
     for version in ("1", "2"):
         assert (base / version / "saved_model.pb").exists()
 
 
 # --- issue 26, 13: non-finite input is flagged, not called normal --------------------
+
 
 @pytest.mark.slow
 def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
@@ -309,22 +396,25 @@ def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
     from export import onnx as onnx_export
 
     path = tmp_path / "thresholds.json"
-    path.write_text(json.dumps({"pixel": 1e-3, "image": 1e9}))   # finite input: normal
-    onnx_export.export(str(tiny[1]), str(tmp_path / "model.onnx"), thresholds=str(path),
-                       verify=False)
+    path.write_text(json.dumps({"pixel": 1e-3, "image": 1e9}))  # finite input: normal
+    onnx_export.export(
+        str(tiny[1]), str(tmp_path / "model.onnx"), thresholds=str(path), verify=False
+    )
     images = np.full((4, *SHAPE), 0.5, np.float32)
     images[1, 3, 3] = np.nan
     images[2, 5, 5] = np.inf
     images[3, 7, 7] = -np.inf
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = [output.name for output in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, {"images": images})))
     assert outputs["pred_label"].tolist() == [False, True, True, True]
     # the same function in TensorFlow (what the SavedModel signatures compute) ...
     run = load_run(str(tiny[1]))
-    decided = saved_model.anomaly_outputs(run.model, tf.constant(images), run.options,
-                                          onnx_export.load_thresholds(str(path)))
+    decided = saved_model.anomaly_outputs(
+        run.model, tf.constant(images), run.options, onnx_export.load_thresholds(str(path))
+    )
     assert decided["pred_label"].numpy().tolist() == [False, True, True, True]
     assert decided["pred_score"].numpy()[1:].tolist() == [1.0, 1.0, 1.0]
     # ... whose graphs refuse such input outright
@@ -335,20 +425,23 @@ def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
 
 # --- issue 26, 7: the ONNX self-check judges real disagreement ----------------------
 
+
 def test_the_self_check_passes_a_kink_at_round_off_and_fails_a_wrong_graph():
     from export import onnx as onnx_export
 
     rng = np.random.default_rng(0)
     want = rng.random((2, 32, 32)).astype(np.float32)
     kinked = want.copy()
-    kinked[0, 5, 5] += 6.8e-3                      # the resumed run's noise batch
+    kinked[0, 5, 5] += 6.8e-3  # the resumed run's noise batch
     kinked[1, 20, 7:9] -= 3e-3
     found = onnx_export.agreement(kinked, want)
     assert found.ok and found.largest > onnx_export.PARITY_TOLERANCE
     assert found.quantile <= onnx_export.PARITY_TOLERANCE
-    for wrong in (want * 1.002,                    # small but everywhere
-                  np.where(np.arange(32) < 2, want + 0.05, want),   # two columns, by a lot
-                  np.where(rng.random(want.shape) < 0.5, np.nan, want)):
+    for wrong in (
+        want * 1.002,  # small but everywhere
+        np.where(np.arange(32) < 2, want + 0.05, want),  # two columns, by a lot
+        np.where(rng.random(want.shape) < 0.5, np.nan, want),
+    ):
         assert not onnx_export.agreement(wrong.astype(np.float32), want).ok
 
 
@@ -362,9 +455,11 @@ def perturbed(model_proto, factor):
                 if name == "heatmap":
                     field[i] = "heatmap_unscaled"
     model_proto.graph.initializer.append(
-        numpy_helper.from_array(np.array(factor, np.float32), "heatmap_factor"))
+        numpy_helper.from_array(np.array(factor, np.float32), "heatmap_factor")
+    )
     model_proto.graph.node.append(
-        helper.make_node("Mul", ["heatmap_unscaled", "heatmap_factor"], ["heatmap"]))
+        helper.make_node("Mul", ["heatmap_unscaled", "heatmap_factor"], ["heatmap"])
+    )
     return model_proto
 
 
@@ -385,8 +480,11 @@ def test_the_self_check_runs_the_runs_own_images_and_fails_a_perturbed_graph(tin
     assert own.shape == (onnx_export.CHECK_IMAGES, *SHAPE) and own.dtype == np.float32
     proto = onnx_export.convert(run.model, run.options)
     assert onnx_export.verify_graph(run, None, proto) <= onnx_export.PARITY_CEILING
-    with pytest.raises(ExportError, match=r"disagrees with the model's on noise: .* of an "
-                                          r"image's pixels differ by more than 1e-04"):
+    with pytest.raises(
+        ExportError,
+        match=r"disagrees with the model's on noise: .* of an "
+        r"image's pixels differ by more than 1e-04",
+    ):
         onnx_export.verify_graph(run, None, perturbed(proto, 1.002))
 
 
@@ -399,9 +497,12 @@ def test_ctrl_c_in_an_export_is_one_line_and_writes_nothing(tiny, tmp_path):
 
     out = tmp_path / "model.onnx"
     with open(tmp_path / "stderr.txt", "w") as err:
-        export = subprocess.Popen([sys.executable, "-m", "export.onnx", "--run", str(tiny[1]),
-                                   "--out", str(out)], cwd=REPO, stderr=err,
-                                  stdout=subprocess.DEVNULL)
+        export = subprocess.Popen(
+            [sys.executable, "-m", "export.onnx", "--run", str(tiny[1]), "--out", str(out)],
+            cwd=REPO,
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+        )
         try:
             deadline = time.time() + 300
             while "export.onnx 2/4" not in (tmp_path / "stderr.txt").read_text():
@@ -414,6 +515,8 @@ def test_ctrl_c_in_an_export_is_one_line_and_writes_nothing(tiny, tmp_path):
             if export.poll() is None:
                 export.kill()
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert stderr.strip().splitlines()[-1] == f"export.onnx: interrupted; {out} was not written"
+    assert (
+        stderr.strip().splitlines()[-1] == f"export.onnx: interrupted; {out} was not written"
+    )
     assert "Traceback" not in stderr and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("model.onnx")]

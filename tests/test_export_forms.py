@@ -1,6 +1,7 @@
 """Every attribution form the trainers can choose is served by both exports: a loaded
 SavedModel and an ONNX Runtime session give the in-memory model's heatmap (<= 1e-4 of
 its range) at batch 1 and 7, with the normal feature distribution carried in the graph."""
+
 import json
 
 import numpy as np
@@ -11,22 +12,50 @@ from conftest import _train_run
 pytestmark = pytest.mark.slow  # trains and exports one model per attribution form
 
 VARIANTS = {
-    "hirescam": dict(form="hirescam", target="total-energy", deviation="standardized",
-                     sign="abs", layers=["conv1"]),
-    "integrated": dict(form="integrated", target="total-energy", deviation="centered",
-                       sign="signed", layers=["conv2"], steps=4),
-    "gradient-weighted-deviation": dict(form="gradient-weighted-deviation",
-                                        target="total-energy", deviation="standardized",
-                                        layers=["conv1"]),
-    "whitened": dict(form="gradient-weighted-deviation", target="total-energy",
-                     deviation="whitened", layers=["conv2"]),
-    "multi-layer": dict(form="gradient-weighted-deviation", target="total-energy",
-                        deviation="standardized", layers=["conv1", "conv2"], combine="mean",
-                        smooth=1.0),
+    "hirescam": dict(
+        form="hirescam",
+        target="total-energy",
+        deviation="standardized",
+        sign="abs",
+        layers=["conv1"],
+    ),
+    "integrated": dict(
+        form="integrated",
+        target="total-energy",
+        deviation="centered",
+        sign="signed",
+        layers=["conv2"],
+        steps=4,
+    ),
+    "gradient-weighted-deviation": dict(
+        form="gradient-weighted-deviation",
+        target="total-energy",
+        deviation="standardized",
+        layers=["conv1"],
+    ),
+    "whitened": dict(
+        form="gradient-weighted-deviation",
+        target="total-energy",
+        deviation="whitened",
+        layers=["conv2"],
+    ),
+    "multi-layer": dict(
+        form="gradient-weighted-deviation",
+        target="total-energy",
+        deviation="standardized",
+        layers=["conv1", "conv2"],
+        combine="mean",
+        smooth=1.0,
+    ),
     "feature-residual": dict(form="feature-residual", layers=["conv1"]),
     "recon-deviation": dict(form="recon-deviation", layers=["conv1"], smooth=1.0),
-    "gated": dict(form="gradient-weighted-deviation", target="total-energy",
-                  deviation="whitened", layers=["conv2"], gate="recon"),
+    "gated": dict(
+        form="gradient-weighted-deviation",
+        target="total-energy",
+        deviation="whitened",
+        layers=["conv2"],
+        gate="recon",
+    ),
 }
 
 
@@ -49,8 +78,9 @@ def exported(request, tmp_path_factory):
     run = folder / "run"
     run.mkdir()
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
-    _train_run(run, model, images(24, seed=1), {"explain": VARIANTS[request.param]},
-               batch_size=8)
+    _train_run(
+        run, model, images(24, seed=1), {"explain": VARIANTS[request.param]}, batch_size=8
+    )
     saved_model.export(str(run), str(folder / "serving"), "model")
     onnx_export.export(str(run), str(folder / "model.onnx"), verify=False)
     return request.param, run, folder
@@ -78,15 +108,17 @@ def test_saved_model_and_onnx_serve_the_models_heatmap(exported, batch):
     assert scale > 0 and np.isfinite(heat).all()
     served = tf.saved_model.load(str(folder / "serving" / "model" / "1"))
     got = served.signatures["serving_default"](images=tf.constant(x))
-    session = ort.InferenceSession(str(folder / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(folder / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     onnx_out = dict(zip(names, session.run(None, {"images": x})))
     for label, out in (("SavedModel", got), ("ONNX", onnx_out)):
         difference = np.abs(np.asarray(out["heatmap"]) - heat).max() / scale
         assert difference <= 1e-4, f"{label} {name} batch {batch}: {difference:.2e}"
-        np.testing.assert_allclose(np.asarray(out["score"]), want["score"].numpy(),
-                                   rtol=1e-4, atol=1e-4 * scale)
+        np.testing.assert_allclose(
+            np.asarray(out["score"]), want["score"].numpy(), rtol=1e-4, atol=1e-4 * scale
+        )
 
 
 def test_an_export_without_the_distribution_its_options_need_is_refused(tmp_path):
@@ -96,9 +128,9 @@ def test_an_export_without_the_distribution_its_options_need_is_refused(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
-    _train_run(run, model, images(8), {"layer": "conv1"}, batch_size=8)   # no distribution
+    _train_run(run, model, images(8), {"layer": "conv1"}, batch_size=8)  # no distribution
     config = {"explain": dict(VARIANTS["hirescam"])}
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="no normal feature distribution for layer 'conv1'"):
         saved_model.export(str(run), str(tmp_path / "serving"), "model")
-    assert not (tmp_path / "serving").exists()          # nothing written
+    assert not (tmp_path / "serving").exists()  # nothing written

@@ -1,5 +1,6 @@
 """The TF Serving SavedModel: same heatmaps as the trained model, three signatures, the
 REST bytes path, and clear refusals."""
+
 import base64
 import functools
 import json
@@ -44,9 +45,15 @@ def in_memory(run, images):
 
 @pytest.fixture(scope="module")
 def cases(mnist_run, mnist_export, mnist_images, mvtec_run, mvtec_export, mvtec_images):
-    return {"mnist": (mnist_run, mnist_export, mnist_images[1], None),
-            "mvtec": (mvtec_run, mvtec_export, mvtec.to_float(mvtec_images[1].images),
-                      load_thresholds(str(mvtec_export / "thresholds.json")))}
+    return {
+        "mnist": (mnist_run, mnist_export, mnist_images[1], None),
+        "mvtec": (
+            mvtec_run,
+            mvtec_export,
+            mvtec.to_float(mvtec_images[1].images),
+            load_thresholds(str(mvtec_export / "thresholds.json")),
+        ),
+    }
 
 
 @pytest.mark.parametrize("name", ["mnist", "mvtec"])
@@ -65,25 +72,34 @@ def test_loaded_saved_model_gives_the_trained_models_heatmaps(cases, name):
             assert_same_map(out["heatmap"], want["heatmap"], f"{name} {label}, batch {batch}")
             np.testing.assert_allclose(out["score"], want["score"], rtol=1e-4, atol=1e-6)
         for key in OUTPUTS[1:]:
-            np.testing.assert_allclose(full[key].numpy(), want[key], rtol=1e-4, atol=1e-6,
-                                       err_msg=f"{name} {key}, batch {batch}")
+            np.testing.assert_allclose(
+                full[key].numpy(),
+                want[key],
+                rtol=1e-4,
+                atol=1e-6,
+                err_msg=f"{name} {key}, batch {batch}",
+            )
         assert got["heatmap"].shape == (batch, *x.shape[1:3])
         if thresholds is not None:
             decided = calibration.decide(want["heatmap"], want["score"], thresholds)
             for out in (got, full):
-                np.testing.assert_array_equal(out["pred_label"].numpy(),
-                                              decided["pred_label"])
-                np.testing.assert_array_equal(out["pred_mask"].numpy(),
-                                              out["heatmap"].numpy() > thresholds.pixel)
-            np.testing.assert_allclose(full["heatmap_normalized"],
-                                       np.clip(0.5 * full["heatmap"] / thresholds.pixel, 0, 1),
-                                       atol=1e-6)
+                np.testing.assert_array_equal(out["pred_label"].numpy(), decided["pred_label"])
+                np.testing.assert_array_equal(
+                    out["pred_mask"].numpy(), out["heatmap"].numpy() > thresholds.pixel
+                )
+            np.testing.assert_allclose(
+                full["heatmap_normalized"],
+                np.clip(0.5 * full["heatmap"] / thresholds.pixel, 0, 1),
+                atol=1e-6,
+            )
 
 
 def rest_response_bytes(outputs):
     """The size of TF Serving's REST (row format) JSON response for these outputs."""
-    rows = [{key: np.asarray(value)[i].tolist() for key, value in outputs.items()}
-            for i in range(len(np.asarray(outputs["score"])))]
+    rows = [
+        {key: np.asarray(value)[i].tolist() for key, value in outputs.items()}
+        for i in range(len(np.asarray(outputs["score"])))
+    ]
     return len(json.dumps({"predictions": rows}))
 
 
@@ -96,8 +112,10 @@ def test_serving_signatures_are_lean_and_the_latent_maps_have_their_own(cases):
     lean = loaded.signatures["serving_default"](images=x)
     full = loaded.signatures["explain_latents"](images=x)
     assert "per_latent" not in lean and full["per_latent"].shape == (2, 32, 32, 32)
-    sizes = {"serving_default": rest_response_bytes(lean),
-             "explain_latents": rest_response_bytes(full)}
+    sizes = {
+        "serving_default": rest_response_bytes(lean),
+        "explain_latents": rest_response_bytes(full),
+    }
     print("REST response bytes for 2 images at 64 px:", sizes)
     assert sizes["serving_default"] < 0.25 * sizes["explain_latents"], sizes
     assert sizes["serving_default"] < 300_000, sizes
@@ -120,9 +138,12 @@ def test_explain_signature_is_the_plain_per_latent_attention(cases):
 
 def test_saved_model_cli_lists_the_three_signatures(mnist_export):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    shown = subprocess.run([cli, "show", "--all", "--dir",
-                            str(mnist_export / "serving" / "model" / "1")],
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [cli, "show", "--all", "--dir", str(mnist_export / "serving" / "model" / "1")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in sm.SIGNATURES:
         assert f"signature_def['{name}']" in shown
     default = shown.split("signature_def['serving_default']")[1].split("signature_def[")[0]
@@ -130,14 +151,23 @@ def test_saved_model_cli_lists_the_three_signatures(mnist_export):
     assert "outputs['per_latent']" not in default
     latents = shown.split("signature_def['explain_latents']")[1].split("signature_def[")[0]
     assert "outputs['per_latent']" in latents
-    assert "DT_STRING" in shown.split("signature_def['serve_bytes']")[1].split(
-        "signature_def[")[0]
+    assert (
+        "DT_STRING"
+        in shown.split("signature_def['serve_bytes']")[1].split("signature_def[")[0]
+    )
 
 
 def rest_request(signature, files):
     """A TF Serving REST predict body with each file as {"b64": ...}."""
-    return json.dumps({"signature_name": signature, "instances": [
-        {"b64": base64.b64encode(open(path, "rb").read()).decode("ascii")} for path in files]})
+    return json.dumps(
+        {
+            "signature_name": signature,
+            "instances": [
+                {"b64": base64.b64encode(open(path, "rb").read()).decode("ascii")}
+                for path in files
+            ],
+        }
+    )
 
 
 def serve_rest(loaded, body):
@@ -150,12 +180,14 @@ def serve_rest(loaded, body):
     return signature(**{name: tf.constant(values)})
 
 
-def test_rest_b64_request_gives_the_float_endpoints_heatmap(mvtec_export, mvtec_images,
-                                                            tmp_path):
+def test_rest_b64_request_gives_the_float_endpoints_heatmap(
+    mvtec_export, mvtec_images, tmp_path
+):
     files = list(mvtec_images[1].paths[:4])
-    jpeg = tmp_path / "as_jpeg.jpg"             # clients send JPEG too
-    jpeg.write_bytes(tf.io.encode_jpeg(tf.io.decode_png(open(files[0], "rb").read()),
-                                       quality=90).numpy())
+    jpeg = tmp_path / "as_jpeg.jpg"  # clients send JPEG too
+    jpeg.write_bytes(
+        tf.io.encode_jpeg(tf.io.decode_png(open(files[0], "rb").read()), quality=90).numpy()
+    )
     files.append(str(jpeg))
     loaded = load_saved(mvtec_export / "serving" / "model" / "1")
     got = serve_rest(loaded, rest_request("serve_bytes", files))
@@ -169,25 +201,31 @@ def test_rest_b64_request_gives_the_float_endpoints_heatmap(mvtec_export, mvtec_
 @pytest.mark.parametrize("signature", ["serving_default", "explain_latents"])
 def test_wrong_rank_channels_dtype_or_range_fail_clearly(mnist_export, signature):
     serve = load_saved(mnist_export / "serving" / "model" / "1").signatures[signature]
-    bad = {"not compatible with expected shape [?,28,28,1]": np.zeros((2, 28, 28),
-                                                                       np.float32),
-           "Shape of tensor images [2,28,28,3]": np.zeros((2, 28, 28, 3), np.float32),
-           "expected to be a float tensor but is a uint8 tensor": np.zeros((1, 28, 28, 1),
-                                                                            np.uint8),
-           "images must be float32 in [0, 1]": np.full((1, 28, 28, 1), 255.0, np.float32)}
+    bad = {
+        "not compatible with expected shape [?,28,28,1]": np.zeros((2, 28, 28), np.float32),
+        "Shape of tensor images [2,28,28,3]": np.zeros((2, 28, 28, 3), np.float32),
+        "expected to be a float tensor but is a uint8 tensor": np.zeros(
+            (1, 28, 28, 1), np.uint8
+        ),
+        "images must be float32 in [0, 1]": np.full((1, 28, 28, 1), 255.0, np.float32),
+    }
     for message, images in bad.items():
-        with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError),
-                           match=message.replace("[", r"\[").replace("?", r"\?")):
+        with pytest.raises(
+            (tf.errors.InvalidArgumentError, TypeError, ValueError),
+            match=message.replace("[", r"\[").replace("?", r"\?"),
+        ):
             serve(images=tf.constant(images))
 
 
 def listing(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns)
-                  for p in folder.rglob("*"))
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*")
+    )
 
 
 def test_refuses_untrained_runs_existing_versions_and_bad_flags_untouched(
-        mnist_run, tmp_path, capsys):
+    mnist_run, tmp_path, capsys
+):
     empty_run = tmp_path / "run"
     empty_run.mkdir()
     (empty_run / "config.json").write_text('{"layer": "last"}')
@@ -201,9 +239,11 @@ def test_refuses_untrained_runs_existing_versions_and_bad_flags_untouched(
     (out / "vae" / "3").mkdir(parents=True)
     (out / "vae" / "3" / "saved_model.pb").write_bytes(b"served")
     before = listing(out)
-    for flags, message in ((["--version", "3"], "already exists"),
-                           (["--version", "0"], "--version"),
-                           (["--model-name", "../up"], "--model-name")):
+    for flags, message in (
+        (["--version", "3"], "already exists"),
+        (["--version", "0"], "--version"),
+        (["--model-name", "../up"], "--model-name"),
+    ):
         with pytest.raises(SystemExit):
             sm.main(["--run", str(mnist_run), "--out", str(out), *flags])
         assert message in capsys.readouterr().err
@@ -215,20 +255,35 @@ def test_force_replaces_a_version_whole(mnist_run, mnist_export, tmp_path, capsy
     out = tmp_path / "serving"
     (out / "model" / "1").mkdir(parents=True)
     (out / "model" / "1" / "stale.txt").write_text("old")
-    target = sm.main(["--run", str(mnist_run), "--out", str(out), "--model-name", "model",
-                      "--version", "1", "--force"])
+    target = sm.main(
+        [
+            "--run",
+            str(mnist_run),
+            "--out",
+            str(out),
+            "--model-name",
+            "model",
+            "--version",
+            "1",
+            "--force",
+        ]
+    )
     assert target == str(out / "model" / "1")
-    stages = [line.split(":")[0] for line in capsys.readouterr().err.splitlines()
-              if line.startswith("export.saved_model ")]
-    assert stages == [f"export.saved_model {k}/3" for k in (1, 2, 3)]   # progress shown
+    stages = [
+        line.split(":")[0]
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("export.saved_model ")
+    ]
+    assert stages == [f"export.saved_model {k}/3" for k in (1, 2, 3)]  # progress shown
     assert not os.path.exists(os.path.join(target, "stale.txt"))
-    assert sorted(os.listdir(out / "model")) == ["1"]        # no staging left behind
+    assert sorted(os.listdir(out / "model")) == ["1"]  # no staging left behind
     info = json.loads((out / "model" / "1" / "assets" / "export.json").read_text())
     assert info["options"]["layers"] == ["last"] and info["input_shape"] == [28, 28, 1]
     x = tf.constant(np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32))
     new = tf.saved_model.load(target).signatures["serving_default"](images=x)
-    old = load_saved(mnist_export / "serving" / "model" / "1"
-                     ).signatures["serving_default"](images=x)
+    old = load_saved(mnist_export / "serving" / "model" / "1").signatures["serving_default"](
+        images=x
+    )
     np.testing.assert_array_equal(new["heatmap"], old["heatmap"])
 
 
@@ -249,8 +304,10 @@ def test_warmup_requests_parse_as_tf_serving_reads_them_and_run(mnist_export, mv
             request = log.predict_log.request
             assert request.model_spec.name == "model"
             signature = loaded.signatures[request.model_spec.signature_name]
-            inputs = {name: tf.constant(tf.make_ndarray(proto))
-                      for name, proto in request.inputs.items()}
+            inputs = {
+                name: tf.constant(tf.make_ndarray(proto))
+                for name, proto in request.inputs.items()
+            }
             assert set(inputs) == set(signature.structured_input_signature[1])
             out = signature(**inputs)
             first = out["heatmap"] if "heatmap" in out else out["per_latent"]
@@ -262,14 +319,15 @@ def test_warmup_requests_parse_as_tf_serving_reads_them_and_run(mnist_export, mv
 
 
 def test_metadata_says_how_the_model_was_made_and_is_fed(mvtec_run, mvtec_export):
-    info = sm.read_metadata(str(mvtec_export / "serving" / "model"))    # newest version
+    info = sm.read_metadata(str(mvtec_export / "serving" / "model"))  # newest version
     config = json.loads((mvtec_run / "config.json").read_text())
     assert info["input_shape"] == [64, 64, 3] and info["image_size"] == [64, 64]
     assert info["options"] == explain_options(config).as_config()
-    assert info["thresholds"] == load_thresholds(
-        str(mvtec_export / "thresholds.json")).as_dict()
+    assert (
+        info["thresholds"] == load_thresholds(str(mvtec_export / "thresholds.json")).as_dict()
+    )
     assert "bilinear" in info["preprocessing"] and "antialias=True" in info["preprocessing"]
-    assert info["training_data"] is None       # this run's config names no data folder
+    assert info["training_data"] is None  # this run's config names no data folder
     assert info["latent_dim"] == 32 and info["source_run"] == str(mvtec_run)
     with pytest.raises(sm.ExportError, match="cannot read the metadata"):
         sm.read_metadata(str(mvtec_run))
@@ -279,10 +337,11 @@ def test_training_data_fingerprint_where_the_run_names_its_data(shared_data, tmp
     config = {"data_dir": str(shared_data / "mvtec_ad"), "category": "bottle"}
     found = sm.training_data(config)
     assert found["folder"] == str(shared_data / "mvtec_ad" / "bottle" / "train")
-    assert found["files"] == len(list((shared_data / "mvtec_ad" / "bottle" / "train")
-                                      .rglob("*.png")))
+    assert found["files"] == len(
+        list((shared_data / "mvtec_ad" / "bottle" / "train").rglob("*.png"))
+    )
     assert len(found["sha256"]) == 64 and sm.training_data(config) == found
-    copy = tmp_path / "bottle" / "train" / "good"          # one image less: another hash
+    copy = tmp_path / "bottle" / "train" / "good"  # one image less: another hash
     copy.mkdir(parents=True)
     for path in sorted((shared_data / "mvtec_ad" / "bottle" / "train" / "good").glob("*"))[1:]:
         (copy / path.name).symlink_to(path)
@@ -298,33 +357,41 @@ def readme_block(marker):
 
     from conftest import REPO
 
-    blocks = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)
+    blocks = re.findall(
+        r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M
+    )
     found = [block for block in blocks if marker in block]
     assert len(found) == 1, f"one README python block holds {marker!r}"
     return found[0]
 
 
 def test_readme_recipe_serve_bytes_and_the_trainer_give_the_same_score(
-        mvtec_export, mvtec_images, tmp_path, monkeypatch):
+    mvtec_export, mvtec_images, tmp_path, monkeypatch
+):
     """A 900x900 file three ways: the README's Python recipe into serving_default (as a
     TF Serving REST "inputs" body), the encoded file into serve_bytes, and the MVTec
     trainer's loader into serving_default."""
     source = mvtec_images[1].paths[0]
     (tmp_path / "img1.png").write_bytes(open(source, "rb").read())
-    (tmp_path / "img2.jpg").write_bytes(tf.io.encode_jpeg(
-        tf.io.decode_png(open(mvtec_images[1].paths[6], "rb").read()), quality=90).numpy())
+    (tmp_path / "img2.jpg").write_bytes(
+        tf.io.encode_jpeg(
+            tf.io.decode_png(open(mvtec_images[1].paths[6], "rb").read()), quality=90
+        ).numpy()
+    )
     monkeypatch.chdir(tmp_path)
-    exec(readme_block("def load_images"), {})          # writes request.json
+    exec(readme_block("def load_images"), {})  # writes request.json
     body = json.loads((tmp_path / "request.json").read_text())
     assert body["signature_name"] == "serving_default"
     loaded = load_saved(mvtec_export / "serving" / "model" / "1")
     recipe = loaded.signatures["serving_default"](
-        images=tf.constant(np.array(body["inputs"]["images"], np.float32)))
+        images=tf.constant(np.array(body["inputs"]["images"], np.float32))
+    )
     files = [str(tmp_path / "img1.png"), str(tmp_path / "img2.jpg")]
     served = serve_rest(loaded, rest_request("serve_bytes", files))
     decoded, _ = mvtec.decode_files(files, 64, 3)
     trainer = loaded.signatures["serving_default"](images=tf.constant(mvtec.to_float(decoded)))
     for label, got in (("README recipe", recipe), ("serve_bytes", served)):
-        np.testing.assert_allclose(got["score"], trainer["score"], rtol=0, atol=1e-5,
-                                   err_msg=label)
+        np.testing.assert_allclose(
+            got["score"], trainer["score"], rtol=0, atol=1e-5, err_msg=label
+        )
         np.testing.assert_allclose(got["pred_score"], trainer["pred_score"], atol=1e-5)

@@ -1,5 +1,6 @@
 """FactorVAE and L_AD: Eq. 6 at its extremes, the second-order gradient of L_AD against
 finite differences, the seeded permutation, training steps, and save/load."""
+
 import json
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from keras_vae_attn.data import dsprites
 from keras_vae_attn.models import factor_vae as fv
 from keras_vae_attn.models import load_vae, save_vae
 
-TINY = dict(input_shape=(16, 16, 1), latent_dim=3, filters=(4, 8), dense_units=8,
-            d_units=16, d_depth=2)
+TINY = dict(
+    input_shape=(16, 16, 1), latent_dim=3, filters=(4, 8), dense_units=8, d_units=16, d_depth=2
+)
 
 
 def tiny_model(**overrides):
@@ -46,8 +48,11 @@ def l_ad(model, images):
 
 
 def weight_named(model, layer_name):
-    return next(v for v in model.encoder.trainable_variables
-                if v.path.split("/")[-2] == layer_name and v.path.endswith("kernel"))
+    return next(
+        v
+        for v in model.encoder.trainable_variables
+        if v.path.split("/")[-2] == layer_name and v.path.endswith("kernel")
+    )
 
 
 @pytest.fixture()
@@ -63,15 +68,17 @@ def test_l_ad_gradient_matches_finite_differences(float64, ad_maps):
     model = tiny_model(lambda_ad=1.0, ad_maps=ad_maps)
     images = tf.constant(sprites(6), tf.float64)
     rng = np.random.default_rng(0)
-    for layer in ("conv1", "mu"):      # mu reaches the maps only through w_i: 2nd order
+    for layer in ("conv1", "mu"):  # mu reaches the maps only through w_i: 2nd order
         variable = weight_named(model, layer)
         with tf.GradientTape() as tape:
             value = l_ad(model, images)
         grad = tape.gradient(value, variable).numpy()
         assert np.abs(grad).max() > 1e-4, layer
         original = variable.numpy()
-        flat = np.argsort(-np.abs(grad).ravel())[:3].tolist() + \
-            rng.choice(grad.size, 2, replace=False).tolist()
+        flat = (
+            np.argsort(-np.abs(grad).ravel())[:3].tolist()
+            + rng.choice(grad.size, 2, replace=False).tolist()
+        )
         for index in flat:
             where = np.unravel_index(index, grad.shape)
             estimates = []
@@ -103,11 +110,12 @@ def test_abs_maps_keep_what_relu_maps_drop():
     images = tf.constant(sprites(6))
     maps = {}
     for kind in fv.AD_MAPS:
-        model = tiny_model(lambda_ad=1.0, ad_maps=kind)         # same seed: same weights
+        model = tiny_model(lambda_ad=1.0, ad_maps=kind)  # same seed: same weights
         maps[kind] = model.latent_maps_differentiable(images)[2].numpy()
     explanation = model.explainer("last").explain(images)
-    signed = np.einsum("bdk,bhwk->bdhw", explanation.weights.numpy(),
-                       explanation.features.numpy())
+    signed = np.einsum(
+        "bdk,bhwk->bdhw", explanation.weights.numpy(), explanation.features.numpy()
+    )
     np.testing.assert_allclose(maps["relu"], np.maximum(signed, 0), atol=1e-5)
     np.testing.assert_allclose(maps["abs"], np.abs(signed), atol=1e-5)
     # where the weighted sum is negative the ReLU form shows nothing, the absolute form does
@@ -124,19 +132,22 @@ def test_normalized_maps_compare_where_latents_look_not_how_strongly():
     weak = 0.1 * strong
     # the same place at a tenth of the strength: abs maps call that little overlap
     assert losses.attention_overlap(strong, weak).numpy() == pytest.approx([2 * 0.1 / 1.1] * 3)
-    assert losses.attention_overlap(fv.unit_mass(strong), fv.unit_mass(weak)).numpy() == \
-        pytest.approx([1.0] * 3)
+    assert losses.attention_overlap(
+        fv.unit_mass(strong), fv.unit_mass(weak)
+    ).numpy() == pytest.approx([1.0] * 3)
     images = tf.constant(sprites(6))
     model = tiny_model(lambda_ad=1.0, ad_maps="normalized")
     maps = model.latent_maps_differentiable(images)[2]
     first, second = fv.pair_maps(maps, fv.top_pair(maps))
-    expected = losses.attention_overlap(first / tf.reduce_sum(first, [1, 2], keepdims=True),
-                                        second / tf.reduce_sum(second, [1, 2], keepdims=True))
-    np.testing.assert_allclose(model.attention_loss(maps).numpy(), expected.numpy(),
-                               rtol=1e-5)
+    expected = losses.attention_overlap(
+        first / tf.reduce_sum(first, [1, 2], keepdims=True),
+        second / tf.reduce_sum(second, [1, 2], keepdims=True),
+    )
+    np.testing.assert_allclose(model.attention_loss(maps).numpy(), expected.numpy(), rtol=1e-5)
     # scaling every map leaves L_AD unchanged
-    np.testing.assert_allclose(model.attention_loss(7.0 * maps).numpy(), expected.numpy(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        model.attention_loss(7.0 * maps).numpy(), expected.numpy(), rtol=1e-5
+    )
 
 
 def test_pairs_are_distinct_and_top_pair_has_the_largest_maps():
@@ -163,7 +174,7 @@ def test_training_updates_vae_and_discriminator():
     lambda_ad = 1.0
     model = tiny_model(lambda_ad=lambda_ad, ad_pairs="random")
     model.compile()
-    assert model.d_optimizer.built and model.optimizer.built    # both before fit
+    assert model.d_optimizer.built and model.optimizer.built  # both before fit
     before = [v.numpy().copy() for v in model.discriminator.trainable_variables]
     history = model.fit(sprites(32), batch_size=8, epochs=2, verbose=0)
     logs = {k: v[-1] for k, v in history.history.items()}
@@ -193,12 +204,35 @@ def test_saved_factor_vae_reloads_with_its_spec(tmp_path):
 def test_trainer_writes_a_complete_run(tmp_path):
     from trainers import dsprites as trainer
 
-    run_dir = trainer.main([
-        "--model", "factor_vae", "--steps", "4", "--epochs", "2", "--batch-size", "8",
-        "--score-every", "1", "--score-every-votes", "3",
-        "--metric-train-votes", "4", "--metric-eval-votes", "4", "--metric-samples", "4",
-        "--metric-variance-samples", "32", "--eval-images", "16",
-        "--runs-root", str(tmp_path), "--quiet"])
+    run_dir = trainer.main(
+        [
+            "--model",
+            "factor_vae",
+            "--steps",
+            "4",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--score-every",
+            "1",
+            "--score-every-votes",
+            "3",
+            "--metric-train-votes",
+            "4",
+            "--metric-eval-votes",
+            "4",
+            "--metric-samples",
+            "4",
+            "--metric-variance-samples",
+            "32",
+            "--eval-images",
+            "16",
+            "--runs-root",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     assert 0.0 <= metrics["factor_vae_score"] <= 1.0
     assert (metrics["model"], metrics["gamma"], metrics["steps"]) == ("factor_vae", 40.0, 4)
@@ -207,11 +241,11 @@ def test_trainer_writes_a_complete_run(tmp_path):
     assert all(0.0 <= s <= 1.0 for s in curve["scores"])
     for figure in ("curves.png", "traversals.png", "attention_pairs.png", "score_curve.png"):
         assert (Path(run_dir) / figure).stat().st_size > 0
-    assert not (Path(run_dir) / "checkpoints").exists()        # model/ holds the weights
+    assert not (Path(run_dir) / "checkpoints").exists()  # model/ holds the weights
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     attention = EventAccumulator(str(Path(run_dir) / "tensorboard" / "attention"))
-    attention.Reload()                  # the figure's six images, one panel per epoch
+    attention.Reload()  # the figure's six images, one panel per epoch
     assert len(attention.Tags()["images"]) == 6
     assert [p.step for p in attention.Images("input|reconstruction|attention/0")] == [0, 1]
     assert isinstance(load_vae(Path(run_dir) / "model"), fv.FactorVAE)
@@ -221,11 +255,25 @@ def test_trainer_writes_a_complete_run(tmp_path):
     assert selectivity["ratio"] > 0 and 0 <= selectivity["top1"] <= 1
 
     # the saved model scored again: the same seed and votes give the same score
-    rescored_dir = trainer.main([
-        "--model-dir", str(Path(run_dir) / "model"), "--metric-train-votes", "4",
-        "--metric-eval-votes", "4", "--metric-samples", "4",
-        "--metric-variance-samples", "32", "--eval-images", "16",
-        "--runs-root", str(tmp_path), "--quiet"])
+    rescored_dir = trainer.main(
+        [
+            "--model-dir",
+            str(Path(run_dir) / "model"),
+            "--metric-train-votes",
+            "4",
+            "--metric-eval-votes",
+            "4",
+            "--metric-samples",
+            "4",
+            "--metric-variance-samples",
+            "32",
+            "--eval-images",
+            "16",
+            "--runs-root",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     rescored = json.loads((Path(rescored_dir) / "metrics.json").read_text())
     assert rescored_dir != run_dir and rescored["steps"] is None
     assert (rescored["model"], rescored["gamma"]) == ("factor_vae", 40.0)
@@ -238,23 +286,26 @@ def test_map_usage_counts_switched_off_maps():
     from trainers import dsprites as trainer
 
     maps = np.zeros((2, 4, 2, 2))
-    maps[0, 0], maps[0, 2], maps[0, 3] = 1.0, 0.5, 1e-5     # image 0: 2 maps show something
-    maps[1, 1], maps[1, 3] = 2.0, 2.0                        # image 1: 2 equal maps
-    pair = np.array([[0, 3], [1, 3]])                        # image 0's 2nd map is empty
+    maps[0, 0], maps[0, 2], maps[0, 3] = 1.0, 0.5, 1e-5  # image 0: 2 maps show something
+    maps[1, 1], maps[1, 3] = 2.0, 2.0  # image 1: 2 equal maps
+    pair = np.array([[0, 3], [1, 3]])  # image 0's 2nd map is empty
     usage = trainer.map_usage(maps, pair)
     assert usage == {"non_empty_maps_per_image": 2.0, "empty_second_map_fraction": 0.5}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "beta_vae", "--gamma", "10"], "--gamma applies"),
-    (["--model", "factor_vae", "--lambda-ad", "1"], "--lambda-ad applies"),
-    (["--model", "ad_factor_vae", "--lambda-ad", "0"], "use --model factor_vae"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--score-every", "-1"], "--score-every must be 0"),
-    (["--beta", "-1"], "--beta must be a non-negative"),
-    (["--source", "archive"], "needs --data-dir"),
-    (["--model-dir", "m", "--steps", "5"], "--steps only applies to training"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "beta_vae", "--gamma", "10"], "--gamma applies"),
+        (["--model", "factor_vae", "--lambda-ad", "1"], "--lambda-ad applies"),
+        (["--model", "ad_factor_vae", "--lambda-ad", "0"], "use --model factor_vae"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--score-every", "-1"], "--score-every must be 0"),
+        (["--beta", "-1"], "--beta must be a non-negative"),
+        (["--source", "archive"], "needs --data-dir"),
+        (["--model-dir", "m", "--steps", "5"], "--steps only applies to training"),
+    ],
+)
 def test_trainer_rejects_bad_flags(argv, message, capsys):
     from trainers import dsprites as trainer
 

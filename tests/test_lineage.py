@@ -1,4 +1,5 @@
 """Pipeline lineage: manifest records, cache hits, invalidation and failures."""
+
 import json
 
 import pytest
@@ -12,6 +13,7 @@ def make_stage(tmp_path, calls):
         out = tmp_path / "artifact.txt"
         out.write_text((tmp_path / "input.txt").read_text().upper())
         return "done", {"artifact": str(out)}, {"length": len(out.read_text())}
+
     return action
 
 
@@ -21,29 +23,40 @@ def test_second_run_reuses_the_cached_stage_and_changes_invalidate_it(tmp_path):
     calls = []
     inputs = {"input": str(tmp_path / "input.txt")}
     data = {"sha256": "x", "files": 1}
-    first = lineage.run_stage(manifest, "upper", {"k": 1}, inputs, data,
-                              make_stage(tmp_path, calls))
+    first = lineage.run_stage(
+        manifest, "upper", {"k": 1}, inputs, data, make_stage(tmp_path, calls)
+    )
     assert first["status"] == "done" and not first["cached"] and calls == [1]
     record = json.loads((tmp_path / "manifest.json").read_text())["stages"]["upper"]
-    for field in ("inputs", "outputs", "config", "versions", "data_fingerprint", "started",
-                  "ended", "status"):
+    for field in (
+        "inputs",
+        "outputs",
+        "config",
+        "versions",
+        "data_fingerprint",
+        "started",
+        "ended",
+        "status",
+    ):
         assert field in record, field
     assert record["versions"]["tensorflow"]
 
     reloaded = lineage.Manifest(str(tmp_path))
-    again = lineage.run_stage(reloaded, "upper", {"k": 1}, inputs, data,
-                              make_stage(tmp_path, calls))
+    again = lineage.run_stage(
+        reloaded, "upper", {"k": 1}, inputs, data, make_stage(tmp_path, calls)
+    )
     assert again["cached"] and calls == [1]
     lineage.run_stage(reloaded, "upper", {"k": 2}, inputs, data, make_stage(tmp_path, calls))
-    assert calls == [1, 1]                                     # config changed
+    assert calls == [1, 1]  # config changed
     (tmp_path / "input.txt").write_text("abcd")
     lineage.run_stage(reloaded, "upper", {"k": 2}, inputs, data, make_stage(tmp_path, calls))
-    assert calls == [1, 1, 1]                                  # input changed
+    assert calls == [1, 1, 1]  # input changed
     (tmp_path / "artifact.txt").write_text("tampered")
     lineage.run_stage(reloaded, "upper", {"k": 2}, inputs, data, make_stage(tmp_path, calls))
-    assert calls == [1, 1, 1, 1]                               # output changed on disk
-    lineage.run_stage(reloaded, "upper", {"k": 2}, inputs, data, make_stage(tmp_path, calls),
-                      force=True)
+    assert calls == [1, 1, 1, 1]  # output changed on disk
+    lineage.run_stage(
+        reloaded, "upper", {"k": 2}, inputs, data, make_stage(tmp_path, calls), force=True
+    )
     assert len(calls) == 5
 
 

@@ -1,4 +1,5 @@
 """Localization metrics against scikit-learn and hand-computed cases."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -13,7 +14,7 @@ def random_case(seed, shape=(6, 16, 16), levels=None):
     masks[2, 10:12, :] = True
     masks[4, 0:2, 0:2] = True
     maps = rng.random(shape).astype(np.float32) + 0.6 * masks
-    if levels:                       # coarse values -> many ties
+    if levels:  # coarse values -> many ties
         maps = np.round(maps * levels) / levels
     return maps, masks
 
@@ -30,14 +31,15 @@ def test_binned_pixel_auroc_stays_close_to_sklearn():
     rng = np.random.default_rng(1)
     masks = np.zeros((12, 96, 96), bool)
     for i in range(0, 12, 2):
-        masks[i, 20 + i:50 + i, 30:60] = True
+        masks[i, 20 + i : 50 + i, 30:60] = True
     maps = (rng.standard_exponential(masks.shape) ** 3).astype(np.float32)
     maps += masks * rng.random(masks.shape, dtype=np.float32) * 2
     assert maps.size > loc.MAX_THRESHOLDS
     expected = roc_auc_score(masks.ravel(), maps.ravel())
     assert loc.pixel_auroc(maps, masks) == pytest.approx(expected, abs=2e-4)
-    coarse = loc.auroc_from_stats(loc.pixel_stats(maps, masks, max_thresholds=512,
-                                                  regions=False))
+    coarse = loc.auroc_from_stats(
+        loc.pixel_stats(maps, masks, max_thresholds=512, regions=False)
+    )
     assert coarse == pytest.approx(expected, abs=5e-3)
 
 
@@ -97,7 +99,7 @@ def test_aupro_averages_regions_not_pixels():
 
 def test_regions_are_eight_connected():
     masks = np.zeros((1, 4, 4), bool)
-    masks[0, 0, 0] = masks[0, 1, 1] = True      # diagonal neighbours: one region
+    masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: one region
     stats = loc.pixel_stats(np.random.default_rng(0).random((1, 4, 4)), masks)
     assert stats.n_regions == 1
 
@@ -112,12 +114,15 @@ def test_evaluate_methods_side_by_side():
         assert set(values) == set(loc.METRIC_NAMES)
     assert out["good"]["pixel_auroc"] == 1.0 and out["good"]["best_iou"] == 1.0
     assert out["good"]["aupro"] == pytest.approx(1.0)
-    assert out["noisy"]["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(),
-                                                                      maps.ravel()))
+    assert out["noisy"]["pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks.ravel(), maps.ravel())
+    )
     assert out["noisy"]["image_auroc"] == pytest.approx(
-        roc_auc_score(labels, maps.reshape(len(maps), -1).max(1)))
-    flipped = loc.evaluate_methods({"noisy": maps}, masks, labels,
-                                   image_scores={"noisy": -labels})
+        roc_auc_score(labels, maps.reshape(len(maps), -1).max(1))
+    )
+    flipped = loc.evaluate_methods(
+        {"noisy": maps}, masks, labels, image_scores={"noisy": -labels}
+    )
     assert flipped["noisy"]["image_auroc"] == 0.0
 
 

@@ -1,5 +1,6 @@
 """The generated logical category: its layout, its rules, and that its defects are
 invisible to per-position statistics (every part of a defect is a normal part there)."""
+
 import filecmp
 import os
 
@@ -22,8 +23,11 @@ def category(tmp_path_factory):
     """(root, train images, test Split) of the category at its default settings."""
     root = str(tmp_path_factory.mktemp("logical"))
     write_logical_category(root)
-    return (root, mvtec.load_train(root, "logical", size=SIZE),
-            mvtec.load_test(root, "logical", size=SIZE))
+    return (
+        root,
+        mvtec.load_train(root, "logical", size=SIZE),
+        mvtec.load_test(root, "logical", size=SIZE),
+    )
 
 
 def _parts(image):
@@ -48,8 +52,12 @@ def _rules_hold(parts):
     half and another kind on the other, one colour."""
     halves = [[p for p in parts if p[0] == side] for side in (0, 1)]
     kinds = [{p[1] for p in half} for half in halves]
-    return (len(halves[0]) == len(halves[1]) >= 1 and len(kinds[0]) == len(kinds[1]) == 1
-            and kinds[0] != kinds[1] and len({p[2] for p in parts}) == 1)
+    return (
+        len(halves[0]) == len(halves[1]) >= 1
+        and len(kinds[0]) == len(kinds[1]) == 1
+        and kinds[0] != kinds[1]
+        and len({p[2] for p in parts}) == 1
+    )
 
 
 def test_layout_loads_with_the_official_counts_and_binary_masks(category):
@@ -64,8 +72,10 @@ def test_layout_loads_with_the_official_counts_and_binary_masks(category):
         folder = os.path.join(root, "logical", "ground_truth", kind)
         assert sorted(os.listdir(folder)) == [f"{i:03d}_mask.png" for i in range(15)]
         for name in os.listdir(folder):
-            assert set(np.unique(np.asarray(Image.open(os.path.join(folder, name))))) \
-                == {0, 255}
+            assert set(np.unique(np.asarray(Image.open(os.path.join(folder, name))))) == {
+                0,
+                255,
+            }
 
 
 def test_normal_images_follow_the_rules_and_each_defect_breaks_one(category):
@@ -81,10 +91,10 @@ def test_normal_images_follow_the_rules_and_each_defect_breaks_one(category):
             assert _rules_hold(parts)
         elif defect == "count":
             assert abs(counts[0] - counts[1]) == 1
-            assert len(inside) <= 1          # the extra part, or the missing one's slot
+            assert len(inside) <= 1  # the extra part, or the missing one's slot
         elif defect == "swap":
             assert counts[0] == counts[1] and len(inside) == 2
-            for side in (0, 1):              # the swapped part is the odd one of its half
+            for side in (0, 1):  # the swapped part is the odd one of its half
                 odd = [p for p in inside if p[0] == side]
                 rest = [p for p in parts if p[0] == side and all(p is not q for q in inside)]
                 assert len(odd) == 1 and rest and all(p[1] != odd[0][1] for p in rest)
@@ -98,13 +108,18 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
     first = write_logical_category(str(tmp_path / "a"), seed=3, **small)
     second = write_logical_category(str(tmp_path / "b"), seed=3, **small)
     other = write_logical_category(str(tmp_path / "c"), seed=4, **small)
-    names = [os.path.join("test", kind, "001.png") for kind in DEFECTS] + \
-        [os.path.join("train", "good", "003.png"),
-         os.path.join("ground_truth", "swap", "000_mask.png")]
-    assert all(filecmp.cmp(os.path.join(first, n), os.path.join(second, n), shallow=False)
-               for n in names)
-    assert not all(filecmp.cmp(os.path.join(first, n), os.path.join(other, n),
-                               shallow=False) for n in names)
+    names = [os.path.join("test", kind, "001.png") for kind in DEFECTS] + [
+        os.path.join("train", "good", "003.png"),
+        os.path.join("ground_truth", "swap", "000_mask.png"),
+    ]
+    assert all(
+        filecmp.cmp(os.path.join(first, n), os.path.join(second, n), shallow=False)
+        for n in names
+    )
+    assert not all(
+        filecmp.cmp(os.path.join(first, n), os.path.join(other, n), shallow=False)
+        for n in names
+    )
     with pytest.raises(ValueError, match="unknown defect kinds"):
         write_logical_category(str(tmp_path / "d"), defects=("count", "dent"))
 
@@ -123,8 +138,10 @@ def test_per_pixel_statistics_cannot_see_the_defects(tmp_path):
     for kind in DEFECTS:
         rows = [i for i, defect in enumerate(test.defects) if defect in (kind, "good")]
         aurocs[kind] = image_auroc(peak[rows], test.labels[rows])
-    print("image AUROC of the max per-pixel z-score:",
-          ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()))
+    print(
+        "image AUROC of the max per-pixel z-score:",
+        ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()),
+    )
     assert all(value < 0.7 for value in aurocs.values()), aurocs
     in_mask = [z[i][test.masks[i]].max() for i in np.flatnonzero(test.labels)]
     assert np.median(in_mask) <= np.median(peak[test.labels == 0])
@@ -165,5 +182,6 @@ def test_trainer_generates_the_category_with_the_demo_sizes(tmp_path):
     assert args.image_size == 64 and args.data_dir == str(tmp_path / "data")
     train, test = trainer.load_data(args)
     assert train.shape == (200, 64, 64, 3) and sorted(set(test.defects)) == sorted(
-        DEFECTS + ("good",))
+        DEFECTS + ("good",)
+    )
     assert os.path.isfile(tmp_path / "data" / "logical" / "generator.json")

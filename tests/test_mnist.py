@@ -1,4 +1,5 @@
 """MNIST IDX reading, its errors, and the one-class trainer end to end on real MNIST."""
+
 import gzip
 import json
 import shutil
@@ -53,8 +54,13 @@ def test_corrupt_file_is_named(tmp_path):
 
 
 def run_trainer(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "trainers.mnist", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "trainers.mnist", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -66,11 +72,14 @@ def test_digit_outside_range_is_a_flag_error(digit, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags, message", [
-    (["--max-train", "0"], "--max-train must be at least 1, got 0"),
-    (["--max-train", "-1"], "--max-train must be at least 1, got -1"),
-    (["--max-test", "-9990"], "--max-test must be at least 1, got -9990"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-train", "0"], "--max-train must be at least 1, got 0"),
+        (["--max-train", "-1"], "--max-train must be at least 1, got -1"),
+        (["--max-test", "-9990"], "--max-test must be at least 1, got -9990"),
+    ],
+)
 def test_bad_counts_are_flag_errors(flags, message, tmp_path):
     result = run_trainer(*flags, "--runs-root", str(tmp_path))
     assert result.returncode == 2 and message in result.stderr
@@ -86,34 +95,74 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
-    result = run_trainer("--data-dir", str(shared_data / "mnist"), "--epochs", "2",
-                         "--steps-per-epoch", "8", "--batch-size", "32", "--max-test", "600",
-                         "--latent-dim", "8", "--runs-root", str(tmp_path), "--quiet")
+    result = run_trainer(
+        "--data-dir",
+        str(shared_data / "mnist"),
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "8",
+        "--batch-size",
+        "32",
+        "--max-test",
+        "600",
+        "--latent-dim",
+        "8",
+        "--runs-root",
+        str(tmp_path),
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "mnist").iterdir()
-    for name in ("gallery.png", "latent_maps.png", "roc.png", "curves.png", "metrics.json",
-                 "config.json", "model/model.json", "model/model.weights.h5"):
+    for name in (
+        "gallery.png",
+        "latent_maps.png",
+        "roc.png",
+        "curves.png",
+        "metrics.json",
+        "config.json",
+        "model/model.json",
+        "model/model.weights.h5",
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["image_auroc"]) == {"recon_score", "kl", "latent_distance",
-                                           "attention_energy", "attention_max",
-                                           "mean_image_difference", "pixel_deviation"}
+    assert set(metrics["image_auroc"]) == {
+        "recon_score",
+        "kl",
+        "latent_distance",
+        "attention_energy",
+        "attention_max",
+        "mean_image_difference",
+        "pixel_deviation",
+    }
     assert all(0.0 <= v <= 1.0 for v in metrics["image_auroc"].values())
     assert metrics["test_images"] == 600 and metrics["normal_digit"] == 1
     counts = metrics["predictions"]["at_threshold"]
     flagged = counts["true_positive"] + counts["false_positive"]
     assert f"{flagged} of 600 test images flagged anomalous" in result.stdout
-    for name, auc in metrics["image_auroc"].items():      # inverted scores said so
+    for name, auc in metrics["image_auroc"].items():  # inverted scores said so
         assert (f"{name} {auc:.3f} (inverted" in result.stdout) == (auc < 0.5), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
 
 
 @pytest.mark.slow
 def test_metrics_that_cannot_be_computed_are_null_with_a_reason(shared_data, tmp_path):
-    result = run_trainer("--data-dir", str(shared_data / "mnist"), "--max-train", "64",
-                         "--max-test", "1", "--epochs", "1", "--batch-size", "32",
-                         "--runs-root", str(tmp_path), "--quiet")
+    result = run_trainer(
+        "--data-dir",
+        str(shared_data / "mnist"),
+        "--max-train",
+        "64",
+        "--max-test",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--runs-root",
+        str(tmp_path),
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "image AUROC not computed" in result.stderr
     (run_dir,) = (tmp_path / "mnist").iterdir()

@@ -1,4 +1,5 @@
 """MVTec AD reader on a generated category and on the real bottle category; its errors."""
+
 import os
 import warnings
 
@@ -24,7 +25,7 @@ def generated(tmp_path_factory):
 def test_generated_category_loads_with_exact_masks(generated):
     train = mvtec.load_train(str(generated), "demo", size=32)
     assert train.shape == (6, 32, 32, 3) and train.dtype == np.uint8
-    test = mvtec.load_test(str(generated), "demo", size=48)       # written size: no resize
+    test = mvtec.load_test(str(generated), "demo", size=48)  # written size: no resize
     assert len(test.labels) == 2 + 2 * len(DEFECTS)
     assert test.defects.count("good") == 2 and test.labels.sum() == 2 * len(DEFECTS)
     assert not test.masks[test.labels == 0].any()
@@ -60,9 +61,13 @@ def test_real_bottle_counts(shared_data):
     entries = mvtec.test_files(root, "bottle")
     assert len(entries) == 83
     assert sum(mask is not None for _, _, mask in entries) == 63
-    assert {defect for _, defect, _ in entries} == {"good", "broken_large", "broken_small",
-                                                    "contamination"}
-    test = mvtec.load_test(root, "bottle", size=64, limit=4)       # decode a few only
+    assert {defect for _, defect, _ in entries} == {
+        "good",
+        "broken_large",
+        "broken_small",
+        "contamination",
+    }
+    test = mvtec.load_test(root, "bottle", size=64, limit=4)  # decode a few only
     assert test.images.shape == (4, 64, 64, 3)
     assert test.masks[test.labels == 1].any(axis=(1, 2)).all()
 
@@ -74,15 +79,17 @@ def test_generator_reuses_or_replaces_its_cache(tmp_path):
     assert os.path.getmtime(os.path.join(first, "train", "good", "000.png")) == stamp
     write_mvtec_category(str(tmp_path), "demo", **{**SMALL, "n_train": 3})
     assert len(os.listdir(os.path.join(first, "train", "good"))) == 3
-    assert os.listdir(tmp_path) == ["demo"]          # no staging folders left behind
+    assert os.listdir(tmp_path) == ["demo"]  # no staging folders left behind
     with pytest.raises(FileExistsError):
         write_mvtec_category(str(tmp_path), "demo", exist_ok=False, **SMALL)
 
 
 def test_augmentation_is_seeded_and_keeps_range(generated):
     images = mvtec.load_train(str(generated), "demo", size=32)
-    batches = [next(iter(train_dataset(images, 4, augmenter(seed=3), seed=3))).numpy()
-               for _ in range(2)]
+    batches = [
+        next(iter(train_dataset(images, 4, augmenter(seed=3), seed=3))).numpy()
+        for _ in range(2)
+    ]
     assert batches[0].shape == (4, 32, 32, 3) and batches[0].dtype == np.float32
     assert np.array_equal(batches[0], batches[1])
     assert 0.0 <= batches[0].min() and batches[0].max() <= 1.0
@@ -94,6 +101,7 @@ def test_augmentation_is_seeded_and_keeps_range(generated):
 
 # --- bad input --------------------------------------------------------------------------
 
+
 def copy_category(generated, tmp_path, name="demo"):
     import shutil
 
@@ -104,8 +112,11 @@ def copy_category(generated, tmp_path, name="demo"):
 def test_missing_root_and_unknown_category(generated, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         mvtec.load_train(str(tmp_path / "nowhere"), "bottle")
-    with pytest.raises(DataError, match=r"'cable' not found.*categories found: demo, "
-                                        r"greyish"):
+    with pytest.raises(
+        DataError,
+        match=r"'cable' not found.*categories found: demo, "
+        r"greyish",
+    ):
         mvtec.load_train(str(generated), "cable")
 
 

@@ -1,4 +1,5 @@
 """The MVTec trainer end to end on the generated demo category, and its input errors."""
+
 import json
 import subprocess
 import sys
@@ -14,21 +15,48 @@ from trainers import mvtec as trainer
 
 from conftest import REPO
 
-QUICK = ["--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
-         "--max-train", "16", "--max-test", "6", "--eval-batch-size", "8", "--quiet"]
+QUICK = [
+    "--image-size",
+    "32",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-train",
+    "16",
+    "--max-test",
+    "6",
+    "--eval-batch-size",
+    "8",
+    "--quiet",
+]
 
 
 @pytest.mark.slow
 def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     run_dir = trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK])
-    assert (tmp_path / "data" / "demo" / "train" / "good").is_dir()    # generated cache
+    assert (tmp_path / "data" / "demo" / "train" / "good").is_dir()  # generated cache
     run = tmp_path / "mvtec-demo"
     (only,) = run.iterdir()
     assert str(only) == run_dir
-    expected = ["metrics.json", "config.json", "roc.png", "curves.png", "defect_good.png",
-                "defect_hole.png", "defect_scratch.png", "defect_stain.png",
-                "model/model.json", "model/model.weights.h5", "training_log.jsonl",
-                "sanity.png", "cascade.png", "faithfulness.png"]
+    expected = [
+        "metrics.json",
+        "config.json",
+        "roc.png",
+        "curves.png",
+        "defect_good.png",
+        "defect_hole.png",
+        "defect_scratch.png",
+        "defect_stain.png",
+        "model/model.json",
+        "model/model.weights.h5",
+        "training_log.jsonl",
+        "sanity.png",
+        "cascade.png",
+        "faithfulness.png",
+    ]
     for name in expected:
         assert (only / name).is_file(), name
     assert (only / "defect_hole.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -44,14 +72,14 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     assert metrics["best_iou_is_test_set_tuned"] is True
     # the randomization check of every map, and the faithfulness curves
     assert set(metrics["sanity"]) == set(trainer.METHODS) - {"random_features"}
-    for name in ("mean_image_difference", "pixel_deviation"):     # model-free: fail
+    for name in ("mean_image_difference", "pixel_deviation"):  # model-free: fail
         assert metrics["sanity"][name]["spearman"] == pytest.approx(1.0)
         assert metrics["sanity"][name]["passes"] is False
     assert metrics["sanity_passes"] in (True, False)
     assert set(metrics["faithfulness"]) == set(trainer.METHODS) | {"random order"}
     stages = [step["stage"] for step in metrics["sanity_cascade"]]
     assert stages[:3] == ["trained", "decoder", "head"] and stages[-1] == "conv1"
-    assert metrics["test_images"] == 6 and metrics["train_images"] == 14   # 2 calibrate
+    assert metrics["test_images"] == 6 and metrics["train_images"] == 14  # 2 calibrate
     assert set(metrics["pixel_auroc_per_defect"]) == {"hole", "scratch", "stain"}
     config = json.loads((only / "config.json").read_text())
     assert config["image_size"] == 32 and config["category"] == "demo"
@@ -61,9 +89,23 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
         trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK])
 
     # The saved model re-scored at another layer with smoothing: no training, new run.
-    again = trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK,
-                          "--model-dir", str(only / "model"), "--layer", "layer3",
-                          "--smooth", "1.5", "--feature-baseline", "normal"])
+    again = trainer.main(
+        [
+            "--category",
+            "demo",
+            "--runs-root",
+            str(tmp_path),
+            *QUICK,
+            "--model-dir",
+            str(only / "model"),
+            "--layer",
+            "layer3",
+            "--smooth",
+            "1.5",
+            "--feature-baseline",
+            "normal",
+        ]
+    )
     assert again != run_dir
     rescored = json.loads((Path(again) / "metrics.json").read_text())
     assert not (Path(again) / "curves.png").exists()
@@ -75,23 +117,41 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     # none), and a re-score records its model's 1 epoch, not the flag's default of 100
     assert metrics["precision"] in ("float32", "mixed_bfloat16")
     assert rescored["precision"] is None
-    args = trainer.parse_args(["--category", "cable", "--data-dir", str(tmp_path / "data"),
-                               "--model-dir", str(only / "model")])
+    args = trainer.parse_args(
+        [
+            "--category",
+            "cable",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--model-dir",
+            str(only / "model"),
+        ]
+    )
     assert args.epochs == 1
 
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("mvtec_root")
-    write_mvtec_category(str(root), "widget", size=32, n_train=4, n_test_good=1,
-                         n_test_defect=1)
+    write_mvtec_category(
+        str(root), "widget", size=32, n_train=4, n_test_good=1, n_test_defect=1
+    )
     return root
 
 
 def test_unknown_category_lists_found_ones_and_writes_nothing(small_root, tmp_path):
     with pytest.raises(DataError, match=r"'cable' not found.*categories found: widget"):
-        trainer.main(["--category", "cable", "--data-dir", str(small_root),
-                      "--runs-root", str(tmp_path / "runs"), *QUICK])
+        trainer.main(
+            [
+                "--category",
+                "cable",
+                "--data-dir",
+                str(small_root),
+                "--runs-root",
+                str(tmp_path / "runs"),
+                *QUICK,
+            ]
+        )
     assert not (tmp_path / "runs").exists()
 
 
@@ -102,22 +162,36 @@ def test_corrupt_training_image_stops_before_any_run_folder(small_root, tmp_path
     shutil.copytree(small_root, root)
     (root / "widget" / "train" / "good" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(DataError, match=r"001\.png"):
-        trainer.main(["--category", "widget", "--data-dir", str(root),
-                      "--runs-root", str(tmp_path / "runs"), *QUICK])
+        trainer.main(
+            [
+                "--category",
+                "widget",
+                "--data-dir",
+                str(root),
+                "--runs-root",
+                str(tmp_path / "runs"),
+                *QUICK,
+            ]
+        )
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--image-size", "16"], "--image-size must be at least 32"),
-    (["--max-test", "0"], "--max-test must be at least 1"),
-    (["--smooth", "-1"], "--smooth must be >= 0"),
-    (["--steps-per-epoch", "-1"], "--steps-per-epoch must be at least 1"),
-    (["--form", "nosuch"], "argument --form: invalid choice: 'nosuch'"),
-    (["--ig-steps", "0"], "--ig-steps must be an integer >= 1"),
-    (["--layer", "conv1,conv1"], "--layer repeats a layer"),
-    (["--feature-baseline", "normal", "--deviation", "standardized"],
-     "--feature-baseline normal (an alias of --deviation centered) contradicts"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image-size", "16"], "--image-size must be at least 32"),
+        (["--max-test", "0"], "--max-test must be at least 1"),
+        (["--smooth", "-1"], "--smooth must be >= 0"),
+        (["--steps-per-epoch", "-1"], "--steps-per-epoch must be at least 1"),
+        (["--form", "nosuch"], "argument --form: invalid choice: 'nosuch'"),
+        (["--ig-steps", "0"], "--ig-steps must be an integer >= 1"),
+        (["--layer", "conv1,conv1"], "--layer repeats a layer"),
+        (
+            ["--feature-baseline", "normal", "--deviation", "standardized"],
+            "--feature-baseline normal (an alias of --deviation centered) contradicts",
+        ),
+    ],
+)
 def test_bad_flags_are_named(flags, message, capsys, small_root):
     with pytest.raises(SystemExit) as exit_info:
         trainer.parse_args(["--category", "widget", "--data-dir", str(small_root), *flags])
@@ -136,10 +210,23 @@ def test_no_root_is_a_flag_error(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--category", "bottle",
-                             "--data-dir", str(tmp_path / "missing"),
-                             "--runs-root", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainers.mvtec",
+            "--category",
+            "bottle",
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--runs-root",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "error: MVTec AD root" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -154,22 +241,44 @@ def test_throughput_bench_measures_both_phases():
     assert 0 < mvtec_throughput._peak_gib() < 64
 
 
-def test_layer_the_encoder_lacks_is_refused_before_any_run_folder(small_root, tmp_path,
-                                                                   capsys):
+def test_layer_the_encoder_lacks_is_refused_before_any_run_folder(
+    small_root, tmp_path, capsys
+):
     with pytest.raises(SystemExit) as exit_info:
-        trainer.main(["--category", "widget", "--data-dir", str(small_root),
-                      "--runs-root", str(tmp_path / "runs"), *QUICK, "--layer", "nosuchlayer"])
+        trainer.main(
+            [
+                "--category",
+                "widget",
+                "--data-dir",
+                str(small_root),
+                "--runs-root",
+                str(tmp_path / "runs"),
+                *QUICK,
+                "--layer",
+                "nosuchlayer",
+            ]
+        )
     assert "--layer 'nosuchlayer' is not a feature map" in str(exit_info.value)
     assert "conv1" in str(exit_info.value) and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
-def test_run_killed_after_its_model_was_saved_resumes_at_evaluation(small_root, tmp_path,
-                                                                    capsys):
+def test_run_killed_after_its_model_was_saved_resumes_at_evaluation(
+    small_root, tmp_path, capsys
+):
     """The state a kill during evaluation leaves: model/ saved, no metrics.json. The
     same command scores the saved model instead of training again."""
-    command = ["--category", "widget", "--data-dir", str(small_root),
-               "--runs-root", str(tmp_path), *QUICK, "--backbone", "small"]
+    command = [
+        "--category",
+        "widget",
+        "--data-dir",
+        str(small_root),
+        "--runs-root",
+        str(tmp_path),
+        *QUICK,
+        "--backbone",
+        "small",
+    ]
     run_dir = Path(trainer.main(command))
     (run_dir / "metrics.json").unlink()
     weights = (run_dir / "model" / "model.weights.h5").read_bytes()
@@ -188,10 +297,25 @@ def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
 
     from keras_vae_attn.models import load_vae
 
-    runs = [Path(trainer.main(["--category", "widget", "--data-dir", str(small_root),
-                               "--runs-root", str(tmp_path / name), *QUICK,
-                               "--backbone", "small", "--deterministic"]))
-            for name in ("a", "b")]
+    runs = [
+        Path(
+            trainer.main(
+                [
+                    "--category",
+                    "widget",
+                    "--data-dir",
+                    str(small_root),
+                    "--runs-root",
+                    str(tmp_path / name),
+                    *QUICK,
+                    "--backbone",
+                    "small",
+                    "--deterministic",
+                ]
+            )
+        )
+        for name in ("a", "b")
+    ]
     first, second = (load_vae(str(run / "model")) for run in runs)
     for a, b in zip(first.weights, second.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
@@ -201,13 +325,29 @@ def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
 def test_a_corrupt_image_names_the_file_and_the_cli_adds_its_flag(tmp_path):
     """The library names the loader option; the trainer turns it into its flag."""
     root = tmp_path / "root"
-    write_mvtec_category(str(root), "widget", size=32, n_train=4, n_test_good=1,
-                         n_test_defect=1)
+    write_mvtec_category(
+        str(root), "widget", size=32, n_train=4, n_test_good=1, n_test_defect=1
+    )
     bad = root / "widget" / "train" / "good" / "000.png"
     bad.write_bytes(b"not a png")
-    result = subprocess.run([sys.executable, "-m", "trainers.mvtec", "--category", "widget",
-                             "--data-dir", str(root), "--runs-root", str(tmp_path / "runs"),
-                             *QUICK], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainers.mvtec",
+            "--category",
+            "widget",
+            "--data-dir",
+            str(root),
+            "--runs-root",
+            str(tmp_path / "runs"),
+            *QUICK,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert "000.png" in line and "skip_corrupt" in line and "[see --skip-corrupt]" in line

@@ -1,4 +1,5 @@
 """The train -> evaluate -> validate -> export -> push pipeline on a generated category."""
+
 import json
 import os
 import shutil
@@ -15,20 +16,51 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow  # the whole pipeline (trainer, exports, push) in subprocesses
 
-TRAINER = ["--", "--image-size", "32", "--backbone", "small", "--epochs", "1",
-           "--steps-per-epoch", "2", "--batch-size", "8", "--latent-dim", "4", "--quiet",
-           "--no-augment"]
+TRAINER = [
+    "--",
+    "--image-size",
+    "32",
+    "--backbone",
+    "small",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "8",
+    "--latent-dim",
+    "4",
+    "--quiet",
+    "--no-augment",
+]
 
 
 def command(category_root, work, *extra, trainer=TRAINER):
-    return [sys.executable, "-m", "export.pipeline", "--category", "demo",
-            "--data-dir", str(category_root), "--serving-dir", str(work / "serving"),
-            "--pipeline-dir", str(work / "pipe"), *extra, *trainer]
+    return [
+        sys.executable,
+        "-m",
+        "export.pipeline",
+        "--category",
+        "demo",
+        "--data-dir",
+        str(category_root),
+        "--serving-dir",
+        str(work / "serving"),
+        "--pipeline-dir",
+        str(work / "pipe"),
+        *extra,
+        *trainer,
+    ]
 
 
 def run(category_root, work, *extra, trainer=TRAINER):
-    return subprocess.run(command(category_root, work, *extra, trainer=trainer),
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        command(category_root, work, *extra, trainer=trainer),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def stage_lines(result):
@@ -49,15 +81,31 @@ def test_full_run_writes_every_artifact_and_the_manifest(first_run):
     manifest = json.loads((pipe / "manifest.json").read_text())["stages"]
     assert list(manifest) == list(pipeline.STAGES)
     for name, record in manifest.items():
-        for field in ("inputs", "outputs", "config", "versions", "data_fingerprint",
-                      "started", "ended", "status"):
+        for field in (
+            "inputs",
+            "outputs",
+            "config",
+            "versions",
+            "data_fingerprint",
+            "started",
+            "ended",
+            "status",
+        ):
             assert field in record, (name, field)
     assert manifest["push"]["status"] == "pushed"
-    for path in ("train/model/model.json", "evaluate/metrics.json", "evaluate/thresholds.json",
-                 "blessing.json", "export/model.onnx", "holdout.json"):
+    for path in (
+        "train/model/model.json",
+        "evaluate/metrics.json",
+        "evaluate/thresholds.json",
+        "blessing.json",
+        "export/model.onnx",
+        "holdout.json",
+    ):
         assert (pipe / path).exists(), path
     served = work / "serving" / "vae_demo" / "1"
-    assert (served / "saved_model.pb").exists() and (served / "assets" / "metrics.json").exists()
+    assert (served / "saved_model.pb").exists() and (
+        served / "assets" / "metrics.json"
+    ).exists()
     held = json.loads((pipe / "holdout.json").read_text())
     trained_on = os.listdir(pipe / "data" / "demo" / "train" / "good")
     assert held and not set(map(os.path.basename, held)) & set(trained_on)
@@ -75,8 +123,13 @@ def test_from_stage_forces_that_stage_and_later_ones(category_root, first_run):
     work, _ = first_run
     forced = run(category_root, work, "--from-stage", "validate")
     assert forced.returncode == 0, forced.stderr[-3000:]
-    assert stage_lines(forced) == ["[train] cached", "[evaluate] cached", "[validate] blessed",
-                                   "[export] done", "[push] already served"]
+    assert stage_lines(forced) == [
+        "[train] cached",
+        "[evaluate] cached",
+        "[validate] blessed",
+        "[export] done",
+        "[push] already served",
+    ]
     # the same model is never pushed twice
     assert sorted(os.listdir(work / "serving" / "vae_demo")) == ["1"]
 
@@ -145,16 +198,26 @@ def test_exported_decisions_match_python_thresholds(first_run):
     loaded = tf.saved_model.load(str(work / "serving" / "vae_demo" / "1"))
     served = loaded.signatures["serving_default"](images=tf.constant(images))
     session = ort.InferenceSession(str(pipe / "export" / "model.onnx"))
-    onnx_out = dict(zip([o.name for o in session.get_outputs()],
-                        session.run(None, {session.get_inputs()[0].name: images})))
+    onnx_out = dict(
+        zip(
+            [o.name for o in session.get_outputs()],
+            session.run(None, {session.get_inputs()[0].name: images}),
+        )
+    )
     for outputs in (served, onnx_out):
-        np.testing.assert_array_equal(np.asarray(outputs["pred_label"]),
-                                      expected["pred_label"].numpy())
+        np.testing.assert_array_equal(
+            np.asarray(outputs["pred_label"]), expected["pred_label"].numpy()
+        )
         heat = np.asarray(outputs["heatmap"])
-        np.testing.assert_array_equal(np.asarray(outputs["pred_mask"]), heat > thresholds.pixel)
+        np.testing.assert_array_equal(
+            np.asarray(outputs["pred_mask"]), heat > thresholds.pixel
+        )
         score = np.asarray(outputs["score"])
-        np.testing.assert_allclose(np.asarray(outputs["pred_score"]),
-                                   np.clip(0.5 * score / thresholds.image, 0, 1), atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(outputs["pred_score"]),
+            np.clip(0.5 * score / thresholds.image, 0, 1),
+            atol=1e-6,
+        )
 
 
 def read_csv(path):
@@ -164,8 +227,9 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
-def test_predictions_are_the_served_models_decisions_at_its_thresholds(category_root,
-                                                                        first_run):
+def test_predictions_are_the_served_models_decisions_at_its_thresholds(
+    category_root, first_run
+):
     """Issue 25, 2: train/predictions.csv was calibrated on the training images while
     the pushed model used evaluate/thresholds.json. Now evaluate/predictions.csv holds
     the decisions at the served thresholds, the train run's copy is the same file, and
@@ -178,8 +242,9 @@ def test_predictions_are_the_served_models_decisions_at_its_thresholds(category_
     work, _ = first_run
     pipe = work / "pipe"
     rows = read_csv(pipe / "evaluate" / "predictions.csv")
-    assert (pipe / "train" / "predictions.csv").read_text() == \
-        (pipe / "evaluate" / "predictions.csv").read_text()
+    assert (pipe / "train" / "predictions.csv").read_text() == (
+        pipe / "evaluate" / "predictions.csv"
+    ).read_text()
     served_thresholds = work / "serving" / "vae_demo" / "1" / "assets" / "thresholds.json"
     thresholds = load_thresholds(str(served_thresholds))
     assert load_thresholds(str(pipe / "train" / "thresholds.json")) == thresholds
@@ -190,15 +255,21 @@ def test_predictions_are_the_served_models_decisions_at_its_thresholds(category_
     for row in rows:
         assert int(row["pred_label"]) == (float(row["image_score"]) > thresholds.image)
     loaded = tf.saved_model.load(str(work / "serving" / "vae_demo" / "1"))
-    served = loaded.signatures["serving_default"](images=tf.constant(mvtec.to_float(test.images)))
-    np.testing.assert_array_equal(np.asarray(served["pred_label"]).astype(int),
-                                  [int(r["pred_label"]) for r in rows])
-    np.testing.assert_allclose(np.asarray(served["score"]),
-                               [float(r["image_score"]) for r in rows], rtol=1e-4)
+    served = loaded.signatures["serving_default"](
+        images=tf.constant(mvtec.to_float(test.images))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(served["pred_label"]).astype(int), [int(r["pred_label"]) for r in rows]
+    )
+    np.testing.assert_allclose(
+        np.asarray(served["score"]), [float(r["image_score"]) for r in rows], rtol=1e-4
+    )
     metrics = json.loads((pipe / "evaluate" / "metrics.json").read_text())
     at = metrics["predictions"]["at_threshold"]
     assert sum(at.values()) == len(rows)
-    assert at["true_positive"] + at["false_positive"] == sum(int(r["pred_label"]) for r in rows)
+    assert at["true_positive"] + at["false_positive"] == sum(
+        int(r["pred_label"]) for r in rows
+    )
 
 
 READER = r"""
@@ -222,8 +293,9 @@ def test_push_never_exposes_a_partial_version(first_run, tmp_path):
     source = work / "pipe" / "export" / "saved_model" / "vae_demo" / "1"
     base = tmp_path / "serving" / "model"
     base.mkdir(parents=True)
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(base), "6"],
-                              stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(base), "6"], stdout=subprocess.PIPE, text=True
+    )
     time.sleep(0.5)
     for _ in range(8):
         pipeline.push_version(str(source), str(tmp_path / "serving"), "model")
@@ -235,10 +307,12 @@ def test_push_never_exposes_a_partial_version(first_run, tmp_path):
 
 @pytest.mark.parametrize("name", ["../escaped", "a/b", ".."])
 def test_a_model_name_leaving_the_serving_dir_is_refused_before_any_stage(
-        category_root, tmp_path, name):
+    category_root, tmp_path, name
+):
     result = run(category_root, tmp_path, "--model-name", name)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"error: --model-name: model name {name!r} must be a plain folder name (not a "
-        "number, no path separator or '..', not starting with '.')"]
+        "number, no path separator or '..', not starting with '.')"
+    ]
     assert not (tmp_path / "pipe").exists() and not (tmp_path / "serving").exists()

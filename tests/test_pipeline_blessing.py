@@ -1,5 +1,6 @@
 """The pipeline's verdict: a candidate is judged against a reference of its own run (or
 an explicit floor), never blessed unjudged, and an unblessed one fails the command."""
+
 import pytest
 
 from export import pipeline
@@ -14,13 +15,15 @@ def test_a_weak_candidate_loses_to_the_reconstruction_difference_of_its_run():
     reasons = pipeline.blessing_reasons(WEAK, NO_FLOORS, None, 0.01, ("recon_error", RECON))
     assert reasons == [
         "pixel_auroc 0.4670 is worse than this run's recon_error 0.8900 by more than 0.01",
-        "aupro 0.2000 is worse than this run's recon_error 0.6100 by more than 0.01"]
+        "aupro 0.2000 is worse than this run's recon_error 0.6100 by more than 0.01",
+    ]
 
 
 def test_a_candidate_as_good_as_its_reference_within_tolerance_is_blessed():
     close = {metric: value - 0.005 for metric, value in RECON.items()}
-    assert pipeline.blessing_reasons(close, NO_FLOORS, None, 0.01,
-                                     ("recon_error", RECON)) == []
+    assert (
+        pipeline.blessing_reasons(close, NO_FLOORS, None, 0.01, ("recon_error", RECON)) == []
+    )
 
 
 def test_a_missing_reference_row_is_a_reason_not_a_pass():
@@ -34,14 +37,26 @@ def test_nothing_to_judge_by_is_never_blessed():
     floors = dict(NO_FLOORS, pixel_auroc=0.85)
     assert pipeline.blessing_reasons(RECON, floors, None, 0.01, None) == []
     assert pipeline.blessing_reasons(WEAK, floors, None, 0.01, None) == [
-        "pixel_auroc 0.467 is below the required 0.85"]
+        "pixel_auroc 0.467 is below the required 0.85"
+    ]
 
 
 def test_reference_none_without_a_floor_is_refused_before_any_stage(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(["--category", "demo", "--data-dir", str(tmp_path),
-                       "--serving-dir", str(tmp_path / "serving"),
-                       "--pipeline-dir", str(tmp_path / "pipe"), "--reference", "none"])
+        pipeline.main(
+            [
+                "--category",
+                "demo",
+                "--data-dir",
+                str(tmp_path),
+                "--serving-dir",
+                str(tmp_path / "serving"),
+                "--pipeline-dir",
+                str(tmp_path / "pipe"),
+                "--reference",
+                "none",
+            ]
+        )
     assert stop.value.code == 2
     assert "--reference none needs a floor" in capsys.readouterr().err
     assert not (tmp_path / "pipe").exists()

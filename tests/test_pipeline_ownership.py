@@ -3,6 +3,7 @@ folder inside (or around) the pipeline folder, a name that leaves its folder, a 
 that cannot be judged, a manifest or data link it cannot read: each is one line and
 exit 2, before anything is written or deleted. (Refusals happen before the first stage,
 so these tests train nothing.)"""
+
 import json
 import os
 
@@ -22,8 +23,11 @@ def data_root(tmp_path_factory):
 
 def snapshot(folder):
     """{relative path: content hash} of every file under ``folder``."""
-    return {os.path.relpath(os.path.join(d, n), folder): lineage.hash_path(os.path.join(d, n))
-            for d, _, names in os.walk(folder) for n in names}
+    return {
+        os.path.relpath(os.path.join(d, n), folder): lineage.hash_path(os.path.join(d, n))
+        for d, _, names in os.walk(folder)
+        for n in names
+    }
 
 
 def refused(capsys, *argv):
@@ -43,28 +47,59 @@ def test_data_inside_the_pipeline_dir_is_refused_and_kept(tmp_path, capsys):
 
     write_mvtec_category(str(tmp_path / "data"), "demo", size=32, n_train=6, n_test_good=2)
     before = snapshot(tmp_path)
-    line = refused(capsys, "--category", "demo", "--data-dir", str(tmp_path / "data"),
-                   "--serving-dir", str(tmp_path / "serving"), "--pipeline-dir", str(tmp_path))
-    assert line == (f"error: --pipeline-dir {str(tmp_path)!r} and the data folder "
-                    f"{str(tmp_path / 'data' / 'demo')!r} overlap (one holds the other); "
-                    "choose a --pipeline-dir outside the data")
+    line = refused(
+        capsys,
+        "--category",
+        "demo",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--serving-dir",
+        str(tmp_path / "serving"),
+        "--pipeline-dir",
+        str(tmp_path),
+    )
+    assert line == (
+        f"error: --pipeline-dir {str(tmp_path)!r} and the data folder "
+        f"{str(tmp_path / 'data' / 'demo')!r} overlap (one holds the other); "
+        "choose a --pipeline-dir outside the data"
+    )
     assert snapshot(tmp_path) == before
 
 
 def test_a_pipeline_dir_inside_the_data_is_refused(data_root, tmp_path, capsys):
     inside = data_root / "demo" / "pipe"
-    line = refused(capsys, "--category", "demo", "--data-dir", str(data_root),
-                   "--serving-dir", str(tmp_path / "serving"), "--pipeline-dir", str(inside))
+    line = refused(
+        capsys,
+        "--category",
+        "demo",
+        "--data-dir",
+        str(data_root),
+        "--serving-dir",
+        str(tmp_path / "serving"),
+        "--pipeline-dir",
+        str(inside),
+    )
     assert "overlap" in line and not inside.exists()
 
 
 def test_a_serving_dir_inside_the_pipeline_dir_is_refused(data_root, tmp_path, capsys):
     pipe = tmp_path / "pipe"
-    line = refused(capsys, "--category", "demo", "--data-dir", str(data_root),
-                   "--serving-dir", str(pipe / "serving"), "--pipeline-dir", str(pipe))
-    assert line == (f"error: --serving-dir {str(pipe / 'serving')!r} lies inside "
-                    f"--pipeline-dir {str(pipe)!r}, which holds only the pipeline's own "
-                    "entries; choose a serving folder outside it")
+    line = refused(
+        capsys,
+        "--category",
+        "demo",
+        "--data-dir",
+        str(data_root),
+        "--serving-dir",
+        str(pipe / "serving"),
+        "--pipeline-dir",
+        str(pipe),
+    )
+    assert line == (
+        f"error: --serving-dir {str(pipe / 'serving')!r} lies inside "
+        f"--pipeline-dir {str(pipe)!r}, which holds only the pipeline's own "
+        "entries; choose a serving folder outside it"
+    )
     assert not pipe.exists()
 
 
@@ -75,29 +110,43 @@ def test_a_folder_holding_the_users_files_is_refused_untouched(data_root, tmp_pa
         (pipe / name).parent.mkdir(parents=True, exist_ok=True)
         (pipe / name).write_text(name)
     before = snapshot(pipe)
-    line = refused(capsys, "--category", "demo", "--data-dir", str(data_root),
-                   "--serving-dir", str(tmp_path / "serving"), "--pipeline-dir", str(pipe))
-    assert line.startswith(f"error: --pipeline-dir {str(pipe)!r} holds files the pipeline "
-                           "did not write (data, export, train); choose a new or empty "
-                           "folder")
+    line = refused(
+        capsys,
+        "--category",
+        "demo",
+        "--data-dir",
+        str(data_root),
+        "--serving-dir",
+        str(tmp_path / "serving"),
+        "--pipeline-dir",
+        str(pipe),
+    )
+    assert line.startswith(
+        f"error: --pipeline-dir {str(pipe)!r} holds files the pipeline "
+        "did not write (data, export, train); choose a new or empty "
+        "folder"
+    )
     assert snapshot(pipe) == before and sorted(os.listdir(pipe)) == ["data", "export", "train"]
     assert not (tmp_path / "serving").exists()
 
 
 def test_the_marker_names_what_the_pipeline_may_rewrite(tmp_path):
     pipe = tmp_path / "pipe"
-    pipeline.claim_folder(str(pipe))                        # new folder: marked
+    pipeline.claim_folder(str(pipe))  # new folder: marked
     marker = json.loads((pipe / pipeline.MARKER).read_text())
     assert marker["owns"] == list(pipeline.OWNED)
     (pipe / "train").mkdir()
-    (pipe / "holdout.json.partial-12").write_text("[]")     # a write being renamed
-    pipeline.claim_folder(str(pipe))                        # its own entries: taken again
+    (pipe / "holdout.json.partial-12").write_text("[]")  # a write being renamed
+    pipeline.claim_folder(str(pipe))  # its own entries: taken again
     (pipe / "notes.txt").write_text("mine")
-    with pytest.raises(pipeline.PipelineError, match=r"holds files the pipeline did not "
-                                                     r"write \(notes.txt\)"):
+    with pytest.raises(
+        pipeline.PipelineError,
+        match=r"holds files the pipeline did not "
+        r"write \(notes.txt\)",
+    ):
         pipeline.claim_folder(str(pipe))
 
-    earlier = tmp_path / "earlier"                          # made before the marker
+    earlier = tmp_path / "earlier"  # made before the marker
     (earlier / "train").mkdir(parents=True)
     (earlier / "manifest.json").write_text(json.dumps({"stages": {}}))
     pipeline.claim_folder(str(earlier))
@@ -127,15 +176,27 @@ def test_only_its_own_entries_are_ever_removed(tmp_path):
 
 @pytest.mark.parametrize("category", ["../../../escaped", "a/b", "..", ".hidden"])
 def test_a_category_that_leaves_the_folder_is_refused_before_anything_is_written(
-        data_root, tmp_path, capsys, monkeypatch, category):
+    data_root, tmp_path, capsys, monkeypatch, category
+):
     """Case 11: `--category ../../../tmp/x` wrote manifest.json outside its folder."""
     work = tmp_path / "a" / "b" / "c"
     work.mkdir(parents=True)
-    monkeypatch.chdir(work)                         # the default runs/pipeline/<category>
-    line = refused(capsys, "--category", category, "--data-dir", str(data_root),
-                   "--serving-dir", str(tmp_path / "serving"), "--model-name", "m")
-    assert line == (f"error: --category {category!r} must be a plain folder name (no path "
-                    "separator, not starting with '.')")
+    monkeypatch.chdir(work)  # the default runs/pipeline/<category>
+    line = refused(
+        capsys,
+        "--category",
+        category,
+        "--data-dir",
+        str(data_root),
+        "--serving-dir",
+        str(tmp_path / "serving"),
+        "--model-name",
+        "m",
+    )
+    assert line == (
+        f"error: --category {category!r} must be a plain folder name (no path "
+        "separator, not starting with '.')"
+    )
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
@@ -146,7 +207,7 @@ BAD_NUMBERS = {
     "--tolerance nan": "argument --tolerance: must be a finite number >= 0, got nan",
     "--tolerance -0.1": "argument --tolerance: must be a finite number >= 0",
     "--pixel-percentile 150": "argument --pixel-percentile: must be a finite number in "
-                              "[0, 100], got 150",
+    "[0, 100], got 150",
     "--image-percentile nan": "argument --image-percentile: must be a finite number",
     "--holdout 1.5": "argument --holdout: must be a finite number in (0, 1), got 1.5",
     "--holdout nan": "argument --holdout: must be a finite number in (0, 1), got nan",
@@ -160,12 +221,22 @@ BAD_NUMBERS = {
 def test_numbers_are_checked_where_they_enter(data_root, tmp_path, capsys, flag):
     """Case 8: a NaN floor or tolerance blessed and pushed an unjudged model."""
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(["--category", "demo", "--data-dir", str(data_root),
-                       "--serving-dir", str(tmp_path / "serving"),
-                       "--pipeline-dir", str(tmp_path / "pipe"), *flag.split()])
+        pipeline.main(
+            [
+                "--category",
+                "demo",
+                "--data-dir",
+                str(data_root),
+                "--serving-dir",
+                str(tmp_path / "serving"),
+                "--pipeline-dir",
+                str(tmp_path / "pipe"),
+                *flag.split(),
+            ]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and BAD_NUMBERS[flag] in err[0], err       # no 16-line usage
+    assert len(err) == 1 and BAD_NUMBERS[flag] in err[0], err  # no 16-line usage
     assert err[0].endswith(" (see --help)")
     assert not os.listdir(tmp_path)
 
@@ -175,8 +246,17 @@ def test_a_garbage_manifest_is_one_line(data_root, tmp_path, capsys):
     pipeline.claim_folder(str(pipe))
     for garbage in ("not json {", "[1, 2]", json.dumps({"stages": {"train": 3}})):
         (pipe / "manifest.json").write_text(garbage)
-        line = refused(capsys, "--category", "demo", "--data-dir", str(data_root),
-                       "--serving-dir", str(tmp_path / "serving"), "--pipeline-dir", str(pipe))
+        line = refused(
+            capsys,
+            "--category",
+            "demo",
+            "--data-dir",
+            str(data_root),
+            "--serving-dir",
+            str(tmp_path / "serving"),
+            "--pipeline-dir",
+            str(pipe),
+        )
         assert line.startswith(f"error: {pipe / 'manifest.json'} is not a pipeline manifest")
         assert line.endswith("move it away, or choose another --pipeline-dir")
         assert (pipe / "manifest.json").read_text() == garbage
@@ -195,9 +275,18 @@ def test_a_bad_link_in_the_data_is_one_line(tmp_path, capsys, kind):
         os.symlink(good / "bad.png", good / "bad2.png")
     with pytest.raises(lineage.LineageError, match="is a dangling or looping link"):
         lineage.fingerprint_files(str(tmp_path / "data" / "demo"))
-    line = refused(capsys, "--category", "demo", "--data-dir", str(tmp_path / "data"),
-                   "--serving-dir", str(tmp_path / "serving"),
-                   "--pipeline-dir", str(tmp_path / "pipe"))
-    assert line.startswith(f"error: data file {str(good / 'bad.png')!r} is a dangling or "
-                           "looping link: ")
+    line = refused(
+        capsys,
+        "--category",
+        "demo",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--serving-dir",
+        str(tmp_path / "serving"),
+        "--pipeline-dir",
+        str(tmp_path / "pipe"),
+    )
+    assert line.startswith(
+        f"error: data file {str(good / 'bad.png')!r} is a dangling or looping link: "
+    )
     assert not (tmp_path / "pipe").exists()

@@ -1,6 +1,7 @@
 """A pipeline stopped by a signal: SIGTERM is forwarded to its trainer, SIGKILL ends the
 trainer through its parent-death signal, and the rerun resumes the trainer's backup.
 (Its own file, so that pytest-xdist runs it beside the other pipeline tests.)"""
+
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ pytestmark = pytest.mark.slow  # kills and interrupts a running pipeline and its
 
 
 EPOCHS = 5
-SLOW_TRAINER = [str(EPOCHS) if TRAINER[i - 1] == "--epochs" else flag     # several epochs
-                for i, flag in enumerate(TRAINER)]
+SLOW_TRAINER = [
+    str(EPOCHS) if TRAINER[i - 1] == "--epochs" else flag  # several epochs
+    for i, flag in enumerate(TRAINER)
+]
 
 
 def log_events(path):
@@ -42,8 +45,9 @@ def process_gone(pid, seconds=20):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
-def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(category_root,
-                                                                        tmp_path, signum):
+def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(
+    category_root, tmp_path, signum
+):
     """SIGTERM is forwarded to the trainer's group; SIGKILL cannot be caught, so the
     trainer holds a parent-death signal and ends on its own."""
     log = tmp_path / "pipe" / "train" / "training_log.jsonl"
@@ -70,7 +74,7 @@ def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(category_
     killed = log_events(log)
     done = max(e["epoch"] for e in killed if e["event"] == "epoch_end")
     assert 1 <= done < EPOCHS, "the trainer was not stopped mid-training"
-    if signum == signal.SIGKILL:      # the same trainer state as after TERM: resumed below
+    if signum == signal.SIGKILL:  # the same trainer state as after TERM: resumed below
         return
 
     again = run(category_root, tmp_path, trainer=SLOW_TRAINER)
@@ -79,7 +83,7 @@ def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(category_
     begins = [e for e in log_events(log) if e["event"] == "train_begin"]
     assert [e["epoch"] for e in begins] == [0, done], begins
     assert begins[1]["pid"] != trainer
-    ends = [e["epoch"] for e in log_events(log)[len(killed):] if e["event"] == "epoch_end"]
+    ends = [e["epoch"] for e in log_events(log)[len(killed) :] if e["event"] == "epoch_end"]
     assert ends == list(range(done + 1, EPOCHS + 1))
     assert stage_lines(again)[0] == "[train] done"
 
@@ -102,8 +106,9 @@ def test_ctrl_c_names_the_stage_in_one_line_and_exits_130(category_root, tmp_pat
             if pipe.poll() is None:
                 pipe.kill()
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert stderr.splitlines()[-1] == ("interrupted by SIGINT in the train stage; run the "
-                                       "same command to resume from it"), stderr[-3000:]
+    assert stderr.splitlines()[-1] == (
+        "interrupted by SIGINT in the train stage; run the same command to resume from it"
+    ), stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     manifest = json.loads((tmp_path / "pipe" / "manifest.json").read_text())
-    assert manifest["stages"]["train"]["status"] == "failed"       # resumed by the rerun
+    assert manifest["stages"]["train"]["status"] == "failed"  # resumed by the rerun

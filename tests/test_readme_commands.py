@@ -7,6 +7,7 @@ can drift unseen. Training a model is too slow for a test, so what is run is wha
 can run at once: the README's own way into `.venv` (its first command block), then every
 documented module's `--help` in that shell, as the user would type it.
 """
+
 import importlib
 import os
 import re
@@ -25,22 +26,35 @@ def documented_commands():
     commands = []
     for _, block in BLOCKS:
         joined = re.sub(r"\\\n\s*", " ", block)
-        commands += [line.strip() for line in joined.splitlines()
-                     if line.strip().startswith("python -m ")]
+        commands += [
+            line.strip()
+            for line in joined.splitlines()
+            if line.strip().startswith("python -m ")
+        ]
     commands += re.findall(r"(?<!`)`(python -m [^`]+)`", README)
     return commands
 
 
 #: Placeholders such as `python -m bench.<name>` name no one command.
-COMMANDS = [command for command in dict.fromkeys(documented_commands())
-            if re.fullmatch(r"[\w.]+", shlex.split(command)[2])]
+COMMANDS = [
+    command
+    for command in dict.fromkeys(documented_commands())
+    if re.fullmatch(r"[\w.]+", shlex.split(command)[2])
+]
 MODULES = sorted({shlex.split(command)[2] for command in COMMANDS})
 
 
 def test_the_readme_documents_the_main_commands():
-    assert {"trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites",
-            "export.saved_model", "export.onnx", "export.infer",
-            "export.pipeline"} <= set(MODULES)
+    assert {
+        "trainers.mvtec",
+        "trainers.ucsd",
+        "trainers.mnist",
+        "trainers.dsprites",
+        "export.saved_model",
+        "export.onnx",
+        "export.infer",
+        "export.pipeline",
+    } <= set(MODULES)
     assert any("--demo" in command for command in COMMANDS if "trainers.ucsd" in command)
 
 
@@ -61,8 +75,7 @@ def test_documented_scripts_parse():
     scripts = re.findall(r"`python (docs/\w+\.py)( [^`]*)?`", README)
     assert scripts, "the README documents docs/explain_mnist.py"
     for path, flags in scripts:
-        spec = importlib.util.spec_from_file_location(path[:-3].replace("/", "."),
-                                                      REPO / path)
+        spec = importlib.util.spec_from_file_location(path[:-3].replace("/", "."), REPO / path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.build_parser().parse_args(shlex.split(flags or ""))
@@ -82,27 +95,48 @@ def test_the_first_lines_say_how_to_run_the_other_commands():
     `.venv/bin/python` (issue: the system Python has no TensorFlow)."""
     first_python = README.index("python -m ")
     assert ". .venv/bin/activate" in README[:first_python]
-    assert ".venv/bin/python -m " in README[:README.index("## ")]
+    assert ".venv/bin/python -m " in README[: README.index("## ")]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "activate").is_file(),
-                    reason="no .venv here (make creates it)")
+@pytest.mark.skipif(
+    not (REPO / ".venv" / "bin" / "activate").is_file(),
+    reason="no .venv here (make creates it)",
+)
 def test_every_documented_module_answers_help_in_the_readme_shell():
     """A fresh shell without .venv on its PATH: the README's activation line, then each
     documented module as typed (`python -m <module> --help`); each prints its usage."""
-    script = activation_line() + "\n" + "\n".join(
-        f"echo '=== {module}'; python -m {module} --help || echo 'FAILED {module}'"
-        for module in MODULES)
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("VIRTUAL_ENV", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
-    environment["PATH"] = os.pathsep.join(
-        part for part in environment.get("PATH", "").split(os.pathsep)
-        if ".venv" not in part) or "/usr/bin:/bin"
-    result = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env=environment)
+    script = (
+        activation_line()
+        + "\n"
+        + "\n".join(
+            f"echo '=== {module}'; python -m {module} --help || echo 'FAILED {module}'"
+            for module in MODULES
+        )
+    )
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("VIRTUAL_ENV", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")
+    }
+    environment["PATH"] = (
+        os.pathsep.join(
+            part
+            for part in environment.get("PATH", "").split(os.pathsep)
+            if ".venv" not in part
+        )
+        or "/usr/bin:/bin"
+    )
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
     assert "FAILED" not in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     for module in MODULES:
         section = result.stdout.split(f"=== {module}\n", 1)[1]
         assert section.startswith(f"usage: python -m {module} "), (module, section[:300])
-    assert result.stderr == "", result.stderr[-3000:]      # no banner, no traceback
+    assert result.stderr == "", result.stderr[-3000:]  # no banner, no traceback

@@ -2,6 +2,7 @@
 refused in one line with exit 2 where it enters (before TensorFlow starts where it can),
 or handled with a warning or a null metric; never a traceback, never a user's file
 overwritten."""
+
 import json
 import subprocess
 import sys
@@ -12,30 +13,42 @@ import pytest
 from test_run_faults import cli, read_log
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--smooth", "inf"], "--smooth must be >= 0 and finite, got inf"),
-    (["--smooth", "nan"], "--smooth must be >= 0 and finite, got nan"),
-    (["--smooth", "1e6"], "--smooth must be at most the image side (64 px), got 1000000.0"),
-    (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
-    (["--latent-dim", "100000000"], "--latent-dim 100000000: training this model needs about"),
-    (["--image-size", "100000"], "--image-size 100000: training this model needs about"),
-])
-def test_numbers_that_cannot_work_are_refused_naming_the_flag(flags, message, capsys,
-                                                              tmp_path):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--smooth", "inf"], "--smooth must be >= 0 and finite, got inf"),
+        (["--smooth", "nan"], "--smooth must be >= 0 and finite, got nan"),
+        (
+            ["--smooth", "1e6"],
+            "--smooth must be at most the image side (64 px), got 1000000.0",
+        ),
+        (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+        (
+            ["--latent-dim", "100000000"],
+            "--latent-dim 100000000: training this model needs about",
+        ),
+        (["--image-size", "100000"], "--image-size 100000: training this model needs about"),
+    ],
+)
+def test_numbers_that_cannot_work_are_refused_naming_the_flag(
+    flags, message, capsys, tmp_path
+):
     from trainers import mvtec
 
     with pytest.raises(SystemExit) as stop:
         mvtec.parse_args(["--category", "demo", "--runs-root", str(tmp_path), *flags])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())                  # nothing written, no data made
+    assert not list(tmp_path.iterdir())  # nothing written, no data made
 
 
 @pytest.mark.slow
 def test_tf_config_that_is_not_json_is_one_line(tmp_path):
-    result = cli("trainers.mvtec", ["--category", "demo", "--runs-root", tmp_path,
-                                    "--strategy", "multiworker"],
-                 env={"TF_CONFIG": "{not json"})
+    result = cli(
+        "trainers.mvtec",
+        ["--category", "demo", "--runs-root", tmp_path, "--strategy", "multiworker"],
+        env={"TF_CONFIG": "{not json"},
+    )
     assert result.returncode == 2
     assert "the environment variable TF_CONFIG is not JSON" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
@@ -47,9 +60,11 @@ def test_runs_root_that_cannot_be_written_is_one_line(tmp_path, mount_point, cap
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
     read_only = mount_point("ro,size=1m")
-    for root, why in ((a_file, "is a file, not a folder"),
-                      (a_file / "runs", "is a file, not a folder"),
-                      (read_only / "runs", "is not writable")):
+    for root, why in (
+        (a_file, "is a file, not a folder"),
+        (a_file / "runs", "is a file, not a folder"),
+        (read_only / "runs", "is not writable"),
+    ):
         for flag in ("--runs-root", "--run-dir"):
             with pytest.raises(SystemExit) as stop:
                 mvtec.parse_args(["--category", "demo", flag, str(root)])
@@ -63,12 +78,19 @@ def hold_lock(path):
     """Another process holding the lock of the run folder ``path`` (as a running
     trainer does); returns it once it holds the lock."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         "lock = open(os.path.join(sys.argv[1], '.lock'), 'a+')\n"
-         "fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-         "lock.truncate(0); lock.write(str(os.getpid())); lock.flush()\n"
-         "print('held', flush=True); time.sleep(120)", str(path)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "lock = open(os.path.join(sys.argv[1], '.lock'), 'a+')\n"
+            "fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "lock.truncate(0); lock.write(str(os.getpid())); lock.flush()\n"
+            "print('held', flush=True); time.sleep(120)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -78,24 +100,28 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_owner_is_taken_over(tmp_path,
     from trainers import common
 
     first = common.run_dir_for(args_for(tmp_path), "exp")
-    common.release(first)                              # as if another process made it
+    common.release(first)  # as if another process made it
     holder = hold_lock(first)
     try:
-        with pytest.raises(common.RunRefused, match=f"the run folder {first} is in use by "
-                                                    f"process {holder.pid}"):
-            common.run_dir_for(args_for(tmp_path), "exp")            # the same command
+        with pytest.raises(
+            common.RunRefused,
+            match=f"the run folder {first} is in use by process {holder.pid}",
+        ):
+            common.run_dir_for(args_for(tmp_path), "exp")  # the same command
         with pytest.raises(common.RunRefused, match="in use by process"):
             common.run_dir_for(args_for(tmp_path, run_dir=first), "exp")
-        other = common.run_dir_for(args_for(tmp_path, fresh=True), "exp")   # a new run
+        other = common.run_dir_for(args_for(tmp_path, fresh=True), "exp")  # a new run
         assert other != first
         common.release(other)
     finally:
         holder.kill()
         holder.wait()
-    capsys.readouterr()                         # killed: its pid stays in the lock file
+    capsys.readouterr()  # killed: its pid stays in the lock file
     assert common.run_dir_for(args_for(tmp_path, run_dir=first), "exp") == first
-    assert capsys.readouterr().err == (f"taking over the run folder {first} from process "
-                                       f"{holder.pid}, which ended without finishing it\n")
+    assert capsys.readouterr().err == (
+        f"taking over the run folder {first} from process "
+        f"{holder.pid}, which ended without finishing it\n"
+    )
     common.release(first)
 
 
@@ -110,13 +136,16 @@ def test_run_dir_of_a_finished_run_with_other_flags_is_refused_unless_fresh(tmp_
     (tmp_path / "mine" / "notes.txt").write_text("the user's own")
     common.release(run_dir)
     config = (tmp_path / "mine" / "config.json").read_text()
-    with pytest.raises(common.RunRefused, match=r"holds a finished run of other flags "
-                                                r"\(--epochs 1 there, 2 here\)"):
+    with pytest.raises(
+        common.RunRefused,
+        match=r"holds a finished run of other flags "
+        r"\(--epochs 1 there, 2 here\)",
+    ):
         common.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2), "exp")
-    assert (tmp_path / "mine" / "config.json").read_text() == config      # untouched
+    assert (tmp_path / "mine" / "config.json").read_text() == config  # untouched
     assert json.loads((tmp_path / "mine" / "metrics.json").read_text()) == {"pixel_auroc": 0.9}
     common.release(run_dir)
-    with pytest.raises(common.RunFinished):                                 # same flags
+    with pytest.raises(common.RunFinished):  # same flags
         common.run_dir_for(args_for(tmp_path, run_dir=run_dir), "exp")
     common.release(run_dir)
     common.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2, fresh=True), "exp")
@@ -132,14 +161,38 @@ def test_mvtec_trainer_runs_mirrored_on_two_logical_cpus(tmp_path):
     """The devices are split when the flags are parsed, before the MVTec trainer's layer
     check starts TensorFlow's devices (it failed with "Virtual devices cannot be
     modified after being initialized")."""
-    result = cli("trainers.mvtec", ["--category", "demo", "--runs-root", tmp_path,
-                                    "--image-size", "32", "--epochs", "1",
-                                    "--steps-per-epoch", "2", "--batch-size", "8",
-                                    "--max-train", "16", "--max-test", "6",
-                                    "--eval-batch-size", "8", "--backbone", "small",
-                                    "--quiet", "--no-sanity",
-                                    "--strategy", "mirrored", "--cpu-replicas", "2"],
-                 timeout=300)
+    result = cli(
+        "trainers.mvtec",
+        [
+            "--category",
+            "demo",
+            "--runs-root",
+            tmp_path,
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-train",
+            "16",
+            "--max-test",
+            "6",
+            "--eval-batch-size",
+            "8",
+            "--backbone",
+            "small",
+            "--quiet",
+            "--no-sanity",
+            "--strategy",
+            "mirrored",
+            "--cpu-replicas",
+            "2",
+        ],
+        timeout=300,
+    )
     assert "Virtual devices cannot be modified" not in result.stderr
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (tmp_path / "mvtec-demo").iterdir()
@@ -156,8 +209,10 @@ def broken_models(source, root):
         shutil.copytree(source, target)
         cases[name] = target
     (cases["not-json"] / "model.json").write_text("{not json")
-    for name, change in (("negative-latent", {"latent_dim": -4}),
-                         ("unknown-class", {"class": "Transformer"})):
+    for name, change in (
+        ("negative-latent", {"latent_dim": -4}),
+        ("unknown-class", {"class": "Transformer"}),
+    ):
         spec = json.loads((cases[name] / "model.json").read_text())
         (cases[name] / "model.json").write_text(json.dumps({**spec, **change}))
     weights = cases["truncated-weights"] / "model.weights.h5"
@@ -192,12 +247,15 @@ def test_an_mnist_header_of_784x1_pixels_is_one_line(shared_data, tmp_path):
     path = folder / "t10k-images-idx3-ubyte.gz"
     raw = gzip.decompress(path.read_bytes())
     path.write_bytes(gzip.compress(raw[:8] + struct.pack(">II", 784, 1) + raw[16:]))
-    result = cli("trainers.mnist", ["--data-dir", folder, "--runs-root", tmp_path / "runs",
-                                    "--epochs", "1", "--quiet"])
+    result = cli(
+        "trainers.mnist",
+        ["--data-dir", folder, "--runs-root", tmp_path / "runs", "--epochs", "1", "--quiet"],
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: MNIST test images in {str(folder)!r}: the IDX header says 784x1 pixels, "
-        "MNIST's are 28x28")
+        "MNIST's are 28x28"
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -209,13 +267,16 @@ def test_no_verdict_is_printed_over_metrics_that_are_all_n_a():
     def cell(value):
         return {"pixel_auroc": value}
 
-    results = {"ours": {"0": cell(None), "1": cell(None)},
-               "theirs": {"0": cell(None), "1": cell(None)},
-               "half": {"0": cell(0.5), "1": cell(None)}}
+    results = {
+        "ours": {"0": cell(None), "1": cell(None)},
+        "theirs": {"0": cell(None), "1": cell(None)},
+        "half": {"0": cell(0.5), "1": cell(None)},
+    }
     results["ours"]["0"] = cell(None)
     assert verdict(results, "ours") == [
         "no verdict on ours vs theirs: the metric is n/a at every sigma",
-        "no verdict on ours vs half: the metric is n/a at every sigma"]
+        "no verdict on ours vs half: the metric is n/a at every sigma",
+    ]
     results["ours"] = {"0": cell(0.9), "1": cell(None)}
     assert verdict(results, "ours")[1] == "ours beats half at sigma 0; n/a at 1"
 
@@ -226,18 +287,22 @@ def test_grey_photo_masks_are_thresholded_with_a_warning(tmp_path):
     from keras_vae_attn.data import mvtec
     from keras_vae_attn.data.synthetic import write_mvtec_category
 
-    write_mvtec_category(str(tmp_path), "widget", size=32, n_train=2, n_test_good=1,
-                         n_test_defect=1)
+    write_mvtec_category(
+        str(tmp_path), "widget", size=32, n_train=2, n_test_good=1, n_test_defect=1
+    )
     binary = mvtec.load_test(str(tmp_path), "widget", 32).masks
     grey = sorted((tmp_path / "widget" / "ground_truth").rglob("*.png"))[0]
     photo = np.random.default_rng(0).integers(20, 110, (32, 32)).astype(np.uint8)
-    photo[:8] = 240                                          # a bright band: the defect
+    photo[:8] = 240  # a bright band: the defect
     Image.fromarray(photo).save(grey)
     with pytest.warns(UserWarning, match=r"1 of \d+ masks are not binary .*_mask.png"):
         split = mvtec.load_test(str(tmp_path), "widget", 32)
-    row = [i for i, p in enumerate(split.paths)
-           if p.endswith(f"{grey.parent.name}/{grey.name.replace('_mask', '')}")][0]
-    assert split.masks[row].sum() == 8 * 32                 # the band, not every pixel
+    row = [
+        i
+        for i, p in enumerate(split.paths)
+        if p.endswith(f"{grey.parent.name}/{grey.name.replace('_mask', '')}")
+    ][0]
+    assert split.masks[row].sum() == 8 * 32  # the band, not every pixel
     others = [i for i in range(len(split.paths)) if i != row]
     np.testing.assert_array_equal(split.masks[others], binary[others])
 
@@ -250,16 +315,37 @@ def test_a_test_set_whose_masks_are_all_empty_scores_null_not_a_traceback(tmp_pa
 
     from keras_vae_attn.data.synthetic import write_mvtec_category
 
-    write_mvtec_category(str(tmp_path / "data"), "widget", size=32, n_train=8,
-                         n_test_good=1, n_test_defect=1)
+    write_mvtec_category(
+        str(tmp_path / "data"), "widget", size=32, n_train=8, n_test_good=1, n_test_defect=1
+    )
     for mask in (tmp_path / "data" / "widget" / "ground_truth").rglob("*.png"):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
-    result = cli("trainers.mvtec", ["--category", "widget", "--data-dir", tmp_path / "data",
-                                    "--runs-root", tmp_path / "runs", "--image-size", "32",
-                                    "--epochs", "1", "--steps-per-epoch", "1",
-                                    "--batch-size", "4", "--eval-batch-size", "8",
-                                    "--backbone", "small", "--quiet", "--no-sanity"],
-                 timeout=300)
+    result = cli(
+        "trainers.mvtec",
+        [
+            "--category",
+            "widget",
+            "--data-dir",
+            tmp_path / "data",
+            "--runs-root",
+            tmp_path / "runs",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "1",
+            "--batch-size",
+            "4",
+            "--eval-batch-size",
+            "8",
+            "--backbone",
+            "small",
+            "--quiet",
+            "--no-sanity",
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "beats" not in result.stdout.replace("no verdict", "")
     (run_dir,) = (tmp_path / "runs" / "mvtec-widget").iterdir()
@@ -276,15 +362,27 @@ def test_training_images_that_are_all_black_are_one_line(tmp_path):
 
     from keras_vae_attn.data.synthetic import write_mvtec_category
 
-    write_mvtec_category(str(tmp_path / "data"), "widget", size=32, n_train=4,
-                         n_test_good=1, n_test_defect=1)
+    write_mvtec_category(
+        str(tmp_path / "data"), "widget", size=32, n_train=4, n_test_good=1, n_test_defect=1
+    )
     for image in (tmp_path / "data" / "widget" / "train" / "good").iterdir():
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
-    result = cli("trainers.mvtec", ["--category", "widget", "--data-dir", tmp_path / "data",
-                                    "--runs-root", tmp_path / "runs", "--image-size", "32"])
+    result = cli(
+        "trainers.mvtec",
+        [
+            "--category",
+            "widget",
+            "--data-dir",
+            tmp_path / "data",
+            "--runs-root",
+            tmp_path / "runs",
+            "--image-size",
+            "32",
+        ],
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: the 4 training images of 'widget' under {str(tmp_path / 'data')!r} are all "
-        "one flat colour (every pixel 0): there is no normal appearance to learn")
+        "one flat colour (every pixel 0): there is no normal appearance to learn"
+    )
     assert not (tmp_path / "runs").exists()
-

@@ -4,6 +4,7 @@ the same command resumes from, and the resumed run trains exactly the epochs ask
 
 The faults are real signals sent by the trainer process to itself at a named point
 (tests/scripts/fault_at.py), so their timing is exact."""
+
 import json
 import os
 import subprocess
@@ -21,24 +22,48 @@ EPOCHS, STEPS = 3, 2
 
 
 def mnist_command(shared_data, runs_root, *extra):
-    return ["--data-dir", str(shared_data / "mnist"), "--epochs", str(EPOCHS),
-            "--steps-per-epoch", str(STEPS), "--batch-size", "16", "--max-train", "64",
-            "--max-test", "30", "--latent-dim", "4", "--runs-root", str(runs_root),
-            "--quiet", *extra]
+    return [
+        "--data-dir",
+        str(shared_data / "mnist"),
+        "--epochs",
+        str(EPOCHS),
+        "--steps-per-epoch",
+        str(STEPS),
+        "--batch-size",
+        "16",
+        "--max-train",
+        "64",
+        "--max-test",
+        "30",
+        "--latent-dim",
+        "4",
+        "--runs-root",
+        str(runs_root),
+        "--quiet",
+        *extra,
+    ]
 
 
 def run(flags, fault=None, module="trainers.mnist"):
     """The trainer's CLI (with ``fault`` = (point, call, signal): through fault_at.py)."""
-    head = ([str(SCRIPTS / "fault_at.py"), *map(str, fault), module] if fault
-            else ["-m", module])
+    head = (
+        [str(SCRIPTS / "fault_at.py"), *map(str, fault), module] if fault else ["-m", module]
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, *head, *flags], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *head, *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def read_log(run_dir):
-    return [json.loads(line)
-            for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()
+    ]
 
 
 def only_run(runs_root):
@@ -50,35 +75,38 @@ def assert_trained_exactly_the_epochs_asked(run_dir):
     log = read_log(run_dir)
     ends = {e["epoch"]: e for e in log if e["event"] == "epoch_end"}
     assert sorted(ends) == list(range(1, EPOCHS + 1))
-    assert ends[EPOCHS]["optimizer_step"] == EPOCHS * STEPS       # no epoch trained twice
+    assert ends[EPOCHS]["optimizer_step"] == EPOCHS * STEPS  # no epoch trained twice
     assert (run_dir / "metrics.json").is_file()
     assert not (run_dir / "backup").exists() and not (run_dir / "checkpoints").exists()
     assert not [p for p in (run_dir / "model").iterdir() if p.name.startswith(".model-")]
 
 
-def test_kill_and_ctrl_c_during_backups_resume_to_exactly_the_epochs_asked(shared_data,
-                                                                           tmp_path):
+def test_kill_and_ctrl_c_during_backups_resume_to_exactly_the_epochs_asked(
+    shared_data, tmp_path
+):
     flags = mnist_command(shared_data, tmp_path)
     # SIGKILL while the first backup is written: nothing half-written is ever loaded
     killed = run(flags, ("commit_backup", 1, "KILL"))
     assert killed.returncode == -9
     run_dir = only_run(tmp_path)
-    assert [p.name for p in (run_dir / "backup").iterdir()] == [f".partial-{p}" for p in
-                                                               [read_log(run_dir)[0]["pid"]]]
+    assert [p.name for p in (run_dir / "backup").iterdir()] == [
+        f".partial-{p}" for p in [read_log(run_dir)[0]["pid"]]
+    ]
     # Ctrl-C while the second backup is written: one line, exit 130, no traceback
     interrupted = run(flags, ("commit_backup", 2, "INT"))
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
     assert interrupted.stderr.strip().splitlines()[-1] == (
-        "interrupted at epoch 2; the same command resumes")
+        "interrupted at epoch 2; the same command resumes"
+    )
     assert "Traceback" not in interrupted.stderr
-    assert "which ended without finishing it" in interrupted.stderr      # after the kill
+    assert "which ended without finishing it" in interrupted.stderr  # after the kill
     assert [p.name for p in (run_dir / "backup").iterdir()] == ["epoch-0001"]
-    last = read_log(run_dir)[-1]                          # epoch 2 trained, not backed up
+    last = read_log(run_dir)[-1]  # epoch 2 trained, not backed up
     assert (last["event"], last["epoch"]) == ("epoch_end", 1)
 
     done = run(flags)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "taking over" not in done.stderr            # a Ctrl-C leaves no stale lock
+    assert "taking over" not in done.stderr  # a Ctrl-C leaves no stale lock
     begins = [e for e in read_log(run_dir) if e["event"] == "train_begin"]
     assert [b["epoch"] for b in begins] == [0, 0, 1]
     assert begins[-1]["optimizer_step"] == STEPS
@@ -87,11 +115,11 @@ def test_kill_and_ctrl_c_during_backups_resume_to_exactly_the_epochs_asked(share
 
 def test_kill_between_fit_and_save_and_during_save_never_retrains(shared_data, tmp_path):
     flags = mnist_command(shared_data, tmp_path)
-    killed = run(flags, ("save_vae", 1, "KILL"))          # fit done, model/ not saved
+    killed = run(flags, ("save_vae", 1, "KILL"))  # fit done, model/ not saved
     assert killed.returncode == -9
     run_dir = only_run(tmp_path)
     assert [p.name for p in (run_dir / "backup").iterdir()] == [f"epoch-{EPOCHS:04d}"]
-    killed = run(flags, ("publish_model", 1, "KILL"))     # model/ staged, not published
+    killed = run(flags, ("publish_model", 1, "KILL"))  # model/ staged, not published
     assert killed.returncode == -9
     staged = [p for p in (run_dir / "model").iterdir() if p.name.startswith(".model-")]
     assert len(staged) == 1 and not (run_dir / "model" / "model.json").exists()
@@ -99,16 +127,25 @@ def test_kill_between_fit_and_save_and_during_save_never_retrains(shared_data, t
     done = run(flags)
     assert done.returncode == 0, done.stderr[-2000:]
     begins = [e for e in read_log(run_dir) if e["event"] == "train_begin"]
-    assert [b["epoch"] for b in begins] == [0, EPOCHS, EPOCHS]     # nothing retrained
+    assert [b["epoch"] for b in begins] == [0, EPOCHS, EPOCHS]  # nothing retrained
     assert_trained_exactly_the_epochs_asked(run_dir)
 
 
 def cli(module, flags, env=None, timeout=120):
     """A trainer's CLI as a user runs it."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, flags)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO),
-                               "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, flags)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            **(env or {}),
+        },
+    )
 
 
 def test_a_deterministic_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
@@ -119,15 +156,36 @@ def test_a_deterministic_run_killed_and_resumed_equals_the_uninterrupted_one(tmp
     from keras_vae_attn.data.synthetic import write_mvtec_category
     from keras_vae_attn.models import load_vae
 
-    write_mvtec_category(str(tmp_path / "data"), "widget", size=32, n_train=12,
-                         n_test_good=1, n_test_defect=1)
+    write_mvtec_category(
+        str(tmp_path / "data"), "widget", size=32, n_train=12, n_test_good=1, n_test_defect=1
+    )
 
     def flags(name):
-        return ["--category", "widget", "--data-dir", str(tmp_path / "data"), "--runs-root",
-                str(tmp_path / name), "--image-size", "32", "--epochs", str(EPOCHS),
-                "--batch-size", "4", "--max-test", "2",           # whole passes of 3 steps
-                "--eval-batch-size", "4", "--backbone", "small", "--deterministic",
-                "--calibration-holdout", "0", "--quiet", "--no-sanity"]
+        return [
+            "--category",
+            "widget",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--runs-root",
+            str(tmp_path / name),
+            "--image-size",
+            "32",
+            "--epochs",
+            str(EPOCHS),
+            "--batch-size",
+            "4",
+            "--max-test",
+            "2",  # whole passes of 3 steps
+            "--eval-batch-size",
+            "4",
+            "--backbone",
+            "small",
+            "--deterministic",
+            "--calibration-holdout",
+            "0",
+            "--quiet",
+            "--no-sanity",
+        ]
 
     whole = run(flags("whole"), module="trainers.mvtec")
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -136,8 +194,9 @@ def test_a_deterministic_run_killed_and_resumed_equals_the_uninterrupted_one(tmp
     resumed = run(flags("resumed"), module="trainers.mvtec")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from the backup at epoch 2" in resumed.stderr
-    (a,), (b,) = ((tmp_path / name / "mvtec-widget").iterdir()
-                  for name in ("whole", "resumed"))
+    (a,), (b,) = (
+        (tmp_path / name / "mvtec-widget").iterdir() for name in ("whole", "resumed")
+    )
     first, second = load_vae(str(a / "model")), load_vae(str(b / "model"))
     for x, y in zip(first.weights, second.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=x.path)
@@ -166,11 +225,14 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(shared_data, mount
     (line,) = [text for text in full.stderr.splitlines() if "rror" in text]
     assert line.startswith("error: --runs-root ") and "No space left on device" in line
 
-    fill(4 << 20)                           # the log and config fit, a backup does not
+    fill(4 << 20)  # the log and config fit, a backup does not
     no_backup = run(flags)
     assert no_backup.returncode == 2, no_backup.stderr[-2000:]
-    assert no_backup.stderr.strip().splitlines()[-1].startswith(
-        "error: no space left for the backup of epoch 1 in ")
+    assert (
+        no_backup.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: no space left for the backup of epoch 1 in ")
+    )
     assert "free space and run the same command to resume" in no_backup.stderr
     assert "Traceback" not in no_backup.stderr + full.stderr
     run_dir = only_run(disk / "runs")

@@ -1,5 +1,6 @@
 """What a run and an export report is what they did: a re-score's epochs, stage times
 labelled as elapsed, blessing numbers rounded."""
+
 import json
 
 from trainers import common
@@ -10,8 +11,12 @@ def test_a_rescore_records_the_models_own_epochs(tmp_path):
     counted once); without a log, its config.json; without either, None."""
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
-    lines = [{"event": "train_begin", "epoch": 0}, {"event": "epoch_end", "epoch": 1},
-             {"event": "train_begin", "epoch": 1}, {"event": "epoch_end", "epoch": 2}]
+    lines = [
+        {"event": "train_begin", "epoch": 0},
+        {"event": "epoch_end", "epoch": 1},
+        {"event": "train_begin", "epoch": 1},
+        {"event": "epoch_end", "epoch": 2},
+    ]
     (run / "training_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (run / "config.json").write_text(json.dumps({"epochs": 100}))
     assert common.trained_epochs(str(run / "model")) == 2
@@ -29,8 +34,9 @@ def test_export_stage_lines_say_their_time_is_elapsed(capsys):
     stages("converting")
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("export.onnx 1/2: loading the run (0.0 s elapsed)")
-    assert lines[1].startswith("export.onnx 2/2: converting (") and \
-        lines[1].endswith(" s elapsed)")
+    assert lines[1].startswith("export.onnx 2/2: converting (") and lines[1].endswith(
+        " s elapsed)"
+    )
 
 
 def test_blessing_reasons_print_rounded_numbers():
@@ -41,4 +47,5 @@ def test_blessing_reasons_print_rounded_numbers():
     candidate = {metric: 0.9 for metric in pipeline.GATED_METRICS}
     candidate["pixel_auroc"] = 0.9645639789133258
     assert pipeline.blessing_reasons(candidate, floors, None, 0.01, None) == [
-        "pixel_auroc 0.9646 is below the required 0.97"]
+        "pixel_auroc 0.9646 is below the required 0.97"
+    ]

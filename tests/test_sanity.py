@@ -1,6 +1,7 @@
 """The explanation checks on a small VAE that really learned its normal images: the
 model-randomization check (a model-free map must fail it, the reconstruction difference
 must pass it) and deletion curves (a map's own ranking beats a random one)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,8 @@ def stripes(count, rng, defect=False):
     if defect:
         for index in range(count):
             row, col = rng.integers(2, SIZE - 8, size=2)
-            images[index, row:row + 6, col:col + 6] = 0.5
-            masks[index, row:row + 6, col:col + 6] = True
+            images[index, row : row + 6, col : col + 6] = 0.5
+            masks[index, row : row + 6, col : col + 6] = True
     return np.clip(images, 0, 1), masks
 
 
@@ -54,7 +55,7 @@ def test_spearman_is_one_for_the_same_ranking_and_zero_for_a_constant_map():
 
     rng = np.random.default_rng(1)
     a = rng.random((3, 8, 8))
-    assert np.allclose(spearman(a, a ** 3), 1.0)          # monotone: same ranks
+    assert np.allclose(spearman(a, a**3), 1.0)  # monotone: same ranks
     assert np.allclose(spearman(a, -a), -1.0)
     assert np.allclose(spearman(a, np.zeros_like(a)), 0.0)
 
@@ -63,9 +64,9 @@ def test_the_rule_needs_both_a_drop_and_a_low_correlation():
     from keras_vae_attn.explain.sanity import verdict
 
     assert verdict(0.9, 0.6, [0.2, 0.4]).passes
-    assert not verdict(0.9, 0.8, [0.1]).passes            # drop 0.1 < 0.15
-    assert not verdict(0.9, 0.5, [0.7, 0.6]).passes       # Spearman 0.65 > 0.5
-    assert verdict(None, 0.5, [0.1]).passes is None       # undefined score
+    assert not verdict(0.9, 0.8, [0.1]).passes  # drop 0.1 < 0.15
+    assert not verdict(0.9, 0.5, [0.7, 0.6]).passes  # Spearman 0.65 > 0.5
+    assert verdict(None, 0.5, [0.1]).passes is None  # undefined score
 
 
 def test_stages_cover_every_weighted_layer_once_from_the_top(trained):
@@ -76,8 +77,9 @@ def test_stages_cover_every_weighted_layer_once_from_the_top(trained):
     labels = [label for label, _ in stages]
     assert labels[:2] == ["decoder", "head"] and labels[-1] == "conv1"
     pairs = [pair for _, members in stages for pair in members]
-    weighted = [("encoder", layer.name) for layer in model.encoder.layers if layer.weights] + \
-        [("decoder", layer.name) for layer in model.decoder.layers if layer.weights]
+    weighted = [("encoder", layer.name) for layer in model.encoder.layers if layer.weights] + [
+        ("decoder", layer.name) for layer in model.decoder.layers if layer.weights
+    ]
     assert sorted(pairs) == sorted(weighted) and len(pairs) == len(set(pairs))
 
 
@@ -87,11 +89,14 @@ def test_randomize_keeps_the_trained_weights_outside_the_stage(trained):
     model = trained[0]
     decoder_only = sanity.randomize(model, 5, sanity.stages(model)[0][1])
     for layer in model.encoder.layers:
-        for mine, theirs in zip(layer.get_weights(),
-                                decoder_only.encoder.get_layer(layer.name).get_weights()):
+        for mine, theirs in zip(
+            layer.get_weights(), decoder_only.encoder.get_layer(layer.name).get_weights()
+        ):
             np.testing.assert_array_equal(mine, theirs)
-    changed = [not np.array_equal(a, b) for a, b in
-               zip(model.decoder.get_weights(), decoder_only.decoder.get_weights())]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(model.decoder.get_weights(), decoder_only.decoder.get_weights())
+    ]
     assert all(changed)
 
 
@@ -107,11 +112,20 @@ def test_model_free_map_fails_and_reconstruction_difference_passes(trained):
 
     model, normal, images, masks, labels = trained
     options = ExplainOptions(layers=("conv1",), form="deviation", deviation="standardized")
-    twin = sanity.twin(model, tf.data.Dataset.from_tensor_slices(normal).batch(64),
-                       ["conv1"], False)
-    result = evaluate.localize(model, images, masks, labels, options,
-                               references.fit_pixel_distribution(normal), normal,
-                               batch_size=16, twin=twin)
+    twin = sanity.twin(
+        model, tf.data.Dataset.from_tensor_slices(normal).batch(64), ["conv1"], False
+    )
+    result = evaluate.localize(
+        model,
+        images,
+        masks,
+        labels,
+        options,
+        references.fit_pixel_distribution(normal),
+        normal,
+        batch_size=16,
+        twin=twin,
+    )
     z_score = result.sanity[references.PIXEL_DEVIATION]
     assert z_score.spearman == pytest.approx(1.0) and z_score.drop == pytest.approx(0.0)
     assert z_score.passes is False
@@ -131,10 +145,12 @@ def test_deletion_by_the_maps_own_ranking_beats_a_random_ranking(trained):
 
     model, normal, images, masks, labels = trained
     bad = images[labels == 1]
-    recon = scoring.batched(model, bad, 16, ExplainOptions(layers=("conv1",)),
-                            keys=("recon_error",))["recon_error"]
-    curves = faithfulness.curves(model, bad, {"recon": recon, "truth": masks[labels == 1]},
-                                 normal.mean(0))
+    recon = scoring.batched(
+        model, bad, 16, ExplainOptions(layers=("conv1",)), keys=("recon_error",)
+    )["recon_error"]
+    curves = faithfulness.curves(
+        model, bad, {"recon": recon, "truth": masks[labels == 1]}, normal.mean(0)
+    )
     random = curves[faithfulness.RANDOM]
     assert curves["recon"].deletion[0] == pytest.approx(1.0)
     assert curves["truth"].deletion_auc < random.deletion_auc
@@ -157,8 +173,12 @@ class RegionEncoder:
         import tensorflow as tf
 
         half = images.shape[1] // 2
-        quads = [images[:, :half, :half], images[:, :half, half:], images[:, half:, :half],
-                 images[:, half:, half:]]
+        quads = [
+            images[:, :half, :half],
+            images[:, :half, half:],
+            images[:, half:, :half],
+            images[:, half:, half:],
+        ]
         mu = tf.stack([tf.reduce_mean(q, axis=[1, 2, 3]) for q in quads], axis=1)
         return mu, tf.zeros_like(mu)
 
@@ -173,7 +193,7 @@ def test_selectivity_finds_maps_that_point_at_their_own_latent():
     images = rng.random((6, 8, 8, 1)).astype(np.float32)
     right = np.zeros((6, 4, 8, 8), np.float32)
     for j, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
-        right[:, j, r:r + 4, c:c + 4] = 1.0 + rng.random((6, 4, 4))
+        right[:, j, r : r + 4, c : c + 4] = 1.0 + rng.random((6, 4, 4))
     model, baseline = RegionEncoder(), np.zeros((8, 8, 1), np.float32)
     good = selectivity(model, images, right, baseline, fraction=0.25)
     assert good["top1"] == 1.0 and good["ratio"] > 10

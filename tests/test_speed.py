@@ -1,6 +1,7 @@
 """Training speed options: --precision mixed_bfloat16 and --jit-compile give the same model
 (losses, maps, saved weights) as float32; bench.speed_limit and the GPU-sized dSprites grid
 run end to end at tiny sizes."""
+
 import json
 
 import keras
@@ -52,10 +53,10 @@ def test_bf16_with_xla_trains_like_float32_and_saves_and_loads(tmp_path):
     model, args = runs["low"]
     assert model.encoder.get_layer("conv1").compute_dtype == "bfloat16"
     assert all(w.dtype == "float32" for w in model.weights)
-    assert keras.mixed_precision.global_policy().name == "float32"     # restored
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
     reference = train_steps(runs["float32"][0], batches)
     low = train_steps(model, batches)
-    assert reference[-1] < 0.98 * reference[0]            # training moved the loss ...
+    assert reference[-1] < 0.98 * reference[0]  # training moved the loss ...
     # ... more than bf16's rounding moves it away from float32 (same weights and batches)
     np.testing.assert_allclose(low, reference, rtol=0.01)
 
@@ -68,8 +69,9 @@ def test_bf16_with_xla_trains_like_float32_and_saves_and_loads(tmp_path):
         loaded_low = load_vae(str(tmp_path / "model"))
     mu = model.encode(batches[0])[0].numpy()
     np.testing.assert_array_equal(loaded_low.encode(batches[0])[0].numpy(), mu)
-    np.testing.assert_allclose(loaded.encode(batches[0])[0].numpy(), mu,
-                               atol=0.03 * np.abs(mu).max())
+    np.testing.assert_allclose(
+        loaded.encode(batches[0])[0].numpy(), mu, atol=0.03 * np.abs(mu).max()
+    )
 
 
 def test_maps_are_float32_under_bf16_and_match_float32_maps():
@@ -90,8 +92,15 @@ def test_maps_are_float32_under_bf16_and_match_float32_maps():
     energy = low.explainer("conv2").anomaly_attention(images, low.normal_stats())
     assert energy.dtype == tf.float32 and low(images).dtype == tf.float32
 
-    net = dict(input_shape=(16, 16, 1), filters=(8, 8), dense_units=16, d_units=16,
-               d_depth=2, lambda_ad=1.0, ad_maps="normalized")
+    net = dict(
+        input_shape=(16, 16, 1),
+        filters=(8, 8),
+        dense_units=16,
+        d_units=16,
+        d_depth=2,
+        lambda_ad=1.0,
+        ad_maps="normalized",
+    )
     reference = build_factor_vae(**net)
     with common.precision_scope("mixed_bfloat16"):
         low = build_factor_vae(**net)
@@ -100,8 +109,9 @@ def test_maps_are_float32_under_bf16_and_match_float32_maps():
     _, _, maps = low.latent_maps_differentiable(sprites)
     _, _, expected = reference.latent_maps_differentiable(sprites)
     assert maps.dtype == tf.float32 and low.attention_loss(maps).dtype == tf.float32
-    np.testing.assert_allclose(maps.numpy(), expected.numpy(),
-                               atol=0.05 * np.abs(expected.numpy()).max())
+    np.testing.assert_allclose(
+        maps.numpy(), expected.numpy(), atol=0.05 * np.abs(expected.numpy()).max()
+    )
 
 
 @pytest.mark.slow
@@ -111,10 +121,13 @@ def test_speed_limit_quick_prints_the_limit_and_step_rows(capsys):
     speed_limit.main(["--quick"])
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    ops = [line for line in lines if line.startswith("| ") and ("conv2d" in line
-                                                               or "matmul" in line)]
-    steps = [line for line in lines if " | off " in line]             # the XLA column
-    assert len(ops) == 4 and len(steps) == 4, printed           # 2 models x 2 ops / precisions
+    ops = [
+        line
+        for line in lines
+        if line.startswith("| ") and ("conv2d" in line or "matmul" in line)
+    ]
+    steps = [line for line in lines if " | off " in line]  # the XLA column
+    assert len(ops) == 4 and len(steps) == 4, printed  # 2 models x 2 ops / precisions
     assert sum("| mixed_bfloat16 " in line for line in steps) == 2
     assert any(line.startswith("| AD-FactorVAE") for line in steps)
 
@@ -124,7 +137,7 @@ def test_flop_count_follows_the_layer_shapes():
     from keras_vae_attn.models import build_vae
 
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=16)
-    conv1 = model.encoder.get_layer("conv1")            # 4x4 stride 2, 1 -> 8, out 14x14
+    conv1 = model.encoder.get_layer("conv1")  # 4x4 stride 2, 1 -> 8, out 14x14
     assert speed_limit.layer_flops(conv1) == 2 * 14 * 14 * 8 * 4 * 4 * 1
     forward = speed_limit.forward_flops(model.encoder)
     assert forward["dense"] == 2 * (7 * 7 * 16 * 16 + 2 * 16 * 4)
@@ -137,7 +150,7 @@ def test_grid_plan_shrinks_to_the_budget_or_refuses():
     from bench import dsprites_table as table3
 
     calibration = {"jobs": 4, "seconds_per_step": 0.01, "overhead_s": 30.0}
-    steps, line = table3.plan(calibration, 8, 30000, 30000, 700)      # 2 waves x 330 s
+    steps, line = table3.plan(calibration, 8, 30000, 30000, 700)  # 2 waves x 330 s
     assert steps == 30000 and "660 s" in line
     steps, line = table3.plan(calibration, 8, 30000, 10000, 500)
     assert steps == 22000 and "shrunk to 22000" in line
@@ -150,12 +163,41 @@ def test_dsprites_grid_runs_calibrated_on_the_cpu_at_tiny_size(tmp_path, capsys)
     from bench import dsprites_table as table3
 
     out = tmp_path / "grid"
-    tiny = [*TINY, "--eval-images", "16", "--metric-train-votes", "4",
-            "--metric-eval-votes", "4", "--metric-samples", "4",
-            "--metric-variance-samples", "64", "--precision", "mixed_bfloat16"]
-    result = table3.main(["--steps", "4", "--seeds", "0", "--jobs", "1",
-                          "--models", "beta_vae", "--budget-minutes", "10",
-                          "--calibrate-steps", "2", "--out", str(out), "--", *tiny])
+    tiny = [
+        *TINY,
+        "--eval-images",
+        "16",
+        "--metric-train-votes",
+        "4",
+        "--metric-eval-votes",
+        "4",
+        "--metric-samples",
+        "4",
+        "--metric-variance-samples",
+        "64",
+        "--precision",
+        "mixed_bfloat16",
+    ]
+    result = table3.main(
+        [
+            "--steps",
+            "4",
+            "--seeds",
+            "0",
+            "--jobs",
+            "1",
+            "--models",
+            "beta_vae",
+            "--budget-minutes",
+            "10",
+            "--calibrate-steps",
+            "2",
+            "--out",
+            str(out),
+            "--",
+            *tiny,
+        ]
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("calibration: 1 x beta_vae at once")
     assert "projected" in printed and "| beta-VAE (beta 4) |" in printed

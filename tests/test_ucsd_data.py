@@ -1,4 +1,5 @@
 """The UCSD reader on generated datasets in the official layout, and its errors."""
+
 import os
 import shutil
 
@@ -10,8 +11,9 @@ from keras_vae_attn.data import DataError, ucsd
 from keras_vae_attn.data.synthetic import write_ucsd_dataset
 from keras_vae_attn.data.synthetic.ucsd_like import background
 
-SMALL = dict(width=48, height=32, frames=8, n_train=2, n_test=3, n_test_without_gt=1,
-             walkers=2)
+SMALL = dict(
+    width=48, height=32, frames=8, n_train=2, n_test=3, n_test_without_gt=1, walkers=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,14 @@ def copy(dataset, tmp_path):
 def test_layout_is_the_official_one(dataset):
     base = dataset / "UCSDped1"
     assert sorted(os.listdir(base / "Train")) == ["Train001", "Train002"]
-    assert sorted(os.listdir(base / "Test")) == ["Test001", "Test001_gt", "Test002",
-                                                 "Test002_gt", "Test003", "UCSDped1.m"]
+    assert sorted(os.listdir(base / "Test")) == [
+        "Test001",
+        "Test001_gt",
+        "Test002",
+        "Test002_gt",
+        "Test003",
+        "UCSDped1.m",
+    ]
     assert sorted(os.listdir(base / "Test" / "Test001"))[:2] == ["001.tif", "002.tif"]
     assert sorted(os.listdir(base / "Test" / "Test001_gt"))[0] == "001.bmp"
 
@@ -41,13 +49,15 @@ def test_layout_is_the_official_one(dataset):
 def test_clips_pair_masks_by_frame_name(dataset):
     clips = ucsd.list_clips(str(dataset), "ped1", "Test")
     assert [clip.name for clip in clips] == ["Test001", "Test002", "Test003"]
-    assert clips[2].masks is None                            # a clip without _gt
+    assert clips[2].masks is None  # a clip without _gt
     for clip in clips[:2]:
         assert len(clip.masks) == len(clip.frames) == SMALL["frames"]
         for frame, mask in zip(clip.frames, clip.masks):
             assert os.path.basename(os.path.dirname(mask)) == clip.name + "_gt"
-            assert os.path.splitext(os.path.basename(frame))[0] == \
-                os.path.splitext(os.path.basename(mask))[0]
+            assert (
+                os.path.splitext(os.path.basename(frame))[0]
+                == os.path.splitext(os.path.basename(mask))[0]
+            )
     assert all(clip.masks is None for clip in ucsd.list_clips(str(dataset), "ped1", "Train"))
 
 
@@ -55,20 +65,24 @@ def test_loads_frames_and_masks_at_the_requested_size(dataset):
     train = ucsd.load_train(str(dataset), "ped1", size=24)
     assert train.shape == (2 * SMALL["frames"], 24, 24, 1) and train.dtype == np.uint8
     test = ucsd.load_test(str(dataset), "ped1", size=24)
-    count = 2 * SMALL["frames"]                             # only the clips with masks
+    count = 2 * SMALL["frames"]  # only the clips with masks
     assert test.images.shape == (count, 24, 24, 1)
     assert test.masks.shape == (count, 24, 24) and test.masks.dtype == bool
     assert test.clips == ["Test001"] * SMALL["frames"] + ["Test002"] * SMALL["frames"]
     np.testing.assert_array_equal(test.labels, test.masks.any(axis=(1, 2)))
-    assert 0 < test.labels.sum() < count                    # normal frames count too
+    assert 0 < test.labels.sum() < count  # normal frames count too
     # Pixels match the files: the frame resized, the mask's covered fraction kept.
     first = test.paths[int(np.flatnonzero(test.labels)[0])]
     raw = np.asarray(Image.open(first))
     expected = np.asarray(Image.fromarray(raw).resize((24, 24), Image.Resampling.BILINEAR))
     index = test.paths.index(first)
     np.testing.assert_array_equal(test.images[index, ..., 0], expected)
-    mask_of = {frame: mask for clip in ucsd.list_clips(str(dataset), "ped1", "Test")
-               if clip.masks for frame, mask in zip(clip.frames, clip.masks)}
+    mask_of = {
+        frame: mask
+        for clip in ucsd.list_clips(str(dataset), "ped1", "Test")
+        if clip.masks
+        for frame, mask in zip(clip.frames, clip.masks)
+    }
     raw_mask = np.asarray(Image.open(mask_of[first])) > 127
     assert abs(test.masks[index].mean() - raw_mask.mean()) < 0.05
 
@@ -89,7 +103,7 @@ def test_png_and_jpg_files_load_like_tif_and_bmp(dataset, tmp_path):
     write_ucsd_dataset(str(tmp_path), "ped1", frame_format="png", mask_format="png", **SMALL)
     tif = ucsd.load_test(str(dataset), "ped1", size=20)
     png = ucsd.load_test(str(tmp_path), "ped1", size=20)
-    np.testing.assert_array_equal(png.images, tif.images)   # same seed, lossless formats
+    np.testing.assert_array_equal(png.images, tif.images)  # same seed, lossless formats
     np.testing.assert_array_equal(png.masks, tif.masks)
     jpg_root = tmp_path / "jpg"
     write_ucsd_dataset(str(jpg_root), "ped1", frame_format="jpg", mask_format="jpg", **SMALL)
@@ -142,8 +156,11 @@ def test_missing_root_is_named(tmp_path):
 
 def test_gt_folder_with_a_different_frame_count_names_clip_and_frame(copy):
     os.remove(copy / "UCSDped1" / "Test" / "Test002_gt" / "005.bmp")
-    with pytest.raises(DataError, match=r"Test002_gt.*7 masks.*clip Test002 has 8 frames"
-                                        r".*without a mask: 005"):
+    with pytest.raises(
+        DataError,
+        match=r"Test002_gt.*7 masks.*clip Test002 has 8 frames"
+        r".*without a mask: 005",
+    ):
         ucsd.list_clips(str(copy), "ped1", "Test")
 
 
@@ -154,9 +171,14 @@ def test_gt_folder_with_renamed_masks_is_refused(copy):
         ucsd.load_test(str(copy), "ped1")
 
 
-@pytest.mark.parametrize("where, name", [("Train/Train002", "003.tif"),
-                                         ("Test/Test001", "006.tif"),
-                                         ("Test/Test002_gt", "002.bmp")])
+@pytest.mark.parametrize(
+    "where, name",
+    [
+        ("Train/Train002", "003.tif"),
+        ("Test/Test001", "006.tif"),
+        ("Test/Test002_gt", "002.bmp"),
+    ],
+)
 def test_unreadable_file_names_clip_and_frame(copy, where, name):
     (copy / "UCSDped1" / where / name).write_bytes(b"this is not an image")
     clip = where.split("/")[1].replace("_gt", "")
@@ -201,7 +223,7 @@ def test_generator_reuses_or_replaces_by_settings(tmp_path):
     assert os.stat(os.path.join(path, "generator.json")).st_mtime_ns == stamp
     write_ucsd_dataset(str(tmp_path), "ped1", **{**SMALL, "n_train": 3})
     assert len(os.listdir(os.path.join(path, "Train"))) == 3
-    assert sorted(os.listdir(tmp_path)) == ["UCSDped1"]       # no staging left behind
+    assert sorted(os.listdir(tmp_path)) == ["UCSDped1"]  # no staging left behind
     with pytest.raises(FileExistsError):
         write_ucsd_dataset(str(tmp_path), "ped1", exist_ok=False, **SMALL)
     with pytest.raises(ValueError, match="frame_format"):
@@ -213,4 +235,4 @@ def test_background_is_a_fixed_textured_scene():
     again = background(np.random.default_rng(3), 32, 48)
     np.testing.assert_array_equal(first, again)
     assert first.shape == (32, 48) and 0 <= first.min() and first.max() <= 1
-    assert np.abs(np.diff(first, axis=1)).mean() > 0.005     # textured, not flat
+    assert np.abs(np.diff(first, axis=1)).mean() > 0.005  # textured, not flat

@@ -1,4 +1,5 @@
 """What every trainer shares: flags, run folders, strategy, callbacks, JSON output."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,46 +33,91 @@ def add_attention_flags(parser):
     parsed into one ExplainOptions by :func:`explain_options`."""
     group = parser.add_argument_group(
         "attribution (keras_vae_attn/attribution.py)",
-        "a flag shown with default None takes its value from the --attribution preset")
-    group.add_argument("--attribution", choices=sorted(runs.PRESETS), default="default",
-                       help="preset: 'default' (recon-deviation: the reconstruction "
-                            "residual relative to its normal size, chosen by a rule that "
-                            "requires passing the randomization check, see "
-                            "bench/RESULTS.md), 'paper' (Grad-CAM of the per-latent Eq. 5 "
-                            "energy, as printed) or 'whitened-deviation' (the previous "
-                            "default, which an untrained VAE matches); the flags below "
-                            "override it")
-    group.add_argument("--form", choices=runs.FORMS, default=None,
-                       help="how gradients and features become a map")
-    group.add_argument("--target", "--score", dest="target", choices=runs.TARGETS,
-                       default=None, help="what is back-propagated: u_i or the energy per "
-                                          "latent (D backward passes), or the total energy "
-                                          "(one); --score is the old name")
-    group.add_argument("--deviation", choices=runs.DEVIATIONS, default=None,
-                       help="how the features are compared with the normal ones: none (as "
-                            "they are), centered (minus their normal mean), standardized "
-                            "(also divided by the normal std per position and channel) or "
-                            "whitened (centered, then decorrelated across channels by the "
-                            "normal channel covariance at each position: the 'default' "
-                            "preset's choice)")
-    group.add_argument("--feature-baseline", choices=("zero", "normal"), default=None,
-                       help="old name: zero = --deviation none, normal = --deviation centered")
-    group.add_argument("--sign", choices=runs.SIGNS, default=None,
-                       help="for gradcam/hirescam/integrated: ReLU, absolute value or signed")
-    group.add_argument("--gate", choices=runs.GATES, default=None,
-                       help="recon: the map's geometric mean with the relative "
-                            "reconstruction residual (needs the decoder: what a VAE that "
-                            "learned nothing cannot fake)")
-    group.add_argument("--gradient-relu", action="store_true",
-                       help="gradcam: ReLU on gradients before pooling (the paper's printed "
-                            "Eq. 3)")
-    group.add_argument("--ig-steps", type=int, default=8,
-                       help="path points of --form integrated (batched in one pass)")
-    group.add_argument("--combine", choices=runs.COMBINES, default="mean",
-                       help="how the maps of several --layer names are combined")
-    group.add_argument("--smooth", type=float, default=0.0,
-                       help="Gaussian blur sigma (pixels) of the served heatmap; every "
-                            "method is also reported at 0, side/32 and side/16")
+        "a flag shown with default None takes its value from the --attribution preset",
+    )
+    group.add_argument(
+        "--attribution",
+        choices=sorted(runs.PRESETS),
+        default="default",
+        help="preset: 'default' (recon-deviation: the reconstruction "
+        "residual relative to its normal size, chosen by a rule that "
+        "requires passing the randomization check, see "
+        "bench/RESULTS.md), 'paper' (Grad-CAM of the per-latent Eq. 5 "
+        "energy, as printed) or 'whitened-deviation' (the previous "
+        "default, which an untrained VAE matches); the flags below "
+        "override it",
+    )
+    group.add_argument(
+        "--form",
+        choices=runs.FORMS,
+        default=None,
+        help="how gradients and features become a map",
+    )
+    group.add_argument(
+        "--target",
+        "--score",
+        dest="target",
+        choices=runs.TARGETS,
+        default=None,
+        help="what is back-propagated: u_i or the energy per "
+        "latent (D backward passes), or the total energy "
+        "(one); --score is the old name",
+    )
+    group.add_argument(
+        "--deviation",
+        choices=runs.DEVIATIONS,
+        default=None,
+        help="how the features are compared with the normal ones: none (as "
+        "they are), centered (minus their normal mean), standardized "
+        "(also divided by the normal std per position and channel) or "
+        "whitened (centered, then decorrelated across channels by the "
+        "normal channel covariance at each position: the 'default' "
+        "preset's choice)",
+    )
+    group.add_argument(
+        "--feature-baseline",
+        choices=("zero", "normal"),
+        default=None,
+        help="old name: zero = --deviation none, normal = --deviation centered",
+    )
+    group.add_argument(
+        "--sign",
+        choices=runs.SIGNS,
+        default=None,
+        help="for gradcam/hirescam/integrated: ReLU, absolute value or signed",
+    )
+    group.add_argument(
+        "--gate",
+        choices=runs.GATES,
+        default=None,
+        help="recon: the map's geometric mean with the relative "
+        "reconstruction residual (needs the decoder: what a VAE that "
+        "learned nothing cannot fake)",
+    )
+    group.add_argument(
+        "--gradient-relu",
+        action="store_true",
+        help="gradcam: ReLU on gradients before pooling (the paper's printed Eq. 3)",
+    )
+    group.add_argument(
+        "--ig-steps",
+        type=int,
+        default=8,
+        help="path points of --form integrated (batched in one pass)",
+    )
+    group.add_argument(
+        "--combine",
+        choices=runs.COMBINES,
+        default="mean",
+        help="how the maps of several --layer names are combined",
+    )
+    group.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        help="Gaussian blur sigma (pixels) of the served heatmap; every "
+        "method is also reported at 0, side/32 and side/16",
+    )
 
 
 def explain_options(parser, args):
@@ -94,12 +140,15 @@ def unknown_layer_message(layers, backbone, shape, latent_dim, flag="--layer"):
     unknown = [name for name in layers if name not in valid and name != "last"]
     if not unknown:
         return None
-    return (f"{flag} {unknown[0]!r} is not a feature map of the {backbone} encoder at "
-            f"{shape[0]}x{shape[1]}; valid: {', '.join(valid)}")
+    return (
+        f"{flag} {unknown[0]!r} is not a feature map of the {backbone} encoder at "
+        f"{shape[0]}x{shape[1]}; valid: {', '.join(valid)}"
+    )
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
-                    argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(
+    argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
     """Every flag's default shown, and the description printed as written, so the
     example commands of a module's docstring stay one per line."""
 
@@ -107,37 +156,66 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last", prog=None):
     """Flags shared by all trainers, with the experiment's defaults; ``prog`` is the
     command the usage line names (``python -m trainers.<name>``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=HelpFormatter
+    )
     parser.add_argument("--data-dir", default=None, help="dataset root")
     parser.add_argument("--runs-root", default="runs", help="parent of run folders")
-    parser.add_argument("--run-dir", default=None,
-                        help="run folder (default: a new one under --runs-root, or the "
-                             "unfinished run of the same command, which is resumed)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start a new run even if an unfinished one exists")
-    parser.add_argument("--epochs", type=int, default=epochs,
-                        help="training epochs (passes over the training data, or of "
-                             "--steps-per-epoch steps)")
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="run folder (default: a new one under --runs-root, or the "
+        "unfinished run of the same command, which is resumed)",
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="start a new run even if an unfinished one exists"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=epochs,
+        help="training epochs (passes over the training data, or of --steps-per-epoch steps)",
+    )
     parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
     parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    parser.add_argument("--latent-dim", type=int, default=latent_dim,
-                        help="size of the VAE's latent code z")
+    parser.add_argument(
+        "--latent-dim", type=int, default=latent_dim, help="size of the VAE's latent code z"
+    )
     parser.add_argument("--layer", default=layer, help="encoder layer for attention")
-    parser.add_argument("--loss", choices=("bce", "mse"), default="bce",
-                        help="reconstruction loss")
-    parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help="cap on training steps per epoch (quick runs)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the weights' initialization and the data order")
-    parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),
-                        default="default", help="tf.distribute strategy")
-    parser.add_argument("--cpu-replicas", type=int, default=0,
-                        help="with --strategy mirrored: use N logical CPU devices")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="TensorFlow op determinism (with the seeded data order): two runs "
-                             "of the same command give bit-identical weights on the CPU, "
-                             "somewhat slower")
+    parser.add_argument(
+        "--loss", choices=("bce", "mse"), default="bce", help="reconstruction loss"
+    )
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="cap on training steps per epoch (quick runs)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights' initialization and the data order",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("default", "mirrored", "multiworker"),
+        default="default",
+        help="tf.distribute strategy",
+    )
+    parser.add_argument(
+        "--cpu-replicas",
+        type=int,
+        default=0,
+        help="with --strategy mirrored: use N logical CPU devices",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="TensorFlow op determinism (with the seeded data order): two runs "
+        "of the same command give bit-identical weights on the CPU, "
+        "somewhat slower",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_speed_flags(parser)
     return parser
@@ -149,15 +227,23 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 def add_speed_flags(parser):
     """--precision and --jit-compile: how the train step runs (bench/speed_limit.py
     measures both; bench/RESULTS.md, "Training at the hardware's limit")."""
-    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                        help="dtype policy of training: mixed_bfloat16 computes in bfloat16 "
-                             "with float32 weights, losses in float32; the trained model is "
-                             "evaluated and saved in float32. auto: mixed_bfloat16 where the "
-                             "hardware has bfloat16 units (a GPU from Ampere on, a CPU with "
-                             "AMX or AVX512-BF16), else float32")
-    parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="XLA-compile the train step (default: Keras' choice, on with a "
-                             "GPU, off on the CPU)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default="auto",
+        help="dtype policy of training: mixed_bfloat16 computes in bfloat16 "
+        "with float32 weights, losses in float32; the trained model is "
+        "evaluated and saved in float32. auto: mixed_bfloat16 where the "
+        "hardware has bfloat16 units (a GPU from Ampere on, a CPU with "
+        "AMX or AVX512-BF16), else float32",
+    )
+    parser.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="XLA-compile the train step (default: Keras' choice, on with a "
+        "GPU, off on the CPU)",
+    )
 
 
 def jit_compile(args):
@@ -173,8 +259,11 @@ def native_bfloat16():
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
-        return all(tf.config.experimental.get_device_details(gpu).get(
-            "compute_capability", (0, 0)) >= (8, 0) for gpu in gpus)
+        return all(
+            tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+            >= (8, 0)
+            for gpu in gpus
+        )
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             flags = handle.read()
@@ -191,9 +280,11 @@ def resolve_precision(args, announce=True):
     if chosen:
         args.precision = "mixed_bfloat16" if native_bfloat16() else "float32"
     if announce:
-        print(f"training precision: {args.precision}"
-              + (" (--precision auto: this machine's choice)" if chosen else ""),
-              file=sys.stderr)
+        print(
+            f"training precision: {args.precision}"
+            + (" (--precision auto: this machine's choice)" if chosen else ""),
+            file=sys.stderr,
+        )
     return args.precision
 
 
@@ -234,7 +325,7 @@ def parse(parser, argv=None):
     from keras_vae_attn.console import start_tensorflow
 
     start_tensorflow()
-    setup_devices(args)         # before anything initializes the devices
+    setup_devices(args)  # before anything initializes the devices
     return args
 
 
@@ -278,11 +369,14 @@ def check_tf_config(parser):
     try:
         config = json.loads(text)
     except ValueError as error:
-        parser.error(f"the environment variable TF_CONFIG is not JSON ({error}): "
-                     f"{text[:80]!r}")
+        parser.error(
+            f"the environment variable TF_CONFIG is not JSON ({error}): {text[:80]!r}"
+        )
     if not isinstance(config, dict) or not isinstance(config.get("task", {}), dict):
-        parser.error(f"the environment variable TF_CONFIG must be a JSON object with a "
-                     f"\"task\" object, got {text[:80]!r}")
+        parser.error(
+            f"the environment variable TF_CONFIG must be a JSON object with a "
+            f'"task" object, got {text[:80]!r}'
+        )
 
 
 def unwritable_folder(path):
@@ -306,7 +400,7 @@ def training_bytes(backbone, side, channels, latent_dim, batch_size):
     and its decoder, 64 for the small nets)."""
     if backbone == "resnet18":
         steps = max(1, round(math.log2(max(side, 2) / 8)))
-        start = math.ceil(side / 2 ** steps)
+        start = math.ceil(side / 2**steps)
         first = ([256] * steps + [256, 128, 64, 32, 32])[-steps]
         params = 11.2e6 + latent_dim * (2 * 512 + start * start * first)
         per_pixel = 250
@@ -343,8 +437,10 @@ def memory_message(args):
         return None
     alone = training_bytes(backbone, side, channels, 32, args.batch_size)  # a usual latent
     flag = f"--latent-dim {args.latent_dim}" if alone <= total else f"--image-size {side}"
-    return (f"{flag}: training this model needs about {needed / 2**30:.0f} GiB of memory, "
-            f"more than this machine's {total / 2**30:.0f} GiB; choose a smaller value")
+    return (
+        f"{flag}: training this model needs about {needed / 2**30:.0f} GiB of memory, "
+        f"more than this machine's {total / 2**30:.0f} GiB; choose a smaller value"
+    )
 
 
 def require_counts(parser, args, flags):
@@ -363,8 +459,7 @@ def trained_epochs(model_dir):
     log = os.path.join(run, "training_log.jsonl")
     if os.path.isfile(log):
         with open(log, encoding="utf-8") as handle:
-            ended = [json.loads(line).get("epoch") for line in handle
-                     if '"epoch_end"' in line]
+            ended = [json.loads(line).get("epoch") for line in handle if '"epoch_end"' in line]
         if ended:
             return max(ended)
     try:
@@ -375,10 +470,13 @@ def trained_epochs(model_dir):
 
 def add_model_dir_flag(parser, what="images"):
     """--model-dir: score a saved model again instead of training."""
-    parser.add_argument("--model-dir", default=None,
-                        help=f"evaluate this saved model (a run's model/ folder) on the "
-                             f"test {what} instead of training: re-score it with other "
-                             "attribution flags")
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help=f"evaluate this saved model (a run's model/ folder) on the "
+        f"test {what} instead of training: re-score it with other "
+        "attribution flags",
+    )
 
 
 def holdout_fraction(text):
@@ -392,16 +490,23 @@ def holdout_fraction(text):
 def add_prediction_flags(parser, png=True):
     """How a run's predictions.csv and thresholds.json are made
     (keras_vae_attn/predictions.py), and the optional per-image PNGs."""
-    parser.add_argument("--calibration-holdout", type=holdout_fraction, default=0.1,
-                        help="share of the normal training images (the last ones) not "
-                             "trained on but used to calibrate the thresholds of "
-                             "predictions.csv and thresholds.json; 0 calibrates on the "
-                             "training images (with --model-dir: the same last share)")
+    parser.add_argument(
+        "--calibration-holdout",
+        type=holdout_fraction,
+        default=0.1,
+        help="share of the normal training images (the last ones) not "
+        "trained on but used to calibrate the thresholds of "
+        "predictions.csv and thresholds.json; 0 calibrates on the "
+        "training images (with --model-dir: the same last share)",
+    )
     if png:
-        parser.add_argument("--save-predictions-png", action="store_true",
-                            help="also write one PNG per test image into "
-                                 "<run>/predictions/: input, heatmap, ground truth and "
-                                 "the mask predicted at the calibrated threshold")
+        parser.add_argument(
+            "--save-predictions-png",
+            action="store_true",
+            help="also write one PNG per test image into "
+            "<run>/predictions/: input, heatmap, ground truth and "
+            "the mask predicted at the calibrated threshold",
+        )
 
 
 def config_of(args):
@@ -425,8 +530,17 @@ class RunRefused(Exception):
 
 #: What a trainer writes into its run folder: what ``--fresh`` clears in a finished or
 #: other-flags ``--run-dir`` before training in it again (nothing else there is touched).
-RUN_OUTPUTS = (BACKUP_DIR, CHECKPOINTS, TENSORBOARD, "model", "predictions",
-               "training_log.jsonl", RUN_COMPLETE, "predictions.csv", "thresholds.json")
+RUN_OUTPUTS = (
+    BACKUP_DIR,
+    CHECKPOINTS,
+    TENSORBOARD,
+    "model",
+    "predictions",
+    "training_log.jsonl",
+    RUN_COMPLETE,
+    "predictions.csv",
+    "thresholds.json",
+)
 LOCK = ".lock"
 #: {real path of a run folder: its open lock file}, held until the run completes
 _HELD = {}
@@ -449,13 +563,15 @@ def run_dir_for(args, experiment):
         else:
             parent = os.path.join(args.runs_root, experiment)
             os.makedirs(parent, exist_ok=True)
-            with locked(parent):                # two commands started at once
+            with locked(parent):  # two commands started at once
                 path = own_folder(pick_run_dir(args, parent, config), worker)
         write_json(os.path.join(path, "config.json"), config)
     except OSError as error:
         flag = "--run-dir" if args.run_dir else "--runs-root"
-        raise RunRefused(f"{flag} {args.run_dir or args.runs_root}: cannot write "
-                         f"{error.filename or ''}: {error.strerror or error}") from None
+        raise RunRefused(
+            f"{flag} {args.run_dir or args.runs_root}: cannot write "
+            f"{error.filename or ''}: {error.strerror or error}"
+        ) from None
     return path
 
 
@@ -463,10 +579,14 @@ def pick_run_dir(args, parent, config):
     """The unfinished run of the same config under ``parent``, else a new folder (made
     here); RunFinished when the same config finished already (unless --fresh)."""
     digest = config_hash(config)
-    same = sorted(name for name in os.listdir(parent) if name.endswith(digest)) \
-        if not args.fresh else []
-    unfinished = [name for name in same
-                  if not os.path.exists(os.path.join(parent, name, RUN_COMPLETE))]
+    same = (
+        sorted(name for name in os.listdir(parent) if name.endswith(digest))
+        if not args.fresh
+        else []
+    )
+    unfinished = [
+        name for name in same if not os.path.exists(os.path.join(parent, name, RUN_COMPLETE))
+    ]
     if same and not unfinished:
         rescore = hasattr(args, "model_dir") and not args.model_dir
         raise RunFinished(finished_message(os.path.join(parent, same[-1]), rescore))
@@ -498,8 +618,9 @@ def explicit_run_dir(args, config, worker=0):
     os.makedirs(path, exist_ok=True)
     path = own_folder(path, worker)
     old = runs.read_config(path) if os.path.isfile(os.path.join(path, runs.CONFIG)) else {}
-    differ = sorted(key for key in set(old) & set(config)
-                    if key != "explain" and old[key] != config[key])
+    differ = sorted(
+        key for key in set(old) & set(config) if key != "explain" and old[key] != config[key]
+    )
     finished = os.path.exists(os.path.join(path, RUN_COMPLETE))
     if args.fresh and (differ or finished):
         for name in RUN_OUTPUTS:
@@ -510,11 +631,14 @@ def explicit_run_dir(args, config, worker=0):
                 os.remove(target)
         print(f"--fresh: cleared the previous run's outputs in {path}", file=sys.stderr)
     elif differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} there, {config[k]!r} here"
-                          for k in differ[:3])
+        shown = ", ".join(
+            f"--{k.replace('_', '-')} {old[k]!r} there, {config[k]!r} here" for k in differ[:3]
+        )
         state = "finished" if finished else "unfinished"
-        raise RunRefused(f"--run-dir {path} holds a {state} run of other flags ({shown}); "
-                         "pass another --run-dir, or --fresh to replace that run")
+        raise RunRefused(
+            f"--run-dir {path} holds a {state} run of other flags ({shown}); "
+            "pass another --run-dir, or --fresh to replace that run"
+        )
     elif finished:
         rescore = hasattr(args, "model_dir") and not args.model_dir
         raise RunFinished(finished_message(path, rescore))
@@ -532,7 +656,7 @@ def locked(folder):
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(descriptor)                # closing releases the lock
+        os.close(descriptor)  # closing releases the lock
 
 
 def claim(path):
@@ -552,14 +676,19 @@ def claim(path):
         handle.seek(0)
         owner = handle.read().strip() or "?"
         handle.close()
-        raise RunRefused(f"the run folder {path} is in use by process {owner} (the same "
-                         "command, still running); wait for it to end, or pass --fresh "
-                         "to start another run") from None
+        raise RunRefused(
+            f"the run folder {path} is in use by process {owner} (the same "
+            "command, still running); wait for it to end, or pass --fresh "
+            "to start another run"
+        ) from None
     handle.seek(0)
     previous = handle.read().strip()
     if previous and previous != str(os.getpid()):
-        print(f"taking over the run folder {path} from process {previous}, which ended "
-              "without finishing it", file=sys.stderr)
+        print(
+            f"taking over the run folder {path} from process {previous}, which ended "
+            "without finishing it",
+            file=sys.stderr,
+        )
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -584,10 +713,15 @@ def finished_message(path, rescore=True):
     """What to do when the command's run is finished: where it is, how to re-score its
     model with other flags (``rescore``: the trainer has --model-dir), how to train
     again."""
-    hint = f"; re-score its model with other flags: --model-dir " \
-        f"{os.path.join(path, 'model')}" if rescore else ""
-    return (f"this command already finished a run: {path} (metrics.json and figures)"
-            f"{hint}; --fresh trains a new one")
+    hint = (
+        f"; re-score its model with other flags: --model-dir {os.path.join(path, 'model')}"
+        if rescore
+        else ""
+    )
+    return (
+        f"this command already finished a run: {path} (metrics.json and figures)"
+        f"{hint}; --fresh trains a new one"
+    )
 
 
 def fit_and_record_options(model, normal_images, options, batch_size, run_dir):
@@ -640,9 +774,10 @@ def setup_devices(args):
     if replicas and replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         if tf.config.get_logical_device_configuration(cpu):
-            return                          # split already (parse does it first)
+            return  # split already (parse does it first)
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
+        )
 
 
 def make_strategy(args):
@@ -657,8 +792,10 @@ def make_strategy(args):
         return tf.distribute.MirroredStrategy()
     if args.strategy == "multiworker":
         if "TF_CONFIG" not in os.environ:
-            raise SystemExit("--strategy multiworker needs the TF_CONFIG environment "
-                             "variable describing the cluster and this worker's task")
+            raise SystemExit(
+                "--strategy multiworker needs the TF_CONFIG environment "
+                "variable describing the cluster and this worker's task"
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
 
@@ -681,12 +818,13 @@ def nan_guard():
             self.epoch = epoch
 
         def on_train_batch_end(self, batch, logs=None):
-            bad = {k: float(v) for k, v in (logs or {}).items()
-                   if not math.isfinite(float(v))}
+            bad = {k: float(v) for k, v in (logs or {}).items() if not math.isfinite(float(v))}
             if bad:
-                self.failure = (f"training diverged at epoch {self.epoch + 1}, batch "
-                                f"{batch + 1}: non-finite {bad}. Lower --lr or check the "
-                                "input data for NaNs; the last checkpoint is kept.")
+                self.failure = (
+                    f"training diverged at epoch {self.epoch + 1}, batch "
+                    f"{batch + 1}: non-finite {bad}. Lower --lr or check the "
+                    "input data for NaNs; the last checkpoint is kept."
+                )
                 self.model.stop_training = True
 
     return NaNGuard()
@@ -719,9 +857,14 @@ def training_log(path):
             total = float(sum(np.abs(np.asarray(v)).sum() for v in self.model.weights))
             optimizer = getattr(self.model, "optimizer", None)
             step = int(np.asarray(optimizer.iterations)) if optimizer is not None else None
-            line = {"event": event, "epoch": epoch, "pid": os.getpid(),
-                    "weights_checksum": total, "optimizer_step": step,
-                    **{k: float(v) for k, v in (logs or {}).items()}}
+            line = {
+                "event": event,
+                "epoch": epoch,
+                "pid": os.getpid(),
+                "weights_checksum": total,
+                "optimizer_step": step,
+                **{k: float(v) for k, v in (logs or {}).items()},
+            }
             with open(path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
 
@@ -753,8 +896,9 @@ def epoch_weights(folder, keep):
     class EpochWeights(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             os.makedirs(folder, exist_ok=True)
-            require_space(folder, state_bytes(self.model), f"the checkpoint of epoch "
-                                                           f"{epoch + 1}")
+            require_space(
+                folder, state_bytes(self.model), f"the checkpoint of epoch {epoch + 1}"
+            )
             partial = os.path.join(folder, f".partial-{os.getpid()}.weights.h5")
             try:
                 self.model.save_weights(partial)
@@ -762,8 +906,11 @@ def epoch_weights(folder, keep):
             finally:
                 if os.path.exists(partial):
                     os.remove(partial)
-            names = sorted(n for n in os.listdir(folder)
-                           if n.startswith("epoch-") and n.endswith(".weights.h5"))
+            names = sorted(
+                n
+                for n in os.listdir(folder)
+                if n.startswith("epoch-") and n.endswith(".weights.h5")
+            )
             for name in names[:-keep] if keep > 0 else []:
                 os.remove(os.path.join(folder, name))
 
@@ -809,8 +956,9 @@ def complete_run(run_dir, metrics, examples=None):
 
     log = os.path.join(run_dir, "training_log.jsonl")
     epochs = losses_per_epoch(log).get("loss", []) if os.path.isfile(log) else []
-    kva_callbacks.log_evaluation(os.path.join(run_dir, TENSORBOARD), metrics,
-                                 max(len(epochs) - 1, 0), examples)
+    kva_callbacks.log_evaluation(
+        os.path.join(run_dir, TENSORBOARD), metrics, max(len(epochs) - 1, 0), examples
+    )
     write_json(os.path.join(run_dir, RUN_COMPLETE), metrics)
     release(run_dir)
 
@@ -841,8 +989,9 @@ def main_guard(main):
         print(interrupted_message(), file=sys.stderr)
         raise SystemExit(130) from None
     except DiskFull as error:
-        print(f"error: {error}; free space and run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"error: {error}; free space and run the same command to resume", file=sys.stderr
+        )
         raise SystemExit(2) from None
     except RunFinished as finished:
         print(finished, file=sys.stderr)
@@ -862,12 +1011,15 @@ def main_guard(main):
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         name = f" {error.filename}" if error.filename else ""
-        print(f"error: cannot write{name}: {error.strerror}; the same command resumes "
-              "once it can", file=sys.stderr)
+        print(
+            f"error: cannot write{name}: {error.strerror}; the same command resumes "
+            "once it can",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     finally:
-        for path in list(_HELD):        # an orderly end (even Ctrl-C) leaves no owner:
-            release(path)               # only a killed run's lock is "taken over"
+        for path in list(_HELD):  # an orderly end (even Ctrl-C) leaves no owner:
+            release(path)  # only a killed run's lock is "taken over"
 
 
 def recalibrate_batch_norm(model, dataset):
@@ -881,8 +1033,12 @@ def recalibrate_batch_norm(model, dataset):
     """
     import keras
 
-    layers = [layer for part in (model.encoder, model.decoder) for layer in part.layers
-              if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = [
+        layer
+        for part in (model.encoder, model.decoder)
+        for layer in part.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     if not layers:
         return
     saved = [layer.momentum for layer in layers]
@@ -890,14 +1046,23 @@ def recalibrate_batch_norm(model, dataset):
         for index, images in enumerate(dataset):
             for layer in layers:
                 layer.momentum = index / (index + 1.0)
-            model.vae_losses(images, training=True)      # eager: reads momentum each call
+            model.vae_losses(images, training=True)  # eager: reads momentum each call
     finally:
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
 
 
-def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_layers,
-                  batch_norm_batches=None, covariance=False):
+def fit_one_class(
+    args,
+    build_model,
+    dataset,
+    normal,
+    run_dir,
+    watch,
+    feature_layers,
+    batch_norm_batches=None,
+    covariance=False,
+):
     """The one-class training every localization trainer runs, in one place.
 
     Seeded build and compile under the ``--strategy``; ``model.fit`` with the standard
@@ -918,14 +1083,20 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     remove_stale_staging(model_dir)
     if all(os.path.isfile(os.path.join(model_dir, n)) for n in (MODEL_SPEC, MODEL_WEIGHTS)):
         # killed after the model was saved (during evaluation): never train it again
-        print(f"{model_dir} holds this run's trained model; resuming at evaluation "
-              "(--fresh starts a new run)", file=sys.stderr)
+        print(
+            f"{model_dir} holds this run's trained model; resuming at evaluation "
+            "(--fresh starts a new run)",
+            file=sys.stderr,
+        )
         model = load_vae(model_dir)
-        resolve_precision(args, announce=False)     # what the same command trained in
+        resolve_precision(args, announce=False)  # what the same command trained in
         finish_training(run_dir)
         STAGE["evaluating"] = True
-        missing = [name for name in feature_layers
-                   if not model.has_feature_distribution(name, covariance)]
+        missing = [
+            name
+            for name in feature_layers
+            if not model.has_feature_distribution(name, covariance)
+        ]
         if missing:
             model.fit_feature_distributions(normal, missing, covariance)
         return model, losses_per_epoch(log) if os.path.isfile(log) else {}, 0.0
@@ -941,18 +1112,23 @@ def fit_one_class(args, build_model, dataset, normal, run_dir, watch, feature_la
     dataset = fast_forward(dataset, steps, backup_epoch(os.path.join(run_dir, BACKUP_DIR)))
     callbacks, guard = standard_callbacks(run_dir, watch)
     started = time.perf_counter()
-    model.fit(dataset, epochs=args.epochs, steps_per_epoch=steps,
-              shuffle=False,            # the tf.data stream is shuffled (and seeded) itself
-              callbacks=callbacks, verbose=0 if args.quiet else 1)
+    model.fit(
+        dataset,
+        epochs=args.epochs,
+        steps_per_epoch=steps,
+        shuffle=False,  # the tf.data stream is shuffled (and seeded) itself
+        callbacks=callbacks,
+        verbose=0 if args.quiet else 1,
+    )
     seconds = time.perf_counter() - started
     check_diverged(guard)
     if args.precision != "float32":
-        model = rebuild(model)          # stats, evaluation and the saved model in float32
+        model = rebuild(model)  # stats, evaluation and the saved model in float32
     recalibrate_batch_norm(model, batch_norm_batches or normal)
     model.fit_normal_stats(normal)
     model.fit_feature_distributions(normal, list(feature_layers), covariance)
     save_vae(model, model_dir)
-    finish_training(run_dir)            # the backup only now: model/ holds the training
+    finish_training(run_dir)  # the backup only now: model/ holds the training
     STAGE["evaluating"] = True
     return model, losses_per_epoch(log), seconds
 
@@ -1016,14 +1192,18 @@ def losses_per_epoch(log_path):
         for line in handle:
             entry = json.loads(line)
             if entry.get("event") == "epoch_end":
-                by_epoch[entry["epoch"]] = entry        # a re-run epoch replaces the old
+                by_epoch[entry["epoch"]] = entry  # a re-run epoch replaces the old
     names = ("loss", "recon", "kl")
-    return {name: [by_epoch[e][name] for e in sorted(by_epoch) if name in by_epoch[e]]
-            for name in names if any(name in entry for entry in by_epoch.values())}
+    return {
+        name: [by_epoch[e][name] for e in sorted(by_epoch) if name in by_epoch[e]]
+        for name in names
+        if any(name in entry for entry in by_epoch.values())
+    }
 
 
-def write_localization_predictions(args, run_dir, model, options, held_out, test, groups,
-                                   group_column, attention, others=None):
+def write_localization_predictions(
+    args, run_dir, model, options, held_out, test, groups, group_column, attention, others=None
+):
     """predictions.csv and thresholds.json of an MVTec or UCSD run (with
     --save-predictions-png one PNG per test image), calibrated on the held-out normal
     training images. ``groups``: the defect type or clip of each test image, written as
@@ -1033,15 +1213,25 @@ def write_localization_predictions(args, run_dir, model, options, held_out, test
     from keras_vae_attn.data import to_float
 
     source = predictions.describe_source(args.calibration_holdout, len(held_out))
-    calibrated = predictions.calibrate(model, to_float(held_out), options,
-                                       args.eval_batch_size, source, others)
+    calibrated = predictions.calibrate(
+        model, to_float(held_out), options, args.eval_batch_size, source, others
+    )
     predicted = predictions.predict(attention, calibrated.thresholds)
     files = [os.path.relpath(path, args.data_dir) for path in test.paths]
-    entry = predictions.write(run_dir, files, groups, group_column, test.labels, predicted,
-                              calibrated)
+    entry = predictions.write(
+        run_dir, files, groups, group_column, test.labels, predicted, calibrated
+    )
     entry["calibration_images"] = len(held_out)
     if args.save_predictions_png:
-        entry["png_folder"] = os.path.basename(predictions.save_images(
-            run_dir, files, to_float(test.images), attention, test.masks, predicted,
-            calibrated))
+        entry["png_folder"] = os.path.basename(
+            predictions.save_images(
+                run_dir,
+                files,
+                to_float(test.images),
+                attention,
+                test.masks,
+                predicted,
+                calibrated,
+            )
+        )
     return entry, calibrated, predicted

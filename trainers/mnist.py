@@ -5,6 +5,7 @@
 --data-dir is the folder of MNIST's four IDX files; without it the digits come from
 tensorflow-datasets (the [datasets] extra; downloads once).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,14 @@ from trainers import common, sanity
 
 
 def build_parser():
-    parser = common.base_parser(__doc__, epochs=10, batch_size=128, lr=1e-3, latent_dim=16,
-                                prog="python -m trainers.mnist")
+    parser = common.base_parser(
+        __doc__,
+        epochs=10,
+        batch_size=128,
+        lr=1e-3,
+        latent_dim=16,
+        prog="python -m trainers.mnist",
+    )
     parser.add_argument("--normal-digit", type=int, default=1, help="the normal class, 0-9")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
@@ -30,7 +37,7 @@ def build_parser():
 
 
 SCORES = ("recon_score", "kl", "latent_distance", "attention_energy", "score")
-REFERENCES = ("mean_image_difference", "pixel_deviation")   # model-free, mean of the map
+REFERENCES = ("mean_image_difference", "pixel_deviation")  # model-free, mean of the map
 
 
 def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pixels):
@@ -41,29 +48,53 @@ def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pi
 
     from keras_vae_attn import references, scoring
 
-    out = scoring.batched(model, images, batch_size, options, keys=SCORES + ("heatmap",),
-                          progress=lambda it: common.progress(it, quiet, desc="evaluate"))
+    out = scoring.batched(
+        model,
+        images,
+        batch_size,
+        options,
+        keys=SCORES + ("heatmap",),
+        progress=lambda it: common.progress(it, quiet, desc="evaluate"),
+    )
     heatmaps = out.pop("heatmap")
     out["attention_max"] = out.pop("score")
-    out.update({name: m.mean(axis=(1, 2))
-                for name, m in references.reference_maps(images, pixels).items()})
+    out.update(
+        {
+            name: m.mean(axis=(1, 2))
+            for name, m in references.reference_maps(images, pixels).items()
+        }
+    )
     is_anomaly = (labels != normal_digit).astype(int)
     metrics, curves = {}, {}
     if len(set(is_anomaly)) < 2:
-        return {"image_auroc": {name: None for name in out},
+        return (
+            {
+                "image_auroc": {name: None for name in out},
                 "image_auroc_undefined": "the test images hold only one class (normal "
-                                         "digit vs the rest): raise --max-test",
-                "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, {}, \
-            heatmaps
+                "digit vs the rest): raise --max-test",
+                "test_images": int(len(images)),
+                "anomalous": int(is_anomaly.sum()),
+            },
+            {},
+            heatmaps,
+        )
     for name in out:
         auc = float(roc_auc_score(is_anomaly, out[name]))
         fpr, tpr, _ = roc_curve(is_anomaly, out[name])
         metrics[name] = auc
         curves[name] = (fpr, tpr, auc)
     best = max(metrics, key=metrics.get)
-    return {"image_auroc": metrics, "best_score": best, "best_auroc": metrics[best],
-            "test_images": int(len(images)), "anomalous": int(is_anomaly.sum())}, curves, \
-        heatmaps
+    return (
+        {
+            "image_auroc": metrics,
+            "best_score": best,
+            "best_auroc": metrics[best],
+            "test_images": int(len(images)),
+            "anomalous": int(is_anomaly.sum()),
+        },
+        curves,
+        heatmaps,
+    )
 
 
 def write_figures(model, run_dir, images, labels, options, metrics, calibrated, predicted):
@@ -79,25 +110,44 @@ def write_figures(model, run_dir, images, labels, options, metrics, calibrated, 
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
     batch = images[picks]
     out = {k: v.numpy() for k, v in scoring.explain_anomaly(model, batch, options).items()}
-    notes = [f"score {predicted['image_score'][i]:.3g}\n"
-             f"{'anomalous' if predicted['pred_label'][i] else 'normal'}" for i in picks]
-    title = viz.method_title(f"MNIST, digit {metrics['normal_digit']} vs the rest",
-                             options.describe(),
-                             image_auroc=metrics["image_auroc"].get("attention_max"))
-    columns = [("input", viz.to_rgb(batch)), ("reconstruction", viz.to_rgb(out["reconstruction"])),
-               viz.Heatmaps("anomaly attention", out["heatmap"], calibrated.scales[ATTENTION],
-                            scale_label(ATTENTION, calibrated), calibrated.thresholds.pixel,
-                            notes)]
-    viz.save_figure(viz.heatmap_figure(batch, columns, title=title,
-                                       row_titles=[f"digit {labels[i]}" for i in picks]),
-                    os.path.join(run_dir, "gallery.png"))
+    notes = [
+        f"score {predicted['image_score'][i]:.3g}\n"
+        f"{'anomalous' if predicted['pred_label'][i] else 'normal'}"
+        for i in picks
+    ]
+    title = viz.method_title(
+        f"MNIST, digit {metrics['normal_digit']} vs the rest",
+        options.describe(),
+        image_auroc=metrics["image_auroc"].get("attention_max"),
+    )
+    columns = [
+        ("input", viz.to_rgb(batch)),
+        ("reconstruction", viz.to_rgb(out["reconstruction"])),
+        viz.Heatmaps(
+            "anomaly attention",
+            out["heatmap"],
+            calibrated.scales[ATTENTION],
+            scale_label(ATTENTION, calibrated),
+            calibrated.thresholds.pixel,
+            notes,
+        ),
+    ]
+    viz.save_figure(
+        viz.heatmap_figure(
+            batch, columns, title=title, row_titles=[f"digit {labels[i]}" for i in picks]
+        ),
+        os.path.join(run_dir, "gallery.png"),
+    )
     per_latent = upsample(tf_reshape_maps(out["per_latent"]), batch.shape[1:3]).numpy()
     per_latent = per_latent.reshape(len(picks), -1, *batch.shape[1:3])
     shown = picks[:4]
-    figure = viz.latent_figure(batch[:len(shown)], per_latent[:len(shown)],
-                               row_titles=[f"digit {labels[i]}" for i in shown],
-                               title=f"per-latent attention M_i at {options.layer} "
-                                     f"(Eq. 3-4), digit {metrics['normal_digit']} normal")
+    figure = viz.latent_figure(
+        batch[: len(shown)],
+        per_latent[: len(shown)],
+        row_titles=[f"digit {labels[i]}" for i in shown],
+        title=f"per-latent attention M_i at {options.layer} "
+        f"(Eq. 3-4), digit {metrics['normal_digit']} normal",
+    )
     viz.save_figure(figure, os.path.join(run_dir, "latent_maps.png"))
 
 
@@ -110,8 +160,15 @@ def write_predictions(args, test_y, heatmaps, held_out, model, options, run_dir)
     calibrated = predictions.calibrate(model, held_out, options, 256, source)
     predicted = predictions.predict(heatmaps, calibrated.thresholds)
     files = [f"test/{index:05d}" for index in range(len(test_y))]
-    entry = predictions.write(run_dir, files, [int(d) for d in test_y], "digit",
-                              test_y != args.normal_digit, predicted, calibrated)
+    entry = predictions.write(
+        run_dir,
+        files,
+        [int(d) for d in test_y],
+        "digit",
+        test_y != args.normal_digit,
+        predicted,
+        calibrated,
+    )
     entry["calibration_images"] = len(held_out)
     return entry, calibrated, predicted
 
@@ -129,6 +186,7 @@ def main(argv=None):
     args.explain = options.as_config()
     try:
         from keras_vae_attn.data import mnist
+
         mnist.check_digit(args.normal_digit)
     except ValueError as error:
         parser.error(f"--normal-digit {error}")
@@ -141,60 +199,95 @@ def main(argv=None):
 
     train_images, train_labels = mnist.load(args.data_dir, "train")
     test_images, test_labels = mnist.load(args.data_dir, "test")
-    normal = mnist.to_float(train_images[train_labels == args.normal_digit][:args.max_train])
+    normal = mnist.to_float(train_images[train_labels == args.normal_digit][: args.max_train])
     from keras_vae_attn.predictions import split_held_out
 
     try:
         normal, held_out = split_held_out(normal, args.calibration_holdout)
     except ValueError as error:
-        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}") from None
-    test_x = mnist.to_float(test_images[:args.max_test])
-    test_y = test_labels[:args.max_test]
+        raise SystemExit(
+            f"error: --calibration-holdout {args.calibration_holdout}: {error}"
+        ) from None
+    test_x = mnist.to_float(test_images[: args.max_test])
+    test_y = test_labels[: args.max_test]
 
     run_dir = common.run_dir_for(args, "mnist")
     print(f"run folder: {run_dir}", file=sys.stderr)
-    dataset = (tf.data.Dataset.from_tensor_slices(normal)
-               .shuffle(len(normal), seed=args.seed).batch(args.batch_size)
-               .prefetch(tf.data.AUTOTUNE))
-    watch = kva_callbacks.AttentionImages(test_x[:4], os.path.join(run_dir, "tensorboard"),
-                                          options.layer)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(normal)
+        .shuffle(len(normal), seed=args.seed)
+        .batch(args.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    watch = kva_callbacks.AttentionImages(
+        test_x[:4], os.path.join(run_dir, "tensorboard"), options.layer
+    )
     model, history, _ = common.fit_one_class(
-        args, lambda: build_vae("small", (28, 28, 1), args.latent_dim, recon_loss=args.loss,
-                                seed=args.seed),
-        dataset, tf.data.Dataset.from_tensor_slices(normal).batch(256), run_dir, watch,
-        options.layers, covariance=options.needs_covariance)
+        args,
+        lambda: build_vae(
+            "small", (28, 28, 1), args.latent_dim, recon_loss=args.loss, seed=args.seed
+        ),
+        dataset,
+        tf.data.Dataset.from_tensor_slices(normal).batch(256),
+        run_dir,
+        watch,
+        options.layers,
+        covariance=options.needs_covariance,
+    )
     options = common.fit_and_record_options(model, normal, options, 256, run_dir)
 
     from keras_vae_attn import references
 
     pixels = references.fit_pixel_distribution(normal)
-    metrics, curves, heatmaps = evaluate(model, test_x, test_y, args.normal_digit, options,
-                                         256, args.quiet, pixels)
+    metrics, curves, heatmaps = evaluate(
+        model, test_x, test_y, args.normal_digit, options, 256, args.quiet, pixels
+    )
     twin = sanity.twin_for(args, model, normal, options)
     checked, check_lines = sanity.image_level(
-        args, model, twin, test_x, (test_y != args.normal_digit).astype(int), heatmaps,
-        options, pixels, run_dir,
-        f"MNIST, digit {args.normal_digit} vs the rest")
+        args,
+        model,
+        twin,
+        test_x,
+        (test_y != args.normal_digit).astype(int),
+        heatmaps,
+        options,
+        pixels,
+        run_dir,
+        f"MNIST, digit {args.normal_digit} vs the rest",
+    )
     metrics.update(checked)
-    metrics.update(normal_digit=args.normal_digit, layer=args.layer,
-                   precision=args.precision,                # --precision auto resolved
-                   explain=options.as_config(), attribution=options.describe(),
-                   final_losses={k: float(v[-1]) for k, v in history.items()})
+    metrics.update(
+        normal_digit=args.normal_digit,
+        layer=args.layer,
+        precision=args.precision,  # --precision auto resolved
+        explain=options.as_config(),
+        attribution=options.describe(),
+        final_losses={k: float(v[-1]) for k, v in history.items()},
+    )
     if curves:
-        viz.save_roc(curves, os.path.join(run_dir, "roc.png"),
-                     title=f"digit {args.normal_digit} vs rest")
+        viz.save_roc(
+            curves,
+            os.path.join(run_dir, "roc.png"),
+            title=f"digit {args.normal_digit} vs rest",
+        )
     viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     metrics["train_images"] = len(normal)
     metrics["predictions"], calibrated, predicted = write_predictions(
-        args, test_y, heatmaps, held_out, model, options, run_dir)
+        args, test_y, heatmaps, held_out, model, options, run_dir
+    )
     write_figures(model, run_dir, test_x, test_y, options, metrics, calibrated, predicted)
     common.complete_run(run_dir, metrics)
     print(f"anomaly attention = {options.describe()}")
     if "image_auroc_undefined" in metrics:
-        print(f"image AUROC not computed: {metrics['image_auroc_undefined']} "
-              f"(metrics.json holds null)", file=sys.stderr)
-    print("image AUROC: " + ", ".join(console.auroc_text(k, v)
-                                      for k, v in metrics["image_auroc"].items()))
+        print(
+            f"image AUROC not computed: {metrics['image_auroc_undefined']} "
+            f"(metrics.json holds null)",
+            file=sys.stderr,
+        )
+    print(
+        "image AUROC: "
+        + ", ".join(console.auroc_text(k, v) for k, v in metrics["image_auroc"].items())
+    )
     print("\n".join(console.decision_lines(metrics["predictions"], "images")))
     print("\n".join(check_lines))
     print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")

@@ -9,6 +9,7 @@ compare the anomaly attention (Eq. 5) with the reconstruction difference on its 
 generates a small MVTec-style category under <runs-root>/data/ (once) and uses demo-sized
 defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,48 +36,95 @@ DEMO_DEFAULTS = dict(image_size=64, epochs=6, steps_per_epoch=15, batch_size=16,
 # in bench/RESULTS.md ("Choosing the default attribution").
 DEFAULT_LAYER = "conv1"
 # the method and its references, side by side (keras_vae_attn/evaluate.py)
-METHODS = ("anomaly_attention", "paper_form", "recon_error", "feature_deviation",
-           "random_features", "mean_image_difference", "pixel_deviation")
+METHODS = (
+    "anomaly_attention",
+    "paper_form",
+    "recon_error",
+    "feature_deviation",
+    "random_features",
+    "mean_image_difference",
+    "pixel_deviation",
+)
 FIGURE_ROWS = 4
 
 
 def build_parser():
-    parser = common.base_parser(__doc__, epochs=PAPER_DEFAULTS["epochs"],
-                                batch_size=PAPER_DEFAULTS["batch_size"],
-                                lr=PAPER_DEFAULTS["lr"], latent_dim=32, layer=DEFAULT_LAYER,
-                                prog="python -m trainers.mvtec")
-    parser.epilog = ("the defaults shown are the paper's; --category demo or logical "
-                     "without --data-dir uses\n" + ", ".join(
-                         f"--{k.replace('_', '-')} {v:g}" for k, v in DEMO_DEFAULTS.items())
-                     + " unless given")
-    parser.add_argument("--category", required=True,
-                        help="MVTec AD category (e.g. bottle), or 'demo' / 'logical' for a "
-                             "generated one")
-    parser.add_argument("--image-size", type=int, default=PAPER_DEFAULTS["image_size"],
-                        help="images and masks are resized to this square size")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=3,
-                        help="3 loads every category as RGB (grey ones copied to 3 "
-                             "channels); 1 loads grey")
-    parser.add_argument("--backbone", choices=("resnet18", "small"), default="resnet18",
-                        help="encoder: the paper's ResNet18 VAE, or a small stack of "
-                             "stride-2 convolutions (conv1, conv2, ...; quick runs)")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                        help="random mirror and rotation of training images")
-    parser.add_argument("--mirror", default="horizontal",
-                        choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
-                        help="random flips of --augment (choose none for categories whose "
-                             "orientation matters, e.g. transistor)")
-    parser.add_argument("--rotation", type=float, default=10.0,
-                        help="random rotation range, +- degrees")
+    parser = common.base_parser(
+        __doc__,
+        epochs=PAPER_DEFAULTS["epochs"],
+        batch_size=PAPER_DEFAULTS["batch_size"],
+        lr=PAPER_DEFAULTS["lr"],
+        latent_dim=32,
+        layer=DEFAULT_LAYER,
+        prog="python -m trainers.mvtec",
+    )
+    parser.epilog = (
+        "the defaults shown are the paper's; --category demo or logical "
+        "without --data-dir uses\n"
+        + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in DEMO_DEFAULTS.items())
+        + " unless given"
+    )
+    parser.add_argument(
+        "--category",
+        required=True,
+        help="MVTec AD category (e.g. bottle), or 'demo' / 'logical' for a generated one",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=PAPER_DEFAULTS["image_size"],
+        help="images and masks are resized to this square size",
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="3 loads every category as RGB (grey ones copied to 3 channels); 1 loads grey",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=("resnet18", "small"),
+        default="resnet18",
+        help="encoder: the paper's ResNet18 VAE, or a small stack of "
+        "stride-2 convolutions (conv1, conv2, ...; quick runs)",
+    )
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random mirror and rotation of training images",
+    )
+    parser.add_argument(
+        "--mirror",
+        default="horizontal",
+        choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
+        help="random flips of --augment (choose none for categories whose "
+        "orientation matters, e.g. transistor)",
+    )
+    parser.add_argument(
+        "--rotation", type=float, default=10.0, help="random rotation range, +- degrees"
+    )
     common.add_attention_flags(parser)
-    parser.add_argument("--skip-corrupt", action="store_true",
-                        help="leave out undecodable image files with a warning instead "
-                             "of stopping with an error")
+    parser.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out undecodable image files with a warning instead "
+        "of stopping with an error",
+    )
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
-    parser.add_argument("--max-test", type=int, default=None,
-                        help="cap on test images (taken across all defect types)")
-    parser.add_argument("--eval-batch-size", type=int, default=16,
-                        help="test images scored per batch (lower it if memory runs out)")
+    parser.add_argument(
+        "--max-test",
+        type=int,
+        default=None,
+        help="cap on test images (taken across all defect types)",
+    )
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=16,
+        help="test images scored per batch (lower it if memory runs out)",
+    )
     common.add_prediction_flags(parser)
     common.add_model_dir_flag(parser)
     sanity.add_flags(parser)
@@ -91,21 +139,27 @@ def parse_args(argv=None):
     if known.category in GENERATED and known.data_dir is None:
         parser.set_defaults(**DEMO_DEFAULTS)
     args = common.parse(parser, argv)
-    common.require_counts(parser, args,
-                          ("image_size", "eval_batch_size", "max_train", "max_test"))
+    common.require_counts(
+        parser, args, ("image_size", "eval_batch_size", "max_train", "max_test")
+    )
     if args.image_size < 32:
-        parser.error(f"--image-size must be at least 32 (the ResNet18 stem and stages "
-                     f"downsample by 32), got {args.image_size}")
+        parser.error(
+            f"--image-size must be at least 32 (the ResNet18 stem and stages "
+            f"downsample by 32), got {args.image_size}"
+        )
     if args.rotation < 0 or args.smooth < 0:
         parser.error("--rotation and --smooth must be >= 0")
     args.explain = common.explain_options(parser, args).as_config()
     if args.data_dir is None:
         # The demo ignores $MVTEC_AD_ROOT (a real MVTec AD root has no "demo" category).
-        args.data_dir = (demo_root(args) if args.category in GENERATED
-                         else os.environ.get("MVTEC_AD_ROOT"))
+        args.data_dir = (
+            demo_root(args) if args.category in GENERATED else os.environ.get("MVTEC_AD_ROOT")
+        )
         if args.data_dir is None:
-            parser.error("no dataset root: pass --data-dir or set $MVTEC_AD_ROOT to the "
-                         "folder holding the MVTec AD categories")
+            parser.error(
+                "no dataset root: pass --data-dir or set $MVTEC_AD_ROOT to the "
+                "folder holding the MVTec AD categories"
+            )
     return args
 
 
@@ -122,9 +176,10 @@ def load_data(args):
         from keras_vae_attn.data import synthetic
 
         write = getattr(synthetic, GENERATED[args.category])
-        write(args.data_dir, args.category)      # reused when already there
-    options = dict(size=args.image_size, channels=args.channels,
-                   skip_corrupt=args.skip_corrupt)
+        write(args.data_dir, args.category)  # reused when already there
+    options = dict(
+        size=args.image_size, channels=args.channels, skip_corrupt=args.skip_corrupt
+    )
     train = mvtec.load_train(args.data_dir, args.category, limit=args.max_train, **options)
     test = mvtec.load_test(args.data_dir, args.category, limit=args.max_test, **options)
     return train, test
@@ -146,29 +201,46 @@ def evaluate(model, train_images, test, args, options, pixels, twin=None):
     from keras_vae_attn.metrics import localization
 
     result = kva_evaluate.localize(
-        model, to_float(test.images), test.masks, test.labels, options,
-        pixels, to_float(train_images), args.eval_batch_size,
-        progress=lambda it, desc="": common.progress(it, args.quiet, desc=desc), twin=twin)
+        model,
+        to_float(test.images),
+        test.masks,
+        test.labels,
+        options,
+        pixels,
+        to_float(train_images),
+        args.eval_batch_size,
+        progress=lambda it, desc="": common.progress(it, args.quiet, desc=desc),
+        twin=twin,
+    )
     maps = result.maps
     per_defect = {}
     for defect in sorted(set(test.defects) - {"good"}):
         rows = np.array([d in (defect, "good") for d in test.defects])
-        per_defect[defect] = {name: defined(localization.pixel_auroc, m[rows],
-                                            test.masks[rows])
-                              for name, m in maps.items()}
+        per_defect[defect] = {
+            name: defined(localization.pixel_auroc, m[rows], test.masks[rows])
+            for name, m in maps.items()
+        }
     metrics = {
         **kva_evaluate.as_metrics(result, options),
         "best_iou_is_test_set_tuned": True,
         "pixel_auroc_per_defect": per_defect,
-        "test_images": len(test.labels), "anomalous_images": int(test.labels.sum()),
+        "test_images": len(test.labels),
+        "anomalous_images": int(test.labels.sum()),
         "defect_counts": {d: test.defects.count(d) for d in sorted(set(test.defects))},
     }
-    roc = {kva_evaluate.LABELS.get(name, name): (*result.curves[name],
-                                                 result.methods[name]["pixel_auroc"])
-           for name in maps if result.curves[name] is not None}
-    title = (f"{args.category}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
-             f"images, {int(test.labels.sum())} anomalous; anomaly attention = "
-             f"{options.describe()}")
+    roc = {
+        kva_evaluate.LABELS.get(name, name): (
+            *result.curves[name],
+            result.methods[name]["pixel_auroc"],
+        )
+        for name in maps
+        if result.curves[name] is not None
+    }
+    title = (
+        f"{args.category}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
+        f"images, {int(test.labels.sum())} anomalous; anomaly attention = "
+        f"{options.describe()}"
+    )
     return metrics, roc, result, kva_evaluate.summary(result, title)
 
 
@@ -199,27 +271,54 @@ def write_figures(model, test, maps, metrics, run_dir, options, calibrated, pred
     for defect in sorted(set(test.defects)):
         picks = [i for i, d in enumerate(test.defects) if d == defect][:FIGURE_ROWS]
         images = to_float(test.images[picks])
-        reconstruction = model(images).numpy()     # decode(mu), as explain_anomaly's
-        notes = [f"score {predicted['image_score'][i]:.3g}\n"
-                 f"{'anomalous' if predicted['pred_label'][i] else 'normal'}" for i in picks]
-        columns = [("image", viz.to_rgb(images)), ("reconstruction", viz.to_rgb(reconstruction)),
-                   ("ground truth", test.masks[picks]),
-                   viz.Heatmaps("anomaly attention", maps[ATTENTION][picks],
-                                calibrated.scales[ATTENTION], scale_label(ATTENTION, calibrated),
-                                calibrated.thresholds.pixel, notes),
-                   viz.Heatmaps("recon difference" + (
-                                f"\n(pixel AUROC {recon['pixel_auroc']:.3f})"
-                                if recon["pixel_auroc"] is not None else ""),
-                                maps[RECON][picks], calibrated.scales[RECON],
-                                scale_label(RECON, calibrated), overlay=False)]
+        reconstruction = model(images).numpy()  # decode(mu), as explain_anomaly's
+        notes = [
+            f"score {predicted['image_score'][i]:.3g}\n"
+            f"{'anomalous' if predicted['pred_label'][i] else 'normal'}"
+            for i in picks
+        ]
+        columns = [
+            ("image", viz.to_rgb(images)),
+            ("reconstruction", viz.to_rgb(reconstruction)),
+            ("ground truth", test.masks[picks]),
+            viz.Heatmaps(
+                "anomaly attention",
+                maps[ATTENTION][picks],
+                calibrated.scales[ATTENTION],
+                scale_label(ATTENTION, calibrated),
+                calibrated.thresholds.pixel,
+                notes,
+            ),
+            viz.Heatmaps(
+                "recon difference"
+                + (
+                    f"\n(pixel AUROC {recon['pixel_auroc']:.3f})"
+                    if recon["pixel_auroc"] is not None
+                    else ""
+                ),
+                maps[RECON][picks],
+                calibrated.scales[RECON],
+                scale_label(RECON, calibrated),
+                overlay=False,
+            ),
+        ]
         this = metrics["pixel_auroc_per_defect"].get(defect, {}).get(ATTENTION)
-        title = viz.method_title(f"{metrics['category']}, {defect}", options.describe(),
-                                 method["pixel_auroc"], method["image_auroc"]) + (
-            f" (on {defect} + good: pixel AUROC {this:.3f})" if this is not None else "")
+        title = viz.method_title(
+            f"{metrics['category']}, {defect}",
+            options.describe(),
+            method["pixel_auroc"],
+            method["image_auroc"],
+        ) + (f" (on {defect} + good: pixel AUROC {this:.3f})" if this is not None else "")
         path = os.path.join(run_dir, f"defect_{defect}.png")
-        viz.save_figure(viz.heatmap_figure(
-            images, columns, row_titles=[os.path.basename(test.paths[i]) for i in picks],
-            title=title), path)
+        viz.save_figure(
+            viz.heatmap_figure(
+                images,
+                columns,
+                row_titles=[os.path.basename(test.paths[i]) for i in picks],
+                title=title,
+            ),
+            path,
+        )
         written.append(path)
     return written
 
@@ -234,7 +333,9 @@ def main(argv=None):
     try:
         train_images, held_out = split_held_out(train_images, args.calibration_holdout)
     except ValueError as error:
-        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}") from None
+        raise SystemExit(
+            f"error: --calibration-holdout {args.calibration_holdout}: {error}"
+        ) from None
 
     options = run_options(args)
     check_layers(args, options)
@@ -246,47 +347,73 @@ def main(argv=None):
         from keras_vae_attn import scoring
 
         scoring.fit_missing_statistics(
-            model, augment.train_dataset(train_images, 64, shuffle=False), options)
+            model, augment.train_dataset(train_images, 64, shuffle=False), options
+        )
     else:
         model, history, train_seconds = train(args, train_images, test, run_dir, options)
     from keras_vae_attn.data.mvtec import to_float
 
-    options = common.fit_and_record_options(model, to_float(train_images), options,
-                                            args.eval_batch_size, run_dir)
+    options = common.fit_and_record_options(
+        model, to_float(train_images), options, args.eval_batch_size, run_dir
+    )
     started = time.perf_counter()
     from keras_vae_attn import references
 
     pixels = references.fit_pixel_distribution(train_images)
     twin = sanity.twin_for(args, model, to_float(train_images), options)
-    metrics, roc, result, lines = evaluate(model, train_images, test, args, options, pixels,
-                                           twin)
+    metrics, roc, result, lines = evaluate(
+        model, train_images, test, args, options, pixels, twin
+    )
     maps = result.maps
     checked, check_lines = sanity.run(
-        args, run_dir, model, result, to_float(test.images), test.masks, test.labels,
-        options, to_float(train_images), pixels,
-        f"{args.category}, {args.image_size}x{args.image_size}")
+        args,
+        run_dir,
+        model,
+        result,
+        to_float(test.images),
+        test.masks,
+        test.labels,
+        options,
+        to_float(train_images),
+        pixels,
+        f"{args.category}, {args.image_size}x{args.image_size}",
+    )
     metrics.update(checked)
     lines += check_lines
-    metrics.update(category=args.category, image_size=args.image_size, layer=args.layer,
-                   precision=None if args.model_dir else args.precision,    # auto resolved
-                   train_images=len(train_images),
-                   seconds={"train": train_seconds, "evaluate": time.perf_counter() - started})
+    metrics.update(
+        category=args.category,
+        image_size=args.image_size,
+        layer=args.layer,
+        precision=None if args.model_dir else args.precision,  # auto resolved
+        train_images=len(train_images),
+        seconds={"train": train_seconds, "evaluate": time.perf_counter() - started},
+    )
     if history:
         metrics["final_losses"] = {k: v[-1] for k, v in history.items()}
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
-    viz.save_roc(roc, os.path.join(run_dir, "roc.png"),
-                 title=f"{args.category}: pixel ROC")
+    viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"{args.category}: pixel ROC")
     from keras_vae_attn.evaluate import ATTENTION
 
     metrics["predictions"], calibrated, predicted = common.write_localization_predictions(
-        args, run_dir, model, options, held_out, test, test.defects, "defect_type",
-        maps[ATTENTION])
-    figures = write_figures(model, test, maps, metrics, run_dir, options, calibrated,
-                            predicted)
+        args,
+        run_dir,
+        model,
+        options,
+        held_out,
+        test,
+        test.defects,
+        "defect_type",
+        maps[ATTENTION],
+    )
+    figures = write_figures(
+        model, test, maps, metrics, run_dir, options, calibrated, predicted
+    )
     common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "images")))
-    print(f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
-          + (", curves.png" if history else ""))
+    print(
+        f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
+        + (", curves.png" if history else "")
+    )
     print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")
     return run_dir
 
@@ -294,8 +421,9 @@ def main(argv=None):
 def check_layers(args, options):
     """Refuse an unknown --layer before any training (one line listing the valid ones)."""
     shape = (args.image_size, args.image_size, args.channels)
-    message = common.unknown_layer_message(options.layers, args.backbone, shape,
-                                           args.latent_dim)
+    message = common.unknown_layer_message(
+        options.layers, args.backbone, shape, args.latent_dim
+    )
     if message:
         raise SystemExit(f"error: {message}")
 
@@ -307,9 +435,11 @@ def load_model(args):
     model = load_vae(args.model_dir)
     expected = [args.image_size, args.image_size, args.channels]
     if list(model.spec["input_shape"]) != expected:
-        raise SystemExit(f"error: the model in {args.model_dir!r} takes "
-                         f"{model.spec['input_shape']} images; pass matching --image-size "
-                         f"and --channels (got {expected})")
+        raise SystemExit(
+            f"error: the model in {args.model_dir!r} takes "
+            f"{model.spec['input_shape']} images; pass matching --image-size "
+            f"and --channels (got {expected})"
+        )
     return model
 
 
@@ -320,19 +450,25 @@ def train(args, train_images, test, run_dir, options):
     from keras_vae_attn.models import build_vae
 
     shape = (args.image_size, args.image_size, args.channels)
-    augmenter = (augment.augmenter(args.mirror, args.rotation, args.seed)
-                 if args.augment else None)
-    watch = kva_callbacks.AttentionImages(mvtec.to_float(test.images[:4]),
-                                          os.path.join(run_dir, "tensorboard"), options.layer)
+    augmenter = (
+        augment.augmenter(args.mirror, args.rotation, args.seed) if args.augment else None
+    )
+    watch = kva_callbacks.AttentionImages(
+        mvtec.to_float(test.images[:4]), os.path.join(run_dir, "tensorboard"), options.layer
+    )
     return common.fit_one_class(
-        args, lambda: build_vae(args.backbone, shape, args.latent_dim, recon_loss=args.loss,
-                                seed=args.seed),
+        args,
+        lambda: build_vae(
+            args.backbone, shape, args.latent_dim, recon_loss=args.loss, seed=args.seed
+        ),
         augment.train_dataset(train_images, args.batch_size, augmenter, args.seed),
-        augment.train_dataset(train_images, 64, shuffle=False), run_dir, watch,
+        augment.train_dataset(train_images, 64, shuffle=False),
+        run_dir,
+        watch,
         options.layers,
-        batch_norm_batches=augment.train_dataset(train_images, args.batch_size,
-                                                 shuffle=False),
-        covariance=options.needs_covariance)
+        batch_norm_batches=augment.train_dataset(train_images, args.batch_size, shuffle=False),
+        covariance=options.needs_covariance,
+    )
 
 
 if __name__ == "__main__":

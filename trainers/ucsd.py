@@ -15,6 +15,7 @@ feature deviation without gradient, the mean-frame difference |frame - mean trai
 frame| and the per-pixel z-score, at the same smoothing levels; --layers adds one
 attention row per layer (the paper's Table 1 ablation).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,48 +28,99 @@ from keras_vae_attn import console
 from trainers import common, sanity
 
 # The paper's Table 1 (UCSD Ped1, 100x100): pixel AUROC per method.
-PAPER_PED1 = {"recon_error": 0.86, "attention_conv1": 0.89, "attention_conv2": 0.92,
-              "attention_conv3": 0.91}
+PAPER_PED1 = {
+    "recon_error": 0.86,
+    "attention_conv1": 0.89,
+    "attention_conv2": 0.92,
+    "attention_conv3": 0.91,
+}
 RECON = "recon_error"
-MEAN_FRAME = "mean_image_difference"       # no model: |frame - mean training frame|
+MEAN_FRAME = "mean_image_difference"  # no model: |frame - mean training frame|
 DEMO_DATA = dict(width=120, height=80, frames=60, n_train=12, n_test=6, n_test_without_gt=2)
 FIGURE_ROWS = 4
 
 
 def build_parser():
     # --layer conv1: the layer set chosen with the default attribution (bench/RESULTS.md)
-    parser = common.base_parser(__doc__, epochs=30, batch_size=64, lr=1e-3, latent_dim=32,
-                                layer="conv1", prog="python -m trainers.ucsd")
-    parser.add_argument("--subset", choices=("ped1", "ped2"), default="ped1",
-                        help="which UCSD pedestrian scene (UCSDped1 or UCSDped2 under "
-                             "--data-dir)")
-    parser.add_argument("--demo", action="store_true",
-                        help="generate a small UCSD-style dataset and run on it")
-    parser.add_argument("--image-size", type=int, default=100,
-                        help="frames and masks are resized to this square size")
-    parser.add_argument("--layers", default="conv1,conv2,conv3",
-                        help="comma-separated encoder layers for the per-layer ablation rows "
-                             "(the same attribution at each layer alone); the exported and "
-                             "headline map is --layer")
-    parser.add_argument("--backbone", choices=("small", "resnet18"), default="small",
-                        help="encoder: a small stack of stride-2 convolutions (conv1, "
-                             "conv2, conv3 at 100 px: the layers of the paper's ablation), "
-                             "or ResNet18")
-    parser.add_argument("--beta", type=float, default=1.0,
-                        help="weight of the KL term (below 1 keeps more of the latent in use)")
+    parser = common.base_parser(
+        __doc__,
+        epochs=30,
+        batch_size=64,
+        lr=1e-3,
+        latent_dim=32,
+        layer="conv1",
+        prog="python -m trainers.ucsd",
+    )
+    parser.add_argument(
+        "--subset",
+        choices=("ped1", "ped2"),
+        default="ped1",
+        help="which UCSD pedestrian scene (UCSDped1 or UCSDped2 under --data-dir)",
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="generate a small UCSD-style dataset and run on it"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=100,
+        help="frames and masks are resized to this square size",
+    )
+    parser.add_argument(
+        "--layers",
+        default="conv1,conv2,conv3",
+        help="comma-separated encoder layers for the per-layer ablation rows "
+        "(the same attribution at each layer alone); the exported and "
+        "headline map is --layer",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=("small", "resnet18"),
+        default="small",
+        help="encoder: a small stack of stride-2 convolutions (conv1, "
+        "conv2, conv3 at 100 px: the layers of the paper's ablation), "
+        "or ResNet18",
+    )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=1.0,
+        help="weight of the KL term (below 1 keeps more of the latent in use)",
+    )
     common.add_attention_flags(parser)
-    parser.add_argument("--frame-step", type=int, default=1,
-                        help="train on every k-th frame of each clip")
-    parser.add_argument("--test-frame-step", type=int, default=1,
-                        help="evaluate every k-th frame of each test clip")
-    parser.add_argument("--max-train-clips", type=int, default=None,
-                        help="cap on the normal training clips (default: all)")
-    parser.add_argument("--max-test-clips", type=int, default=None,
-                        help="cap on the test clips with masks that are evaluated")
-    parser.add_argument("--eval-batch-size", type=int, default=32,
-                        help="test frames scored per batch (lower it if memory runs out)")
-    parser.add_argument("--figure-frames", type=int, default=FIGURE_ROWS,
-                        help="anomalous frames shown in examples.png")
+    parser.add_argument(
+        "--frame-step", type=int, default=1, help="train on every k-th frame of each clip"
+    )
+    parser.add_argument(
+        "--test-frame-step",
+        type=int,
+        default=1,
+        help="evaluate every k-th frame of each test clip",
+    )
+    parser.add_argument(
+        "--max-train-clips",
+        type=int,
+        default=None,
+        help="cap on the normal training clips (default: all)",
+    )
+    parser.add_argument(
+        "--max-test-clips",
+        type=int,
+        default=None,
+        help="cap on the test clips with masks that are evaluated",
+    )
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=32,
+        help="test frames scored per batch (lower it if memory runs out)",
+    )
+    parser.add_argument(
+        "--figure-frames",
+        type=int,
+        default=FIGURE_ROWS,
+        help="anomalous frames shown in examples.png",
+    )
     common.add_prediction_flags(parser)
     common.add_model_dir_flag(parser, "frames")
     sanity.add_flags(parser)
@@ -78,8 +130,18 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = common.parse(parser, argv)
-    common.require_counts(parser, args, ("frame_step", "test_frame_step", "eval_batch_size",
-                                         "figure_frames", "max_train_clips", "max_test_clips"))
+    common.require_counts(
+        parser,
+        args,
+        (
+            "frame_step",
+            "test_frame_step",
+            "eval_batch_size",
+            "figure_frames",
+            "max_train_clips",
+            "max_test_clips",
+        ),
+    )
     if args.image_size < 16:
         parser.error(f"--image-size must be at least 16, got {args.image_size}")
     if args.smooth < 0:
@@ -93,17 +155,24 @@ def parse_args(argv=None):
         parser.error(f"--layers repeats a layer: {','.join(args.layers)}")
     options = common.explain_options(parser, args)
     args.explain = options.as_config()
-    message = common.unknown_layer_message(args.layers + list(options.layers),
-                                           args.backbone, model_shape(args), args.latent_dim,
-                                           flag="--layer/--layers")
+    message = common.unknown_layer_message(
+        args.layers + list(options.layers),
+        args.backbone,
+        model_shape(args),
+        args.latent_dim,
+        flag="--layer/--layers",
+    )
     if message:
         parser.error(message)
     if args.data_dir is None:
-        args.data_dir = (os.path.join(args.runs_root, "data") if args.demo
-                         else os.environ.get("UCSD_ROOT"))
+        args.data_dir = (
+            os.path.join(args.runs_root, "data") if args.demo else os.environ.get("UCSD_ROOT")
+        )
         if args.data_dir is None:
-            parser.error("no dataset root: pass --data-dir (the folder holding UCSDped1 "
-                         "and UCSDped2), set $UCSD_ROOT, or run --demo")
+            parser.error(
+                "no dataset root: pass --data-dir (the folder holding UCSDped1 "
+                "and UCSDped2), set $UCSD_ROOT, or run --demo"
+            )
     return args
 
 
@@ -119,10 +188,20 @@ def load_data(args):
         from keras_vae_attn.data.synthetic import write_ucsd_dataset
 
         write_ucsd_dataset(args.data_dir, args.subset, seed=args.seed, **DEMO_DATA)
-    train = ucsd.load_train(args.data_dir, args.subset, args.image_size,
-                            max_clips=args.max_train_clips, frame_step=args.frame_step)
-    test = ucsd.load_test(args.data_dir, args.subset, args.image_size,
-                          max_clips=args.max_test_clips, frame_step=args.test_frame_step)
+    train = ucsd.load_train(
+        args.data_dir,
+        args.subset,
+        args.image_size,
+        max_clips=args.max_train_clips,
+        frame_step=args.frame_step,
+    )
+    test = ucsd.load_test(
+        args.data_dir,
+        args.subset,
+        args.image_size,
+        max_clips=args.max_test_clips,
+        frame_step=args.test_frame_step,
+    )
     return train, test
 
 
@@ -148,28 +227,60 @@ def evaluate(model, train_images, test, args, options, twin=None):
         return common.progress(it, args.quiet, desc=desc)
 
     pixels = references.fit_pixel_distribution(train_images)
-    result = kva_evaluate.localize(model, images, test.masks, test.labels, options, pixels,
-                                   to_float(train_images), args.eval_batch_size, wrap,
-                                   twin=twin)
+    result = kva_evaluate.localize(
+        model,
+        images,
+        test.masks,
+        test.labels,
+        options,
+        pixels,
+        to_float(train_images),
+        args.eval_batch_size,
+        wrap,
+        twin=twin,
+    )
     ablation = {}
     for layer in args.layers:
         single = options.replace(layers=(layer,))
-        heat = scoring.batched(model, images, args.eval_batch_size, single, keys=("heatmap",),
-                               progress=lambda it, layer=layer: wrap(it, f"layer {layer}"))
+        heat = scoring.batched(
+            model,
+            images,
+            args.eval_batch_size,
+            single,
+            keys=("heatmap",),
+            progress=lambda it, layer=layer: wrap(it, f"layer {layer}"),
+        )
         ablation[method_name(layer)] = heat["heatmap"]
     rows = localization.evaluate_methods(ablation, test.masks, test.labels)
     methods = {**result.methods, **rows}
-    lines = kva_evaluate.summary(result, (
-        f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
-        f"frames, {int(test.labels.sum())} anomalous; anomaly attention = "
-        f"{options.describe()}")) + [""] + table(methods, args.subset, options.smooth)
-    metrics = {**kva_evaluate.as_metrics(result, options), "methods": methods,
-               "attention_beats_recon": attention_beats(methods, RECON, args.layers),
-               "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers)}
-    roc = {label(name): (*result.curves[name], result.methods[name]["pixel_auroc"])
-           for name in result.methods if result.curves[name] is not None}
-    maps = {RECON: result.maps[RECON], kva_evaluate.ATTENTION: result.maps[
-        kva_evaluate.ATTENTION], **ablation}
+    lines = (
+        kva_evaluate.summary(
+            result,
+            (
+                f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
+                f"frames, {int(test.labels.sum())} anomalous; anomaly attention = "
+                f"{options.describe()}"
+            ),
+        )
+        + [""]
+        + table(methods, args.subset, options.smooth)
+    )
+    metrics = {
+        **kva_evaluate.as_metrics(result, options),
+        "methods": methods,
+        "attention_beats_recon": attention_beats(methods, RECON, args.layers),
+        "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers),
+    }
+    roc = {
+        label(name): (*result.curves[name], result.methods[name]["pixel_auroc"])
+        for name in result.methods
+        if result.curves[name] is not None
+    }
+    maps = {
+        RECON: result.maps[RECON],
+        kva_evaluate.ATTENTION: result.maps[kva_evaluate.ATTENTION],
+        **ablation,
+    }
     return metrics, roc, maps, lines, result, pixels
 
 
@@ -183,10 +294,16 @@ def attention_beats(methods, other, layers):
     """{layer: that layer's attention's pixel AUROC > method ``other``'s} (None when
     either is n/a); the headline attention is under "anomaly_attention"."""
     theirs = methods[other]["pixel_auroc"]
-    names = {"anomaly_attention": "anomaly_attention",
-             **{layer: method_name(layer) for layer in layers}}
-    return {key: None if theirs is None or methods[name]["pixel_auroc"] is None
-            else methods[name]["pixel_auroc"] > theirs for key, name in names.items()}
+    names = {
+        "anomaly_attention": "anomaly_attention",
+        **{layer: method_name(layer) for layer in layers},
+    }
+    return {
+        key: None
+        if theirs is None or methods[name]["pixel_auroc"] is None
+        else methods[name]["pixel_auroc"] > theirs
+        for key, name in names.items()
+    }
 
 
 def table(methods, subset, sigma=0.0):
@@ -194,17 +311,22 @@ def table(methods, subset, sigma=0.0):
     difference and one row per --layers entry, every metric at the run's smoothing
     ``sigma`` (labelled: the side-by-side table above reports several sigmas), the
     paper's AUROC beside. The other references are in that table only."""
-    shown_rows = ["anomaly_attention", RECON] + [name for name in methods
-                                                 if name.startswith("attention_")]
-    lines = [f"the paper's Table 1: every metric at sigma {sigma:g} px (the run's --smooth)",
-             f"{'method':<34} {'pixel AUROC':>11} {'AUPRO':>7} {'best IoU':>9} "
-             f"{'frame AUROC':>11} {'paper (Ped1)':>12}"]
+    shown_rows = ["anomaly_attention", RECON] + [
+        name for name in methods if name.startswith("attention_")
+    ]
+    lines = [
+        f"the paper's Table 1: every metric at sigma {sigma:g} px (the run's --smooth)",
+        f"{'method':<34} {'pixel AUROC':>11} {'AUPRO':>7} {'best IoU':>9} "
+        f"{'frame AUROC':>11} {'paper (Ped1)':>12}",
+    ]
     for name, values in ((n, methods[n]) for n in shown_rows if n in methods):
         paper = PAPER_PED1.get(name) if subset == "ped1" else None
         cells = [values[key] for key in ("pixel_auroc", "aupro", "best_iou", "image_auroc")]
         shown = [f"{v:.3f}" if v is not None else "n/a" for v in cells]
-        lines.append(f"{label(name)[:34]:<34} {shown[0]:>11} {shown[1]:>7} {shown[2]:>9} "
-                     f"{shown[3]:>11} {(f'{paper:.2f}' if paper else '-'):>12}")
+        lines.append(
+            f"{label(name)[:34]:<34} {shown[0]:>11} {shown[1]:>7} {shown[2]:>9} "
+            f"{shown[3]:>11} {(f'{paper:.2f}' if paper else '-'):>12}"
+        )
     return lines
 
 
@@ -218,7 +340,7 @@ def pick_frames(test, count):
             best[clip] = index
     picks = list(best.values())[:count]
     extra = [i for i in np.argsort(-area, kind="stable") if area[i] and i not in picks]
-    return (picks + extra[:count - len(picks)]) or list(range(min(count, len(area))))
+    return (picks + extra[: count - len(picks)]) or list(range(min(count, len(area))))
 
 
 def write_figure(test, maps, picks, path, metrics, options, calibrated, predicted):
@@ -232,24 +354,42 @@ def write_figure(test, maps, picks, path, metrics, options, calibrated, predicte
     from keras_vae_attn.predictions import scale_label
 
     frames = to_float(test.images[picks])
-    notes = [f"score {predicted['image_score'][i]:.3g}\n"
-             f"{'anomalous' if predicted['pred_label'][i] else 'normal'}" for i in picks]
-    order = [name for name in maps if name != RECON] + [RECON]   # attention maps, recon
+    notes = [
+        f"score {predicted['image_score'][i]:.3g}\n"
+        f"{'anomalous' if predicted['pred_label'][i] else 'normal'}"
+        for i in picks
+    ]
+    order = [name for name in maps if name != RECON] + [RECON]  # attention maps, recon
     columns = [("frame", viz.to_rgb(frames)), ("ground truth", test.masks[picks])]
     for name in order:
         auroc = metrics["methods"][name]["pixel_auroc"]
-        columns.append(viz.Heatmaps(
-            label(name) + (f"\n(pixel AUROC {auroc:.3f})" if auroc is not None else ""),
-            maps[name][picks], calibrated.scales[name], scale_label(name, calibrated),
-            calibrated.thresholds.pixel if name == ATTENTION else None,
-            notes if name == ATTENTION else None, overlay=name != RECON))
+        columns.append(
+            viz.Heatmaps(
+                label(name) + (f"\n(pixel AUROC {auroc:.3f})" if auroc is not None else ""),
+                maps[name][picks],
+                calibrated.scales[name],
+                scale_label(name, calibrated),
+                calibrated.thresholds.pixel if name == ATTENTION else None,
+                notes if name == ATTENTION else None,
+                overlay=name != RECON,
+            )
+        )
     method = metrics["methods"][ATTENTION]
-    title = viz.method_title(f"UCSD {metrics['subset']}", options.describe(),
-                             method["pixel_auroc"], method["image_auroc"])
-    viz.save_figure(viz.heatmap_figure(
-        frames, columns, title=title,
-        row_titles=[f"{test.clips[i]}/{os.path.basename(test.paths[i])}" for i in picks]),
-        path)
+    title = viz.method_title(
+        f"UCSD {metrics['subset']}",
+        options.describe(),
+        method["pixel_auroc"],
+        method["image_auroc"],
+    )
+    viz.save_figure(
+        viz.heatmap_figure(
+            frames,
+            columns,
+            title=title,
+            row_titles=[f"{test.clips[i]}/{os.path.basename(test.paths[i])}" for i in picks],
+        ),
+        path,
+    )
 
 
 def load_model(args, train_images, options_list):
@@ -261,14 +401,17 @@ def load_model(args, train_images, options_list):
 
     model = load_vae(args.model_dir)
     if list(model.spec["input_shape"]) != list(model_shape(args)):
-        raise SystemExit(f"error: the model in {args.model_dir!r} takes "
-                         f"{model.spec['input_shape']} frames; pass the matching "
-                         f"--image-size (got {args.image_size})")
+        raise SystemExit(
+            f"error: the model in {args.model_dir!r} takes "
+            f"{model.spec['input_shape']} frames; pass the matching "
+            f"--image-size (got {args.image_size})"
+        )
     from keras_vae_attn import scoring
 
     for options in options_list:
         scoring.fit_missing_statistics(
-            model, augment.train_dataset(train_images, 256, shuffle=False), options)
+            model, augment.train_dataset(train_images, 256, shuffle=False), options
+        )
     return model, {}, 0.0
 
 
@@ -280,7 +423,9 @@ def main(argv=None):
     try:
         train_images, held_out = split_held_out(train_images, args.calibration_holdout)
     except ValueError as error:
-        raise SystemExit(f"error: --calibration-holdout {args.calibration_holdout}: {error}") from None
+        raise SystemExit(
+            f"error: --calibration-holdout {args.calibration_holdout}: {error}"
+        ) from None
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn import viz
     from keras_vae_attn.data import augment
@@ -291,66 +436,116 @@ def main(argv=None):
     options = ExplainOptions.from_config({"explain": args.explain})
     run_dir = common.run_dir_for(args, f"ucsd-{args.subset}" + ("-demo" if args.demo else ""))
     print(f"run folder: {run_dir}", file=sys.stderr)
-    watch = kva_callbacks.AttentionImages(to_float(test.images[pick_frames(test, 4)]),
-                                          os.path.join(run_dir, "tensorboard"), options.layer)
+    watch = kva_callbacks.AttentionImages(
+        to_float(test.images[pick_frames(test, 4)]),
+        os.path.join(run_dir, "tensorboard"),
+        options.layer,
+    )
     layers = sorted(set(args.layers) | set(options.layers))
     if args.model_dir:
         model, history, train_seconds = load_model(
-            args, train_images, [options.replace(layers=tuple(layers))])
+            args, train_images, [options.replace(layers=tuple(layers))]
+        )
     else:
         model, history, train_seconds = common.fit_one_class(
-            args, lambda: build_vae(args.backbone, model_shape(args), args.latent_dim,
-                                    recon_loss=args.loss, beta=args.beta, seed=args.seed),
+            args,
+            lambda: build_vae(
+                args.backbone,
+                model_shape(args),
+                args.latent_dim,
+                recon_loss=args.loss,
+                beta=args.beta,
+                seed=args.seed,
+            ),
             augment.train_dataset(train_images, args.batch_size, None, args.seed),
-            augment.train_dataset(train_images, 256, shuffle=False), run_dir, watch, layers,
-            batch_norm_batches=augment.train_dataset(train_images, args.batch_size,
-                                                     shuffle=False),
-            covariance=options.needs_covariance)
-    options = common.fit_and_record_options(model, to_float(train_images), options,
-                                            args.eval_batch_size, run_dir)
+            augment.train_dataset(train_images, 256, shuffle=False),
+            run_dir,
+            watch,
+            layers,
+            batch_norm_batches=augment.train_dataset(
+                train_images, args.batch_size, shuffle=False
+            ),
+            covariance=options.needs_covariance,
+        )
+    options = common.fit_and_record_options(
+        model, to_float(train_images), options, args.eval_batch_size, run_dir
+    )
 
     started = time.perf_counter()
     twin = sanity.twin_for(args, model, to_float(train_images), options)
-    metrics, roc, maps, lines, result, pixels = evaluate(model, train_images, test, args,
-                                                         options, twin)
+    metrics, roc, maps, lines, result, pixels = evaluate(
+        model, train_images, test, args, options, twin
+    )
     checked, check_lines = sanity.run(
-        args, run_dir, model, result, to_float(test.images), test.masks, test.labels,
-        options, to_float(train_images), pixels,
-        f"UCSD {args.subset}, {args.image_size}x{args.image_size}")
+        args,
+        run_dir,
+        model,
+        result,
+        to_float(test.images),
+        test.masks,
+        test.labels,
+        options,
+        to_float(train_images),
+        pixels,
+        f"UCSD {args.subset}, {args.image_size}x{args.image_size}",
+    )
     metrics.update(checked)
     lines += check_lines
     eval_seconds = time.perf_counter() - started
     clips = sorted(set(test.clips))
-    metrics.update({
-        "table": lines,
-        "paper_pixel_auroc_ped1": PAPER_PED1,
-        "best_iou_is_test_set_tuned": True,
-        "subset": args.subset, "demo": args.demo, "image_size": args.image_size,
-        "layers": args.layers, "exported_layers": list(options.layers),
-        "train_frames": len(train_images),
-        "precision": None if args.model_dir else args.precision,      # auto resolved
-        "test_frames": len(test.labels), "anomalous_frames": int(test.labels.sum()),
-        "test_clips": clips,
-        "seconds": {"train": train_seconds, "evaluate": eval_seconds},
-        "final_losses": {k: float(v[-1]) for k, v in history.items()},
-    })
+    metrics.update(
+        {
+            "table": lines,
+            "paper_pixel_auroc_ped1": PAPER_PED1,
+            "best_iou_is_test_set_tuned": True,
+            "subset": args.subset,
+            "demo": args.demo,
+            "image_size": args.image_size,
+            "layers": args.layers,
+            "exported_layers": list(options.layers),
+            "train_frames": len(train_images),
+            "precision": None if args.model_dir else args.precision,  # auto resolved
+            "test_frames": len(test.labels),
+            "anomalous_frames": int(test.labels.sum()),
+            "test_clips": clips,
+            "seconds": {"train": train_seconds, "evaluate": eval_seconds},
+            "final_losses": {k: float(v[-1]) for k, v in history.items()},
+        }
+    )
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"UCSD {args.subset}: pixel ROC")
     if history:
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     from keras_vae_attn.evaluate import ATTENTION
 
-    ablation = {method_name(layer): options.replace(layers=(layer,))
-                for layer in args.layers}
+    ablation = {method_name(layer): options.replace(layers=(layer,)) for layer in args.layers}
     metrics["predictions"], calibrated, predicted = common.write_localization_predictions(
-        args, run_dir, model, options, held_out, test, test.clips, "clip", maps[ATTENTION],
-        ablation)
-    write_figure(test, maps, pick_frames(test, args.figure_frames),
-                 os.path.join(run_dir, "examples.png"), metrics, options, calibrated,
-                 predicted)
+        args,
+        run_dir,
+        model,
+        options,
+        held_out,
+        test,
+        test.clips,
+        "clip",
+        maps[ATTENTION],
+        ablation,
+    )
+    write_figure(
+        test,
+        maps,
+        pick_frames(test, args.figure_frames),
+        os.path.join(run_dir, "examples.png"),
+        metrics,
+        options,
+        calibrated,
+        predicted,
+    )
     common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "frames")))
-    print(f"figures (examples.png, roc.png{', curves.png' if history else ''}), "
-          f"metrics.json, predictions.csv and thresholds.json in {run_dir}")
+    print(
+        f"figures (examples.png, roc.png{', curves.png' if history else ''}), "
+        f"metrics.json, predictions.csv and thresholds.json in {run_dir}"
+    )
     return run_dir
 
 

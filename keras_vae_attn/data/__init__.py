@@ -1,4 +1,5 @@
 """Dataset readers and generated stand-ins; one module per dataset."""
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,9 @@ def visible_names(folder):
     kept = [name for name in names if not is_hidden(name)]
     skipped = len(names) - len(kept)
     if skipped:
-        log.info("skipped %d hidden file%s in %s", skipped, "" if skipped == 1 else "s",
-                 folder)
+        log.info(
+            "skipped %d hidden file%s in %s", skipped, "" if skipped == 1 else "s", folder
+        )
     return kept
 
 

@@ -1,4 +1,5 @@
 """Training-time augmentation as Keras layers (the paper's random mirror and rotation)."""
+
 from __future__ import annotations
 
 import keras
@@ -21,8 +22,11 @@ def augmenter(mirror="horizontal", rotation_degrees=10.0, seed=0):
     if mirror != "none":
         steps.append(keras.layers.RandomFlip(mirror, seed=seed, dtype="float32"))
     if rotation_degrees:
-        steps.append(keras.layers.RandomRotation(rotation_degrees / 360.0, fill_mode="reflect",
-                                                 seed=seed + 1, dtype="float32"))
+        steps.append(
+            keras.layers.RandomRotation(
+                rotation_degrees / 360.0, fill_mode="reflect", seed=seed + 1, dtype="float32"
+            )
+        )
     return keras.Sequential(steps, name="augment")
 
 
@@ -39,9 +43,12 @@ def train_dataset(images, batch_size, augment=None, seed=0, shuffle=True):
     if shuffle:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     drop = shuffle and len(images) >= batch_size
-    dataset = dataset.batch(batch_size, drop_remainder=drop).map(lambda x: tf.cast(x, tf.float32) / 255.0,
-                                            num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop).map(
+        lambda x: tf.cast(x, tf.float32) / 255.0, num_parallel_calls=tf.data.AUTOTUNE
+    )
     if augment is not None:
-        dataset = dataset.map(lambda x: tf.cast(augment(x, training=True), tf.float32),
-                              num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(
+            lambda x: tf.cast(augment(x, training=True), tf.float32),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     return dataset.prefetch(tf.data.AUTOTUNE)

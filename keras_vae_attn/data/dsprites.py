@@ -17,6 +17,7 @@ centre sits at 16 + 32 * position pixels (pixel ``i`` spans [i, i + 1)), the squ
 half side is 9.6 * scale, the ellipse's semi-axes 12.8 and 7.2 * scale, the heart is a
 diamond with two round lobes, and orientation turns the sprite counter-clockwise on screen.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ from keras_vae_attn.data import DataError
 FACTOR_NAMES = ("color", "shape", "scale", "orientation", "pos_x", "pos_y")
 FACTOR_SIZES = (1, 3, 6, 40, 32, 32)
 SHAPES = ("square", "ellipse", "heart")
-NUM_IMAGES = int(np.prod(FACTOR_SIZES))                      # 737,280
+NUM_IMAGES = int(np.prod(FACTOR_SIZES))  # 737,280
 # Row stride of each factor in the archive: (737280, 245760, 40960, 1024, 32, 1).
 INDEX_BASES = np.concatenate([np.cumprod(FACTOR_SIZES[::-1])[::-1][1:], [1]]).astype(np.int64)
 IMAGE_SIZE = 64
@@ -41,8 +42,15 @@ SQUARE_HALF_SIDE = 9.6
 ELLIPSE_AXES = (12.8, 7.2)
 # Heart: diamond half-width, height above and below its centre, vertical offset of that
 # centre from the sprite centre, and the lobes' centre (x, y) and radius.
-HEART = dict(half_width=8.21, top=7.62, bottom=8.13, offset=-0.24, lobe_x=4.34, lobe_y=4.13,
-             lobe_radius=5.32)
+HEART = dict(
+    half_width=8.21,
+    top=7.62,
+    bottom=8.13,
+    offset=-0.24,
+    lobe_x=4.34,
+    lobe_y=4.13,
+    lobe_radius=5.32,
+)
 _CHUNK = 2048
 
 
@@ -62,15 +70,19 @@ def check_factors(factors):
     """Validate an int array (N, 6) of factor classes; returns it as int64."""
     factors = np.asarray(factors)
     if factors.ndim != 2 or factors.shape[1] != len(FACTOR_SIZES):
-        raise ValueError(f"factors must have shape (N, {len(FACTOR_SIZES)}) "
-                         f"{FACTOR_NAMES}; got {factors.shape}")
+        raise ValueError(
+            f"factors must have shape (N, {len(FACTOR_SIZES)}) "
+            f"{FACTOR_NAMES}; got {factors.shape}"
+        )
     if not np.issubdtype(factors.dtype, np.integer):
         raise ValueError(f"factors must be integer classes, got dtype {factors.dtype}")
     for column, (name, size) in enumerate(zip(FACTOR_NAMES, FACTOR_SIZES)):
         bad = (factors[:, column] < 0) | (factors[:, column] >= size)
         if bad.any():
-            raise ValueError(f"factor {name!r} must be in [0, {size}); got "
-                             f"{factors[bad, column][0]} (row {int(np.flatnonzero(bad)[0])})")
+            raise ValueError(
+                f"factor {name!r} must be in [0, {size}); got "
+                f"{factors[bad, column][0]} (row {int(np.flatnonzero(bad)[0])})"
+            )
     return factors.astype(np.int64)
 
 
@@ -83,8 +95,10 @@ def factors_from_index(index):
     """Inverse of :func:`index_from_factors`: (N,) indices -> (N, 6) classes."""
     index = np.asarray(index, np.int64)
     if index.size and (index.min() < 0 or index.max() >= NUM_IMAGES):
-        raise ValueError(f"dSprites indices must be in [0, {NUM_IMAGES}); got "
-                         f"[{index.min()}, {index.max()}]")
+        raise ValueError(
+            f"dSprites indices must be in [0, {NUM_IMAGES}); got "
+            f"[{index.min()}, {index.max()}]"
+        )
     return (index[:, None] // INDEX_BASES[None, :]) % np.array(FACTOR_SIZES)[None, :]
 
 
@@ -96,11 +110,15 @@ def _sprite_coordinates(factors):
     values = factor_values()
     scale = values["scale"][factors[:, 2]][:, None, None]
     angle = values["orientation"][factors[:, 3]][:, None, None]
-    centre_x = (IMAGE_SIZE / 4 + IMAGE_SIZE / 2 * values["pos_x"][factors[:, 4]])[:, None, None]
-    centre_y = (IMAGE_SIZE / 4 + IMAGE_SIZE / 2 * values["pos_y"][factors[:, 5]])[:, None, None]
+    centre_x = (IMAGE_SIZE / 4 + IMAGE_SIZE / 2 * values["pos_x"][factors[:, 4]])[
+        :, None, None
+    ]
+    centre_y = (IMAGE_SIZE / 4 + IMAGE_SIZE / 2 * values["pos_y"][factors[:, 5]])[
+        :, None, None
+    ]
     pixels = np.arange(IMAGE_SIZE, dtype=np.float64) + 0.5
     right = pixels[None, None, :] - centre_x
-    up = centre_y - pixels[None, :, None]                 # rows grow downwards
+    up = centre_y - pixels[None, :, None]  # rows grow downwards
     cos, sin = np.cos(angle), np.sin(angle)
     return (cos * right + sin * up) / scale, (cos * up - sin * right) / scale
 
@@ -124,7 +142,7 @@ def render(factors):
     factors = check_factors(factors)
     out = np.zeros((len(factors), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     for start in range(0, len(factors), _CHUNK):
-        chunk = factors[start:start + _CHUNK]
+        chunk = factors[start : start + _CHUNK]
         u, v = _sprite_coordinates(chunk)
         for shape_class in np.unique(chunk[:, 1]):
             rows = np.flatnonzero(chunk[:, 1] == shape_class)
@@ -179,8 +197,10 @@ class DSprites:
 
     def __init__(self, images=None, source="generated"):
         if images is not None and images.shape != (NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE // 8):
-            raise ValueError(f"packed dSprites images must have shape "
-                             f"{(NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE // 8)}, got {images.shape}")
+            raise ValueError(
+                f"packed dSprites images must have shape "
+                f"{(NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE // 8)}, got {images.shape}"
+            )
         self.packed = images
         self.source = source
 
@@ -222,9 +242,12 @@ def find_archive(data_dir):
         raise DataError(f"dSprites data directory {data_dir!r} does not exist")
     path = os.path.join(data_dir, ARCHIVE_NAME)
     if not os.path.isfile(path):
-        raise DataError(f"dSprites archive {ARCHIVE_NAME} not found in {data_dir!r}; "
-                        "download it from github.com/deepmind/dsprites-dataset or give no "
-                        "data directory to regenerate the images", option="data_dir")
+        raise DataError(
+            f"dSprites archive {ARCHIVE_NAME} not found in {data_dir!r}; "
+            "download it from github.com/deepmind/dsprites-dataset or give no "
+            "data directory to regenerate the images",
+            option="data_dir",
+        )
     return path
 
 
@@ -236,29 +259,40 @@ def load_archive(path):
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read dSprites archive {path!r}: {error}") from error
     if "imgs" not in names:
-        raise DataError(f"dSprites archive {path!r} has no 'imgs' array "
-                        f"(it holds {sorted(names)})")
+        raise DataError(
+            f"dSprites archive {path!r} has no 'imgs' array (it holds {sorted(names)})"
+        )
     try:
         images = archive["imgs"]
     except (OSError, ValueError) as error:
         raise DataError(f"dSprites archive {path!r} is corrupt: {error}") from error
     if images.shape != (NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"dSprites archive {path!r}: 'imgs' has shape {images.shape}, "
-                        f"expected {(NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE)}")
+        raise DataError(
+            f"dSprites archive {path!r}: 'imgs' has shape {images.shape}, "
+            f"expected {(NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE)}"
+        )
     if "latents_classes" in names:
         classes = archive["latents_classes"]
         probe = np.linspace(0, NUM_IMAGES - 1, 997).astype(np.int64)
         if classes.shape != (NUM_IMAGES, 6) or not np.array_equal(
-                classes[probe], factors_from_index(probe)):
-            raise DataError(f"dSprites archive {path!r}: 'latents_classes' is not in the "
-                            "official order (index = classes . "
-                            f"{INDEX_BASES.tolist()})")
-    packed = np.concatenate([pack(images[i:i + 65536]) for i in range(0, NUM_IMAGES, 65536)])
+            classes[probe], factors_from_index(probe)
+        ):
+            raise DataError(
+                f"dSprites archive {path!r}: 'latents_classes' is not in the "
+                "official order (index = classes . "
+                f"{INDEX_BASES.tolist()})"
+            )
+    packed = np.concatenate([pack(images[i : i + 65536]) for i in range(0, NUM_IMAGES, 65536)])
     return DSprites(packed, source=f"archive:{os.path.basename(path)}")
 
 
-TFDS_LABELS = ("label_shape", "label_scale", "label_orientation", "label_x_position",
-               "label_y_position")
+TFDS_LABELS = (
+    "label_shape",
+    "label_scale",
+    "label_orientation",
+    "label_x_position",
+    "label_y_position",
+)
 
 
 def load_tfds(download=True):
@@ -266,25 +300,33 @@ def load_tfds(download=True):
     try:
         import tensorflow_datasets as tfds
     except ImportError as error:
-        raise DataError("tensorflow-datasets is not installed; pip install "
-                        "tensorflow-datasets, or give a data directory holding the official "
-                        "archive", option="data_dir") from error
+        raise DataError(
+            "tensorflow-datasets is not installed; pip install "
+            "tensorflow-datasets, or give a data directory holding the official "
+            "archive",
+            option="data_dir",
+        ) from error
     try:
         dataset = tfds.load("dsprites", split="train", download=download, batch_size=65536)
     except Exception as error:
-        raise DataError(f"TFDS dsprites is not available ({type(error).__name__}: "
-                        f"{error})") from error
+        raise DataError(
+            f"TFDS dsprites is not available ({type(error).__name__}: {error})"
+        ) from error
     packed = np.zeros((NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE // 8), np.uint8)
     seen = np.zeros(NUM_IMAGES, bool)
     for batch in tfds.as_numpy(dataset):
-        labels = np.stack([np.zeros_like(batch["label_shape"])]
-                          + [batch[name] for name in TFDS_LABELS], axis=1)
+        labels = np.stack(
+            [np.zeros_like(batch["label_shape"])] + [batch[name] for name in TFDS_LABELS],
+            axis=1,
+        )
         index = index_from_factors(labels.astype(np.int64))
         packed[index] = pack(batch["image"][..., 0])
         seen[index] = True
     if not seen.all():
-        raise DataError(f"TFDS dsprites is incomplete: {np.count_nonzero(~seen)} of "
-                        f"{NUM_IMAGES} factor combinations missing")
+        raise DataError(
+            f"TFDS dsprites is incomplete: {np.count_nonzero(~seen)} of "
+            f"{NUM_IMAGES} factor combinations missing"
+        )
     return DSprites(packed, source="tfds")
 
 
@@ -300,8 +342,9 @@ def load(data_dir=None, source="auto"):
         raise ValueError(f"unknown dSprites source {source!r}; choose one of {SOURCES}")
     if source == "archive" or (source == "auto" and data_dir):
         if not data_dir:
-            raise DataError("the dSprites archive source needs a data directory",
-                            option="data_dir")
+            raise DataError(
+                "the dSprites archive source needs a data directory", option="data_dir"
+            )
         return load_archive(find_archive(data_dir))
     if source == "tfds":
         return load_tfds(download=True)
@@ -318,7 +361,9 @@ def tfds_copy_present():
     ``$TFDS_DATA_DIR/dsprites``, default ``~/tensorflow_datasets``). Checked before
     asking TFDS, which otherwise logs an absl warning about a version folder that does
     not exist each time ``auto`` falls back to regenerating."""
-    root = os.path.join(os.environ.get("TFDS_DATA_DIR")
-                        or os.path.join(os.path.expanduser("~"), "tensorflow_datasets"),
-                        "dsprites")
+    root = os.path.join(
+        os.environ.get("TFDS_DATA_DIR")
+        or os.path.join(os.path.expanduser("~"), "tensorflow_datasets"),
+        "dsprites",
+    )
     return any("dataset_info.json" in files for _, _, files in os.walk(root))

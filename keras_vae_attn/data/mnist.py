@@ -1,4 +1,5 @@
 """MNIST from the four canonical IDX files, or from tensorflow-datasets."""
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,10 @@ def read_idx(path):
         offset = 16
     expected = int(np.prod(dims))
     if len(raw) - offset != expected:
-        raise DataError(f"IDX file {path!r} is truncated or padded: header says {dims} "
-                        f"({expected} bytes of data), file has {len(raw) - offset}")
+        raise DataError(
+            f"IDX file {path!r} is truncated or padded: header says {dims} "
+            f"({expected} bytes of data), file has {len(raw) - offset}"
+        )
     return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
 
 
@@ -66,11 +69,14 @@ def load_split(data_dir, split):
     if images.ndim != 3 or labels.ndim != 1:
         raise DataError(f"MNIST {split} files in {data_dir!r} have swapped or wrong contents")
     if images.shape[1:] != (28, 28):
-        raise DataError(f"MNIST {split} images in {data_dir!r}: the IDX header says "
-                        f"{images.shape[1]}x{images.shape[2]} pixels, MNIST's are 28x28")
+        raise DataError(
+            f"MNIST {split} images in {data_dir!r}: the IDX header says "
+            f"{images.shape[1]}x{images.shape[2]} pixels, MNIST's are 28x28"
+        )
     if len(images) != len(labels):
-        raise DataError(f"MNIST {split} in {data_dir!r}: {len(images)} images but "
-                        f"{len(labels)} labels")
+        raise DataError(
+            f"MNIST {split} in {data_dir!r}: {len(images)} images but {len(labels)} labels"
+        )
     return images, labels
 
 
@@ -93,23 +99,26 @@ def load_tfds(split):
         from tensorflow_datasets.core.download import downloader
 
         downloader.MAX_RETRIES = min(getattr(downloader, "MAX_RETRIES", 0), TFDS_RETRIES)
-        logging.getLogger("urllib3").setLevel(logging.ERROR)     # one line per retry
+        logging.getLogger("urllib3").setLevel(logging.ERROR)  # one line per retry
         tfds.display_progress_bar(False)
         notes, verbosity = io.StringIO(), absl_logging.get_verbosity()
-        absl_logging.set_verbosity(absl_logging.ERROR)   # "no dataset_info.json" and such
+        absl_logging.set_verbosity(absl_logging.ERROR)  # "no dataset_info.json" and such
         try:
-            with contextlib.redirect_stdout(notes):      # "Downloading and preparing ..."
-                images, labels = tfds.as_numpy(tfds.load("mnist", split=split,
-                                                         batch_size=-1, as_supervised=True))
-        except OSError as error:      # requests' errors included: no network, no host
-            raise DataError(f"downloading MNIST through tensorflow-datasets failed "
-                            f"({type(error).__name__}); without network, load it from a "
-                            f"folder (data_dir) holding {', '.join(FILES['train'])} and "
-                            f"{', '.join(FILES['test'])} (.gz or not)",
-                            option="data_dir") from None
+            with contextlib.redirect_stdout(notes):  # "Downloading and preparing ..."
+                images, labels = tfds.as_numpy(
+                    tfds.load("mnist", split=split, batch_size=-1, as_supervised=True)
+                )
+        except OSError as error:  # requests' errors included: no network, no host
+            raise DataError(
+                f"downloading MNIST through tensorflow-datasets failed "
+                f"({type(error).__name__}); without network, load it from a "
+                f"folder (data_dir) holding {', '.join(FILES['train'])} and "
+                f"{', '.join(FILES['test'])} (.gz or not)",
+                option="data_dir",
+            ) from None
         finally:
             absl_logging.set_verbosity(verbosity)
-    sys.stdout.write(notes.getvalue())        # a first download says where it went
+    sys.stdout.write(notes.getvalue())  # a first download says where it went
     return images[..., 0], labels
 
 

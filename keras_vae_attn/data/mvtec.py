@@ -13,6 +13,7 @@ default, grey ones (grid, screw, zipper) with the grey value copied into all thr
 channels, so one backbone and one set of figures fit all 15; ``channels=1`` loads grey
 instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,23 @@ import numpy as np
 from keras_vae_attn.data import DataError, visible_names
 from keras_vae_attn.data import to_float as to_float  # re-exported: mvtec.to_float
 
-CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
-              "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
-              "zipper")
+CATEGORIES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
 GRAYSCALE = ("grid", "screw", "zipper")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 GOOD = "good"
@@ -50,16 +65,22 @@ class Split(NamedTuple):
 
 
 def _image_files(folder):
-    return sorted(os.path.join(folder, name) for name in visible_names(folder)
-                  if name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(
+        os.path.join(folder, name)
+        for name in visible_names(folder)
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
 
 
 def find_categories(root):
     """Names of the folders under ``root`` that hold a ``train/good`` folder."""
     if not os.path.isdir(root):
         raise DataError(f"MVTec AD root {root!r} does not exist or is not a folder")
-    return sorted(name for name in visible_names(root)
-                  if os.path.isdir(os.path.join(root, name, "train", GOOD)))
+    return sorted(
+        name
+        for name in visible_names(root)
+        if os.path.isdir(os.path.join(root, name, "train", GOOD))
+    )
 
 
 def category_dir(root, category):
@@ -67,8 +88,10 @@ def category_dir(root, category):
     found = find_categories(root)
     if category not in found:
         listed = ", ".join(found) if found else "none (no <category>/train/good folders)"
-        raise DataError(f"category {category!r} not found under MVTec AD root {root!r}; "
-                        f"categories found: {listed}")
+        raise DataError(
+            f"category {category!r} not found under MVTec AD root {root!r}; "
+            f"categories found: {listed}"
+        )
     return os.path.join(root, category)
 
 
@@ -77,8 +100,9 @@ def train_files(root, category):
     folder = os.path.join(category_dir(root, category), "train", GOOD)
     files = _image_files(folder)
     if not files:
-        raise DataError(f"training folder {folder!r} holds no images "
-                        f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"training folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     return files
 
 
@@ -102,8 +126,9 @@ def test_files(root, category):
                 stem = os.path.splitext(os.path.basename(path))[0]
                 mask = os.path.join(base, "ground_truth", defect, f"{stem}_mask.png")
                 if not os.path.isfile(mask):
-                    raise DataError(f"defect image {path!r} has no ground-truth mask: "
-                                    f"expected {mask!r}")
+                    raise DataError(
+                        f"defect image {path!r} has no ground-truth mask: expected {mask!r}"
+                    )
             entries.append((path, defect, mask))
     if not entries:
         raise DataError(f"test folder {test_dir!r} holds no images")
@@ -155,16 +180,19 @@ def _decode(paths, size, channels, nearest, skip_corrupt):
     method = "nearest" if nearest else "bilinear"
 
     def load(index, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                                   expand_animations=False)
+        image = tf.io.decode_image(
+            tf.io.read_file(path), channels=channels, expand_animations=False
+        )
         shape = tf.shape(image)[:2]
         image = tf.image.resize(image, (size, size), method=method, antialias=not nearest)
         return index, tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), shape
 
-    dataset = (tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), list(paths)))
-               .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-               .ignore_errors()
-               .prefetch(tf.data.AUTOTUNE))
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), list(paths)))
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors()
+        .prefetch(tf.data.AUTOTUNE)
+    )
     out = np.zeros((len(paths), size, size, channels), np.uint8)
     shapes = np.zeros((len(paths), 2), np.int64)
     kept = np.zeros(len(paths), bool)
@@ -177,26 +205,36 @@ def _decode(paths, size, channels, nearest, skip_corrupt):
         reasons = "; ".join(f"{path!r} ({_decode_reason(path, channels)})" for path in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         if not skip_corrupt:
-            raise DataError(f"cannot decode {len(bad)} image file(s): {reasons}{more}. "
-                            "Replace them, or leave them out (skip_corrupt)",
-                            option="skip_corrupt")
-        warnings.warn(f"skipping {len(bad)} undecodable image file(s): {reasons}{more}",
-                      stacklevel=3)
+            raise DataError(
+                f"cannot decode {len(bad)} image file(s): {reasons}{more}. "
+                "Replace them, or leave them out (skip_corrupt)",
+                option="skip_corrupt",
+            )
+        warnings.warn(
+            f"skipping {len(bad)} undecodable image file(s): {reasons}{more}", stacklevel=3
+        )
     return out[kept], np.flatnonzero(kept), shapes[kept]
 
 
 def _check_mask_sizes(entries, rows, image_shapes, mask_shapes):
     """A DataError naming both files when a mask's size is not its image's: resizing both
     to ``size`` would hide it, and the mask would mark the wrong pixels."""
-    wrong = [(entries[row], tuple(image_shapes[row]), tuple(mask_shape))
-             for row, mask_shape in zip(rows, mask_shapes)
-             if tuple(mask_shape) != tuple(image_shapes[row])]
+    wrong = [
+        (entries[row], tuple(image_shapes[row]), tuple(mask_shape))
+        for row, mask_shape in zip(rows, mask_shapes)
+        if tuple(mask_shape) != tuple(image_shapes[row])
+    ]
     if wrong:
         (image, _, mask), (height, width), (mask_height, mask_width) = wrong[0]
-        more = f" ({len(wrong) - 1} more masks differ from their images)" if len(wrong) > 1 \
+        more = (
+            f" ({len(wrong) - 1} more masks differ from their images)"
+            if len(wrong) > 1
             else ""
-        raise DataError(f"mask {mask!r} is {mask_width}x{mask_height} but its image "
-                        f"{image!r} is {width}x{height}{more}")
+        )
+        raise DataError(
+            f"mask {mask!r} is {mask_width}x{mask_height} but its image "
+            f"{image!r} is {width}x{height}{more}"
+        )
 
 
 def load_train(root, category, size=256, channels=3, limit=None, skip_corrupt=False):
@@ -207,9 +245,11 @@ def load_train(root, category, size=256, channels=3, limit=None, skip_corrupt=Fa
         raise DataError(f"no training image of {category!r} under {root!r} could be decoded")
     if images.min() == images.max():
         # nothing to learn, and every per-pixel spread of the normal data is 0
-        raise DataError(f"the {len(images)} training images of {category!r} under {root!r} "
-                        f"are all one flat colour (every pixel {int(images.min())}): there "
-                        "is no normal appearance to learn")
+        raise DataError(
+            f"the {len(images)} training images of {category!r} under {root!r} "
+            f"are all one flat colour (every pixel {int(images.min())}): there "
+            "is no normal appearance to learn"
+        )
     return images
 
 
@@ -222,9 +262,12 @@ def binary_masks(decoded, paths):
     grey = [i for i, mask in enumerate(decoded) if len(np.unique(mask[mask > 0])) > 1]
     if grey:
         levels = len(np.unique(decoded[grey[0]]))
-        warnings.warn(f"{len(grey)} of {len(decoded)} masks are not binary (e.g. "
-                      f"{paths[grey[0]]!r} holds {levels} grey levels); a pixel of those "
-                      "is a defect where the mask is at least 128", stacklevel=3)
+        warnings.warn(
+            f"{len(grey)} of {len(decoded)} masks are not binary (e.g. "
+            f"{paths[grey[0]]!r} holds {levels} grey levels); a pixel of those "
+            "is a defect where the mask is at least 128",
+            stacklevel=3,
+        )
         masks[grey] = decoded[grey] >= 128
     return masks
 
@@ -232,20 +275,26 @@ def binary_masks(decoded, paths):
 def load_test(root, category, size=256, channels=3, limit=None, skip_corrupt=False):
     """The test split of ``category`` with its masks; see :class:`Split`."""
     entries = _spread_pick(test_files(root, category), limit)
-    images, kept, shapes = _decode([e[0] for e in entries], size, channels, False,
-                                   skip_corrupt)
+    images, kept, shapes = _decode(
+        [e[0] for e in entries], size, channels, False, skip_corrupt
+    )
     entries = [entries[i] for i in kept]
     with_mask = [i for i, entry in enumerate(entries) if entry[2] is not None]
     masks = np.zeros(images.shape[:3], bool)
     if with_mask:
-        decoded, kept_masks, mask_shapes = _decode([entries[i][2] for i in with_mask], size,
-                                                   1, True, skip_corrupt)
+        decoded, kept_masks, mask_shapes = _decode(
+            [entries[i][2] for i in with_mask], size, 1, True, skip_corrupt
+        )
         rows = [with_mask[i] for i in kept_masks]
         _check_mask_sizes(entries, rows, shapes, mask_shapes)
         masks[rows] = binary_masks(decoded[..., 0], [entries[i][2] for i in rows])
         # An image whose mask was skipped cannot be scored: leave it out as well.
         keep = sorted(set(range(len(entries))) - (set(with_mask) - set(rows)))
         images, masks, entries = images[keep], masks[keep], [entries[i] for i in keep]
-    return Split(images=images, masks=masks,
-                 labels=np.array([int(e[1] != GOOD) for e in entries], np.int64),
-                 defects=[e[1] for e in entries], paths=[e[0] for e in entries])
+    return Split(
+        images=images,
+        masks=masks,
+        labels=np.array([int(e[1] != GOOD) for e in entries], np.int64),
+        defects=[e[1] for e in entries],
+        paths=[e[0] for e in entries],
+    )

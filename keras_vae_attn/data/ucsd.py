@@ -15,6 +15,7 @@ then resized (bilinear, kept where >= 0.5), so a mask marks the pixels at least 
 covered by the anomaly. Only test clips with masks are evaluated; their frames without
 an anomaly count with empty masks.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,24 +73,33 @@ def subset_dir(root, subset):
     if not os.path.isdir(root):
         raise DataError(f"UCSD root {root!r} does not exist or is not a folder")
     folder = SUBSETS[subset]
-    base = root if os.path.basename(os.path.normpath(root)) == folder else \
-        os.path.join(root, folder)
+    base = (
+        root
+        if os.path.basename(os.path.normpath(root)) == folder
+        else os.path.join(root, folder)
+    )
     if not os.path.isdir(base):
         found = sorted(name for name in os.listdir(root) if name.startswith("UCSDped"))
-        raise DataError(f"no {folder} folder under UCSD root {root!r}"
-                        + (f"; found {', '.join(found)}" if found else ""))
+        raise DataError(
+            f"no {folder} folder under UCSD root {root!r}"
+            + (f"; found {', '.join(found)}" if found else "")
+        )
     for split in SPLITS:
         if not os.path.isdir(os.path.join(base, split)):
-            raise DataError(f"{folder} has no {split} folder: expected "
-                            f"{os.path.join(base, split)!r}")
+            raise DataError(
+                f"{folder} has no {split} folder: expected {os.path.join(base, split)!r}"
+            )
     return base
 
 
 def frame_files(folder):
     """Image files of one clip folder, in frame order."""
-    names = [name for name in visible_names(folder)
-             if name.lower().endswith(FRAME_EXTENSIONS)
-             and os.path.isfile(os.path.join(folder, name))]
+    names = [
+        name
+        for name in visible_names(folder)
+        if name.lower().endswith(FRAME_EXTENSIONS)
+        and os.path.isfile(os.path.join(folder, name))
+    ]
     return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
 
 
@@ -110,17 +120,25 @@ def _by_number(paths, folder):
     for path in paths:
         number = frame_number(path)
         if number is None:
-            raise DataError(f"{os.path.basename(path)} in {folder!r} has no frame number in "
-                            "its name, so it cannot be paired")
+            raise DataError(
+                f"{os.path.basename(path)} in {folder!r} has no frame number in "
+                "its name, so it cannot be paired"
+            )
         if number in by_number:
             duplicates.setdefault(number, [os.path.basename(by_number[number])])
             duplicates[number].append(os.path.basename(path))
         by_number[number] = path
     if duplicates:
-        listed = _listing([f"{number} ({', '.join(sorted(names))})"
-                           for number, names in sorted(duplicates.items())])
-        raise DataError(f"folder {folder!r} holds more than one file for frame number(s) "
-                        f"{listed}, so frames and masks cannot be paired")
+        listed = _listing(
+            [
+                f"{number} ({', '.join(sorted(names))})"
+                for number, names in sorted(duplicates.items())
+            ]
+        )
+        raise DataError(
+            f"folder {folder!r} holds more than one file for frame number(s) "
+            f"{listed}, so frames and masks cannot be paired"
+        )
     return by_number
 
 
@@ -135,13 +153,19 @@ def _pair_masks(clip, frames, gt_folder):
     if missing or extra:
         detail = []
         if missing:
-            detail.append("frames without a mask: "
-                          + _listing([os.path.basename(frame_of[n]) for n in missing]))
+            detail.append(
+                "frames without a mask: "
+                + _listing([os.path.basename(frame_of[n]) for n in missing])
+            )
         if extra:
-            detail.append("masks without a frame: "
-                          + _listing([os.path.basename(mask_of[n]) for n in extra]))
-        raise DataError(f"ground-truth folder {gt_folder!r} holds {len(masks)} masks but "
-                        f"clip {clip} has {len(frames)} frames ({'; '.join(detail)})")
+            detail.append(
+                "masks without a frame: "
+                + _listing([os.path.basename(mask_of[n]) for n in extra])
+            )
+        raise DataError(
+            f"ground-truth folder {gt_folder!r} holds {len(masks)} masks but "
+            f"clip {clip} has {len(frames)} frames ({'; '.join(detail)})"
+        )
     return [mask_of[frame_number(path)] for path in frames]
 
 
@@ -156,24 +180,40 @@ def list_clips(root, subset, split):
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     folder = os.path.join(subset_dir(root, subset), split)
     entries = visible_names(folder)
-    clip_names = sorted((name for name in entries if not name.endswith(GT_SUFFIX)
-                         and os.path.isdir(os.path.join(folder, name))), key=_natural_key)
-    gt_names = {name[:-len(GT_SUFFIX)] for name in entries if name.endswith(GT_SUFFIX)
-                and os.path.isdir(os.path.join(folder, name))}
+    clip_names = sorted(
+        (
+            name
+            for name in entries
+            if not name.endswith(GT_SUFFIX) and os.path.isdir(os.path.join(folder, name))
+        ),
+        key=_natural_key,
+    )
+    gt_names = {
+        name[: -len(GT_SUFFIX)]
+        for name in entries
+        if name.endswith(GT_SUFFIX) and os.path.isdir(os.path.join(folder, name))
+    }
     orphans = sorted(gt_names - set(clip_names), key=_natural_key)
     if orphans:
-        raise DataError(f"ground-truth folder {os.path.join(folder, orphans[0] + GT_SUFFIX)!r} "
-                        f"has no clip {orphans[0]!r} beside it")
+        raise DataError(
+            f"ground-truth folder {os.path.join(folder, orphans[0] + GT_SUFFIX)!r} "
+            f"has no clip {orphans[0]!r} beside it"
+        )
     if not clip_names:
         raise DataError(f"{split} folder {folder!r} holds no clip folders")
     clips = []
     for name in clip_names:
         frames = frame_files(os.path.join(folder, name))
         if not frames:
-            raise DataError(f"clip {name} ({os.path.join(folder, name)!r}) holds no frames "
-                            f"({', '.join(FRAME_EXTENSIONS)})")
-        masks = (_pair_masks(name, frames, os.path.join(folder, name + GT_SUFFIX))
-                 if name in gt_names else None)
+            raise DataError(
+                f"clip {name} ({os.path.join(folder, name)!r}) holds no frames "
+                f"({', '.join(FRAME_EXTENSIONS)})"
+            )
+        masks = (
+            _pair_masks(name, frames, os.path.join(folder, name + GT_SUFFIX))
+            if name in gt_names
+            else None
+        )
         clips.append(Clip(name, frames, masks))
     return clips
 
@@ -185,8 +225,9 @@ def _read(path, clip, role):
             picture.load()
             return np.asarray(picture.convert("L") if picture.mode != "L" else picture)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise DataError(f"cannot read {role} {os.path.basename(path)} of clip {clip} "
-                        f"({path!r}): {error}") from error
+        raise DataError(
+            f"cannot read {role} {os.path.basename(path)} of clip {clip} ({path!r}): {error}"
+        ) from error
 
 
 def _resize(pixels, size):
@@ -206,14 +247,17 @@ def read_mask(path, clip, size, frame_shape=None):
     """
     pixels = _read(path, clip, "mask")
     if frame_shape is not None and pixels.shape != tuple(frame_shape):
-        raise DataError(f"mask {os.path.basename(path)} of clip {clip} ({path!r}) is "
-                        f"{pixels.shape[1]}x{pixels.shape[0]} but its frame is "
-                        f"{frame_shape[1]}x{frame_shape[0]}")
+        raise DataError(
+            f"mask {os.path.basename(path)} of clip {clip} ({path!r}) is "
+            f"{pixels.shape[1]}x{pixels.shape[0]} but its frame is "
+            f"{frame_shape[1]}x{frame_shape[0]}"
+        )
     binary = pixels > 0
     if binary.shape == (size, size):
         return binary
-    scaled = Image.fromarray(binary.astype(np.float32)).resize((size, size),
-                                                               Image.Resampling.BILINEAR)
+    scaled = Image.fromarray(binary.astype(np.float32)).resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
     return np.asarray(scaled) >= 0.5
 
 
@@ -228,8 +272,12 @@ def _pick(clips, max_clips, frame_step):
     if frame_step < 1:
         raise ValueError(f"frame_step must be at least 1, got {frame_step}")
     picked = clips[:max_clips]
-    return [Clip(c.name, c.frames[::frame_step],
-                 None if c.masks is None else c.masks[::frame_step]) for c in picked]
+    return [
+        Clip(
+            c.name, c.frames[::frame_step], None if c.masks is None else c.masks[::frame_step]
+        )
+        for c in picked
+    ]
 
 
 def load_train(root, subset="ped1", size=100, max_clips=None, frame_step=1, workers=4):
@@ -250,23 +298,32 @@ def load_test(root, subset="ped1", size=100, max_clips=None, frame_step=1, worke
     ``max_clips`` caps the number of such clips; a DataError when there are none.
     """
     all_clips = list_clips(root, subset, "Test")
-    clips = _pick([clip for clip in all_clips if clip.masks is not None], max_clips,
-                  frame_step)
+    clips = _pick(
+        [clip for clip in all_clips if clip.masks is not None], max_clips, frame_step
+    )
     if not clips:
-        raise DataError(f"none of the {len(all_clips)} test clips of {SUBSETS[subset]} under "
-                        f"{root!r} has a ground-truth folder (TestNNN{GT_SUFFIX}), so pixel "
-                        "metrics cannot be computed")
+        raise DataError(
+            f"none of the {len(all_clips)} test clips of {SUBSETS[subset]} under "
+            f"{root!r} has a ground-truth folder (TestNNN{GT_SUFFIX}), so pixel "
+            "metrics cannot be computed"
+        )
 
     def load(job):
         clip, frame, mask = job
         image = _read(frame, clip, "frame")
         return _resize(image, size), read_mask(mask, clip, size, image.shape)
 
-    jobs = [(clip.name, frame, mask) for clip in clips
-            for frame, mask in zip(clip.frames, clip.masks)]
+    jobs = [
+        (clip.name, frame, mask)
+        for clip in clips
+        for frame, mask in zip(clip.frames, clip.masks)
+    ]
     pairs = _map(load, jobs, workers)
     masks = np.stack([mask for _, mask in pairs])
-    return TestFrames(images=np.stack([image for image, _ in pairs])[..., None],
-                      masks=masks,
-                      labels=masks.any(axis=(1, 2)).astype(np.int64),
-                      clips=[job[0] for job in jobs], paths=[job[1] for job in jobs])
+    return TestFrames(
+        images=np.stack([image for image, _ in pairs])[..., None],
+        masks=masks,
+        labels=masks.any(axis=(1, 2)).astype(np.int64),
+        clips=[job[0] for job in jobs],
+        paths=[job[1] for job in jobs],
+    )

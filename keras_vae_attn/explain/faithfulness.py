@@ -10,6 +10,7 @@ beside a random ordering of the pixels (the same seeded one for all maps).
 Per-latent maps (the paper's Fig. 1) are faithful when deleting map i's top pixels moves
 mu_i more than the other latents: :func:`selectivity`.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -35,9 +36,13 @@ class Curves(NamedTuple):
     insertion_auc: float
 
     def as_dict(self):
-        return {"fractions": self.fractions.tolist(), "deletion": self.deletion.tolist(),
-                "insertion": self.insertion.tolist(), "deletion_auc": self.deletion_auc,
-                "insertion_auc": self.insertion_auc}
+        return {
+            "fractions": self.fractions.tolist(),
+            "deletion": self.deletion.tolist(),
+            "insertion": self.insertion.tolist(),
+            "deletion_auc": self.deletion_auc,
+            "insertion_auc": self.insertion_auc,
+        }
 
 
 def energy_fn(model):
@@ -48,8 +53,10 @@ def energy_fn(model):
     @tf.function(reduce_retracing=True)
     def run(images):
         mu, logvar = model.encode(images)
-        return attn.energy(*attn.difference_distribution(stats.mean, stats.std, mu,
-                                                         tf.exp(0.5 * logvar)))
+        return attn.energy(
+            *attn.difference_distribution(stats.mean, stats.std, mu, tf.exp(0.5 * logvar))
+        )
+
     return run
 
 
@@ -65,8 +72,12 @@ def _top_masks(maps, fraction):
 
 
 def _energies(run, images, batch_size):
-    return np.concatenate([run(tf.constant(images[i:i + batch_size], tf.float32)).numpy()
-                           for i in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [
+            run(tf.constant(images[i : i + batch_size], tf.float32)).numpy()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def curves(model, images, maps, baseline, batch_size=32, fractions=FRACTIONS, seed=0):
@@ -91,9 +102,13 @@ def curves(model, images, maps, baseline, batch_size=32, fractions=FRACTIONS, se
             insertion.append(float(np.mean(_energies(run, inserted, batch_size) / original)))
         deletion, insertion = np.array(deletion), np.array(insertion)
         span = float(fractions[-1] - fractions[0]) or 1.0
-        out[name] = Curves(np.asarray(fractions), deletion, insertion,
-                           float(np.trapezoid(deletion, fractions) / span),
-                           float(np.trapezoid(insertion, fractions) / span))
+        out[name] = Curves(
+            np.asarray(fractions),
+            deletion,
+            insertion,
+            float(np.trapezoid(deletion, fractions) / span),
+            float(np.trapezoid(insertion, fractions) / span),
+        )
     return out
 
 
@@ -110,18 +125,30 @@ def selectivity(model, images, latent_maps, baseline, fraction=0.1, batch_size=3
     count, dims = latent_maps.shape[:2]
     std = np.maximum(model.normal_stats().std.numpy(), 1e-6)
     encode = tf.function(lambda x: model.encode(x)[0], reduce_retracing=True)
-    mu = np.concatenate([encode(tf.constant(images[i:i + batch_size])).numpy()
-                         for i in range(0, count, batch_size)])
-    changes = np.zeros((count, dims, dims), np.float32)       # (image, map i, latent j)
+    mu = np.concatenate(
+        [
+            encode(tf.constant(images[i : i + batch_size])).numpy()
+            for i in range(0, count, batch_size)
+        ]
+    )
+    changes = np.zeros((count, dims, dims), np.float32)  # (image, map i, latent j)
     for i in range(dims):
         top = _top_masks(latent_maps[:, i], fraction)[..., None]
         deleted = np.where(top, np.asarray(baseline, np.float32)[None], images)
-        moved = np.concatenate([encode(tf.constant(deleted[k:k + batch_size])).numpy()
-                                for k in range(0, count, batch_size)])
+        moved = np.concatenate(
+            [
+                encode(tf.constant(deleted[k : k + batch_size])).numpy()
+                for k in range(0, count, batch_size)
+            ]
+        )
         changes[:, i] = np.abs(moved - mu) / std
     own = np.einsum("nii->ni", changes)
     others = (changes.sum(2) - own) / max(dims - 1, 1)
-    return {"own": float(own.mean()), "others": float(others.mean()),
-            "ratio": float(own.mean() / max(others.mean(), 1e-12)),
-            "top1": float(np.mean(changes.argmax(2) == np.arange(dims)[None])),
-            "fraction": float(fraction), "images": int(count)}
+    return {
+        "own": float(own.mean()),
+        "others": float(others.mean()),
+        "ratio": float(own.mean() / max(others.mean(), 1e-12)),
+        "top1": float(np.mean(changes.argmax(2) == np.arange(dims)[None])),
+        "fraction": float(fraction),
+        "images": int(count),
+    }

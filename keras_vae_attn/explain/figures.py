@@ -1,5 +1,6 @@
 """Figures of the explanation checks: trained beside randomized maps (Adebayo et al.'s
 figure), the cascading randomization, and deletion/insertion curves."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,10 +23,13 @@ def sanity_figure(images, masks, trained, randomized, labels, title):
     if masks is not None:
         columns.append(("ground truth", np.asarray(masks, np.float32)))
     for name in trained:
-        for heading, maps in ((f"{labels.get(name, name)}\ntrained", trained[name]),
-                              ("randomized VAE", randomized[name])):
-            columns.append(viz.Heatmaps(heading, maps, _scale(maps),
-                                        "0 to its own 99.5th pct"))
+        for heading, maps in (
+            (f"{labels.get(name, name)}\ntrained", trained[name]),
+            ("randomized VAE", randomized[name]),
+        ):
+            columns.append(
+                viz.Heatmaps(heading, maps, _scale(maps), "0 to its own 99.5th pct")
+            )
     return viz.heatmap_figure(images, columns, title=title)
 
 
@@ -39,8 +43,9 @@ def cascade_figure(images, masks, stages, rho, title):
         columns.append(("ground truth", np.asarray(masks, np.float32)))
     for (label, maps), value in zip(stages, rho):
         heading = label if label == "trained" else f"up to {label}\nSpearman {value:.2f}"
-        columns.append(viz.Heatmaps(heading, maps, _scale(maps),
-                                    f"{label}: 0 to its 99.5th percentile"))
+        columns.append(
+            viz.Heatmaps(heading, maps, _scale(maps), f"{label}: 0 to its 99.5th percentile")
+        )
     return viz.heatmap_figure(images, columns, title=title, cell_inches=1.3)
 
 
@@ -54,13 +59,20 @@ def curves_figure(curves, title):
         for label, curve in curves.items():
             values = getattr(curve, kind)
             area = getattr(curve, f"{kind}_auc")
-            axis.plot(100 * curve.fractions, values, marker=".",
-                      label=f"{label} (area {area:.3f})",
-                      linestyle="--" if label == "random order" else "-")
+            axis.plot(
+                100 * curve.fractions,
+                values,
+                marker=".",
+                label=f"{label} (area {area:.3f})",
+                linestyle="--" if label == "random order" else "-",
+            )
         better = "lower" if kind == "deletion" else "higher"
-        axis.set_title(f"{kind}: pixels ranked by each map replaced "
-                       f"{'by' if kind == 'deletion' else 'from'} the normal mean image "
-                       f"({better} is better)", fontsize=8)
+        axis.set_title(
+            f"{kind}: pixels ranked by each map replaced "
+            f"{'by' if kind == 'deletion' else 'from'} the normal mean image "
+            f"({better} is better)",
+            fontsize=8,
+        )
         axis.set_xlabel("% of pixels, top of the map first")
         axis.set_ylabel("latent energy (Eq. 5), share of the original")
         axis.legend(fontsize=6)

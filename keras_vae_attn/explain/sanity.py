@@ -10,6 +10,7 @@ per-image Spearman rank correlation between the trained and the twin map is at m
 ``MAX_SPEARMAN`` (the rule in bench/RESULTS.md). A map computed from the image alone
 (the pixel z-score) has Spearman 1 and no drop: it fails, by construction.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -60,7 +61,7 @@ def stages(model):
     bounds = [len(names) - 1] + cuts[::-1] + [-1]
     labels = [HEAD] + [names[c] for c in cuts[::-1]]
     for label, high, low in zip(labels, bounds[:-1], bounds[1:]):
-        members = [n for n in names[low + 1:high + 1] if n in weighted]
+        members = [n for n in names[low + 1 : high + 1] if n in weighted]
         out.append((label, [("encoder", n) for n in members]))
     return out
 
@@ -122,11 +123,11 @@ def spearman(a, b):
 class Verdict(NamedTuple):
     """One map's randomization check."""
 
-    trained: float | None        # its score on the trained model (middle sigma)
-    randomized: float | None     # the same on the twin
-    drop: float | None           # trained - randomized
-    spearman: float              # mean per-image rank correlation, trained vs twin
-    passes: bool | None          # None when the score is undefined (no anomalies)
+    trained: float | None  # its score on the trained model (middle sigma)
+    randomized: float | None  # the same on the twin
+    drop: float | None  # trained - randomized
+    spearman: float  # mean per-image rank correlation, trained vs twin
+    passes: bool | None  # None when the score is undefined (no anomalies)
 
     def as_dict(self):
         return self._asdict()
@@ -138,23 +139,33 @@ def verdict(trained, randomized, rho):
     if trained is None or randomized is None:
         return Verdict(trained, randomized, None, mean_rho, None)
     drop = float(trained) - float(randomized)
-    return Verdict(float(trained), float(randomized), drop, mean_rho,
-                   bool(drop >= MIN_DROP and mean_rho <= MAX_SPEARMAN))
+    return Verdict(
+        float(trained),
+        float(randomized),
+        drop,
+        mean_rho,
+        bool(drop >= MIN_DROP and mean_rho <= MAX_SPEARMAN),
+    )
 
 
 def verdict_line(name, check):
-    """"<map> passes / fails the randomization check (...)" for the console."""
+    """ "<map> passes / fails the randomization check (...)" for the console."""
     if check.passes is None:
-        return (f"{name}: randomization check undefined (no score on this test set); "
-                f"Spearman trained vs randomized {check.spearman:.2f}")
+        return (
+            f"{name}: randomization check undefined (no score on this test set); "
+            f"Spearman trained vs randomized {check.spearman:.2f}"
+        )
     word = "passes" if check.passes else "FAILS"
-    return (f"{name} {word} the randomization check: AUROC {check.trained:.3f} trained vs "
-            f"{check.randomized:.3f} randomized (drop {check.drop:+.3f}, needs >= "
-            f"{MIN_DROP}), Spearman {check.spearman:.2f} (needs <= {MAX_SPEARMAN})")
+    return (
+        f"{name} {word} the randomization check: AUROC {check.trained:.3f} trained vs "
+        f"{check.randomized:.3f} randomized (drop {check.drop:+.3f}, needs >= "
+        f"{MIN_DROP}), Spearman {check.spearman:.2f} (needs <= {MAX_SPEARMAN})"
+    )
 
 
-def cascade_maps(model, images, normal_dataset, options, batch_size=16, normal_images=None,
-                 seed=None):
+def cascade_maps(
+    model, images, normal_dataset, options, batch_size=16, normal_images=None, seed=None
+):
     """[(stage, maps (n, H, W))] of ``options``' heatmap on ``images``: the trained model
     first, then each step of :func:`cascade`. For the cascading figure; a multi-layer
     map re-fits its layer scales on ``normal_images`` at every step."""
@@ -163,12 +174,14 @@ def cascade_maps(model, images, normal_dataset, options, batch_size=16, normal_i
     def heatmaps(vae):
         chosen = options
         if len(options.layers) > 1:
-            chosen = scoring.fit_layer_scales(vae, normal_images,
-                                              options.replace(layer_scales=None), batch_size)
+            chosen = scoring.fit_layer_scales(
+                vae, normal_images, options.replace(layer_scales=None), batch_size
+            )
         return scoring.batched(vae, images, batch_size, chosen, keys=("heatmap",))["heatmap"]
 
     out = [("trained", heatmaps(model))]
-    for label, randomized in cascade(model, normal_dataset, options.layers,
-                                     options.needs_covariance, seed):
+    for label, randomized in cascade(
+        model, normal_dataset, options.layers, options.needs_covariance, seed
+    ):
         out.append((label, heatmaps(randomized)))
     return out

@@ -1,4 +1,5 @@
 """Evaluation metrics: anomaly localization (pixel AUROC, best IoU, AUPRO, image AUROC)."""
+
 from keras_vae_attn.metrics.localization import (
     aupro,
     best_iou,

@@ -4,6 +4,7 @@ Smoothing lifts every map (a speckled pixel difference most), so a method is onl
 compared with a reference blurred by the same Gaussian. Levels: none and sigma = 1/32
 and 1/16 of the image side (plus the run's own ``--smooth``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,10 @@ def blur(maps, sigma, batch_size=64):
 
     from keras_vae_attn.scoring import gaussian_blur
 
-    blurred = [gaussian_blur(tf.constant(maps[i:i + batch_size], tf.float32), sigma).numpy()
-               for i in range(0, len(maps), batch_size)]
+    blurred = [
+        gaussian_blur(tf.constant(maps[i : i + batch_size], tf.float32), sigma).numpy()
+        for i in range(0, len(maps), batch_size)
+    ]
     return np.concatenate(blurred)
 
 
@@ -46,7 +49,7 @@ def compare(maps, masks, labels, levels, keep, progress=None):
     results = {name: {} for name in maps}
     kept = None
     steps = [(name, sigma) for sigma in levels for name in maps]
-    for name, sigma in (progress(steps) if progress else steps):
+    for name, sigma in progress(steps) if progress else steps:
         blurred = blur(maps[name], sigma)
         scored, curves = evaluate_methods({name: blurred}, masks, labels, return_curves=True)
         results[name][level_key(sigma)] = {k: scored[name][k] for k in METRIC_KEYS}
@@ -81,17 +84,24 @@ def table_lines(results, primary, labels=None, metric="pixel_auroc"):
     best IoU and image AUROC at the method's best level. ``primary`` is starred."""
     labels = labels or {}
     levels = list(next(iter(results.values())).keys())
-    head = f"{'method':<34}" + "".join(f"{'s=' + lv:>9}" for lv in levels) + \
-        f"{'best s':>8}{'AUPRO':>8}{'IoU':>7}{'imgAUC':>8}"
-    lines = [f"{metric} by smoothing sigma (px); AUPRO / IoU / image AUROC at each "
-             f"method's best sigma (the 'best s' column)", head]
+    head = (
+        f"{'method':<34}"
+        + "".join(f"{'s=' + lv:>9}" for lv in levels)
+        + f"{'best s':>8}{'AUPRO':>8}{'IoU':>7}{'imgAUC':>8}"
+    )
+    lines = [
+        f"{metric} by smoothing sigma (px); AUPRO / IoU / image AUROC at each "
+        f"method's best sigma (the 'best s' column)",
+        head,
+    ]
     for name, by_level in results.items():
         cells = "".join(f"{_fmt(by_level[lv][metric]):>9}" for lv in levels)
         level, _ = best(results, name, metric)
         extra = by_level.get(level, {}) if level is not None else {}
         tail = f"{'s=' + level if level is not None else 'n/a':>8}" + "".join(
-            f"{_fmt(extra.get(k)):>{w}}" for k, w in
-            (("aupro", 8), ("best_iou", 7), ("image_auroc", 8)))
+            f"{_fmt(extra.get(k)):>{w}}"
+            for k, w in (("aupro", 8), ("best_iou", 7), ("image_auroc", 8))
+        )
         shown = ("* " if name == primary else "  ") + labels.get(name, name)
         lines.append(f"{shown[:34]:<34}{cells}{tail}")
     return lines
@@ -107,17 +117,21 @@ def verdict(results, primary, labels=None):
         undefined = [lv for lv, ok in by_level.items() if ok is None]
         ours, theirs = labels.get(primary, primary), labels.get(name, name)
         note = f"; n/a at {', '.join(undefined)}" if undefined else ""
-        if not won and not lost:       # e.g. a test set with no anomalous pixel
-            lines.append(f"no verdict on {ours} vs {theirs}: the metric is n/a at every "
-                         "sigma")
+        if not won and not lost:  # e.g. a test set with no anomalous pixel
+            lines.append(f"no verdict on {ours} vs {theirs}: the metric is n/a at every sigma")
         elif not lost:
-            lines.append(f"{ours} beats {theirs} at every sigma" if not undefined else
-                         f"{ours} beats {theirs} at sigma {', '.join(won)}{note}")
+            lines.append(
+                f"{ours} beats {theirs} at every sigma"
+                if not undefined
+                else f"{ours} beats {theirs} at sigma {', '.join(won)}{note}"
+            )
         elif not won:
             lines.append(f"{ours} does not beat {theirs} at any sigma{note}")
         else:
-            lines.append(f"{ours} beats {theirs} at sigma {', '.join(won)} "
-                         f"(not at {', '.join(lost)}{note})")
+            lines.append(
+                f"{ours} beats {theirs} at sigma {', '.join(won)} "
+                f"(not at {', '.join(lost)}{note})"
+            )
     return lines
 
 

@@ -13,6 +13,7 @@ default 65,536 thresholds that moves AUROC by well under 1e-3).
 Shapes: ``maps`` float (N, H, W), ``masks`` bool (N, H, W), ``scores`` float (N,),
 ``labels`` int (N,) with 1 = anomalous.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -54,8 +55,9 @@ def _check_pair(maps, masks):
     if maps.ndim != 3:
         raise ValueError(f"maps must be (N, H, W); got shape {maps.shape}")
     if masks.shape != maps.shape:
-        raise ValueError(f"masks of shape {masks.shape} do not match maps of shape "
-                         f"{maps.shape}")
+        raise ValueError(
+            f"masks of shape {masks.shape} do not match maps of shape {maps.shape}"
+        )
     if not np.issubdtype(maps.dtype, np.floating):
         maps = maps.astype(np.float32)
     return maps, masks.astype(bool, copy=False)
@@ -78,12 +80,14 @@ def _thresholds(maps, max_thresholds=MAX_THRESHOLDS):
         chunk = flat[part]
         if not np.isfinite(chunk).all():
             bad = int(np.flatnonzero(~np.isfinite(chunk))[0]) + part.start
-            raise ValueError(f"maps hold a non-finite value ({flat[bad]}) at image "
-                             f"{bad // (maps.shape[1] * maps.shape[2])}")
+            raise ValueError(
+                f"maps hold a non-finite value ({flat[bad]}) at image "
+                f"{bad // (maps.shape[1] * maps.shape[2])}"
+            )
         low, high = min(low, chunk.min()), max(high, chunk.max())
     if len(flat) <= max_thresholds:
         return np.unique(flat)
-    stride = -(-len(flat) // (4 * max_thresholds))        # ~4 samples per threshold
+    stride = -(-len(flat) // (4 * max_thresholds))  # ~4 samples per threshold
     sample = np.sort(flat[::stride])
     picks = np.linspace(0, len(sample) - 1, max_thresholds).round().astype(np.int64)
     return np.unique(np.concatenate([[low], sample[picks], [high]]).astype(flat.dtype))
@@ -97,7 +101,7 @@ def pixel_stats(maps, masks, max_thresholds=MAX_THRESHOLDS, regions=True):
     """
     maps, masks = _check_pair(maps, masks)
     edges = _thresholds(maps, max_thresholds)
-    bins = len(edges) + 1      # bin k >= 1 holds edges[k-1] <= x < edges[k]
+    bins = len(edges) + 1  # bin k >= 1 holds edges[k-1] <= x < edges[k]
     positive = np.zeros(bins, np.int64)
     negative = np.zeros(bins, np.int64)
     overlap = np.zeros(bins, np.float64)
@@ -115,16 +119,20 @@ def pixel_stats(maps, masks, max_thresholds=MAX_THRESHOLDS, regions=True):
                     continue
                 inside = labels > 0
                 sizes = np.bincount(labels[inside])
-                overlap += np.bincount(image_index[inside],
-                                       weights=1.0 / sizes[labels[inside]], minlength=bins)
+                overlap += np.bincount(
+                    image_index[inside], weights=1.0 / sizes[labels[inside]], minlength=bins
+                )
                 n_regions += count
     # Cumulate from the top bin down: position j <-> threshold edges[-1 - j].
-    return PixelStats(thresholds=edges[::-1].copy(),
-                      positives=np.cumsum(positive[::-1])[:-1],
-                      negatives=np.cumsum(negative[::-1])[:-1],
-                      overlap=np.cumsum(overlap[::-1])[:-1],
-                      n_positive=int(positive.sum()), n_negative=int(negative.sum()),
-                      n_regions=n_regions)
+    return PixelStats(
+        thresholds=edges[::-1].copy(),
+        positives=np.cumsum(positive[::-1])[:-1],
+        negatives=np.cumsum(negative[::-1])[:-1],
+        overlap=np.cumsum(overlap[::-1])[:-1],
+        n_positive=int(positive.sum()),
+        n_negative=int(negative.sum()),
+        n_regions=n_regions,
+    )
 
 
 def _require_both(stats, what):
@@ -167,7 +175,7 @@ def aupro_from_stats(stats, fpr_limit=0.3):
     _require_both(stats, "AUPRO")
     fpr = np.concatenate([[0.0], stats.negatives / stats.n_negative])
     pro = np.concatenate([[0.0], stats.overlap / stats.n_regions])
-    inside = int(np.searchsorted(fpr, fpr_limit, side="right"))   # points with fpr <= limit
+    inside = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit
     fpr_part, pro_part = fpr[:inside], pro[:inside]
     if inside < len(fpr) and fpr_part[-1] < fpr_limit:
         # Close the area at the limit, interpolating the segment that crosses it.
@@ -199,8 +207,9 @@ def image_auroc(scores, labels):
     labels = np.asarray(labels)
     if labels.shape != (len(scores),):
         raise ValueError(f"labels of shape {labels.shape} do not match {len(scores)} scores")
-    return auroc_from_stats(pixel_stats(scores, labels.reshape(-1, 1, 1).astype(bool),
-                                        regions=False))
+    return auroc_from_stats(
+        pixel_stats(scores, labels.reshape(-1, 1, 1).astype(bool), regions=False)
+    )
 
 
 def _or_none(compute, *args):
@@ -211,8 +220,9 @@ def _or_none(compute, *args):
         return None
 
 
-def evaluate_methods(method_maps, masks, labels=None, image_scores=None, fpr_limit=0.3,
-                     return_curves=False):
+def evaluate_methods(
+    method_maps, masks, labels=None, image_scores=None, fpr_limit=0.3, return_curves=False
+):
     """Every localization metric for each method, side by side.
 
     ``method_maps``: {name: maps (N, H, W)}; ``labels`` default to "mask not empty";

@@ -21,6 +21,7 @@ shortcut: a second map much weaker than the first also overlaps little.
 ``ad_maps="normalized"`` scales each of the two abs maps to unit mass before comparing, so
 L_AD = sum_hw min(p_1, p_2) can only fall by separating *where* the latents look.
 """
+
 from __future__ import annotations
 
 import keras
@@ -52,7 +53,7 @@ def permute_dims(z, seed):
     Stateless: the same seed gives the same permutation.
     """
     keys = tf.random.stateless_uniform(tf.shape(z), seed=seed)
-    order = tf.argsort(keys, axis=0)                              # (B, D): a column each
+    order = tf.argsort(keys, axis=0)  # (B, D): a column each
     return tf.transpose(tf.gather(tf.transpose(z), tf.transpose(order), batch_dims=1))
 
 
@@ -65,14 +66,15 @@ def top_pair(maps):
 def random_pair(batch, depth, seed):
     """Two distinct latent dims per image, uniformly, (B, 2) int32."""
     first = tf.random.stateless_uniform([batch], seed=seed, maxval=depth, dtype=tf.int32)
-    shift = tf.random.stateless_uniform([batch], seed=seed + 1, minval=1, maxval=depth,
-                                        dtype=tf.int32)
+    shift = tf.random.stateless_uniform(
+        [batch], seed=seed + 1, minval=1, maxval=depth, dtype=tf.int32
+    )
     return tf.stack([first, (first + shift) % depth], axis=1)
 
 
 def pair_maps(maps, pair):
     """The two selected maps per image: (B, D, h, w), (B, 2) -> two (B, h, w)."""
-    chosen = tf.gather(maps, pair, axis=1, batch_dims=1)          # (B, 2, h, w)
+    chosen = tf.gather(maps, pair, axis=1, batch_dims=1)  # (B, 2, h, w)
     return chosen[:, 0], chosen[:, 1]
 
 
@@ -84,9 +86,19 @@ def unit_mass(maps, eps=1e-8):
 class FactorVAE(VAE):
     """VAE + gamma * TC (discriminator) + lambda_ad * L_AD; ``lambda_ad=0`` is FactorVAE."""
 
-    def __init__(self, encoder, decoder, discriminator, gamma=40.0, lambda_ad=0.0,
-                 ad_layer="last", ad_pairs="top", ad_second_order=True, ad_maps="relu",
-                 **kwargs):
+    def __init__(
+        self,
+        encoder,
+        decoder,
+        discriminator,
+        gamma=40.0,
+        lambda_ad=0.0,
+        ad_layer="last",
+        ad_pairs="top",
+        ad_second_order=True,
+        ad_maps="relu",
+        **kwargs,
+    ):
         super().__init__(encoder, decoder, **kwargs)
         if ad_pairs not in PAIR_MODES:
             raise ValueError(f"unknown ad_pairs {ad_pairs!r}; choose one of {PAIR_MODES}")
@@ -105,8 +117,10 @@ class FactorVAE(VAE):
         if self.lambda_ad:
             split = self.explainer(ad_layer)
             if split.head is None:
-                raise ValueError(f"L_AD needs encoder layer {split.layer_name!r} to be a cut "
-                                 "point (nothing after it may read earlier tensors)")
+                raise ValueError(
+                    f"L_AD needs encoder layer {split.layer_name!r} to be a cut "
+                    "point (nothing after it may read earlier tensors)"
+                )
         self.tc_tracker = keras.metrics.Mean(name="tc")
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.ad_tracker = keras.metrics.Mean(name="l_ad")
@@ -141,8 +155,8 @@ class FactorVAE(VAE):
         split = self.explainer(self.ad_layer)
         features = split.front(images, training=training)
         (mu, logvar), grads = split.stacked_gradients(features, training=training)
-        dtype = tf.float64 if features.dtype == tf.float64 else tf.float32   # >= float32
-        weights = tf.reduce_mean(tf.cast(grads, dtype), axis=[2, 3])        # (B, D, K)
+        dtype = tf.float64 if features.dtype == tf.float64 else tf.float32  # >= float32
+        weights = tf.reduce_mean(tf.cast(grads, dtype), axis=[2, 3])  # (B, D, K)
         if not self.ad_second_order:
             weights = tf.stop_gradient(weights)
         signed = weighted_sum(weights, tf.cast(features, dtype))
@@ -189,8 +203,9 @@ class FactorVAE(VAE):
         fake = tf.cast(self.discriminator(shuffled, training=training), tf.float32)
         zeros = tf.zeros(tf.shape(real)[:1], tf.int32)
         xent = keras.losses.sparse_categorical_crossentropy
-        return 0.5 * (xent(zeros, real, from_logits=True)
-                      + xent(zeros + 1, fake, from_logits=True))
+        return 0.5 * (
+            xent(zeros, real, from_logits=True) + xent(zeros + 1, fake, from_logits=True)
+        )
 
     def train_step(self, data):
         images = self._images(data)
@@ -208,17 +223,21 @@ class FactorVAE(VAE):
         d_variables = self.discriminator.trainable_variables
         d_grads = d_tape.gradient(d_loss, d_variables)
         self.d_optimizer.apply_gradients(zip(d_grads, d_variables))
-        return self._update_factor_trackers(per_example, recon, kl, tc, d_per_example,
-                                            overlap)
+        return self._update_factor_trackers(per_example, recon, kl, tc, d_per_example, overlap)
 
     def test_step(self, data):
         images = self._images(data)
         recon, kl, z = self.vae_losses(images, training=False)
         tc = self.total_correlation(z)
         d_per_example = self.discriminator_loss(z, training=False)
-        return self._update_factor_trackers(recon + self.beta * kl + self.gamma * tc,
-                                            recon, kl, tc, d_per_example,
-                                            tf.zeros_like(recon))
+        return self._update_factor_trackers(
+            recon + self.beta * kl + self.gamma * tc,
+            recon,
+            kl,
+            tc,
+            d_per_example,
+            tf.zeros_like(recon),
+        )
 
     def _update_factor_trackers(self, per_example, recon, kl, tc, d_loss, overlap):
         self.tc_tracker.update_state(tc)
@@ -227,27 +246,66 @@ class FactorVAE(VAE):
         return self._update_trackers(per_example, recon, kl)
 
 
-def build_factor_vae(backbone="factorvae", input_shape=(64, 64, 1), latent_dim=10,
-                     filters=(32, 32, 64, 64), dense_units=128, recon_loss="bce", beta=1.0,
-                     gamma=40.0, lambda_ad=0.0, ad_layer="last", ad_pairs="top",
-                     ad_second_order=True, d_units=1000, d_depth=6, seed=0, ad_maps="relu"):
+def build_factor_vae(
+    backbone="factorvae",
+    input_shape=(64, 64, 1),
+    latent_dim=10,
+    filters=(32, 32, 64, 64),
+    dense_units=128,
+    recon_loss="bce",
+    beta=1.0,
+    gamma=40.0,
+    lambda_ad=0.0,
+    ad_layer="last",
+    ad_pairs="top",
+    ad_second_order=True,
+    d_units=1000,
+    d_depth=6,
+    seed=0,
+    ad_maps="relu",
+):
     """Build a FactorVAE (an AD-FactorVAE when ``lambda_ad`` > 0) from a plain-dict spec.
 
     Defaults are the FactorVAE paper's dSprites net: conv 32-32-64-64, dense 128, 10
     latents, a 6 x 1000 discriminator.
     """
-    spec = dict(backbone=backbone, input_shape=list(input_shape), latent_dim=int(latent_dim),
-                filters=list(filters) if filters else None, dense_units=int(dense_units),
-                recon_loss=recon_loss, beta=float(beta), gamma=float(gamma),
-                lambda_ad=float(lambda_ad), ad_layer=ad_layer, ad_pairs=ad_pairs,
-                ad_second_order=bool(ad_second_order), d_units=int(d_units),
-                d_depth=int(d_depth), seed=int(seed), ad_maps=ad_maps)
-    encoder, decoder = backbones.build_backbone(backbone, tuple(input_shape), latent_dim,
-                                                filters=filters, dense_units=dense_units)
+    spec = dict(
+        backbone=backbone,
+        input_shape=list(input_shape),
+        latent_dim=int(latent_dim),
+        filters=list(filters) if filters else None,
+        dense_units=int(dense_units),
+        recon_loss=recon_loss,
+        beta=float(beta),
+        gamma=float(gamma),
+        lambda_ad=float(lambda_ad),
+        ad_layer=ad_layer,
+        ad_pairs=ad_pairs,
+        ad_second_order=bool(ad_second_order),
+        d_units=int(d_units),
+        d_depth=int(d_depth),
+        seed=int(seed),
+        ad_maps=ad_maps,
+    )
+    encoder, decoder = backbones.build_backbone(
+        backbone, tuple(input_shape), latent_dim, filters=filters, dense_units=dense_units
+    )
     discriminator = build_discriminator(latent_dim, d_units, d_depth)
-    model = FactorVAE(encoder, decoder, discriminator, gamma=gamma, lambda_ad=lambda_ad,
-                      ad_layer=ad_layer, ad_pairs=ad_pairs, ad_second_order=ad_second_order,
-                      ad_maps=ad_maps, recon_loss=recon_loss, beta=beta, seed=seed, spec=spec)
+    model = FactorVAE(
+        encoder,
+        decoder,
+        discriminator,
+        gamma=gamma,
+        lambda_ad=lambda_ad,
+        ad_layer=ad_layer,
+        ad_pairs=ad_pairs,
+        ad_second_order=ad_second_order,
+        ad_maps=ad_maps,
+        recon_loss=recon_loss,
+        beta=beta,
+        seed=seed,
+        spec=spec,
+    )
     model(np.zeros((1, *input_shape), np.float32))
     model.discriminator(np.zeros((1, latent_dim), np.float32))
     return model

@@ -1,5 +1,6 @@
 """Saving and loading models: a spec (``model.json``) plus Keras weights, rebuilt through
 a ``{class name: builder}`` registry so the base class never imports its subclasses."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,7 @@ def load_vae(directory):
         with open(spec_path, encoding="utf-8") as handle:
             spec = json.load(handle)
         if not isinstance(spec, dict):
-            raise ValueError(f"{spec_path} must hold a JSON object, got "
-                             f"{type(spec).__name__}")
+            raise ValueError(f"{spec_path} must hold a JSON object, got {type(spec).__name__}")
         model = _build(spec, spec_path)
         model.load_weights(weights_path)
         _load_legacy_feature_means(model, os.path.join(directory, LEGACY_FEATURE_MEANS))
@@ -66,8 +66,9 @@ def load_vae(directory):
         # not JSON, a spec no builder takes (negative latent_dim, unknown class),
         # truncated or foreign weights: one line naming the folder
         reason = " ".join(str(error).split())[:300]
-        raise ModelLoadError(f"cannot load the model in {directory}: "
-                             f"{type(error).__name__}: {reason}") from None
+        raise ModelLoadError(
+            f"cannot load the model in {directory}: {type(error).__name__}: {reason}"
+        ) from None
     return model
 
 
@@ -93,14 +94,17 @@ def _build(spec, spec_path):
     covariance_layers = set(spec.pop("feature_covariance_layers", []))
     builders = _builders()
     if kind not in builders:
-        raise ValueError(f"{spec_path}: cannot rebuild a saved model of class {kind!r}; "
-                         f"known: {', '.join(builders)}")
+        raise ValueError(
+            f"{spec_path}: cannot rebuild a saved model of class {kind!r}; "
+            f"known: {', '.join(builders)}"
+        )
     model = builders[kind](**spec)
-    for key in feature_layers:        # the weights must exist before they load
+    for key in feature_layers:  # the weights must exist before they load
         shape = _distribution_shape(model, key)
         if shape is None:
-            raise ValueError(f"{spec_path}: cannot rebuild the feature distribution of "
-                             f"layer {key!r}")
+            raise ValueError(
+                f"{spec_path}: cannot rebuild the feature distribution of layer {key!r}"
+            )
         model.add_feature_distribution(key, shape, key in covariance_layers)
     return model
 
@@ -112,7 +116,7 @@ def _distribution_shape(model, key):
 
     if key == PIXELS:
         return tuple(model.encoder.inputs[0].shape[1:])
-    layer = key[len("residual_"):] if key.startswith("residual_") else key
+    layer = key[len("residual_") :] if key.startswith("residual_") else key
     front = model.explainer(layer).front
     return None if front is None else front.output.shape[1:]
 

@@ -1,4 +1,5 @@
 """The one-class VAE: a small subclassed model around a named encoder and decoder."""
+
 from __future__ import annotations
 
 import functools
@@ -20,12 +21,15 @@ class VAE(keras.Model):
     restored and exported with the model; until then the prior N(0, I) stands in.
     """
 
-    def __init__(self, encoder, decoder, recon_loss="bce", beta=1.0, seed=0, spec=None,
-                 **kwargs):
+    def __init__(
+        self, encoder, decoder, recon_loss="bce", beta=1.0, seed=0, spec=None, **kwargs
+    ):
         super().__init__(**kwargs)
         if recon_loss not in losses.RECON_LOSSES:
-            raise ValueError(f"unknown reconstruction loss {recon_loss!r}; "
-                             f"choose one of {losses.RECON_LOSSES}")
+            raise ValueError(
+                f"unknown reconstruction loss {recon_loss!r}; "
+                f"choose one of {losses.RECON_LOSSES}"
+            )
         self.encoder = encoder
         self.decoder = decoder
         self.recon_loss = recon_loss
@@ -33,15 +37,17 @@ class VAE(keras.Model):
         self.spec = dict(spec or {})
         self.latent_dim = int(encoder.outputs[1].shape[-1])
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.normal_mean = self.add_weight(shape=(self.latent_dim,), initializer="zeros",
-                                           trainable=False, name="normal_mean")
-        self.normal_std = self.add_weight(shape=(self.latent_dim,), initializer="ones",
-                                          trainable=False, name="normal_std")
+        self.normal_mean = self.add_weight(
+            shape=(self.latent_dim,), initializer="zeros", trainable=False, name="normal_mean"
+        )
+        self.normal_std = self.add_weight(
+            shape=(self.latent_dim,), initializer="ones", trainable=False, name="normal_std"
+        )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.recon_tracker = keras.metrics.Mean(name="recon")
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self._explainers = {}
-        self._distributions = {}         # layer name -> (mean, std[, whiten, colour]) weights
+        self._distributions = {}  # layer name -> (mean, std[, whiten, colour]) weights
 
     @property
     def metrics(self):
@@ -124,8 +130,7 @@ class VAE(keras.Model):
         comes out of that reduction a scalar again.
         """
         logs = {m.name: m.result() for m in self.metrics}
-        if isinstance(tf.distribute.get_strategy(),
-                      tf.distribute.MultiWorkerMirroredStrategy):
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
@@ -139,14 +144,16 @@ class VAE(keras.Model):
         """
         key = (layer, gradient_relu) if method == "auto" else (layer, gradient_relu, method)
         if key not in self._explainers:
-            self._explainers[key] = VAEAttention(self.encoder, layer=layer,
-                                                 gradient_relu=gradient_relu, method=method)
+            self._explainers[key] = VAEAttention(
+                self.encoder, layer=layer, gradient_relu=gradient_relu, method=method
+            )
         return self._explainers[key]
 
     def normal_stats(self):
         """The stored normal-data latent statistics (the prior until fitted)."""
-        return NormalStats(tf.convert_to_tensor(self.normal_mean),
-                           tf.convert_to_tensor(self.normal_std))
+        return NormalStats(
+            tf.convert_to_tensor(self.normal_mean), tf.convert_to_tensor(self.normal_std)
+        )
 
     def fit_feature_distributions(self, dataset, layers, covariance=False):
         """Measure and store the normal feature distribution (mean and std per position
@@ -163,13 +170,16 @@ class VAE(keras.Model):
         explainers = [self.explainer(layer) for layer in layers]
         names = [e.layer_name for e in explainers]
         moments = {name: FeatureMoments(covariance) for name in names}
-        moments.update({PIXELS: FeatureMoments()},
-                       **{residual_key(name): FeatureMoments() for name in names})
+        moments.update(
+            {PIXELS: FeatureMoments()},
+            **{residual_key(name): FeatureMoments() for name in names},
+        )
         spec = tf.TensorSpec((None, *self.encoder.inputs[0].shape[1:]), tf.float32)
         # a partial of a module function, not a lambda: one traced function per call, and
         # TensorFlow counts traces per function source (twins and cascades call this often)
-        statistics_of = tf.function(functools.partial(_normal_statistics, self, explainers),
-                                    input_signature=[spec])
+        statistics_of = tf.function(
+            functools.partial(_normal_statistics, self, explainers), input_signature=[spec]
+        )
         for batch in dataset:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             features, residuals, pixels = statistics_of(tf.cast(images, tf.float32))
@@ -187,16 +197,20 @@ class VAE(keras.Model):
         (``layer`` None) or of ``layer``'s features (see fit_feature_distributions)."""
         key = PIXELS if layer is None else residual_key(self.explainer(layer).layer_name)
         if key not in self._distributions:
-            raise ValueError(f"no normal reconstruction-residual distribution for "
-                             f"{'the pixels' if layer is None else repr(layer)}: fit it with "
-                             "model.fit_feature_distributions(normal_images, layers) "
-                             "(models saved before it re-fit on loading)")
-        return FeatureDistribution(*(tf.convert_to_tensor(w)
-                                     for w in self._distributions[key]))
+            raise ValueError(
+                f"no normal reconstruction-residual distribution for "
+                f"{'the pixels' if layer is None else repr(layer)}: fit it with "
+                "model.fit_feature_distributions(normal_images, layers) "
+                "(models saved before it re-fit on loading)"
+            )
+        return FeatureDistribution(
+            *(tf.convert_to_tensor(w) for w in self._distributions[key])
+        )
 
     def has_residual_distribution(self, layers=()):
         return PIXELS in self._distributions and all(
-            residual_key(self.explainer(n).layer_name) in self._distributions for n in layers)
+            residual_key(self.explainer(n).layer_name) in self._distributions for n in layers
+        )
 
     def store_feature_distribution(self, layer, values):
         """Store (mean, std) or (mean, std, whiten, colour) arrays for ``layer``."""
@@ -219,9 +233,14 @@ class VAE(keras.Model):
             tracker.unlock()
         try:
             self._distributions[layer] = tuple(have) + tuple(
-                self.add_weight(shape=tuple(int(d) for d in size), initializer=init,
-                                trainable=False, name=f"feature_{part}_{layer}")
-                for part, init, size in parts[len(have):])
+                self.add_weight(
+                    shape=tuple(int(d) for d in size),
+                    initializer=init,
+                    trainable=False,
+                    name=f"feature_{part}_{layer}",
+                )
+                for part, init, size in parts[len(have) :]
+            )
         finally:
             if tracker is not None:
                 tracker.lock()
@@ -234,8 +253,11 @@ class VAE(keras.Model):
     def feature_layers(self):
         """Layers with a fitted normal feature distribution, in fitting order (the
         reconstruction residuals' distributions are stored beside them)."""
-        return [key for key in self._distributions
-                if key != PIXELS and not key.startswith(residual_key(""))]
+        return [
+            key
+            for key in self._distributions
+            if key != PIXELS and not key.startswith(residual_key(""))
+        ]
 
     def has_feature_distribution(self, layer, covariance=False):
         """Whether a normal feature distribution (with the covariance, if asked) is
@@ -249,10 +271,14 @@ class VAE(keras.Model):
         name = layer if layer in self._distributions else self.explainer(layer).layer_name
         if name not in self._distributions:
             fitted = ", ".join(self.feature_layers) or "none"
-            raise ValueError(f"no normal feature distribution for layer {name!r} (fitted: "
-                             f"{fitted}); fit it first: model.fit_feature_distributions("
-                             f"normal_images, [{name!r}])")
-        return FeatureDistribution(*(tf.convert_to_tensor(w) for w in self._distributions[name]))
+            raise ValueError(
+                f"no normal feature distribution for layer {name!r} (fitted: "
+                f"{fitted}); fit it first: model.fit_feature_distributions("
+                f"normal_images, [{name!r}])"
+            )
+        return FeatureDistribution(
+            *(tf.convert_to_tensor(w) for w in self._distributions[name])
+        )
 
     def fit_normal_statistics(self, dataset, layers, covariance=False):
         """Everything a map needs from the normal data, fitted over ``dataset``
@@ -291,14 +317,30 @@ def _normal_statistics(model, explainers, images):
     return features, residuals, images - reconstruction
 
 
-def build_vae(backbone="small", input_shape=(28, 28, 1), latent_dim=16, filters=None,
-              dense_units=256, recon_loss="bce", beta=1.0, seed=0):
+def build_vae(
+    backbone="small",
+    input_shape=(28, 28, 1),
+    latent_dim=16,
+    filters=None,
+    dense_units=256,
+    recon_loss="bce",
+    beta=1.0,
+    seed=0,
+):
     """Build a VAE from a plain-dict spec; the spec is saved with the weights."""
-    spec = dict(backbone=backbone, input_shape=list(input_shape), latent_dim=int(latent_dim),
-                filters=list(filters) if filters else None, dense_units=int(dense_units),
-                recon_loss=recon_loss, beta=float(beta), seed=int(seed))
-    encoder, decoder = backbones.build_backbone(backbone, tuple(input_shape), latent_dim,
-                                                filters=filters, dense_units=dense_units)
+    spec = dict(
+        backbone=backbone,
+        input_shape=list(input_shape),
+        latent_dim=int(latent_dim),
+        filters=list(filters) if filters else None,
+        dense_units=int(dense_units),
+        recon_loss=recon_loss,
+        beta=float(beta),
+        seed=int(seed),
+    )
+    encoder, decoder = backbones.build_backbone(
+        backbone, tuple(input_shape), latent_dim, filters=filters, dense_units=dense_units
+    )
     model = VAE(encoder, decoder, recon_loss=recon_loss, beta=beta, seed=seed, spec=spec)
     model(np.zeros((1, *input_shape), np.float32))
     return model

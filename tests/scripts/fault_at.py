@@ -5,6 +5,7 @@ POINT is a function the trainer calls at that moment (the signal goes before the
 CALL-th call of it runs); SIGNAL is KILL or INT. The rest is the trainer's command line,
 run as ``python -m MODULE`` runs it.
 """
+
 import importlib
 import os
 import signal

@@ -3,6 +3,7 @@ print its final logs as JSON.
 
     python tests/scripts/mirrored_train.py {vae,factor_vae,ad_factor_vae}
 """
+
 import json
 import sys
 
@@ -16,7 +17,9 @@ import numpy as np  # noqa: E402
 
 kind = sys.argv[1]
 keras.utils.set_random_seed(0)
-strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+strategy = tf.distribute.MirroredStrategy(
+    [d.name for d in tf.config.list_logical_devices("CPU")]
+)
 with strategy.scope():
     if kind == "vae":
         from keras_vae_attn.models import build_vae
@@ -26,11 +29,23 @@ with strategy.scope():
     else:
         from keras_vae_attn.models.factor_vae import build_factor_vae
 
-        model = build_factor_vae(input_shape=(32, 32, 1), latent_dim=4, filters=(8, 8, 16, 16),
-                                 dense_units=32, d_units=32, d_depth=2,
-                                 lambda_ad=1.0 if kind == "ad_factor_vae" else 0.0)
+        model = build_factor_vae(
+            input_shape=(32, 32, 1),
+            latent_dim=4,
+            filters=(8, 8, 16, 16),
+            dense_units=32,
+            d_units=32,
+            d_depth=2,
+            lambda_ad=1.0 if kind == "ad_factor_vae" else 0.0,
+        )
         model.compile()
 images = (np.random.default_rng(0).random((32, 32, 32, 1)) > 0.7).astype("float32")
 history = model.fit(tf.data.Dataset.from_tensor_slices(images).batch(8), epochs=2, verbose=0)
-print(json.dumps({"replicas": strategy.num_replicas_in_sync,
-                  **{k: [float(x) for x in v] for k, v in history.history.items()}}))
+print(
+    json.dumps(
+        {
+            "replicas": strategy.num_replicas_in_sync,
+            **{k: [float(x) for x in v] for k, v in history.history.items()},
+        }
+    )
+)

@@ -5,13 +5,16 @@
 The log-variance head starts at sigma ~ 1e-13, so the reparameterisation noise is
 negligible and runs with different replica counts must reach the same weights.
 """
+
 import sys
 
 import tensorflow as tf
 
 replicas, global_batch, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
+)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,6 +33,9 @@ with strategy.scope():
 images = np.random.default_rng(0).random((global_batch, 28, 28, 1)).astype("float32")
 data = tf.data.Dataset.from_tensor_slices(images).batch(global_batch)
 history = model.fit(data, epochs=1, verbose=0)
-np.savez(out, loss=history.history["loss"][0],
-         **{f"w{i}": np.asarray(w) for i, w in enumerate(model.trainable_weights)})
+np.savez(
+    out,
+    loss=history.history["loss"][0],
+    **{f"w{i}": np.asarray(w) for i, w in enumerate(model.trainable_weights)},
+)
 print("replicas", strategy.num_replicas_in_sync)

@@ -1,4 +1,5 @@
 """Generated datasets are written once, atomically, and reused while their spec matches."""
+
 from __future__ import annotations
 
 import json

@@ -23,6 +23,7 @@ larger than a normal part's.
 
 Files are written in the official layout (see :mod:`keras_vae_attn.data.mvtec`).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,8 @@ PALETTE = ((0.85, 0.2, 0.2), (0.2, 0.85, 0.2), (0.2, 0.2, 0.85))
 # mirrors them), the parts' radius and their jitter in x and y.
 COLUMNS, ROWS = (0.14, 0.36), (0.27, 0.73)
 RADIUS, JITTER = 0.085, (0.015, 0.04)
-SQUARE = 0.89        # a square's half-side in radii: about a disc's area
-SUPERSAMPLE = 4      # parts are drawn 4x larger and averaged down: soft, exact edges
+SQUARE = 0.89  # a square's half-side in radii: about a disc's area
+SUPERSAMPLE = 4  # parts are drawn 4x larger and averaged down: soft, exact edges
 NOISE = 0.01
 
 
@@ -73,8 +74,11 @@ def _normal_layout(rng, counts=(1, 2, 3, 4)):
     n = int(rng.choice(counts))
     left = int(rng.integers(2))
     colour = int(rng.integers(len(PALETTE)))
-    return [_part(rng, side, int(slot), KINDS[left ^ side], colour)
-            for side in (0, 1) for slot in sorted(rng.choice(SLOTS, n, replace=False))]
+    return [
+        _part(rng, side, int(slot), KINDS[left ^ side], colour)
+        for side in (0, 1)
+        for slot in sorted(rng.choice(SLOTS, n, replace=False))
+    ]
 
 
 def _defective_layout(rng, kind):
@@ -91,12 +95,14 @@ def _defective_layout(rng, kind):
         gone = mine[int(rng.integers(len(mine)))]
         return [p for p in parts if p != gone], [gone]
     if kind == "swap":
-        parts = _normal_layout(rng, counts=(2, 3, 4))      # with n = 1 a swap is normal
+        parts = _normal_layout(rng, counts=(2, 3, 4))  # with n = 1 a swap is normal
         left = [i for i, p in enumerate(parts) if p.side == 0]
         right = [i for i, p in enumerate(parts) if p.side == 1]
         i, j = int(rng.choice(left)), int(rng.choice(right))
-        parts[i], parts[j] = (parts[i]._replace(kind=parts[j].kind),
-                              parts[j]._replace(kind=parts[i].kind))
+        parts[i], parts[j] = (
+            parts[i]._replace(kind=parts[j].kind),
+            parts[j]._replace(kind=parts[i].kind),
+        )
         return parts, [parts[i], parts[j]]
     if kind == "colour":
         parts = _normal_layout(rng)
@@ -123,8 +129,9 @@ def _render(rng, parts, size):
     canvas = Image.new("RGB", (big, big), (round(BACKGROUND * 255),) * 3)
     draw = ImageDraw.Draw(canvas)
     half, width = big / 2, max(1, size // 64) * SUPERSAMPLE
-    draw.rectangle([half - width / 2, 0, half + width / 2 - 1, big],
-                   fill=(round(DIVIDER * 255),) * 3)
+    draw.rectangle(
+        [half - width / 2, 0, half + width / 2 - 1, big], fill=(round(DIVIDER * 255),) * 3
+    )
     for part in parts:
         _shape(draw, part, big, tuple(round(c * 255) for c in PALETTE[part.colour]))
     image = np.asarray(canvas.resize((size, size), Image.BOX), np.float32) / 255.0
@@ -145,8 +152,17 @@ def _save(image, path):
     Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
-def write_logical_category(root, category="logical", size=64, n_train=200, n_test_good=20,
-                           n_test_defect=15, defects=DEFECTS, seed=0, exist_ok=True):
+def write_logical_category(
+    root,
+    category="logical",
+    size=64,
+    n_train=200,
+    n_test_good=20,
+    n_test_defect=15,
+    defects=DEFECTS,
+    seed=0,
+    exist_ok=True,
+):
     """Write ``<root>/<category>`` in the MVTec AD layout; return its path.
 
     Deterministic from ``seed``; written atomically and reused while its settings match,
@@ -155,9 +171,15 @@ def write_logical_category(root, category="logical", size=64, n_train=200, n_tes
     unknown = sorted(set(defects) - set(DEFECTS))
     if unknown:
         raise ValueError(f"unknown defect kinds {unknown}; choose from {DEFECTS}")
-    spec = dict(generator="logical", size=int(size), n_train=int(n_train),
-                n_test_good=int(n_test_good), n_test_defect=int(n_test_defect),
-                defects=list(defects), seed=int(seed))
+    spec = dict(
+        generator="logical",
+        size=int(size),
+        n_train=int(n_train),
+        n_test_good=int(n_test_good),
+        n_test_defect=int(n_test_defect),
+        defects=list(defects),
+        seed=int(seed),
+    )
     return write_once(root, category, spec, _write_into, exist_ok)
 
 
@@ -168,8 +190,9 @@ def _write_into(folder, spec):
         good = os.path.join(folder, split, "good")
         os.makedirs(good)
         for index in range(count):
-            _save(_render(rng, _normal_layout(rng), size),
-                  os.path.join(good, f"{index:03d}.png"))
+            _save(
+                _render(rng, _normal_layout(rng), size), os.path.join(good, f"{index:03d}.png")
+            )
     for kind in spec["defects"]:
         images = os.path.join(folder, "test", kind)
         masks = os.path.join(folder, "ground_truth", kind)
@@ -179,6 +202,7 @@ def _write_into(folder, spec):
             parts, marked = _defective_layout(rng, kind)
             _save(_render(rng, parts, size), os.path.join(images, f"{index:03d}.png"))
             Image.fromarray(_mask(marked, size).astype(np.uint8) * 255).save(
-                os.path.join(masks, f"{index:03d}_mask.png"))
+                os.path.join(masks, f"{index:03d}_mask.png")
+            )
     with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as handle:
         json.dump(spec, handle, indent=2)

@@ -10,6 +10,7 @@ add drawn defects, each with its exact mask:
 
 Files are written in the official layout (see :mod:`keras_vae_attn.data.mvtec`).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,11 @@ def _normal(rng, size):
     cx, cy = size / 2 + rng.uniform(-0.03, 0.03, 2) * size
     radius = size * rng.uniform(0.34, 0.38)
     dist = np.hypot(xx - cx, yy - cy) / radius
-    body = np.clip(1.0 - dist, 0.0, 1.0) ** 0.35                # lit dome, soft edge
-    rim = np.exp(-((dist - 0.82) / 0.06) ** 2)                   # a bright rim
+    body = np.clip(1.0 - dist, 0.0, 1.0) ** 0.35  # lit dome, soft edge
+    rim = np.exp(-(((dist - 0.82) / 0.06) ** 2))  # a bright rim
     rings = 0.04 * np.cos(2 * np.pi * dist * 6 + rng.uniform(0, 2 * np.pi))
     grey = 0.12 + (0.5 + rings) * body * rng.uniform(0.9, 1.1) + 0.25 * rim * (dist < 1.2)
-    tint = np.array([1.0, 0.97, 0.9], np.float32)                # slightly warm light
+    tint = np.array([1.0, 0.97, 0.9], np.float32)  # slightly warm light
     image = grey[..., None] * tint + rng.normal(0, 0.015, (size, size, 3))
     return np.clip(image, 0, 1).astype(np.float32), (float(cx), float(cy), float(radius))
 
@@ -54,8 +55,10 @@ def _draw_defect(rng, image, circle, kind):
     if kind == "scratch":
         angle = rng.uniform(0, np.pi)
         half = size * rng.uniform(0.12, 0.2)
-        ends = [(x - half * np.cos(angle), y - half * np.sin(angle)),
-                (x + half * np.cos(angle), y + half * np.sin(angle))]
+        ends = [
+            (x - half * np.cos(angle), y - half * np.sin(angle)),
+            (x + half * np.cos(angle), y + half * np.sin(angle)),
+        ]
         width = max(2, round(size / 48))
         shape.line(ends, fill=(250, 250, 245, 255), width=width)
         mask_draw.line(ends, fill=255, width=width)
@@ -82,18 +85,33 @@ def _save(image, path, grayscale):
     (picture.convert("L") if grayscale else picture).save(path)
 
 
-def write_mvtec_category(root, category="demo", size=128, n_train=60, n_test_good=8,
-                         n_test_defect=6, defects=DEFECTS, grayscale=False, seed=0,
-                         exist_ok=True):
+def write_mvtec_category(
+    root,
+    category="demo",
+    size=128,
+    n_train=60,
+    n_test_good=8,
+    n_test_defect=6,
+    defects=DEFECTS,
+    grayscale=False,
+    seed=0,
+    exist_ok=True,
+):
     """Write ``<root>/<category>`` in the MVTec AD layout; return its path.
 
     The category appears in one rename once complete, so a reader never sees half of it.
     With ``exist_ok`` a category already written with the same settings is reused
     (that is the demo's cache); one written with other settings is replaced.
     """
-    spec = dict(size=int(size), n_train=int(n_train), n_test_good=int(n_test_good),
-                n_test_defect=int(n_test_defect), defects=list(defects),
-                grayscale=bool(grayscale), seed=int(seed))
+    spec = dict(
+        size=int(size),
+        n_train=int(n_train),
+        n_test_good=int(n_test_good),
+        n_test_defect=int(n_test_defect),
+        defects=list(defects),
+        grayscale=bool(grayscale),
+        seed=int(seed),
+    )
     unknown = sorted(set(defects) - set(DEFECTS))
     if unknown:
         raise ValueError(f"unknown defect kinds {unknown}; choose from {DEFECTS}")
@@ -121,6 +139,7 @@ def _write_into(folder, spec):
             image, mask = _draw_defect(rng, image, circle, kind)
             _save(image, os.path.join(images, f"{index:03d}.png"), grey)
             Image.fromarray(mask.astype(np.uint8) * 255).save(
-                os.path.join(masks, f"{index:03d}_mask.png"))
+                os.path.join(masks, f"{index:03d}_mask.png")
+            )
     with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as handle:
         json.dump(spec, handle, indent=2)
