@@ -1,12 +1,12 @@
 """How faithful the regenerated dSprites are: pixel IoU against the real preview frames.
 
-    python -m bench.dsprites_fidelity --frames <dsprites>/dsprites_gif_frames_320x64x64_uint8.npy
+    python -m bench.dsprites_fidelity --frames <dsprites>/<frames>.npy
 
-The official preview animation's 320 frames sweep scale, orientation and position of
-each shape (their factor values are read off the frames, see
-``keras_vae_attn.data.dsprites.preview_factors``). Each frame is redrawn from those
-factors; the table gives the pooled pixel IoU per shape, the worst single frame, and how
-many frames match exactly.
+<frames> is dsprites_gif_frames_320x64x64_uint8: the official preview animation's 320
+frames sweep scale, orientation and position of each shape (their factor values are read
+off the frames, see ``keras_vae_attn.data.dsprites.preview_factors``). Each frame is
+redrawn from those factors; the table gives the pooled pixel IoU per shape, the worst
+single frame, and how many frames match exactly.
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ def plan(calibration, cells, steps, min_steps, budget_s):
 
 
 def summarize(scores):
-    """{model: {"seeds": [...], "scores": [...], "mean", "std"}} from {(model, seed): score}."""
+    """{model: {"seeds": [...], "scores": [...], "mean", "std"}} from
+    {(model, seed): score}."""
     table = {}
     for (model, seed), score in sorted(scores.items(), key=lambda item: item[0][1]):
         row = table.setdefault(model, {"seeds": [], "scores": []})

@@ -1,7 +1,7 @@
 """Re-score a trained run with every attribution form x deviation x sign x layer set.
 
     python -m bench.localization_grid --run <run folder> [--out <folder>]
-    python -m bench.localization_grid --rank <grid.json> [<grid.json> ...] [--mnist <grid.json>]
+    python -m bench.localization_grid --rank <grid.json> [...] [--mnist <grid.json>]
 
 No retraining: the run's model is loaded, its layers' normal feature distributions are
 fitted on the un-augmented training images when missing, and for each layer ONE traced

@@ -191,7 +191,8 @@ def check_images(images, height, width, channels):
 
 
 def build_archive(model, options, thresholds=None, explain_layer=None):
-    """A ``keras.export.ExportArchive`` with the signatures of :data:`SIGNATURES` (see module doc)."""
+    """A ``keras.export.ExportArchive`` with the signatures of :data:`SIGNATURES` (see
+    the module's docstring)."""
     import keras
     import tensorflow as tf
 

@@ -138,7 +138,8 @@ def test_masks_pair_with_frames_by_number_not_by_name(tmp_path):
         ),
         (
             lambda clip, gt: shutil.copy(gt / "frame001.bmp", gt / "001.bmp"),
-            r"Test006_gt.*more than one file for frame number\(s\) 1 \(001\.bmp, frame001\.bmp\)",
+            r"Test006_gt.*more than one file for frame number\(s\) 1 "
+            r"\(001\.bmp, frame001\.bmp\)",
         ),
         (
             lambda clip, gt: shutil.copy(clip / "003.tif", clip / "3.tif"),

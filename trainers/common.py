@@ -1070,8 +1070,9 @@ def fit_one_class(
     divergence check; BatchNorm statistics re-estimated when the model has BatchNorm
     (over ``batch_norm_batches``, default ``normal``); the normal latent statistics and
     the feature distributions of ``feature_layers`` (with the channel covariance when
-    ``covariance``) fitted on ``normal`` (un-augmented batches); the model saved. Returns (model, {loss: [per epoch]} from the training
-    log, so right after a resume too, training seconds).
+    ``covariance``) fitted on ``normal`` (un-augmented batches); the model saved.
+    Returns (model, {loss: [per epoch]} from the training log, so right after a resume
+    too, training seconds).
     """
     import keras
 

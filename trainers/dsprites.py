@@ -413,7 +413,8 @@ def write_attention_pairs(images, maps, pair, overlap, path, title):
 
 
 def figure_images(data, seed):
-    """Two images of each shape at random scale/orientation/position, float32 (6, 64, 64, 1)."""
+    """Two images of each shape at random scale/orientation/position, float32
+    (6, 64, 64, 1)."""
     rng = np.random.default_rng([seed, 2])
     factors = data.sample_factors(6, rng)
     factors[:, 1] = np.repeat(np.arange(3), 2)

@@ -135,8 +135,8 @@ def run(
                 chosen_masks,
                 stages,
                 rho,
-                f"{what}: anomaly attention ({options.describe()}) as the VAE is re-initialized "
-                "from the top down (decoder, encoder head, then each stage)",
+                f"{what}: anomaly attention ({options.describe()}) as the VAE is "
+                "re-initialized from the top down (decoder, encoder head, then each stage)",
             ),
             os.path.join(run_dir, "cascade.png"),
         )

@@ -257,8 +257,9 @@ def evaluate(model, train_images, test, args, options, twin=None):
         kva_evaluate.summary(
             result,
             (
-                f"UCSD {args.subset}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
-                f"frames, {int(test.labels.sum())} anomalous; anomaly attention = "
+                f"UCSD {args.subset}, {args.image_size}x{args.image_size}: "
+                f"{len(test.labels)} test frames, {int(test.labels.sum())} anomalous; "
+                "anomaly attention = "
                 f"{options.describe()}"
             ),
         )

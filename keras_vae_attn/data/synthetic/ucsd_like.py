@@ -44,7 +44,8 @@ def _smooth_noise(rng, height, width, cell):
 
 
 def background(rng, height, width):
-    """The walkway: a lit gradient, paving texture at two scales and seams; (H, W) in [0, 1]."""
+    """The walkway: a lit gradient, paving texture at two scales and seams; (H, W) in
+    [0, 1]."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     light = 0.45 + 0.15 * (yy / height) + 0.05 * np.cos(xx / width * np.pi)
     texture = 0.10 * (_smooth_noise(rng, height, width, max(2, width // 12)) - 0.5) + 0.08 * (
