@@ -7,13 +7,12 @@ print its final logs as JSON.
 import json
 import sys
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 kind = sys.argv[1]
 keras.utils.set_random_seed(0)

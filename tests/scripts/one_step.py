@@ -8,18 +8,17 @@ negligible and runs with different replica counts must reach the same weights.
 
 import sys
 
+import keras
+import numpy as np
 import tensorflow as tf
+
+from keras_vae_attn.models import build_vae
 
 replicas, global_batch, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
 )
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from keras_vae_attn.models import build_vae  # noqa: E402
 
 keras.utils.set_random_seed(0)
 devices = [d.name for d in tf.config.list_logical_devices("CPU")]
