@@ -205,6 +205,18 @@ def load_data(args):
     return train, test
 
 
+def layer_options(options, layer):
+    """The options of the ablation row of ``layer``: the run's attribution at that layer
+    alone, or the paper's form there when the run's map reads no layer (recon-deviation),
+    so Table 1 still compares layers."""
+    from keras_vae_attn.attribution import get_form
+    from keras_vae_attn.runs import ExplainOptions
+
+    if get_form(options.form).pixels:
+        return ExplainOptions.preset("paper", layers=(layer,))
+    return options.replace(layers=(layer,))
+
+
 def method_name(layer):
     return f"attention_{layer}"
 
@@ -241,7 +253,7 @@ def evaluate(model, train_images, test, args, options, twin=None):
     )
     ablation = {}
     for layer in args.layers:
-        single = options.replace(layers=(layer,))
+        single = layer_options(options, layer)
         heat = scoring.batched(
             model,
             images,
@@ -518,7 +530,7 @@ def main(argv=None):
         viz.save_curves(history, os.path.join(run_dir, "curves.png"))
     from keras_vae_attn.evaluate import ATTENTION
 
-    ablation = {method_name(layer): options.replace(layers=(layer,)) for layer in args.layers}
+    ablation = {method_name(layer): layer_options(options, layer) for layer in args.layers}
     metrics["predictions"], calibrated, predicted = common.write_localization_predictions(
         args,
         run_dir,
