@@ -69,6 +69,7 @@ def test_the_rule_needs_both_a_drop_and_a_low_correlation():
     assert verdict(None, 0.5, [0.1]).passes is None  # undefined score
 
 
+@pytest.mark.slow
 def test_stages_cover_every_weighted_layer_once_from_the_top(trained):
     from keras_vae_attn.explain import sanity
 
@@ -83,6 +84,7 @@ def test_stages_cover_every_weighted_layer_once_from_the_top(trained):
     assert sorted(pairs) == sorted(weighted) and len(pairs) == len(set(pairs))
 
 
+@pytest.mark.slow
 def test_randomize_keeps_the_trained_weights_outside_the_stage(trained):
     from keras_vae_attn.explain import sanity
 
@@ -100,6 +102,7 @@ def test_randomize_keeps_the_trained_weights_outside_the_stage(trained):
     assert all(changed)
 
 
+@pytest.mark.slow
 def test_model_free_map_fails_and_reconstruction_difference_passes(trained):
     """Adebayo's check on real maps: the pixel z-score is computed from the image alone
     (Spearman 1, no drop on the twin: it fails by construction); the reconstruction
@@ -138,6 +141,7 @@ def test_model_free_map_fails_and_reconstruction_difference_passes(trained):
     assert any("randomization check" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_deletion_by_the_maps_own_ranking_beats_a_random_ranking(trained):
     from keras_vae_attn import scoring
     from keras_vae_attn.explain import faithfulness
