@@ -135,7 +135,10 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
 
     model = load_vae(os.path.join(run_dir, "model"))
     test = ucsd_data.load_test(str(data_root), "ped1", size=40)
-    options = ExplainOptions.from_config(config).replace(layers=("conv2",))
+    from trainers.ucsd import layer_options
+
+    options = layer_options(ExplainOptions.from_config(config), "conv2")
+    assert options.form == "gradcam"  # the default reads no layer: Table 1 is the paper's
     heatmap = scoring.batched(
         model, ucsd_data.to_float(test.images), 8, options, keys=("heatmap",)
     )["heatmap"]
