@@ -57,10 +57,15 @@ def weight_named(model, layer_name):
 
 @pytest.fixture()
 def float64():
-    previous = keras.config.floatx()
+    """float64 layers for this test only. Keras 3 pins its global dtype policy to floatx
+    at its first read, so the policy is read (and restored) too: otherwise the models of
+    every later test in the process get float64 weights."""
+    previous, policy = keras.config.floatx(), keras.mixed_precision.global_policy()
     keras.config.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
     yield
     keras.config.set_floatx(previous)
+    keras.mixed_precision.set_global_policy(policy)
 
 
 @pytest.mark.parametrize("ad_maps", ["relu", "normalized"])
