@@ -1,5 +1,5 @@
-"""Run a trainer with a signal sent to itself at a named point of its run, to test the
-state each fault leaves: ``fault_at.py POINT CALL SIGNAL MODULE [trainer flags...]``.
+"""Run a trainer (or an exporter) with a signal sent to itself at a named point of its
+run, to test the state each fault leaves: ``fault_at.py POINT CALL SIGNAL MODULE [flags]``.
 
 POINT is a function the trainer calls at that moment (the signal goes before the
 CALL-th call of it runs); SIGNAL is KILL or INT. The rest is the trainer's command line,
@@ -18,6 +18,8 @@ POINTS = {
     "save_vae": ("keras_vae_attn.models", "save_vae"),
     # model/ written into its staging folder, before it is published
     "publish_model": ("keras_vae_attn.models.io", "publish"),
+    # the ONNX exporter about to convert the traced graph
+    "onnx_convert": ("export.onnx", "convert"),
 }
 
 
