@@ -492,6 +492,8 @@ def test_the_self_check_runs_the_runs_own_images_and_fails_a_perturbed_graph(tin
 def test_ctrl_c_in_an_export_is_one_line_and_writes_nothing(tiny, tmp_path):
     """The pipeline's export stage forwards Ctrl-C to its exporter, which printed a
     KeyboardInterrupt traceback."""
+    import signal
+
     out = tmp_path / "model.onnx"
     # SIGINT sent by the exporter to itself as the conversion starts (tests/scripts/
     # fault_at.py): the tiny model converts in about a second, so a signal from outside
@@ -513,6 +515,9 @@ def test_ctrl_c_in_an_export_is_one_line_and_writes_nothing(tiny, tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        # a pytest-xdist worker ignores SIGINT, and children inherit that: Python then
+        # never raises KeyboardInterrupt, as in a user's shell it does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert "export.onnx 2/4" in result.stderr, result.stderr[-2000:]
     assert result.returncode == 130, result.stderr[-2000:]
