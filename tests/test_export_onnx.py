@@ -60,7 +60,7 @@ def test_onnxruntime_gives_the_trained_models_heatmaps(name, request):
             np.testing.assert_array_equal(got["pred_mask"], got["heatmap"] > thresholds.pixel)
 
 
-def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export):
+def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export, mvtec_run):
     model = onnx.load(str(mvtec_export / "model.onnx"))
     onnx.checker.check_model(model)
     dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -70,9 +70,9 @@ def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export):
     assert meta["input_shape"] == [64, 64, 3] and meta["image_size"] == [64, 64]
     options = meta["options"]
     assert options["smooth"] == 1.0 and options["layers"] == ["conv1"]
-    assert (
-        options["deviation"] == "whitened" and options["form"] == "gradient-weighted-deviation"
-    )
+    # the run's own options, whatever the default preset is
+    run_options = explain_options(json.loads((mvtec_run / "config.json").read_text()))
+    assert options == run_options.as_config()
     assert (
         meta["thresholds"] == load_thresholds(str(mvtec_export / "thresholds.json")).as_dict()
     )
