@@ -190,16 +190,16 @@ def anomaly_row(kind, size, batch, layer, latent, repeats, budget):
 
 
 def forms_table(cases, repeats, budget):
-    """Each attribution form's anomaly heatmap (``scoring.explain_anomaly``, total-energy
+    """Each attribution form's anomaly heatmap (``pipeline.explain_anomaly``, total-energy
     target, standardized deviation) against the encoder forward pass, same batch."""
     return [row for case in cases for row in forms_rows(*case, repeats, budget)]
 
 
 def forms_rows(kind, size, batch, layer, latent, repeats, budget):
     """One case of :func:`forms_table`: one row per form."""
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import build_vae
-    from keras_vae_attn.runs import ExplainOptions
 
     model = build_vae(kind, (size, size, 3), latent)
     explainer = model.explainer(layer)
@@ -224,7 +224,7 @@ def forms_rows(kind, size, batch, layer, latent, repeats, budget):
             steps=8,
         )
         heat = tf.function(
-            lambda x, o=options: scoring.explain_anomaly(model, x, o, keys=("heatmap",))[
+            lambda x, o=options: pipeline.explain_anomaly(model, x, o, keys=("heatmap",))[
                 "heatmap"
             ]
         )

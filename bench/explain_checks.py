@@ -4,7 +4,7 @@
 
 On a trained run, timed in turns (bench.timing.interleaved_medians) so the machine's
 load hits all alike:
-  evaluation      the run's heatmap over the test set (scoring.batched with its options)
+  evaluation      the run's heatmap over the test set (pipeline.batched with its options)
   full evaluation what the trainer's evaluation does without the twin
                   (evaluate.localize: the heatmap, the paper's form, the references, the
                   metrics at three smoothing levels)
@@ -49,22 +49,22 @@ def main(argv=None):
     from bench.localization_grid import load_run_data
     from bench.timing import interleaved_medians
     from keras_vae_attn import attention as attn
-    from keras_vae_attn import evaluate, references, scoring
-    from keras_vae_attn.explain import faithfulness, sanity
-    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn import evaluate, references
+    from keras_vae_attn.explain import faithfulness, pipeline, sanity
+    from keras_vae_attn.explain.options import ExplainOptions
 
     _, config, model, normal, images, masks, labels = load_run_data(args.run)
     options = ExplainOptions.from_config(config).replace(smooth=0.0)
     batches = tf.data.Dataset.from_tensor_slices(normal).batch(64)
-    scoring.fit_missing_statistics(model, batches, options)
+    pipeline.fit_missing_statistics(model, batches, options)
     twin = sanity.twin(model, batches, options.layers, options.needs_covariance)
     bad = images[np.asarray(labels) > 0][: args.images]
-    heat = scoring.batched(model, bad, args.batch_size, options, keys=("heatmap",))["heatmap"]
+    heat = pipeline.batched(model, bad, args.batch_size, options, keys=("heatmap",))["heatmap"]
     pixels = references.fit_pixel_distribution(normal)
     mean = pixels.mean
 
     def evaluation(vae=model):
-        scoring.batched(vae, images, args.batch_size, options, keys=("heatmap",))
+        pipeline.batched(vae, images, args.batch_size, options, keys=("heatmap",))
 
     def full_evaluation():
         evaluate.localize(
@@ -78,7 +78,7 @@ def main(argv=None):
         faithfulness.curves(model, bad, {"heatmap": heat}, mean, args.batch_size)
 
     def selective():
-        latent = scoring.batched(model, bad, args.batch_size, options, keys=("per_latent",))[
+        latent = pipeline.batched(model, bad, args.batch_size, options, keys=("per_latent",))[
             "per_latent"
         ]
         maps = np.stack(

@@ -85,15 +85,15 @@ def layer_maps_fn(model, layer, configs, size):
     import tensorflow as tf
 
     from keras_vae_attn import attention as attn
-    from keras_vae_attn import attribution, scoring
-    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn.explain import forms, pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
 
     explainer = model.explainer(layer)
     stats = model.normal_stats()
     distribution = model.feature_distribution(layer)
     zero = tf.zeros(explainer.front.output.shape[1:], tf.float32)
     integrated = explainer.head is not None and any(
-        attribution.get_form(form).integrated for form, _, _ in configs
+        forms.get_form(form).integrated for form, _, _ in configs
     )
     residual = ExplainOptions(layers=(layer,), form=RESIDUAL)
 
@@ -106,27 +106,23 @@ def layer_maps_fn(model, layer, configs, size):
                 _, path_grads, _, _ = explainer.path_gradients(images, stats, start, 8)
                 paths[deviation] = (path_grads, features - start)
         for form_name, deviation, sign in configs:
-            form = attribution.get_form(form_name)
+            form = forms.get_form(form_name)
             if form.residual:
-                small = scoring.layer_map(model, images, layer, residual, stats)[0]
+                small = pipeline.layer_map(model, images, layer, residual, stats)[0]
             elif form.integrated:
                 if deviation not in paths:
                     continue
                 path_grads, dev = paths[deviation]
-                small = attribution.attribute(form, path_grads, dev, sign)
+                small = forms.attribute(form, path_grads, dev, sign)
             else:
-                dev = attribution.deviation(features, distribution, deviation)
-                basis = attribution.gradients_in_deviation_basis(
-                    grads, distribution, deviation
-                )
-                small = attribution.attribute(
+                dev = deviation.deviation(features, distribution, deviation)
+                basis = deviation.gradients_in_deviation_basis(grads, distribution, deviation)
+                small = forms.attribute(
                     form, basis if form.needs_gradient else None, dev, sign
                 )
             out[key(form_name, deviation, sign)] = attn.upsample(small, size)
         _, latent_grads, _, _ = explainer.target_gradients(images, "energy", stats)
-        paper = attribution.attribute(
-            attribution.get_form("gradcam"), latent_grads, features, "relu"
-        )
+        paper = forms.attribute(forms.get_form("gradcam"), latent_grads, features, "relu")
         out[PAPER] = attn.upsample(paper, size)
         return out
 
@@ -137,8 +133,8 @@ def recon_deviation_fn(model):
     """A tf.function: images -> the standardized reconstruction residual (B, H, W)."""
     import tensorflow as tf
 
-    from keras_vae_attn.runs import ExplainOptions
-    from keras_vae_attn.scoring import explain_anomaly
+    from keras_vae_attn.explain.options import ExplainOptions
+    from keras_vae_attn.explain.pipeline import explain_anomaly
 
     options = ExplainOptions(form=RECON_DEVIATION)
     return tf.function(
@@ -271,17 +267,17 @@ def grid(run_dir, batch_size=16, quiet=False, twin=True):
     correlation of the two maps, at the middle smoothing level (the check of the rule)."""
     import tensorflow as tf
 
-    from keras_vae_attn import references, scoring
+    from keras_vae_attn import references
     from keras_vae_attn.attention import stage_layer_names
-    from keras_vae_attn.explain import sanity
+    from keras_vae_attn.explain import pipeline, sanity
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.metrics import comparison
-    from keras_vae_attn.runs import ExplainOptions
 
     started = time.perf_counter()
     experiment, config, model, normal, images, masks, labels = load_run_data(run_dir)
     layers = stage_layer_names(model.encoder)[:3]
     batches = tf.data.Dataset.from_tensor_slices(normal).batch(64)
-    scoring.fit_missing_statistics(
+    pipeline.fit_missing_statistics(
         model,
         batches,
         ExplainOptions(layers=tuple(layers), deviation="whitened", form="deviation"),
@@ -401,11 +397,11 @@ def _image_auc(scores, labels):
 
 
 def reconstruction_difference(model, images, batch_size):
-    from keras_vae_attn import scoring
-    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn.explain import pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
 
     options = ExplainOptions(form=RECON_DEVIATION)
-    return scoring.batched(model, images, batch_size, options, keys=("recon_error",))[
+    return pipeline.batched(model, images, batch_size, options, keys=("recon_error",))[
         "recon_error"
     ]
 

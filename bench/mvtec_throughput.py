@@ -6,7 +6,7 @@
 Each measurement runs in a fresh Python process, so its peak resident memory
 (ru_maxrss: TensorFlow itself, the model, optimizer state, activations, the input
 pipeline) belongs to that phase alone. Training runs the trainer's own pipeline
-(augmentation in tf.data, ``model.fit``); evaluation runs ``scoring.batched``, the call the
+(augmentation in tf.data, ``model.fit``); evaluation runs ``pipeline.batched``, the call the
 trainer evaluates with (anomaly attention + reconstruction difference).
 """
 
@@ -56,16 +56,16 @@ def measure_train(size, batch, steps):
 
 def measure_eval(size, batch, steps, layer):
     """Images/s of the trainer's evaluation call, after one warm-up batch."""
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
 
     model, images = _model_and_images(size, batch)
     floats = images.astype("float32") / 255.0
     keys = ("heatmap", "recon_error")
-    scoring.batched(model, floats[:batch], batch, layer, keys=keys)
+    pipeline.batched(model, floats[:batch], batch, layer, keys=keys)
     batches = [floats[(i % 2) * batch : (i % 2 + 1) * batch] for i in range(steps)]
     start = time.perf_counter()
     for chunk in batches:
-        scoring.batched(model, chunk, batch, layer, keys=keys)
+        pipeline.batched(model, chunk, batch, layer, keys=keys)
     return steps * batch / (time.perf_counter() - start)
 
 

@@ -9,8 +9,8 @@ The model (ResNet18 encoder, latent 32, the MVTec setting) is exported with the 
 exporters into a temporary run folder, so the timed graphs are the shipped ones: all
 three compute the outputs of the serving_default signature (heatmap and score; the
 per-latent maps of explain_latents are not timed). "keras" is
-``scoring.explain_anomaly`` for the same outputs in a ``tf.function``, as the trainers
-and ``scoring.batched`` run it. The table also gives each backend's heatmap difference
+``pipeline.explain_anomaly`` for the same outputs in a ``tf.function``, as the trainers
+and ``pipeline.batched`` run it. The table also gives each backend's heatmap difference
 from the Keras model, as a fraction of the map's range.
 """
 
@@ -65,7 +65,7 @@ def backends(folder, model, options, threads=0):
     """{name: callable(images) -> heatmap numpy} for the three ways of serving."""
     from export import onnx as onnx_export
     from export import saved_model
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
 
     started = time.perf_counter()
     version = saved_model.export(folder, os.path.join(folder, "serving"), "bench")
@@ -76,7 +76,9 @@ def backends(folder, model, options, threads=0):
     onnx_s = time.perf_counter() - started
 
     keras_fn = tf.function(
-        lambda x: scoring.explain_anomaly(model, x, options, keys=saved_model.SERVING_OUTPUTS),
+        lambda x: pipeline.explain_anomaly(
+            model, x, options, keys=saved_model.SERVING_OUTPUTS
+        ),
         reduce_retracing=True,
     )
     signature = tf.saved_model.load(version).signatures["serving_default"]

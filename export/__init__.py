@@ -1,6 +1,6 @@
 """Exporters: a TF Serving SavedModel, an ONNX graph, and a checker that runs either.
 
-Every exported graph computes :func:`keras_vae_attn.scoring.explain_anomaly` with the
+Every exported graph computes :func:`keras_vae_attn.pipeline.explain_anomaly` with the
 options the run was trained and evaluated with (``config.json``), so a served heatmap
 equals the one the trainer showed. This module holds what the command lines share:
 reading a run folder, refusing bad paths and names before anything is written, checking
@@ -18,7 +18,8 @@ import shutil
 import sys
 from typing import NamedTuple
 
-from keras_vae_attn.runs import RUN_COMPLETE, ExplainOptions, OptionError
+from keras_vae_attn.explain.options import ExplainOptions, OptionError
+from keras_vae_attn.runs import RUN_COMPLETE
 
 
 class Stages:
@@ -58,7 +59,7 @@ class InputError(ValueError):
 class Run(NamedTuple):
     """A trained run folder, loaded.
 
-    ``options`` is the :class:`~keras_vae_attn.runs.ExplainOptions` the run was
+    ``options`` is the :class:`~keras_vae_attn.explain.options.ExplainOptions` the run was
     evaluated with; ``complete`` is False when ``metrics.json`` is missing (training or
     evaluation did not finish).
     """

@@ -3,7 +3,7 @@
     python -m export.onnx --run <run folder> --out model.onnx [--opset 17]
 
 The graph is the serving_default signature of :mod:`export.saved_model` (the same
-:func:`keras_vae_attn.scoring.explain_anomaly` call, gradients included; the latent
+:func:`keras_vae_attn.pipeline.explain_anomaly` call, gradients included; the latent
 dimensions batched as "stack", see :func:`onnx_options`), frozen and converted by tf2onnx
 with the gradient-op handlers of :mod:`export.onnx_handlers`.
 Input ``images`` float32 (batch, H, W, C) in [0, 1], any batch size; outputs heatmap

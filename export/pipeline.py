@@ -696,14 +696,17 @@ def calibrate_run(model, options, train_config, held_out, args):
     """Thresholds for a trained run: F1-optimal on ``args.validation_dir`` when given,
     else percentiles of the held-out normal images' scores. Returns (thresholds, which
     images, in words)."""
-    from keras_vae_attn import calibration, scoring
+    from keras_vae_attn import calibration
     from keras_vae_attn.data import mvtec
+    from keras_vae_attn.explain import pipeline as explain_pipeline
 
     size, channels = train_config["image_size"], train_config.get("channels", 3)
     keys = ("heatmap", "score")
     if args.validation_dir:
         split = mvtec.load_test(args.validation_dir, args.category, size, channels)
-        out = scoring.batched(model, mvtec.to_float(split.images), 16, options, keys=keys)
+        out = explain_pipeline.batched(
+            model, mvtec.to_float(split.images), 16, options, keys=keys
+        )
         return calibration.from_labelled(
             out["heatmap"], split.masks, out["score"], split.labels
         ), f"the labelled test split of {args.validation_dir}"
@@ -729,8 +732,9 @@ def served_predictions(
     ``thresholds`` on the test images the trainer evaluated (its image size and
     --max-test), i.e. what the exported model answers for them. Returns the metrics.json
     entry (counts at the threshold)."""
-    from keras_vae_attn import predictions, scoring
+    from keras_vae_attn import predictions
     from keras_vae_attn.data import mvtec
+    from keras_vae_attn.explain import pipeline as explain_pipeline
 
     test = mvtec.load_test(
         data_dir,
@@ -740,9 +744,9 @@ def served_predictions(
         limit=train_config.get("max_test"),
         skip_corrupt=bool(train_config.get("skip_corrupt")),
     )
-    maps = scoring.batched(model, mvtec.to_float(test.images), 16, options, keys=("heatmap",))[
-        "heatmap"
-    ]
+    maps = explain_pipeline.batched(
+        model, mvtec.to_float(test.images), 16, options, keys=("heatmap",)
+    )["heatmap"]
     decided = predictions.predict(maps, thresholds)
     files = [os.path.relpath(path, data_dir) for path in test.paths]
     calibrated = predictions.Calibration(thresholds, {}, source)

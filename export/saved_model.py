@@ -6,7 +6,7 @@ writes ``<out>/<model name>/<version>/`` (TF Serving's model base path layout). 
 folder appears in one rename, so a server polling ``<out>/<model name>`` never loads a
 half-written version; an existing version is refused unless ``--force``.
 
-Signatures (all compute :func:`keras_vae_attn.scoring.explain_anomaly`, gradients
+Signatures (all compute :func:`keras_vae_attn.pipeline.explain_anomaly`, gradients
 included, with the normal-data latent statistics baked in as model variables):
 
     serving_default  images float32 (B, H, W, C) in [0, 1] -> heatmap (B, H, W),
@@ -74,15 +74,15 @@ def input_shape(model):
 def anomaly_outputs(model, images, options, thresholds=None, full=False):
     """The serving outputs for float images (B, H, W, C): a dict of tensors.
 
-    ``options``: the run's :class:`~keras_vae_attn.runs.ExplainOptions`. Lean by
+    ``options``: the run's :class:`~keras_vae_attn.explain.options.ExplainOptions`. Lean by
     default (:data:`SERVING_OUTPUTS`: no per-latent or reconstruction pass runs);
     ``full`` gives :data:`ANOMALY_OUTPUTS`. With ``thresholds`` the decisions of
     :func:`decisions` are added.
     """
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
 
     names = ANOMALY_OUTPUTS if full else SERVING_OUTPUTS
-    out = scoring.explain_anomaly(model, images, options, keys=names)
+    out = pipeline.explain_anomaly(model, images, options, keys=names)
     result = {name: out[name] for name in names}
     if thresholds is not None:
         result.update(
@@ -131,9 +131,11 @@ def decisions(heatmap, score, thresholds, full=False):
 
 def attention_outputs(model, images, layer, gradient_relu=False):
     """Per-latent maps M_i (B, D, h, w), their mean upsampled (B, H, W), and mu."""
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
 
-    out = scoring.explain_anomaly(model, images, layer=layer, gradient_relu=gradient_relu)
+    options = ExplainOptions(layers=(layer,), gradient_relu=gradient_relu)
+    out = pipeline.explain_anomaly(model, images, options)
     return {name: out[name] for name in ATTENTION_OUTPUTS}
 
 

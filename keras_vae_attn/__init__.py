@@ -24,7 +24,7 @@ _LAZY = {
     "fit_normal_stats": "attention",
     "normalize_maps": "attention",
     "overlay": "viz",
-    "ExplainOptions": "runs",
+    "ExplainOptions": "explain.options",
 }
 
 

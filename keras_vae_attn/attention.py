@@ -344,7 +344,7 @@ class VAEAttention:
     def feature_mean(self, dataset):
         """The mean feature map A over ``dataset`` (image batches or (images, ...)
         tuples), (h, w, K) float32: the ``baseline`` of the anomaly maps."""
-        from keras_vae_attn.attribution import FeatureMoments
+        from keras_vae_attn.explain.deviation import FeatureMoments
 
         moments = FeatureMoments()
         for batch in dataset:
@@ -475,7 +475,7 @@ class VAEAttention:
             heatmap / tf.cast(tf.shape(mu)[-1], tf.float32), mu, logvar, energy
         )
 
-    # --- gradients for the attribution forms (keras_vae_attn/attribution.py) ----------
+    # --- gradients for the attribution forms (keras_vae_attn/explain/forms.py) ----------
     def target_gradients(self, images, target, normal_stats, relu_latent_gradients=False):
         """Gradients of a target with respect to A, unpooled.
 

@@ -61,9 +61,9 @@ def from_model(
     (N, H, W, C)) with the run's ExplainOptions: how a run's predictions.csv and the
     export pipeline calibrate. Returns (thresholds, outputs); the outputs (numpy) hold
     heatmap, score and the extra ``keys`` (e.g. "recon_error")."""
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
 
-    out = scoring.batched(
+    out = pipeline.batched(
         model, normal_images, batch_size, options, keys=("heatmap", "score", *keys)
     )
     return from_normal(out["heatmap"], out["score"], pixel_percentile, image_percentile), out

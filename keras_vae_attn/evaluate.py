@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_vae_attn import references, scoring
-from keras_vae_attn.explain import sanity
+from keras_vae_attn import references
+from keras_vae_attn.explain import pipeline, sanity
+from keras_vae_attn.explain.options import ExplainOptions
 from keras_vae_attn.metrics import comparison, localization
-from keras_vae_attn.runs import ExplainOptions
 
 ATTENTION = "anomaly_attention"
 PAPER_FORM = "paper_form"
@@ -75,7 +75,7 @@ def _scaled(model, options, normal_images, batch_size):
         return options
     if normal_images is None:
         raise ValueError("a multi-layer map needs normal_images for its scales")
-    return scoring.fit_layer_scales(model, normal_images, options, batch_size)
+    return pipeline.fit_layer_scales(model, normal_images, options, batch_size)
 
 
 def model_maps(model, images, options, normal_images, batch_size, wrap, tag=""):
@@ -86,7 +86,7 @@ def model_maps(model, images, options, normal_images, batch_size, wrap, tag=""):
     raw = options.replace(smooth=0.0)
     if tag:
         raw = _scaled(model, raw.replace(layer_scales=None), normal_images, batch_size)
-    out = scoring.batched(
+    out = pipeline.batched(
         model,
         images,
         batch_size,
@@ -100,7 +100,7 @@ def model_maps(model, images, options, normal_images, batch_size, wrap, tag=""):
         (FEATURE_DEVIATION, reference_options(options)),
     ):
         other = _scaled(model, other, normal_images, batch_size)
-        maps[name] = scoring.batched(
+        maps[name] = pipeline.batched(
             model,
             images,
             batch_size,

@@ -23,8 +23,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_vae_attn import calibration, scoring
+from keras_vae_attn import calibration
 from keras_vae_attn.evaluate import ATTENTION, RECON
+from keras_vae_attn.explain import pipeline
 from keras_vae_attn.runs import write_json
 
 PREDICTIONS = "predictions.csv"
@@ -82,7 +83,7 @@ def calibrate(model, normal_images, options, batch_size, source, others=None):
     )
     scales = {ATTENTION: 2.0 * max(thresholds.pixel, 1e-12), RECON: display_scale(out[RECON])}
     for name, other in (others or {}).items():
-        maps = scoring.batched(model, normal_images, batch_size, other, keys=("heatmap",))
+        maps = pipeline.batched(model, normal_images, batch_size, other, keys=("heatmap",))
         scales[name] = display_scale(maps["heatmap"])
     return Calibration(thresholds, scales, source)
 

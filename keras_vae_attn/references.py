@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_vae_attn.attribution import STD_FLOOR, FeatureMoments
+from keras_vae_attn.explain.deviation import STD_FLOOR, FeatureMoments
 
 MEAN_IMAGE = "mean_image_difference"
 PIXEL_DEVIATION = "pixel_deviation"

@@ -85,9 +85,9 @@ def _train_run(folder, model, images, config, batch_size):
     import keras
     import tensorflow as tf
 
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import save_vae
-    from keras_vae_attn.runs import ExplainOptions
 
     keras.utils.set_random_seed(0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # no tracing
@@ -101,7 +101,7 @@ def _train_run(folder, model, images, config, batch_size):
             options.needs_covariance,
         )
     if options.needs_scales:
-        options = scoring.fit_layer_scales(model, images, options)
+        options = pipeline.fit_layer_scales(model, images, options)
         config = {**config, "explain": options.as_config()}
     save_vae(model, str(folder / "model"))
     (folder / "config.json").write_text(json.dumps(config))
@@ -154,8 +154,8 @@ def mvtec_run(build_once, mvtec_images):
     default layer conv1, whose gradient passes the stem max-pool, on real images with
     flat regions) and maps smoothed by sigma 1 px (--smooth 1). The gradient forms are
     served by tests/test_export_forms.py."""
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import build_vae
-    from keras_vae_attn.runs import ExplainOptions
 
     explain = ExplainOptions.preset("default", layers=("conv1",), smooth=1.0).as_config()
 
@@ -202,15 +202,16 @@ def mvtec_export(build_once, mvtec_run, mvtec_images):
     def make(folder):
         import json
 
-        from keras_vae_attn import calibration, scoring
+        from keras_vae_attn import calibration
+        from keras_vae_attn.explain import pipeline
+        from keras_vae_attn.explain.options import ExplainOptions
         from keras_vae_attn.models import load_vae
-        from keras_vae_attn.runs import ExplainOptions
 
         model = load_vae(str(mvtec_run / "model"))
         options = ExplainOptions.from_config(
             json.loads((mvtec_run / "config.json").read_text())
         )
-        out = scoring.batched(model, mvtec_images[0], 16, options, keys=("heatmap", "score"))
+        out = pipeline.batched(model, mvtec_images[0], 16, options, keys=("heatmap", "score"))
         thresholds = calibration.from_normal(out["heatmap"], out["score"])
         (folder / "thresholds.json").write_text(json.dumps(thresholds.as_dict()))
         _export_both(folder, mvtec_run, str(folder / "thresholds.json"))

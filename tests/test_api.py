@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_vae_attn import VAEAttention, fit_normal_stats, overlay, scoring
+from keras_vae_attn import VAEAttention, fit_normal_stats, overlay
+from keras_vae_attn.explain import pipeline
+from keras_vae_attn.explain.options import ExplainOptions
 from keras_vae_attn.models import build_vae
 
 from conftest import REPO
@@ -139,7 +141,7 @@ def test_api_equals_the_trainers_internal_path():
     explainer = VAEAttention(model.encoder, layer="conv2")
     stats = explainer.fit_normal_stats([data[:3], data[3:]])
     np.testing.assert_allclose(stats.mean.numpy(), model.normal_mean.numpy(), atol=1e-7)
-    internal = scoring.explain_anomaly(model, data, layer="conv2")
+    internal = pipeline.explain_anomaly(model, data, ExplainOptions(layers=("conv2",)))
     np.testing.assert_allclose(
         explainer.anomaly_attention(data, stats).numpy(),
         internal["heatmap"].numpy(),

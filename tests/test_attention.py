@@ -155,11 +155,11 @@ def test_total_energy_map_from_one_pass_equals_relu_of_summed_energy_maps(vae, l
 
 
 def test_scoring_with_total_energy_skips_per_latent_outputs_unless_asked(vae):
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
 
     x = images(3)
-    full = scoring.explain_anomaly(vae, x, "conv1", score=attn.TOTAL_ENERGY)
-    lean = scoring.explain_anomaly(
+    full = pipeline.explain_anomaly(vae, x, "conv1", score=attn.TOTAL_ENERGY)
+    lean = pipeline.explain_anomaly(
         vae, x, "conv1", score=attn.TOTAL_ENERGY, keys=("heatmap", "recon_error")
     )
     assert set(lean) == {"heatmap", "recon_error"} and "per_latent" in full
@@ -167,7 +167,7 @@ def test_scoring_with_total_energy_skips_per_latent_outputs_unless_asked(vae):
         lean["heatmap"].numpy(), full["heatmap"].numpy(), rtol=1e-4, atol=1e-6
     )
     for size in (1, 2):  # 2: the last batch is padded, then trimmed
-        batched = scoring.batched(
+        batched = pipeline.batched(
             vae, x, size, "conv1", keys=("heatmap", "score"), score=attn.TOTAL_ENERGY
         )
         assert batched["heatmap"].shape == (3, 28, 28) and batched["score"].shape == (3,)
@@ -292,26 +292,26 @@ def test_feature_baseline_of_another_size_is_refused(vae):
 
 
 def test_model_keeps_feature_distributions_through_save_and_load(tmp_path):
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
     from keras_vae_attn.models import load_vae, save_vae
 
     model = build_vae("small", (28, 28, 1), latent_dim=6, filters=(8, 16), dense_units=32)
     x = images(3)
     with pytest.raises(ValueError, match="no normal feature distribution for layer 'conv1'"):
-        scoring.explain_anomaly(model, x, "conv1", feature_baseline="normal")
+        pipeline.explain_anomaly(model, x, "conv1", feature_baseline="normal")
     with pytest.raises(ValueError, match="unknown feature_baseline"):
-        scoring.explain_anomaly(model, x, "conv1", feature_baseline="mean")
+        pipeline.explain_anomaly(model, x, "conv1", feature_baseline="mean")
     model.fit_feature_distributions(
         tf.data.Dataset.from_tensor_slices(images(8)).batch(4), ["conv1", "last"]
     )
     assert model.feature_layers == ["conv1", "conv2"]  # "last" resolved
-    before = scoring.explain_anomaly(model, x, "conv1", feature_baseline="normal")
-    plain = scoring.explain_anomaly(model, x, "conv1")
+    before = pipeline.explain_anomaly(model, x, "conv1", feature_baseline="normal")
+    plain = pipeline.explain_anomaly(model, x, "conv1")
     assert not np.allclose(before["heatmap"].numpy(), plain["heatmap"].numpy())
     save_vae(model, str(tmp_path / "m"))
     assert sorted(os.listdir(tmp_path / "m")) == ["model.json", "model.weights.h5"]
     loaded = load_vae(str(tmp_path / "m"))
-    after = scoring.explain_anomaly(loaded, x, "conv1", feature_baseline="normal")
+    after = pipeline.explain_anomaly(loaded, x, "conv1", feature_baseline="normal")
     np.testing.assert_allclose(
         after["heatmap"].numpy(), before["heatmap"].numpy(), rtol=1e-5, atol=1e-7
     )

@@ -1,4 +1,4 @@
-"""Attribution forms (keras_vae_attn/attribution.py) against slow, obvious references.
+"""Attribution forms (keras_vae_attn/explain/forms.py) against slow, obvious references.
 
 The references below never use the library's gradient code: they run the whole encoder
 with a call hook on the chosen layer that either adds a watched zero tensor to the
@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 from keras_vae_attn import attention as attn
-from keras_vae_attn import attribution, scoring
+from keras_vae_attn.explain import deviation, pipeline
+from keras_vae_attn.explain.options import ExplainOptions, OptionError
 from keras_vae_attn.models import build_vae, load_vae, save_vae
-from keras_vae_attn.runs import ExplainOptions, OptionError
 
 LATENT = 5
 RNG = np.random.default_rng(0)
@@ -175,7 +175,7 @@ def reference_deviation(features, model, layer, kind):
     mean, std = distribution.mean.numpy(), distribution.std.numpy()
     if kind == "centered":
         return features - mean
-    floor = attribution.STD_FLOOR * std.mean() + 1e-6
+    floor = deviation.STD_FLOOR * std.mean() + 1e-6
     return (features - mean) / np.sqrt(std**2 + floor**2)
 
 
@@ -224,7 +224,7 @@ def assert_close(got, expected, rtol=1e-4):
 
 
 def heatmap(model, images, options):
-    return scoring.explain_anomaly(model, images, options, keys=("heatmap",))["heatmap"]
+    return pipeline.explain_anomaly(model, images, options, keys=("heatmap",))["heatmap"]
 
 
 # --- 1. every form against its reference ------------------------------------------------
@@ -277,7 +277,7 @@ def test_form_matches_slow_reference(vae, form, target, deviation, sign, layer):
         layers=(layer,), form=form, target=target, deviation=deviation, sign=sign, steps=6
     )
     expected = reference_map(vae, layer, x, form, target, deviation, sign, steps=6)
-    small, mu, _ = scoring.layer_map(vae, tf.constant(x), layer, options, vae.normal_stats())
+    small, mu, _ = pipeline.layer_map(vae, tf.constant(x), layer, options, vae.normal_stats())
     assert_close(small.numpy(), expected)
     np.testing.assert_allclose(mu.numpy(), constants(vae, layer, x)[1], atol=1e-6)
     got = heatmap(vae, x, options).numpy()
@@ -301,7 +301,7 @@ def test_forms_at_a_layer_inside_a_residual_block(resnet, form, target, deviatio
         layers=(HOOKED,), form=form, target=target, deviation=deviation, sign="abs"
     )
     expected = reference_map(resnet, HOOKED, x, form, target, deviation, "abs")
-    small, _, _ = scoring.layer_map(
+    small, _, _ = pipeline.layer_map(
         resnet, tf.constant(x), HOOKED, options, resnet.normal_stats()
     )
     assert small.shape == (2, 4, 4)
@@ -356,7 +356,7 @@ def test_integrated_sums_to_energy_difference_and_converges(vae, layer, deviatio
             sign="signed",
             steps=steps,
         )
-        small, _, _ = scoring.layer_map(
+        small, _, _ = pipeline.layer_map(
             vae, tf.constant(x), layer, options, vae.normal_stats()
         )
         errors[steps] = np.abs(small.numpy().sum(axis=(1, 2)) - difference)
@@ -430,7 +430,7 @@ def test_streamed_feature_distribution_equals_all_at_once():
 
 def test_feature_moments_merge_batches_exactly():
     data = RNG.normal(3.0, 2.0, size=(23, 2, 3, 4)).astype("float32") * 100
-    moments = attribution.FeatureMoments()
+    moments = deviation.FeatureMoments()
     for start, stop in ((0, 1), (1, 1), (1, 9), (9, 10), (10, 23)):  # one empty batch
         moments.update(data[start:stop])
     assert moments.count == 23
@@ -438,11 +438,11 @@ def test_feature_moments_merge_batches_exactly():
     assert mean.dtype == std.dtype == np.float32
     np.testing.assert_allclose(mean, data.astype(np.float64).mean(0), rtol=1e-6)
     np.testing.assert_allclose(std, data.astype(np.float64).std(0), rtol=1e-5)
-    single = attribution.FeatureMoments()
+    single = deviation.FeatureMoments()
     single.update(data[:1])
     np.testing.assert_array_equal(single.result()[1], 0)
     with pytest.raises(ValueError, match="empty dataset"):
-        attribution.FeatureMoments().result()
+        deviation.FeatureMoments().result()
 
 
 # --- 5. save / load -------------------------------------------------------------------------
@@ -483,35 +483,6 @@ def test_feature_distributions_survive_save_and_load(vae, tmp_path):
             again.feature_distribution("conv1")
 
 
-def test_a_model_saved_before_distributions_keeps_its_centered_maps(vae, tmp_path):
-    """Older saves kept only the mean feature map per layer (feature_baselines.npz); they
-    load with it, so their "centered" maps (feature_baseline normal) are unchanged."""
-    folder = tmp_path / "old"
-    without = small_vae()
-    for part in ("encoder", "decoder"):
-        getattr(without, part).set_weights(getattr(vae, part).get_weights())
-    without.normal_mean.assign(vae.normal_mean)
-    without.normal_std.assign(vae.normal_std)
-    save_vae(without, str(folder))
-    means = {layer: vae.feature_distribution(layer).mean.numpy() for layer in ("conv1",)}
-    np.savez(folder / "feature_baselines.npz", **means)
-    loaded = load_vae(str(folder))
-    assert loaded.feature_layers == ["conv1"]
-    np.testing.assert_array_equal(
-        loaded.feature_distribution("conv1").mean.numpy(), means["conv1"]
-    )
-    assert (loaded.feature_distribution("conv1").std.numpy() == 1).all()
-    x = odd_images(2)
-    options = ExplainOptions.from_config({"layer": "conv1", "feature_baseline": "normal"})
-    assert options.deviation == "centered"
-    np.testing.assert_allclose(
-        heatmap(loaded, x, options).numpy(),
-        heatmap(vae, x, options).numpy(),
-        rtol=1e-6,
-        atol=1e-7,
-    )
-
-
 def test_distribution_at_a_residual_block_layer_survives_save_and_load(resnet, tmp_path):
     save_vae(resnet, str(tmp_path / "r"))
     loaded = load_vae(str(tmp_path / "r"))
@@ -548,7 +519,7 @@ def test_layer_scales_and_combined_maps(vae):
         sign="abs",
     )
     assert options.needs_scales
-    fitted = scoring.fit_layer_scales(vae, normal, options, batch_size=2)  # padded batch
+    fitted = pipeline.fit_layer_scales(vae, normal, options, batch_size=2)  # padded batch
     assert fitted.layers == options.layers and not fitted.needs_scales
     singles = {layer: options.replace(layers=(layer,)) for layer in options.layers}
     for layer, scale in zip(options.layers, fitted.layer_scales):
@@ -569,7 +540,7 @@ def test_layer_scales_and_combined_maps(vae):
     # the fitted scales travel through a run's config.json
     assert ExplainOptions.from_config({"explain": fitted.as_config()}) == fitted
     # a single layer needs no scale
-    assert scoring.fit_layer_scales(vae, normal, singles["conv1"]) is singles["conv1"]
+    assert pipeline.fit_layer_scales(vae, normal, singles["conv1"]) is singles["conv1"]
 
 
 # --- 7. bad inputs -------------------------------------------------------------------------
@@ -598,9 +569,9 @@ def test_bad_options_name_their_flag(fields, field, flag):
 def test_bad_model_inputs_give_clear_errors(vae, resnet):
     x = odd_images(2)
     bare = small_vae()
-    for deviation in ("centered", "standardized"):
+    for kind in ("centered", "standardized"):
         options = ExplainOptions(
-            layers=("conv1",), form="hirescam", target="total-energy", deviation=deviation
+            layers=("conv1",), form="hirescam", target="total-energy", deviation=kind
         )
         with pytest.raises(ValueError, match=r"feature distribution for layer 'conv1'"):
             heatmap(bare, x, options)
@@ -648,9 +619,6 @@ def test_paper_preset_reproduces_anomaly_attention(vae, layer):
     )
     old = vae.explainer(layer).anomaly_attention(x, vae.normal_stats(), "energy").numpy()
     assert_close(heatmap(vae, x, options).numpy(), old, rtol=1e-5)
-    # and the legacy keyword call
-    legacy = scoring.explain_anomaly(vae, x, layer, score="energy", keys=("heatmap",))
-    assert_close(legacy["heatmap"].numpy(), old, rtol=1e-5)
 
 
 @pytest.mark.parametrize("score", ["energy", "latent"])
@@ -677,7 +645,7 @@ def test_integrated_refuses_a_distribution_of_another_shape(vae):
         layers=("conv1",), form="integrated", target="total-energy", deviation="centered"
     )
     with pytest.raises(ValueError, match=r"shape \(1, 1, 8\) differs"):
-        scoring.explain_anomaly(model, odd_images(2), options, keys=("heatmap",))
+        pipeline.explain_anomaly(model, odd_images(2), options, keys=("heatmap",))
 
 
 # --- the whitened deviation (per-position channel covariance) ---------------------------
@@ -685,7 +653,7 @@ def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
     """Against numpy: the ridged covariance of the normal features at each position, its
     Cholesky factor L; ||L^-1 (A - mean)|| is the Mahalanobis distance, and the gradient
     forms read dE/dz = L^T dE/dA. Streaming batches equal all at once."""
-    from keras_vae_attn.attribution import COVARIANCE_RIDGE
+    from keras_vae_attn.explain.deviation import COVARIANCE_RIDGE
 
     model = small_vae()
     normal = normal_images(12)
@@ -710,7 +678,7 @@ def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
         np.einsum("bhwk,hwkl,bhwl->bhw", d, np.linalg.inv(cov + ridge * np.eye(channels)), d)
     )
     options = ExplainOptions(layers=("conv2",), form="deviation", deviation="whitened")
-    got = scoring.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
+    got = pipeline.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
     assert_close(got, maha, rtol=2e-4)
 
     grads = reference_gradients(model, "conv2", x, "total-energy")[1]  # (B,1,h,w,K)
@@ -718,7 +686,7 @@ def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
     weights = np.abs(np.einsum("hwlk,bthwl->bthwk", colour, grads).mean(axis=(2, 3)))
     expected = np.sqrt(np.einsum("btk,bhwk->bthw", weights, z**2)).mean(1)
     options = options.replace(form="gradient-weighted-deviation", target="total-energy")
-    got = scoring.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
+    got = pipeline.layer_map(model, x, "conv2", options, model.normal_stats())[0].numpy()
     assert_close(got, expected, rtol=2e-4)
 
 

@@ -133,7 +133,7 @@ def test_help_shows_defaults_and_examples_one_per_line():
         "python -m trainers.mvtec --category demo      # generated category, runs on CPU",
     ]
     options = text[text.index("options:") :]
-    deviation = options[options.index("--deviation {") : options.index("--feature-baseline {")]
+    deviation = options[options.index("--deviation {") : options.index("--sign {")]
     assert "whitened (" in deviation and "'default' preset" in deviation
 
 

@@ -10,8 +10,9 @@ import tensorflow as tf
 
 from export import explain_options, load_thresholds
 from export import onnx as onnx_export
-from keras_vae_attn import predictions, scoring
+from keras_vae_attn import predictions
 from keras_vae_attn.data import mvtec
+from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
@@ -25,7 +26,7 @@ def test_decisions_agree_across_saved_model_onnx_and_predictions_csv(
     images = mvtec.to_float(mvtec_images[1].images)
     thresholds = load_thresholds(str(mvtec_export / "thresholds.json"))
     options = explain_options(json.loads((mvtec_run / "config.json").read_text()))
-    heatmaps = scoring.explain_anomaly(
+    heatmaps = pipeline.explain_anomaly(
         load_vae(str(mvtec_run / "model")), images, options, keys=("heatmap",)
     )["heatmap"].numpy()
     want = predictions.predict(heatmaps, thresholds)  # predictions.csv's columns

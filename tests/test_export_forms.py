@@ -92,7 +92,7 @@ def test_saved_model_and_onnx_serve_the_models_heatmap(exported, batch):
     import tensorflow as tf
 
     from export import explain_options
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
     from keras_vae_attn.models import load_vae
 
     name, run, folder = exported
@@ -102,7 +102,7 @@ def test_saved_model_and_onnx_serve_the_models_heatmap(exported, batch):
         assert options.layer_scales is not None and len(options.layer_scales) == 2
     model = load_vae(str(run / "model"))
     x = images(batch, seed=2)
-    want = scoring.explain_anomaly(model, x, options, keys=("heatmap", "score"))
+    want = pipeline.explain_anomaly(model, x, options, keys=("heatmap", "score"))
     heat = want["heatmap"].numpy()
     scale = float(heat.max() - heat.min())
     assert scale > 0 and np.isfinite(heat).all()

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from export import explain_options, infer
-from keras_vae_attn import scoring
 from keras_vae_attn.data import mvtec
+from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
 
 pytestmark = pytest.mark.slow  # trains a run and exports it (shared session fixtures)
@@ -52,7 +52,7 @@ def test_both_backends_score_files_like_the_trained_model(
     model = load_vae(str(mvtec_run / "model"))
     options = explain_options(json.loads((mvtec_run / "config.json").read_text()))
     decoded, _ = mvtec.decode_files(files, 64, 3)
-    want = scoring.explain_anomaly(model, mvtec.to_float(decoded), options)["score"].numpy()
+    want = pipeline.explain_anomaly(model, mvtec.to_float(decoded), options)["score"].numpy()
     for name, got in results.items():
         np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
 

@@ -12,8 +12,9 @@ import tensorflow as tf
 from export import explain_options, load_thresholds, saved_model
 from export import onnx as onnx_export
 from export.infer import InputError, OnnxBackend
-from keras_vae_attn import calibration, scoring
+from keras_vae_attn import calibration
 from keras_vae_attn.data import mvtec
+from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
@@ -43,7 +44,7 @@ def test_onnxruntime_gives_the_trained_models_heatmaps(name, request):
     options = explain_options(json.loads((run / "config.json").read_text()))
     for batch in (1, 7):
         x = images[:batch]
-        want = {k: v.numpy() for k, v in scoring.explain_anomaly(model, x, options).items()}
+        want = {k: v.numpy() for k, v in pipeline.explain_anomaly(model, x, options).items()}
         got = run_session(exported / "model.onnx", x)
         assert set(got) == set(LEAN + (DECISIONS if thresholds else ())), name  # lean
         assert_same_map(got["heatmap"], want["heatmap"], f"{name} heatmap, batch {batch}")

@@ -14,8 +14,9 @@ import tensorflow as tf
 
 from export import explain_options, load_thresholds
 from export import saved_model as sm
-from keras_vae_attn import calibration, scoring
+from keras_vae_attn import calibration
 from keras_vae_attn.data import mvtec
+from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
@@ -39,7 +40,7 @@ def load_saved(folder):
 def in_memory(run, images):
     """What the trainer computes for ``images`` with the run's options (numpy dict)."""
     config = json.loads((run / "config.json").read_text())
-    out = scoring.explain_anomaly(trained_model(run), images, explain_options(config))
+    out = pipeline.explain_anomaly(trained_model(run), images, explain_options(config))
     return {key: value.numpy() for key, value in out.items()}
 
 

@@ -183,7 +183,8 @@ def test_exported_decisions_match_python_thresholds(first_run):
     import tensorflow as tf
 
     from export import load_thresholds
-    from keras_vae_attn import calibration, scoring
+    from keras_vae_attn import calibration
+    from keras_vae_attn.explain import pipeline as explain_pipeline
     from keras_vae_attn.models import load_vae
 
     work, _ = first_run
@@ -194,7 +195,7 @@ def test_exported_decisions_match_python_thresholds(first_run):
     config = json.loads((pipe / "train" / "config.json").read_text())
     from export import explain_options
 
-    raw = scoring.explain_anomaly(model, images, explain_options(config))
+    raw = explain_pipeline.explain_anomaly(model, images, explain_options(config))
     expected = calibration.decide(raw["heatmap"], raw["score"], thresholds)
     loaded = tf.saved_model.load(str(work / "serving" / "vae_demo" / "1"))
     served = loaded.signatures["serving_default"](images=tf.constant(images))

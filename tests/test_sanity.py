@@ -111,7 +111,7 @@ def test_model_free_map_fails_and_reconstruction_difference_passes(trained):
 
     from keras_vae_attn import evaluate, references
     from keras_vae_attn.explain import sanity
-    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn.explain.options import ExplainOptions
 
     model, normal, images, masks, labels = trained
     options = ExplainOptions(layers=("conv1",), form="deviation", deviation="standardized")
@@ -143,13 +143,12 @@ def test_model_free_map_fails_and_reconstruction_difference_passes(trained):
 
 @pytest.mark.slow
 def test_deletion_by_the_maps_own_ranking_beats_a_random_ranking(trained):
-    from keras_vae_attn import scoring
-    from keras_vae_attn.explain import faithfulness
-    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn.explain import faithfulness, pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
 
     model, normal, images, masks, labels = trained
     bad = images[labels == 1]
-    recon = scoring.batched(
+    recon = pipeline.batched(
         model, bad, 16, ExplainOptions(layers=("conv1",)), keys=("recon_error",)
     )["recon_error"]
     curves = faithfulness.curves(

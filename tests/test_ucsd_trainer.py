@@ -128,10 +128,10 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     ) in printed
 
     # The saved model reproduces the recorded number through the shared scoring code.
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.metrics import localization
     from keras_vae_attn.models import load_vae
-    from keras_vae_attn.runs import ExplainOptions
 
     model = load_vae(os.path.join(run_dir, "model"))
     test = ucsd_data.load_test(str(data_root), "ped1", size=40)
@@ -139,7 +139,7 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
 
     options = layer_options(ExplainOptions.from_config(config), "conv2")
     assert options.form == "gradcam"  # the default reads no layer: Table 1 is the paper's
-    heatmap = scoring.batched(
+    heatmap = pipeline.batched(
         model, ucsd_data.to_float(test.images), 8, options, keys=("heatmap",)
     )["heatmap"]
     assert localization.pixel_auroc(heatmap, test.masks) == pytest.approx(

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from keras_vae_attn import runs
+from keras_vae_attn.explain import options
 from keras_vae_attn.runs import RUN_COMPLETE, write_json
 
 BACKUP_DIR = "backup"
@@ -32,12 +33,12 @@ def add_attention_flags(parser):
     """How a localization trainer's maps are made: a preset plus per-option overrides,
     parsed into one ExplainOptions by :func:`explain_options`."""
     group = parser.add_argument_group(
-        "attribution (keras_vae_attn/attribution.py)",
+        "attribution (keras_vae_attn/explain/forms.py)",
         "a flag shown with default None takes its value from the --attribution preset",
     )
     group.add_argument(
         "--attribution",
-        choices=sorted(runs.PRESETS),
+        choices=sorted(options.PRESETS),
         default="default",
         help="preset: 'default' (recon-deviation: the reconstruction "
         "residual relative to its normal size, chosen by a rule that "
@@ -49,23 +50,20 @@ def add_attention_flags(parser):
     )
     group.add_argument(
         "--form",
-        choices=runs.FORMS,
+        choices=options.FORMS,
         default=None,
         help="how gradients and features become a map",
     )
     group.add_argument(
         "--target",
-        "--score",
-        dest="target",
-        choices=runs.TARGETS,
+        choices=options.TARGETS,
         default=None,
         help="what is back-propagated: u_i or the energy per "
-        "latent (D backward passes), or the total energy "
-        "(one); --score is the old name",
+        "latent (D backward passes), or the total energy (one)",
     )
     group.add_argument(
         "--deviation",
-        choices=runs.DEVIATIONS,
+        choices=options.DEVIATIONS,
         default=None,
         help="how the features are compared with the normal ones: none (as "
         "they are), centered (minus their normal mean), standardized "
@@ -75,20 +73,14 @@ def add_attention_flags(parser):
         "preset's choice)",
     )
     group.add_argument(
-        "--feature-baseline",
-        choices=("zero", "normal"),
-        default=None,
-        help="old name: zero = --deviation none, normal = --deviation centered",
-    )
-    group.add_argument(
         "--sign",
-        choices=runs.SIGNS,
+        choices=options.SIGNS,
         default=None,
         help="for gradcam/hirescam/integrated: ReLU, absolute value or signed",
     )
     group.add_argument(
         "--gate",
-        choices=runs.GATES,
+        choices=options.GATES,
         default=None,
         help="recon: the map's geometric mean with the relative "
         "reconstruction residual (needs the decoder: what a VAE that "
@@ -107,7 +99,7 @@ def add_attention_flags(parser):
     )
     group.add_argument(
         "--combine",
-        choices=runs.COMBINES,
+        choices=options.COMBINES,
         default="mean",
         help="how the maps of several --layer names are combined",
     )
@@ -122,9 +114,20 @@ def add_attention_flags(parser):
 
 def explain_options(parser, args):
     """The run's ExplainOptions from its flags; a bad value is a parser error naming it."""
+    fields = dict(options.PRESETS[args.attribution])
+    for field in ("target", "form", "deviation", "sign", "gate"):
+        if getattr(args, field, None) is not None:
+            fields[field] = getattr(args, field)
     try:
-        return runs.ExplainOptions.from_args(args)
-    except runs.OptionError as error:
+        return options.ExplainOptions(
+            layers=tuple(name.strip() for name in args.layer.split(",") if name.strip()),
+            gradient_relu=bool(args.gradient_relu),
+            steps=args.ig_steps,
+            combine=args.combine,
+            smooth=float(args.smooth),
+            **fields,
+        )
+    except options.OptionError as error:
         parser.error(str(error))
 
 
@@ -729,9 +732,9 @@ def fit_and_record_options(model, normal_images, options, batch_size, run_dir):
     multi-layer --layer needs fitted on ``normal_images`` (float, the normal training
     images), then stored in config.json for the exporters. Returns them."""
     if options.needs_scales:
-        from keras_vae_attn import scoring
+        from keras_vae_attn.explain import pipeline
 
-        options = scoring.fit_layer_scales(model, normal_images, options, batch_size)
+        options = pipeline.fit_layer_scales(model, normal_images, options, batch_size)
     record_options(run_dir, options)
     return options
 

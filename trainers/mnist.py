@@ -46,9 +46,10 @@ def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pi
     Returns (metrics, ROC curves, the method's heatmaps)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from keras_vae_attn import references, scoring
+    from keras_vae_attn import references
+    from keras_vae_attn.explain import pipeline
 
-    out = scoring.batched(
+    out = pipeline.batched(
         model,
         images,
         batch_size,
@@ -102,14 +103,15 @@ def write_figures(model, run_dir, images, labels, options, metrics, calibrated, 
     method and its image AUROC; the gallery's maps on one colour scale from the held-out
     normal images (with its colorbar, each cell's score and predicted label), the latent
     maps on one scale for the whole figure."""
-    from keras_vae_attn import scoring, viz
+    from keras_vae_attn import viz
     from keras_vae_attn.attention import upsample
     from keras_vae_attn.evaluate import ATTENTION
+    from keras_vae_attn.explain import pipeline
     from keras_vae_attn.predictions import scale_label
 
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
     batch = images[picks]
-    out = {k: v.numpy() for k, v in scoring.explain_anomaly(model, batch, options).items()}
+    out = {k: v.numpy() for k, v in pipeline.explain_anomaly(model, batch, options).items()}
     notes = [
         f"score {predicted['image_score'][i]:.3g}\n"
         f"{'anomalous' if predicted['pred_label'][i] else 'normal'}"

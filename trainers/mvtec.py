@@ -187,7 +187,7 @@ def load_data(args):
 
 def run_options(args):
     """The run's ExplainOptions (parsed from the flags once, kept in config.json)."""
-    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn.explain.options import ExplainOptions
 
     return ExplainOptions.from_config({"explain": args.explain})
 
@@ -344,9 +344,9 @@ def main(argv=None):
     print(f"run folder: {run_dir}", file=sys.stderr)
     if model is not None:
         history, train_seconds = None, 0.0
-        from keras_vae_attn import scoring
+        from keras_vae_attn.explain import pipeline
 
-        scoring.fit_missing_statistics(
+        pipeline.fit_missing_statistics(
             model, augment.train_dataset(train_images, 64, shuffle=False), options
         )
     else:

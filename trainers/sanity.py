@@ -178,9 +178,9 @@ def faithfulness(model, maps, images, options, pixel_distribution, what, run_dir
 
     from keras_vae_attn import attention as attn
     from keras_vae_attn import evaluate as kva_evaluate
-    from keras_vae_attn import scoring, viz
+    from keras_vae_attn import viz
     from keras_vae_attn.explain import faithfulness as faith
-    from keras_vae_attn.explain import figures
+    from keras_vae_attn.explain import figures, pipeline
 
     curves = faith.curves(model, images, maps, pixel_distribution.mean, batch_size)
     labels = {**kva_evaluate.LABELS, faith.RANDOM: faith.RANDOM}
@@ -192,7 +192,7 @@ def faithfulness(model, maps, images, options, pixel_distribution, what, run_dir
         ),
         os.path.join(run_dir, "faithfulness.png"),
     )
-    per_latent = scoring.batched(model, images, batch_size, options, keys=("per_latent",))[
+    per_latent = pipeline.batched(model, images, batch_size, options, keys=("per_latent",))[
         "per_latent"
     ]
     size = images.shape[1:3]
@@ -247,16 +247,16 @@ def image_level(
     import numpy as np
 
     from keras_vae_attn import evaluate as kva_evaluate
-    from keras_vae_attn import references, scoring
-    from keras_vae_attn.explain import sanity
+    from keras_vae_attn import references
+    from keras_vae_attn.explain import pipeline, sanity
     from keras_vae_attn.metrics import localization
 
     metrics, lines = {}, []
     labels = np.asarray(labels)
     if twin is not None:
         keys = ("heatmap", "score", "recon_error", "recon_score")
-        trained = scoring.batched(model, images, batch_size, options, keys=keys[2:])
-        other = scoring.batched(twin, images, batch_size, options, keys=keys)
+        trained = pipeline.batched(model, images, batch_size, options, keys=keys[2:])
+        other = pipeline.batched(twin, images, batch_size, options, keys=keys)
         checks = {}
         for name, score, maps in (
             ("attention_max", "score", "heatmap"),

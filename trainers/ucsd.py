@@ -209,8 +209,8 @@ def layer_options(options, layer):
     """The options of the ablation row of ``layer``: the run's attribution at that layer
     alone, or the paper's form there when the run's map reads no layer (recon-deviation),
     so Table 1 still compares layers."""
-    from keras_vae_attn.attribution import get_form
-    from keras_vae_attn.runs import ExplainOptions
+    from keras_vae_attn.explain.forms import get_form
+    from keras_vae_attn.explain.options import ExplainOptions
 
     if get_form(options.form).pixels:
         return ExplainOptions.preset("paper", layers=(layer,))
@@ -229,8 +229,9 @@ def evaluate(model, train_images, test, args, options, twin=None):
     the figure, printable lines).
     """
     from keras_vae_attn import evaluate as kva_evaluate
-    from keras_vae_attn import references, scoring
+    from keras_vae_attn import references
     from keras_vae_attn.data.ucsd import to_float
+    from keras_vae_attn.explain import pipeline
     from keras_vae_attn.metrics import localization
 
     images = to_float(test.images)
@@ -254,7 +255,7 @@ def evaluate(model, train_images, test, args, options, twin=None):
     ablation = {}
     for layer in args.layers:
         single = layer_options(options, layer)
-        heat = scoring.batched(
+        heat = pipeline.batched(
             model,
             images,
             args.eval_batch_size,
@@ -419,10 +420,10 @@ def load_model(args, train_images, options_list):
             f"{model.spec['input_shape']} frames; pass the matching "
             f"--image-size (got {args.image_size})"
         )
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
 
     for options in options_list:
-        scoring.fit_missing_statistics(
+        pipeline.fit_missing_statistics(
             model, augment.train_dataset(train_images, 256, shuffle=False), options
         )
     return model, {}, 0.0
@@ -443,8 +444,8 @@ def main(argv=None):
     from keras_vae_attn import viz
     from keras_vae_attn.data import augment
     from keras_vae_attn.data.ucsd import to_float
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import build_vae
-    from keras_vae_attn.runs import ExplainOptions
 
     options = ExplainOptions.from_config({"explain": args.explain})
     run_dir = common.run_dir_for(args, f"ucsd-{args.subset}" + ("-demo" if args.demo else ""))

@@ -169,15 +169,15 @@ def cascade_maps(
     """[(stage, maps (n, H, W))] of ``options``' heatmap on ``images``: the trained model
     first, then each step of :func:`cascade`. For the cascading figure; a multi-layer
     map re-fits its layer scales on ``normal_images`` at every step."""
-    from keras_vae_attn import scoring
+    from keras_vae_attn.explain import pipeline
 
     def heatmaps(vae):
         chosen = options
         if len(options.layers) > 1:
-            chosen = scoring.fit_layer_scales(
+            chosen = pipeline.fit_layer_scales(
                 vae, normal_images, options.replace(layer_scales=None), batch_size
             )
-        return scoring.batched(vae, images, batch_size, chosen, keys=("heatmap",))["heatmap"]
+        return pipeline.batched(vae, images, batch_size, chosen, keys=("heatmap",))["heatmap"]
 
     out = [("trained", heatmaps(model))]
     for label, randomized in cascade(

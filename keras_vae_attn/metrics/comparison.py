@@ -24,12 +24,12 @@ def level_key(sigma):
 
 
 def blur(maps, sigma, batch_size=64):
-    """Gaussian blur of numpy maps (N, H, W), in batches (scoring.gaussian_blur)."""
+    """Gaussian blur of numpy maps (N, H, W), in batches (pipeline.gaussian_blur)."""
     if not sigma:
         return np.asarray(maps, np.float32)
     import tensorflow as tf
 
-    from keras_vae_attn.scoring import gaussian_blur
+    from keras_vae_attn.explain.pipeline import gaussian_blur
 
     blurred = [
         gaussian_blur(tf.constant(maps[i : i + batch_size], tf.float32), sigma).numpy()

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from keras_vae_attn import backbones, losses
 from keras_vae_attn.attention import NormalStats, VAEAttention, fit_normal_stats
-from keras_vae_attn.attribution import FeatureDistribution, FeatureMoments
+from keras_vae_attn.explain.deviation import FeatureDistribution, FeatureMoments
 
 
 class VAE(keras.Model):

@@ -9,8 +9,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import attention as attn
-from keras_vae_attn import attribution, losses
-from keras_vae_attn.runs import ExplainOptions
+from keras_vae_attn import losses
+from keras_vae_attn.explain import deviation, forms
+from keras_vae_attn.explain.options import ExplainOptions
 
 
 def gaussian_blur(maps, sigma):
@@ -33,29 +34,27 @@ def gaussian_blur(maps, sigma):
     return x[..., 0]
 
 
-def resolve_options(options=None, **legacy):
-    """An :class:`~keras_vae_attn.runs.ExplainOptions` from ``options`` (the object, a
-    layer name, or None) and the keyword arguments of the calls before it existed
-    (layer, score, gradient_relu, smooth, method, feature_baseline, or any option field)."""
-    if isinstance(options, ExplainOptions):
-        return options.replace(**legacy) if legacy else options
-    if options is not None:
-        legacy.setdefault("layer", options)
-    return ExplainOptions.from_legacy(**legacy)
+def resolve_options(options=None):
+    """``options``, or the plain :class:`ExplainOptions` when None; TypeError otherwise."""
+    if options is None:
+        return ExplainOptions()
+    if not isinstance(options, ExplainOptions):
+        raise TypeError(f"options must be an ExplainOptions, got {type(options).__name__}")
+    return options
 
 
 def layer_map(model, images, layer, options, stats):
     """One layer's anomaly map at feature resolution (B, h, w), and mu, logvar."""
     explainer = model.explainer(layer, method=options.method)
-    form = attribution.get_form(options.form)
+    form = forms.get_form(options.form)
     distribution = model.feature_distribution(layer) if options.needs_distribution else None
     # gradient_relu of a per-latent target acts on dmu_i/dA, before the energy factor
     relu_first = options.gradient_relu and options.target != attn.TOTAL_ENERGY
     if form.residual:
         features, mu, logvar = explainer.forward(images)
         residual = features - explainer.forward(model.decode(mu))[0]
-        dev = attribution.relative_residual(residual, model.residual_distribution(layer))
-        return attribution.attribute(form, None, dev, options.sign), mu, logvar
+        dev = deviation.relative_residual(residual, model.residual_distribution(layer))
+        return forms.attribute(form, None, dev, options.sign), mu, logvar
     if not form.needs_gradient:
         features, mu, logvar = explainer.forward(images)
         grads = None
@@ -65,7 +64,7 @@ def layer_map(model, images, layer, options, stats):
             if distribution is not None
             else tf.zeros(explainer.front.output.shape[1:], tf.float32)
         )
-        attribution.check_shape(tf.TensorShape(explainer.front.output.shape), start)
+        deviation.check_shape(tf.TensorShape(explainer.front.output.shape), start)
         features, grads, mu, logvar = explainer.path_gradients(
             images, stats, start, options.steps
         )
@@ -76,12 +75,10 @@ def layer_map(model, images, layer, options, stats):
     if form.integrated:
         dev = features - tf.cast(start, tf.float32)
     else:
-        dev = attribution.deviation(features, distribution, options.deviation)
-        grads = attribution.gradients_in_deviation_basis(
-            grads, distribution, options.deviation
-        )
+        dev = deviation.deviation(features, distribution, options.deviation)
+        grads = deviation.gradients_in_deviation_basis(grads, distribution, options.deviation)
     relu_after = options.gradient_relu and not relu_first
-    return attribution.attribute(form, grads, dev, options.sign, relu_after), mu, logvar
+    return forms.attribute(form, grads, dev, options.sign, relu_after), mu, logvar
 
 
 def combine_layers(maps, options):
@@ -92,7 +89,7 @@ def combine_layers(maps, options):
     if options.layer_scales is None:
         raise ValueError(
             f"combining layers {options.layers} needs their normal-data scales: "
-            "fit them first (scoring.fit_layer_scales)"
+            "fit them first (pipeline.fit_layer_scales)"
         )
     scaled = tf.stack([m / s for m, s in zip(maps, options.layer_scales)], 0)
     return (
@@ -100,13 +97,12 @@ def combine_layers(maps, options):
     )
 
 
-def explain_anomaly(model, images, options=None, keys=None, **legacy):
+def explain_anomaly(model, images, options=None, keys=None):
     """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
 
-    ``options``: an :class:`~keras_vae_attn.runs.ExplainOptions` (layers, target, form,
-    deviation, sign, smooth, ...; see keras_vae_attn/attribution.py). The keyword
-    arguments of earlier versions (layer, score, gradient_relu, smooth, method,
-    feature_baseline) still work. ``smooth`` > 0 blurs heatmap and recon_error alike
+    ``options``: an :class:`~keras_vae_attn.explain.options.ExplainOptions` (layers,
+    target, form, deviation, sign, smooth, ...; see keras_vae_attn/explain/forms.py), or
+    None for the plain paper-form defaults. ``smooth`` > 0 blurs heatmap and recon_error alike
     (:func:`gaussian_blur`, sigma in pixels), so the two stay comparable. ``keys`` limits
     the outputs computed: without "per_latent" and "attention" no per-latent Grad-CAM
     pass runs.
@@ -124,12 +120,12 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
       recon_score (B,)         mean reconstruction error
       attention_energy (B,)    mean of the heatmap
     """
-    options = resolve_options(options, **legacy)
+    options = resolve_options(options)
     images = tf.convert_to_tensor(images, tf.float32)
     stats = model.normal_stats()
     size = tf.shape(images)[1:3]
     wanted = set(keys) if keys is not None else None
-    pixels = attribution.get_form(options.form).pixels
+    pixels = forms.get_form(options.form).pixels
     if pixels:
         mu, logvar = model.encode(images)
     else:
@@ -180,8 +176,8 @@ def explain_anomaly(model, images, options=None, keys=None, **legacy):
 
 def recon_deviation(images, reconstruction, distribution):
     """sqrt(mean_c z_c^2) per pixel, z the reconstruction residual relative to its
-    normal root mean square (attribution.relative_residual): (B, H, W)."""
-    z = attribution.relative_residual(images - reconstruction, distribution)
+    normal root mean square (deviation.relative_residual): (B, H, W)."""
+    z = deviation.relative_residual(images - reconstruction, distribution)
     return tf.sqrt(tf.reduce_mean(tf.square(z), axis=-1) + 1e-12)
 
 
@@ -211,14 +207,13 @@ def fit_layer_scales(model, images, options, batch_size=64):
     return options.replace(layer_scales=tuple(scales))
 
 
-def batched(model, images, batch_size=64, options=None, keys=None, progress=None, **legacy):
+def batched(model, images, batch_size=64, options=None, keys=None, progress=None):
     """Run :func:`explain_anomaly` over a numpy array in batches; numpy dict out.
 
-    ``options`` as in :func:`explain_anomaly` (or a layer name, with the old keyword
-    arguments); ``keys`` limits what is kept (maps of a whole test set are large);
-    ``progress`` wraps the batch iterator (e.g. a tqdm factory).
+    ``options`` as in :func:`explain_anomaly`; ``keys`` limits what is kept (maps of a
+    whole test set are large); ``progress`` wraps the batch iterator (e.g. a tqdm factory).
     """
-    options = resolve_options(options, **legacy)
+    options = resolve_options(options)
     starts = range(0, len(images), batch_size)
     if progress is not None:
         starts = progress(starts)
