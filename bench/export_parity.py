@@ -31,9 +31,10 @@ VARIANTS = {
     "default": [],
     "paper": ["--attribution", "paper"],
     "whitened": ["--attribution", "whitened-deviation"],
-    "gradcam-conv2": ["--form", "gradcam", "--layer", "conv2", "--gradient-relu"],
+    "gradcam-layer2": ["--form", "gradcam", "--layer", "layer2", "--gradient-relu"],
     "integrated": ["--form", "integrated", "--ig-steps", "4"],
-    "gated-norm": ["--form", "gradient-norm", "--gate", "recon", "--layer", "conv1,conv2"],
+    "gated-norm": ["--form", "gradient-norm", "--gate", "recon", "--layer", "conv1,layer1"],
+    "small-hirescam": ["--backbone", "small", "--form", "hirescam", "--layer", "conv2"],
     "feature-residual": ["--form", "feature-residual", "--smooth", "2"],
 }
 SMALL_RUN = [
