@@ -55,7 +55,7 @@ def pid_alive(pid: int) -> bool:
 def staging_path(final: str) -> str:
     """Where this process stages ``final`` (a file or a folder): ``final.partial-<pid>``,
     beside it, so the rename that publishes it stays on one file system."""
-    return f"{os.fspath(final)}{PARTIAL}{os.getpid()}"
+    return f"{os.path.normpath(final)}{PARTIAL}{os.getpid()}"
 
 
 def _remove(path: str) -> None:
@@ -163,7 +163,7 @@ def staged(final: str, replace: bool = False) -> Iterator[str]:
     """``with staged(final) as path:`` write a file or a folder at ``path``; it is
     published to ``final`` (:func:`publish`) when the block ends, and removed if the
     block raises. Stale staging copies of dead writers are cleared first."""
-    final = os.fspath(final)
+    final = os.path.normpath(final)
     remove_stale(final)
     path = staging_path(final)
     _remove(path)  # this pid's own leftover (a pid reused after a kill)

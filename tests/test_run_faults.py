@@ -78,7 +78,7 @@ def assert_trained_exactly_the_epochs_asked(run_dir):
     assert ends[EPOCHS]["optimizer_step"] == EPOCHS * STEPS  # no epoch trained twice
     assert (run_dir / "metrics.json").is_file()
     assert not (run_dir / "backup").exists() and not (run_dir / "checkpoints").exists()
-    assert not [p for p in (run_dir / "model").iterdir() if p.name.startswith(".model-")]
+    assert not [p for p in run_dir.iterdir() if ".partial-" in p.name]
 
 
 def test_kill_and_ctrl_c_during_backups_resume_to_exactly_the_epochs_asked(
@@ -121,8 +121,8 @@ def test_kill_between_fit_and_save_and_during_save_never_retrains(shared_data, t
     assert [p.name for p in (run_dir / "backup").iterdir()] == [f"epoch-{EPOCHS:04d}"]
     killed = run(flags, ("publish_model", 1, "KILL"))  # model/ staged, not published
     assert killed.returncode == -9
-    staged = [p for p in (run_dir / "model").iterdir() if p.name.startswith(".model-")]
-    assert len(staged) == 1 and not (run_dir / "model" / "model.json").exists()
+    staged = [p for p in run_dir.iterdir() if p.name.startswith("model.partial-")]
+    assert len(staged) == 1 and not (run_dir / "model").exists()
 
     done = run(flags)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+from typing import Any
 
-from keras_vae_attn.runs import ModelLoadError
+from keras_vae_attn.runs import ModelLoadError, publish, remove_stale, staging_path
 
 MODEL_SPEC = "model.json"
 MODEL_WEIGHTS = "model.weights.h5"
-#: models saved before the feature distributions kept only the normal mean feature map
-#: of each layer, in this file beside the weights
-LEGACY_FEATURE_MEANS = "feature_baselines.npz"
 
 
 def _builders():
@@ -26,28 +23,27 @@ def _builders():
     return {"VAE": build_vae, "FactorVAE": build_factor_vae}
 
 
-def save_vae(model, directory):
-    """Write ``model.json`` (spec) and ``model.weights.h5`` atomically into ``directory``."""
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".model-", dir=directory)
+def save_vae(model: Any, directory: str) -> None:
+    """Write ``model.json`` (spec) and ``model.weights.h5`` into ``directory``, published
+    whole: the folder is written as ``<directory>.partial-<pid>`` and renamed into place
+    (:func:`keras_vae_attn.runs.publish`), so ``directory`` holds the old model or the
+    new one, never one's weights beside the other's spec. A kill leaves the staging
+    folder, which the next save removes."""
+    directory = os.path.normpath(directory)
+    remove_stale(directory)
+    staging = staging_path(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     try:
         with open(os.path.join(staging, MODEL_SPEC), "w", encoding="utf-8") as handle:
             json.dump({"class": type(model).__name__, **model.spec}, handle, indent=2)
         model.save_weights(os.path.join(staging, MODEL_WEIGHTS))
-        publish(staging, directory)
+        publish(staging, directory, replace=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def publish(staging, directory):
-    """Move a complete save from ``staging`` into ``directory``: the weights first, the
-    spec last (a folder with a spec beside its weights is complete; a kill before leaves
-    the staging folder, which the trainers remove at their next start)."""
-    for name in (MODEL_WEIGHTS, MODEL_SPEC):
-        os.replace(os.path.join(staging, name), os.path.join(directory, name))
-
-
-def load_vae(directory):
+def load_vae(directory: str) -> Any:
     """Rebuild the model saved by :func:`save_vae` in ``directory``."""
     spec_path = os.path.join(directory, MODEL_SPEC)
     weights_path = os.path.join(directory, MODEL_WEIGHTS)
@@ -61,7 +57,6 @@ def load_vae(directory):
             raise ValueError(f"{spec_path} must hold a JSON object, got {type(spec).__name__}")
         model = _build(spec, spec_path)
         model.load_weights(weights_path)
-        _load_legacy_feature_means(model, os.path.join(directory, LEGACY_FEATURE_MEANS))
     except (OSError, ValueError, TypeError, KeyError) as error:
         # not JSON, a spec no builder takes (negative latent_dim, unknown class),
         # truncated or foreign weights: one line naming the folder
@@ -72,7 +67,7 @@ def load_vae(directory):
     return model
 
 
-def rebuild(model):
+def rebuild(model: Any) -> Any:
     """A new build of ``model`` from its spec, holding its weights, under the current dtype
     policy: a model trained under mixed_bfloat16 becomes the float32 model that its saved
     folder loads as (the trainers evaluate and save that one)."""
@@ -81,7 +76,7 @@ def rebuild(model):
     return copy
 
 
-def build_like(model):
+def build_like(model: Any) -> Any:
     """A new, freshly initialized model of ``model``'s spec (its weights not copied)."""
     return _build({"class": type(model).__name__, **model.spec}, "the model's spec")
 
@@ -119,19 +114,3 @@ def _distribution_shape(model, key):
     layer = key[len("residual_") :] if key.startswith("residual_") else key
     front = model.explainer(layer).front
     return None if front is None else front.output.shape[1:]
-
-
-def _load_legacy_feature_means(model, path):
-    """The mean feature maps of an older save as distributions with std 1: exactly what
-    its "centered" maps (``feature_baseline="normal"``) need. Its std was never measured,
-    so "standardized" would equal "centered" there: refit for that."""
-    if not os.path.isfile(path):
-        return
-    import numpy as np
-
-    with np.load(path) as stored:
-        for layer in stored.files:
-            if layer in model.feature_layers:
-                continue
-            mean = stored[layer].astype("float32")
-            model.store_feature_distribution(layer, (mean, np.ones_like(mean)))
