@@ -47,7 +47,7 @@ import tensorflow as tf  # noqa: E402
 
 from bench.factor_step import images as dsprites_images  # noqa: E402
 from bench.timing import interleaved_medians, print_table  # noqa: E402
-from trainers import common  # noqa: E402
+from trainers import devices  # noqa: E402
 
 MODELS = ("resnet18", "ucsd", "factorvae", "adfactorvae")
 PRECISION_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16}
@@ -234,9 +234,9 @@ def check_rows(label, build, images, steps, layer="last"):
     difference; then the float32 weights in a bf16 model: its latent maps against
     float32's (largest difference over the largest map value)."""
     models = {}
-    for precision in common.PRECISIONS:
+    for precision in devices.PRECISIONS:
         keras.utils.set_random_seed(0)
-        with common.precision_scope(precision):
+        with devices.precision_scope(precision):
             models[precision] = build()
         models[precision].compile(optimizer=keras.optimizers.Adam(1e-3))
     losses = {
@@ -275,8 +275,8 @@ def build_parser():
     parser.add_argument(
         "--precisions",
         nargs="+",
-        choices=common.PRECISIONS,
-        default=list(common.PRECISIONS),
+        choices=devices.PRECISIONS,
+        default=list(devices.PRECISIONS),
         help="dtype policies to time",
     )
     parser.add_argument(
@@ -324,7 +324,7 @@ def main(argv=None):
         configs, steps = [(p, jit) for p in args.precisions for jit in jits], []
         for precision, jit in configs:
             keras.utils.set_random_seed(0)
-            with common.precision_scope(precision):
+            with devices.precision_scope(precision):
                 model = build()
             model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit == "on")
             steps.append(lambda model=model, images=images: model.train_on_batch(images))

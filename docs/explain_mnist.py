@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from keras_vae_attn.console import start_tensorflow
-from trainers.common import main_guard
+from trainers.guard import main_guard
 
 LAYER = "conv2"
 

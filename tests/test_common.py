@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_vae_attn import runs
 from keras_vae_attn.models import build_vae
-from trainers import common
+from trainers import cli, devices, fit, guard, run_dirs
 
 
 def args_for(tmp_path, **overrides):
-    parser = common.base_parser("test", epochs=1, batch_size=4, lr=1e-3, latent_dim=4)
+    parser = cli.base_parser("test", epochs=1, batch_size=4, lr=1e-3, latent_dim=4)
     args = parser.parse_args(["--runs-root", str(tmp_path)])
     for key, value in overrides.items():
         setattr(args, key, value)
@@ -20,28 +21,28 @@ def args_for(tmp_path, **overrides):
 
 
 def test_same_command_reuses_the_unfinished_run_and_a_finished_one_is_kept(tmp_path):
-    first = common.run_dir_for(args_for(tmp_path), "exp")
-    assert common.run_dir_for(args_for(tmp_path), "exp") == first  # resumed
+    first = run_dirs.run_dir_for(args_for(tmp_path), "exp")
+    assert run_dirs.run_dir_for(args_for(tmp_path), "exp") == first  # resumed
     assert json.load(open(f"{first}/config.json"))["epochs"] == 1
-    other = common.run_dir_for(args_for(tmp_path, epochs=2), "exp")  # other config
+    other = run_dirs.run_dir_for(args_for(tmp_path, epochs=2), "exp")  # other config
     assert other != first
-    common.write_json(f"{first}/metrics.json", {"done": True})
-    with pytest.raises(common.RunFinished) as finished:  # not trained again
-        common.run_dir_for(args_for(tmp_path), "exp")
+    runs.write_json(f"{first}/metrics.json", {"done": True})
+    with pytest.raises(run_dirs.RunFinished) as finished:  # not trained again
+        run_dirs.run_dir_for(args_for(tmp_path), "exp")
     assert str(finished.value) == (
         f"this command already finished a run: {first} (metrics.json and figures); "
         "--fresh trains a new one"
     )
-    fresh = common.run_dir_for(args_for(tmp_path, fresh=True), "exp")
+    fresh = run_dirs.run_dir_for(args_for(tmp_path, fresh=True), "exp")
     assert fresh != first and fresh.endswith(first[-8:])  # same hash
 
 
 def test_a_finished_run_is_named_with_how_to_rescore_it_and_exit_0(tmp_path, capsys):
     args = args_for(tmp_path, model_dir=None)
-    first = common.run_dir_for(args, "exp")
-    common.write_json(f"{first}/metrics.json", {"done": True})
+    first = run_dirs.run_dir_for(args, "exp")
+    runs.write_json(f"{first}/metrics.json", {"done": True})
     with pytest.raises(SystemExit) as stop:
-        common.main_guard(lambda: common.run_dir_for(args, "exp"))
+        guard.main_guard(lambda: run_dirs.run_dir_for(args, "exp"))
     assert stop.value.code == 0
     assert capsys.readouterr().err.splitlines() == [
         f"this command already finished a run: {first} (metrics.json and figures); "
@@ -51,14 +52,14 @@ def test_a_finished_run_is_named_with_how_to_rescore_it_and_exit_0(tmp_path, cap
 
 
 def test_bad_flag_values_name_the_flag(capsys):
-    parser = common.base_parser("test", epochs=1, batch_size=4, lr=1e-3, latent_dim=4)
+    parser = cli.base_parser("test", epochs=1, batch_size=4, lr=1e-3, latent_dim=4)
     for argv, message in (
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--lr", "nan"], "--lr must be a positive number"),
         (["--batch-size", "-3"], "--batch-size must be at least 1"),
     ):
         with pytest.raises(SystemExit):
-            common.parse(parser, argv)
+            cli.parse(parser, argv)
         assert message in capsys.readouterr().err
 
 
@@ -67,7 +68,7 @@ def test_nan_loss_stops_training_and_names_the_batch(tmp_path):
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = np.random.default_rng(0).random((12, 28, 28, 1)).astype("float32")
     images[8] = np.nan  # third batch of 4
-    callbacks, guard = common.standard_callbacks(str(tmp_path))
+    callbacks, nan_guard = fit.standard_callbacks(str(tmp_path))
     history = model.fit(
         tf.data.Dataset.from_tensor_slices(images).batch(4),
         epochs=3,
@@ -76,15 +77,15 @@ def test_nan_loss_stops_training_and_names_the_batch(tmp_path):
         shuffle=False,
     )
     assert len(history.history["loss"]) == 1  # stopped in the first epoch
-    with pytest.raises(common.TrainingDiverged, match="epoch 1, batch 3: non-finite"):
-        common.check_diverged(guard)
+    with pytest.raises(guard.TrainingDiverged, match="epoch 1, batch 3: non-finite"):
+        fit.check_diverged(nan_guard)
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
-    callbacks, _ = common.standard_callbacks(str(tmp_path), keep_checkpoints=2)
+    callbacks, _ = fit.standard_callbacks(str(tmp_path), keep_checkpoints=2)
     model.fit(
         tf.data.Dataset.from_tensor_slices(images).batch(4),
         epochs=5,
@@ -115,11 +116,11 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 )
 def test_worker_index_makes_only_the_chief_own_the_run_folder(monkeypatch, config, index):
     monkeypatch.setenv("TF_CONFIG", json.dumps(config))
-    assert common.worker_index() == index
+    assert devices.worker_index() == index
 
 
 def test_write_json_leaves_no_partial_file(tmp_path):
-    common.write_json(str(tmp_path / "m.json"), {"a": np.float32(0.5), "b": np.arange(2)})
+    runs.write_json(str(tmp_path / "m.json"), {"a": np.float32(0.5), "b": np.arange(2)})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 0.5, "b": [0, 1]}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
@@ -135,7 +136,7 @@ def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
     from keras_vae_attn.callbacks import AttentionImages
 
     watch = AttentionImages(images[:2], str(tmp_path / "tensorboard"), layer="conv2")
-    callbacks, _ = common.standard_callbacks(str(tmp_path), watch)
+    callbacks, _ = fit.standard_callbacks(str(tmp_path), watch)
     model.fit(
         tf.data.Dataset.from_tensor_slices(images).batch(4),
         epochs=2,
@@ -143,7 +144,7 @@ def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
         verbose=0,
         shuffle=False,
     )
-    assert len(list((tmp_path / "checkpoints").iterdir())) == common.KEEP_CHECKPOINTS
+    assert len(list((tmp_path / "checkpoints").iterdir())) == fit.KEEP_CHECKPOINTS
     attention = EventAccumulator(str(tmp_path / "tensorboard" / "attention"))
     attention.Reload()
     assert attention.Tags()["images"] == [
@@ -162,7 +163,7 @@ def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
     }
     heatmaps = np.random.default_rng(1).random((8, 28, 28)).astype("float32")
     labels = np.array([0, 0, 1, 1, 1, 1, 1, 0])
-    common.complete_run(
+    run_dirs.complete_run(
         str(tmp_path), metrics, ((images * 255).astype("uint8"), heatmaps, labels)
     )
     assert json.load(open(tmp_path / "metrics.json"))["category"] == "demo"

@@ -10,8 +10,8 @@ import pytest
 from keras_vae_attn.data import DataError
 from keras_vae_attn.data.synthetic import write_mvtec_category
 from keras_vae_attn.metrics.localization import METRIC_NAMES
-from trainers import common
 from trainers import mvtec as trainer
+from trainers import run_dirs
 
 from conftest import REPO
 
@@ -85,7 +85,7 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     assert config["image_size"] == 32 and config["category"] == "demo"
 
     # The same command again trains nothing: it names the finished run.
-    with pytest.raises(common.RunFinished, match=f"already finished a run: {only}"):
+    with pytest.raises(run_dirs.RunFinished, match=f"already finished a run: {only}"):
         trainer.main(["--category", "demo", "--runs-root", str(tmp_path), *QUICK])
 
     # The saved model re-scored at another layer with smoothing: no training, new run.

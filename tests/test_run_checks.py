@@ -97,63 +97,64 @@ def hold_lock(path):
 
 def test_a_run_folder_in_use_is_refused_and_a_dead_owner_is_taken_over(tmp_path, capsys):
     from tests.test_common import args_for
-    from trainers import common
+    from trainers import run_dirs
 
-    first = common.run_dir_for(args_for(tmp_path), "exp")
-    common.release(first)  # as if another process made it
+    first = run_dirs.run_dir_for(args_for(tmp_path), "exp")
+    run_dirs.release(first)  # as if another process made it
     holder = hold_lock(first)
     try:
         with pytest.raises(
-            common.RunRefused,
+            run_dirs.RunRefused,
             match=f"the run folder {first} is in use by process {holder.pid}",
         ):
-            common.run_dir_for(args_for(tmp_path), "exp")  # the same command
-        with pytest.raises(common.RunRefused, match="in use by process"):
-            common.run_dir_for(args_for(tmp_path, run_dir=first), "exp")
-        other = common.run_dir_for(args_for(tmp_path, fresh=True), "exp")  # a new run
+            run_dirs.run_dir_for(args_for(tmp_path), "exp")  # the same command
+        with pytest.raises(run_dirs.RunRefused, match="in use by process"):
+            run_dirs.run_dir_for(args_for(tmp_path, run_dir=first), "exp")
+        other = run_dirs.run_dir_for(args_for(tmp_path, fresh=True), "exp")  # a new run
         assert other != first
-        common.release(other)
+        run_dirs.release(other)
     finally:
         holder.kill()
         holder.wait()
     capsys.readouterr()  # killed: its pid stays in the lock file
-    assert common.run_dir_for(args_for(tmp_path, run_dir=first), "exp") == first
+    assert run_dirs.run_dir_for(args_for(tmp_path, run_dir=first), "exp") == first
     assert capsys.readouterr().err == (
         f"taking over the run folder {first} from process "
         f"{holder.pid}, which ended without finishing it\n"
     )
-    common.release(first)
+    run_dirs.release(first)
 
 
 def test_run_dir_of_a_finished_run_with_other_flags_is_refused_unless_fresh(tmp_path):
+    from keras_vae_attn import runs
     from tests.test_common import args_for
-    from trainers import common
+    from trainers import run_dirs
 
     run_dir = str(tmp_path / "mine")
-    common.run_dir_for(args_for(tmp_path, run_dir=run_dir), "exp")
-    common.write_json(f"{run_dir}/metrics.json", {"pixel_auroc": 0.9})
-    common.write_json(f"{run_dir}/predictions.csv", {"kept": True})
+    run_dirs.run_dir_for(args_for(tmp_path, run_dir=run_dir), "exp")
+    runs.write_json(f"{run_dir}/metrics.json", {"pixel_auroc": 0.9})
+    runs.write_json(f"{run_dir}/predictions.csv", {"kept": True})
     (tmp_path / "mine" / "notes.txt").write_text("the user's own")
-    common.release(run_dir)
+    run_dirs.release(run_dir)
     config = (tmp_path / "mine" / "config.json").read_text()
     with pytest.raises(
-        common.RunRefused,
+        run_dirs.RunRefused,
         match=r"holds a finished run of other flags "
         r"\(--epochs 1 there, 2 here\)",
     ):
-        common.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2), "exp")
+        run_dirs.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2), "exp")
     assert (tmp_path / "mine" / "config.json").read_text() == config  # untouched
     assert json.loads((tmp_path / "mine" / "metrics.json").read_text()) == {"pixel_auroc": 0.9}
-    common.release(run_dir)
-    with pytest.raises(common.RunFinished):  # same flags
-        common.run_dir_for(args_for(tmp_path, run_dir=run_dir), "exp")
-    common.release(run_dir)
-    common.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2, fresh=True), "exp")
+    run_dirs.release(run_dir)
+    with pytest.raises(run_dirs.RunFinished):  # same flags
+        run_dirs.run_dir_for(args_for(tmp_path, run_dir=run_dir), "exp")
+    run_dirs.release(run_dir)
+    run_dirs.run_dir_for(args_for(tmp_path, run_dir=run_dir, epochs=2, fresh=True), "exp")
     assert json.loads((tmp_path / "mine" / "config.json").read_text())["epochs"] == 2
     assert not (tmp_path / "mine" / "metrics.json").exists()
     assert not (tmp_path / "mine" / "predictions.csv").exists()
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own"
-    common.release(run_dir)
+    run_dirs.release(run_dir)
 
 
 @pytest.mark.slow
@@ -223,11 +224,11 @@ def broken_models(source, root):
 @pytest.mark.slow
 def test_a_model_dir_that_does_not_load_is_one_line(mnist_run, tmp_path, capsys):
     from keras_vae_attn.models import load_vae
-    from trainers import common
+    from trainers import guard
 
     for name, folder in broken_models(mnist_run / "model", tmp_path).items():
         with pytest.raises(SystemExit) as stop:
-            common.main_guard(lambda folder=folder: load_vae(str(folder)))
+            guard.main_guard(lambda folder=folder: load_vae(str(folder)))
         assert stop.value.code == 2, name
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f"error: cannot load the model in {folder}: "), line

@@ -3,7 +3,7 @@ labelled as elapsed, blessing numbers rounded."""
 
 import json
 
-from trainers import common
+from trainers import run_dirs
 
 
 def test_a_rescore_records_the_models_own_epochs(tmp_path):
@@ -19,11 +19,11 @@ def test_a_rescore_records_the_models_own_epochs(tmp_path):
     ]
     (run / "training_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (run / "config.json").write_text(json.dumps({"epochs": 100}))
-    assert common.trained_epochs(str(run / "model")) == 2
+    assert run_dirs.trained_epochs(str(run / "model")) == 2
     (run / "training_log.jsonl").unlink()
-    assert common.trained_epochs(str(run / "model")) == 100
+    assert run_dirs.trained_epochs(str(run / "model")) == 100
     (run / "config.json").unlink()
-    assert common.trained_epochs(str(run / "model")) is None
+    assert run_dirs.trained_epochs(str(run / "model")) is None
 
 
 def test_export_stage_lines_say_their_time_is_elapsed(capsys):

@@ -10,14 +10,14 @@ import pytest
 import tensorflow as tf
 
 from keras_vae_attn.data.dsprites import DSprites
-from trainers import common, dsprites
+from trainers import cli, devices, dsprites
 
 TINY = ["--batch-size", "8", "--dense-units", "16", "--latent-dim", "4"]
 
 
 def dsprites_args(*flags):
     parser = dsprites.build_parser()
-    return dsprites.check_args(parser, common.parse(parser, [*TINY, *flags]))
+    return dsprites.check_args(parser, cli.parse(parser, [*TINY, *flags]))
 
 
 def frames(count, seed=0):
@@ -65,7 +65,7 @@ def test_bf16_with_xla_trains_like_float32_and_saves_and_loads(tmp_path):
     assert loaded.encoder.get_layer("conv1").compute_dtype == "float32"
     for saved, restored in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(saved.numpy(), restored.numpy())
-    with common.precision_scope("mixed_bfloat16"):
+    with devices.precision_scope("mixed_bfloat16"):
         loaded_low = load_vae(str(tmp_path / "model"))
     mu = model.encode(batches[0])[0].numpy()
     np.testing.assert_array_equal(loaded_low.encode(batches[0])[0].numpy(), mu)
@@ -81,7 +81,7 @@ def test_maps_are_float32_under_bf16_and_match_float32_maps():
     images = np.random.default_rng(0).random((4, 28, 28, 1)).astype("f4")
     keras.utils.set_random_seed(0)
     reference = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=16)
-    with common.precision_scope("mixed_bfloat16"):
+    with devices.precision_scope("mixed_bfloat16"):
         low = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=16)
     low.set_weights(reference.get_weights())
     assert low.encoder.get_layer("conv2").compute_dtype == "bfloat16"
@@ -102,7 +102,7 @@ def test_maps_are_float32_under_bf16_and_match_float32_maps():
         ad_maps="normalized",
     )
     reference = build_factor_vae(**net)
-    with common.precision_scope("mixed_bfloat16"):
+    with devices.precision_scope("mixed_bfloat16"):
         low = build_factor_vae(**net)
     low.set_weights(reference.get_weights())
     sprites = tf.image.resize(frames(4), (16, 16), method="area")

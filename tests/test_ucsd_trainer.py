@@ -9,7 +9,7 @@ import pytest
 
 from keras_vae_attn.data import ucsd as ucsd_data
 from keras_vae_attn.data.synthetic import write_ucsd_dataset
-from trainers import common
+from trainers import fit, guard
 from trainers import ucsd as trainer
 
 SMALL = dict(
@@ -203,7 +203,7 @@ def test_data_errors_end_in_one_clear_line(data_root, tmp_path, capsys):
     missing = tmp_path / "empty" / "UCSDped1"
     (missing / "Train").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_info:
-        common.main_guard(
+        guard.main_guard(
             lambda: trainer.main(
                 ["--data-dir", str(missing.parent), "--runs-root", str(tmp_path), *QUICK]
             )
@@ -222,7 +222,7 @@ def test_a_resnet18_run_re_estimates_batch_norm_statistics(data_root, tmp_path, 
     import keras
 
     seen = []
-    real = common.recalibrate_batch_norm
+    real = fit.recalibrate_batch_norm
 
     def recording(model, dataset):
         layers = [
@@ -236,7 +236,7 @@ def test_a_resnet18_run_re_estimates_batch_norm_statistics(data_root, tmp_path, 
         after = [np.array(layer.moving_mean) for layer in layers]
         seen.append((len(layers), max(np.abs(a - b).max() for a, b in zip(after, before))))
 
-    monkeypatch.setattr(common, "recalibrate_batch_norm", recording)
+    monkeypatch.setattr(fit, "recalibrate_batch_norm", recording)
     trainer.main(
         [
             "--data-dir",
@@ -268,7 +268,7 @@ def test_batch_norm_recalibration_sets_the_average_batch_statistics():
     batches = [
         np.random.default_rng(i).random((8, 32, 32, 1), dtype=np.float32) for i in range(3)
     ]
-    common.recalibrate_batch_norm(
+    fit.recalibrate_batch_norm(
         model, tf.data.Dataset.from_tensor_slices(np.concatenate(batches)).batch(8)
     )
     conv = keras.Model(model.encoder.input, model.encoder.get_layer("stem_conv").output)

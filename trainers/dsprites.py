@@ -19,14 +19,14 @@ import time
 
 import numpy as np
 
-from trainers import common
+from trainers import cli, devices, guard, run_dirs
 
 MODELS = ("vae", "beta_vae", "factor_vae", "ad_factor_vae")
 DEFAULT_BETA = {"vae": 1.0, "beta_vae": 4.0, "factor_vae": 1.0, "ad_factor_vae": 1.0}
 
 
 def build_parser():
-    parser = common.base_parser(
+    parser = cli.base_parser(
         __doc__,
         epochs=10,
         batch_size=64,
@@ -226,7 +226,7 @@ def build_model(args):
 
     shape = (64, 64, 1)
     optimizer = keras.optimizers.Adam(args.lr, beta_1=0.9, beta_2=0.999)
-    with common.precision_scope(common.resolve_precision(args)):
+    with devices.precision_scope(devices.resolve_precision(args)):
         if args.model in ("vae", "beta_vae"):
             model = build_vae(
                 "factorvae",
@@ -237,7 +237,7 @@ def build_model(args):
                 beta=args.beta,
                 seed=args.seed,
             )
-            model.compile(optimizer=optimizer, jit_compile=common.jit_compile(args))
+            model.compile(optimizer=optimizer, jit_compile=devices.jit_compile(args))
             return model
         model = build_factor_vae(
             input_shape=shape,
@@ -255,7 +255,7 @@ def build_model(args):
         )
     model.compile(
         optimizer=optimizer,
-        jit_compile=common.jit_compile(args),
+        jit_compile=devices.jit_compile(args),
         d_optimizer=keras.optimizers.Adam(args.d_lr, beta_1=0.5, beta_2=0.9),
     )
     return model
@@ -326,8 +326,8 @@ def latent_selectivity(model, images, layer):
     """Are the per-latent maps faithful to their own latent? Deleting map i's top pixels
     (replaced by the images' mean) should move mu_i more than the other latents
     (faithfulness.selectivity)."""
-    from keras_vae_attn.attention import upsample
     from keras_vae_attn.explain import faithfulness
+    from keras_vae_attn.attention import upsample
 
     maps = model.explainer(layer).latent_maps(images)
     size = images.shape[1:3]
@@ -447,8 +447,10 @@ def train(args, data, run_dir):
     import keras
     import tensorflow as tf
 
+    from trainers import fit
+
     keras.utils.set_random_seed(args.seed)
-    strategy = common.make_strategy(args)
+    strategy = devices.make_strategy(args)
     with strategy.scope():
         model = build_model(args)
     batch_spec = tf.TensorSpec((args.batch_size, 64, 64, 1), tf.float32)
@@ -459,9 +461,9 @@ def train(args, data, run_dir):
 
     # the figure's six images, input | reconstruction | attention, per epoch in TensorBoard
     watch = AttentionImages(
-        figure_images(data, args.seed), os.path.join(run_dir, common.TENSORBOARD), args.layer
+        figure_images(data, args.seed), os.path.join(run_dir, run_dirs.TENSORBOARD), args.layer
     )
-    callbacks, guard = common.standard_callbacks(run_dir, watch)
+    callbacks, nan_guard = fit.standard_callbacks(run_dir, watch)
     timer = epoch_timer()
     callbacks.append(timer)
     if args.score_every:
@@ -476,7 +478,7 @@ def train(args, data, run_dir):
         callbacks=callbacks,
         verbose=0 if args.quiet else 2,
     )
-    common.check_diverged(guard)
+    fit.check_diverged(nan_guard)
     return model, history.history, time.perf_counter() - started, timer.seconds
 
 
@@ -516,8 +518,8 @@ def describe(model):
 
 def main(argv=None):
     parser = build_parser()
-    args = check_args(parser, common.parse(parser, argv))
-    common.setup_devices(args)
+    args = check_args(parser, cli.parse(parser, argv))
+    devices.setup_devices(args)
     import tensorflow as tf
 
     from keras_vae_attn import viz
@@ -528,7 +530,7 @@ def main(argv=None):
 
     data = dsprites.load(args.data_dir, args.source)
     model = load_model(args) if args.model_dir else None
-    run_dir = common.run_dir_for(args, "dsprites")
+    run_dir = run_dirs.run_dir_for(args, "dsprites")
     print(f"run folder: {run_dir}  (images: {data.source})", file=sys.stderr)
     sample = data.images_from_factors(
         data.sample_factors(args.eval_images, np.random.default_rng([args.seed, 1]))
@@ -539,7 +541,7 @@ def main(argv=None):
             model = rebuild(model)  # scored, mapped and saved in float32
         model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(sample).batch(256))
         save_vae(model, os.path.join(run_dir, "model"))
-        common.finish_training(run_dir)  # backup and checkpoints: model/ holds them
+        run_dirs.finish_training(run_dir)  # backup and checkpoints: model/ holds them
     else:
         curves, train_seconds, epoch_seconds = {}, 0.0, []
     kind = describe(model)
@@ -552,7 +554,7 @@ def main(argv=None):
         eval_votes=args.metric_eval_votes,
         samples_per_vote=args.metric_samples,
         variance_samples=args.metric_variance_samples,
-        progress=lambda it: common.progress(it, args.quiet, desc="FactorVAE metric"),
+        progress=lambda it: guard.progress(it, args.quiet, desc="FactorVAE metric"),
     )
     held_out_maps, held_out_pair, overlap = latent_pairs(model, sample[:512], args.layer)
     shown = figure_images(data, args.seed)
@@ -613,7 +615,7 @@ def main(argv=None):
             title=f"{kind['model']}: FactorVAE score",
             ylabel="FactorVAE score",
         )
-    common.complete_run(run_dir, metrics)
+    run_dirs.complete_run(run_dir, metrics)
     print(
         f"{kind['model']}: FactorVAE score {score['eval_accuracy']:.3f} "
         f"({score['num_active_dims']} active dims), top-pair L_AD "
@@ -630,4 +632,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    guard.main_guard(main)

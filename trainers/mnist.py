@@ -14,11 +14,11 @@ import sys
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import common, sanity
+from trainers import cli, devices, guard, localization, run_dirs, sanity
 
 
 def build_parser():
-    parser = common.base_parser(
+    parser = cli.base_parser(
         __doc__,
         epochs=10,
         batch_size=128,
@@ -29,8 +29,8 @@ def build_parser():
     parser.add_argument("--normal-digit", type=int, default=1, help="the normal class, 0-9")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
-    common.add_attention_flags(parser)
-    common.add_prediction_flags(parser, png=False)
+    cli.add_attention_flags(parser)
+    cli.add_prediction_flags(parser, png=False)
     sanity.add_flags(parser)
     parser.set_defaults(layer="conv1")
     return parser
@@ -55,7 +55,7 @@ def evaluate(model, images, labels, normal_digit, options, batch_size, quiet, pi
         batch_size,
         options,
         keys=SCORES + ("heatmap",),
-        progress=lambda it: common.progress(it, quiet, desc="evaluate"),
+        progress=lambda it: guard.progress(it, quiet, desc="evaluate"),
     )
     heatmaps = out.pop("heatmap")
     out["attention_max"] = out.pop("score")
@@ -104,9 +104,9 @@ def write_figures(model, run_dir, images, labels, options, metrics, calibrated, 
     normal images (with its colorbar, each cell's score and predicted label), the latent
     maps on one scale for the whole figure."""
     from keras_vae_attn import viz
-    from keras_vae_attn.attention import upsample
     from keras_vae_attn.evaluate import ATTENTION
     from keras_vae_attn.explain import pipeline
+    from keras_vae_attn.attention import upsample
     from keras_vae_attn.predictions import scale_label
 
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
@@ -182,9 +182,9 @@ def tf_reshape_maps(maps):
 
 def main(argv=None):
     parser = build_parser()
-    args = common.parse(parser, argv)
-    common.require_counts(parser, args, ("max_train", "max_test"))
-    options = common.explain_options(parser, args)
+    args = cli.parse(parser, argv)
+    cli.require_counts(parser, args, ("max_train", "max_test"))
+    options = cli.explain_options(parser, args)
     args.explain = options.as_config()
     try:
         from keras_vae_attn.data import mnist
@@ -192,12 +192,13 @@ def main(argv=None):
         mnist.check_digit(args.normal_digit)
     except ValueError as error:
         parser.error(f"--normal-digit {error}")
-    common.setup_devices(args)
+    devices.setup_devices(args)
     import tensorflow as tf
 
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn import viz
     from keras_vae_attn.models import build_vae
+    from trainers import fit
 
     train_images, train_labels = mnist.load(args.data_dir, "train")
     test_images, test_labels = mnist.load(args.data_dir, "test")
@@ -213,7 +214,7 @@ def main(argv=None):
     test_x = mnist.to_float(test_images[: args.max_test])
     test_y = test_labels[: args.max_test]
 
-    run_dir = common.run_dir_for(args, "mnist")
+    run_dir = run_dirs.run_dir_for(args, "mnist")
     print(f"run folder: {run_dir}", file=sys.stderr)
     dataset = (
         tf.data.Dataset.from_tensor_slices(normal)
@@ -224,7 +225,7 @@ def main(argv=None):
     watch = kva_callbacks.AttentionImages(
         test_x[:4], os.path.join(run_dir, "tensorboard"), options.layer
     )
-    model, history, _ = common.fit_one_class(
+    model, history, _ = fit.fit_one_class(
         args,
         lambda: build_vae(
             "small", (28, 28, 1), args.latent_dim, recon_loss=args.loss, seed=args.seed
@@ -236,7 +237,7 @@ def main(argv=None):
         options.layers,
         covariance=options.needs_covariance,
     )
-    options = common.fit_and_record_options(model, normal, options, 256, run_dir)
+    options = localization.fit_and_record_options(model, normal, options, 256, run_dir)
 
     from keras_vae_attn import references
 
@@ -278,7 +279,7 @@ def main(argv=None):
         args, test_y, heatmaps, held_out, model, options, run_dir
     )
     write_figures(model, run_dir, test_x, test_y, options, metrics, calibrated, predicted)
-    common.complete_run(run_dir, metrics)
+    run_dirs.complete_run(run_dir, metrics)
     print(f"anomaly attention = {options.describe()}")
     if "image_auroc_undefined" in metrics:
         print(
@@ -297,4 +298,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    guard.main_guard(main)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import common, sanity
+from trainers import cli, guard, localization, run_dirs, sanity
 
 DEMO = "demo"
 # The generated categories (keras_vae_attn/data/synthetic) and their writers: the demo's,
@@ -49,7 +49,7 @@ FIGURE_ROWS = 4
 
 
 def build_parser():
-    parser = common.base_parser(
+    parser = cli.base_parser(
         __doc__,
         epochs=PAPER_DEFAULTS["epochs"],
         batch_size=PAPER_DEFAULTS["batch_size"],
@@ -105,7 +105,7 @@ def build_parser():
     parser.add_argument(
         "--rotation", type=float, default=10.0, help="random rotation range, +- degrees"
     )
-    common.add_attention_flags(parser)
+    cli.add_attention_flags(parser)
     parser.add_argument(
         "--skip-corrupt",
         action="store_true",
@@ -125,8 +125,8 @@ def build_parser():
         default=16,
         help="test images scored per batch (lower it if memory runs out)",
     )
-    common.add_prediction_flags(parser)
-    common.add_model_dir_flag(parser)
+    cli.add_prediction_flags(parser)
+    cli.add_model_dir_flag(parser)
     sanity.add_flags(parser)
     return parser
 
@@ -138,8 +138,8 @@ def parse_args(argv=None):
     known, _ = parser.parse_known_args(argv)
     if known.category in GENERATED and known.data_dir is None:
         parser.set_defaults(**DEMO_DEFAULTS)
-    args = common.parse(parser, argv)
-    common.require_counts(
+    args = cli.parse(parser, argv)
+    cli.require_counts(
         parser, args, ("image_size", "eval_batch_size", "max_train", "max_test")
     )
     if args.image_size < 32:
@@ -149,7 +149,7 @@ def parse_args(argv=None):
         )
     if args.rotation < 0 or args.smooth < 0:
         parser.error("--rotation and --smooth must be >= 0")
-    args.explain = common.explain_options(parser, args).as_config()
+    args.explain = cli.explain_options(parser, args).as_config()
     if args.data_dir is None:
         # The demo ignores $MVTEC_AD_ROOT (a real MVTec AD root has no "demo" category).
         args.data_dir = (
@@ -209,7 +209,7 @@ def evaluate(model, train_images, test, args, options, pixels, twin=None):
         pixels,
         to_float(train_images),
         args.eval_batch_size,
-        progress=lambda it, desc="": common.progress(it, args.quiet, desc=desc),
+        progress=lambda it, desc="": guard.progress(it, args.quiet, desc=desc),
         twin=twin,
     )
     maps = result.maps
@@ -340,7 +340,7 @@ def main(argv=None):
     options = run_options(args)
     check_layers(args, options)
     model = load_model(args) if args.model_dir else None
-    run_dir = common.run_dir_for(args, f"mvtec-{args.category}")
+    run_dir = run_dirs.run_dir_for(args, f"mvtec-{args.category}")
     print(f"run folder: {run_dir}", file=sys.stderr)
     if model is not None:
         history, train_seconds = None, 0.0
@@ -353,7 +353,7 @@ def main(argv=None):
         model, history, train_seconds = train(args, train_images, test, run_dir, options)
     from keras_vae_attn.data.mvtec import to_float
 
-    options = common.fit_and_record_options(
+    options = localization.fit_and_record_options(
         model, to_float(train_images), options, args.eval_batch_size, run_dir
     )
     started = time.perf_counter()
@@ -394,21 +394,23 @@ def main(argv=None):
     viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"{args.category}: pixel ROC")
     from keras_vae_attn.evaluate import ATTENTION
 
-    metrics["predictions"], calibrated, predicted = common.write_localization_predictions(
-        args,
-        run_dir,
-        model,
-        options,
-        held_out,
-        test,
-        test.defects,
-        "defect_type",
-        maps[ATTENTION],
+    metrics["predictions"], calibrated, predicted = (
+        localization.write_localization_predictions(
+            args,
+            run_dir,
+            model,
+            options,
+            held_out,
+            test,
+            test.defects,
+            "defect_type",
+            maps[ATTENTION],
+        )
     )
     figures = write_figures(
         model, test, maps, metrics, run_dir, options, calibrated, predicted
     )
-    common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
+    run_dirs.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "images")))
     print(
         f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
@@ -421,9 +423,7 @@ def main(argv=None):
 def check_layers(args, options):
     """Refuse an unknown --layer before any training (one line listing the valid ones)."""
     shape = (args.image_size, args.image_size, args.channels)
-    message = common.unknown_layer_message(
-        options.layers, args.backbone, shape, args.latent_dim
-    )
+    message = cli.unknown_layer_message(options.layers, args.backbone, shape, args.latent_dim)
     if message:
         raise SystemExit(f"error: {message}")
 
@@ -444,10 +444,11 @@ def load_model(args):
 
 
 def train(args, train_images, test, run_dir, options):
-    """Fit the VAE (trainers/common.fit_one_class) on augmented normal images."""
+    """Fit the VAE (trainers/fit.fit_one_class) on augmented normal images."""
     from keras_vae_attn import callbacks as kva_callbacks
     from keras_vae_attn.data import augment, mvtec
     from keras_vae_attn.models import build_vae
+    from trainers import fit
 
     shape = (args.image_size, args.image_size, args.channels)
     augmenter = (
@@ -456,7 +457,7 @@ def train(args, train_images, test, run_dir, options):
     watch = kva_callbacks.AttentionImages(
         mvtec.to_float(test.images[:4]), os.path.join(run_dir, "tensorboard"), options.layer
     )
-    return common.fit_one_class(
+    return fit.fit_one_class(
         args,
         lambda: build_vae(
             args.backbone, shape, args.latent_dim, recon_loss=args.loss, seed=args.seed
@@ -472,4 +473,4 @@ def train(args, train_images, test, run_dir, options):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    guard.main_guard(main)

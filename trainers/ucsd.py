@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import common, sanity
+from trainers import cli, guard, localization, run_dirs, sanity
 
 # The paper's Table 1 (UCSD Ped1, 100x100): pixel AUROC per method.
 PAPER_PED1 = {
@@ -42,7 +42,7 @@ FIGURE_ROWS = 4
 
 def build_parser():
     # --layer conv1: the layer set chosen with the default attribution (bench/RESULTS.md)
-    parser = common.base_parser(
+    parser = cli.base_parser(
         __doc__,
         epochs=30,
         batch_size=64,
@@ -87,7 +87,7 @@ def build_parser():
         default=1.0,
         help="weight of the KL term (below 1 keeps more of the latent in use)",
     )
-    common.add_attention_flags(parser)
+    cli.add_attention_flags(parser)
     parser.add_argument(
         "--frame-step", type=int, default=1, help="train on every k-th frame of each clip"
     )
@@ -121,16 +121,16 @@ def build_parser():
         default=FIGURE_ROWS,
         help="anomalous frames shown in examples.png",
     )
-    common.add_prediction_flags(parser)
-    common.add_model_dir_flag(parser, "frames")
+    cli.add_prediction_flags(parser)
+    cli.add_model_dir_flag(parser, "frames")
     sanity.add_flags(parser)
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = common.parse(parser, argv)
-    common.require_counts(
+    args = cli.parse(parser, argv)
+    cli.require_counts(
         parser,
         args,
         (
@@ -153,9 +153,9 @@ def parse_args(argv=None):
         parser.error("--layers names no layer; give e.g. --layers conv1,conv2,conv3")
     if len(set(args.layers)) != len(args.layers):
         parser.error(f"--layers repeats a layer: {','.join(args.layers)}")
-    options = common.explain_options(parser, args)
+    options = cli.explain_options(parser, args)
     args.explain = options.as_config()
-    message = common.unknown_layer_message(
+    message = cli.unknown_layer_message(
         args.layers + list(options.layers),
         args.backbone,
         model_shape(args),
@@ -237,7 +237,7 @@ def evaluate(model, train_images, test, args, options, twin=None):
     images = to_float(test.images)
 
     def wrap(it, desc=""):
-        return common.progress(it, args.quiet, desc=desc)
+        return guard.progress(it, args.quiet, desc=desc)
 
     pixels = references.fit_pixel_distribution(train_images)
     result = kva_evaluate.localize(
@@ -446,9 +446,12 @@ def main(argv=None):
     from keras_vae_attn.data.ucsd import to_float
     from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import build_vae
+    from trainers import fit
 
     options = ExplainOptions.from_config({"explain": args.explain})
-    run_dir = common.run_dir_for(args, f"ucsd-{args.subset}" + ("-demo" if args.demo else ""))
+    run_dir = run_dirs.run_dir_for(
+        args, f"ucsd-{args.subset}" + ("-demo" if args.demo else "")
+    )
     print(f"run folder: {run_dir}", file=sys.stderr)
     watch = kva_callbacks.AttentionImages(
         to_float(test.images[pick_frames(test, 4)]),
@@ -461,7 +464,7 @@ def main(argv=None):
             args, train_images, [options.replace(layers=tuple(layers))]
         )
     else:
-        model, history, train_seconds = common.fit_one_class(
+        model, history, train_seconds = fit.fit_one_class(
             args,
             lambda: build_vae(
                 args.backbone,
@@ -481,7 +484,7 @@ def main(argv=None):
             ),
             covariance=options.needs_covariance,
         )
-    options = common.fit_and_record_options(
+    options = localization.fit_and_record_options(
         model, to_float(train_images), options, args.eval_batch_size, run_dir
     )
 
@@ -532,17 +535,19 @@ def main(argv=None):
     from keras_vae_attn.evaluate import ATTENTION
 
     ablation = {method_name(layer): layer_options(options, layer) for layer in args.layers}
-    metrics["predictions"], calibrated, predicted = common.write_localization_predictions(
-        args,
-        run_dir,
-        model,
-        options,
-        held_out,
-        test,
-        test.clips,
-        "clip",
-        maps[ATTENTION],
-        ablation,
+    metrics["predictions"], calibrated, predicted = (
+        localization.write_localization_predictions(
+            args,
+            run_dir,
+            model,
+            options,
+            held_out,
+            test,
+            test.clips,
+            "clip",
+            maps[ATTENTION],
+            ablation,
+        )
     )
     write_figure(
         test,
@@ -554,7 +559,7 @@ def main(argv=None):
         calibrated,
         predicted,
     )
-    common.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
+    run_dirs.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
     print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "frames")))
     print(
         f"figures (examples.png, roc.png{', curves.png' if history else ''}), "
@@ -564,4 +569,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    guard.main_guard(main)

@@ -37,10 +37,10 @@ def main():
         return original(*args, **kwargs)
 
     setattr(owner, attribute, faulty)
-    from trainers import common
+    from trainers import guard
 
     trainer = importlib.import_module(module)
-    common.main_guard(lambda: trainer.main(argv))
+    guard.main_guard(lambda: trainer.main(argv))
 
 
 if __name__ == "__main__":
