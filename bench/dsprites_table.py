@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from bench import cli_parser
+from keras_vae_attn.runs import RunFolder
 
 MODELS = (
     ("beta-VAE (beta 4)", ["--model", "beta_vae", "--beta", "4"]),
@@ -78,8 +79,8 @@ def run_folder(out, model_args, seed):
 def train(out, model_args, seed, steps, extra, threads):
     """One trainer run (skipped when its metrics.json exists); its metrics dict."""
     folder = run_folder(out, model_args, seed)
-    metrics_path = os.path.join(folder, "metrics.json")
-    if not os.path.exists(metrics_path):
+    run = RunFolder(folder)
+    if not run.complete:
         env = dict(
             os.environ,
             TF_NUM_INTRAOP_THREADS=str(threads),
@@ -109,8 +110,7 @@ def train(out, model_args, seed, steps, extra, threads):
                 f"{' '.join(command)} failed (exit {done.returncode}); see "
                 f"{os.path.join(folder, 'trainer.log')}"
             )
-    with open(metrics_path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return run.metrics()
 
 
 def steady_seconds_per_step(metrics):

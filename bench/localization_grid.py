@@ -25,7 +25,6 @@ grids and prints the mean-rank table and the chosen default.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -164,55 +163,33 @@ def run_layer(fn, images, batch_size, percentile_only=False):
 
 def load_run_data(run_dir):
     """(experiment, config, model, normal float images, test float images, masks or None,
-    labels): the run's own data, read as its trainer read it."""
-    from keras_vae_attn.models import load_vae
-    from keras_vae_attn.runs import read_config
+    labels): the run's own data, reopened through the dataset registry."""
+    from keras_vae_attn.runs import RunFolder, RunFolderError
 
-    config = read_config(run_dir)
-    model = load_vae(os.path.join(run_dir, "model"))
-    args = argparse.Namespace(
-        **config, runs_root=os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+    run = RunFolder(run_dir)
+    try:
+        config = run.config()
+        experiment = config.dataset
+        # an MNIST run keeps a few digits; the grid reads more of them
+        more = (
+            {"max_train": 2000, "max_test": config.get("grid_max_test") or 2000}
+            if experiment == "mnist"
+            else {}
+        )
+        data = run.data(**more)
+        model = run.load_model()
+    except RunFolderError as error:
+        raise SystemExit(f"error: {error}") from None
+    test = data.test
+    return (
+        experiment,
+        config.as_dict(),
+        model,
+        data.normal,
+        test.images,
+        test.masks,
+        test.labels,
     )
-    if "category" in config:
-        from keras_vae_attn.data.mvtec import to_float
-        from trainers import mvtec
-
-        args.skip_corrupt = config.get("skip_corrupt", False)
-        train, test = mvtec.load_data(args)
-        return (
-            "mvtec",
-            config,
-            model,
-            to_float(train),
-            to_float(test.images),
-            test.masks,
-            test.labels,
-        )
-    if "subset" in config:
-        from keras_vae_attn.data.ucsd import to_float
-        from trainers import ucsd
-
-        args.demo = False  # the generated data is already on disk
-        train, test = ucsd.load_data(args)
-        return (
-            "ucsd",
-            config,
-            model,
-            to_float(train),
-            to_float(test.images),
-            test.masks,
-            test.labels,
-        )
-    if "normal_digit" in config:
-        from keras_vae_attn.data import mnist
-
-        train_x, train_y = mnist.load(config.get("data_dir"), "train")
-        test_x, test_y = mnist.load(config.get("data_dir"), "test")
-        normal = mnist.to_float(train_x[train_y == config["normal_digit"]][:2000])
-        limit = config.get("grid_max_test") or 2000
-        labels = (test_y[:limit] != config["normal_digit"]).astype(int)
-        return ("mnist", config, model, normal, mnist.to_float(test_x[:limit]), None, labels)
-    raise SystemExit(f"error: {run_dir}/config.json is not an MVTec, UCSD or MNIST run")
 
 
 def score_maps(maps, masks, labels, levels):

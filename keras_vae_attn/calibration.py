@@ -8,10 +8,11 @@ that 0.5 is the threshold; exported graphs call the same function.
 
 from __future__ import annotations
 
+import json
+import math
 from typing import NamedTuple
 
 import numpy as np
-import tensorflow as tf
 
 #: The normal-data percentiles of :func:`from_normal` (pixel heatmap, image score).
 PIXEL_PERCENTILE = 99.5
@@ -25,8 +26,35 @@ class Thresholds(NamedTuple):
     image: float
     method: str
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return {"pixel": float(self.pixel), "image": float(self.image), "method": self.method}
+
+
+def read_thresholds(path: str) -> Thresholds:
+    """The Thresholds of a ``thresholds.json`` (a run's, or one an exporter is given);
+    ValueError naming the file when it does not hold finite numbers ``pixel`` > 0 and
+    ``image``, OSError when it cannot be read."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+        values = Thresholds(
+            float(data["pixel"]), float(data["image"]), str(data.get("method", ""))
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{path!r} must be a JSON object with numbers "
+            f"'pixel' and 'image' ({type(error).__name__}: {error})"
+        ) from None
+    for name in ("pixel", "image"):  # json reads NaN and Infinity: every label "normal"
+        if not math.isfinite(getattr(values, name)):
+            raise ValueError(
+                f"{path!r}: {name} threshold must be a finite number, got "
+                f"{getattr(values, name)}"
+            )
+    if not values.pixel > 0:
+        raise ValueError(f"{path!r}: pixel threshold must be > 0, got {values.pixel}")
+    return values
 
 
 def from_normal(
@@ -107,6 +135,8 @@ def decide(heatmap, score, thresholds):
     ``heatmap_normalized`` in [0, 1] with the pixel threshold at 0.5 (linear, twice the
     threshold maps to 1).
     """
+    import tensorflow as tf
+
     pixel = tf.constant(thresholds.pixel, tf.float32)
     image = tf.constant(thresholds.image, tf.float32)
     heatmap = tf.cast(heatmap, tf.float32)
@@ -120,5 +150,7 @@ def decide(heatmap, score, thresholds):
 def normalize(values, threshold):
     """``values`` on [0, 1] with ``threshold`` at 0.5 (linear, twice it maps to 1): the
     exported ``heatmap_normalized``, and a run's ``pred_score`` of image scores."""
+    import tensorflow as tf
+
     threshold = tf.maximum(tf.cast(threshold, tf.float32), 1e-12)
     return tf.clip_by_value(0.5 * tf.cast(values, tf.float32) / threshold, 0.0, 1.0)

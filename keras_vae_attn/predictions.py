@@ -10,9 +10,9 @@ Beside ``metrics.json`` a run writes:
                    an exported graph decides as predictions.csv does
 
 The thresholds are :func:`keras_vae_attn.calibration.from_model` on normal training
-images the model was not trained on (:func:`split_held_out`), as the export pipeline
-calibrates; the decisions are :func:`keras_vae_attn.calibration.decide`, as in an
-exported graph.
+images the model was not trained on (:func:`keras_vae_attn.data.split_held_out`, the
+export pipeline's hold-out too); the decisions are
+:func:`keras_vae_attn.calibration.decide`, as in an exported graph.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from typing import NamedTuple
 import numpy as np
 
 from keras_vae_attn import calibration
+from keras_vae_attn.data import split_held_out as split_held_out  # the one hold-out scheme
 from keras_vae_attn.evaluate import ATTENTION, RECON
 from keras_vae_attn.explain import pipeline
-from keras_vae_attn.runs import write_json
+from keras_vae_attn.runs import PREDICTIONS, THRESHOLDS, staged, write_json
 
-PREDICTIONS = "predictions.csv"
-THRESHOLDS = "thresholds.json"
 FOLDER = "predictions"  # the optional per-image PNGs
 
 
@@ -39,23 +38,6 @@ class Calibration(NamedTuple):
     thresholds: calibration.Thresholds
     scales: dict  # {map name: vmax}: twice the 99.5th percentile on the normal images
     source: str  # which normal images, in words
-
-
-def split_held_out(images, fraction):
-    """(trained on, held out): the last ``fraction`` of the normal training images (at
-    least one) are held out to calibrate. ``fraction`` 0 holds none out and calibrates
-    on the training images themselves (lower thresholds: more false alarms)."""
-    count = int(round(fraction * len(images)))
-    if fraction > 0:
-        count = max(1, count)
-    if count >= len(images):
-        raise ValueError(
-            f"holding out {count} of {len(images)} normal training images "
-            "for calibration leaves none to train on: lower the fraction"
-        )
-    if count == 0:
-        return images, images
-    return images[:-count], images[-count:]
 
 
 def describe_source(fraction, held_out):
@@ -140,8 +122,10 @@ def write(run_dir, files, groups, group_name, labels, predicted, calibrated):
         "pred_label",
         "pred_mask_fraction",
     ]
-    partial = os.path.join(run_dir, PREDICTIONS + ".partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
+    with (
+        staged(os.path.join(run_dir, PREDICTIONS), replace=True) as partial,
+        open(partial, "w", newline="", encoding="utf-8") as handle,
+    ):
         writer = csv.writer(handle)
         writer.writerow(columns)
         for i, name in enumerate(files):
@@ -156,7 +140,6 @@ def write(run_dir, files, groups, group_name, labels, predicted, calibrated):
                     f"{predicted['pred_mask_fraction'][i]:.4f}",
                 ]
             )
-    os.replace(partial, os.path.join(run_dir, PREDICTIONS))
     thresholds = {**calibrated.thresholds.as_dict(), "calibrated_on": calibrated.source}
     write_json(os.path.join(run_dir, THRESHOLDS), thresholds)
     pred = np.asarray(predicted["pred_label"], bool)

@@ -1,5 +1,6 @@
-"""Run folders and the explain options: the one place where a CLI flag, ``config.json``,
-scoring, re-scoring and every exporter agree on how a heatmap is made.
+"""Run folders: their layout, read and written in one place (:class:`RunFolder`), and
+the one way a file or a folder is published atomically (:func:`staged`, :func:`publish`,
+:func:`write_json`), used by models, exporters and the pipeline.
 
 Pure Python (no TensorFlow import), so trainers can parse flags before TensorFlow loads.
 """
@@ -7,19 +8,26 @@ Pure Python (no TensorFlow import), so trainers can parse flags before TensorFlo
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+#: The files of a run folder (see :class:`RunFolder`); metrics.json, written last, marks
+#: a finished run.
 RUN_COMPLETE = "metrics.json"
 CONFIG = "config.json"
+MODEL = "model"
+THRESHOLDS = "thresholds.json"
+PREDICTIONS = "predictions.csv"
 
 
-def to_jsonable(value):
+def to_jsonable(value: Any) -> Any:
     """Plain JSON values; non-finite floats become None (bare NaN is not JSON)."""
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
@@ -182,23 +190,41 @@ def write_json(path: str, data: Any) -> None:
             json.dump(to_jsonable(data), handle, indent=2, sort_keys=True, allow_nan=False)
 
 
-def read_config(run_dir):
-    """A run folder's config.json as a dict ({} when it has none)."""
+class RunFolderError(ValueError):
+    """A run folder file that is missing or does not hold what it must; the message
+    names the file."""
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """The JSON object in ``path``; RunFolderError naming it (and ``what`` it is) when
+    it is missing, unreadable, not JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is missing: the run has no {what}") from None
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError too
+        reason = " ".join(str(error).split())[:200]
+        raise RunFolderError(f"cannot read the {what} {path}: {reason}") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(run_dir: str) -> dict:
+    """A run folder's config.json as a dict ({} when it has none; RunFolderError naming
+    the file when it is not a JSON object)."""
     path = os.path.join(run_dir, CONFIG)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path, "configuration")
 
 
 class DiskFull(OSError):
     """No room for a file the run must write; the message names it and the way on."""
 
 
-def require_space(folder, needed, what):
+def require_space(folder: str, needed: int, what: str) -> None:
     """Raise DiskFull before writing ``what`` into ``folder`` when the disk has less
     than ``needed`` bytes free: HDF5 fails on a full disk with a crash or a file that
     never loads, so the write is not tried (the previous state stays as it is)."""
@@ -213,3 +239,202 @@ def require_space(folder, needed, what):
 class ModelLoadError(ValueError):
     """A saved model folder whose files are there but do not load (not JSON, a spec no
     builder takes, truncated weights); the message names the folder, on one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run's ``config.json``: its trainer's flags under their argparse names, plus
+    ``"explain"`` (the ExplainOptions). Typed accessors for what readers of a run use;
+    ``values`` holds every entry, as written."""
+
+    values: Mapping[str, Any]
+    path: str = CONFIG
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.values:
+            raise RunFolderError(f"{self.path} has no {key!r} entry")
+        return self.values[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.values
+
+    def as_dict(self) -> dict:
+        return dict(self.values)
+
+    @property
+    def dataset(self) -> str:
+        """The registered dataset of the run (keras_vae_attn.data.registry)."""
+        from keras_vae_attn.data.registry import UnknownDataset, dataset_name
+
+        try:
+            return dataset_name(self.values)
+        except UnknownDataset as error:
+            raise RunFolderError(f"{self.path}: {error}") from None
+
+    @property
+    def data_dir(self) -> str | None:
+        return self.values.get("data_dir")
+
+    @property
+    def seed(self) -> int:
+        return int(self.values.get("seed") or 0)
+
+    @property
+    def image_size(self) -> int | None:
+        return self.values.get("image_size")
+
+    @property
+    def epochs(self) -> int | None:
+        return self.values.get("epochs")
+
+    @property
+    def calibration_holdout(self) -> float:
+        return float(self.values.get("calibration_holdout") or 0.0)
+
+    @property
+    def explain(self) -> dict:
+        """The "explain" entry: the options every map of the run is made with."""
+        explain = self.values.get("explain")
+        if not isinstance(explain, dict):
+            raise RunFolderError(f'{self.path} has no "explain" options object')
+        return explain
+
+
+class RunFolder:
+    """One run's folder, read and written in one place. The layout:
+
+    config.json      the run's flags and its "explain" options (:class:`RunConfig`)
+    model/           model.json + model.weights.h5 (:mod:`keras_vae_attn.models.io`)
+    metrics.json     the test-set metrics, written last: a run holding it is complete
+    thresholds.json  the calibrated decision thresholds
+    predictions.csv  one row per test image at those thresholds
+
+    Each read is a method that reads the file again (nothing is cached, so a folder
+    that a trainer is writing reads as it is now) and fails with a RunFolderError (a
+    ValueError) naming the file. TensorFlow is imported only by :meth:`load_model`
+    and :meth:`data`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({self.path!r})"
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def config_path(self) -> str:
+        return self.file(CONFIG)
+
+    @property
+    def metrics_path(self) -> str:
+        return self.file(RUN_COMPLETE)
+
+    @property
+    def model_dir(self) -> str:
+        return self.file(MODEL)
+
+    @property
+    def thresholds_path(self) -> str:
+        return self.file(THRESHOLDS)
+
+    @property
+    def predictions_path(self) -> str:
+        return self.file(PREDICTIONS)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished (its metrics.json exists)."""
+        return os.path.isfile(self.metrics_path)
+
+    def missing_model_files(self) -> list[str]:
+        """The paths of the saved model's files that are not there ([]: it is saved)."""
+        from keras_vae_attn.models.io import MODEL_SPEC, MODEL_WEIGHTS
+
+        paths = [os.path.join(self.model_dir, name) for name in (MODEL_SPEC, MODEL_WEIGHTS)]
+        return [path for path in paths if not os.path.isfile(path)]
+
+    # --- reading -------------------------------------------------------------------
+    def config(self) -> RunConfig:
+        """The run's config.json; RunFolderError when it is missing or not an object."""
+        return RunConfig(read_json_object(self.config_path, "configuration"), self.config_path)
+
+    def options(self) -> Any:
+        """The run's ExplainOptions (its config's "explain" entry)."""
+        from keras_vae_attn.explain.options import ExplainOptions, OptionError
+
+        config = self.config()
+        try:
+            return ExplainOptions.from_config(config.values)
+        except (OptionError, TypeError) as error:
+            raise RunFolderError(
+                f"{self.config_path} holds invalid explain options: {error}"
+            ) from None
+
+    def metrics(self) -> dict:
+        """metrics.json; RunFolderError when the run did not finish."""
+        return read_json_object(self.metrics_path, "metrics (it did not finish)")
+
+    def thresholds(self) -> Any:
+        """thresholds.json as a :class:`keras_vae_attn.calibration.Thresholds`."""
+        from keras_vae_attn.calibration import read_thresholds
+
+        try:
+            return read_thresholds(self.thresholds_path)
+        except FileNotFoundError:
+            raise RunFolderError(
+                f"{self.thresholds_path} is missing: the run has no calibrated thresholds"
+            ) from None
+        except OSError as error:
+            raise RunFolderError(
+                f"cannot read {self.thresholds_path}: {error.strerror or error}"
+            ) from None
+        except ValueError as error:
+            raise RunFolderError(str(error)) from None
+
+    def predictions(self) -> list[dict[str, str]]:
+        """predictions.csv's rows ({column: text}); RunFolderError when missing."""
+        try:
+            with open(self.predictions_path, newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle))
+        except FileNotFoundError:
+            raise RunFolderError(
+                f"{self.predictions_path} is missing: the run wrote no predictions"
+            ) from None
+
+    def load_model(self) -> Any:
+        """The trained model of ``model/``; RunFolderError naming the missing files when
+        it was not saved, ModelLoadError when its files do not load."""
+        from keras_vae_attn.models.io import load_vae
+
+        missing = self.missing_model_files()
+        if missing:
+            raise RunFolderError(
+                f"run folder {self.path} holds no trained model: {', '.join(missing)} missing"
+            )
+        return load_vae(self.model_dir)
+
+    def data(self, **overrides: Any) -> Any:
+        """The run's normal and test data, reopened as its trainer read them
+        (:class:`keras_vae_attn.data.registry.RunData`); ``overrides`` change config
+        entries first (e.g. ``max_test=2000``)."""
+        from keras_vae_attn.data.registry import DATASETS
+
+        config = self.config()
+        return DATASETS[config.dataset].reopen({**config.values, **overrides})
+
+    # --- writing -------------------------------------------------------------------
+    def write_config(self, config: Mapping[str, Any] | RunConfig) -> None:
+        """config.json, atomically; the folder is created when missing."""
+        values = config.values if isinstance(config, RunConfig) else config
+        os.makedirs(self.path, exist_ok=True)
+        write_json(self.config_path, values)
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """metrics.json, atomically: the run's completion marker, so write it last."""
+        write_json(self.metrics_path, metrics)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 log = logging.getLogger("keras_vae_attn.data")
 
@@ -48,3 +50,36 @@ def to_float(images):
     import numpy as np
 
     return np.asarray(images, np.float32) / 255.0
+
+
+class LocalizationSplit(NamedTuple):
+    """Test images of a localization dataset with their ground truth, one type for every
+    dataset: ``images`` (N, H, W, C), ``masks`` bool (N, H, W) or None where the dataset
+    labels only whole images (MNIST), ``labels`` int (N,) 1 = anomalous, ``groups`` the
+    N defect types, clip names or digits, ``paths`` the N source files (or names)."""
+
+    images: Any
+    masks: Any
+    labels: Any
+    groups: list
+    paths: list
+
+
+def split_held_out(items: Sequence, fraction: float) -> tuple[Sequence, Sequence]:
+    """(trained on, held out): the last ``fraction`` of the normal training images (or
+    their files; at least one) are held out to calibrate thresholds. The one hold-out
+    scheme of the trainers and the export pipeline: a tail, not a random sample, so
+    the held-out frames of a video are not neighbours of trained ones. ``fraction`` 0
+    holds none out and calibrates on the training images themselves (lower thresholds:
+    more false alarms)."""
+    count = int(round(fraction * len(items)))
+    if fraction > 0:
+        count = max(1, count)
+    if count >= len(items):
+        raise ValueError(
+            f"holding out {count} of {len(items)} normal training images "
+            "for calibration leaves none to train on: lower the fraction"
+        )
+    if count == 0:
+        return items, items
+    return items[:-count], items[-count:]
