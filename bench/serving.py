@@ -16,7 +16,6 @@ from the Keras model, as a fraction of the map's range.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -32,15 +31,16 @@ import tensorflow as tf  # noqa: E402
 from bench.timing import print_table  # noqa: E402
 
 
-def make_run(folder, size, latent, layer):
-    """A run folder holding an (untrained) MVTec-style model: speed does not depend on
-    the weights."""
+def make_run(folder, size, latent, options):
+    """A run folder holding an (untrained) MVTec-style model and the ExplainOptions its
+    exports serve: speed does not depend on the weights."""
     from keras_vae_attn.models import build_vae, save_vae
+    from keras_vae_attn.runs import RunFolder
 
     model = build_vae("resnet18", (size, size, 3), latent, recon_loss="mse")
-    save_vae(model, os.path.join(folder, "model"))
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump({"layer": layer, "image_size": size, "channels": 3}, handle)
+    run = RunFolder(folder)
+    save_vae(model, run.model_dir)
+    run.write_config({"image_size": size, "channels": 3, "explain": options.as_config()})
     return model
 
 
@@ -65,6 +65,7 @@ def backends(folder, model, options, threads=0):
     """{name: callable(images) -> heatmap numpy} for the three ways of serving."""
     from export import onnx as onnx_export
     from export import saved_model
+    from export.graph import SERVING_OUTPUTS
     from keras_vae_attn.explain import pipeline
 
     started = time.perf_counter()
@@ -76,9 +77,7 @@ def backends(folder, model, options, threads=0):
     onnx_s = time.perf_counter() - started
 
     keras_fn = tf.function(
-        lambda x: pipeline.explain_anomaly(
-            model, x, options, keys=saved_model.SERVING_OUTPUTS
-        ),
+        lambda x: pipeline.explain_anomaly(model, x, options, keys=SERVING_OUTPUTS),
         reduce_retracing=True,
     )
     signature = tf.saved_model.load(version).signatures["serving_default"]
@@ -128,13 +127,13 @@ def main(argv=None):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    from export import explain_options
+    from keras_vae_attn.explain.options import ExplainOptions
 
-    options = explain_options({"layer": args.layer})
+    options = ExplainOptions(layers=(args.layer,))
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        model = make_run(folder, args.size, args.latent, args.layer)
+        model = make_run(folder, args.size, args.latent, options)
         runners, export_s = backends(folder, model, options, args.threads)
         for batch in batches:
             images = rng.random((batch, args.size, args.size, 3), dtype=np.float32)

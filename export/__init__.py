@@ -3,9 +3,9 @@
 Every exported graph computes :func:`keras_vae_attn.pipeline.explain_anomaly` with the
 options the run was trained and evaluated with (``config.json``), so a served heatmap
 equals the one the trainer showed. This module holds what the command lines share:
-reading a run folder, refusing bad paths and names before anything is written, checking
-the images a caller hands an exported model, and clearing the staging folders a killed
-export left behind.
+reading a run folder, refusing bad paths and names before anything is written, and
+claiming version numbers and clearing the staging folders a killed export left behind.
+The graph the exporters serve is built from :mod:`export.graph`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Run(NamedTuple):
     complete: bool
 
 
-def explain_options(config):
+def options_from_config(config):
     """The run's ExplainOptions from its ``config.json`` dict; ExportError if invalid."""
     try:
         return ExplainOptions.from_config(config)
@@ -137,7 +137,7 @@ def load_run(path):
         path,
         model,
         config,
-        explain_options(config),
+        options_from_config(config),
         os.path.isfile(os.path.join(path, RUN_COMPLETE)),
     )
 
@@ -172,6 +172,16 @@ def load_thresholds(path):
     return values
 
 
+def warn_incomplete(run_dir):
+    """Say so on stderr when the exported run never wrote ``metrics.json``."""
+    if not os.path.isfile(os.path.join(run_dir, RUN_COMPLETE)):
+        print(
+            f"warning: {os.path.join(run_dir, RUN_COMPLETE)} is missing, so the run did not "
+            "finish; the model it saved was exported",
+            file=sys.stderr,
+        )
+
+
 def refuse_existing(path, force, flag="--out"):
     """ExportError if ``path`` exists and ``force`` is not set; nothing is touched."""
     if os.path.lexists(path) and not force:
@@ -197,57 +207,6 @@ def model_name_problem(name):
             "or '..', not starting with '.')"
         )
     return None
-
-
-def check_images(images, shape):
-    """Raise InputError unless ``images`` is float32 (B >= 1, H, W, C) in [0, 1].
-
-    The check the SavedModel signatures do in their graph; an ONNX graph cannot keep it
-    (tf2onnx drops TensorFlow's assert ops), so ONNX Runtime callers run this first.
-    ``shape`` is the model's (H, W, C). Returns ``images`` as an array.
-    """
-    import numpy as np
-
-    images = np.asarray(images)
-    height, width, channels = shape
-    expected = f"(batch, {height}, {width}, {channels})"
-    if images.dtype != np.float32:
-        hint = (
-            " (divide 8-bit pixels by 255)" if np.issubdtype(images.dtype, np.integer) else ""
-        )
-        raise InputError(
-            f"images must be float32 {expected} in [0, 1]; got dtype {images.dtype}{hint}"
-        )
-    if images.ndim != 4:
-        raise InputError(
-            f"images must be a 4-D batch {expected}; got shape {images.shape}"
-            + (" (add a batch axis)" if images.ndim == 3 else "")
-        )
-    if images.shape[-1] != channels:
-        raise InputError(
-            f"images have {images.shape[-1]} channels but the model takes "
-            f"{channels}: expected {expected}, got {images.shape}"
-        )
-    if images.shape[1:3] != (height, width):
-        raise InputError(
-            f"images are {images.shape[1]}x{images.shape[2]} but the model "
-            f"takes {height}x{width}: expected {expected}, got {images.shape}"
-        )
-    if images.shape[0] == 0:
-        raise InputError(f"images must hold at least one image; got shape {images.shape}")
-    finite = np.isfinite(images)
-    if not finite.all():
-        raise InputError(
-            f"images must be float32 in [0, 1]; got {int((~finite).sum())} "
-            "NaN or infinite values"
-        )
-    if images.min() < 0 or images.max() > 1:
-        raise InputError(
-            f"images must be float32 in [0, 1]; got values in "
-            f"[{images.min():g}, {images.max():g}]"
-            + (" (divide 8-bit pixels by 255)" if images.max() > 1 else "")
-        )
-    return images
 
 
 #: Staging names the exporters and the pipeline's push write, with the writer's pid:

@@ -16,8 +16,8 @@ pred_label and pred_mask_fraction when the model has thresholds; written before 
 figures, so it lists every file this command writes). A non-empty ``--out`` is refused
 unless ``--force``, which first removes what an earlier run wrote there (the files its
 ``scores.json`` lists, nothing else); an ``--out`` that is a file is refused unless
-``--force`` too. Images are checked (:func:`export.check_images`: float32 in [0, 1], at
-least one) before either backend runs: ONNX Runtime does not check them.
+``--force`` too. Images are checked (:func:`export.graph.validated_images`: float32 in
+[0, 1], at least one) before either backend runs: ONNX Runtime does not check them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import sys
 
 import numpy as np
 
-from export import ExportError, InputError, check_images
+from export import ExportError, InputError
+from export.graph import decode_images, validated_images
 
 SCORES = "scores.json"
 
@@ -42,7 +43,6 @@ def read_files(paths, shape):
     """
     import tensorflow as tf
 
-    from export.saved_model import decode_images
     from keras_vae_attn.data import DataError
 
     encoded = []
@@ -96,7 +96,7 @@ class SavedModelBackend:
         """Outputs of ``serving_default`` for float images; numpy dict."""
         import tensorflow as tf
 
-        images = check_images(images, self.input_shape)
+        images = validated_images(images, self.input_shape)
         out = self.loaded.signatures["serving_default"](images=tf.constant(images))
         return {name: value.numpy() for name, value in out.items()}
 
@@ -135,13 +135,11 @@ class OnnxBackend:
         self.names = [output.name for output in self.session.get_outputs()]
 
     def run(self, images):
-        images = check_images(images, self.input_shape)
+        images = validated_images(images, self.input_shape)
         return dict(zip(self.names, self.session.run(None, {"images": images})))
 
     def run_encoded(self, encoded):
         import tensorflow as tf
-
-        from export.saved_model import decode_images
 
         return self.run(decode_images(tf.constant(encoded), *self.input_shape).numpy())
 

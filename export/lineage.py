@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
+
+from export.metadata import package_versions
 
 MANIFEST = "manifest.json"
-PACKAGES = ("tensorflow", "keras", "numpy", "tf2onnx", "onnxruntime", "keras-vae-attn")
-
-
-def package_versions():
-    """Versions of the packages that shape a model's numbers."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def hash_path(path):
@@ -52,29 +40,6 @@ def hash_path(path):
 class LineageError(ValueError):
     """A pipeline folder or data folder the bookkeeping cannot read; the message names
     the path and what is wrong."""
-
-
-def fingerprint_files(root):
-    """A cheap fingerprint of a data folder: its file list with sizes (not contents).
-
-    A link that leads nowhere (dangling, or a loop) is a LineageError naming it: the
-    trainer could not read it either, and saying so here costs nothing.
-    """
-    digest = hashlib.sha256()
-    count = 0
-    for folder, _, names in sorted(os.walk(root)):
-        for name in sorted(names):
-            full = os.path.join(folder, name)
-            try:
-                size = os.path.getsize(full)
-            except OSError as error:
-                kind = "a dangling or looping link" if os.path.islink(full) else "unreadable"
-                raise LineageError(
-                    f"data file {full!r} is {kind}: {error.strerror or error}"
-                ) from None
-            digest.update(f"{os.path.relpath(full, root)}:{size}\n".encode())
-            count += 1
-    return {"sha256": digest.hexdigest(), "files": count}
 
 
 def _now():

@@ -20,13 +20,14 @@ Input checks: unlike the SavedModel signatures, the ONNX graph does not check it
 input. tf2onnx drops TensorFlow's assert ops, and ONNX has no operator that fails with
 a message, so ONNX Runtime runs NaN, 0..255, negative or empty batches without an error
 (plausible-looking or NaN maps, or an opaque Reshape error for 0 images). The check is
-in Python instead: :func:`check_images` (``check_images(array, input_shape)``, raises
-:class:`export.InputError` naming ``images`` and the allowed range) before
-``session.run``; :mod:`export.infer` calls it before every run.
+in Python instead: :func:`export.graph.validated_images` (``validated_images(array,
+input_shape)``, raises :class:`export.InputError` naming ``images`` and the allowed
+range) before ``session.run``; :mod:`export.infer` calls it before every run.
 
-    from export.onnx import check_images, session
+    from export.graph import validated_images
+    from export.onnx import session
     runner = session("model.onnx")
-    images = check_images(images, runner.get_inputs()[0].shape[1:])
+    images = validated_images(images, runner.get_inputs()[0].shape[1:])
     outputs = runner.run(None, {"images": images})
 """
 
@@ -47,16 +48,10 @@ from export import (
     no_stages,
     pid_alive,
     refuse_existing,
-)
-from export import check_images as _check_images
-from export.saved_model import (
-    DECISION_OUTPUTS,
-    SERVING_OUTPUTS,
-    anomaly_outputs,
-    input_shape,
-    model_metadata,
     warn_incomplete,
 )
+from export.graph import DECISION_OUTPUTS, SERVING_OUTPUTS, anomaly_outputs, input_shape
+from export.metadata import model_metadata
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
@@ -70,13 +65,6 @@ PARITY_SHARE = 0.01
 PARITY_CEILING = 1e-2
 #: Images of each kind the self-check runs: noise, and the run's own training images.
 CHECK_IMAGES = 2
-
-
-def check_images(images, shape):
-    """``images`` as an array if an exported graph may take them: float32 (B >= 1, H,
-    W, C) in [0, 1] for ``shape`` (H, W, C); else InputError saying what is wrong. The
-    check the ONNX graph cannot hold itself (see the module doc)."""
-    return _check_images(images, tuple(int(d) for d in shape))
 
 
 def serving_function(model, options, thresholds=None):
@@ -273,7 +261,7 @@ def verify_graph(run, thresholds, model_proto, seed=0):
 
 
 def add_metadata(model_proto, run, thresholds):
-    """Record :func:`export.saved_model.model_metadata` in the model's metadata_props,
+    """Record :func:`export.metadata.model_metadata` in the model's metadata_props,
     each value as JSON (:func:`read_metadata` reads them back)."""
     for key, value in model_metadata(run, thresholds).items():
         entry = model_proto.metadata_props.add()

@@ -50,6 +50,7 @@ from export import (
     release_version,
     remove_stale_staging,
 )
+from export.metadata import FingerprintError, fingerprint_files
 from keras_vae_attn.runs import write_json
 
 STAGES = ("train", "evaluate", "validate", "export", "push")
@@ -322,7 +323,7 @@ class Pipeline:
             )
         check_apart(self.root, category)
         check_serving_outside(self.root, args.serving_dir)
-        self.data = lineage.fingerprint_files(category)
+        self.data = fingerprint_files(category)
         claim_folder(self.root)
         self.manifest = lineage.Manifest(self.root)
         self.forced = False
@@ -465,7 +466,7 @@ class Pipeline:
         predictions.csv: the test-set decisions at those thresholds, the ones the
         exported model makes (the train run's own predictions.csv and thresholds.json,
         calibrated on its training images, are replaced by these)."""
-        from export import explain_options
+        from export import options_from_config
         from keras_vae_attn.models import load_vae
         from keras_vae_attn.predictions import PREDICTIONS, THRESHOLDS
 
@@ -478,7 +479,7 @@ class Pipeline:
         with open(trained["holdout"], encoding="utf-8") as handle:
             held = json.load(handle)
         model = load_vae(trained["model"])
-        options = explain_options(train_config)
+        options = options_from_config(train_config)
         thresholds, source = calibrate_run(model, options, train_config, held, self.args)
         metrics["predictions"] = served_predictions(
             model,
@@ -940,7 +941,7 @@ def main(argv=None):
     try:
         pipe = Pipeline(args)
         results = pipe.run()
-    except (DataError, PipelineError, lineage.LineageError) as error:
+    except (DataError, PipelineError, lineage.LineageError, FingerprintError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except subprocess.CalledProcessError as error:

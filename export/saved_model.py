@@ -42,7 +42,6 @@ import shutil
 import sys
 
 from export import (
-    RUN_COMPLETE,
     ExportError,
     Stages,
     check_options,
@@ -52,144 +51,22 @@ from export import (
     model_name_problem,
     no_stages,
     release_version,
+    warn_incomplete,
 )
+from export.graph import (
+    anomaly_outputs,
+    assert_valid_bytes,
+    assert_valid_images,
+    attention_outputs,
+    decode_images,
+    input_shape,
+    signature_outputs,
+)
+from export.metadata import model_metadata
 
-#: serving_default and serve_bytes (and the ONNX graph): what a client acts on
-SERVING_OUTPUTS = ("heatmap", "score")
-#: added to them with --thresholds
-DECISION_OUTPUTS = ("pred_score", "pred_label", "pred_mask")
-#: explain_latents: every output of the anomaly attention
-ANOMALY_OUTPUTS = ("heatmap", "per_latent", "recon_error", "score", "mu", "logvar")
-ATTENTION_OUTPUTS = ("per_latent", "attention", "mu")
 SIGNATURES = ("serving_default", "explain", "serve_bytes", "explain_latents")
 EXPORT_INFO = "export.json"
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
-
-
-def input_shape(model):
-    """(H, W, C) the model was built for."""
-    return tuple(int(d) for d in model.encoder.inputs[0].shape[1:])
-
-
-def anomaly_outputs(model, images, options, thresholds=None, full=False):
-    """The serving outputs for float images (B, H, W, C): a dict of tensors.
-
-    ``options``: the run's :class:`~keras_vae_attn.explain.options.ExplainOptions`. Lean by
-    default (:data:`SERVING_OUTPUTS`: no per-latent or reconstruction pass runs);
-    ``full`` gives :data:`ANOMALY_OUTPUTS`. With ``thresholds`` the decisions of
-    :func:`decisions` are added.
-    """
-    from keras_vae_attn.explain import pipeline
-
-    names = ANOMALY_OUTPUTS if full else SERVING_OUTPUTS
-    out = pipeline.explain_anomaly(model, images, options, keys=names)
-    result = {name: out[name] for name in names}
-    if thresholds is not None:
-        result.update(
-            flag_non_finite(images, decisions(out["heatmap"], out["score"], thresholds, full))
-        )
-    return result
-
-
-def flag_non_finite(images, decided):
-    """``decided`` with every image holding NaN or inf labelled anomalous (pred_label
-    True, pred_score 1): its maps are NaN and its score compares false, which would call
-    it "normal". The SavedModel signatures refuse such input in the graph; an ONNX graph
-    cannot (tf2onnx drops asserts), so this is what it answers instead."""
-    import tensorflow as tf
-
-    bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3]))
-    return {
-        **decided,
-        "pred_label": tf.logical_or(decided["pred_label"], bad),
-        "pred_score": tf.where(
-            bad, tf.ones_like(decided["pred_score"]), decided["pred_score"]
-        ),
-    }
-
-
-def decisions(heatmap, score, thresholds, full=False):
-    """pred_score, pred_label and pred_mask of :data:`DECISION_OUTPUTS` (tensors).
-
-    ``pred_score`` is the image score on [0, 1] with the image threshold at 0.5, the
-    formula of predictions.csv's column (:func:`keras_vae_attn.calibration.normalize`),
-    so ``pred_score > 0.5`` is ``pred_label``; the label and the mask are
-    :func:`keras_vae_attn.calibration.decide`'s. ``full`` adds its heatmap_normalized.
-    """
-    from keras_vae_attn import calibration
-
-    decided = calibration.decide(heatmap, score, thresholds)
-    result = {
-        "pred_score": calibration.normalize(score, thresholds.image),
-        "pred_label": decided["pred_label"],
-        "pred_mask": decided["pred_mask"],
-    }
-    if full:
-        result["heatmap_normalized"] = decided["heatmap_normalized"]
-    return result
-
-
-def attention_outputs(model, images, layer, gradient_relu=False):
-    """Per-latent maps M_i (B, D, h, w), their mean upsampled (B, H, W), and mu."""
-    from keras_vae_attn.explain import pipeline
-    from keras_vae_attn.explain.options import ExplainOptions
-
-    options = ExplainOptions(layers=(layer,), gradient_relu=gradient_relu)
-    out = pipeline.explain_anomaly(model, images, options)
-    return {name: out[name] for name in ATTENTION_OUTPUTS}
-
-
-def decode_images(encoded, height, width, channels):
-    """PNG/JPEG/BMP/GIF strings (B,) -> float32 (B, height, width, channels) in [0, 1].
-
-    The trainers' loading, in graph: decode, bilinear antialiased resize, round to 8-bit,
-    divide by 255. An image already of the model's size passes through unchanged.
-    """
-    import tensorflow as tf
-
-    def one(data):
-        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-        image = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
-        return tf.clip_by_value(tf.round(image), 0.0, 255.0) / 255.0
-
-    return tf.map_fn(
-        one, encoded, fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32)
-    )
-
-
-def assert_not_empty(tensor, name):
-    """An assert op failing on a batch of 0 (the model's reshapes would fail on it with
-    "input depth must be evenly divisible ..." instead)."""
-    import tensorflow as tf
-
-    return tf.debugging.assert_positive(
-        tf.shape(tensor)[0], message=f"{name} must hold at least one image"
-    )
-
-
-def check_images(images, height, width, channels):
-    """Fail clearly on images of the wrong shape, an empty batch, or values outside
-    [0, 1] (NaN and inf included: both comparisons are false for NaN).
-
-    A signature's declared shape is not enforced when it is called (TF Serving and
-    ``tf.saved_model.load`` check the dtype only), so the shape is checked at run time:
-    "Shape of tensor images [...] is not compatible with expected shape [?,H,W,C]".
-    """
-    import tensorflow as tf
-
-    images = tf.ensure_shape(images, (None, height, width, channels), name="images")
-    message = (
-        "images must be float32 in [0, 1] (divide 8-bit pixels by 255, or send "
-        "encoded files to the serve_bytes signature)"
-    )
-    with tf.control_dependencies(
-        [
-            assert_not_empty(images, "images"),
-            tf.debugging.assert_greater_equal(images, tf.constant(0.0), message=message),
-            tf.debugging.assert_less_equal(images, tf.constant(1.0), message=message),
-        ]
-    ):
-        return tf.identity(images)
 
 
 def build_archive(model, options, thresholds=None, explain_layer=None):
@@ -206,22 +83,19 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
         model.explainer(layer, options.gradient_relu)
 
     def serve(images):
-        images = check_images(images, height, width, channels)
+        images = assert_valid_images(images, height, width, channels)
         return anomaly_outputs(model, images, options, thresholds)
 
     def explain_latents(images):
-        images = check_images(images, height, width, channels)
+        images = assert_valid_images(images, height, width, channels)
         return anomaly_outputs(model, images, options, thresholds, full=True)
 
     def explain(images):
-        images = check_images(images, height, width, channels)
+        images = assert_valid_images(images, height, width, channels)
         return attention_outputs(model, images, explain_layer, options.gradient_relu)
 
     def serve_bytes(image_bytes):
-        image_bytes = tf.ensure_shape(image_bytes, (None,), name="image_bytes")
-        with tf.control_dependencies([assert_not_empty(image_bytes, "image_bytes")]):
-            image_bytes = tf.identity(image_bytes)
-        images = decode_images(image_bytes, height, width, channels)
+        images = decode_images(assert_valid_bytes(image_bytes), height, width, channels)
         return anomaly_outputs(model, images, options, thresholds)
 
     archive = keras.export.ExportArchive()
@@ -233,75 +107,12 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
     return archive
 
 
-#: How an image file becomes the float input of serving_default (what serve_bytes and
-#: the trainers do; README "Serving" shows it in Python).
-PREPROCESSING = (
-    "decode the file, resize to input_shape's height x width with "
-    "tf.image.resize(method='bilinear', antialias=True), round to 8-bit "
-    "values, divide by 255"
-)
-
-
-def model_metadata(run, thresholds):
-    """What an exported model was made from and how to feed it: the part the
-    SavedModel's ``assets/export.json`` and the ONNX ``metadata_props`` share (read
-    back by :func:`read_metadata` and ``export.onnx.read_metadata``)."""
-    from export import lineage
-
-    height, width, channels = input_shape(run.model)
-    return {
-        "input_shape": [height, width, channels],
-        "image_size": [height, width],
-        "preprocessing": PREPROCESSING,
-        "options": run.options.as_config(),
-        "latent_dim": int(run.model.latent_dim),
-        "thresholds": thresholds.as_dict() if thresholds is not None else None,
-        "training_data": training_data(run.config),
-        "source_run": os.path.abspath(run.path),
-        "run_complete": run.complete,
-        "versions": lineage.package_versions(),
-    }
-
-
-def training_data(config):
-    """The fingerprint of the normal training images a run read (file names and sizes,
-    as the pipeline's manifest fingerprints data): for runs whose ``config.json`` names
-    ``data_dir`` and ``category`` (MVTec layout, ``<data_dir>/<category>/train``) while
-    that folder exists; None where it is not known."""
-    from export import lineage
-
-    data_dir, category = config.get("data_dir"), config.get("category")
-    if not isinstance(data_dir, str) or not isinstance(category, str):
-        return None
-    folder = os.path.join(data_dir, category, "train")
-    if not os.path.isdir(folder):
-        return None
-    return {
-        "folder": os.path.abspath(folder),
-        "hashed": "file names and sizes",
-        **lineage.fingerprint_files(folder),
-    }
-
-
-def signature_outputs(thresholds):
-    """{signature: its output names}, as the archive builds them."""
-    decided = DECISION_OUTPUTS if thresholds is not None else ()
-    lean = [*SERVING_OUTPUTS, *decided]
-    full = [*ANOMALY_OUTPUTS, *decided, *(("heatmap_normalized",) if decided else ())]
-    return {
-        "serving_default": lean,
-        "serve_bytes": lean,
-        "explain_latents": full,
-        "explain": list(ATTENTION_OUTPUTS),
-    }
-
-
 def export_info(run, thresholds, explain_layer):
     """What the export was made from and with (written to ``assets/export.json``)."""
     return {
         **model_metadata(run, thresholds),
         "explain_layer": explain_layer or run.options.layer,
-        "signatures": signature_outputs(thresholds),
+        "signatures": signature_outputs(thresholds is not None),
         "warmup_requests": WARMUP,
         "exported_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -559,16 +370,6 @@ def main(argv=None):
     warn_incomplete(args.run)
     print(f"SavedModel written to {target}")
     return target
-
-
-def warn_incomplete(run_dir):
-    """Say so on stderr when the exported run never wrote ``metrics.json``."""
-    if not os.path.isfile(os.path.join(run_dir, RUN_COMPLETE)):
-        print(
-            f"warning: {os.path.join(run_dir, RUN_COMPLETE)} is missing, so the run did not "
-            "finish; the model it saved was exported",
-            file=sys.stderr,
-        )
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ def mnist_images(shared_data):
 
 @pytest.fixture(scope="session")
 def mnist_run(build_once, mnist_images):
-    """A run folder of a small VAE trained a few steps on MNIST ones (28x28x1)."""
+    """A run folder of a small VAE trained a few steps on MNIST ones (28x28x1), with the
+    paper's attention at the last encoder layer (ExplainOptions' defaults)."""
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import build_vae
 
     def make(folder):
@@ -128,7 +130,7 @@ def mnist_run(build_once, mnist_images):
             folder,
             build_vae("small", (28, 28, 1), 16),
             mnist_images[0],
-            {"layer": "last", "normal_digit": 1},
+            {"layer": "last", "normal_digit": 1, "explain": ExplainOptions().as_config()},
             batch_size=16,
         )
 

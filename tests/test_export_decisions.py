@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import explain_options, load_thresholds
+from export import load_thresholds, options_from_config
 from export import onnx as onnx_export
 from keras_vae_attn import predictions
 from keras_vae_attn.data import mvtec
@@ -25,7 +25,7 @@ def test_decisions_agree_across_saved_model_onnx_and_predictions_csv(
 ):
     images = mvtec.to_float(mvtec_images[1].images)
     thresholds = load_thresholds(str(mvtec_export / "thresholds.json"))
-    options = explain_options(json.loads((mvtec_run / "config.json").read_text()))
+    options = options_from_config(json.loads((mvtec_run / "config.json").read_text()))
     heatmaps = pipeline.explain_anomaly(
         load_vae(str(mvtec_run / "model")), images, options, keys=("heatmap",)
     )["heatmap"].numpy()

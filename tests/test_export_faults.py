@@ -40,6 +40,7 @@ def tiny(tmp_path_factory):
     there before the ONNX export. Returns (folder, run, dead pid)."""
     from export import onnx as onnx_export
     from export import saved_model
+    from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import build_vae
 
     folder = tmp_path_factory.mktemp("tiny")
@@ -47,7 +48,8 @@ def tiny(tmp_path_factory):
     run.mkdir()
     model = build_vae("small", SHAPE, 4, filters=(8, 16), dense_units=32)
     images = np.random.default_rng(0).random((16, *SHAPE), dtype=np.float32)
-    _train_run(run, model, images, {"layer": "last"}, batch_size=8)
+    config = {"layer": "last", "explain": ExplainOptions().as_config()}
+    _train_run(run, model, images, config, batch_size=8)
     saved_model.export(str(run), str(folder / "serving"), "model")
     pid = dead_pid()
     (folder / f"model.onnx.partial-{pid}").write_bytes(b"half written")
@@ -85,7 +87,7 @@ def test_onnx_users_get_the_range_check_of_the_saved_model(tiny, served, case):
     import tensorflow as tf
 
     from export import InputError
-    from export import onnx as onnx_export
+    from export.graph import validated_images
     from export.infer import OnnxBackend
 
     value, detail = BAD_VALUES[case]
@@ -98,13 +100,13 @@ def test_onnx_users_get_the_range_check_of_the_saved_model(tiny, served, case):
     )
     shape = session.get_inputs()[0].shape[1:]
     for check in (
-        lambda: onnx_export.check_images(images, shape),  # the user's helper
+        lambda: validated_images(images, shape),  # the user's helper
         lambda: OnnxBackend(str(tiny[0] / "model.onnx")).run(images),
     ):  # infer's
         with pytest.raises(InputError, match=range_message) as error:
             check()
         assert error.match(detail), str(error.value)
-    good = onnx_export.check_images(bad_images(0.25), shape)
+    good = validated_images(bad_images(0.25), shape)
     assert session.run(None, {"images": good})[0].shape == (2, 28, 28)
 
 
@@ -116,7 +118,7 @@ def test_an_empty_batch_fails_clearly_on_both_backends(tiny, served):
     import tensorflow as tf
 
     from export import InputError
-    from export import onnx as onnx_export
+    from export.graph import validated_images
     from export.infer import OnnxBackend, SavedModelBackend
 
     empty = np.zeros((0, *SHAPE), np.float32)
@@ -134,7 +136,7 @@ def test_an_empty_batch_fails_clearly_on_both_backends(tiny, served):
         match=r"images must hold at least one image; got shape "
         r"\(0, 28, 28, 1\)",
     ):
-        onnx_export.check_images(empty, SHAPE)
+        validated_images(empty, SHAPE)
     for backend in (
         OnnxBackend(str(tiny[0] / "model.onnx")),
         SavedModelBackend(str(tiny[0] / "serving" / "model" / "1")),
@@ -392,8 +394,9 @@ def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
     import onnxruntime as ort
     import tensorflow as tf
 
-    from export import load_run, saved_model
+    from export import load_run, load_thresholds
     from export import onnx as onnx_export
+    from export.graph import anomaly_outputs
 
     path = tmp_path / "thresholds.json"
     path.write_text(json.dumps({"pixel": 1e-3, "image": 1e9}))  # finite input: normal
@@ -412,8 +415,8 @@ def test_non_finite_images_are_labelled_anomalous_not_normal(tiny, tmp_path):
     assert outputs["pred_label"].tolist() == [False, True, True, True]
     # the same function in TensorFlow (what the SavedModel signatures compute) ...
     run = load_run(str(tiny[1]))
-    decided = saved_model.anomaly_outputs(
-        run.model, tf.constant(images), run.options, onnx_export.load_thresholds(str(path))
+    decided = anomaly_outputs(
+        run.model, tf.constant(images), run.options, load_thresholds(str(path))
     )
     assert decided["pred_label"].numpy().tolist() == [False, True, True, True]
     assert decided["pred_score"].numpy()[1:].tolist() == [1.0, 1.0, 1.0]

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from keras_vae_attn.explain.options import ExplainOptions
+
 from conftest import _train_run
 
 pytestmark = pytest.mark.slow  # trains and exports one model per attribution form
@@ -91,13 +93,13 @@ def test_saved_model_and_onnx_serve_the_models_heatmap(exported, batch):
     import onnxruntime as ort
     import tensorflow as tf
 
-    from export import explain_options
+    from export import options_from_config
     from keras_vae_attn.explain import pipeline
     from keras_vae_attn.models import load_vae
 
     name, run, folder = exported
     config = json.loads((run / "config.json").read_text())
-    options = explain_options(config)
+    options = options_from_config(config)
     if name == "multi-layer":
         assert options.layer_scales is not None and len(options.layer_scales) == 2
     model = load_vae(str(run / "model"))
@@ -128,7 +130,8 @@ def test_an_export_without_the_distribution_its_options_need_is_refused(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
-    _train_run(run, model, images(8), {"layer": "conv1"}, batch_size=8)  # no distribution
+    plain = {"explain": ExplainOptions(layers=("conv1",)).as_config()}
+    _train_run(run, model, images(8), plain, batch_size=8)  # no distribution
     config = {"explain": dict(VARIANTS["hirescam"])}
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="no normal feature distribution for layer 'conv1'"):

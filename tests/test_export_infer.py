@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import explain_options, infer
+from export import infer, options_from_config
+from export.graph import validated_images
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
@@ -50,7 +51,7 @@ def test_both_backends_score_files_like_the_trained_model(
     assert files[0] in capsys.readouterr().out
 
     model = load_vae(str(mvtec_run / "model"))
-    options = explain_options(json.loads((mvtec_run / "config.json").read_text()))
+    options = options_from_config(json.loads((mvtec_run / "config.json").read_text()))
     decoded, _ = mvtec.decode_files(files, 64, 3)
     want = pipeline.explain_anomaly(model, mvtec.to_float(decoded), options)["score"].numpy()
     for name, got in results.items():
@@ -84,13 +85,13 @@ def test_refuses_missing_models_and_unreadable_images(
     assert not (tmp_path / "out").exists()
 
 
-def test_check_images_says_what_is_wrong():
+def test_validated_images_says_what_is_wrong():
     good = np.zeros((1, 8, 8, 3), np.float32)
-    assert infer.check_images(good, (8, 8, 3)) is not None
+    assert validated_images(good, (8, 8, 3)) is not None
     with pytest.raises(infer.InputError, match="have 1 channels but the model takes 3"):
-        infer.check_images(np.zeros((1, 8, 8, 1), np.float32), (8, 8, 3))
+        validated_images(np.zeros((1, 8, 8, 1), np.float32), (8, 8, 3))
     with pytest.raises(infer.InputError, match=r"must be float32 in \[0, 1\].*NaN"):
-        infer.check_images(np.full((1, 8, 8, 3), np.nan, np.float32), (8, 8, 3))
+        validated_images(np.full((1, 8, 8, 3), np.nan, np.float32), (8, 8, 3))
 
 
 def test_figure_shows_scale_decision_mask_contour_and_file_name():

@@ -9,12 +9,13 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 
-from export import explain_options, load_thresholds, saved_model
+from export import load_thresholds, options_from_config, saved_model
 from export import onnx as onnx_export
 from export.infer import InputError, OnnxBackend
 from keras_vae_attn import calibration
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.explain import pipeline
+from keras_vae_attn.explain.options import ExplainOptions
 from keras_vae_attn.models import load_vae
 
 from conftest import assert_same_map
@@ -41,7 +42,7 @@ def test_onnxruntime_gives_the_trained_models_heatmaps(name, request):
         images = mvtec.to_float(request.getfixturevalue("mvtec_images")[1].images)
         thresholds = load_thresholds(str(exported / "thresholds.json"))
     model = load_vae(str(run / "model"))
-    options = explain_options(json.loads((run / "config.json").read_text()))
+    options = options_from_config(json.loads((run / "config.json").read_text()))
     for batch in (1, 7):
         x = images[:batch]
         want = {k: v.numpy() for k, v in pipeline.explain_anomaly(model, x, options).items()}
@@ -72,7 +73,7 @@ def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export, mvte
     options = meta["options"]
     assert options["smooth"] == 1.0 and options["layers"] == ["conv1"]
     # the run's own options, whatever the default preset is
-    run_options = explain_options(json.loads((mvtec_run / "config.json").read_text()))
+    run_options = options_from_config(json.loads((mvtec_run / "config.json").read_text()))
     assert options == run_options.as_config()
     assert (
         meta["thresholds"] == load_thresholds(str(mvtec_export / "thresholds.json")).as_dict()
@@ -92,7 +93,7 @@ def test_an_early_layer_with_convolutions_after_it_converts(mnist_run, mnist_ima
     """conv1: the rest of the encoder (conv2, dense) is back-propagated in the graph:
     ReluGrad, ShapeN and the conv backward pass; in memory it runs as batch_jacobian."""
     model = load_vae(str(mnist_run / "model"))
-    options = explain_options({"layer": "conv1"})
+    options = ExplainOptions(layers=("conv1",))
     proto = onnx_export.convert(model, options)
     assert not onnx_export.unsupported_nodes(proto)
     for batch in (1, 7):

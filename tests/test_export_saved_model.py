@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import explain_options, load_thresholds
+from export import load_thresholds, options_from_config
 from export import saved_model as sm
+from export.graph import DECISION_OUTPUTS, SERVING_OUTPUTS
+from export.metadata import training_data
 from keras_vae_attn import calibration
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.explain import pipeline
@@ -40,7 +42,7 @@ def load_saved(folder):
 def in_memory(run, images):
     """What the trainer computes for ``images`` with the run's options (numpy dict)."""
     config = json.loads((run / "config.json").read_text())
-    out = pipeline.explain_anomaly(trained_model(run), images, explain_options(config))
+    out = pipeline.explain_anomaly(trained_model(run), images, options_from_config(config))
     return {key: value.numpy() for key, value in out.items()}
 
 
@@ -61,7 +63,7 @@ def cases(mnist_run, mnist_export, mnist_images, mvtec_run, mvtec_export, mvtec_
 def test_loaded_saved_model_gives_the_trained_models_heatmaps(cases, name):
     run, exported, images, thresholds = cases[name]
     loaded = load_saved(exported / "serving" / "model" / "1")
-    lean = set(sm.SERVING_OUTPUTS) | (set(sm.DECISION_OUTPUTS) if thresholds else set())
+    lean = set(SERVING_OUTPUTS) | (set(DECISION_OUTPUTS) if thresholds else set())
     for batch in (1, 7):
         x = images[:batch]
         want = in_memory(run, x)
@@ -323,7 +325,7 @@ def test_metadata_says_how_the_model_was_made_and_is_fed(mvtec_run, mvtec_export
     info = sm.read_metadata(str(mvtec_export / "serving" / "model"))  # newest version
     config = json.loads((mvtec_run / "config.json").read_text())
     assert info["input_shape"] == [64, 64, 3] and info["image_size"] == [64, 64]
-    assert info["options"] == explain_options(config).as_config()
+    assert info["options"] == options_from_config(config).as_config()
     assert (
         info["thresholds"] == load_thresholds(str(mvtec_export / "thresholds.json")).as_dict()
     )
@@ -336,20 +338,20 @@ def test_metadata_says_how_the_model_was_made_and_is_fed(mvtec_run, mvtec_export
 
 def test_training_data_fingerprint_where_the_run_names_its_data(shared_data, tmp_path):
     config = {"data_dir": str(shared_data / "mvtec_ad"), "category": "bottle"}
-    found = sm.training_data(config)
+    found = training_data(config)
     assert found["folder"] == str(shared_data / "mvtec_ad" / "bottle" / "train")
     assert found["files"] == len(
         list((shared_data / "mvtec_ad" / "bottle" / "train").rglob("*.png"))
     )
-    assert len(found["sha256"]) == 64 and sm.training_data(config) == found
+    assert len(found["sha256"]) == 64 and training_data(config) == found
     copy = tmp_path / "bottle" / "train" / "good"  # one image less: another hash
     copy.mkdir(parents=True)
     for path in sorted((shared_data / "mvtec_ad" / "bottle" / "train" / "good").glob("*"))[1:]:
         (copy / path.name).symlink_to(path)
-    other = sm.training_data({"data_dir": str(tmp_path), "category": "bottle"})
+    other = training_data({"data_dir": str(tmp_path), "category": "bottle"})
     assert other["files"] == found["files"] - 1 and other["sha256"] != found["sha256"]
-    assert sm.training_data({"category": "bottle"}) is None
-    assert sm.training_data({"data_dir": str(tmp_path), "category": "cable"}) is None
+    assert training_data({"category": "bottle"}) is None
+    assert training_data({"data_dir": str(tmp_path), "category": "cable"}) is None
 
 
 def readme_block(marker):
