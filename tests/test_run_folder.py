@@ -276,7 +276,9 @@ def test_the_registry_reopens_the_trainers_data_even_once_deleted(demo_run):
     rows = run.predictions()
     assert data.dataset == "mvtec" and len(data.normal) == 16
     assert [int(r["label"]) for r in rows] == list(data.test.labels)
-    assert [r["defect"] for r in rows] == data.test.groups
+    assert [r["defect_type"] for r in rows] == data.test.groups
+    files = [os.path.relpath(path, root / "data") for path in data.test.paths]
+    assert [r["file"] for r in rows] == files  # the very images the trainer predicted
     shutil.rmtree(root / "data")  # the generated category is written again, the same
     again = run.data()
     np.testing.assert_array_equal(again.normal, data.normal)
