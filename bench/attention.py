@@ -158,7 +158,8 @@ def anomaly_table(cases, repeats, budget):
 
 def anomaly_row(kind, size, batch, layer, latent, repeats, budget):
     """One case of :func:`anomaly_table`."""
-    from keras_vae_attn.attention import TOTAL_ENERGY, NormalStats
+    from keras_vae_attn.explain.latent import NormalStats
+    from keras_vae_attn.explain.options import ExplainOptions
 
     encoder = encoder_for(kind, size, latent)
     explainer = VAEAttention(encoder, layer=layer)
@@ -167,13 +168,15 @@ def anomaly_row(kind, size, batch, layer, latent, repeats, budget):
         np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
     )
     stats = NormalStats(tf.zeros(latent), tf.ones(latent))
+    per_latent = ExplainOptions.preset("paper")
+    total = per_latent.replace(target="total-energy")
     forward = tf.function(lambda x: encoder(x, training=False)[0])
     timed = {
         name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
         for name, f in (
             ("forward", forward),
-            ("energy", lambda x: explainer.anomaly_attention(x, stats, "energy")),
-            ("total", lambda x: explainer.anomaly_attention(x, stats, TOTAL_ENERGY)),
+            ("energy", lambda x: explainer.anomaly_attention(x, stats, per_latent)),
+            ("total", lambda x: explainer.anomaly_attention(x, stats, total)),
         )
     }
     return {
@@ -196,8 +199,9 @@ def forms_table(cases, repeats, budget):
 
 
 def forms_rows(kind, size, batch, layer, latent, repeats, budget):
-    """One case of :func:`forms_table`: one row per form."""
-    from keras_vae_attn.explain import pipeline
+    """One case of :func:`forms_table`: one row per form that reads the layer (the
+    registry's, so a new form gets its row)."""
+    from keras_vae_attn.explain import forms, pipeline
     from keras_vae_attn.explain.options import ExplainOptions
     from keras_vae_attn.models import build_vae
 
@@ -208,13 +212,7 @@ def forms_rows(kind, size, batch, layer, latent, repeats, budget):
     forward = tf.function(lambda x: model.encoder(x, training=False)[0])
     base = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
     rows = []
-    for form in (
-        "gradcam",
-        "hirescam",
-        "integrated",
-        "gradient-weighted-deviation",
-        "deviation",
-    ):
+    for form in (name for name, f in forms.FORMS.items() if not f.reads_decoder):
         options = ExplainOptions(
             layers=(layer,),
             form=form,

@@ -48,7 +48,6 @@ def main(argv=None):
 
     from bench.localization_grid import load_run_data
     from bench.timing import interleaved_medians
-    from keras_vae_attn import attention as attn
     from keras_vae_attn import evaluate, references
     from keras_vae_attn.explain import faithfulness, pipeline, sanity
     from keras_vae_attn.explain.options import ExplainOptions
@@ -83,7 +82,7 @@ def main(argv=None):
         ]
         maps = np.stack(
             [
-                attn.upsample(latent[:, d], bad.shape[1:3]).numpy()
+                pipeline.upsample(latent[:, d], bad.shape[1:3]).numpy()
                 for d in range(latent.shape[1])
             ],
             axis=1,

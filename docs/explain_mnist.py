@@ -63,8 +63,8 @@ def main(argv=None):
     tf = start_tensorflow()
     import keras
 
-    from keras_vae_attn.attention import upsample
     from keras_vae_attn.data import mnist
+    from keras_vae_attn.explain.pipeline import upsample
     from keras_vae_attn.models import build_vae
     from keras_vae_attn.viz import save_figure
 

@@ -17,11 +17,11 @@ import importlib
 # TensorFlow and a CLI's --help answers at once.
 _LAZY = {
     "Explanation": "attention",
-    "NormalStats": "attention",
+    "NormalStats": "explain.latent",
     "VAEAttention": "attention",
-    "difference_distribution": "attention",
-    "feature_layer_names": "attention",
-    "fit_normal_stats": "attention",
+    "difference_distribution": "explain.latent",
+    "feature_layer_names": "explain.taps",
+    "fit_normal_stats": "explain.latent",
     "normalize_maps": "attention",
     "overlay": "viz",
     "ExplainOptions": "explain.options",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_vae_attn import attention as attn
+from keras_vae_attn import VAEAttention
 from keras_vae_attn.explain import deviation, pipeline
 from keras_vae_attn.explain.options import ExplainOptions, OptionError
 from keras_vae_attn.models import build_vae, load_vae, save_vae
@@ -282,7 +282,7 @@ def test_form_matches_slow_reference(vae, form, target, deviation, sign, layer):
     np.testing.assert_allclose(mu.numpy(), constants(vae, layer, x)[1], atol=1e-6)
     got = heatmap(vae, x, options).numpy()
     assert got.shape == (3, 28, 28) and np.isfinite(got).all()
-    assert_close(got, attn.upsample(tf.constant(expected, tf.float32), (28, 28)).numpy())
+    assert_close(got, pipeline.upsample(tf.constant(expected, tf.float32), (28, 28)).numpy())
 
 
 @pytest.mark.parametrize(
@@ -446,34 +446,42 @@ def test_feature_moments_merge_batches_exactly():
 
 
 # --- 5. save / load -------------------------------------------------------------------------
-def test_feature_distributions_survive_save_and_load(vae, tmp_path):
-    x = odd_images(2)
-    save_vae(vae, str(tmp_path / "m"))
-    loaded = load_vae(str(tmp_path / "m"))
-    assert loaded.feature_layers == ["conv1", "conv2"]
-    np.testing.assert_array_equal(loaded.normal_mean.numpy(), vae.normal_mean.numpy())
-    np.testing.assert_array_equal(loaded.normal_std.numpy(), vae.normal_std.numpy())
-    for layer in ("conv1", "conv2"):
-        for part in ("mean", "std"):
-            np.testing.assert_array_equal(
-                getattr(loaded.feature_distribution(layer), part).numpy(),
-                getattr(vae.feature_distribution(layer), part).numpy(),
-            )
-        for form in ("hirescam", "gradient-weighted-deviation"):
-            options = ExplainOptions(
-                layers=(layer,),
-                form=form,
-                target="total-energy",
-                deviation="standardized",
-                sign="abs",
-            )
-            np.testing.assert_allclose(
-                heatmap(loaded, x, options).numpy(),
-                heatmap(vae, x, options).numpy(),
-                rtol=1e-6,
-                atol=1e-7,
-            )
-    # a model without distributions loads, also from a folder that held one with them
+def test_feature_distributions_survive_save_and_load(resnet, tmp_path):
+    """Every stored distribution (with and without the covariance, at a cut point and
+    inside a residual block) comes back equal and gives the same maps; a model saved
+    without distributions loads without them, also from a folder that held some."""
+    model = small_vae()
+    normal = tf.data.Dataset.from_tensor_slices(normal_images(6)).batch(3)
+    model.fit_normal_stats(normal)
+    model.fit_feature_distributions(normal, ["conv1"], covariance=True)
+    model.fit_feature_distributions(normal, ["conv2"])
+    cases = (
+        (model, "m", odd_images(2), {"conv1": "whitened", "conv2": "standardized"}),
+        (resnet, "r", odd_images(2, 32, 3), {HOOKED: "standardized"}),
+    )
+    for original, folder, x, deviations in cases:
+        save_vae(original, str(tmp_path / folder))
+        loaded = load_vae(str(tmp_path / folder))
+        assert loaded.feature_layers == original.feature_layers == list(deviations)
+        np.testing.assert_array_equal(loaded.normal_std.numpy(), original.normal_std.numpy())
+        for layer, kind in deviations.items():
+            stored = original.feature_distribution(layer)
+            for part, value in zip(stored._fields, loaded.feature_distribution(layer)):
+                expected = getattr(stored, part)
+                assert (value is None) == (expected is None), (layer, part)
+                if value is not None:
+                    np.testing.assert_array_equal(value.numpy(), expected.numpy())
+            for form in ("hirescam", "gradient-weighted-deviation"):
+                options = ExplainOptions(
+                    layers=(layer,), form=form, target="total-energy", deviation=kind
+                )
+                np.testing.assert_allclose(
+                    heatmap(loaded, x, options).numpy(),
+                    heatmap(original, x, options).numpy(),
+                    rtol=1e-6,
+                    atol=1e-7,
+                )
+    assert load_vae(str(tmp_path / "m")).has_feature_distribution("conv1", covariance=True)
     plain = small_vae()
     for folder in ("plain", "m"):
         save_vae(plain, str(tmp_path / folder))
@@ -481,30 +489,6 @@ def test_feature_distributions_survive_save_and_load(vae, tmp_path):
         assert again.feature_layers == [] and not again.has_feature_distribution("conv1")
         with pytest.raises(ValueError, match="no normal feature distribution"):
             again.feature_distribution("conv1")
-
-
-def test_distribution_at_a_residual_block_layer_survives_save_and_load(resnet, tmp_path):
-    save_vae(resnet, str(tmp_path / "r"))
-    loaded = load_vae(str(tmp_path / "r"))
-    assert loaded.feature_layers == [HOOKED]
-    np.testing.assert_array_equal(
-        loaded.feature_distribution(HOOKED).std.numpy(),
-        resnet.feature_distribution(HOOKED).std.numpy(),
-    )
-    options = ExplainOptions(
-        layers=(HOOKED,),
-        form="hirescam",
-        target="total-energy",
-        deviation="standardized",
-        sign="abs",
-    )
-    x = odd_images(2, 32, 3)
-    np.testing.assert_allclose(
-        heatmap(loaded, x, options).numpy(),
-        heatmap(resnet, x, options).numpy(),
-        rtol=1e-5,
-        atol=1e-7,
-    )
 
 
 # --- 6. several layers in one map ----------------------------------------------------------
@@ -606,36 +590,54 @@ def test_bad_model_inputs_give_clear_errors(vae, resnet):
         )
 
 
-# --- 8. the paper preset is the older API ----------------------------------------------------
+# --- 8. the paper's Eq. 3-5 is the pipeline's "paper" preset -----------------------------
 @pytest.mark.parametrize("layer", ["conv1", "conv2"])
-def test_paper_preset_reproduces_anomaly_attention(vae, layer):
+def test_paper_preset_on_a_bare_encoder_matches_the_reference(vae, layer):
+    """VAEAttention on the encoder alone (no VAE model) gives the paper's map through
+    the pipeline: Grad-CAM of the per-latent Eq. 5 energy, ReLU per latent, mean."""
     x = odd_images(3)
-    options = ExplainOptions.preset("paper", layers=(layer,))
+    options = ExplainOptions.preset("paper")
     assert (options.form, options.target, options.deviation, options.sign) == (
         "gradcam",
         "energy",
         "none",
         "relu",
     )
-    old = vae.explainer(layer).anomaly_attention(x, vae.normal_stats(), "energy").numpy()
-    assert_close(heatmap(vae, x, options).numpy(), old, rtol=1e-5)
+    explainer = VAEAttention(vae.encoder, layer)
+    expected = reference_map(vae, layer, x, "gradcam", "energy", "none", "relu")
+    expected = pipeline.upsample(tf.constant(expected, tf.float32), (28, 28)).numpy()
+    assert_close(explainer.anomaly_attention(x, vae.normal_stats()).numpy(), expected)
+    assert_close(heatmap(vae, x, options.replace(layers=(layer,))).numpy(), expected)
 
 
-@pytest.mark.parametrize("score", ["energy", "latent"])
-def test_gradient_relu_of_a_per_latent_target_acts_on_the_latent_gradient(vae, score):
-    """The paper's printed Eq. 3 (ReLU on dmu_i/dA before pooling) keeps its meaning in
-    the pipeline: the same map as the older explainer(gradient_relu=True) path."""
+@pytest.mark.parametrize("target", ["energy", "latent"])
+def test_gradient_relu_of_a_per_latent_target_acts_on_the_latent_gradient(vae, target):
+    """The paper's printed Eq. 3 (ReLU on dmu_i/dA before pooling), then the target's
+    per-latent factor: -1 for u_i, -(m_i - mu_i) / var_i for the energy."""
     x = odd_images(3)
-    explainer = vae.explainer("conv2", gradient_relu=True)
-    old = explainer.anomaly_attention(x, vae.normal_stats(), score).numpy()
-    options = ExplainOptions.preset(
-        "paper", layers=("conv2",), target=score, gradient_relu=True
+    features, mu, _, variance = constants(vae, "conv2", x)
+    latent_grads = -reference_gradients(vae, "conv2", x, "latent")[1]  # dmu_i/dA
+    factor = (
+        -np.ones_like(mu) if target == "latent" else -(vae.normal_mean.numpy() - mu) / variance
     )
-    new = heatmap(vae, x, options).numpy()
-    if score == "latent":  # -ReLU(dmu/dA) pooled times ReLU features: nothing left
-        assert np.abs(old).max() == 0 and np.abs(new).max() == 0
+    weights = (np.maximum(latent_grads, 0) * factor[:, :, None, None, None]).mean((2, 3))
+    expected = np.maximum(np.einsum("btk,bhwk->bthw", weights, features), 0).mean(1)
+    options = ExplainOptions.preset(
+        "paper", layers=("conv2",), target=target, gradient_relu=True
+    )
+    small = pipeline.layer_map(vae, tf.constant(x), "conv2", options, vae.normal_stats())[0]
+    if target == "latent":  # -ReLU(dmu/dA) pooled times ReLU features: nothing left
+        assert np.abs(expected).max() == 0 and np.abs(small.numpy()).max() == 0
     else:
-        assert_close(new, old, rtol=1e-5)
+        assert_close(small.numpy(), expected, rtol=1e-5)
+        # VAEAttention(gradient_relu=True)'s default anomaly map is this reading
+        default = vae.explainer("conv2", gradient_relu=True).anomaly_attention(
+            x, vae.normal_stats()
+        )
+        assert_close(
+            default.numpy(),
+            pipeline.upsample(tf.constant(expected, tf.float32), (28, 28)).numpy(),
+        )
 
 
 def test_integrated_refuses_a_distribution_of_another_shape(vae):
@@ -690,20 +692,7 @@ def test_whitened_deviation_is_the_per_position_mahalanobis_distance():
     assert_close(got, expected, rtol=2e-4)
 
 
-def test_whitened_needs_the_covariance_and_survives_save_and_load(vae, tmp_path):
+def test_whitened_needs_the_covariance(vae):
     options = ExplainOptions(layers=("conv1",), form="deviation", deviation="whitened")
     with pytest.raises(ValueError, match="covariance=True"):
         heatmap(vae, odd_images(2), options)  # fitted without covariance
-    model = small_vae()
-    model.fit_normal_stats(tf.data.Dataset.from_tensor_slices(normal_images(6)).batch(3))
-    model.fit_feature_distributions(
-        tf.data.Dataset.from_tensor_slices(normal_images(6)).batch(3),
-        ["conv1"],
-        covariance=True,
-    )
-    assert model.has_feature_distribution("conv1", covariance=True)
-    before = heatmap(model, odd_images(2), options).numpy()
-    save_vae(model, str(tmp_path / "m"))
-    loaded = load_vae(str(tmp_path / "m"))
-    assert loaded.has_feature_distribution("conv1", covariance=True)
-    np.testing.assert_array_equal(heatmap(loaded, odd_images(2), options).numpy(), before)

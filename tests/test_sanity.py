@@ -168,7 +168,7 @@ class RegionEncoder:
     def __init__(self):
         import tensorflow as tf
 
-        from keras_vae_attn.attention import NormalStats
+        from keras_vae_attn.explain.latent import NormalStats
 
         self.stats = NormalStats(tf.zeros(4), tf.ones(4) * 0.1)
 

@@ -327,7 +327,7 @@ def latent_selectivity(model, images, layer):
     (replaced by the images' mean) should move mu_i more than the other latents
     (faithfulness.selectivity)."""
     from keras_vae_attn.explain import faithfulness
-    from keras_vae_attn.attention import upsample
+    from keras_vae_attn.explain.pipeline import upsample
 
     maps = model.explainer(layer).latent_maps(images)
     size = images.shape[1:3]
@@ -378,7 +378,7 @@ def attention_pairs_figure(images, maps, pair, overlap, title):
     latents, both columns on one colour scale (0 to the largest value shown, with its
     colorbar), so a weak second map looks weak; each row names the pair and its L_AD."""
     from keras_vae_attn import viz
-    from keras_vae_attn.attention import upsample
+    from keras_vae_attn.explain.pipeline import upsample
 
     chosen = np.stack([maps[i, pair[i]] for i in range(len(images))])  # (B, 2, h, w)
     big = upsample(chosen.reshape(-1, *chosen.shape[2:]), images.shape[1:3]).numpy()

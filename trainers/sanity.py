@@ -176,7 +176,6 @@ def faithfulness(model, maps, images, options, pixel_distribution, what, run_dir
     (metrics entries, lines)."""
     import numpy as np
 
-    from keras_vae_attn import attention as attn
     from keras_vae_attn import evaluate as kva_evaluate
     from keras_vae_attn import viz
     from keras_vae_attn.explain import faithfulness as faith
@@ -197,7 +196,10 @@ def faithfulness(model, maps, images, options, pixel_distribution, what, run_dir
     ]
     size = images.shape[1:3]
     upsampled = np.stack(
-        [attn.upsample(per_latent[:, d], size).numpy() for d in range(per_latent.shape[1])],
+        [
+            pipeline.upsample(per_latent[:, d], size).numpy()
+            for d in range(per_latent.shape[1])
+        ],
         axis=1,
     )
     chosen = faith.selectivity(

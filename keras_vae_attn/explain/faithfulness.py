@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from keras_vae_attn import attention as attn
+from keras_vae_attn.explain import latent
 
 #: share of pixels replaced: 0, 5%, ..., 50%
 FRACTIONS = np.linspace(0.0, 0.5, 11)
@@ -53,8 +53,8 @@ def energy_fn(model):
     @tf.function(reduce_retracing=True)
     def run(images):
         mu, logvar = model.encode(images)
-        return attn.energy(
-            *attn.difference_distribution(stats.mean, stats.std, mu, tf.exp(0.5 * logvar))
+        return latent.energy(
+            *latent.difference_distribution(stats.mean, stats.std, mu, tf.exp(0.5 * logvar))
         )
 
     return run

@@ -45,11 +45,17 @@ def apply_sign(maps, sign):
     return maps
 
 
-def pooled(grads, gradient_relu=False):
+def pooled(grads, gradient_relu: bool = False):
     """Grad-CAM weights: gradients (B, T, h, w, K) averaged over positions, (B, T, K)."""
     if gradient_relu:
         grads = tf.nn.relu(grads)
     return tf.reduce_mean(grads, axis=[2, 3])
+
+
+def weigh(weights, features):
+    """sum_k w_t[k] A_k, signed: weights (B, T, K) x features (B, h, w, K) -> (B, T, h, w).
+    With :func:`pooled` weights, Grad-CAM's map before its ReLU (the paper's Eq. 3)."""
+    return tf.einsum("btk,bhwk->bthw", weights, features)
 
 
 #: {name: form instance}, filled by ``Form`` subclasses as they are defined.
@@ -93,7 +99,7 @@ class GradCAM(Form):
     name = "gradcam"
 
     def signed_map(self, grads, dev, gradient_relu=False):
-        return tf.einsum("btk,bhwk->bthw", pooled(grads, gradient_relu), dev)
+        return weigh(pooled(grads, gradient_relu), dev)
 
 
 class HiResCAM(Form):
@@ -125,7 +131,7 @@ class GradientWeightedDeviation(Form):
 
     def signed_map(self, grads, dev, gradient_relu=False):
         weights = tf.abs(pooled(grads, gradient_relu))
-        return tf.sqrt(tf.einsum("btk,bhwk->bthw", weights, tf.square(dev)) + 1e-12)
+        return tf.sqrt(weigh(weights, tf.square(dev)) + 1e-12)
 
 
 class GradientNorm(Form):

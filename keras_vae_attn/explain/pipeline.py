@@ -8,9 +8,10 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from keras_vae_attn import attention as attn
 from keras_vae_attn import losses
 from keras_vae_attn.explain import deviation, forms
+from keras_vae_attn.explain.deviation import FeatureDistribution
+from keras_vae_attn.explain.latent import NormalStats, difference_distribution, energy
 from keras_vae_attn.explain.options import ExplainOptions
 
 
@@ -43,20 +44,92 @@ def resolve_options(options=None):
     return options
 
 
+def upsample(maps: tf.Tensor, size) -> tf.Tensor:
+    """Bilinear resize of (B, h, w) maps to ``size`` = (H, W)."""
+    return tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
+
+
+def attribution_map(
+    explainer,
+    images: tf.Tensor,
+    options: ExplainOptions,
+    stats: NormalStats,
+    distribution: FeatureDistribution | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The map of ``options`` at ``explainer``'s layer (B, h, w), and mu, logvar: for
+    the forms that read no decoder. ``distribution``: the layer's normal features,
+    needed by deviations other than "none" (and as the integrated form's start)."""
+    return _one_map(explainer, images, options, stats, distribution, _Passes())
+
+
 def layer_map(model, images, layer, options, stats):
     """One layer's anomaly map at feature resolution (B, h, w), and mu, logvar."""
-    explainer = model.explainer(layer, method=options.method)
+    maps, mu, logvar = layer_maps(model, images, layer, [options], stats)
+    return maps[options], mu, logvar
+
+
+def layer_maps(
+    model, images: tf.Tensor, layer: str, configurations: list, stats: NormalStats
+) -> tuple[dict, tf.Tensor, tf.Tensor]:
+    """The maps of several :class:`ExplainOptions` at one ``layer`` in one pass:
+    ({options: map (B, h, w)}, mu, logvar of the first). Each backward pass (a target's
+    gradients, an integrated path, the forward pass, the feature residual) runs once,
+    however many configurations read it; every form, deviation and sign is then a
+    cheap function of those (bench/localization_grid.py scores a whole grid so)."""
+    passes = _Passes()
+    maps, codes = {}, None
+    for options in configurations:
+        explainer = model.explainer(layer, method=options.method)
+        form = forms.get_form(options.form)
+        if form.residual:
+            found = passes.once(
+                ("residual",), _feature_residual, model, explainer, images, form
+            )
+        else:
+            distribution = (
+                model.feature_distribution(layer) if options.needs_distribution else None
+            )
+            found = _one_map(explainer, images, options, stats, distribution, passes)
+        maps[options] = found[0]
+        codes = codes or found[1:]
+    return maps, *codes
+
+
+class _Passes:
+    """The passes of one batch that several maps share, each run on first request."""
+
+    def __init__(self):
+        self.done = {}
+
+    def once(self, key, compute, *args):
+        if key not in self.done:
+            self.done[key] = compute(*args)
+        return self.done[key]
+
+
+def _feature_residual(model, explainer, images, form):
+    """The residual forms' map: the layer's feature residual A(x) - A(decode(mu))
+    relative to its normal size (B, h, w), and mu, logvar."""
+    features, mu, logvar = explainer.forward(images)
+    residual = features - explainer.forward(model.decode(mu))[0]
+    dev = deviation.relative_residual(
+        residual, model.residual_distribution(explainer.layer_name)
+    )
+    return forms.attribute(form, None, dev, "abs"), mu, logvar
+
+
+def _one_map(explainer, images, options, stats, distribution, passes):
     form = forms.get_form(options.form)
-    distribution = model.feature_distribution(layer) if options.needs_distribution else None
+    if form.reads_decoder:
+        raise ValueError(
+            f"form {options.form!r} reads the decoder: explain the VAE through "
+            "pipeline.explain_anomaly"
+        )
     # gradient_relu of a per-latent target acts on dmu_i/dA, before the energy factor
-    relu_first = options.gradient_relu and options.target != attn.TOTAL_ENERGY
-    if form.residual:
-        features, mu, logvar = explainer.forward(images)
-        residual = features - explainer.forward(model.decode(mu))[0]
-        dev = deviation.relative_residual(residual, model.residual_distribution(layer))
-        return forms.attribute(form, None, dev, options.sign), mu, logvar
+    relu_first = options.gradient_relu and options.target != "total-energy"
+    method = explainer.method
     if not form.needs_gradient:
-        features, mu, logvar = explainer.forward(images)
+        features, mu, logvar = passes.once(("forward", method), explainer.forward, images)
         grads = None
     elif form.integrated:
         start = (
@@ -65,12 +138,22 @@ def layer_map(model, images, layer, options, stats):
             else tf.zeros(explainer.front.output.shape[1:], tf.float32)
         )
         deviation.check_shape(tf.TensorShape(explainer.front.output.shape), start)
-        features, grads, mu, logvar = explainer.path_gradients(
-            images, stats, start, options.steps
+        features, grads, mu, logvar = passes.once(
+            ("path", method, options.deviation != "none", options.steps),
+            explainer.path_gradients,
+            images,
+            stats,
+            start,
+            options.steps,
         )
     else:
-        features, grads, mu, logvar = explainer.target_gradients(
-            images, options.target, stats, relu_latent_gradients=relu_first
+        features, grads, mu, logvar = passes.once(
+            ("target", method, options.target, relu_first),
+            explainer.target_gradients,
+            images,
+            options.target,
+            stats,
+            relu_first,
         )
     if form.integrated:
         dev = features - tf.cast(start, tf.float32)
@@ -132,7 +215,7 @@ def explain_anomaly(model, images, options=None, keys=None):
         maps = []
         for layer in options.layers:
             small, mu, logvar = layer_map(model, images, layer, options, stats)
-            maps.append(attn.upsample(small, size))
+            maps.append(upsample(small, size))
         heatmap = combine_layers(maps, options)
     reconstruction = None
     if pixels or options.gate == "recon":
@@ -147,8 +230,8 @@ def explain_anomaly(model, images, options=None, keys=None):
         "mu": mu,
         "logvar": logvar,
         "score": tf.reduce_max(heatmap, axis=[1, 2]),
-        "latent_distance": attn.energy(
-            *attn.difference_distribution(stats.mean, stats.std, mu, tf.exp(0.5 * logvar))
+        "latent_distance": energy(
+            *difference_distribution(stats.mean, stats.std, mu, tf.exp(0.5 * logvar))
         ),
         "kl": losses.kl_divergence(mu, logvar),
         "attention_energy": tf.reduce_mean(heatmap, axis=[1, 2]),
@@ -170,7 +253,7 @@ def explain_anomaly(model, images, options=None, keys=None):
         )
         latent_maps = explainer.explain(images).latent_maps
         out["per_latent"] = latent_maps
-        out["attention"] = attn.upsample(tf.reduce_mean(latent_maps, axis=1), size)
+        out["attention"] = upsample(tf.reduce_mean(latent_maps, axis=1), size)
     return {key: value for key, value in out.items() if wanted is None or key in wanted}
 
 

@@ -51,7 +51,7 @@ def stages(model):
     layer name)]) pairs: the decoder, the encoder's head (everything after its last named
     stage), then each named stage ("layer4", ..., "conv1") with the layers that lead to
     it from the stage before."""
-    from keras_vae_attn.attention import stage_layer_names
+    from keras_vae_attn.explain.taps import stage_layer_names
 
     encoder = model.encoder
     names = [layer.name for layer in encoder.layers]

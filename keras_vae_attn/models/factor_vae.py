@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import backbones, losses
-from keras_vae_attn.attention import weighted_sum
+from keras_vae_attn.explain import forms
+from keras_vae_attn.explain.gradients import stacked_gradients
 from keras_vae_attn.models.vae import VAE
 
 PAIR_MODES = ("top", "random")
@@ -154,12 +155,12 @@ class FactorVAE(VAE):
         """
         split = self.explainer(self.ad_layer)
         features = split.front(images, training=training)
-        (mu, logvar), grads = split.stacked_gradients(features, training=training)
+        (mu, logvar), grads = stacked_gradients(split, features, training=training)
         dtype = tf.float64 if features.dtype == tf.float64 else tf.float32  # >= float32
-        weights = tf.reduce_mean(tf.cast(grads, dtype), axis=[2, 3])  # (B, D, K)
+        weights = forms.pooled(tf.cast(grads, dtype))  # (B, D, K)
         if not self.ad_second_order:
             weights = tf.stop_gradient(weights)
-        signed = weighted_sum(weights, tf.cast(features, dtype))
+        signed = forms.weigh(weights, tf.cast(features, dtype))
         maps = tf.nn.relu(signed) if self.ad_maps == "relu" else tf.abs(signed)
         return mu, logvar, maps
 

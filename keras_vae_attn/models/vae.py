@@ -9,8 +9,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import backbones, losses
-from keras_vae_attn.attention import NormalStats, VAEAttention, fit_normal_stats
+from keras_vae_attn.attention import VAEAttention
 from keras_vae_attn.explain.deviation import FeatureDistribution, FeatureMoments
+from keras_vae_attn.explain.latent import NormalStats, fit_normal_stats
 
 
 class VAE(keras.Model):
