@@ -106,7 +106,7 @@ def write_figures(model, run_dir, images, labels, options, metrics, calibrated, 
     from keras_vae_attn import viz
     from keras_vae_attn.evaluate import ATTENTION
     from keras_vae_attn.explain import pipeline
-    from keras_vae_attn.attention import upsample
+    from keras_vae_attn.explain.pipeline import upsample
     from keras_vae_attn.predictions import scale_label
 
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
