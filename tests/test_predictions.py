@@ -9,9 +9,8 @@ import pytest
 import tensorflow as tf
 
 from export import load_thresholds, saved_model
-from keras_vae_attn.data import mvtec
+from keras_vae_attn.data import mvtec, split_held_out
 from keras_vae_attn.data.synthetic import write_mvtec_category
-from keras_vae_attn.predictions import split_held_out
 from trainers import mvtec as trainer
 
 QUICK = [
@@ -106,6 +105,8 @@ def test_held_out_split_takes_the_last_images_and_refuses_to_leave_none():
     assert list(trained) == list(held) == list(range(10))
     with pytest.raises(ValueError, match="leaves none to train on"):
         split_held_out(images[:1], 0.5)
+    files = [f"train/good/{i:03d}.png" for i in range(10)]  # the pipeline holds out files
+    assert split_held_out(files, 0.3) == (files[:7], files[7:])
 
 
 def test_bad_holdout_fraction_is_a_one_line_parser_error(capsys):
