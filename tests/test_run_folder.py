@@ -223,6 +223,36 @@ def test_the_registry_writes_a_generated_category_again_and_reopens_it(tmp_path)
     assert data.test.paths == test.paths
 
 
+def test_the_registry_reopens_ucsd_clips_with_the_runs_frame_steps(tmp_path):
+    from keras_vae_attn.data import ucsd
+    from keras_vae_attn.data.synthetic import write_ucsd_dataset
+
+    write_ucsd_dataset(str(tmp_path), "ped2", frames=12, n_train=2, n_test=2)
+    config = {"subset": "ped2", "data_dir": str(tmp_path), "image_size": 24}
+    config.update(frame_step=3, test_frame_step=2, max_test_clips=1)
+    data = registry.open_run_data(config)
+    train = ucsd.load_train(str(tmp_path), "ped2", 24, frame_step=3)
+    test = ucsd.load_test(str(tmp_path), "ped2", 24, max_clips=1, frame_step=2)
+    assert data.dataset == "ucsd"
+    np.testing.assert_array_equal(data.normal, ucsd.to_float(train))
+    np.testing.assert_array_equal(data.test.images, ucsd.to_float(test.images))
+    np.testing.assert_array_equal(data.test.masks, test.masks)
+    assert data.test.groups == test.clips and len(set(test.clips)) == 1
+
+
+def test_the_registry_reopens_mnist_digits_image_labelled(shared_data):
+    from keras_vae_attn.data import mnist
+
+    config = {"normal_digit": 7, "data_dir": str(shared_data / "mnist")}
+    data = registry.open_run_data({**config, "max_train": 20, "max_test": 30})
+    test_x, test_y = mnist.load(config["data_dir"], "test")
+    assert data.dataset == "mnist" and data.normal.shape == (20, 28, 28, 1)
+    assert data.test.masks is None
+    assert list(data.test.labels) == [int(y != 7) for y in test_y[:30]]
+    assert data.test.groups == [int(y) for y in test_y[:30]]
+    np.testing.assert_array_equal(data.test.images, mnist.to_float(test_x[:30]))
+
+
 # --- a trainer's run, read back ------------------------------------------------------
 
 

@@ -118,21 +118,18 @@ def _ucsd(config: Mapping[str, Any]) -> RunData:
         from keras_vae_attn.data.synthetic import write_ucsd_dataset
 
         write_ucsd_dataset(root, subset, seed=config.get("seed", 0), **UCSD_DEMO_DATA)
-    size = config["image_size"]
-    train = ucsd.load_train(
-        root,
-        subset,
-        size,
-        max_clips=config.get("max_train_clips"),
-        frame_step=config.get("frame_step", 1),
-    )
-    test = ucsd.load_test(
-        root,
-        subset,
-        size,
-        max_clips=config.get("max_test_clips"),
-        frame_step=config.get("test_frame_step", 1),
-    )
+
+    def frames(load, part, step_key):
+        return load(
+            root,
+            subset,
+            config["image_size"],
+            max_clips=config.get(f"max_{part}_clips"),
+            frame_step=config.get(step_key, 1),
+        )
+
+    train = frames(ucsd.load_train, "train", "frame_step")
+    test = frames(ucsd.load_test, "test", "test_frame_step")
     return RunData(
         "ucsd",
         to_float(train),
