@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -58,8 +58,11 @@ def read_thresholds(path: str) -> Thresholds:
 
 
 def from_normal(
-    heatmaps, scores, pixel_percentile=PIXEL_PERCENTILE, image_percentile=IMAGE_PERCENTILE
-):
+    heatmaps: Any,
+    scores: Any,
+    pixel_percentile: float = PIXEL_PERCENTILE,
+    image_percentile: float = IMAGE_PERCENTILE,
+) -> Thresholds:
     """Thresholds from normal images only: percentiles of their pixel and image scores.
 
     ``heatmaps`` (N, H, W) and ``scores`` (N,) of held-out normal images. A pixel of a
@@ -77,14 +80,14 @@ def from_normal(
 
 
 def from_model(
-    model,
-    normal_images,
-    options,
-    batch_size=16,
-    pixel_percentile=PIXEL_PERCENTILE,
-    image_percentile=IMAGE_PERCENTILE,
-    keys=(),
-):
+    model: Any,
+    normal_images: Any,
+    options: Any,
+    batch_size: int = 16,
+    pixel_percentile: float = PIXEL_PERCENTILE,
+    image_percentile: float = IMAGE_PERCENTILE,
+    keys: tuple[str, ...] = (),
+) -> tuple[Thresholds, dict]:
     """:func:`from_normal` on a model's outputs for held-out ``normal_images`` (float
     (N, H, W, C)) with the run's ExplainOptions: how a run's predictions.csv and the
     export pipeline calibrate. Returns (thresholds, outputs); the outputs (numpy) hold
@@ -97,7 +100,7 @@ def from_model(
     return from_normal(out["heatmap"], out["score"], pixel_percentile, image_percentile), out
 
 
-def best_f1_threshold(scores, labels, candidates=1000):
+def best_f1_threshold(scores: Any, labels: Any, candidates: int = 1000) -> tuple[float, float]:
     """The threshold maximising F1 of ``scores > t`` against boolean ``labels``.
 
     Candidates are quantiles of the scores, and counts come from histograms, so memory
@@ -121,14 +124,14 @@ def best_f1_threshold(scores, labels, candidates=1000):
     return float(np.nextafter(edges[best], -np.inf)), float(f1[best])
 
 
-def from_labelled(heatmaps, masks, scores, labels):
+def from_labelled(heatmaps: Any, masks: Any, scores: Any, labels: Any) -> Thresholds:
     """F1-optimal thresholds on a labelled validation set (pixels pooled)."""
     pixel, _ = best_f1_threshold(heatmaps, masks)
     image, _ = best_f1_threshold(scores, labels)
     return Thresholds(pixel, image, "F1-optimal on labelled validation set")
 
 
-def decide(heatmap, score, thresholds):
+def decide(heatmap: Any, score: Any, thresholds: Thresholds) -> dict:
     """Masks, labels and a normalized heatmap from raw outputs (NumPy or TF tensors).
 
     Returns ``pred_mask`` (B, H, W) bool, ``pred_label`` (B,) bool and
@@ -147,7 +150,7 @@ def decide(heatmap, score, thresholds):
     }
 
 
-def normalize(values, threshold):
+def normalize(values: Any, threshold: Any) -> Any:
     """``values`` on [0, 1] with ``threshold`` at 0.5 (linear, twice it maps to 1): the
     exported ``heatmap_normalized``, and a run's ``pred_score`` of image scores."""
     import tensorflow as tf

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Calibration(NamedTuple):
     source: str  # which normal images, in words
 
 
-def describe_source(fraction, held_out):
+def describe_source(fraction: float, held_out: int) -> str:
     """The words predictions.csv's metrics use for the calibration images."""
     if fraction > 0:
         return (
@@ -50,13 +50,20 @@ def describe_source(fraction, held_out):
     return f"the {held_out} normal training images (no held-out split)"
 
 
-def display_scale(maps):
+def display_scale(maps: Any) -> float:
     """The colour-scale top of a figure's maps: twice their 99.5th percentile on normal
     images (for the method, where ``heatmap_normalized`` reaches 1)."""
     return max(2.0 * float(np.percentile(maps, calibration.PIXEL_PERCENTILE)), 1e-12)
 
 
-def calibrate(model, normal_images, options, batch_size, source, others=None):
+def calibrate(
+    model: Any,
+    normal_images: Any,
+    options: Any,
+    batch_size: int,
+    source: str,
+    others: dict | None = None,
+) -> Calibration:
     """Thresholds from held-out ``normal_images`` (float (N, H, W, C)) and the colour
     scale of the method's map, the reconstruction difference and each of ``others``
     ({name: ExplainOptions}, e.g. single-layer ablations)."""
@@ -70,7 +77,7 @@ def calibrate(model, normal_images, options, batch_size, source, others=None):
     return Calibration(thresholds, scales, source)
 
 
-def scale_label(name, calibrated):
+def scale_label(name: str, calibrated: Calibration) -> str:
     """A colorbar label: the scale is shared by all images, and what its top is."""
     top = calibrated.scales[name]
     if name == ATTENTION:
@@ -86,7 +93,9 @@ def scale_label(name, calibrated):
     )
 
 
-def predict(heatmaps, thresholds, batch_size=256):
+def predict(
+    heatmaps: Any, thresholds: calibration.Thresholds, batch_size: int = 256
+) -> dict[str, np.ndarray]:
     """Per-image decisions from the method's maps (N, H, W) at the run's smoothing:
     image_score (their max, as the exported graph), pred_score, pred_label and
     pred_mask_fraction (numpy arrays), by :func:`calibration.decide`."""
@@ -109,7 +118,15 @@ def predict(heatmaps, thresholds, batch_size=256):
     }
 
 
-def write(run_dir, files, groups, group_name, labels, predicted, calibrated):
+def write(
+    run_dir: str,
+    files: list,
+    groups: list,
+    group_name: str,
+    labels: Any,
+    predicted: dict,
+    calibrated: Calibration,
+) -> dict:
     """predictions.csv and thresholds.json into ``run_dir``; returns the metrics.json
     entry (the files, thresholds, calibration images and counts at the threshold)."""
     labels = np.asarray(labels).astype(int)
@@ -157,7 +174,15 @@ def write(run_dir, files, groups, group_name, labels, predicted, calibrated):
     }
 
 
-def save_images(run_dir, files, images, heatmaps, masks, predicted, calibrated):
+def save_images(
+    run_dir: str,
+    files: list,
+    images: Any,
+    heatmaps: Any,
+    masks: Any,
+    predicted: dict,
+    calibrated: Calibration,
+) -> str:
     """One PNG per test image into ``<run>/predictions/``: input, heatmap (colorbar on
     the run's shared scale), ground-truth mask and the mask predicted at the pixel
     threshold. Returns the folder."""

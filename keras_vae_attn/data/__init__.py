@@ -20,19 +20,19 @@ class DataError(ValueError):
     messages never name CLI flags.
     """
 
-    def __init__(self, message, option=None):
+    def __init__(self, message: str, option: str | None = None) -> None:
         super().__init__(message)
         self.option = option
 
 
-def is_hidden(name):
+def is_hidden(name: str) -> bool:
     """True for the hidden and system files that copies made on macOS or Windows carry
     (".DS_Store", "._001.tif" resource forks, "Thumbs.db", "desktop.ini"): never data, and
     often not decodable, so every reader skips them by name."""
     return name.startswith(".") or name.lower() in SYSTEM_FILES
 
 
-def visible_names(folder):
+def visible_names(folder: str) -> list[str]:
     """The entries of ``folder`` that are not hidden or system files; logs how many were
     skipped, so a dataset that seems to be missing files can be explained."""
     names = os.listdir(folder)
@@ -45,7 +45,7 @@ def visible_names(folder):
     return kept
 
 
-def to_float(images):
+def to_float(images: Any) -> Any:
     """uint8 images -> float32 in [0, 1], same shape (what every model reads)."""
     import numpy as np
 
