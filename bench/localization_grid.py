@@ -33,45 +33,42 @@ import time
 import numpy as np
 
 from bench import cli_parser
+from keras_vae_attn.explain import forms
+from keras_vae_attn.explain.options import DEVIATIONS, SIGNS, ExplainOptions
 
-FORMS_WITH_SIGN = ("gradcam", "hirescam", "integrated")
-#: the rule's tie-break order (cheapest first)
-FORM_COST = (
-    "recon-deviation",
-    "feature-residual",
-    "gradcam",
-    "gradient-weighted-deviation",
-    "hirescam",
-    "integrated",
-    "deviation",
-    "paper",
-)
+#: the forms that read the decoder: the feature residual (a row per layer set) and the
+#: reconstruction deviation (one row, no layer)
+RESIDUAL = next(name for name, form in forms.FORMS.items() if form.residual)
+RECON_DEVIATION = next(name for name, form in forms.FORMS.items() if form.pixels)
+#: the grid's row of the paper's map (per-latent energy, Grad-CAM, ReLU): not a form name
 PAPER = "paper"
-RESIDUAL = "feature-residual"
-RECON_DEVIATION = "recon-deviation"
+#: the rule's tie-break order (cheapest first, then the registry's order)
+FORM_COST = (*sorted(forms.FORMS, key=lambda name: forms.FORMS[name].cost), PAPER)
 POSITION_SETS = ("1", "2", "3", "1+2", "1+2+3")
 GATES = ("none", "recon")
 #: the references the rule never picks (bench/RESULTS.md, second rule)
-REFERENCE_FORMS = ("deviation",)
+REFERENCE_FORMS = tuple(name for name, form in forms.FORMS.items() if form.reference)
 
 
 def configurations(full=False):
-    """(form, deviation, sign) of every total-energy grid entry; sign "-" = no sign rule.
-    Integrated gradients on standardized or whitened features equal the centered ones
-    (the path integral does not depend on a linear change of basis), so those rows are
-    left out. The feature reconstruction residual has no deviation of its own.
+    """(form, deviation, sign) of every total-energy grid entry, one per form of the
+    registry that reads a layer; sign "-" = no sign rule. Integrated gradients on
+    standardized or whitened features equal the centered ones (the path integral does
+    not depend on a linear change of basis), so those rows are left out. The feature
+    reconstruction residual has no deviation of its own.
 
     Without ``full`` (the default since the grid also runs on a randomized twin, which
     doubles its cost) the rows no earlier grid ranked in its top 12 are left out: the
     integrated gradients (16 extra backward passes per batch) and the "signed" sign."""
     rows = []
-    forms = ("gradcam", "hirescam", "integrated", "gradient-weighted-deviation", "deviation")
-    for form in forms if full else tuple(f for f in forms if f != "integrated"):
-        for deviation in ("none", "centered", "standardized", "whitened"):
-            if form == "integrated" and deviation in ("standardized", "whitened"):
+    for name, form in forms.FORMS.items():
+        if form.reads_decoder or (form.integrated and not full):
+            continue
+        for deviation in DEVIATIONS:
+            if form.integrated and deviation in ("standardized", "whitened"):
                 continue
-            signs = ("relu", "abs", "signed") if form in FORMS_WITH_SIGN else ("-",)
-            rows.extend((form, deviation, sign) for sign in signs if full or sign != "signed")
+            signs = SIGNS if form.uses_sign else ("-",)
+            rows.extend((name, deviation, sign) for sign in signs if full or sign != "signed")
     return rows + [(RESIDUAL, "-", "-")]
 
 
@@ -79,71 +76,49 @@ def key(form, deviation, sign):
     return f"{form}/{deviation}/{sign}"
 
 
+def row_options(layer, form, deviation, sign):
+    """The :class:`ExplainOptions` of a grid row at ``layer`` (a "-" part is unused)."""
+    return ExplainOptions(
+        layers=(layer,),
+        form=form,
+        target="total-energy",
+        deviation="none" if deviation == "-" else deviation,
+        sign="relu" if sign == "-" else sign,
+    )
+
+
 def layer_maps_fn(model, layer, configs, size):
-    """A tf.function: images -> {config key: (B, H, W)} for one layer (module doc)."""
+    """A tf.function: images -> {config key: (B, H, W)} for one layer, every map from
+    the passes the configurations share (``pipeline.layer_maps``, module doc)."""
     import tensorflow as tf
 
-    from keras_vae_attn import attention as attn
-    from keras_vae_attn.explain import forms, pipeline
-    from keras_vae_attn.explain.options import ExplainOptions
+    from keras_vae_attn.explain import pipeline
 
-    explainer = model.explainer(layer)
+    cut_point = model.explainer(layer).head is not None  # integrated gradients need one
+    wanted = {
+        key(*config): row_options(layer, *config)
+        for config in configs
+        if cut_point or not forms.get_form(config[0]).integrated
+    }
+    wanted[PAPER] = ExplainOptions.preset("paper", layers=(layer,))
     stats = model.normal_stats()
-    distribution = model.feature_distribution(layer)
-    zero = tf.zeros(explainer.front.output.shape[1:], tf.float32)
-    integrated = explainer.head is not None and any(
-        forms.get_form(form).integrated for form, _, _ in configs
-    )
-    residual = ExplainOptions(layers=(layer,), form=RESIDUAL)
 
     def compute(images):
-        out = {}
-        features, grads, _, _ = explainer.target_gradients(images, "total-energy", stats)
-        paths = {}
-        if integrated:
-            for deviation, start in (("none", zero), ("centered", distribution.mean)):
-                _, path_grads, _, _ = explainer.path_gradients(images, stats, start, 8)
-                paths[deviation] = (path_grads, features - start)
-        for form_name, deviation, sign in configs:
-            form = forms.get_form(form_name)
-            if form.residual:
-                small = pipeline.layer_map(model, images, layer, residual, stats)[0]
-            elif form.integrated:
-                if deviation not in paths:
-                    continue
-                path_grads, dev = paths[deviation]
-                small = forms.attribute(form, path_grads, dev, sign)
-            else:
-                dev = deviation.deviation(features, distribution, deviation)
-                basis = deviation.gradients_in_deviation_basis(grads, distribution, deviation)
-                small = forms.attribute(
-                    form, basis if form.needs_gradient else None, dev, sign
-                )
-            out[key(form_name, deviation, sign)] = attn.upsample(small, size)
-        _, latent_grads, _, _ = explainer.target_gradients(images, "energy", stats)
-        paper = forms.attribute(forms.get_form("gradcam"), latent_grads, features, "relu")
-        out[PAPER] = attn.upsample(paper, size)
-        return out
+        maps = pipeline.layer_maps(model, images, layer, list(wanted.values()), stats)[0]
+        return {
+            name: pipeline.upsample(maps[options], size) for name, options in wanted.items()
+        }
 
     return tf.function(compute, reduce_retracing=True)
 
 
-def recon_deviation_fn(model):
-    """A tf.function: images -> the standardized reconstruction residual (B, H, W)."""
-    import tensorflow as tf
-
-    from keras_vae_attn.explain.options import ExplainOptions
-    from keras_vae_attn.explain.pipeline import explain_anomaly
+def recon_deviation_maps(model, images, batch_size):
+    """The reconstruction deviation of ``images`` (N, H, W): the pixel map the gate
+    multiplies in, as the pipeline serves it."""
+    from keras_vae_attn.explain import pipeline
 
     options = ExplainOptions(form=RECON_DEVIATION)
-    return tf.function(
-        lambda images: {
-            RECON_DEVIATION: explain_anomaly(model, images, options, keys=("heatmap",))[
-                "heatmap"
-            ]
-        },
-        reduce_retracing=True,
-    )
+    return pipeline.batched(model, images, batch_size, options, keys=("heatmap",))["heatmap"]
 
 
 def run_layer(fn, images, batch_size, percentile_only=False):
@@ -229,7 +204,7 @@ def model_maps(model, layers, normal, images, batch_size, quiet, tag):
             )
             for name in per_layer[positions[0]]
         }
-    recon = run_layer(recon_deviation_fn(model), images, batch_size)[RECON_DEVIATION]
+    recon = recon_deviation_maps(model, images, batch_size)
     return sets, recon
 
 
@@ -245,9 +220,9 @@ def grid(run_dir, batch_size=16, quiet=False, twin=True):
     import tensorflow as tf
 
     from keras_vae_attn import references
-    from keras_vae_attn.attention import stage_layer_names
     from keras_vae_attn.explain import pipeline, sanity
     from keras_vae_attn.explain.options import ExplainOptions
+    from keras_vae_attn.explain.taps import stage_layer_names
     from keras_vae_attn.metrics import comparison
 
     started = time.perf_counter()

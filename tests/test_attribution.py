@@ -527,6 +527,32 @@ def test_layer_scales_and_combined_maps(vae):
     assert pipeline.fit_layer_scales(vae, normal, singles["conv1"]) is singles["conv1"]
 
 
+def test_several_configurations_in_one_pass_equal_each_alone(vae):
+    """pipeline.layer_maps (the grid's pass: each gradient or path computed once for
+    all the configurations reading it) gives every configuration the map it gets alone."""
+    x = tf.constant(odd_images(3))
+    total = ExplainOptions(layers=("conv2",), target="total-energy", sign="abs", steps=4)
+    configurations = [
+        total,
+        total.replace(deviation="standardized"),
+        total.replace(form="hirescam", target="energy", deviation="centered", sign="signed"),
+        total.replace(form="gradient-weighted-deviation", deviation="standardized"),
+        total.replace(form="gradient-norm"),
+        total.replace(form="deviation", deviation="standardized"),
+        total.replace(form="integrated"),
+        total.replace(form="integrated", deviation="centered"),
+        total.replace(form="feature-residual"),
+        ExplainOptions.preset("paper", layers=("conv2",)),
+    ]
+    stats = vae.normal_stats()
+    maps, mu, _ = pipeline.layer_maps(vae, x, "conv2", configurations, stats)
+    assert list(maps) == configurations
+    for options in configurations:
+        alone, alone_mu, _ = pipeline.layer_map(vae, x, "conv2", options, stats)
+        np.testing.assert_allclose(maps[options].numpy(), alone.numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(mu.numpy(), constants(vae, "conv2", x)[1], atol=1e-6)
+
+
 # --- 7. bad inputs -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "fields, field, flag",

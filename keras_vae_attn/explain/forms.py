@@ -72,6 +72,11 @@ class Form:
     integrated = False  # True: gradients averaged along a path (see Integrated)
     residual = False  # True: dev is the standardized feature reconstruction residual
     pixels = False  # True: a map of the pixels, no layer (see ReconDeviation)
+    #: True: a reference that shows what the other forms add; the grid scores it, but
+    #: its rule never picks it as the default (bench/localization_grid.py)
+    reference = False
+    #: relative cost of the map, for ties in the grid's ranking (cheaper first)
+    cost = 2
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -107,6 +112,7 @@ class HiResCAM(Form):
     is stays in the map (pooling throws that away)."""
 
     name = "hirescam"
+    cost = 4
 
     def signed_map(self, grads, dev, gradient_relu=False):
         return tf.reduce_sum(grads * dev[:, None], axis=-1)
@@ -120,6 +126,7 @@ class Integrated(HiResCAM):
 
     name = "integrated"
     integrated = True
+    cost = 5
 
 
 class GradientWeightedDeviation(Form):
@@ -128,6 +135,7 @@ class GradientWeightedDeviation(Form):
 
     name = "gradient-weighted-deviation"
     uses_sign = False
+    cost = 3
 
     def signed_map(self, grads, dev, gradient_relu=False):
         weights = tf.abs(pooled(grads, gradient_relu))
@@ -140,6 +148,8 @@ class GradientNorm(Form):
 
     name = "gradient-norm"
     uses_sign = False
+    reference = True
+    cost = 4
 
     def signed_map(self, grads, dev, gradient_relu=False):
         return tf.sqrt(tf.reduce_sum(tf.square(grads), axis=-1) + 1e-12)
@@ -152,6 +162,8 @@ class DeviationNorm(Form):
     name = "deviation"
     needs_gradient = False
     uses_sign = False
+    reference = True
+    cost = 1
 
     def signed_map(self, grads, dev, gradient_relu=False):
         return tf.sqrt(tf.reduce_sum(tf.square(dev), axis=-1) + 1e-12)[:, None]
@@ -165,6 +177,8 @@ class FeatureResidual(DeviationNorm):
 
     name = "feature-residual"
     residual = True
+    reference = False
+    cost = 1
 
 
 class ReconDeviation(DeviationNorm):
@@ -176,6 +190,8 @@ class ReconDeviation(DeviationNorm):
 
     name = "recon-deviation"
     pixels = True
+    reference = False
+    cost = 0
 
     def label(self, options):
         return "recon-deviation (reconstruction residual relative to its normal size)"
