@@ -152,6 +152,17 @@ def test_api_equals_the_trainers_internal_path():
     )
 
 
+def test_every_public_name_resolves_where_the_package_says():
+    import keras_vae_attn
+    from keras_vae_attn.explain import latent, taps
+
+    for name in keras_vae_attn.__all__:
+        assert getattr(keras_vae_attn, name) is not None, name
+    assert issubclass(keras_vae_attn.VAEAttention, taps.LayerTap)
+    assert keras_vae_attn.fit_normal_stats is latent.fit_normal_stats
+    assert keras_vae_attn.feature_layer_names is taps.feature_layer_names
+
+
 def test_overlay_checks_sizes_and_returns_uint8_rgb():
     maps = RNG.random((3, 16, 16))
     pictures = overlay(X, maps)

@@ -37,11 +37,11 @@ class FeatureMoments:
     """Streaming mean and variance of feature maps, merged batch by batch (Chan et al.)
     in float64, so no list of all features is kept."""
 
-    def __init__(self, covariance=False):
+    def __init__(self, covariance: bool = False):
         self.count, self.mean, self.m2, self.c2 = 0, None, None, None
         self.covariance = covariance  # also the channel covariance at each position
 
-    def update(self, features):
+    def update(self, features: np.ndarray) -> None:
         features = np.asarray(features, np.float64)
         count = features.shape[0]
         if count == 0:
@@ -61,12 +61,12 @@ class FeatureMoments:
             self.c2 = self.c2 + c2 + np.einsum("...k,...l->...kl", delta, delta) * weight
         self.count = total
 
-    def result(self):
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.count:
             raise ValueError("cannot fit a feature distribution on an empty dataset")
         return (self.mean.astype(np.float32), np.sqrt(self.m2 / self.count).astype(np.float32))
 
-    def whitening(self):
+    def whitening(self) -> tuple[np.ndarray, np.ndarray]:
         """(L^-1, L) float32 (h, w, K, K) of the ridged covariance (COVARIANCE_RIDGE)."""
         if not self.covariance or not self.count:
             raise ValueError("no covariance was accumulated")
@@ -91,7 +91,9 @@ def _scatter(centered):
     )
 
 
-def deviation(features, distribution, kind):
+def deviation(
+    features: tf.Tensor, distribution: FeatureDistribution | None, kind: str
+) -> tf.Tensor:
     """The deviation of ``features`` (B, h, w, K) named by ``kind`` (see module doc)."""
     if kind == "none":
         return features
@@ -109,7 +111,7 @@ def deviation(features, distribution, kind):
     return centered / tf.sqrt(tf.square(std) + tf.square(floor))
 
 
-def relative_residual(residual, distribution):
+def relative_residual(residual: tf.Tensor, distribution: FeatureDistribution) -> tf.Tensor:
     """A reconstruction residual (B, h, w, K) divided by its normal root mean square per
     position and channel (floored like the std), *not* centered: the normal residual's
     mean is the VAE's systematic error where it is trained, but for a VAE that learned
@@ -122,7 +124,7 @@ def relative_residual(residual, distribution):
     return residual / tf.sqrt(tf.square(rms) + tf.square(floor))
 
 
-def check_shape(features, mean):
+def check_shape(features: tf.Tensor | tf.TensorShape, mean: tf.Tensor) -> None:
     """A clear error when a fitted (h, w, K) map does not fit ``features`` (B, h, w, K)
     (a tensor, or its TensorShape)."""
     shape = features if isinstance(features, tf.TensorShape) else features.shape
@@ -143,7 +145,9 @@ def _whitening(distribution):
     return distribution
 
 
-def gradients_in_deviation_basis(grads, distribution, kind):
+def gradients_in_deviation_basis(
+    grads: tf.Tensor | None, distribution: FeatureDistribution | None, kind: str
+) -> tf.Tensor | None:
     """For "whitened", the gradients with respect to z = L^-1 (A - mean): L^T dE/dA, so
     that channel k of the gradient and of the deviation are the same direction."""
     if kind != "whitened" or grads is None:

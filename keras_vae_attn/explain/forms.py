@@ -24,6 +24,10 @@ math, so the CLIs list the names before TensorFlow starts.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keras_vae_attn.explain.options import ExplainOptions
 
 
 class _TensorFlowOnFirstUse:
@@ -36,7 +40,7 @@ class _TensorFlowOnFirstUse:
 tf = _TensorFlowOnFirstUse()
 
 
-def apply_sign(maps, sign):
+def apply_sign(maps: tf.Tensor, sign: str) -> tf.Tensor:
     """relu / abs / signed (identity) on signed maps."""
     if sign == "relu":
         return tf.nn.relu(maps)
@@ -45,14 +49,14 @@ def apply_sign(maps, sign):
     return maps
 
 
-def pooled(grads, gradient_relu: bool = False):
+def pooled(grads: tf.Tensor, gradient_relu: bool = False) -> tf.Tensor:
     """Grad-CAM weights: gradients (B, T, h, w, K) averaged over positions, (B, T, K)."""
     if gradient_relu:
         grads = tf.nn.relu(grads)
     return tf.reduce_mean(grads, axis=[2, 3])
 
 
-def weigh(weights, features):
+def weigh(weights: tf.Tensor, features: tf.Tensor) -> tf.Tensor:
     """sum_k w_t[k] A_k, signed: weights (B, T, K) x features (B, h, w, K) -> (B, T, h, w).
     With :func:`pooled` weights, Grad-CAM's map before its ReLU (the paper's Eq. 3)."""
     return tf.einsum("btk,bhwk->bthw", weights, features)
@@ -83,18 +87,20 @@ class Form:
         FORMS[cls.name] = cls()
 
     @property
-    def reads_decoder(self):
+    def reads_decoder(self) -> bool:
         """Whether the map reads the reconstruction (and so its normal residual)."""
         return self.residual or self.pixels
 
-    def label(self, options):
+    def label(self, options: ExplainOptions) -> str:
         """This form's part of ``ExplainOptions.describe()``: 'gradcam/energy/none/relu'."""
         if self.reads_decoder:
             return self.name
         parts = [self.name, options.target, options.deviation]
         return "/".join(parts + [options.sign] if self.uses_sign else parts)
 
-    def signed_map(self, grads, dev, gradient_relu=False):
+    def signed_map(
+        self, grads: tf.Tensor | None, dev: tf.Tensor, gradient_relu: bool = False
+    ) -> tf.Tensor:
         raise NotImplementedError
 
 
@@ -197,13 +203,19 @@ class ReconDeviation(DeviationNorm):
         return "recon-deviation (reconstruction residual relative to its normal size)"
 
 
-def get_form(name):
+def get_form(name: str) -> Form:
     if name not in FORMS:
         raise ValueError(f"unknown attribution form {name!r}; choose one of {sorted(FORMS)}")
     return FORMS[name]
 
 
-def attribute(form, grads, dev, sign, gradient_relu=False):
+def attribute(
+    form: Form,
+    grads: tf.Tensor | None,
+    dev: tf.Tensor,
+    sign: str,
+    gradient_relu: bool = False,
+) -> tf.Tensor:
     """The map of ``form`` at feature resolution, (B, h, w): signed maps, the sign rule
     (when the form uses one), mean over targets."""
     maps = form.signed_map(

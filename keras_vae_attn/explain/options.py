@@ -62,7 +62,7 @@ FLAGS = {
 class OptionError(ValueError):
     """A bad explain option; ``field`` names it (see FLAGS for the CLI flag)."""
 
-    def __init__(self, field, message):
+    def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
 
@@ -100,7 +100,7 @@ class ExplainOptions:
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
-    def validate(self):
+    def validate(self) -> None:
         for field, choices in (
             ("target", TARGETS),
             ("form", FORMS),
@@ -143,35 +143,35 @@ class ExplainOptions:
 
     # --- derived ----------------------------------------------------------------------
     @property
-    def layer(self):
+    def layer(self) -> str:
         """The first (or only) layer: what single-layer callers show."""
         return self.layers[0]
 
     @property
-    def needs_distribution(self):
+    def needs_distribution(self) -> bool:
         """Whether maps need the layers' fitted normal feature distribution."""
         return self.deviation != "none"
 
     @property
-    def needs_covariance(self):
+    def needs_covariance(self) -> bool:
         """Whether the distribution must include the channel covariance (whitened)."""
         return self.deviation == "whitened"
 
     @property
-    def needs_residuals(self):
+    def needs_residuals(self) -> bool:
         """Whether maps read the normal distribution of the reconstruction residual."""
         return forms.FORMS[self.form].reads_decoder or self.gate != "none"
 
     @property
-    def needs_scales(self):
+    def needs_scales(self) -> bool:
         return len(self.layers) > 1 and self.layer_scales is None
 
-    def replace(self, **changes):
+    def replace(self, **changes) -> ExplainOptions:
         if "layers" in changes and "layer_scales" not in changes:
             changes["layer_scales"] = None  # scales belong to the old layers
         return dataclasses.replace(self, **changes)
 
-    def describe(self):
+    def describe(self) -> str:
         """A short human label, e.g. 'gradcam/energy/none/relu @ conv1'."""
         form = forms.FORMS[self.form]
         if form.pixels:  # no layer
@@ -184,7 +184,7 @@ class ExplainOptions:
         return text
 
     # --- (de)serialization ------------------------------------------------------------
-    def as_config(self):
+    def as_config(self) -> dict:
         """Plain JSON values, stored under "explain" in a run's config.json."""
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)
@@ -192,7 +192,7 @@ class ExplainOptions:
         return data
 
     @classmethod
-    def preset(cls, name, **overrides):
+    def preset(cls, name: str, **overrides) -> ExplainOptions:
         if name not in PRESETS:
             raise OptionError(
                 "preset",
@@ -201,7 +201,7 @@ class ExplainOptions:
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict) -> ExplainOptions:
         """From a run's config.json dict: its "explain" entry."""
         explain = config.get("explain")
         if not isinstance(explain, dict):

@@ -4,6 +4,7 @@ exported graphs all call, so they cannot disagree."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
@@ -15,7 +16,7 @@ from keras_vae_attn.explain.latent import NormalStats, difference_distribution, 
 from keras_vae_attn.explain.options import ExplainOptions
 
 
-def gaussian_blur(maps, sigma):
+def gaussian_blur(maps: tf.Tensor, sigma: float) -> tf.Tensor:
     """Blur (B, H, W) maps with a Gaussian of ``sigma`` pixels (reflected borders).
 
     Coarse attention upsampled from a small feature map has bilinear creases, and a
@@ -35,7 +36,7 @@ def gaussian_blur(maps, sigma):
     return x[..., 0]
 
 
-def resolve_options(options=None):
+def resolve_options(options: ExplainOptions | None = None) -> ExplainOptions:
     """``options``, or the plain :class:`ExplainOptions` when None; TypeError otherwise."""
     if options is None:
         return ExplainOptions()
@@ -44,7 +45,7 @@ def resolve_options(options=None):
     return options
 
 
-def upsample(maps: tf.Tensor, size) -> tf.Tensor:
+def upsample(maps: tf.Tensor, size: tf.Tensor | tuple[int, int]) -> tf.Tensor:
     """Bilinear resize of (B, h, w) maps to ``size`` = (H, W)."""
     return tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
 
@@ -62,14 +63,20 @@ def attribution_map(
     return _one_map(explainer, images, options, stats, distribution, _Passes())
 
 
-def layer_map(model, images, layer, options, stats):
+def layer_map(
+    model, images: tf.Tensor, layer: str, options: ExplainOptions, stats: NormalStats
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One layer's anomaly map at feature resolution (B, h, w), and mu, logvar."""
     maps, mu, logvar = layer_maps(model, images, layer, [options], stats)
     return maps[options], mu, logvar
 
 
 def layer_maps(
-    model, images: tf.Tensor, layer: str, configurations: list, stats: NormalStats
+    model,
+    images: tf.Tensor,
+    layer: str,
+    configurations: list[ExplainOptions],
+    stats: NormalStats,
 ) -> tuple[dict, tf.Tensor, tf.Tensor]:
     """The maps of several :class:`ExplainOptions` at one ``layer`` in one pass:
     ({options: map (B, h, w)}, mu, logvar of the first). Each backward pass (a target's
@@ -164,7 +171,7 @@ def _one_map(explainer, images, options, stats, distribution, passes):
     return forms.attribute(form, grads, dev, options.sign, relu_after), mu, logvar
 
 
-def combine_layers(maps, options):
+def combine_layers(maps: list[tf.Tensor], options: ExplainOptions) -> tf.Tensor:
     """Maps of several layers (each (B, H, W), at input size) in one: each divided by
     its normal-data scale, then their mean or product."""
     if len(maps) == 1:
@@ -180,7 +187,9 @@ def combine_layers(maps, options):
     )
 
 
-def explain_anomaly(model, images, options=None, keys=None):
+def explain_anomaly(
+    model, images, options: ExplainOptions | None = None, keys: Iterable[str] | None = None
+) -> dict[str, tf.Tensor]:
     """Heatmaps and image scores for ``images`` (B, H, W, C) in [0, 1].
 
     ``options``: an :class:`~keras_vae_attn.explain.options.ExplainOptions` (layers,
@@ -257,14 +266,16 @@ def explain_anomaly(model, images, options=None, keys=None):
     return {key: value for key, value in out.items() if wanted is None or key in wanted}
 
 
-def recon_deviation(images, reconstruction, distribution):
+def recon_deviation(
+    images: tf.Tensor, reconstruction: tf.Tensor, distribution: FeatureDistribution
+) -> tf.Tensor:
     """sqrt(mean_c z_c^2) per pixel, z the reconstruction residual relative to its
     normal root mean square (deviation.relative_residual): (B, H, W)."""
     z = deviation.relative_residual(images - reconstruction, distribution)
     return tf.sqrt(tf.reduce_mean(tf.square(z), axis=-1) + 1e-12)
 
 
-def fit_missing_statistics(model, normal_batches, options):
+def fit_missing_statistics(model, normal_batches: Iterable, options: ExplainOptions) -> bool:
     """Fit on ``normal_batches`` what ``options`` need and ``model`` lacks (a model saved
     before a distribution existed, or fitted for other layers): the feature
     distributions of its layers and the reconstruction residuals'. True if it fitted."""
@@ -277,7 +288,9 @@ def fit_missing_statistics(model, normal_batches, options):
     return missing
 
 
-def fit_layer_scales(model, images, options, batch_size=64):
+def fit_layer_scales(
+    model, images: np.ndarray, options: ExplainOptions, batch_size: int = 64
+) -> ExplainOptions:
     """``options`` with ``layer_scales`` set: each layer's 99th-percentile map value over
     ``images`` (normal training images, float (N, H, W, C)). Single layers need none."""
     if len(options.layers) == 1:
@@ -290,7 +303,14 @@ def fit_layer_scales(model, images, options, batch_size=64):
     return options.replace(layer_scales=tuple(scales))
 
 
-def batched(model, images, batch_size=64, options=None, keys=None, progress=None):
+def batched(
+    model,
+    images: np.ndarray,
+    batch_size: int = 64,
+    options: ExplainOptions | None = None,
+    keys: Iterable[str] | None = None,
+    progress: Callable | None = None,
+) -> dict[str, np.ndarray]:
     """Run :func:`explain_anomaly` over a numpy array in batches; numpy dict out.
 
     ``options`` as in :func:`explain_anomaly`; ``keys`` limits what is kept (maps of a
