@@ -115,9 +115,8 @@ class VAEAttention(LayerTap):
         normal ``distribution`` (:meth:`fit_feature_distribution`)."""
         if options is None:
             options = ExplainOptions.preset("paper", gradient_relu=self.gradient_relu)
-        images = self._checked(images)
-        small = pipeline.attribution_map(self, images, options, normal_stats, distribution)[0]
-        return pipeline.upsample(small, tf.shape(images)[1:3])
+        stats = NormalStats(*(tf.cast(v, tf.float32) for v in normal_stats))
+        return self._run(_anomaly_graph, self._checked(images), options, stats, distribution)
 
     def fit_feature_distribution(
         self, dataset: Iterable, covariance: bool = False
@@ -193,6 +192,11 @@ def _explain_graph(explainer: VAEAttention, images: tf.Tensor) -> Explanation:
     index = explainer.logvar_index
     logvar = None if index is None else tf.cast(outputs[index], tf.float32)
     return Explanation(mu, logvar, features, weights, maps)
+
+
+def _anomaly_graph(explainer, images, options, stats, distribution):
+    small = pipeline.attribution_map(explainer, images, options, stats, distribution)[0]
+    return pipeline.upsample(small, tf.shape(images)[1:3])
 
 
 def normalize_maps(maps, eps: float = 1e-8) -> np.ndarray:
