@@ -106,21 +106,14 @@ class LayerTap:
     """Where A comes from in ``encoder``, and how its D latent gradients are batched.
 
     ``encoder`` maps images to outputs that include the latent mean (``latent``) and,
-    for anomaly maps, the log-variance (``logvar``); both may be given by output position
-    or by the name of the layer producing them. ``layer`` names the feature map A
-    ("last" picks the encoder's last 4-D layer). ``method`` (see :meth:`_choose_method`)
-    is one of :data:`~keras_vae_attn.explain.options.METHODS`; the resolved ``method``
-    attribute may also be "hooked" (a subclassed encoder).
+    for anomaly maps, the log-variance (``logvar``, or None); both may be given by output
+    position (int) or by the name (str) of the layer producing them. ``layer`` names the
+    feature map A ("last" picks the encoder's last 4-D layer). ``method`` (see
+    :meth:`_choose_method`) is one of :data:`~keras_vae_attn.explain.options.METHODS`;
+    the resolved ``method`` attribute may also be "hooked" (a subclassed encoder).
     """
 
-    def __init__(
-        self,
-        encoder: keras.Model,
-        layer: str = "last",
-        latent: str | int = "mu",
-        logvar: str | int | None = "logvar",
-        method: str = "auto",
-    ):
+    def __init__(self, encoder: keras.Model, layer: str, latent, logvar, method: str):
         self.encoder = encoder
         self.functional = getattr(encoder, "inputs", None) is not None
         candidates = feature_layer_names(encoder)
