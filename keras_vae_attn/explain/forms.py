@@ -113,6 +113,29 @@ class GradCAM(Form):
         return weigh(pooled(grads, gradient_relu), dev)
 
 
+class GradCAMPlusPlus(Form):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018): channel k's weight sums its positive
+    gradients g, each times alpha = g^2 / (2 g^2 + sum_ab dev_ab g^3), the paper's
+    closed form for an exponential of the target (its higher derivatives are powers of
+    the first-order g). Several weak responses of a channel then count beside one
+    strong one instead of being averaged away as in Grad-CAM."""
+
+    name = "gradcam++"
+    cost = 3
+
+    def signed_map(self, grads, dev, gradient_relu=False):
+        if gradient_relu:
+            grads = tf.nn.relu(grads)
+        squared = tf.square(grads)
+        total = tf.reduce_sum(dev, axis=[1, 2])[:, None, None, None, :]  # (B, 1, 1, 1, K)
+        denominator = 2.0 * squared + total * squared * grads
+        defined = tf.not_equal(denominator, 0.0)
+        alpha = tf.where(
+            defined, squared / tf.where(defined, denominator, 1.0), tf.zeros_like(squared)
+        )
+        return weigh(tf.reduce_sum(alpha * tf.nn.relu(grads), axis=[2, 3]), dev)
+
+
 class HiResCAM(Form):
     """Per-position gradient times deviation, summed over channels: where the gradient
     is stays in the map (pooling throws that away)."""
