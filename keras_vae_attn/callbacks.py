@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae_attn import viz
-from keras_vae_attn.runs import require_space
+from keras_vae_attn.runs import REPLACED, publish, remove_stale, require_space
 
 
 class AttentionImages(keras.callbacks.Callback):
@@ -56,20 +56,6 @@ class AttentionImages(keras.callbacks.Callback):
         )
 
 
-#: metrics.json entries written as evaluation scalars: {method: {metric: value}}-like
-#: dicts (nested dicts become "a/b/c" tags).
-METRIC_GROUPS = (
-    "methods",
-    "image_auroc",
-    "image_auroc_other_scores",
-    "pixel_auroc_per_defect",
-    "best_auroc",
-    "factor_vae_score",
-    "factor_vae_train_accuracy",
-    "attention_overlap_top_pair",
-    "sanity",
-    "latent_selectivity",
-)
 EXAMPLES = 4  # test heatmaps shown at the end of a run: 1 normal, 3 anomalous
 
 
@@ -121,8 +107,9 @@ class EpochScalars(keras.callbacks.Callback):
         )
 
 
-def flat_metrics(metrics):
-    """{"group/.../name": number} of the :data:`METRIC_GROUPS` in a metrics.json dict."""
+def flat_metrics(metrics, groups):
+    """{"group/.../name": number} of the entries ``groups`` of a metrics.json dict
+    (nested dicts become "a/b/c" tags; a verdict (bool) is 1 / 0)."""
     flat = {}
 
     def walk(prefix, value):
@@ -132,7 +119,7 @@ def flat_metrics(metrics):
         elif isinstance(value, (int, float, np.number)):
             flat[prefix] = float(value)  # a verdict (bool) as 1 / 0
 
-    for group in METRIC_GROUPS:
+    for group in groups:
         if group in metrics:
             walk(group, metrics[group])
     return flat
@@ -147,11 +134,12 @@ def example_picks(labels, count=EXAMPLES):
     )
 
 
-def log_evaluation(log_dir, metrics, step, examples=None):
+def log_evaluation(log_dir, metrics, groups, step, examples=None):
     """A finished run's evaluation in ``<log_dir>/evaluation`` at ``step`` (its last
-    epoch): the metrics (:func:`flat_metrics`) and, with ``examples`` = (test images
-    (N, H, W, C), uint8 or in [0, 1], heatmaps (N, H, W), labels (N,)), the heatmaps of
-    :func:`example_picks` over their images, all on one scale."""
+    epoch): the metrics.json entries named in ``groups`` (:func:`flat_metrics`) and,
+    with ``examples`` = (test images (N, H, W, C), uint8 or in [0, 1], heatmaps
+    (N, H, W), labels (N,)), the heatmaps of :func:`example_picks` over their images,
+    all on one scale."""
     images = {}
     if examples is not None:
         pictures, maps, labels = examples
@@ -166,7 +154,7 @@ def log_evaluation(log_dir, metrics, step, examples=None):
             for index, (i, image) in enumerate(zip(picks, shown))
         }
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "evaluation"))
-    write_summary(writer, step, flat_metrics(metrics), images)
+    write_summary(writer, step, flat_metrics(metrics, groups), images)
     writer.close()
 
 
@@ -189,19 +177,6 @@ def state_bytes(model):
     return int(total * 1.1) + (1 << 20)
 
 
-def sync_folder(folder):
-    """fsync every file in ``folder`` and the folder itself, so a rename that follows
-    publishes complete files even after a power cut."""
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as handle:
-            os.fsync(handle.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 class TrainingBackup(keras.callbacks.Callback):
     """The run's training state at the end of each epoch, for the same command to
     resume from, written so that no kill, Ctrl-C or full disk leaves a state that fails
@@ -212,7 +187,7 @@ class TrainingBackup(keras.callbacks.Callback):
     and renamed to ``epoch-NNNN``; only then is the previous one removed. A kill at any
     moment leaves the previous complete backup (or none, before the first one). The
     backup is not deleted when ``fit`` ends: the trainer removes it once ``model/`` is
-    saved (:func:`trainers.common.fit_one_class`), so a kill between the two resumes
+    saved (:func:`trainers.fit.fit_one_class`), so a kill between the two resumes
     with nothing left to train rather than from epoch 0.
     """
 
@@ -227,7 +202,7 @@ class TrainingBackup(keras.callbacks.Callback):
         if not os.path.isdir(self.backup_dir):
             return []
         names = sorted(
-            (n for n in os.listdir(self.backup_dir) if n.startswith("epoch-")), reverse=True
+            (n for n in os.listdir(self.backup_dir) if is_backup_name(n)), reverse=True
         )
         return [
             os.path.join(self.backup_dir, n)
@@ -236,11 +211,15 @@ class TrainingBackup(keras.callbacks.Callback):
         ]
 
     def remove_partial(self):
-        """Staging folders of writes a kill interrupted: never loaded, removed."""
+        """Staging folders of writes a kill interrupted: never loaded, removed; a backup
+        a kill left moved aside while a same-epoch one replaced it is put back
+        (runs.remove_stale)."""
         if os.path.isdir(self.backup_dir):
             for name in os.listdir(self.backup_dir):
                 if name.startswith(".partial-"):
                     shutil.rmtree(os.path.join(self.backup_dir, name), ignore_errors=True)
+                elif REPLACED in name:
+                    remove_stale(os.path.join(self.backup_dir, name.split(REPLACED)[0]))
 
     def on_train_begin(self, logs=None):
         self.remove_partial()
@@ -327,7 +306,12 @@ def seed_variables(model):
 
 
 def commit_backup(staging, final):
-    """Publish a written backup: synced, then renamed in one step."""
-    sync_folder(staging)
-    shutil.rmtree(final, ignore_errors=True)  # a same-epoch one left by a kill
-    os.rename(staging, final)
+    """Publish a written backup: synced, then renamed in one step (replacing a
+    same-epoch one a kill left)."""
+    publish(staging, final, replace=True)
+
+
+def is_backup_name(name):
+    """Whether ``name`` is a published backup folder's (``epoch-NNNN``), not a staging
+    or a replaced one."""
+    return name.startswith("epoch-") and name[len("epoch-") :].isdigit()

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from keras_vae_attn.data import LocalizationSplit
 from keras_vae_attn.data import ucsd as ucsd_data
 from keras_vae_attn.data.synthetic import write_ucsd_dataset
 from trainers import fit, guard
@@ -152,11 +153,11 @@ def test_figure_frames_are_anomalous_one_per_clip_first():
     masks[1, :2] = True  # clip A: area 8
     masks[2, :1] = True  # clip A: area 4
     masks[4, :3] = True  # clip B: area 12
-    frames = ucsd_data.TestFrames(
+    frames = LocalizationSplit(
         images=np.zeros((6, 4, 4, 1), np.uint8),
         masks=masks,
         labels=masks.any(axis=(1, 2)).astype(int),
-        clips=["A", "A", "A", "B", "B", "B"],
+        groups=["A", "A", "A", "B", "B", "B"],
         paths=[""] * 6,
     )
     assert trainer.pick_frames(frames, 2) == [1, 4]

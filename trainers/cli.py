@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Sequence
 
 from keras_vae_attn.explain import options
 from trainers import devices, run_dirs
@@ -21,7 +22,15 @@ class HelpFormatter(
     example commands of a module's docstring stay one per line."""
 
 
-def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last", prog=None):
+def base_parser(
+    description: str | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    latent_dim: int,
+    layer: str = "last",
+    prog: str | None = None,
+) -> argparse.ArgumentParser:
     """Flags shared by all trainers, with the experiment's defaults; ``prog`` is the
     command the usage line names (``python -m trainers.<name>``)."""
     parser = argparse.ArgumentParser(
@@ -89,7 +98,7 @@ def base_parser(description, epochs, batch_size, lr, latent_dim, layer="last", p
     return parser
 
 
-def add_speed_flags(parser):
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     """--precision and --jit-compile: how the train step runs (bench/speed_limit.py
     measures both; bench/RESULTS.md, "Training at the hardware's limit")."""
     parser.add_argument(
@@ -111,7 +120,7 @@ def add_speed_flags(parser):
     )
 
 
-def add_attention_flags(parser):
+def add_attention_flags(parser: argparse.ArgumentParser) -> None:
     """How a localization trainer's maps are made: a preset plus per-option overrides,
     parsed into one ExplainOptions by :func:`explain_options`."""
     group = parser.add_argument_group(
@@ -194,7 +203,9 @@ def add_attention_flags(parser):
     )
 
 
-def explain_options(parser, args):
+def explain_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> options.ExplainOptions:
     """The run's ExplainOptions from its flags; a bad value is a parser error naming it."""
     fields = dict(options.PRESETS[args.attribution])
     for field in ("target", "form", "deviation", "sign", "gate"):
@@ -213,7 +224,13 @@ def explain_options(parser, args):
         parser.error(str(error))
 
 
-def unknown_layer_message(layers, backbone, shape, latent_dim, flag="--layer"):
+def unknown_layer_message(
+    layers: Sequence[str],
+    backbone: str,
+    shape: Sequence[int],
+    latent_dim: int,
+    flag: str = "--layer",
+) -> str | None:
     """None when every name in ``layers`` ("last" allowed) is a feature map of the
     ``backbone`` encoder at ``shape``; else the one line that refuses the first unknown
     one and lists the valid names. Checked before any training (builds the encoder only)."""
@@ -231,7 +248,7 @@ def unknown_layer_message(layers, backbone, shape, latent_dim, flag="--layer"):
     )
 
 
-def add_model_dir_flag(parser, what="images"):
+def add_model_dir_flag(parser: argparse.ArgumentParser, what: str = "images") -> None:
     """--model-dir: score a saved model again instead of training."""
     parser.add_argument(
         "--model-dir",
@@ -242,7 +259,7 @@ def add_model_dir_flag(parser, what="images"):
     )
 
 
-def holdout_fraction(text):
+def holdout_fraction(text: str) -> float:
     """argparse type of --calibration-holdout: a number in [0, 1)."""
     value = float(text)
     if not 0 <= value < 1:
@@ -250,7 +267,7 @@ def holdout_fraction(text):
     return value
 
 
-def add_prediction_flags(parser, png=True):
+def add_prediction_flags(parser: argparse.ArgumentParser, png: bool = True) -> None:
     """How a run's predictions.csv and thresholds.json are made
     (keras_vae_attn/predictions.py), and the optional per-image PNGs."""
     parser.add_argument(
@@ -272,7 +289,9 @@ def add_prediction_flags(parser, png=True):
         )
 
 
-def parse(parser, argv=None):
+def parse(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
     """Parse flags and turn bad values into argparse errors that name the flag; then
     start TensorFlow (the flags are valid, so it is needed) without its banners."""
     args = parser.parse_args(argv)
@@ -299,7 +318,9 @@ def parse(parser, argv=None):
     return args
 
 
-def require_counts(parser, args, flags):
+def require_counts(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, flags: Sequence[str]
+) -> None:
     """A parser error for any of ``flags`` (dest names) given below 1 (None = not set)."""
     for flag in flags:
         value = getattr(args, flag, None)
@@ -311,7 +332,7 @@ def require_counts(parser, args, flags):
 SEED_RANGE = (0, 2**32 - 1)
 
 
-def check_numbers(parser, args):
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Parser errors for numbers that parse but cannot be used: a negative or too large
     --seed; a --smooth that is not finite or wider than the image (a Gaussian that wide
     flattens every map, and its kernel alone fills the memory); a negative
@@ -330,7 +351,7 @@ def check_numbers(parser, args):
         parser.error(f"--cpu-replicas must be >= 0, got {args.cpu_replicas}")
 
 
-def image_side(args):
+def image_side(args: argparse.Namespace) -> int:
     """The side of the square images a trainer's model takes (MNIST 28, dSprites 64)."""
     size = getattr(args, "image_size", None)
     if size:
@@ -338,7 +359,7 @@ def image_side(args):
     return 28 if hasattr(args, "normal_digit") else 64
 
 
-def check_tf_config(parser):
+def check_tf_config(parser: argparse.ArgumentParser) -> None:
     """A parser error when $TF_CONFIG is set but is not a JSON object with a "task"
     object (tf.distribute would fail on it later with a traceback)."""
     text = os.environ.get("TF_CONFIG")
@@ -357,7 +378,7 @@ def check_tf_config(parser):
         )
 
 
-def unwritable_folder(path):
+def unwritable_folder(path: str) -> str | None:
     """Why a run folder (or the parent of run folders) ``path`` cannot be written, or
     None: a file in its place, or the nearest existing folder not writable (read-only
     file system, permissions)."""
@@ -371,7 +392,9 @@ def unwritable_folder(path):
     return None
 
 
-def training_bytes(backbone, side, channels, latent_dim, batch_size):
+def training_bytes(
+    backbone: str, side: int, channels: int, latent_dim: int, batch_size: int
+) -> float:
     """A rough size of training in memory: float32 weights with their gradients and the
     two Adam moments, plus the activations kept for the backward pass and their
     gradients (counted from the layer shapes: about 250 floats per pixel for ResNet18
@@ -391,7 +414,7 @@ def training_bytes(backbone, side, channels, latent_dim, batch_size):
     return 4 * (4 * params + 2 * activations)
 
 
-def machine_memory():
+def machine_memory() -> int | None:
     """Bytes of physical memory of this machine (None where unknown)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -399,7 +422,7 @@ def machine_memory():
         return None
 
 
-def memory_message(args):
+def memory_message(args: argparse.Namespace) -> str | None:
     """None when the model of these flags fits in this machine's memory; else the one
     line that refuses it, naming --latent-dim or --image-size (whichever the size
     comes from). Checked before any data is loaded: past the memory the kernel kills

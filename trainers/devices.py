@@ -4,20 +4,23 @@ TF_CONFIG cluster. TensorFlow is imported on first use."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
-def jit_compile(args):
+def jit_compile(args: argparse.Namespace) -> bool | str:
     """The ``jit_compile`` value for ``model.compile``: the flag, or Keras' "auto"."""
     return "auto" if args.jit_compile is None else args.jit_compile
 
 
-def native_bfloat16():
+def native_bfloat16() -> bool:
     """Whether this machine computes bfloat16 in hardware: every GPU of compute capability
     8.0 or more, or (no GPU) a CPU with AMX-BF16 or AVX512-BF16. Elsewhere bfloat16 is
     emulated and slower than float32 (bench/RESULTS.md, "Training at the hardware's limit")."""
@@ -38,7 +41,7 @@ def native_bfloat16():
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def resolve_precision(args, announce=True):
+def resolve_precision(args: argparse.Namespace, announce: bool = True) -> str:
     """Turn ``--precision auto`` into the policy it stands for (stored back in ``args``,
     so metrics.json records it), and with ``announce`` say on stderr which one trains:
     bfloat16 moves the numbers a little."""
@@ -55,7 +58,7 @@ def resolve_precision(args, announce=True):
 
 
 @contextlib.contextmanager
-def precision_scope(precision):
+def precision_scope(precision: str) -> Iterator[None]:
     """Layers built inside take the ``precision`` dtype policy; the global policy is
     restored on exit, so models built later (loaded ones, exports) stay float32."""
     import keras
@@ -68,7 +71,7 @@ def precision_scope(precision):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def setup_devices(args):
+def setup_devices(args: argparse.Namespace) -> None:
     """Split the CPU into logical devices before TensorFlow starts, for testing strategies."""
     import tensorflow as tf
 
@@ -82,7 +85,7 @@ def setup_devices(args):
         )
 
 
-def make_strategy(args):
+def make_strategy(args: argparse.Namespace) -> Any:
     """The tf.distribute strategy named by ``--strategy``."""
     import tensorflow as tf
 
@@ -102,7 +105,7 @@ def make_strategy(args):
     return tf.distribute.get_strategy()
 
 
-def worker_index():
+def worker_index() -> int:
     """0 for the process that owns the run folder (the chief, or the only process);
     1, 2, ... for the other workers of a TF_CONFIG cluster."""
     config = json.loads(os.environ.get("TF_CONFIG", "{}"))

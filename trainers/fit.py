@@ -8,11 +8,14 @@ Imports Keras: a trainer imports this module once its flags are checked
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -37,16 +40,16 @@ KEEP_CHECKPOINTS = 1
 
 
 def fit_one_class(
-    args,
-    build_model,
-    dataset,
-    normal,
-    run_dir,
-    watch,
-    feature_layers,
-    batch_norm_batches=None,
-    covariance=False,
-):
+    args: argparse.Namespace,
+    build_model: Callable[[], Any],
+    dataset: Any,
+    normal: Any,
+    run_dir: str,
+    watch: keras.callbacks.Callback | None,
+    feature_layers: Sequence[str],
+    batch_norm_batches: Any = None,
+    covariance: bool = False,
+) -> tuple[Any, dict[str, list[float]], float]:
     """The one-class training every localization trainer runs, in one place.
 
     Seeded build and compile under the ``--strategy``; ``model.fit`` with the standard
@@ -116,7 +119,11 @@ def fit_one_class(
     return model, losses_per_epoch(log), seconds
 
 
-def standard_callbacks(run_dir, log_images=None, keep_checkpoints=KEEP_CHECKPOINTS):
+def standard_callbacks(
+    run_dir: str,
+    log_images: keras.callbacks.Callback | None = None,
+    keep_checkpoints: int = KEEP_CHECKPOINTS,
+) -> tuple[list[keras.callbacks.Callback], NaNGuard]:
     """Resume-from-backup, training log, checkpoint, TensorBoard and NaN guard callbacks.
 
     The backup (keras_vae_attn.callbacks.TrainingBackup) is written under a temporary
@@ -240,7 +247,7 @@ def check_diverged(guard: NaNGuard) -> None:
         raise TrainingDiverged(guard.failure)
 
 
-def recalibrate_batch_norm(model, dataset):
+def recalibrate_batch_norm(model: Any, dataset: Iterable) -> None:
     """Set every BatchNorm layer's moving mean/variance to the average of its batch
     statistics over ``dataset``, run through the training forward pass.
 
@@ -268,13 +275,13 @@ def recalibrate_batch_norm(model, dataset):
             layer.momentum = momentum
 
 
-def backup_epoch(backup_dir):
+def backup_epoch(backup_dir: str) -> int:
     """The epoch the run's newest complete backup resumes from (0: none)."""
     if not os.path.isdir(backup_dir):
         return 0
     for name in sorted(os.listdir(backup_dir), reverse=True):
         path = os.path.join(backup_dir, name, kva_callbacks.BACKUP_STATE)
-        if name.startswith("epoch-") and os.path.isfile(path):
+        if kva_callbacks.is_backup_name(name) and os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as handle:
                     return int(json.load(handle)["epoch"])
@@ -283,13 +290,13 @@ def backup_epoch(backup_dir):
     return 0
 
 
-def epoch_steps(dataset):
+def epoch_steps(dataset: Any) -> int | None:
     """The batches in one pass of ``dataset`` (None when tf.data cannot tell)."""
     count = int(dataset.cardinality())
     return count if count > 0 else None
 
 
-def fast_forward(dataset, steps_per_epoch, epochs_done):
+def fast_forward(dataset: Any, steps_per_epoch: int | None, epochs_done: int) -> Any:
     """The training stream, one repeated dataset read across epochs, as the
     uninterrupted run sees it after ``epochs_done`` epochs.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from trainers.run_dirs import RunFinished, RunRefused, release_all
 
@@ -18,7 +20,7 @@ class TrainingDiverged(RuntimeError):
 STAGE = {"epoch": None, "evaluating": False}
 
 
-def interrupted_message():
+def interrupted_message() -> str:
     """The one line a Ctrl-C prints: where it stopped and that re-typing resumes."""
     if STAGE["evaluating"]:
         return "interrupted during evaluation; the same command resumes at evaluation"
@@ -27,7 +29,7 @@ def interrupted_message():
     return f"interrupted at epoch {STAGE['epoch']}; the same command resumes"
 
 
-def progress(iterable, quiet, **kwargs):
+def progress(iterable: Iterable, quiet: bool, **kwargs: Any) -> Iterable:
     """A tqdm progress bar on stderr unless ``quiet``."""
     if quiet:
         return iterable
@@ -36,7 +38,7 @@ def progress(iterable, quiet, **kwargs):
     return tqdm(iterable, file=sys.stderr, **kwargs)
 
 
-def main_guard(main):
+def main_guard(main: Callable[[], Any]) -> Any:
     """Run a trainer's main, turning expected user errors into one clear line and exit 2."""
     from keras_vae_attn.data import DataError
     from keras_vae_attn.extras import MissingExtra

@@ -8,16 +8,18 @@ tensorflow-datasets (the [datasets] extra; downloads once).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import cli, devices, guard, localization, run_dirs, sanity
+from trainers import cli, guard, localization, sanity
+from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.base_parser(
         __doc__,
         epochs=10,
@@ -112,11 +114,7 @@ def write_figures(model, run_dir, images, labels, options, metrics, calibrated, 
     picks = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]
     batch = images[picks]
     out = {k: v.numpy() for k, v in pipeline.explain_anomaly(model, batch, options).items()}
-    notes = [
-        f"score {predicted['image_score'][i]:.3g}\n"
-        f"{'anomalous' if predicted['pred_label'][i] else 'normal'}"
-        for i in picks
-    ]
+    notes = prediction_notes(predicted, picks)
     title = viz.method_title(
         f"MNIST, digit {metrics['normal_digit']} vs the rest",
         options.describe(),
@@ -153,26 +151,164 @@ def write_figures(model, run_dir, images, labels, options, metrics, calibrated, 
     viz.save_figure(figure, os.path.join(run_dir, "latent_maps.png"))
 
 
-def write_predictions(args, test_y, heatmaps, held_out, model, options, run_dir):
-    """predictions.csv and thresholds.json at thresholds calibrated on the held-out
-    normal training digits. Returns (metrics.json entry, Calibration, predictions)."""
-    from keras_vae_attn import predictions
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = cli.parse(parser, argv)
+    cli.require_counts(parser, args, ("max_train", "max_test"))
+    args.explain = cli.explain_options(parser, args).as_config()
+    from keras_vae_attn.data import mnist
 
-    source = predictions.describe_source(args.calibration_holdout, len(held_out))
-    calibrated = predictions.calibrate(model, held_out, options, 256, source)
-    predicted = predictions.predict(heatmaps, calibrated.thresholds)
-    files = [f"test/{index:05d}" for index in range(len(test_y))]
-    entry = predictions.write(
-        run_dir,
-        files,
-        [int(d) for d in test_y],
-        "digit",
-        test_y != args.normal_digit,
-        predicted,
-        calibrated,
+    try:
+        mnist.check_digit(args.normal_digit)
+    except ValueError as error:
+        parser.error(f"--normal-digit {error}")
+    return args
+
+
+def load_data(args: argparse.Namespace) -> tuple[np.ndarray, LocalizationSplit]:
+    """(the normal digit's training images uint8 (N, 28, 28, 1), the test split: every
+    digit, anomalous unless the normal one, digits as groups)."""
+    from keras_vae_attn.data import mnist
+
+    train_images, train_labels = mnist.load(args.data_dir, "train")
+    test_images, test_labels = mnist.load(args.data_dir, "test")
+    normal = train_images[train_labels == args.normal_digit][: args.max_train, ..., None]
+    digits = test_labels[: args.max_test]
+    return normal, LocalizationSplit(
+        test_images[: args.max_test, ..., None],
+        None,
+        (digits != args.normal_digit).astype(int),
+        [int(d) for d in digits],
+        [f"test/{index:05d}" for index in range(len(digits))],
     )
-    entry["calibration_images"] = len(held_out)
-    return entry, calibrated, predicted
+
+
+class MNIST(localization.LocalizationExperiment):
+    """One digit normal, the nine others anomalous: image-level AUROC per score (no
+    masks), gallery.png and latent_maps.png."""
+
+    group_column = "digit"
+    stats_batch = 256
+    tensorboard_examples = False
+
+    def load(self, args):
+        return load_data(args)
+
+    def folder(self, args):
+        return "mnist"
+
+    def title(self, args):
+        return f"MNIST, digit {args.normal_digit} vs the rest"
+
+    def roc_title(self, args):
+        return f"digit {args.normal_digit} vs rest"
+
+    def eval_batch(self, args):
+        return 256
+
+    def model_shape(self, args):
+        return (28, 28, 1)
+
+    def train_batches(self, args, normal):
+        import tensorflow as tf
+
+        from keras_vae_attn.data import to_float
+
+        return (
+            tf.data.Dataset.from_tensor_slices(to_float(normal))
+            .shuffle(len(normal), seed=args.seed)
+            .batch(args.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def stats_batches(self, normal):
+        import tensorflow as tf
+
+        from keras_vae_attn.data import to_float
+
+        return tf.data.Dataset.from_tensor_slices(to_float(normal)).batch(self.stats_batch)
+
+    def batch_norm_batches(self, args, normal):
+        return None
+
+    def prediction_files(self, args, test):
+        return list(test.paths)
+
+    def evaluate(self, args, model, normal, test, options, pixels, twin):
+        from keras_vae_attn.data import to_float
+        from keras_vae_attn.evaluate import ATTENTION
+
+        metrics, curves, heatmaps = evaluate(
+            model,
+            to_float(test.images),
+            np.asarray(test.groups),
+            args.normal_digit,
+            options,
+            self.eval_batch(args),
+            args.quiet,
+            pixels,
+        )
+        return Evaluation(metrics, curves, {ATTENTION: heatmaps}, [])
+
+    def checks(self, args, run_dir, model, evaluation, test, options, normal, pixels, twin):
+        from keras_vae_attn.data import to_float
+        from keras_vae_attn.evaluate import ATTENTION
+
+        return sanity.image_level(
+            args,
+            model,
+            twin,
+            to_float(test.images),
+            test.labels,
+            evaluation.maps[ATTENTION],
+            options,
+            pixels,
+            run_dir,
+            self.title(args),
+        )
+
+    def run_metrics(self, args, trained, test, options, evaluation):
+        return dict(
+            normal_digit=args.normal_digit,
+            layer=args.layer,
+            precision=args.precision,  # --precision auto resolved
+            explain=options.as_config(),
+            attribution=options.describe(),
+            final_losses={k: float(v[-1]) for k, v in trained.history.items()},
+            train_images=len(trained.normal),
+        )
+
+    def figures(self, args, model, test, evaluation, metrics, run_dir, options, calibrated,
+                predicted):  # fmt: skip
+        from keras_vae_attn.data import to_float
+
+        write_figures(
+            model,
+            run_dir,
+            to_float(test.images),
+            np.asarray(test.groups),
+            options,
+            metrics,
+            calibrated,
+            predicted,
+        )
+        return [os.path.join(run_dir, name) for name in ("gallery.png", "latent_maps.png")]
+
+    def report(self, args, run_dir, metrics, evaluation, figures, trained):
+        if "image_auroc_undefined" in metrics:
+            print(
+                f"image AUROC not computed: {metrics['image_auroc_undefined']} "
+                f"(metrics.json holds null)",
+                file=sys.stderr,
+            )
+        return [
+            f"anomaly attention = {metrics['attribution']}",
+            "image AUROC: "
+            + ", ".join(console.auroc_text(k, v) for k, v in metrics["image_auroc"].items()),
+            *console.decision_lines(metrics["predictions"], "images"),
+            *evaluation.lines,
+            f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}",
+        ]
 
 
 def tf_reshape_maps(maps):
@@ -180,121 +316,8 @@ def tf_reshape_maps(maps):
     return np.reshape(maps, (-1, *maps.shape[2:]))
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = cli.parse(parser, argv)
-    cli.require_counts(parser, args, ("max_train", "max_test"))
-    options = cli.explain_options(parser, args)
-    args.explain = options.as_config()
-    try:
-        from keras_vae_attn.data import mnist
-
-        mnist.check_digit(args.normal_digit)
-    except ValueError as error:
-        parser.error(f"--normal-digit {error}")
-    devices.setup_devices(args)
-    import tensorflow as tf
-
-    from keras_vae_attn import callbacks as kva_callbacks
-    from keras_vae_attn import viz
-    from keras_vae_attn.models import build_vae
-    from trainers import fit
-
-    train_images, train_labels = mnist.load(args.data_dir, "train")
-    test_images, test_labels = mnist.load(args.data_dir, "test")
-    normal = mnist.to_float(train_images[train_labels == args.normal_digit][: args.max_train])
-    from keras_vae_attn.predictions import split_held_out
-
-    try:
-        normal, held_out = split_held_out(normal, args.calibration_holdout)
-    except ValueError as error:
-        raise SystemExit(
-            f"error: --calibration-holdout {args.calibration_holdout}: {error}"
-        ) from None
-    test_x = mnist.to_float(test_images[: args.max_test])
-    test_y = test_labels[: args.max_test]
-
-    run_dir = run_dirs.run_dir_for(args, "mnist")
-    print(f"run folder: {run_dir}", file=sys.stderr)
-    dataset = (
-        tf.data.Dataset.from_tensor_slices(normal)
-        .shuffle(len(normal), seed=args.seed)
-        .batch(args.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    watch = kva_callbacks.AttentionImages(
-        test_x[:4], os.path.join(run_dir, "tensorboard"), options.layer
-    )
-    model, history, _ = fit.fit_one_class(
-        args,
-        lambda: build_vae(
-            "small", (28, 28, 1), args.latent_dim, recon_loss=args.loss, seed=args.seed
-        ),
-        dataset,
-        tf.data.Dataset.from_tensor_slices(normal).batch(256),
-        run_dir,
-        watch,
-        options.layers,
-        covariance=options.needs_covariance,
-    )
-    options = localization.fit_and_record_options(model, normal, options, 256, run_dir)
-
-    from keras_vae_attn import references
-
-    pixels = references.fit_pixel_distribution(normal)
-    metrics, curves, heatmaps = evaluate(
-        model, test_x, test_y, args.normal_digit, options, 256, args.quiet, pixels
-    )
-    twin = sanity.twin_for(args, model, normal, options)
-    checked, check_lines = sanity.image_level(
-        args,
-        model,
-        twin,
-        test_x,
-        (test_y != args.normal_digit).astype(int),
-        heatmaps,
-        options,
-        pixels,
-        run_dir,
-        f"MNIST, digit {args.normal_digit} vs the rest",
-    )
-    metrics.update(checked)
-    metrics.update(
-        normal_digit=args.normal_digit,
-        layer=args.layer,
-        precision=args.precision,  # --precision auto resolved
-        explain=options.as_config(),
-        attribution=options.describe(),
-        final_losses={k: float(v[-1]) for k, v in history.items()},
-    )
-    if curves:
-        viz.save_roc(
-            curves,
-            os.path.join(run_dir, "roc.png"),
-            title=f"digit {args.normal_digit} vs rest",
-        )
-    viz.save_curves(history, os.path.join(run_dir, "curves.png"))
-    metrics["train_images"] = len(normal)
-    metrics["predictions"], calibrated, predicted = write_predictions(
-        args, test_y, heatmaps, held_out, model, options, run_dir
-    )
-    write_figures(model, run_dir, test_x, test_y, options, metrics, calibrated, predicted)
-    run_dirs.complete_run(run_dir, metrics)
-    print(f"anomaly attention = {options.describe()}")
-    if "image_auroc_undefined" in metrics:
-        print(
-            f"image AUROC not computed: {metrics['image_auroc_undefined']} "
-            f"(metrics.json holds null)",
-            file=sys.stderr,
-        )
-    print(
-        "image AUROC: "
-        + ", ".join(console.auroc_text(k, v) for k, v in metrics["image_auroc"].items())
-    )
-    print("\n".join(console.decision_lines(metrics["predictions"], "images")))
-    print("\n".join(check_lines))
-    print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")
-    return run_dir
+def main(argv: list[str] | None = None) -> str:
+    return localization.run(MNIST(), parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import cli, guard, localization, run_dirs, sanity
+from trainers import cli, guard, localization, sanity
+from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
 DEMO = "demo"
 # The generated categories (keras_vae_attn/data/synthetic) and their writers: the demo's,
@@ -48,7 +47,7 @@ METHODS = (
 FIGURE_ROWS = 4
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.base_parser(
         __doc__,
         epochs=PAPER_DEFAULTS["epochs"],
@@ -131,7 +130,7 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, with the demo's defaults for any flag not given when --category is a
     generated one (demo, logical)."""
     parser = build_parser()
@@ -163,13 +162,14 @@ def parse_args(argv=None):
     return args
 
 
-def demo_root(args):
+def demo_root(args: argparse.Namespace) -> str:
     """Where the generated categories are cached."""
     return os.path.join(args.runs_root, "data")
 
 
-def load_data(args):
-    """(train uint8 images, test Split); writes a generated category first when asked."""
+def load_data(args: argparse.Namespace) -> tuple[np.ndarray, LocalizationSplit]:
+    """(train uint8 images, test split: defect types as groups); writes a generated
+    category first when asked."""
     from keras_vae_attn.data import mvtec
 
     if args.category in GENERATED and args.data_dir == demo_root(args):
@@ -182,66 +182,130 @@ def load_data(args):
     )
     train = mvtec.load_train(args.data_dir, args.category, limit=args.max_train, **options)
     test = mvtec.load_test(args.data_dir, args.category, limit=args.max_test, **options)
-    return train, test
-
-
-def run_options(args):
-    """The run's ExplainOptions (parsed from the flags once, kept in config.json)."""
-    from keras_vae_attn.explain.options import ExplainOptions
-
-    return ExplainOptions.from_config({"explain": args.explain})
-
-
-def evaluate(model, train_images, test, args, options, pixels, twin=None):
-    """The anomaly attention beside every reference (keras_vae_attn/evaluate.py), per
-    defect type, with ROC curves and the maps at the run's smoothing; with ``twin`` (the
-    randomized VAE) every map beside the same map on it."""
-    from keras_vae_attn import evaluate as kva_evaluate
-    from keras_vae_attn.data.mvtec import to_float
-    from keras_vae_attn.metrics import localization
-
-    result = kva_evaluate.localize(
-        model,
-        to_float(test.images),
-        test.masks,
-        test.labels,
-        options,
-        pixels,
-        to_float(train_images),
-        args.eval_batch_size,
-        progress=lambda it, desc="": guard.progress(it, args.quiet, desc=desc),
-        twin=twin,
+    return train, LocalizationSplit(
+        test.images, test.masks, test.labels, list(test.defects), test.paths
     )
-    maps = result.maps
-    per_defect = {}
-    for defect in sorted(set(test.defects) - {"good"}):
-        rows = np.array([d in (defect, "good") for d in test.defects])
-        per_defect[defect] = {
-            name: defined(localization.pixel_auroc, m[rows], test.masks[rows])
-            for name, m in maps.items()
-        }
-    metrics = {
-        **kva_evaluate.as_metrics(result, options),
-        "best_iou_is_test_set_tuned": True,
-        "pixel_auroc_per_defect": per_defect,
-        "test_images": len(test.labels),
-        "anomalous_images": int(test.labels.sum()),
-        "defect_counts": {d: test.defects.count(d) for d in sorted(set(test.defects))},
-    }
-    roc = {
-        kva_evaluate.LABELS.get(name, name): (
-            *result.curves[name],
-            result.methods[name]["pixel_auroc"],
+
+
+class MVTec(localization.LocalizationExperiment):
+    """One MVTec AD category (or a generated one): per-defect AUROC, one figure per
+    defect type (the paper's Fig. 6)."""
+
+    group_column = "defect_type"
+
+    def load(self, args):
+        return load_data(args)
+
+    def folder(self, args):
+        return f"mvtec-{args.category}"
+
+    def title(self, args):
+        return f"{args.category}, {args.image_size}x{args.image_size}"
+
+    def roc_title(self, args):
+        return f"{args.category}: pixel ROC"
+
+    def check(self, args, options):
+        """Refuse an unknown --layer before any training (one line listing the valid
+        ones)."""
+        message = cli.unknown_layer_message(
+            options.layers, args.backbone, self.model_shape(args), args.latent_dim
         )
-        for name in maps
-        if result.curves[name] is not None
-    }
-    title = (
-        f"{args.category}, {args.image_size}x{args.image_size}: {len(test.labels)} test "
-        f"images, {int(test.labels.sum())} anomalous; anomaly attention = "
-        f"{options.describe()}"
-    )
-    return metrics, roc, result, kva_evaluate.summary(result, title)
+        if message:
+            raise SystemExit(f"error: {message}")
+
+    def shape_hint(self, args, expected):
+        return f"pass matching --image-size and --channels (got {expected})"
+
+    def train_batches(self, args, normal):
+        """Augmented normal images: random mirror and rotation (--augment)."""
+        from keras_vae_attn.data import augment
+
+        augmenter = (
+            augment.augmenter(args.mirror, args.rotation, args.seed) if args.augment else None
+        )
+        return augment.train_dataset(normal, args.batch_size, augmenter, args.seed)
+
+    def evaluate(self, args, model, normal, test, options, pixels, twin):
+        """The anomaly attention beside every reference (keras_vae_attn/evaluate.py),
+        per defect type, with ROC curves and the maps at the run's smoothing; with
+        ``twin`` (the randomized VAE) every map beside the same map on it."""
+        from keras_vae_attn import evaluate as kva_evaluate
+        from keras_vae_attn.data import to_float
+        from keras_vae_attn.metrics import localization as metrics_of
+
+        result = kva_evaluate.localize(
+            model,
+            to_float(test.images),
+            test.masks,
+            test.labels,
+            options,
+            pixels,
+            to_float(normal),
+            args.eval_batch_size,
+            progress=lambda it, desc="": guard.progress(it, args.quiet, desc=desc),
+            twin=twin,
+        )
+        defects = test.groups
+        per_defect = {}
+        for defect in sorted(set(defects) - {"good"}):
+            rows = np.array([d in (defect, "good") for d in defects])
+            per_defect[defect] = {
+                name: defined(metrics_of.pixel_auroc, m[rows], test.masks[rows])
+                for name, m in result.maps.items()
+            }
+        metrics = {
+            **kva_evaluate.as_metrics(result, options),
+            "best_iou_is_test_set_tuned": True,
+            "pixel_auroc_per_defect": per_defect,
+            "test_images": len(test.labels),
+            "anomalous_images": int(test.labels.sum()),
+            "defect_counts": {d: defects.count(d) for d in sorted(set(defects))},
+        }
+        roc = {
+            kva_evaluate.LABELS.get(name, name): (
+                *result.curves[name],
+                result.methods[name]["pixel_auroc"],
+            )
+            for name in result.maps
+            if result.curves[name] is not None
+        }
+        title = (
+            f"{args.category}, {args.image_size}x{args.image_size}: {len(test.labels)} "
+            f"test images, {int(test.labels.sum())} anomalous; anomaly attention = "
+            f"{options.describe()}"
+        )
+        return Evaluation(
+            metrics, roc, result.maps, kva_evaluate.summary(result, title), result
+        )
+
+    def run_metrics(self, args, trained, test, options, evaluation):
+        metrics = dict(
+            category=args.category,
+            image_size=args.image_size,
+            layer=args.layer,
+            precision=None if args.model_dir else args.precision,  # auto resolved
+            train_images=len(trained.normal),
+        )
+        if trained.history:
+            metrics["final_losses"] = {k: v[-1] for k, v in trained.history.items()}
+        return metrics
+
+    def figures(self, args, model, test, evaluation, metrics, run_dir, options, calibrated,
+                predicted):  # fmt: skip
+        return write_figures(
+            model, test, evaluation.maps, metrics, run_dir, options, calibrated, predicted
+        )
+
+    def report(self, args, run_dir, metrics, evaluation, figures, trained):
+        return [
+            *evaluation.lines,
+            "",
+            *console.decision_lines(metrics["predictions"], "images"),
+            f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
+            + (", curves.png" if trained.history else ""),
+            f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}",
+        ]
 
 
 def defined(metric, *args):
@@ -262,21 +326,16 @@ def write_figures(model, test, maps, metrics, run_dir, options, calibrated, pred
     set, from the held-out normal images (keras_vae_attn/predictions.py), with its
     colorbar; each attention cell shows the image's score and predicted label."""
     from keras_vae_attn import viz
-    from keras_vae_attn.data.mvtec import to_float
+    from keras_vae_attn.data import to_float
     from keras_vae_attn.evaluate import ATTENTION, RECON
     from keras_vae_attn.predictions import scale_label
 
     method, recon = metrics["methods"][ATTENTION], metrics["methods"][RECON]
     written = []
-    for defect in sorted(set(test.defects)):
-        picks = [i for i, d in enumerate(test.defects) if d == defect][:FIGURE_ROWS]
+    for defect in sorted(set(test.groups)):
+        picks = [i for i, d in enumerate(test.groups) if d == defect][:FIGURE_ROWS]
         images = to_float(test.images[picks])
         reconstruction = model(images).numpy()  # decode(mu), as explain_anomaly's
-        notes = [
-            f"score {predicted['image_score'][i]:.3g}\n"
-            f"{'anomalous' if predicted['pred_label'][i] else 'normal'}"
-            for i in picks
-        ]
         columns = [
             ("image", viz.to_rgb(images)),
             ("reconstruction", viz.to_rgb(reconstruction)),
@@ -287,7 +346,7 @@ def write_figures(model, test, maps, metrics, run_dir, options, calibrated, pred
                 calibrated.scales[ATTENTION],
                 scale_label(ATTENTION, calibrated),
                 calibrated.thresholds.pixel,
-                notes,
+                prediction_notes(predicted, picks),
             ),
             viz.Heatmaps(
                 "recon difference"
@@ -323,153 +382,8 @@ def write_figures(model, test, maps, metrics, run_dir, options, calibrated, pred
     return written
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    train_images, test = load_data(args)
-    from keras_vae_attn import viz
-    from keras_vae_attn.data import augment
-    from keras_vae_attn.predictions import split_held_out
-
-    try:
-        train_images, held_out = split_held_out(train_images, args.calibration_holdout)
-    except ValueError as error:
-        raise SystemExit(
-            f"error: --calibration-holdout {args.calibration_holdout}: {error}"
-        ) from None
-
-    options = run_options(args)
-    check_layers(args, options)
-    model = load_model(args) if args.model_dir else None
-    run_dir = run_dirs.run_dir_for(args, f"mvtec-{args.category}")
-    print(f"run folder: {run_dir}", file=sys.stderr)
-    if model is not None:
-        history, train_seconds = None, 0.0
-        from keras_vae_attn.explain import pipeline
-
-        pipeline.fit_missing_statistics(
-            model, augment.train_dataset(train_images, 64, shuffle=False), options
-        )
-    else:
-        model, history, train_seconds = train(args, train_images, test, run_dir, options)
-    from keras_vae_attn.data.mvtec import to_float
-
-    options = localization.fit_and_record_options(
-        model, to_float(train_images), options, args.eval_batch_size, run_dir
-    )
-    started = time.perf_counter()
-    from keras_vae_attn import references
-
-    pixels = references.fit_pixel_distribution(train_images)
-    twin = sanity.twin_for(args, model, to_float(train_images), options)
-    metrics, roc, result, lines = evaluate(
-        model, train_images, test, args, options, pixels, twin
-    )
-    maps = result.maps
-    checked, check_lines = sanity.run(
-        args,
-        run_dir,
-        model,
-        result,
-        to_float(test.images),
-        test.masks,
-        test.labels,
-        options,
-        to_float(train_images),
-        pixels,
-        f"{args.category}, {args.image_size}x{args.image_size}",
-    )
-    metrics.update(checked)
-    lines += check_lines
-    metrics.update(
-        category=args.category,
-        image_size=args.image_size,
-        layer=args.layer,
-        precision=None if args.model_dir else args.precision,  # auto resolved
-        train_images=len(train_images),
-        seconds={"train": train_seconds, "evaluate": time.perf_counter() - started},
-    )
-    if history:
-        metrics["final_losses"] = {k: v[-1] for k, v in history.items()}
-        viz.save_curves(history, os.path.join(run_dir, "curves.png"))
-    viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"{args.category}: pixel ROC")
-    from keras_vae_attn.evaluate import ATTENTION
-
-    metrics["predictions"], calibrated, predicted = (
-        localization.write_localization_predictions(
-            args,
-            run_dir,
-            model,
-            options,
-            held_out,
-            test,
-            test.defects,
-            "defect_type",
-            maps[ATTENTION],
-        )
-    )
-    figures = write_figures(
-        model, test, maps, metrics, run_dir, options, calibrated, predicted
-    )
-    run_dirs.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
-    print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "images")))
-    print(
-        f"figures: {', '.join(os.path.basename(f) for f in figures)}, roc.png"
-        + (", curves.png" if history else "")
-    )
-    print(f"figures, metrics.json, predictions.csv and thresholds.json in {run_dir}")
-    return run_dir
-
-
-def check_layers(args, options):
-    """Refuse an unknown --layer before any training (one line listing the valid ones)."""
-    shape = (args.image_size, args.image_size, args.channels)
-    message = cli.unknown_layer_message(options.layers, args.backbone, shape, args.latent_dim)
-    if message:
-        raise SystemExit(f"error: {message}")
-
-
-def load_model(args):
-    """The saved model of --model-dir, checked against --image-size and --channels."""
-    from keras_vae_attn.models import load_vae
-
-    model = load_vae(args.model_dir)
-    expected = [args.image_size, args.image_size, args.channels]
-    if list(model.spec["input_shape"]) != expected:
-        raise SystemExit(
-            f"error: the model in {args.model_dir!r} takes "
-            f"{model.spec['input_shape']} images; pass matching --image-size "
-            f"and --channels (got {expected})"
-        )
-    return model
-
-
-def train(args, train_images, test, run_dir, options):
-    """Fit the VAE (trainers/fit.fit_one_class) on augmented normal images."""
-    from keras_vae_attn import callbacks as kva_callbacks
-    from keras_vae_attn.data import augment, mvtec
-    from keras_vae_attn.models import build_vae
-    from trainers import fit
-
-    shape = (args.image_size, args.image_size, args.channels)
-    augmenter = (
-        augment.augmenter(args.mirror, args.rotation, args.seed) if args.augment else None
-    )
-    watch = kva_callbacks.AttentionImages(
-        mvtec.to_float(test.images[:4]), os.path.join(run_dir, "tensorboard"), options.layer
-    )
-    return fit.fit_one_class(
-        args,
-        lambda: build_vae(
-            args.backbone, shape, args.latent_dim, recon_loss=args.loss, seed=args.seed
-        ),
-        augment.train_dataset(train_images, args.batch_size, augmenter, args.seed),
-        augment.train_dataset(train_images, 64, shuffle=False),
-        run_dir,
-        watch,
-        options.layers,
-        batch_norm_batches=augment.train_dataset(train_images, args.batch_size, shuffle=False),
-        covariance=options.needs_covariance,
-    )
+def main(argv: list[str] | None = None) -> str:
+    return localization.run(MVTec(), parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Pure Python, so the flags are checked before TensorFlow starts."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -12,6 +13,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from keras_vae_attn import runs
 from keras_vae_attn.runs import RUN_COMPLETE, write_json
@@ -41,6 +44,20 @@ RUN_OUTPUTS = (
 )
 
 
+#: The metrics.json entries the trainers write that TensorBoard shows as evaluation
+#: scalars ({method: {metric: value}}-like dicts, or numbers) when a run completes.
+METRIC_GROUPS = (
+    "methods",
+    "image_auroc",
+    "image_auroc_other_scores",
+    "pixel_auroc_per_defect",
+    "best_auroc",
+    "factor_vae_score",
+    "factor_vae_train_accuracy",
+    "attention_overlap_top_pair",
+    "sanity",
+    "latent_selectivity",
+)
 LOCK = ".lock"
 
 
@@ -48,13 +65,13 @@ LOCK = ".lock"
 _HELD = {}
 
 
-def config_of(args):
+def config_of(args: argparse.Namespace) -> dict[str, Any]:
     """The run's configuration as plain JSON values (what `config.json` holds)."""
     skip = {"run_dir", "runs_root", "fresh", "quiet"}
     return {key: value for key, value in sorted(vars(args).items()) if key not in skip}
 
 
-def config_hash(config):
+def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -67,7 +84,7 @@ class RunRefused(Exception):
     message says why and the way on. One line, exit 2."""
 
 
-def run_dir_for(args, experiment):
+def run_dir_for(args: argparse.Namespace, experiment: str) -> str:
     """Pick the run folder and lock it for this process: explicit, the unfinished run of
     the same config, or a new one.
 
@@ -96,7 +113,7 @@ def run_dir_for(args, experiment):
     return path
 
 
-def pick_run_dir(args, parent, config):
+def pick_run_dir(args: argparse.Namespace, parent: str, config: dict[str, Any]) -> str:
     """The unfinished run of the same config under ``parent``, else a new folder (made
     here); RunFinished when the same config finished already (unless --fresh)."""
     digest = config_hash(config)
@@ -118,7 +135,7 @@ def pick_run_dir(args, parent, config):
     return path
 
 
-def own_folder(path, worker):
+def own_folder(path: str, worker: int) -> str:
     """The folder this process owns in the run folder ``path``, made and locked: the run
     folder itself for the chief (worker 0); in multi-worker training the other workers
     keep their own checkpoints and backups beside it, in ``worker-N``."""
@@ -129,7 +146,7 @@ def own_folder(path, worker):
     return path
 
 
-def explicit_run_dir(args, config, worker=0):
+def explicit_run_dir(args: argparse.Namespace, config: dict[str, Any], worker: int = 0) -> str:
     """``--run-dir``: resumed when it holds an unfinished run of the same flags; a
     finished run of the same flags is RunFinished; a run of other flags is refused,
     unless ``--fresh``, which clears that run's outputs (RUN_OUTPUTS) first."""
@@ -167,7 +184,7 @@ def explicit_run_dir(args, config, worker=0):
 
 
 @contextlib.contextmanager
-def locked(folder):
+def locked(folder: str) -> Iterator[None]:
     """An exclusive lock on ``folder`` itself for the block (waits for other holders;
     no file is made in it)."""
     import fcntl
@@ -180,7 +197,7 @@ def locked(folder):
         os.close(descriptor)  # closing releases the lock
 
 
-def claim(path):
+def claim(path: str) -> None:
     """Lock the run folder ``path`` for the rest of this process (or until
     :func:`release`): its ``.lock`` file is flock'ed and holds our pid. A folder locked
     by a live process is refused (RunRefused); a lock file left by a process that died
@@ -217,7 +234,7 @@ def claim(path):
     _HELD[key] = handle
 
 
-def release(path):
+def release(path: str) -> None:
     """Give up the lock of a finished run folder (its lock file is emptied: no owner)."""
     import fcntl
 
@@ -230,14 +247,14 @@ def release(path):
         handle.close()
 
 
-def release_all():
+def release_all() -> None:
     """Give up every run folder this process holds (an orderly end, even Ctrl-C, leaves
     no owner: only a killed run's lock is "taken over")."""
     for path in list(_HELD):
         release(path)
 
 
-def finished_message(path, rescore=True):
+def finished_message(path: str, rescore: bool = True) -> str:
     """What to do when the command's run is finished: where it is, how to re-score its
     model with other flags (``rescore``: the trainer has --model-dir), how to train
     again."""
@@ -252,7 +269,7 @@ def finished_message(path, rescore=True):
     )
 
 
-def _new_run_name(parent, digest):
+def _new_run_name(parent: str, digest: str) -> str:
     """`<timestamp>-<hash>`, with a counter when that folder already exists."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name, count = f"{stamp}-{digest}", 1
@@ -262,14 +279,14 @@ def _new_run_name(parent, digest):
     return name
 
 
-def finish_training(run_dir):
+def finish_training(run_dir: str) -> None:
     """Once model/ is saved, the training state is no longer needed: remove the backup
     and the per-epoch checkpoints (model/ holds the same weights)."""
     for name in (BACKUP_DIR, CHECKPOINTS):
         shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
-def record_options(run_dir, options):
+def record_options(run_dir: str, options: Any) -> None:
     """Store the explain options the run is evaluated (and exported) with in its
     config.json, fitted layer scales included."""
     path = os.path.join(run_dir, runs.CONFIG)
@@ -278,7 +295,7 @@ def record_options(run_dir, options):
     write_json(path, config)
 
 
-def trained_epochs(model_dir):
+def trained_epochs(model_dir: str) -> int | None:
     """The epochs the saved model in ``model_dir`` (a run's model/ folder) was trained
     for: the last epoch its run's training log ended, else its run's config.json
     "epochs"; None when neither says (a model from elsewhere)."""
@@ -295,7 +312,7 @@ def trained_epochs(model_dir):
         return None
 
 
-def losses_per_epoch(log_path):
+def losses_per_epoch(log_path: str) -> dict[str, list[float]]:
     """{loss name: [value per epoch]} from the run's training log.
 
     Read from the log rather than Keras' History, so a run resumed from its backup
@@ -315,7 +332,7 @@ def losses_per_epoch(log_path):
     }
 
 
-def complete_run(run_dir, metrics, examples=None):
+def complete_run(run_dir: str, metrics: dict[str, Any], examples: tuple | None = None) -> None:
     """Mark the run complete: its evaluation into TensorBoard at its last epoch (the
     metrics, and with ``examples`` = (test images, heatmaps, labels) a few heatmaps, see
     keras_vae_attn.callbacks.log_evaluation), then ``metrics.json``."""
@@ -324,7 +341,11 @@ def complete_run(run_dir, metrics, examples=None):
     log = os.path.join(run_dir, "training_log.jsonl")
     epochs = losses_per_epoch(log).get("loss", []) if os.path.isfile(log) else []
     kva_callbacks.log_evaluation(
-        os.path.join(run_dir, TENSORBOARD), metrics, max(len(epochs) - 1, 0), examples
+        os.path.join(run_dir, TENSORBOARD),
+        metrics,
+        METRIC_GROUPS,
+        max(len(epochs) - 1, 0),
+        examples,
     )
     write_json(os.path.join(run_dir, RUN_COMPLETE), metrics)
     release(run_dir)

@@ -18,14 +18,14 @@ attention row per layer (the paper's Table 1 ablation).
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
-import time
 
 import numpy as np
 
 from keras_vae_attn import console
-from trainers import cli, guard, localization, run_dirs, sanity
+from trainers import cli, guard, localization, sanity
+from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
 # The paper's Table 1 (UCSD Ped1, 100x100): pixel AUROC per method.
 PAPER_PED1 = {
@@ -40,7 +40,7 @@ DEMO_DATA = dict(width=120, height=80, frames=60, n_train=12, n_test=6, n_test_w
 FIGURE_ROWS = 4
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     # --layer conv1: the layer set chosen with the default attribution (bench/RESULTS.md)
     parser = cli.base_parser(
         __doc__,
@@ -127,7 +127,7 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = cli.parse(parser, argv)
     cli.require_counts(
@@ -176,12 +176,13 @@ def parse_args(argv=None):
     return args
 
 
-def model_shape(args):
+def model_shape(args: argparse.Namespace) -> tuple[int, int, int]:
     return (args.image_size, args.image_size, 1)
 
 
-def load_data(args):
-    """(train uint8 frames (N, S, S, 1), ucsd.TestFrames); writes the demo data if asked."""
+def load_data(args: argparse.Namespace) -> tuple[np.ndarray, LocalizationSplit]:
+    """(train uint8 frames (N, S, S, 1), test split: clips as groups); writes the demo
+    data if asked."""
     from keras_vae_attn.data import ucsd
 
     if args.demo:
@@ -202,7 +203,9 @@ def load_data(args):
         max_clips=args.max_test_clips,
         frame_step=args.test_frame_step,
     )
-    return train, test
+    return train, LocalizationSplit(
+        test.images, test.masks, test.labels, test.clips, test.paths
+    )
 
 
 def layer_options(options, layer):
@@ -221,81 +224,147 @@ def method_name(layer):
     return f"attention_{layer}"
 
 
-def evaluate(model, train_images, test, args, options, twin=None):
-    """The anomaly attention beside every reference (keras_vae_attn/evaluate.py), plus
-    one ablation row per --layers entry (same attribution, that layer alone).
+class UCSD(localization.LocalizationExperiment):
+    """UCSD pedestrian frames with the paper's layer ablation (its Table 1): one
+    attention row per --layers entry, the table printed and stored, examples.png."""
 
-    Returns (metrics, ROC curves {label: (fpr, tpr, auc)}, maps {method: (N, S, S)} for
-    the figure, printable lines).
-    """
-    from keras_vae_attn import evaluate as kva_evaluate
-    from keras_vae_attn import references
-    from keras_vae_attn.data.ucsd import to_float
-    from keras_vae_attn.explain import pipeline
-    from keras_vae_attn.metrics import localization
+    unit = "frames"
+    group_column = "clip"
+    stats_batch = 256
 
-    images = to_float(test.images)
+    def load(self, args):
+        return load_data(args)
 
-    def wrap(it, desc=""):
-        return guard.progress(it, args.quiet, desc=desc)
+    def folder(self, args):
+        return f"ucsd-{args.subset}" + ("-demo" if args.demo else "")
 
-    pixels = references.fit_pixel_distribution(train_images)
-    result = kva_evaluate.localize(
-        model,
-        images,
-        test.masks,
-        test.labels,
-        options,
-        pixels,
-        to_float(train_images),
-        args.eval_batch_size,
-        wrap,
-        twin=twin,
-    )
-    ablation = {}
-    for layer in args.layers:
-        single = layer_options(options, layer)
-        heat = pipeline.batched(
+    def title(self, args):
+        return f"UCSD {args.subset}, {args.image_size}x{args.image_size}"
+
+    def roc_title(self, args):
+        return f"UCSD {args.subset}: pixel ROC"
+
+    def model_shape(self, args):
+        return model_shape(args)
+
+    def feature_layers(self, args, options):
+        """The exported layers and every ablation layer."""
+        return sorted(set(args.layers) | set(options.layers))
+
+    def watch_picks(self, test):
+        return pick_frames(test, 4)
+
+    def other_maps(self, args, options):
+        return {method_name(layer): layer_options(options, layer) for layer in args.layers}
+
+    def evaluate(self, args, model, normal, test, options, pixels, twin):
+        """The anomaly attention beside every reference (keras_vae_attn/evaluate.py),
+        plus one ablation row per --layers entry (same attribution, that layer alone);
+        maps: the headline attention, the recon difference and the ablation rows."""
+        from keras_vae_attn import evaluate as kva_evaluate
+        from keras_vae_attn.data import to_float
+        from keras_vae_attn.explain import pipeline
+        from keras_vae_attn.metrics import localization as metrics_of
+
+        images = to_float(test.images)
+
+        def wrap(it, desc=""):
+            return guard.progress(it, args.quiet, desc=desc)
+
+        result = kva_evaluate.localize(
             model,
             images,
+            test.masks,
+            test.labels,
+            options,
+            pixels,
+            to_float(normal),
             args.eval_batch_size,
-            single,
-            keys=("heatmap",),
-            progress=lambda it, layer=layer: wrap(it, f"layer {layer}"),
+            wrap,
+            twin=twin,
         )
-        ablation[method_name(layer)] = heat["heatmap"]
-    rows = localization.evaluate_methods(ablation, test.masks, test.labels)
-    methods = {**result.methods, **rows}
-    lines = (
-        kva_evaluate.summary(
-            result,
-            (
-                f"UCSD {args.subset}, {args.image_size}x{args.image_size}: "
-                f"{len(test.labels)} test frames, {int(test.labels.sum())} anomalous; "
-                "anomaly attention = "
-                f"{options.describe()}"
-            ),
+        ablation = {}
+        for layer in args.layers:
+            heat = pipeline.batched(
+                model,
+                images,
+                args.eval_batch_size,
+                layer_options(options, layer),
+                keys=("heatmap",),
+                progress=lambda it, layer=layer: wrap(it, f"layer {layer}"),
+            )
+            ablation[method_name(layer)] = heat["heatmap"]
+        rows = metrics_of.evaluate_methods(ablation, test.masks, test.labels)
+        methods = {**result.methods, **rows}
+        title = (
+            f"UCSD {args.subset}, {args.image_size}x{args.image_size}: "
+            f"{len(test.labels)} test frames, {int(test.labels.sum())} anomalous; "
+            f"anomaly attention = {options.describe()}"
         )
-        + [""]
-        + table(methods, args.subset, options.smooth)
-    )
-    metrics = {
-        **kva_evaluate.as_metrics(result, options),
-        "methods": methods,
-        "attention_beats_recon": attention_beats(methods, RECON, args.layers),
-        "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers),
-    }
-    roc = {
-        label(name): (*result.curves[name], result.methods[name]["pixel_auroc"])
-        for name in result.methods
-        if result.curves[name] is not None
-    }
-    maps = {
-        RECON: result.maps[RECON],
-        kva_evaluate.ATTENTION: result.maps[kva_evaluate.ATTENTION],
-        **ablation,
-    }
-    return metrics, roc, maps, lines, result, pixels
+        lines = (
+            kva_evaluate.summary(result, title)
+            + [""]
+            + table(methods, args.subset, options.smooth)
+        )
+        metrics = {
+            **kva_evaluate.as_metrics(result, options),
+            "methods": methods,
+            "attention_beats_recon": attention_beats(methods, RECON, args.layers),
+            "attention_beats_mean_frame": attention_beats(methods, MEAN_FRAME, args.layers),
+        }
+        roc = {
+            label(name): (*result.curves[name], result.methods[name]["pixel_auroc"])
+            for name in result.methods
+            if result.curves[name] is not None
+        }
+        maps = {
+            RECON: result.maps[RECON],
+            kva_evaluate.ATTENTION: result.maps[kva_evaluate.ATTENTION],
+            **ablation,
+        }
+        return Evaluation(metrics, roc, maps, lines, result)
+
+    def run_metrics(self, args, trained, test, options, evaluation):
+        return {
+            "table": evaluation.lines,
+            "paper_pixel_auroc_ped1": PAPER_PED1,
+            "best_iou_is_test_set_tuned": True,
+            "subset": args.subset,
+            "demo": args.demo,
+            "image_size": args.image_size,
+            "layers": args.layers,
+            "exported_layers": list(options.layers),
+            "train_frames": len(trained.normal),
+            "precision": None if args.model_dir else args.precision,  # auto resolved
+            "test_frames": len(test.labels),
+            "anomalous_frames": int(test.labels.sum()),
+            "test_clips": sorted(set(test.groups)),
+            "final_losses": {k: float(v[-1]) for k, v in trained.history.items()},
+        }
+
+    def figures(self, args, model, test, evaluation, metrics, run_dir, options, calibrated,
+                predicted):  # fmt: skip
+        path = os.path.join(run_dir, "examples.png")
+        write_figure(
+            test,
+            evaluation.maps,
+            pick_frames(test, args.figure_frames),
+            path,
+            metrics,
+            options,
+            calibrated,
+            predicted,
+        )
+        return [path]
+
+    def report(self, args, run_dir, metrics, evaluation, figures, trained):
+        return [
+            *evaluation.lines,
+            "",
+            *console.decision_lines(metrics["predictions"], "frames"),
+            f"figures (examples.png, roc.png{', curves.png' if trained.history else ''}), "
+            f"metrics.json, predictions.csv and thresholds.json in {run_dir}",
+        ]
 
 
 def label(method):
@@ -349,7 +418,7 @@ def pick_frames(test, count):
     (the first frames when none is anomalous)."""
     area = test.masks.sum(axis=(1, 2))
     best = {}
-    for index, clip in enumerate(test.clips):
+    for index, clip in enumerate(test.groups):
         if area[index] and (clip not in best or area[index] > area[best[clip]]):
             best[clip] = index
     picks = list(best.values())[:count]
@@ -363,16 +432,12 @@ def write_figure(test, maps, picks, path, metrics, options, calibrated, predicte
     the whole test set, from the held-out normal frames (keras_vae_attn/predictions.py),
     with its colorbar; the attention cells show the frame's score and predicted label."""
     from keras_vae_attn import viz
-    from keras_vae_attn.data.ucsd import to_float
+    from keras_vae_attn.data import to_float
     from keras_vae_attn.evaluate import ATTENTION
     from keras_vae_attn.predictions import scale_label
 
     frames = to_float(test.images[picks])
-    notes = [
-        f"score {predicted['image_score'][i]:.3g}\n"
-        f"{'anomalous' if predicted['pred_label'][i] else 'normal'}"
-        for i in picks
-    ]
+    notes = prediction_notes(predicted, picks)
     order = [name for name in maps if name != RECON] + [RECON]  # attention maps, recon
     columns = [("frame", viz.to_rgb(frames)), ("ground truth", test.masks[picks])]
     for name in order:
@@ -400,172 +465,14 @@ def write_figure(test, maps, picks, path, metrics, options, calibrated, predicte
             frames,
             columns,
             title=title,
-            row_titles=[f"{test.clips[i]}/{os.path.basename(test.paths[i])}" for i in picks],
+            row_titles=[f"{test.groups[i]}/{os.path.basename(test.paths[i])}" for i in picks],
         ),
         path,
     )
 
 
-def load_model(args, train_images, options_list):
-    """The saved model of --model-dir, with the statistics the maps of ``options_list``
-    need and it lacks fitted on the training frames: (model, no history, 0 training
-    seconds)."""
-    from keras_vae_attn.data import augment
-    from keras_vae_attn.models import load_vae
-
-    model = load_vae(args.model_dir)
-    if list(model.spec["input_shape"]) != list(model_shape(args)):
-        raise SystemExit(
-            f"error: the model in {args.model_dir!r} takes "
-            f"{model.spec['input_shape']} frames; pass the matching "
-            f"--image-size (got {args.image_size})"
-        )
-    from keras_vae_attn.explain import pipeline
-
-    for options in options_list:
-        pipeline.fit_missing_statistics(
-            model, augment.train_dataset(train_images, 256, shuffle=False), options
-        )
-    return model, {}, 0.0
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    train_images, test = load_data(args)
-    from keras_vae_attn.predictions import split_held_out
-
-    try:
-        train_images, held_out = split_held_out(train_images, args.calibration_holdout)
-    except ValueError as error:
-        raise SystemExit(
-            f"error: --calibration-holdout {args.calibration_holdout}: {error}"
-        ) from None
-    from keras_vae_attn import callbacks as kva_callbacks
-    from keras_vae_attn import viz
-    from keras_vae_attn.data import augment
-    from keras_vae_attn.data.ucsd import to_float
-    from keras_vae_attn.explain.options import ExplainOptions
-    from keras_vae_attn.models import build_vae
-    from trainers import fit
-
-    options = ExplainOptions.from_config({"explain": args.explain})
-    run_dir = run_dirs.run_dir_for(
-        args, f"ucsd-{args.subset}" + ("-demo" if args.demo else "")
-    )
-    print(f"run folder: {run_dir}", file=sys.stderr)
-    watch = kva_callbacks.AttentionImages(
-        to_float(test.images[pick_frames(test, 4)]),
-        os.path.join(run_dir, "tensorboard"),
-        options.layer,
-    )
-    layers = sorted(set(args.layers) | set(options.layers))
-    if args.model_dir:
-        model, history, train_seconds = load_model(
-            args, train_images, [options.replace(layers=tuple(layers))]
-        )
-    else:
-        model, history, train_seconds = fit.fit_one_class(
-            args,
-            lambda: build_vae(
-                args.backbone,
-                model_shape(args),
-                args.latent_dim,
-                recon_loss=args.loss,
-                beta=args.beta,
-                seed=args.seed,
-            ),
-            augment.train_dataset(train_images, args.batch_size, None, args.seed),
-            augment.train_dataset(train_images, 256, shuffle=False),
-            run_dir,
-            watch,
-            layers,
-            batch_norm_batches=augment.train_dataset(
-                train_images, args.batch_size, shuffle=False
-            ),
-            covariance=options.needs_covariance,
-        )
-    options = localization.fit_and_record_options(
-        model, to_float(train_images), options, args.eval_batch_size, run_dir
-    )
-
-    started = time.perf_counter()
-    twin = sanity.twin_for(args, model, to_float(train_images), options)
-    metrics, roc, maps, lines, result, pixels = evaluate(
-        model, train_images, test, args, options, twin
-    )
-    checked, check_lines = sanity.run(
-        args,
-        run_dir,
-        model,
-        result,
-        to_float(test.images),
-        test.masks,
-        test.labels,
-        options,
-        to_float(train_images),
-        pixels,
-        f"UCSD {args.subset}, {args.image_size}x{args.image_size}",
-    )
-    metrics.update(checked)
-    lines += check_lines
-    eval_seconds = time.perf_counter() - started
-    clips = sorted(set(test.clips))
-    metrics.update(
-        {
-            "table": lines,
-            "paper_pixel_auroc_ped1": PAPER_PED1,
-            "best_iou_is_test_set_tuned": True,
-            "subset": args.subset,
-            "demo": args.demo,
-            "image_size": args.image_size,
-            "layers": args.layers,
-            "exported_layers": list(options.layers),
-            "train_frames": len(train_images),
-            "precision": None if args.model_dir else args.precision,  # auto resolved
-            "test_frames": len(test.labels),
-            "anomalous_frames": int(test.labels.sum()),
-            "test_clips": clips,
-            "seconds": {"train": train_seconds, "evaluate": eval_seconds},
-            "final_losses": {k: float(v[-1]) for k, v in history.items()},
-        }
-    )
-    viz.save_roc(roc, os.path.join(run_dir, "roc.png"), title=f"UCSD {args.subset}: pixel ROC")
-    if history:
-        viz.save_curves(history, os.path.join(run_dir, "curves.png"))
-    from keras_vae_attn.evaluate import ATTENTION
-
-    ablation = {method_name(layer): layer_options(options, layer) for layer in args.layers}
-    metrics["predictions"], calibrated, predicted = (
-        localization.write_localization_predictions(
-            args,
-            run_dir,
-            model,
-            options,
-            held_out,
-            test,
-            test.clips,
-            "clip",
-            maps[ATTENTION],
-            ablation,
-        )
-    )
-    write_figure(
-        test,
-        maps,
-        pick_frames(test, args.figure_frames),
-        os.path.join(run_dir, "examples.png"),
-        metrics,
-        options,
-        calibrated,
-        predicted,
-    )
-    run_dirs.complete_run(run_dir, metrics, (test.images, maps[ATTENTION], test.labels))
-    print("\n".join(lines + [""] + console.decision_lines(metrics["predictions"], "frames")))
-    print(
-        f"figures (examples.png, roc.png{', curves.png' if history else ''}), "
-        f"metrics.json, predictions.csv and thresholds.json in {run_dir}"
-    )
-    return run_dir
+def main(argv: list[str] | None = None) -> str:
+    return localization.run(UCSD(), parse_args(argv))
 
 
 if __name__ == "__main__":
