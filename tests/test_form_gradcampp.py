@@ -96,3 +96,39 @@ def test_the_registry_names_it_everywhere():
         check=True,
     ).stdout
     assert NAME in help_text
+
+
+@pytest.mark.slow
+def test_both_exports_serve_it(tmp_path):
+    """A run with the form exports to SavedModel and ONNX, each serving its heatmap."""
+    import onnxruntime as ort
+
+    from export import onnx as onnx_export
+    from export import saved_model
+    from keras_vae_attn.models import build_vae, load_vae
+
+    from conftest import _train_run
+    from test_export_forms import images
+
+    run = tmp_path / "run"
+    run.mkdir()
+    explain = dict(form=NAME, target="total-energy", deviation="standardized", sign="abs")
+    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
+    _train_run(
+        run, model, images(24, seed=1), {"explain": {**explain, "layers": ["conv1"]}}, 8
+    )
+    saved_model.export(str(run), str(tmp_path / "serving"), "model")
+    onnx_export.export(str(run), str(tmp_path / "model.onnx"), verify=False)
+    x = images(7, seed=2)
+    options = ExplainOptions(layers=("conv1",), **explain)
+    want = pipeline.explain_anomaly(load_vae(str(run / "model")), x, options)["heatmap"]
+    scale = float(np.ptp(want.numpy()))
+    served = tf.saved_model.load(str(tmp_path / "serving" / "model" / "1"))
+    session = ort.InferenceSession(
+        str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {"images": x}))
+    )
+    for got in (served.signatures["serving_default"](images=tf.constant(x)), outputs):
+        assert np.abs(np.asarray(got["heatmap"]) - want.numpy()).max() <= 1e-4 * scale

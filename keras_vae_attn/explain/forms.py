@@ -118,22 +118,19 @@ class GradCAMPlusPlus(Form):
     gradients g, each times alpha = g^2 / (2 g^2 + sum_ab dev_ab g^3), the paper's
     closed form for an exponential of the target (its higher derivatives are powers of
     the first-order g). Several weak responses of a channel then count beside one
-    strong one instead of being averaged away as in Grad-CAM."""
+    strong one instead of being averaged away as in Grad-CAM. Where g > 0, alpha g is
+    g / (2 + sum_ab dev_ab g), computed so (0 where that denominator is 0): no g^3 to
+    underflow in float32."""
 
     name = "gradcam++"
     cost = 3
 
     def signed_map(self, grads, dev, gradient_relu=False):
-        if gradient_relu:
-            grads = tf.nn.relu(grads)
-        squared = tf.square(grads)
-        total = tf.reduce_sum(dev, axis=[1, 2])[:, None, None, None, :]  # (B, 1, 1, 1, K)
-        denominator = 2.0 * squared + total * squared * grads
-        defined = tf.not_equal(denominator, 0.0)
-        alpha = tf.where(
-            defined, squared / tf.where(defined, denominator, 1.0), tf.zeros_like(squared)
-        )
-        return weigh(tf.reduce_sum(alpha * tf.nn.relu(grads), axis=[2, 3]), dev)
+        positive = tf.nn.relu(grads)
+        total = tf.reduce_sum(dev, axis=[1, 2])  # (B, K)
+        scaled = tf.einsum("bk,bthwk->bthwk", total, positive)
+        weights = tf.reduce_sum(tf.math.divide_no_nan(positive, 2.0 + scaled), axis=[2, 3])
+        return weigh(weights, dev)
 
 
 class HiResCAM(Form):
