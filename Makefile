@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: demo test test-fast lint install clean
 
 # what `make lint` checks (rules and line length: pyproject.toml)
-LINT_PATHS := keras_vae_attn trainers export bench tests docs setup.py
+LINT_PATHS := keras_vae_attn trainers export pipeline bench tests docs setup.py
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -10,7 +10,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["keras_vae_attn*", "trainers*", "export*", "bench*"]),
+    packages=find_packages(
+        include=["keras_vae_attn*", "trainers*", "export*", "pipeline*", "bench*"]
+    ),
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,9 @@ from export.graph import decode_images, validated_images
 SCORES = "scores.json"
 
 
-def read_files(paths, shape):
+def read_files(
+    paths: list[str], shape: tuple[int, int, int]
+) -> tuple[list[bytes], np.ndarray]:
     """Encoded bytes of each file and the images decoded as the graphs decode them.
 
     Returns (list of bytes, float32 (N, H, W, C)); a file that is missing or not an
@@ -68,7 +71,7 @@ class SavedModelBackend:
 
     kind = "saved_model"
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         import tensorflow as tf
 
         from export.saved_model import read_metadata
@@ -92,7 +95,7 @@ class SavedModelBackend:
         except ExportError:  # not written by export.saved_model: no metadata
             self.info = {}
 
-    def run(self, images):
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs of ``serving_default`` for float images; numpy dict."""
         import tensorflow as tf
 
@@ -100,7 +103,7 @@ class SavedModelBackend:
         out = self.loaded.signatures["serving_default"](images=tf.constant(images))
         return {name: value.numpy() for name, value in out.items()}
 
-    def run_encoded(self, encoded):
+    def run_encoded(self, encoded: list[bytes]) -> dict[str, np.ndarray]:
         """Outputs of ``serve_bytes`` for a list of encoded image files; numpy dict."""
         import tensorflow as tf
 
@@ -113,7 +116,7 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         from export.onnx import parse_metadata, session
         from keras_vae_attn.extras import needs_extra
 
@@ -134,17 +137,19 @@ class OnnxBackend:
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.names = [output.name for output in self.session.get_outputs()]
 
-    def run(self, images):
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs for float images, checked first; numpy dict."""
         images = validated_images(images, self.input_shape)
         return dict(zip(self.names, self.session.run(None, {"images": images})))
 
-    def run_encoded(self, encoded):
+    def run_encoded(self, encoded: list[bytes]) -> dict[str, np.ndarray]:
+        """The outputs for encoded image files, decoded as serve_bytes decodes them."""
         import tensorflow as tf
 
         return self.run(decode_images(tf.constant(encoded), *self.input_shape).numpy())
 
 
-def open_model(path):
+def open_model(path: str) -> SavedModelBackend | OnnxBackend:
     """The backend for ``path``: an .onnx file, a SavedModel, or a TF Serving model
     folder (its highest numeric version)."""
     if not os.path.exists(path):
@@ -171,7 +176,7 @@ def open_model(path):
     return SavedModelBackend(path)
 
 
-def output_names(paths):
+def output_names(paths: list[str]) -> list[str]:
     """Each image's figure name in ``--out``: its path relative to the images' common
     folder (``a/000.png`` and ``b/000.png`` stay apart), ``.png`` added unless it ends
     so. InputError for a file given twice (its figure would be written twice)."""
@@ -189,7 +194,9 @@ def output_names(paths):
     return names
 
 
-def decision_title(name, score, thresholds, decided=None):
+def decision_title(
+    name: str, score: float, thresholds: dict | None, decided: dict | None = None
+) -> str:
     """The figure title: file name, score, and the decision at the image threshold."""
     if thresholds is None:
         return f"{name}: score {score:.3g} (the model holds no thresholds: no decision)"
@@ -201,7 +208,15 @@ def decision_title(name, score, thresholds, decided=None):
     )
 
 
-def overlay_figure(image, name, heatmap, score, vmax, thresholds, decided=None):
+def overlay_figure(
+    image: np.ndarray,
+    name: str,
+    heatmap: np.ndarray,
+    score: float,
+    vmax: float,
+    thresholds: dict | None,
+    decided: dict | None = None,
+) -> Any:
     """One image's figure, as the trainers draw predictions: the input, the anomaly
     attention on the colour scale [0, ``vmax``] shared by every image of the run (with
     a colorbar; the pixel threshold marked on it and the predicted mask's contour drawn
@@ -243,7 +258,13 @@ def overlay_figure(image, name, heatmap, score, vmax, thresholds, decided=None):
     return figure
 
 
-def write_overlays(images, outputs, names, out_dir, thresholds):
+def write_overlays(
+    images: np.ndarray,
+    outputs: dict[str, np.ndarray],
+    names: list[str],
+    out_dir: str,
+    thresholds: dict | None,
+) -> None:
     """One figure per image (:func:`overlay_figure`) at ``out_dir/<its name>``."""
     from keras_vae_attn import viz
 
@@ -272,7 +293,7 @@ def write_overlays(images, outputs, names, out_dir, thresholds):
         viz.save_figure(figure, os.path.join(out_dir, name))
 
 
-def check_out(out_dir, force=False):
+def check_out(out_dir: str, force: bool = False) -> None:
     """ExportError if ``out_dir`` is a file or a non-empty folder, unless ``force``:
     found before the model is loaded, not after inference ran."""
     if force or not os.path.lexists(out_dir):
@@ -290,7 +311,7 @@ def check_out(out_dir, force=False):
         )
 
 
-def earlier_outputs(out_dir):
+def earlier_outputs(out_dir: str) -> list[str]:
     """The files an earlier run wrote into ``out_dir``: those its scores.json lists, when
     each lies inside ``out_dir`` (links followed), and scores.json itself."""
     record = os.path.join(out_dir, SCORES)
@@ -314,7 +335,7 @@ def earlier_outputs(out_dir):
     return found + [record]
 
 
-def make_out(out_dir):
+def make_out(out_dir: str) -> None:
     """Create the ``out_dir`` folder, first removing a file there or an earlier run's
     figures and scores.json (allowed by check_out with --force), and the folders those
     leave empty. Nothing else in ``out_dir`` is touched."""
@@ -334,7 +355,12 @@ def make_out(out_dir):
     os.makedirs(out_dir, exist_ok=True)
 
 
-def score_rows(image_paths, names, outputs, thresholds):
+def score_rows(
+    image_paths: list[str],
+    names: list[str],
+    outputs: dict[str, np.ndarray],
+    thresholds: dict | None,
+) -> list[dict[str, Any]]:
     """scores.json's rows: per image its file, figure, score, heatmap max, and with
     thresholds pred_score (on [0, 1], 0.5 at the image threshold, as predictions.csv),
     pred_label and pred_mask_fraction."""
@@ -356,7 +382,13 @@ def score_rows(image_paths, names, outputs, thresholds):
     return rows
 
 
-def infer(model_path, image_paths, out_dir, batch_size=16, force=False):
+def infer(
+    model_path: str,
+    image_paths: list[str],
+    out_dir: str,
+    batch_size: int = 16,
+    force: bool = False,
+) -> dict[str, Any]:
     """Run ``model_path`` on ``image_paths``; writes figures and scores.json into
     ``out_dir`` and returns the scores dict."""
     from keras_vae_attn.runs import write_json
@@ -389,7 +421,7 @@ def infer(model_path, image_paths, out_dir, batch_size=16, force=False):
     return scores
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export.infer",
         description=__doc__,
@@ -419,7 +451,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:

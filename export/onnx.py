@@ -37,21 +37,25 @@ import argparse
 import json
 import os
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from export import (
     ExportError,
+    Progress,
+    Run,
     Stages,
     check_options,
     load_run,
     load_thresholds,
     no_stages,
-    pid_alive,
     refuse_existing,
     warn_incomplete,
 )
 from export.graph import DECISION_OUTPUTS, SERVING_OUTPUTS, anomaly_outputs, input_shape
 from export.metadata import model_metadata
+from keras_vae_attn.runs import staged
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
@@ -67,7 +71,7 @@ PARITY_CEILING = 1e-2
 CHECK_IMAGES = 2
 
 
-def serving_function(model, options, thresholds=None):
+def serving_function(model: Any, options: Any, thresholds: Any = None) -> tuple[Any, Any]:
     """The float-image endpoint as a ``tf.function`` (dynamic batch), and its input spec."""
     import tensorflow as tf
 
@@ -80,7 +84,7 @@ def serving_function(model, options, thresholds=None):
     return tf.function(images_to_maps, input_signature=[spec], autograph=False), spec
 
 
-def unsupported_nodes(model_proto):
+def unsupported_nodes(model_proto: Any) -> dict[str, int]:
     """{op type: count} of nodes that are no ONNX operator (tf2onnx found no handler)."""
     import onnx
 
@@ -91,14 +95,16 @@ def unsupported_nodes(model_proto):
     return found
 
 
-def onnx_options(options):
+def onnx_options(options: Any) -> Any:
     """``options`` with the attention batched as "stack" (D copies of the head, one plain
     backward pass): its gradient ops all have handlers, while the vectorized Jacobian
     (pfor) leaves ops tf2onnx cannot convert. The maps are the same."""
     return options.replace(method="stack")
 
 
-def convert(model, options, thresholds=None, opset=DEFAULT_OPSET):
+def convert(
+    model: Any, options: Any, thresholds: Any = None, opset: int = DEFAULT_OPSET
+) -> Any:
     """An ``onnx.ModelProto`` computing ``anomaly_outputs`` for ``model``."""
     import tensorflow as tf
 
@@ -123,7 +129,9 @@ def convert(model, options, thresholds=None, opset=DEFAULT_OPSET):
     return model_proto
 
 
-def function_to_onnx(function, spec, opset=DEFAULT_OPSET, catch_errors=True):
+def function_to_onnx(
+    function: Any, spec: Any, opset: int = DEFAULT_OPSET, catch_errors: bool = True
+) -> Any:
     """tf2onnx's ``from_function`` for a ``tf.function`` of one input ``spec``.
 
     Without ``catch_errors`` tf2onnx's optimizer passes skip the deep copy of the whole
@@ -147,7 +155,7 @@ def function_to_onnx(function, spec, opset=DEFAULT_OPSET, catch_errors=True):
             os.environ[key] = previous
 
 
-def session(model_bytes_or_path, threads=0):
+def session(model_bytes_or_path: bytes | str, threads: int = 0) -> Any:
     """An onnxruntime CPU ``InferenceSession`` (``threads`` intra-op threads, 0: all)."""
     import onnxruntime
 
@@ -159,10 +167,10 @@ def session(model_bytes_or_path, threads=0):
     )
 
 
-def parity(model, options, thresholds, model_proto, images):
+def parity(
+    model: Any, options: Any, thresholds: Any, model_proto: Any, images: np.ndarray
+) -> float:
     """max |onnx - keras| / range of the Keras heatmap, for float ``images`` (B, H, W, C)."""
-    import numpy as np
-
     expected = {
         k: np.asarray(v)
         for k, v in anomaly_outputs(model, images, options, thresholds).items()
@@ -186,14 +194,12 @@ class Agreement(NamedTuple):
     largest: float
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.share <= PARITY_SHARE and self.largest <= PARITY_CEILING
 
 
-def agreement(got, want):
+def agreement(got: Any, want: Any) -> Agreement:
     """The :class:`Agreement` of heatmaps ``got`` (B, H, W) with ``want``."""
-    import numpy as np
-
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     scale = max(float(want.max() - want.min()), 1e-12)
     diff = np.abs(got - want) / scale
@@ -203,14 +209,14 @@ def agreement(got, want):
     return Agreement(float(per_image.max()), high, float(diff.max()))
 
 
-def onnx_heatmaps(model_proto, images):
+def onnx_heatmaps(model_proto: Any, images: np.ndarray) -> np.ndarray:
     """The ``heatmap`` output of ``model_proto`` run by ONNX Runtime on ``images``."""
     runner = session(model_proto.SerializeToString())
     names = [output.name for output in runner.get_outputs()]
     return dict(zip(names, runner.run(None, {"images": images})))["heatmap"]
 
 
-def run_images(run, count=CHECK_IMAGES):
+def run_images(run: Run, count: int = CHECK_IMAGES) -> np.ndarray | None:
     """Up to ``count`` of the run's own training images as float32 (N, H, W, C), from
     the data folder its config.json names (MVTec layout); None when it names none or
     they cannot be read (the check then runs on noise alone)."""
@@ -228,12 +234,10 @@ def run_images(run, count=CHECK_IMAGES):
     return mvtec.to_float(images) if images.shape[1:3] == (height, width) else None
 
 
-def verify_graph(run, thresholds, model_proto, seed=0):
+def verify_graph(run: Run, thresholds: Any, model_proto: Any, seed: int = 0) -> float:
     """Run the converted graph beside the model on noise and on the run's own images;
     ExportError naming the batch unless every image passes :func:`agreement`'s rule.
     Returns the largest difference seen (a fraction of the heatmap's range)."""
-    import numpy as np
-
     batches = {
         "noise": np.random.default_rng(seed).random(
             (CHECK_IMAGES, *input_shape(run.model)), dtype=np.float32
@@ -260,7 +264,7 @@ def verify_graph(run, thresholds, model_proto, seed=0):
     return largest
 
 
-def add_metadata(model_proto, run, thresholds):
+def add_metadata(model_proto: Any, run: Run, thresholds: Any) -> None:
     """Record :func:`export.metadata.model_metadata` in the model's metadata_props,
     each value as JSON (:func:`read_metadata` reads them back)."""
     for key, value in model_metadata(run, thresholds).items():
@@ -272,7 +276,7 @@ def add_metadata(model_proto, run, thresholds):
     )
 
 
-def read_metadata(path):
+def read_metadata(path: str) -> dict[str, Any]:
     """The metadata an .onnx file written by :func:`export` holds (a dict: input_shape,
     image_size, preprocessing, options, thresholds, training_data, ...); ExportError if
     the file cannot be read."""
@@ -285,7 +289,7 @@ def read_metadata(path):
     return parse_metadata({p.key: p.value for p in model_proto.metadata_props})
 
 
-def parse_metadata(props):
+def parse_metadata(props: dict[str, str]) -> dict[str, Any]:
     """{key: JSON string} of metadata_props -> {key: value}; a value that is no JSON
     (an export of an earlier version) stays a string."""
     parsed = {}
@@ -301,15 +305,15 @@ STAGES = 4  # load, trace and convert, parity check, write
 
 
 def export(
-    run_dir,
-    out,
-    opset=DEFAULT_OPSET,
-    force=False,
-    thresholds=None,
-    verify=True,
-    seed=0,
-    progress=no_stages,
-):
+    run_dir: str,
+    out: str,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    thresholds: str | None = None,
+    verify: bool = True,
+    seed: int = 0,
+    progress: Progress = no_stages,
+) -> float | None:
     """Convert run ``run_dir`` and write ``out`` atomically; returns the parity (or None).
 
     Refusals (``out`` exists without ``force``, no trained model, a graph op without a
@@ -339,22 +343,15 @@ def export(
     )
     if verify:
         difference = verify_graph(run, values, model_proto, seed)
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_partials(out)
-    partial = f"{out}.partial-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     progress(f"writing {out}")
-    try:
+    with staged(out, replace=True) as partial:  # <out>.partial-<pid>, dead ones cleared
         with open(partial, "wb") as handle:
             handle.write(model_proto.SerializeToString())
-        os.replace(partial, out)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return difference
 
 
-def check_opset(opset):
+def check_opset(opset: int) -> None:
     """ExportError unless tf2onnx converts to ``opset``: checked before the model is
     loaded, not after the conversion has run for a minute."""
     import tf2onnx
@@ -368,7 +365,7 @@ def check_opset(opset):
         )
 
 
-def require_onnx_packages():
+def require_onnx_packages() -> None:
     """MissingExtra (one line naming the ``[export]`` extra) unless tf2onnx, onnx and
     onnxruntime import; checked before the model is loaded."""
     from keras_vae_attn.extras import needs_extra
@@ -379,17 +376,7 @@ def require_onnx_packages():
         import tf2onnx  # noqa: F401  (only checks that the extra is installed)
 
 
-def remove_stale_partials(out):
-    """Delete ``<out>.partial-<pid>`` files of dead writers (a killed export's)."""
-    folder = os.path.dirname(os.path.abspath(out))
-    prefix = os.path.basename(out) + ".partial-"
-    for name in os.listdir(folder):
-        pid = name[len(prefix) :]
-        if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
-            os.remove(os.path.join(folder, name))
-
-
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export.onnx",
         description=__doc__,
@@ -419,7 +406,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> str:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.opset < MIN_OPSET:

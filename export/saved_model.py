@@ -6,7 +6,7 @@ writes ``<out>/<model name>/<version>/`` (TF Serving's model base path layout). 
 folder appears in one rename, so a server polling ``<out>/<model name>`` never loads a
 half-written version; an existing version is refused unless ``--force``.
 
-Signatures (all compute :func:`keras_vae_attn.pipeline.explain_anomaly`, gradients
+Signatures (all compute :func:`keras_vae_attn.explain.pipeline.explain_anomaly`, gradients
 included, with the normal-data latent statistics baked in as model variables):
 
     serving_default  images float32 (B, H, W, C) in [0, 1] -> heatmap (B, H, W),
@@ -28,8 +28,9 @@ replays when it loads the version.
 
 Every signature checks its input in the graph and fails with a message naming it:
 the shape, float images in [0, 1] (NaN and inf fail too), and at least one image.
-Staging folders left by a killed export (``.incoming-<version>-<pid>``, dead pid) are
-removed by the next export into the same model folder.
+The version is written as ``<version>.partial-<pid>`` (not a number: TF Serving ignores
+it) and renamed into place (:func:`keras_vae_attn.runs.staged`); what a killed export
+left there (dead pid) is removed by the next export into the same model folder.
 """
 
 from __future__ import annotations
@@ -38,19 +39,21 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
+from typing import Any
+
+import numpy as np
 
 from export import (
     ExportError,
+    Progress,
+    Run,
     Stages,
     check_options,
-    claim_version,
     load_run,
     load_thresholds,
     model_name_problem,
     no_stages,
-    release_version,
     warn_incomplete,
 )
 from export.graph import (
@@ -63,13 +66,17 @@ from export.graph import (
     signature_outputs,
 )
 from export.metadata import model_metadata
+from export.versions import claim_version, release_version
+from keras_vae_attn.runs import staged
 
 SIGNATURES = ("serving_default", "explain", "serve_bytes", "explain_latents")
 EXPORT_INFO = "export.json"
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
-def build_archive(model, options, thresholds=None, explain_layer=None):
+def build_archive(
+    model: Any, options: Any, thresholds: Any = None, explain_layer: str | None = None
+) -> Any:
     """A ``keras.export.ExportArchive`` with the signatures of :data:`SIGNATURES` (see
     the module's docstring)."""
     import keras
@@ -107,7 +114,7 @@ def build_archive(model, options, thresholds=None, explain_layer=None):
     return archive
 
 
-def export_info(run, thresholds, explain_layer):
+def export_info(run: Run, thresholds: Any, explain_layer: str | None) -> dict[str, Any]:
     """What the export was made from and with (written to ``assets/export.json``)."""
     return {
         **model_metadata(run, thresholds),
@@ -118,7 +125,7 @@ def export_info(run, thresholds, explain_layer):
     }
 
 
-def read_metadata(path):
+def read_metadata(path: str) -> dict[str, Any]:
     """The metadata of a SavedModel written by :func:`export` (``assets/export.json``):
     input_shape, image_size, preprocessing, options, thresholds, training_data,
     signatures, ... ``path``: a version folder, or a TF Serving model folder (its
@@ -142,11 +149,9 @@ def read_metadata(path):
         ) from None
 
 
-def warmup_image(shape):
+def warmup_image(shape: tuple[int, int, int]) -> np.ndarray:
     """A deterministic image (1, H, W, C) of 8-bit values / 255 (a smooth gradient):
     what the warm-up requests send, valid for every signature."""
-    import numpy as np
-
     height, width, channels = shape
     rows = np.linspace(0.2, 0.8, height, dtype=np.float32)[:, None, None]
     cols = np.linspace(0.0, 0.2, width, dtype=np.float32)[None, :, None]
@@ -154,12 +159,11 @@ def warmup_image(shape):
     return (np.round(image * 255) / 255).astype(np.float32)[None]
 
 
-def warmup_requests(shape, model_name):
+def warmup_requests(shape: tuple[int, int, int], model_name: str) -> list[bytes]:
     """Serialized ``tensorflow.serving.PredictionLog`` records, one PredictRequest of one
     image per signature (serve_bytes gets the image as a PNG), as TF Serving replays
     them from ``assets.extra/tf_serving_warmup_requests`` when it loads a version: the
     first client request then finds every signature's graph initialized."""
-    import numpy as np
     import tensorflow as tf
 
     image = warmup_image(shape)
@@ -174,7 +178,9 @@ def warmup_requests(shape, model_name):
     return records
 
 
-def prediction_log(model_name, signature, input_name, tensor_proto):
+def prediction_log(
+    model_name: str, signature: str, input_name: str, tensor_proto: Any
+) -> bytes:
     """A PredictionLog holding one PredictRequest, encoded field by field.
 
     Field numbers of tensorflow_serving/apis: PredictionLog.predict_log = 6,
@@ -189,12 +195,12 @@ def prediction_log(model_name, signature, input_name, tensor_proto):
     return _field(6, _field(1, request))
 
 
-def _field(number, payload):
+def _field(number: int, payload: bytes) -> bytes:
     """One length-delimited protobuf field: tag (wire type 2), length, bytes."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _varint(value):
+def _varint(value: int) -> bytes:
     """A non-negative int as a protobuf varint (7 bits a byte, low bits first)."""
     out = bytearray()
     while value > 0x7F:
@@ -204,7 +210,9 @@ def _varint(value):
     return bytes(out)
 
 
-def write_assets(folder, run, thresholds, explain_layer, model_name):
+def write_assets(
+    folder: str, run: Run, thresholds: Any, explain_layer: str | None, model_name: str
+) -> None:
     """``assets/export.json`` (the metadata) and the TF Serving warm-up requests into the
     SavedModel ``folder``."""
     import tensorflow as tf
@@ -222,7 +230,7 @@ def write_assets(folder, run, thresholds, explain_layer, model_name):
             writer.write(record)
 
 
-def next_version(base):
+def next_version(base: str) -> int:
     """1 + the largest numeric version folder under ``base`` (1 when there is none)."""
     if not os.path.isdir(base):
         return 1
@@ -233,15 +241,15 @@ STAGES = 3  # load, build, trace and write
 
 
 def export(
-    run_dir,
-    out,
-    model_name="vae",
-    version=None,
-    force=False,
-    thresholds=None,
-    explain_layer=None,
-    progress=no_stages,
-):
+    run_dir: str,
+    out: str,
+    model_name: str = "vae",
+    version: int | None = None,
+    force: bool = False,
+    thresholds: str | None = None,
+    explain_layer: str | None = None,
+    progress: Progress = no_stages,
+) -> str:
     """Write ``<out>/<model_name>/<version>/`` atomically; returns that path.
 
     The SavedModel is written under a dot-name TF Serving ignores, then renamed into
@@ -264,26 +272,21 @@ def export(
     except ValueError as error:  # an unknown --layer / --explain-layer
         raise ExportError(f"cannot build the serving graph of {run_dir!r}: {error}") from None
     # the number is claimed only now, so a refusal above leaves nothing behind, and two
-    # exports started together never write the same version (export.claim_version)
+    # exports started together never write the same version (export.versions)
     version, claim = claim_version(base, version)
     target = os.path.join(base, str(version))
-    staging = os.path.join(base, f".incoming-{version}-{os.getpid()}")
     try:
         refuse_version(base, version, model_name, force)
         progress(f"tracing the signatures and writing {target}")
-        archive.write_out(staging, verbose=False)
-        write_assets(staging, run, values, explain_layer, model_name)
-        if force:
-            replace_dir(staging, target)
-        else:
-            os.rename(staging, target)  # fails on a version that appeared meanwhile
+        with staged(target, replace=force) as staging:  # <version>.partial-<pid>
+            archive.write_out(staging, verbose=False)
+            write_assets(staging, run, values, explain_layer, model_name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         release_version(claim)
     return target
 
 
-def refuse_version(base, version, model_name, force):
+def refuse_version(base: str, version: int, model_name: str, force: bool) -> None:
     """ExportError if version ``version`` exists under ``base`` and ``force`` is unset."""
     target = os.path.join(base, str(version))
     if os.path.lexists(target) and not force:
@@ -293,19 +296,7 @@ def refuse_version(base, version, model_name, force):
         )
 
 
-def replace_dir(source, target):
-    """Rename ``source`` to ``target``; an existing ``target`` is swapped out first, so
-    at every moment ``target`` is either the old folder, absent, or the new one."""
-    if not os.path.lexists(target):
-        os.rename(source, target)
-        return
-    old = f"{target}.replaced-{os.getpid()}"
-    os.rename(target, old)
-    os.rename(source, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export.saved_model",
         description=__doc__,
@@ -339,7 +330,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> str:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version is not None and args.version < 1:

@@ -15,7 +15,7 @@ CLIS = [
     "export.saved_model",
     "export.onnx",
     "export.infer",
-    "export.pipeline",
+    "pipeline",
     "bench.localization_grid",
     "bench.dsprites_table",
     "bench.dsprites_fidelity",
@@ -87,7 +87,7 @@ BENCH = BENCH_WITH_TENSORFLOW + [
 TRAINERS = ["trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites"]
 
 
-EXPORTERS = ["export.saved_model", "export.onnx", "export.infer", "export.pipeline"]
+EXPORTERS = ["export.saved_model", "export.onnx", "export.infer", "pipeline"]
 
 
 @pytest.mark.parametrize("module", TRAINERS + EXPORTERS + BENCH)

@@ -2,18 +2,17 @@
 SavedModel, of ONNX Runtime and of a run's predictions.csv (keras_vae_attn.predictions)
 agree for the same images at the same thresholds."""
 
-import json
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import load_thresholds, options_from_config
+from export import load_thresholds
 from export import onnx as onnx_export
 from keras_vae_attn import predictions
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
+from keras_vae_attn.runs import RunFolder
 
 from conftest import assert_same_map
 
@@ -25,7 +24,7 @@ def test_decisions_agree_across_saved_model_onnx_and_predictions_csv(
 ):
     images = mvtec.to_float(mvtec_images[1].images)
     thresholds = load_thresholds(str(mvtec_export / "thresholds.json"))
-    options = options_from_config(json.loads((mvtec_run / "config.json").read_text()))
+    options = RunFolder(mvtec_run).options()
     heatmaps = pipeline.explain_anomaly(
         load_vae(str(mvtec_run / "model")), images, options, keys=("heatmap",)
     )["heatmap"].numpy()

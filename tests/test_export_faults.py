@@ -150,7 +150,8 @@ def test_an_empty_batch_fails_clearly_on_both_backends(tiny, served):
 
 @pytest.mark.slow
 def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push(tiny):
-    from export import pipeline, saved_model
+    from export import saved_model
+    from pipeline import serving
 
     folder, run, stale_partial = tiny
     assert not (folder / f"model.onnx.partial-{stale_partial}").exists()  # ONNX export
@@ -158,8 +159,8 @@ def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push
     dead = dead_pid()
     writer = subprocess.Popen(["sleep", "60"])  # an export still running
     try:
-        stale = [f".incoming-{dead}", f".incoming-2-{dead}", f"1.replaced-{dead}"]
-        live = [f".incoming-{writer.pid}", f".incoming-7-{writer.pid}"]
+        stale = [f"5.partial-{dead}", f"2.partial-{dead}", f"1.replaced-{dead}"]
+        live = [f"6.partial-{writer.pid}", f"7.partial-{writer.pid}"]
         for name in stale + live:
             (base / name).mkdir()
             (base / name / "saved_model.pb").write_bytes(b"partial")
@@ -167,8 +168,8 @@ def test_staging_folders_of_dead_writers_are_removed_by_the_next_export_and_push
         assert os.path.basename(target) == "2"
         assert sorted(os.listdir(base)) == sorted(["1", "2", *live])
 
-        (base / f".incoming-{dead}").mkdir()  # a push killed before its rename
-        pushed = pipeline.push_version(str(base / "1"), str(folder / "serving"), "model")
+        (base / f"3.partial-{dead}").mkdir()  # a push killed before its rename
+        pushed = serving.push_version(str(base / "1"), str(folder / "serving"), "model")
         assert os.path.basename(pushed) == "3"
         assert sorted(os.listdir(base)) == sorted(["1", "2", "3", *live])
     finally:
@@ -319,7 +320,7 @@ def test_an_opset_tf2onnx_cannot_write_is_refused_before_the_model_is_loaded(tmp
 def test_version_claims_never_hand_out_one_number_twice(tmp_path):
     import threading
 
-    from export import claim_version, release_version
+    from export.versions import claim_version, release_version
 
     base = str(tmp_path / "model")
     (tmp_path / "model").mkdir()
@@ -351,6 +352,24 @@ def test_version_claims_never_hand_out_one_number_twice(tmp_path):
     ):
         claim_version(base, 4)
     release_version(claim)
+
+
+def test_a_version_a_killed_replace_moved_aside_is_put_back(tmp_path):
+    """A --force export killed between its two renames leaves the old version as
+    <version>.replaced-<pid>; the next writer puts it back (TF Serving would otherwise
+    lose the version), and removes the dead writers' staging, not a live one's."""
+    from export.versions import claim_version, release_version
+
+    base = tmp_path / "model"
+    dead = dead_pid()
+    for name in (f"4.replaced-{dead}", f"5.partial-{dead}", f"6.partial-{os.getpid()}"):
+        (base / name).mkdir(parents=True)
+        (base / name / "saved_model.pb").write_bytes(name.encode())
+    number, claim = claim_version(str(base))
+    release_version(claim)
+    assert number == 5  # after the version put back
+    assert sorted(os.listdir(base)) == ["4", f"6.partial-{os.getpid()}"]
+    assert (base / "4" / "saved_model.pb").read_bytes() == f"4.replaced-{dead}".encode()
 
 
 @pytest.mark.slow

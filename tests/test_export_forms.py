@@ -93,13 +93,12 @@ def test_saved_model_and_onnx_serve_the_models_heatmap(exported, batch):
     import onnxruntime as ort
     import tensorflow as tf
 
-    from export import options_from_config
     from keras_vae_attn.explain import pipeline
     from keras_vae_attn.models import load_vae
+    from keras_vae_attn.runs import RunFolder
 
     name, run, folder = exported
-    config = json.loads((run / "config.json").read_text())
-    options = options_from_config(config)
+    options = RunFolder(run).options()
     if name == "multi-layer":
         assert options.layer_scales is not None and len(options.layer_scales) == 2
     model = load_vae(str(run / "model"))

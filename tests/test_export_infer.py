@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import infer, options_from_config
+from export import infer
 from export.graph import validated_images
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
+from keras_vae_attn.runs import RunFolder
 
 pytestmark = pytest.mark.slow  # trains a run and exports it (shared session fixtures)
 
@@ -51,7 +52,7 @@ def test_both_backends_score_files_like_the_trained_model(
     assert files[0] in capsys.readouterr().out
 
     model = load_vae(str(mvtec_run / "model"))
-    options = options_from_config(json.loads((mvtec_run / "config.json").read_text()))
+    options = RunFolder(mvtec_run).options()
     decoded, _ = mvtec.decode_files(files, 64, 3)
     want = pipeline.explain_anomaly(model, mvtec.to_float(decoded), options)["score"].numpy()
     for name, got in results.items():

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 
-from export import load_thresholds, options_from_config, saved_model
+from export import load_thresholds, saved_model
 from export import onnx as onnx_export
 from export.infer import InputError, OnnxBackend
 from keras_vae_attn import calibration
@@ -17,6 +17,7 @@ from keras_vae_attn.data import mvtec
 from keras_vae_attn.explain import pipeline
 from keras_vae_attn.explain.options import ExplainOptions
 from keras_vae_attn.models import load_vae
+from keras_vae_attn.runs import RunFolder
 
 from conftest import assert_same_map
 
@@ -42,7 +43,7 @@ def test_onnxruntime_gives_the_trained_models_heatmaps(name, request):
         images = mvtec.to_float(request.getfixturevalue("mvtec_images")[1].images)
         thresholds = load_thresholds(str(exported / "thresholds.json"))
     model = load_vae(str(run / "model"))
-    options = options_from_config(json.loads((run / "config.json").read_text()))
+    options = RunFolder(run).options()
     for batch in (1, 7):
         x = images[:batch]
         want = {k: v.numpy() for k, v in pipeline.explain_anomaly(model, x, options).items()}
@@ -73,7 +74,7 @@ def test_batch_is_dynamic_and_metadata_says_what_was_exported(mvtec_export, mvte
     options = meta["options"]
     assert options["smooth"] == 1.0 and options["layers"] == ["conv1"]
     # the run's own options, whatever the default preset is
-    run_options = options_from_config(json.loads((mvtec_run / "config.json").read_text()))
+    run_options = RunFolder(mvtec_run).options()
     assert options == run_options.as_config()
     assert (
         meta["thresholds"] == load_thresholds(str(mvtec_export / "thresholds.json")).as_dict()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import load_thresholds, options_from_config
+from export import load_thresholds
 from export import saved_model as sm
 from export.graph import DECISION_OUTPUTS, SERVING_OUTPUTS
 from export.metadata import training_data
@@ -20,6 +20,7 @@ from keras_vae_attn import calibration
 from keras_vae_attn.data import mvtec
 from keras_vae_attn.explain import pipeline
 from keras_vae_attn.models import load_vae
+from keras_vae_attn.runs import RunFolder
 
 from conftest import assert_same_map
 
@@ -41,8 +42,7 @@ def load_saved(folder):
 
 def in_memory(run, images):
     """What the trainer computes for ``images`` with the run's options (numpy dict)."""
-    config = json.loads((run / "config.json").read_text())
-    out = pipeline.explain_anomaly(trained_model(run), images, options_from_config(config))
+    out = pipeline.explain_anomaly(trained_model(run), images, RunFolder(run).options())
     return {key: value.numpy() for key, value in out.items()}
 
 
@@ -323,9 +323,8 @@ def test_warmup_requests_parse_as_tf_serving_reads_them_and_run(mnist_export, mv
 
 def test_metadata_says_how_the_model_was_made_and_is_fed(mvtec_run, mvtec_export):
     info = sm.read_metadata(str(mvtec_export / "serving" / "model"))  # newest version
-    config = json.loads((mvtec_run / "config.json").read_text())
     assert info["input_shape"] == [64, 64, 3] and info["image_size"] == [64, 64]
-    assert info["options"] == options_from_config(config).as_config()
+    assert info["options"] == RunFolder(mvtec_run).options().as_config()
     assert (
         info["thresholds"] == load_thresholds(str(mvtec_export / "thresholds.json")).as_dict()
     )

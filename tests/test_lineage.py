@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from export import lineage
+from export.metadata import fingerprint_files
+from pipeline import lineage
 
 
 def make_stage(tmp_path, calls):
@@ -74,7 +75,7 @@ def test_a_failing_stage_is_recorded_and_rerun(tmp_path):
 
 def test_fingerprint_changes_with_the_file_list(tmp_path):
     (tmp_path / "a.png").write_bytes(b"12")
-    before = lineage.fingerprint_files(str(tmp_path))
+    before = fingerprint_files(str(tmp_path))
     (tmp_path / "b.png").write_bytes(b"3")
-    after = lineage.fingerprint_files(str(tmp_path))
+    after = fingerprint_files(str(tmp_path))
     assert before["files"] == 1 and after["files"] == 2 and before["sha256"] != after["sha256"]

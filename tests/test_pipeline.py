@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from export import lineage, pipeline
+from pipeline import cli, lineage, serving, stages
 
 from conftest import REPO
 
@@ -39,7 +39,7 @@ def command(category_root, work, *extra, trainer=TRAINER):
     return [
         sys.executable,
         "-m",
-        "export.pipeline",
+        "pipeline",
         "--category",
         "demo",
         "--data-dir",
@@ -79,7 +79,7 @@ def test_full_run_writes_every_artifact_and_the_manifest(first_run):
     work, result = first_run
     pipe = work / "pipe"
     manifest = json.loads((pipe / "manifest.json").read_text())["stages"]
-    assert list(manifest) == list(pipeline.STAGES)
+    assert list(manifest) == list(stages.STAGES)
     for name, record in manifest.items():
         for field in (
             "inputs",
@@ -115,7 +115,7 @@ def test_second_run_reuses_every_stage(category_root, first_run):
     work, _ = first_run
     again = run(category_root, work)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert stage_lines(again) == [f"[{s}] cached" for s in pipeline.STAGES]
+    assert stage_lines(again) == [f"[{s}] cached" for s in stages.STAGES]
     assert sorted(os.listdir(work / "serving" / "vae_demo")) == ["1"]
 
 
@@ -158,7 +158,7 @@ def test_candidate_worse_than_served_is_not_pushed(category_root, first_run):
     before = {p.name: lineage.hash_path(str(p)) for p in served.iterdir()}
     # tolerance 0: the default map scores within the default tolerance of 1 on the demo
     result = run(category_root, work, "--tolerance", "0")
-    assert result.returncode == pipeline.NOT_BLESSED, result.stderr[-3000:]
+    assert result.returncode == cli.NOT_BLESSED, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1].startswith("not blessed, nothing pushed: ")
     lines = stage_lines(result)
     assert lines[:2] == ["[train] cached", "[evaluate] cached"]
@@ -170,7 +170,7 @@ def test_candidate_worse_than_served_is_not_pushed(category_root, first_run):
 def test_floors_block_a_push(category_root, first_run):
     work, _ = first_run
     result = run(category_root, work, "--min-pixel-auroc", "1")
-    assert result.returncode == pipeline.NOT_BLESSED, result.stderr[-3000:]
+    assert result.returncode == cli.NOT_BLESSED, result.stderr[-3000:]
     assert stage_lines(result)[:2] == ["[train] cached", "[evaluate] cached"]
     assert "[export] cached" in stage_lines(result)
     assert "pixel_auroc" in result.stderr and "below the required 1.0" in result.stderr
@@ -186,16 +186,15 @@ def test_exported_decisions_match_python_thresholds(first_run):
     from keras_vae_attn import calibration
     from keras_vae_attn.explain import pipeline as explain_pipeline
     from keras_vae_attn.models import load_vae
+    from keras_vae_attn.runs import RunFolder
 
     work, _ = first_run
     pipe = work / "pipe"
     thresholds = load_thresholds(str(pipe / "evaluate" / "thresholds.json"))
     images = np.random.default_rng(0).random((5, 32, 32, 3)).astype("float32")
     model = load_vae(str(pipe / "train" / "model"))
-    config = json.loads((pipe / "train" / "config.json").read_text())
-    from export import explain_options
-
-    raw = explain_pipeline.explain_anomaly(model, images, explain_options(config))
+    options = RunFolder(pipe / "train").options()
+    raw = explain_pipeline.explain_anomaly(model, images, options)
     expected = calibration.decide(raw["heatmap"], raw["score"], thresholds)
     loaded = tf.saved_model.load(str(work / "serving" / "vae_demo" / "1"))
     served = loaded.signatures["serving_default"](images=tf.constant(images))
@@ -300,7 +299,7 @@ def test_push_never_exposes_a_partial_version(first_run, tmp_path):
     )
     time.sleep(0.5)
     for _ in range(8):
-        pipeline.push_version(str(source), str(tmp_path / "serving"), "model")
+        serving.push_version(str(source), str(tmp_path / "serving"), "model")
     out, _ = reader.communicate(timeout=60)
     seen, partial = map(int, out.split())
     assert seen == 8 and partial == 0

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from export import lineage, pipeline
+from export.metadata import FingerprintError, fingerprint_files
+from pipeline import cli, folder, lineage
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def snapshot(folder):
 def refused(capsys, *argv):
     """Run the pipeline's main; assert exit 2 and return its one stderr line."""
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(list(argv) + ["--", "--epochs", "1", "--steps-per-epoch", "1"])
+        cli.main(list(argv) + ["--", "--epochs", "1", "--steps-per-epoch", "1"])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "Traceback" not in "\n".join(err)
@@ -132,46 +133,43 @@ def test_a_folder_holding_the_users_files_is_refused_untouched(data_root, tmp_pa
 
 def test_the_marker_names_what_the_pipeline_may_rewrite(tmp_path):
     pipe = tmp_path / "pipe"
-    pipeline.claim_folder(str(pipe))  # new folder: marked
-    marker = json.loads((pipe / pipeline.MARKER).read_text())
-    assert marker["owns"] == list(pipeline.OWNED)
+    folder.claim_folder(str(pipe))  # new folder: marked
+    marker = json.loads((pipe / folder.MARKER).read_text())
+    assert marker["owns"] == list(folder.OWNED)
     (pipe / "train").mkdir()
     (pipe / "holdout.json.partial-12").write_text("[]")  # a write being renamed
-    pipeline.claim_folder(str(pipe))  # its own entries: taken again
+    folder.claim_folder(str(pipe))  # its own entries: taken again
     (pipe / "notes.txt").write_text("mine")
     with pytest.raises(
-        pipeline.PipelineError,
+        folder.PipelineError,
         match=r"holds files the pipeline did not "
         r"write \(notes.txt\)",
     ):
-        pipeline.claim_folder(str(pipe))
+        folder.claim_folder(str(pipe))
 
     earlier = tmp_path / "earlier"  # made before the marker
     (earlier / "train").mkdir(parents=True)
     (earlier / "manifest.json").write_text(json.dumps({"stages": {}}))
-    pipeline.claim_folder(str(earlier))
-    assert (earlier / pipeline.MARKER).exists()
+    folder.claim_folder(str(earlier))
+    assert (earlier / folder.MARKER).exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    pipeline.claim_folder(str(empty))
-    assert sorted(os.listdir(empty)) == [pipeline.MARKER]
+    folder.claim_folder(str(empty))
+    assert sorted(os.listdir(empty)) == [folder.MARKER]
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(pipeline.PipelineError, match="exists and is not a folder"):
-        pipeline.claim_folder(str(a_file))
+    with pytest.raises(folder.PipelineError, match="exists and is not a folder"):
+        folder.claim_folder(str(a_file))
 
 
 def test_only_its_own_entries_are_ever_removed(tmp_path):
-    class Args:
-        pipeline_dir, category, data_dir, model_name = str(tmp_path / "pipe"), "c", "d", None
-
-    pipe = object.__new__(pipeline.Pipeline)
-    pipe.root = Args.pipeline_dir
+    (tmp_path / "notes").write_text("mine")
     with pytest.raises(ValueError, match="only its own entries"):
-        pipe.remove("..")
+        folder.remove_entry(str(tmp_path / "pipe"), "..")
     with pytest.raises(ValueError, match="only its own entries"):
-        pipe.remove("notes")
+        folder.remove_entry(str(tmp_path), "notes")
+    assert (tmp_path / "notes").read_text() == "mine"
 
 
 @pytest.mark.parametrize("category", ["../../../escaped", "a/b", "..", ".hidden"])
@@ -221,7 +219,7 @@ BAD_NUMBERS = {
 def test_numbers_are_checked_where_they_enter(data_root, tmp_path, capsys, flag):
     """Case 8: a NaN floor or tolerance blessed and pushed an unjudged model."""
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(
+        cli.main(
             [
                 "--category",
                 "demo",
@@ -243,7 +241,7 @@ def test_numbers_are_checked_where_they_enter(data_root, tmp_path, capsys, flag)
 
 def test_a_garbage_manifest_is_one_line(data_root, tmp_path, capsys):
     pipe = tmp_path / "pipe"
-    pipeline.claim_folder(str(pipe))
+    folder.claim_folder(str(pipe))
     for garbage in ("not json {", "[1, 2]", json.dumps({"stages": {"train": 3}})):
         (pipe / "manifest.json").write_text(garbage)
         line = refused(
@@ -273,8 +271,8 @@ def test_a_bad_link_in_the_data_is_one_line(tmp_path, capsys, kind):
     else:
         os.symlink(good / "bad2.png", good / "bad.png")
         os.symlink(good / "bad.png", good / "bad2.png")
-    with pytest.raises(lineage.LineageError, match="is a dangling or looping link"):
-        lineage.fingerprint_files(str(tmp_path / "data" / "demo"))
+    with pytest.raises(FingerprintError, match="is a dangling or looping link"):
+        fingerprint_files(str(tmp_path / "data" / "demo"))
     line = refused(
         capsys,
         "--category",

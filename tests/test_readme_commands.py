@@ -53,7 +53,7 @@ def test_the_readme_documents_the_main_commands():
         "export.saved_model",
         "export.onnx",
         "export.infer",
-        "export.pipeline",
+        "pipeline",
     } <= set(MODULES)
     assert any("--demo" in command for command in COMMANDS if "trainers.ucsd" in command)
 

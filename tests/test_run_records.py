@@ -40,12 +40,12 @@ def test_export_stage_lines_say_their_time_is_elapsed(capsys):
 
 
 def test_blessing_reasons_print_rounded_numbers():
-    from export import pipeline
+    from pipeline import blessing
 
-    floors = {metric: None for metric in pipeline.GATED_METRICS}
+    floors = {metric: None for metric in blessing.GATED_METRICS}
     floors["pixel_auroc"] = 0.97
-    candidate = {metric: 0.9 for metric in pipeline.GATED_METRICS}
+    candidate = {metric: 0.9 for metric in blessing.GATED_METRICS}
     candidate["pixel_auroc"] = 0.9645639789133258
-    assert pipeline.blessing_reasons(candidate, floors, None, 0.01, None) == [
+    assert blessing.blessing_reasons(candidate, floors, None, 0.01, None) == [
         "pixel_auroc 0.9646 is below the required 0.97"
     ]

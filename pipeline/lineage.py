@@ -12,13 +12,16 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 from export.metadata import package_versions
+from keras_vae_attn.runs import staged
 
 MANIFEST = "manifest.json"
 
 
-def hash_path(path):
+def hash_path(path: str) -> str:
     """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
     digest = hashlib.sha256()
     if os.path.isfile(path):
@@ -38,35 +41,34 @@ def hash_path(path):
 
 
 class LineageError(ValueError):
-    """A pipeline folder or data folder the bookkeeping cannot read; the message names
-    the path and what is wrong."""
+    """A manifest the bookkeeping cannot read; the message names the path and what is
+    wrong."""
 
 
-def _now():
+def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 class Manifest:
     """``manifest.json`` of one pipeline folder, rewritten atomically after each change."""
 
-    def __init__(self, folder):
+    def __init__(self, folder: str) -> None:
         self.path = os.path.join(folder, MANIFEST)
         self.data = {"stages": {}}
         if os.path.exists(self.path):
             self.data = read_manifest(self.path)
 
-    def record(self, stage):
+    def record(self, stage: str) -> dict[str, Any] | None:
         return self.data["stages"].get(stage)
 
-    def write(self, stage, record):
+    def write(self, stage: str, record: dict[str, Any]) -> None:
         self.data["stages"][stage] = record
-        partial = self.path + ".partial"
-        with open(partial, "w", encoding="utf-8") as handle:
-            json.dump(self.data, handle, indent=2)  # stages stay in the order they ran
-        os.replace(partial, self.path)
+        with staged(self.path, replace=True) as partial:
+            with open(partial, "w", encoding="utf-8") as handle:
+                json.dump(self.data, handle, indent=2)  # stages stay in the order they ran
 
 
-def read_manifest(path):
+def read_manifest(path: str) -> dict[str, Any]:
     """The dict a ``manifest.json`` holds; LineageError (naming the file) when it is no
     pipeline manifest: not JSON, or no "stages" object of stage records."""
     try:
@@ -86,7 +88,7 @@ def read_manifest(path):
     return data
 
 
-def cache_key(config, inputs, data_fingerprint):
+def cache_key(config: Any, inputs: dict[str, str], data_fingerprint: dict[str, Any]) -> str:
     """What a stage's result depends on, as one hash."""
     blob = json.dumps(
         {"config": config, "inputs": inputs, "data": data_fingerprint}, sort_keys=True
@@ -94,8 +96,20 @@ def cache_key(config, inputs, data_fingerprint):
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def run_stage(manifest, name, config, inputs, data_fingerprint, action, force=False):
-    """Run ``action()`` -> (status, outputs dict name->path, details) unless cached.
+#: What a stage's action returns: (status, {output name: path}, details for the record).
+StageResult = tuple[str, dict[str, str], dict[str, Any]]
+
+
+def run_stage(
+    manifest: Manifest,
+    name: str,
+    config: Any,
+    inputs: dict[str, str],
+    data_fingerprint: dict[str, Any],
+    action: Callable[[], StageResult],
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run ``action()`` -> :data:`StageResult` unless cached.
 
     ``inputs`` maps names to paths whose content the stage reads. Returns the record,
     with ``cached`` true when the previous result was reused.
