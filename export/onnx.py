@@ -34,6 +34,7 @@ range) before ``session.run``; :mod:`export.infer` calls it before every run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -141,7 +142,7 @@ def function_to_onnx(
     import tf2onnx
     from tf2onnx import constants
 
-    from export import onnx_handlers  # noqa: F401  (registers the gradient-op handlers)
+    importlib.import_module("export.onnx_handlers")  # registers the gradient-op handlers
 
     key = constants.ENV_TF2ONNX_CATCH_ERRORS
     previous = os.environ.get(key)
@@ -371,9 +372,8 @@ def require_onnx_packages() -> None:
     from keras_vae_attn.extras import needs_extra
 
     with needs_extra("export", "ONNX export"):
-        import onnx  # noqa: F401  (only checks that the extra is installed)
-        import onnxruntime  # noqa: F401  (only checks that the extra is installed)
-        import tf2onnx  # noqa: F401  (only checks that the extra is installed)
+        for name in ("onnx", "onnxruntime", "tf2onnx"):
+            importlib.import_module(name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,12 +29,15 @@ domain), so any later conversion uses them.
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
-import tf2onnx.onnx_opset  # noqa: F401  (the built-in handlers register first; ours win)
 from onnx import TensorProto, helper
 from tf2onnx import utils
 from tf2onnx.graph_builder import GraphBuilder
 from tf2onnx.handler import tf_op
+
+importlib.import_module("tf2onnx.onnx_opset")  # the built-in handlers first; ours win
 
 #: TensorFlow ops this module adds (or replaces) handlers for.
 HANDLED_OPS = (
