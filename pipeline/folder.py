@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from keras_vae_attn.runs import write_json
 from pipeline import lineage
 
 #: The file that marks a folder as a pipeline's, and the entries the pipeline writes
@@ -88,8 +89,6 @@ def claim_folder(root: str) -> None:
     but a pipeline's own entries and a readable manifest.json (a folder from before the
     marker). Anything else is the user's, and the pipeline would delete some of it.
     """
-    from keras_vae_attn.runs import write_json
-
     if os.path.lexists(root) and not os.path.isdir(root):
         raise PipelineError(f"--pipeline-dir {root!r} exists and is not a folder")
     entries = sorted(os.listdir(root)) if os.path.isdir(root) else []
