@@ -37,28 +37,10 @@ VARIANTS = {
     "small-hirescam": ["--backbone", "small", "--form", "hirescam", "--layer", "conv2"],
     "feature-residual": ["--form", "feature-residual", "--smooth", "2"],
 }
-SMALL_RUN = [
-    "--category",
-    "bottle",
-    "--image-size",
-    "64",
-    "--latent-dim",
-    "8",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "8",
-    "--max-train",
-    "16",
-    "--max-test",
-    "6",
-    "--no-sanity",
-    "--quiet",
-    "--seed",
-    "3",
-]
+SMALL_RUN = (
+    "--category bottle --image-size 64 --latent-dim 8 --epochs 1 --steps-per-epoch 2 "
+    "--batch-size 8 --max-train 16 --max-test 6 --no-sanity --quiet --seed 3"
+).split()
 SAVED_OUTPUTS = ("heatmap", "per_latent", "score", "recon_error", "mu")
 ONNX_OUTPUTS = ("heatmap", "score")
 
