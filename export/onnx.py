@@ -3,9 +3,9 @@
     python -m export.onnx --run <run folder> --out model.onnx [--opset 17]
 
 The graph is the serving_default signature of :mod:`export.saved_model` (the same
-:func:`keras_vae_attn.pipeline.explain_anomaly` call, gradients included; the latent
-dimensions batched as "stack", see :func:`onnx_options`), frozen and converted by tf2onnx
-with the gradient-op handlers of :mod:`export.onnx_handlers`.
+:func:`export.graph.anomaly_outputs`, gradients included; the latent dimensions batched
+as "stack", see :func:`onnx_options`), frozen and converted by tf2onnx with the
+gradient-op handlers of :mod:`export.onnx_handlers`.
 Input ``images`` float32 (batch, H, W, C) in [0, 1], any batch size; outputs heatmap
 and score (+ pred_score, pred_label, pred_mask with --thresholds), as serving_default.
 The per-latent maps are left out: they take a second backward pass (D maps per image),
