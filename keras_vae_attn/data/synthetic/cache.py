@@ -20,10 +20,11 @@ def read_spec(folder):
 
 
 def write_once(root, name, spec, write_into, exist_ok=True):
-    """``<root>/<name>`` written by ``write_into(folder, spec)`` into a staging folder and
-    renamed into place, so a reader never sees half a dataset. An existing folder with
-    the same spec is reused; another spec is replaced (or refused without ``exist_ok``).
-    A concurrent writer of the same spec that renamed first wins quietly."""
+    """``<root>/<name>`` written by ``write_into(folder, spec)``, with the spec beside it,
+    into a staging folder and renamed into place, so a reader never sees half a dataset.
+    An existing folder with the same spec is reused; another spec is replaced (or refused
+    without ``exist_ok``). A concurrent writer of the same spec that renamed first wins
+    quietly."""
     target = os.path.join(root, name)
     if os.path.exists(target):
         if not exist_ok:
@@ -35,6 +36,8 @@ def write_once(root, name, spec, write_into, exist_ok=True):
     os.chmod(staging, 0o755)
     try:
         write_into(staging, spec)
+        with open(os.path.join(staging, SPEC_FILE), "w", encoding="utf-8") as handle:
+            json.dump(spec, handle, indent=2)
         if os.path.exists(target):
             retired = tempfile.mkdtemp(prefix=f".{name}-old-", dir=root)
             os.replace(target, os.path.join(retired, "old"))

@@ -26,14 +26,12 @@ Files are written in the official layout (see :mod:`keras_vae_attn.data.mvtec`).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from keras_vae_attn.data.synthetic.cache import SPEC_FILE, write_once
+from keras_vae_attn.data.synthetic.mvtec_layout import category_spec, write_category
 
 DEFECTS = ("count", "swap", "colour")
 KINDS = ("disc", "square")
@@ -148,10 +146,6 @@ def _mask(parts, size):
     return np.asarray(canvas.resize((size, size), Image.BOX)) > 0
 
 
-def _save(image, path):
-    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
 def write_logical_category(
     root,
     category="logical",
@@ -168,41 +162,18 @@ def write_logical_category(
     Deterministic from ``seed``; written atomically and reused while its settings match,
     like the demo's category (:func:`write_mvtec_category`).
     """
-    unknown = sorted(set(defects) - set(DEFECTS))
-    if unknown:
-        raise ValueError(f"unknown defect kinds {unknown}; choose from {DEFECTS}")
     spec = dict(
         generator="logical",
-        size=int(size),
-        n_train=int(n_train),
-        n_test_good=int(n_test_good),
-        n_test_defect=int(n_test_defect),
-        defects=list(defects),
+        **category_spec(size, n_train, n_test_good, n_test_defect, defects, DEFECTS),
         seed=int(seed),
     )
-    return write_once(root, category, spec, _write_into, exist_ok)
+    return write_category(root, category, spec, _normal_image, _defective_image, exist_ok)
 
 
-def _write_into(folder, spec):
-    rng = np.random.default_rng(spec["seed"])
-    size = spec["size"]
-    for split, count in (("train", spec["n_train"]), ("test", spec["n_test_good"])):
-        good = os.path.join(folder, split, "good")
-        os.makedirs(good)
-        for index in range(count):
-            _save(
-                _render(rng, _normal_layout(rng), size), os.path.join(good, f"{index:03d}.png")
-            )
-    for kind in spec["defects"]:
-        images = os.path.join(folder, "test", kind)
-        masks = os.path.join(folder, "ground_truth", kind)
-        os.makedirs(images)
-        os.makedirs(masks)
-        for index in range(spec["n_test_defect"]):
-            parts, marked = _defective_layout(rng, kind)
-            _save(_render(rng, parts, size), os.path.join(images, f"{index:03d}.png"))
-            Image.fromarray(_mask(marked, size).astype(np.uint8) * 255).save(
-                os.path.join(masks, f"{index:03d}_mask.png")
-            )
-    with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as handle:
-        json.dump(spec, handle, indent=2)
+def _normal_image(rng, size):
+    return _render(rng, _normal_layout(rng), size)
+
+
+def _defective_image(rng, size, kind):
+    parts, marked = _defective_layout(rng, kind)
+    return _render(rng, parts, size), _mask(marked, size)

@@ -13,13 +13,10 @@ Files are written in the official layout (see :mod:`keras_vae_attn.data.mvtec`).
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-from keras_vae_attn.data.synthetic.cache import SPEC_FILE, write_once
+from keras_vae_attn.data.synthetic.mvtec_layout import category_spec, write_category
 
 DEFECTS = ("scratch", "hole", "stain")
 
@@ -79,12 +76,6 @@ def _draw_defect(rng, image, circle, kind):
     return np.asarray(canvas, np.float32) / 255.0, np.asarray(mask) > 0
 
 
-def _save(image, path, grayscale):
-    pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-    picture = Image.fromarray(pixels)
-    (picture.convert("L") if grayscale else picture).save(path)
-
-
 def write_mvtec_category(
     root,
     category="demo",
@@ -104,42 +95,17 @@ def write_mvtec_category(
     (that is the demo's cache); one written with other settings is replaced.
     """
     spec = dict(
-        size=int(size),
-        n_train=int(n_train),
-        n_test_good=int(n_test_good),
-        n_test_defect=int(n_test_defect),
-        defects=list(defects),
+        **category_spec(size, n_train, n_test_good, n_test_defect, defects, DEFECTS),
         grayscale=bool(grayscale),
         seed=int(seed),
     )
-    unknown = sorted(set(defects) - set(DEFECTS))
-    if unknown:
-        raise ValueError(f"unknown defect kinds {unknown}; choose from {DEFECTS}")
-    return write_once(root, category, spec, _write_into, exist_ok)
+    return write_category(root, category, spec, _normal_image, _defective_image, exist_ok)
 
 
-def _write_into(folder, spec):
-    rng = np.random.default_rng(spec["seed"])
-    size, grey = spec["size"], spec["grayscale"]
-    train = os.path.join(folder, "train", "good")
-    os.makedirs(train)
-    for index in range(spec["n_train"]):
-        _save(_normal(rng, size)[0], os.path.join(train, f"{index:03d}.png"), grey)
-    good = os.path.join(folder, "test", "good")
-    os.makedirs(good)
-    for index in range(spec["n_test_good"]):
-        _save(_normal(rng, size)[0], os.path.join(good, f"{index:03d}.png"), grey)
-    for kind in spec["defects"]:
-        images = os.path.join(folder, "test", kind)
-        masks = os.path.join(folder, "ground_truth", kind)
-        os.makedirs(images)
-        os.makedirs(masks)
-        for index in range(spec["n_test_defect"]):
-            image, circle = _normal(rng, size)
-            image, mask = _draw_defect(rng, image, circle, kind)
-            _save(image, os.path.join(images, f"{index:03d}.png"), grey)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(
-                os.path.join(masks, f"{index:03d}_mask.png")
-            )
-    with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as handle:
-        json.dump(spec, handle, indent=2)
+def _normal_image(rng, size):
+    return _normal(rng, size)[0]
+
+
+def _defective_image(rng, size, kind):
+    image, circle = _normal(rng, size)
+    return _draw_defect(rng, image, circle, kind)

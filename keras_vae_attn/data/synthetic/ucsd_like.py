@@ -17,13 +17,12 @@ the official Ped2 release's quirks, so the reader is tested against them.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from PIL import Image
 
-from keras_vae_attn.data.synthetic.cache import SPEC_FILE, write_once
+from keras_vae_attn.data.synthetic.cache import write_once
 from keras_vae_attn.data.ucsd import SUBSETS
 
 FORMATS = ("tif", "bmp", "png", "jpg")
@@ -269,5 +268,3 @@ def _write_into(folder, spec):
     name = SUBSETS[spec["subset"]]
     with open(os.path.join(folder, "Test", f"{name}.m"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(annotation) + "\n")
-    with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as handle:
-        json.dump(spec, handle, indent=2)
