@@ -63,12 +63,9 @@ def _dense_stem(output_shape, latent_dim, filters, dense_units):
     return inputs, layers.Reshape((start_h, start_w, filters[-1]))(x)
 
 
-def small_conv_decoder(
-    output_shape, latent_dim, filters=(32, 64), dense_units=256, kernel_size=4, name="decoder"
-):
-    """Mirror of :func:`small_conv_encoder`; outputs logits of the reconstruction."""
-    inputs, x = _dense_stem(output_shape, latent_dim, filters, dense_units)
-    for index, width_out in enumerate(list(reversed(filters))[1:] + [filters[0]], start=1):
+def _deconvs(x, widths, kernel_size):
+    """Stride-2 transposed convs with ReLU, one per width, named deconv1..deconvN."""
+    for index, width_out in enumerate(widths, start=1):
         x = layers.Conv2DTranspose(
             width_out,
             kernel_size,
@@ -77,6 +74,15 @@ def small_conv_decoder(
             activation="relu",
             name=f"deconv{index}",
         )(x)
+    return x
+
+
+def small_conv_decoder(
+    output_shape, latent_dim, filters=(32, 64), dense_units=256, kernel_size=4, name="decoder"
+):
+    """Mirror of :func:`small_conv_encoder`; outputs logits of the reconstruction."""
+    inputs, x = _dense_stem(output_shape, latent_dim, filters, dense_units)
+    x = _deconvs(x, list(reversed(filters))[1:] + [filters[0]], kernel_size)
     x = layers.Conv2D(output_shape[-1], 3, padding="same", name="logits")(x)
     x = _crop_to(x, *output_shape[:2])
     return keras.Model(inputs, x, name=name)
@@ -94,15 +100,7 @@ def factorvae_decoder(
     transposed conv outputs the logits itself (no full-resolution conv stack), which
     makes it several times cheaper at 64x64."""
     inputs, x = _dense_stem(output_shape, latent_dim, filters, dense_units)
-    for index, width_out in enumerate(list(reversed(filters))[1:], start=1):
-        x = layers.Conv2DTranspose(
-            width_out,
-            kernel_size,
-            strides=2,
-            padding="same",
-            activation="relu",
-            name=f"deconv{index}",
-        )(x)
+    x = _deconvs(x, list(reversed(filters))[1:], kernel_size)
     x = layers.Conv2DTranspose(
         output_shape[-1], kernel_size, strides=2, padding="same", name="logits"
     )(x)
@@ -207,6 +205,18 @@ def build_backbone(kind, input_shape, latent_dim, filters=None, dense_units=256)
             factorvae_decoder(input_shape, latent_dim, filters, dense_units),
         )
     raise ValueError(f"unknown backbone {kind!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def backbone_spec(kind, input_shape, latent_dim, filters=None, dense_units=256):
+    """The arguments of :func:`build_backbone` as a plain dict, the part of a model's
+    saved spec that rebuilds its encoder and decoder."""
+    return dict(
+        backbone=kind,
+        input_shape=list(input_shape),
+        latent_dim=int(latent_dim),
+        filters=list(filters) if filters else None,
+        dense_units=int(dense_units),
+    )
 
 
 def default_filters(input_shape):
