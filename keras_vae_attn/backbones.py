@@ -15,6 +15,21 @@ import keras
 from keras import layers
 
 
+def _stride2_stack(x, conv, widths, kernel_size, prefix):
+    """One stride-2 ReLU ``conv`` (Conv2D down, Conv2DTranspose up) per width, named
+    ``<prefix>1`` .. ``<prefix>N``: the small encoder and its decoders mirror each other."""
+    for index, width in enumerate(widths, start=1):
+        x = conv(
+            width,
+            kernel_size,
+            strides=2,
+            padding="same",
+            activation="relu",
+            name=f"{prefix}{index}",
+        )(x)
+    return x
+
+
 def small_conv_encoder(
     input_shape, latent_dim, filters=(32, 64), dense_units=256, kernel_size=4, name="encoder"
 ):
@@ -23,16 +38,7 @@ def small_conv_encoder(
     Suits 28x28 (2 convs), 64x64 (4 convs, the FactorVAE net) and 100x100 (3 convs).
     """
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    x = inputs
-    for index, width in enumerate(filters, start=1):
-        x = layers.Conv2D(
-            width,
-            kernel_size,
-            strides=2,
-            padding="same",
-            activation="relu",
-            name=f"conv{index}",
-        )(x)
+    x = _stride2_stack(inputs, layers.Conv2D, filters, kernel_size, "conv")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(dense_units, activation="relu", name="fc")(x)
     mu = layers.Dense(latent_dim, name="mu")(x)
@@ -63,26 +69,13 @@ def _dense_stem(output_shape, latent_dim, filters, dense_units):
     return inputs, layers.Reshape((start_h, start_w, filters[-1]))(x)
 
 
-def _deconvs(x, widths, kernel_size):
-    """Stride-2 transposed convs with ReLU, one per width, named deconv1..deconvN."""
-    for index, width_out in enumerate(widths, start=1):
-        x = layers.Conv2DTranspose(
-            width_out,
-            kernel_size,
-            strides=2,
-            padding="same",
-            activation="relu",
-            name=f"deconv{index}",
-        )(x)
-    return x
-
-
 def small_conv_decoder(
     output_shape, latent_dim, filters=(32, 64), dense_units=256, kernel_size=4, name="decoder"
 ):
     """Mirror of :func:`small_conv_encoder`; outputs logits of the reconstruction."""
     inputs, x = _dense_stem(output_shape, latent_dim, filters, dense_units)
-    x = _deconvs(x, list(reversed(filters))[1:] + [filters[0]], kernel_size)
+    widths = list(reversed(filters))[1:] + [filters[0]]
+    x = _stride2_stack(x, layers.Conv2DTranspose, widths, kernel_size, "deconv")
     x = layers.Conv2D(output_shape[-1], 3, padding="same", name="logits")(x)
     x = _crop_to(x, *output_shape[:2])
     return keras.Model(inputs, x, name=name)
@@ -100,7 +93,8 @@ def factorvae_decoder(
     transposed conv outputs the logits itself (no full-resolution conv stack), which
     makes it several times cheaper at 64x64."""
     inputs, x = _dense_stem(output_shape, latent_dim, filters, dense_units)
-    x = _deconvs(x, list(reversed(filters))[1:], kernel_size)
+    widths = list(reversed(filters))[1:]
+    x = _stride2_stack(x, layers.Conv2DTranspose, widths, kernel_size, "deconv")
     x = layers.Conv2DTranspose(
         output_shape[-1], kernel_size, strides=2, padding="same", name="logits"
     )(x)
