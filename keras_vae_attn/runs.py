@@ -312,7 +312,8 @@ class RunFolder:
     thresholds.json  the calibrated decision thresholds
     predictions.csv  one row per test image at those thresholds
 
-    Each read is a method that reads the file again (nothing is cached, so a folder
+    Their paths are attributes: config_path, model_dir, metrics_path, thresholds_path,
+    predictions_path. Each read is a method that reads the file again (nothing is cached, so a folder
     that a trainer is writing reads as it is now) and fails with a RunFolderError (a
     ValueError) naming the file. TensorFlow is imported only by :meth:`load_model`
     and :meth:`data`.
@@ -320,32 +321,17 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
+        self.config_path = self.file(CONFIG)
+        self.metrics_path = self.file(RUN_COMPLETE)
+        self.model_dir = self.file(MODEL)
+        self.thresholds_path = self.file(THRESHOLDS)
+        self.predictions_path = self.file(PREDICTIONS)
 
     def __repr__(self) -> str:
         return f"RunFolder({self.path!r})"
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
-
-    @property
-    def config_path(self) -> str:
-        return self.file(CONFIG)
-
-    @property
-    def metrics_path(self) -> str:
-        return self.file(RUN_COMPLETE)
-
-    @property
-    def model_dir(self) -> str:
-        return self.file(MODEL)
-
-    @property
-    def thresholds_path(self) -> str:
-        return self.file(THRESHOLDS)
-
-    @property
-    def predictions_path(self) -> str:
-        return self.file(PREDICTIONS)
 
     @property
     def complete(self) -> bool:
