@@ -181,7 +181,7 @@ def test_trainer_generates_the_category_with_the_demo_sizes(tmp_path):
     args = trainer.parse_args(["--category", "logical", "--runs-root", str(tmp_path)])
     assert args.image_size == 64 and args.data_dir == str(tmp_path / "data")
     train, test = trainer.load_data(args)
-    assert train.shape == (200, 64, 64, 3) and sorted(set(test.defects)) == sorted(
+    assert train.shape == (200, 64, 64, 3) and sorted(set(test.groups)) == sorted(
         DEFECTS + ("good",)
     )
     assert os.path.isfile(tmp_path / "data" / "logical" / "generator.json")

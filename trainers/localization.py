@@ -48,6 +48,9 @@ class Trained(NamedTuple):
 class LocalizationExperiment:
     """What a localization trainer fills in; the defaults are the MVTec/UCSD ones."""
 
+    #: the dataset's name in keras_vae_attn/data/registry.py, written into config.json
+    #: so the run's data are reopened by name
+    dataset = ""
     #: the word of the console lines and predictions ("images", "frames")
     unit = "images"
     #: predictions.csv's column holding LocalizationSplit.groups
@@ -192,6 +195,7 @@ def run(experiment: LocalizationExperiment, args: argparse.Namespace) -> str:
     options = ExplainOptions.from_config({"explain": args.explain})
     experiment.check(args, options)
     model = experiment.load_model(args) if getattr(args, "model_dir", None) else None
+    args.dataset = experiment.dataset
     run_dir = run_dirs.run_dir_for(args, experiment.folder(args))
     print(f"run folder: {run_dir}", file=sys.stderr)
     trained = train_or_load(experiment, args, model, normal, held_out, test, options, run_dir)

@@ -191,6 +191,8 @@ class MNIST(localization.LocalizationExperiment):
     stats_batch = 256
     tensorboard_examples = False
 
+    dataset = "mnist"
+
     def load(self, args):
         return load_data(args)
 

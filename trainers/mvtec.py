@@ -18,13 +18,13 @@ import os
 import numpy as np
 
 from keras_vae_attn import console
+from keras_vae_attn.data.registry import GENERATED_CATEGORIES
 from trainers import cli, guard, localization, sanity
 from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
-DEMO = "demo"
 # The generated categories (keras_vae_attn/data/synthetic) and their writers: the demo's,
 # and one whose defects are wrong combinations of normal parts.
-GENERATED = {DEMO: "write_mvtec_category", "logical": "write_logical_category"}
+GENERATED = GENERATED_CATEGORIES
 # The paper's settings (256x256, ResNet18, latent 32); the demo's CPU-sized ones (at 64
 # pixels layer2 is 8x8, the resolution layer4 has at 256). The demo's 90 steps come in 6
 # long epochs: each epoch end writes a backup, a checkpoint and TensorBoard images
@@ -192,6 +192,8 @@ class MVTec(localization.LocalizationExperiment):
     defect type (the paper's Fig. 6)."""
 
     group_column = "defect_type"
+
+    dataset = "mvtec"
 
     def load(self, args):
         return load_data(args)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from keras_vae_attn import runs
-from keras_vae_attn.runs import RUN_COMPLETE, write_json
+from keras_vae_attn.runs import RUN_COMPLETE
 from trainers.devices import worker_index
 
 BACKUP_DIR = "backup"
@@ -103,7 +103,7 @@ def run_dir_for(args: argparse.Namespace, experiment: str) -> str:
             os.makedirs(parent, exist_ok=True)
             with locked(parent):  # two commands started at once
                 path = own_folder(pick_run_dir(args, parent, config), worker)
-        write_json(os.path.join(path, "config.json"), config)
+        runs.RunFolder(path).write_config(config)
     except OSError as error:
         flag = "--run-dir" if args.run_dir else "--runs-root"
         raise RunRefused(
@@ -155,7 +155,7 @@ def explicit_run_dir(args: argparse.Namespace, config: dict[str, Any], worker: i
         raise RunRefused(f"--run-dir {path} is a file, not a folder")
     os.makedirs(path, exist_ok=True)
     path = own_folder(path, worker)
-    old = runs.read_config(path) if os.path.isfile(os.path.join(path, runs.CONFIG)) else {}
+    old = runs.read_config(path)  # {} when it has none
     differ = sorted(
         key for key in set(old) & set(config) if key != "explain" and old[key] != config[key]
     )
@@ -289,10 +289,10 @@ def finish_training(run_dir: str) -> None:
 def record_options(run_dir: str, options: Any) -> None:
     """Store the explain options the run is evaluated (and exported) with in its
     config.json, fitted layer scales included."""
-    path = os.path.join(run_dir, runs.CONFIG)
-    config = runs.read_config(run_dir)
+    run = runs.RunFolder(run_dir)
+    config = run.config().as_dict()
     config["explain"] = options.as_config()
-    write_json(path, config)
+    run.write_config(config)
 
 
 def trained_epochs(model_dir: str) -> int | None:
@@ -347,5 +347,5 @@ def complete_run(run_dir: str, metrics: dict[str, Any], examples: tuple | None =
         max(len(epochs) - 1, 0),
         examples,
     )
-    write_json(os.path.join(run_dir, RUN_COMPLETE), metrics)
+    runs.RunFolder(run_dir).write_metrics(metrics)
     release(run_dir)

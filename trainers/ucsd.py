@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from keras_vae_attn import console
+from keras_vae_attn.data.registry import UCSD_DEMO_DATA
 from trainers import cli, guard, localization, sanity
 from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
@@ -36,7 +37,6 @@ PAPER_PED1 = {
 }
 RECON = "recon_error"
 MEAN_FRAME = "mean_image_difference"  # no model: |frame - mean training frame|
-DEMO_DATA = dict(width=120, height=80, frames=60, n_train=12, n_test=6, n_test_without_gt=2)
 FIGURE_ROWS = 4
 
 
@@ -188,7 +188,7 @@ def load_data(args: argparse.Namespace) -> tuple[np.ndarray, LocalizationSplit]:
     if args.demo:
         from keras_vae_attn.data.synthetic import write_ucsd_dataset
 
-        write_ucsd_dataset(args.data_dir, args.subset, seed=args.seed, **DEMO_DATA)
+        write_ucsd_dataset(args.data_dir, args.subset, seed=args.seed, **UCSD_DEMO_DATA)
     train = ucsd.load_train(
         args.data_dir,
         args.subset,
@@ -231,6 +231,8 @@ class UCSD(localization.LocalizationExperiment):
     unit = "frames"
     group_column = "clip"
     stats_batch = 256
+
+    dataset = "ucsd"
 
     def load(self, args):
         return load_data(args)
