@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 
 from keras_vae_attn.explain import options
-from trainers import devices, run_dirs
+from trainers import devices, run_dirs, sanity
 from trainers.devices import PRECISIONS
 
 
@@ -118,6 +118,22 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
         help="XLA-compile the train step (default: Keras' choice, on with a "
         "GPU, off on the CPU)",
     )
+
+
+def add_localization_flags(
+    parser: argparse.ArgumentParser,
+    what: str = "images",
+    png: bool = True,
+    model_dir: bool = True,
+) -> None:
+    """The flags of every localization trainer (trainers/localization.py): how its maps
+    are made, how its predictions are calibrated, --model-dir (re-score a saved model on
+    the test ``what``) and the explanation checks."""
+    add_attention_flags(parser)
+    add_prediction_flags(parser, png=png)
+    if model_dir:
+        add_model_dir_flag(parser, what)
+    sanity.add_flags(parser)
 
 
 def add_attention_flags(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from keras_vae_attn.data import LocalizationSplit, to_float
-from trainers import run_dirs, sanity
+from trainers import guard, run_dirs, sanity
 
 
 class Evaluation(NamedTuple):
@@ -155,6 +155,24 @@ class LocalizationExperiment:
 
     def eval_batch(self, args: argparse.Namespace) -> int:
         return args.eval_batch_size
+
+    def localize(self, args, model, normal, test, options, pixels, twin):
+        """The anomaly attention beside every reference on the test split
+        (keras_vae_attn/evaluate.localize): an evaluate.Localization."""
+        from keras_vae_attn import evaluate
+
+        return evaluate.localize(
+            model,
+            to_float(test.images),
+            test.masks,
+            test.labels,
+            options,
+            pixels,
+            to_float(normal),
+            self.eval_batch(args),
+            progress=lambda it, desc="": guard.progress(it, args.quiet, desc=desc),
+            twin=twin,
+        )
 
     def checks(self, args, run_dir, model, evaluation, test, options, normal, pixels, twin):
         """The explanation checks (trainers/sanity.py): (metrics entries, lines)."""

@@ -31,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--normal-digit", type=int, default=1, help="the normal class, 0-9")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
-    cli.add_attention_flags(parser)
-    cli.add_prediction_flags(parser, png=False)
-    sanity.add_flags(parser)
+    cli.add_localization_flags(parser, png=False, model_dir=False)
     parser.set_defaults(layer="conv1")
     return parser
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from keras_vae_attn import console
 from keras_vae_attn.data.registry import GENERATED_CATEGORIES
-from trainers import cli, guard, localization, sanity
+from trainers import cli, guard, localization
 from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
 # The generated categories (keras_vae_attn/data/synthetic) and their writers: the demo's,
@@ -104,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rotation", type=float, default=10.0, help="random rotation range, +- degrees"
     )
-    cli.add_attention_flags(parser)
     parser.add_argument(
         "--skip-corrupt",
         action="store_true",
@@ -124,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="test images scored per batch (lower it if memory runs out)",
     )
-    cli.add_prediction_flags(parser)
-    cli.add_model_dir_flag(parser)
-    sanity.add_flags(parser)
+    cli.add_localization_flags(parser)
     return parser
 
 
@@ -233,21 +230,9 @@ class MVTec(localization.LocalizationExperiment):
         per defect type, with ROC curves and the maps at the run's smoothing; with
         ``twin`` (the randomized VAE) every map beside the same map on it."""
         from keras_vae_attn import evaluate as kva_evaluate
-        from keras_vae_attn.data import to_float
         from keras_vae_attn.metrics import localization as metrics_of
 
-        result = kva_evaluate.localize(
-            model,
-            to_float(test.images),
-            test.masks,
-            test.labels,
-            options,
-            pixels,
-            to_float(normal),
-            args.eval_batch_size,
-            progress=lambda it, desc="": guard.progress(it, args.quiet, desc=desc),
-            twin=twin,
-        )
+        result = self.localize(args, model, normal, test, options, pixels, twin)
         defects = test.groups
         per_defect = {}
         for defect in sorted(set(defects) - {"good"}):

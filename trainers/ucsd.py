@@ -25,7 +25,7 @@ import numpy as np
 
 from keras_vae_attn import console
 from keras_vae_attn.data.registry import UCSD_DEMO_DATA
-from trainers import cli, guard, localization, sanity
+from trainers import cli, guard, localization
 from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
 # The paper's Table 1 (UCSD Ped1, 100x100): pixel AUROC per method.
@@ -87,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="weight of the KL term (below 1 keeps more of the latent in use)",
     )
-    cli.add_attention_flags(parser)
     parser.add_argument(
         "--frame-step", type=int, default=1, help="train on every k-th frame of each clip"
     )
@@ -121,9 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=FIGURE_ROWS,
         help="anomalous frames shown in examples.png",
     )
-    cli.add_prediction_flags(parser)
-    cli.add_model_dir_flag(parser, "frames")
-    sanity.add_flags(parser)
+    cli.add_localization_flags(parser, "frames")
     return parser
 
 
@@ -273,18 +270,7 @@ class UCSD(localization.LocalizationExperiment):
         def wrap(it, desc=""):
             return guard.progress(it, args.quiet, desc=desc)
 
-        result = kva_evaluate.localize(
-            model,
-            images,
-            test.masks,
-            test.labels,
-            options,
-            pixels,
-            to_float(normal),
-            args.eval_batch_size,
-            wrap,
-            twin=twin,
-        )
+        result = self.localize(args, model, normal, test, options, pixels, twin)
         ablation = {}
         for layer in args.layers:
             heat = pipeline.batched(
