@@ -9,15 +9,16 @@ report; ``main`` is ``localization.run(experiment, args)``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from argparse import Namespace
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from keras_vae_attn.data import LocalizationSplit, to_float
+from keras_vae_attn.explain.options import ExplainOptions
 from trainers import guard, run_dirs, sanity
 
 
@@ -61,41 +62,75 @@ class LocalizationExperiment:
     tensorboard_examples = True
 
     # --- filled in by each dataset ------------------------------------------------
-    def load(self, args: argparse.Namespace) -> tuple[np.ndarray, LocalizationSplit]:
+    def load(self, args: Namespace) -> tuple[np.ndarray, LocalizationSplit]:
         """(normal training images uint8 (N, H, W, C), the test split, images uint8)."""
         raise NotImplementedError
 
-    def folder(self, args: argparse.Namespace) -> str:
+    def folder(self, args: Namespace) -> str:
         """The run folders' parent under --runs-root (e.g. ``mvtec-bottle``)."""
         raise NotImplementedError
 
-    def evaluate(self, args, model, normal, test, options, pixels, twin) -> Evaluation:
+    def evaluate(
+        self,
+        args: Namespace,
+        model: Any,
+        normal: np.ndarray,
+        test: LocalizationSplit,
+        options: ExplainOptions,
+        pixels: Any,
+        twin: Any,
+    ) -> Evaluation:
         """The test split scored by every method (``normal`` uint8, ``pixels`` their
         PixelDistribution, ``twin`` the randomized VAE or None)."""
         raise NotImplementedError
 
-    def run_metrics(self, args, trained: Trained, test, options, evaluation) -> dict:
+    def run_metrics(
+        self,
+        args: Namespace,
+        trained: Trained,
+        test: LocalizationSplit,
+        options: ExplainOptions,
+        evaluation: Evaluation,
+    ) -> dict:
         """The run's own metrics.json entries beside the evaluation's."""
         raise NotImplementedError
 
-    def figures(self, args, model, test, evaluation, metrics, run_dir, options, calibrated,
-                predicted) -> list[str]:  # fmt: skip
+    def figures(
+        self,
+        args: Namespace,
+        model: Any,
+        test: LocalizationSplit,
+        evaluation: Evaluation,
+        metrics: dict,
+        run_dir: str,
+        options: ExplainOptions,
+        calibrated: Any,
+        predicted: dict,
+    ) -> list[str]:
         """Write the experiment's figures into ``run_dir``; their file names."""
         raise NotImplementedError
 
-    def report(self, args, run_dir, metrics, evaluation, figures, trained) -> list[str]:
+    def report(
+        self,
+        args: Namespace,
+        run_dir: str,
+        metrics: dict,
+        evaluation: Evaluation,
+        figures: list[str],
+        trained: Trained,
+    ) -> list[str]:
         """The lines printed on stdout at the end of the run."""
         raise NotImplementedError
 
     # --- defaults a dataset may change -------------------------------------------
-    def title(self, args: argparse.Namespace) -> str:
+    def title(self, args: Namespace) -> str:
         """What the check figures are titled with (dataset and size)."""
         return f"{args.image_size}x{args.image_size}"
 
-    def check(self, args: argparse.Namespace, options) -> None:
+    def check(self, args: Namespace, options: ExplainOptions) -> None:
         """Refuse what the flags ask and the model cannot do, before any run folder."""
 
-    def load_model(self, args: argparse.Namespace):
+    def load_model(self, args: Namespace) -> Any:
         """The saved model of --model-dir, checked against the flags' image shape."""
         from keras_vae_attn.models import load_vae
 
@@ -108,10 +143,10 @@ class LocalizationExperiment:
             )
         return model
 
-    def model_shape(self, args: argparse.Namespace) -> tuple[int, int, int]:
+    def model_shape(self, args: Namespace) -> tuple[int, int, int]:
         return (args.image_size, args.image_size, getattr(args, "channels", 1))
 
-    def build_model(self, args: argparse.Namespace):
+    def build_model(self, args: Namespace) -> Any:
         """The untrained VAE of these flags (--backbone, default the small one)."""
         from keras_vae_attn.models import build_vae
 
@@ -124,10 +159,10 @@ class LocalizationExperiment:
             seed=args.seed,
         )
 
-    def shape_hint(self, args: argparse.Namespace, expected: list) -> str:
+    def shape_hint(self, args: Namespace, expected: list) -> str:
         return f"pass the matching --image-size (got {args.image_size})"
 
-    def feature_layers(self, args: argparse.Namespace, options) -> list[str]:
+    def feature_layers(self, args: Namespace, options: ExplainOptions) -> list[str]:
         """The layers whose normal feature distributions the run fits."""
         return list(options.layers)
 
@@ -135,28 +170,37 @@ class LocalizationExperiment:
         """The test images shown in TensorBoard while training."""
         return list(range(min(4, len(test.labels))))
 
-    def train_batches(self, args: argparse.Namespace, normal: np.ndarray):
+    def train_batches(self, args: Namespace, normal: np.ndarray) -> Any:
         """The (augmented, shuffled, seeded) training stream."""
         from keras_vae_attn.data import augment
 
         return augment.train_dataset(normal, args.batch_size, None, args.seed)
 
-    def stats_batches(self, normal: np.ndarray):
+    def stats_batches(self, normal: np.ndarray) -> Any:
         """Un-augmented normal batches (float) the statistics are fitted on."""
         from keras_vae_attn.data import augment
 
         return augment.train_dataset(normal, self.stats_batch, shuffle=False)
 
-    def batch_norm_batches(self, args: argparse.Namespace, normal: np.ndarray):
+    def batch_norm_batches(self, args: Namespace, normal: np.ndarray) -> Any:
         """The batches BatchNorm's statistics are re-estimated over (None: stats_batches)."""
         from keras_vae_attn.data import augment
 
         return augment.train_dataset(normal, args.batch_size, shuffle=False)
 
-    def eval_batch(self, args: argparse.Namespace) -> int:
+    def eval_batch(self, args: Namespace) -> int:
         return args.eval_batch_size
 
-    def localize(self, args, model, normal, test, options, pixels, twin):
+    def localize(
+        self,
+        args: Namespace,
+        model: Any,
+        normal: np.ndarray,
+        test: LocalizationSplit,
+        options: ExplainOptions,
+        pixels: Any,
+        twin: Any,
+    ) -> Any:
         """The anomaly attention beside every reference on the test split
         (keras_vae_attn/evaluate.localize): an evaluate.Localization."""
         from keras_vae_attn import evaluate
@@ -174,7 +218,18 @@ class LocalizationExperiment:
             twin=twin,
         )
 
-    def checks(self, args, run_dir, model, evaluation, test, options, normal, pixels, twin):
+    def checks(
+        self,
+        args: Namespace,
+        run_dir: str,
+        model: Any,
+        evaluation: Evaluation,
+        test: LocalizationSplit,
+        options: ExplainOptions,
+        normal: np.ndarray,
+        pixels: Any,
+        twin: Any,
+    ) -> tuple[dict, list[str]]:
         """The explanation checks (trainers/sanity.py): (metrics entries, lines)."""
         return sanity.run(
             args,
@@ -190,19 +245,19 @@ class LocalizationExperiment:
             self.title(args),
         )
 
-    def other_maps(self, args: argparse.Namespace, options) -> dict | None:
+    def other_maps(self, args: Namespace, options: ExplainOptions) -> dict | None:
         """{method: ExplainOptions} of further maps that get a calibrated colour scale."""
         return None
 
-    def prediction_files(self, args: argparse.Namespace, test: LocalizationSplit) -> list:
+    def prediction_files(self, args: Namespace, test: LocalizationSplit) -> list:
         """The test images' names in predictions.csv (relative to the dataset root)."""
         return [os.path.relpath(path, args.data_dir) for path in test.paths]
 
-    def roc_title(self, args: argparse.Namespace) -> str:
+    def roc_title(self, args: Namespace) -> str:
         raise NotImplementedError
 
 
-def run(experiment: LocalizationExperiment, args: argparse.Namespace) -> str:
+def run(experiment: LocalizationExperiment, args: Namespace) -> str:
     """The experiment's run on flags ``args`` (checked by its parser); its run folder."""
     from keras_vae_attn import references, viz
     from keras_vae_attn.evaluate import ATTENTION
@@ -265,7 +320,14 @@ def hold_out(normal: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarra
 
 
 def train_or_load(
-    experiment, args, model, normal, held_out, test, options, run_dir
+    experiment: LocalizationExperiment,
+    args: Namespace,
+    model: Any,
+    normal: np.ndarray,
+    held_out: np.ndarray,
+    test: LocalizationSplit,
+    options: ExplainOptions,
+    run_dir: str,
 ) -> Trained:
     """Train the experiment's VAE (trainers/fit.fit_one_class), or give the loaded
     --model-dir ``model`` the statistics the run's maps need and it lacks."""
@@ -299,7 +361,13 @@ def train_or_load(
     return Trained(model, history, seconds, normal, held_out)
 
 
-def fit_and_record_options(model, normal_images, options, batch_size: int, run_dir: str):
+def fit_and_record_options(
+    model: Any,
+    normal_images: np.ndarray,
+    options: ExplainOptions,
+    batch_size: int,
+    run_dir: str,
+) -> ExplainOptions:
     """The options a run is evaluated and exported with: the per-layer scales a
     multi-layer --layer needs fitted on ``normal_images`` (float, the normal training
     images), then stored in config.json for the exporters. Returns them."""
@@ -311,7 +379,16 @@ def fit_and_record_options(model, normal_images, options, batch_size: int, run_d
     return options
 
 
-def write_predictions(experiment, args, run_dir, model, options, held_out, test, attention):
+def write_predictions(
+    experiment: LocalizationExperiment,
+    args: Namespace,
+    run_dir: str,
+    model: Any,
+    options: ExplainOptions,
+    held_out: np.ndarray,
+    test: LocalizationSplit,
+    attention: np.ndarray,
+) -> tuple[dict, Any, dict]:
     """predictions.csv and thresholds.json (with --save-predictions-png one PNG per test
     image), calibrated on the held-out normal training images. Returns (metrics.json
     entry, Calibration, predictions)."""
