@@ -13,13 +13,24 @@ from export.metadata import FingerprintError, fingerprint_files
 from pipeline import cli, folder, lineage
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
+def write_demo(root):
+    """A small generated category "demo" (32 px) under ``root``."""
     from keras_vae_attn.data.synthetic import write_mvtec_category
 
-    root = tmp_path_factory.mktemp("mvtec")
     write_mvtec_category(str(root), "demo", size=32, n_train=6, n_test_good=2)
     return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_demo(tmp_path_factory.mktemp("mvtec"))
+
+
+def folders(data, serving, pipe=None, category="demo"):
+    """The pipeline's category and folder flags (--pipeline-dir left to its default
+    where ``pipe`` is None)."""
+    argv = ["--category", category, "--data-dir", str(data), "--serving-dir", str(serving)]
+    return argv + ([] if pipe is None else ["--pipeline-dir", str(pipe)])
 
 
 def snapshot(folder):
@@ -44,21 +55,9 @@ def refused(capsys, *argv):
 def test_data_inside_the_pipeline_dir_is_refused_and_kept(tmp_path, capsys):
     """Case 1: `--data-dir <dir>/data --pipeline-dir <dir>` deleted the dataset (the
     training view was rebuilt at <dir>/data by rmtree)."""
-    from keras_vae_attn.data.synthetic import write_mvtec_category
-
-    write_mvtec_category(str(tmp_path / "data"), "demo", size=32, n_train=6, n_test_good=2)
+    write_demo(tmp_path / "data")
     before = snapshot(tmp_path)
-    line = refused(
-        capsys,
-        "--category",
-        "demo",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--serving-dir",
-        str(tmp_path / "serving"),
-        "--pipeline-dir",
-        str(tmp_path),
-    )
+    line = refused(capsys, *folders(tmp_path / "data", tmp_path / "serving", tmp_path))
     assert line == (
         f"error: --pipeline-dir {str(tmp_path)!r} and the data folder "
         f"{str(tmp_path / 'data' / 'demo')!r} overlap (one holds the other); "
@@ -69,33 +68,13 @@ def test_data_inside_the_pipeline_dir_is_refused_and_kept(tmp_path, capsys):
 
 def test_a_pipeline_dir_inside_the_data_is_refused(data_root, tmp_path, capsys):
     inside = data_root / "demo" / "pipe"
-    line = refused(
-        capsys,
-        "--category",
-        "demo",
-        "--data-dir",
-        str(data_root),
-        "--serving-dir",
-        str(tmp_path / "serving"),
-        "--pipeline-dir",
-        str(inside),
-    )
+    line = refused(capsys, *folders(data_root, tmp_path / "serving", inside))
     assert "overlap" in line and not inside.exists()
 
 
 def test_a_serving_dir_inside_the_pipeline_dir_is_refused(data_root, tmp_path, capsys):
     pipe = tmp_path / "pipe"
-    line = refused(
-        capsys,
-        "--category",
-        "demo",
-        "--data-dir",
-        str(data_root),
-        "--serving-dir",
-        str(pipe / "serving"),
-        "--pipeline-dir",
-        str(pipe),
-    )
+    line = refused(capsys, *folders(data_root, pipe / "serving", pipe))
     assert line == (
         f"error: --serving-dir {str(pipe / 'serving')!r} lies inside "
         f"--pipeline-dir {str(pipe)!r}, which holds only the pipeline's own "
@@ -111,17 +90,7 @@ def test_a_folder_holding_the_users_files_is_refused_untouched(data_root, tmp_pa
         (pipe / name).parent.mkdir(parents=True, exist_ok=True)
         (pipe / name).write_text(name)
     before = snapshot(pipe)
-    line = refused(
-        capsys,
-        "--category",
-        "demo",
-        "--data-dir",
-        str(data_root),
-        "--serving-dir",
-        str(tmp_path / "serving"),
-        "--pipeline-dir",
-        str(pipe),
-    )
+    line = refused(capsys, *folders(data_root, tmp_path / "serving", pipe))
     assert line.startswith(
         f"error: --pipeline-dir {str(pipe)!r} holds files the pipeline "
         "did not write (data, export, train); choose a new or empty "
@@ -182,12 +151,7 @@ def test_a_category_that_leaves_the_folder_is_refused_before_anything_is_written
     monkeypatch.chdir(work)  # the default runs/pipeline/<category>
     line = refused(
         capsys,
-        "--category",
-        category,
-        "--data-dir",
-        str(data_root),
-        "--serving-dir",
-        str(tmp_path / "serving"),
+        *folders(data_root, tmp_path / "serving", category=category),
         "--model-name",
         "m",
     )
@@ -219,19 +183,7 @@ BAD_NUMBERS = {
 def test_numbers_are_checked_where_they_enter(data_root, tmp_path, capsys, flag):
     """Case 8: a NaN floor or tolerance blessed and pushed an unjudged model."""
     with pytest.raises(SystemExit) as stop:
-        cli.main(
-            [
-                "--category",
-                "demo",
-                "--data-dir",
-                str(data_root),
-                "--serving-dir",
-                str(tmp_path / "serving"),
-                "--pipeline-dir",
-                str(tmp_path / "pipe"),
-                *flag.split(),
-            ]
-        )
+        cli.main([*folders(data_root, tmp_path / "serving", tmp_path / "pipe"), *flag.split()])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and BAD_NUMBERS[flag] in err[0], err  # no 16-line usage
@@ -244,17 +196,7 @@ def test_a_garbage_manifest_is_one_line(data_root, tmp_path, capsys):
     folder.claim_folder(str(pipe))
     for garbage in ("not json {", "[1, 2]", json.dumps({"stages": {"train": 3}})):
         (pipe / "manifest.json").write_text(garbage)
-        line = refused(
-            capsys,
-            "--category",
-            "demo",
-            "--data-dir",
-            str(data_root),
-            "--serving-dir",
-            str(tmp_path / "serving"),
-            "--pipeline-dir",
-            str(pipe),
-        )
+        line = refused(capsys, *folders(data_root, tmp_path / "serving", pipe))
         assert line.startswith(f"error: {pipe / 'manifest.json'} is not a pipeline manifest")
         assert line.endswith("move it away, or choose another --pipeline-dir")
         assert (pipe / "manifest.json").read_text() == garbage
@@ -262,9 +204,7 @@ def test_a_garbage_manifest_is_one_line(data_root, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["dangling", "loop"])
 def test_a_bad_link_in_the_data_is_one_line(tmp_path, capsys, kind):
-    from keras_vae_attn.data.synthetic import write_mvtec_category
-
-    write_mvtec_category(str(tmp_path / "data"), "demo", size=32, n_train=6, n_test_good=2)
+    write_demo(tmp_path / "data")
     good = tmp_path / "data" / "demo" / "train" / "good"
     if kind == "dangling":
         os.symlink(tmp_path / "gone.png", good / "bad.png")
@@ -274,15 +214,7 @@ def test_a_bad_link_in_the_data_is_one_line(tmp_path, capsys, kind):
     with pytest.raises(FingerprintError, match="is a dangling or looping link"):
         fingerprint_files(str(tmp_path / "data" / "demo"))
     line = refused(
-        capsys,
-        "--category",
-        "demo",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--serving-dir",
-        str(tmp_path / "serving"),
-        "--pipeline-dir",
-        str(tmp_path / "pipe"),
+        capsys, *folders(tmp_path / "data", tmp_path / "serving", tmp_path / "pipe")
     )
     assert line.startswith(
         f"error: data file {str(good / 'bad.png')!r} is a dangling or looping link: "
