@@ -57,15 +57,17 @@ def measure_train(size, batch, steps):
 def measure_eval(size, batch, steps, layer):
     """Images/s of the trainer's evaluation call, after one warm-up batch."""
     from keras_vae_attn.explain import pipeline
+    from keras_vae_attn.explain.options import ExplainOptions
 
     model, images = _model_and_images(size, batch)
+    options = ExplainOptions(layers=(layer,))
     floats = images.astype("float32") / 255.0
     keys = ("heatmap", "recon_error")
-    pipeline.batched(model, floats[:batch], batch, layer, keys=keys)
+    pipeline.batched(model, floats[:batch], batch, options, keys=keys)
     batches = [floats[(i % 2) * batch : (i % 2 + 1) * batch] for i in range(steps)]
     start = time.perf_counter()
     for chunk in batches:
-        pipeline.batched(model, chunk, batch, layer, keys=keys)
+        pipeline.batched(model, chunk, batch, options, keys=keys)
     return steps * batch / (time.perf_counter() - start)
 
 
