@@ -26,6 +26,76 @@ def pytest_configure(config):
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# --- flags and settings shared by several test files ---------------------------------
+
+#: One quiet epoch of two batches of 8: the shortest training after which a trainer has
+#: written a complete run folder (each test adds its image size, model and limits).
+QUICK_RUN_FLAGS = ("--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--quiet")
+
+#: The dSprites trainer's FactorVAE score from a few votes of a few samples on 16 images
+#: (each test adds its --metric-variance-samples).
+QUICK_METRIC_FLAGS = (
+    "--metric-train-votes",
+    "4",
+    "--metric-eval-votes",
+    "4",
+    "--metric-samples",
+    "4",
+    "--eval-images",
+    "16",
+)
+
+#: The user-facing command lines: trainers, exporters and the pipeline.
+MAIN_COMMANDS = (
+    "trainers.mvtec",
+    "trainers.ucsd",
+    "trainers.mnist",
+    "trainers.dsprites",
+    "export.saved_model",
+    "export.onnx",
+    "export.infer",
+    "pipeline",
+)
+
+#: An attribution that needs the normal feature distribution of layer conv1.
+HIRESCAM_EXPLAIN = dict(
+    form="hirescam",
+    target="total-energy",
+    deviation="standardized",
+    sign="abs",
+    layers=["conv1"],
+)
+
+#: The fields every stage record of a pipeline manifest holds.
+MANIFEST_RECORD_FIELDS = (
+    "inputs",
+    "outputs",
+    "config",
+    "versions",
+    "data_fingerprint",
+    "started",
+    "ended",
+    "status",
+)
+
+
+def run_python(*args, env=None, timeout=300, **kwargs):
+    """``python *args`` in the repository, importable from it and with TensorFlow's info
+    logs off (``env`` adds to or overrides the environment); output captured as text."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        env={**full_env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
 
 def assert_same_map(got, want, label):
     """max |got - want| <= 1e-4 of want's range (the parity target of every export)."""
@@ -106,6 +176,17 @@ def _train_run(folder, model, images, config, batch_size):
     save_vae(model, str(folder / "model"))
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "metrics.json").write_text("{}")
+
+
+def train_tiny_run(run, images, config):
+    """The run folder ``run`` (made here) of a tiny VAE (28x28x1, latent 4, filters 8 and
+    16) trained one short epoch on ``images`` with ``config``."""
+    from keras_vae_attn.models import build_vae
+
+    run.mkdir()
+    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
+    _train_run(run, model, images, config, batch_size=8)
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -32,15 +32,8 @@ def true_factors_plus_noise(images):
 
 
 def test_true_factors_score_one():
-    score = factor_vae_score(
-        true_factors_plus_noise,
-        FactorsAsImages(),
-        seed=0,
-        train_votes=200,
-        eval_votes=200,
-        samples_per_vote=32,
-        variance_samples=2000,
-    )
+    votes = dict(train_votes=200, eval_votes=200, samples_per_vote=32, variance_samples=2000)
+    score = factor_vae_score(true_factors_plus_noise, FactorsAsImages(), seed=0, **votes)
     assert score["eval_accuracy"] >= 0.99 and score["train_accuracy"] >= 0.99
     assert score["num_active_dims"] == 8
     votes = np.array(score["eval_votes"])
@@ -53,15 +46,8 @@ def test_random_codes_score_about_chance():
     def random_codes(images):
         return rng.normal(size=(len(images), 10))
 
-    score = factor_vae_score(
-        random_codes,
-        FactorsAsImages(),
-        seed=0,
-        train_votes=300,
-        eval_votes=500,
-        samples_per_vote=32,
-        variance_samples=2000,
-    )
+    votes = dict(train_votes=300, eval_votes=500, samples_per_vote=32, variance_samples=2000)
+    score = factor_vae_score(random_codes, FactorsAsImages(), seed=0, **votes)
     assert 0.1 < score["eval_accuracy"] < 0.35  # chance is 1/5 varying factors
 
 
@@ -70,15 +56,8 @@ def test_collapsed_dims_are_dropped_and_counted():
         codes = true_factors_plus_noise(images)[:, :5]
         return np.concatenate([np.zeros((len(images), 2)), codes], axis=1)
 
-    score = factor_vae_score(
-        with_constant_dims,
-        FactorsAsImages(),
-        seed=0,
-        train_votes=50,
-        eval_votes=50,
-        samples_per_vote=16,
-        variance_samples=500,
-    )
+    votes = dict(train_votes=50, eval_votes=50, samples_per_vote=16, variance_samples=500)
+    score = factor_vae_score(with_constant_dims, FactorsAsImages(), seed=0, **votes)
     assert score["num_active_dims"] == 5
     assert np.array(score["train_votes"])[:2].sum() == 0
     assert score["eval_accuracy"] >= 0.99
@@ -102,9 +81,9 @@ def test_score_is_seeded_on_real_dsprites_images():
         return np.stack([cols, rows, area], axis=1)
 
     data = dsprites.load(source="generate")
-    kwargs = dict(train_votes=40, eval_votes=40, samples_per_vote=16, variance_samples=400)
-    first = factor_vae_score(centroid_and_area, data, seed=5, **kwargs)
-    again = factor_vae_score(centroid_and_area, data, seed=5, **kwargs)
+    votes = dict(train_votes=40, eval_votes=40, samples_per_vote=16, variance_samples=400)
+    first = factor_vae_score(centroid_and_area, data, seed=5, **votes)
+    again = factor_vae_score(centroid_and_area, data, seed=5, **votes)
     assert first == again
     # x, y and size are read off exactly: votes for pos_x, pos_y, scale are right, so
     # well above the 0.2 of chance (shape and orientation votes cannot be).

@@ -7,6 +7,8 @@ import pytest
 from export.metadata import fingerprint_files
 from pipeline import lineage
 
+from conftest import MANIFEST_RECORD_FIELDS
+
 
 def make_stage(tmp_path, calls):
     def action():
@@ -29,16 +31,7 @@ def test_second_run_reuses_the_cached_stage_and_changes_invalidate_it(tmp_path):
     )
     assert first["status"] == "done" and not first["cached"] and calls == [1]
     record = json.loads((tmp_path / "manifest.json").read_text())["stages"]["upper"]
-    for field in (
-        "inputs",
-        "outputs",
-        "config",
-        "versions",
-        "data_fingerprint",
-        "started",
-        "ended",
-        "status",
-    ):
+    for field in MANIFEST_RECORD_FIELDS:
         assert field in record, field
     assert record["versions"]["tensorflow"]
 

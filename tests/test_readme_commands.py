@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import MAIN_COMMANDS, REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```([a-z]*)\n(.*?)^```", README, re.S | re.M)
@@ -45,16 +45,7 @@ MODULES = sorted({shlex.split(command)[2] for command in COMMANDS})
 
 
 def test_the_readme_documents_the_main_commands():
-    assert {
-        "trainers.mvtec",
-        "trainers.ucsd",
-        "trainers.mnist",
-        "trainers.dsprites",
-        "export.saved_model",
-        "export.onnx",
-        "export.infer",
-        "pipeline",
-    } <= set(MODULES)
+    assert set(MAIN_COMMANDS) <= set(MODULES)
     assert any("--demo" in command for command in COMMANDS if "trainers.ucsd" in command)
 
 
