@@ -5,17 +5,10 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import MAIN_COMMANDS, REPO, run_python
 
 CLIS = [
-    "trainers.mvtec",
-    "trainers.ucsd",
-    "trainers.mnist",
-    "trainers.dsprites",
-    "export.saved_model",
-    "export.onnx",
-    "export.infer",
-    "pipeline",
+    *MAIN_COMMANDS,
     "bench.localization_grid",
     "bench.dsprites_table",
     "bench.dsprites_fidelity",
@@ -33,28 +26,21 @@ print("TENSORFLOW LOADED" if "tensorflow" in sys.modules else "no tensorflow")
 """
 
 
+def help_of(module):
+    """``python -m module --help``, its output captured."""
+    return run_python("-m", module, "--help", timeout=60)
+
+
 @pytest.mark.parametrize("module", CLIS)
 def test_help_needs_no_tensorflow(module):
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE.format(module=module)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_python("-c", PROBE.format(module=module), timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
     assert result.stdout.strip().endswith("no tensorflow")
 
 
 def test_attribution_flags_are_documented_in_the_trainers_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "trainers.mvtec", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = help_of("trainers.mvtec")
     for flag in (
         "--attribution",
         "--form",
@@ -84,13 +70,9 @@ BENCH = BENCH_WITH_TENSORFLOW + [
     "bench.localization_grid",
     "bench.mvtec_throughput",
 ]
-TRAINERS = ["trainers.mvtec", "trainers.ucsd", "trainers.mnist", "trainers.dsprites"]
 
 
-EXPORTERS = ["export.saved_model", "export.onnx", "export.infer", "pipeline"]
-
-
-@pytest.mark.parametrize("module", TRAINERS + EXPORTERS + BENCH)
+@pytest.mark.parametrize("module", [*MAIN_COMMANDS, *BENCH])
 def test_every_flag_has_help_and_the_usage_names_the_command(module):
     """Each option says what it does (its default is then shown beside it), and the usage
     line is the command a user types, `python -m <module>`."""
@@ -108,13 +90,7 @@ def test_every_flag_has_help_and_the_usage_names_the_command(module):
 
 
 def test_help_shows_defaults_and_examples_one_per_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "trainers.mvtec", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = help_of("trainers.mvtec")
     text = " ".join(result.stdout.split())  # argparse wraps help text anywhere
     for shown in (
         "--epochs EPOCHS training epochs",
@@ -138,13 +114,7 @@ def test_help_shows_defaults_and_examples_one_per_line():
 
 
 def test_dsprites_help_describes_each_model():
-    result = subprocess.run(
-        [sys.executable, "-m", "trainers.dsprites", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = help_of("trainers.dsprites")
     text = " ".join(result.stdout.split())
     assert "total-correlation penalty --gamma" in text and "(default: ad_factor_vae)" in text
 

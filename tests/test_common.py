@@ -63,36 +63,37 @@ def test_bad_flag_values_name_the_flag(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_nan_loss_stops_training_and_names_the_batch(tmp_path):
+def random_images(count):
+    return np.random.default_rng(0).random((count, 28, 28, 1)).astype("float32")
+
+
+def fit_small_vae(images, epochs, callbacks):
+    """(a small VAE fitted on ``images`` in batches of 4 in order, its fit history)."""
     model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    images = np.random.default_rng(0).random((12, 28, 28, 1)).astype("float32")
-    images[8] = np.nan  # third batch of 4
-    callbacks, nan_guard = fit.standard_callbacks(str(tmp_path))
     history = model.fit(
         tf.data.Dataset.from_tensor_slices(images).batch(4),
-        epochs=3,
+        epochs=epochs,
         callbacks=callbacks,
         verbose=0,
         shuffle=False,
     )
+    return model, history
+
+
+def test_nan_loss_stops_training_and_names_the_batch(tmp_path):
+    images = random_images(12)
+    images[8] = np.nan  # third batch of 4
+    callbacks, nan_guard = fit.standard_callbacks(str(tmp_path))
+    _, history = fit_small_vae(images, 3, callbacks)
     assert len(history.history["loss"]) == 1  # stopped in the first epoch
     with pytest.raises(guard.TrainingDiverged, match="epoch 1, batch 3: non-finite"):
         fit.check_diverged(nan_guard)
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
     callbacks, _ = fit.standard_callbacks(str(tmp_path), keep_checkpoints=2)
-    model.fit(
-        tf.data.Dataset.from_tensor_slices(images).batch(4),
-        epochs=5,
-        callbacks=callbacks,
-        verbose=0,
-        shuffle=False,
-    )
+    model, _ = fit_small_vae(random_images(8), 5, callbacks)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["epoch-004.weights.h5", "epoch-005.weights.h5"]
     model.load_weights(str(tmp_path / "checkpoints" / kept[-1]))  # still loadable
@@ -130,20 +131,12 @@ def test_tensorboard_holds_loss_scalars_and_the_runs_evaluation(tmp_path):
     and test heatmaps; the run is complete and its checkpoints can go."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
     from keras_vae_attn.callbacks import AttentionImages
 
+    images = random_images(8)
     watch = AttentionImages(images[:2], str(tmp_path / "tensorboard"), layer="conv2")
     callbacks, _ = fit.standard_callbacks(str(tmp_path), watch)
-    model.fit(
-        tf.data.Dataset.from_tensor_slices(images).batch(4),
-        epochs=2,
-        callbacks=callbacks,
-        verbose=0,
-        shuffle=False,
-    )
+    fit_small_vae(images, 2, callbacks)
     assert len(list((tmp_path / "checkpoints").iterdir())) == fit.KEEP_CHECKPOINTS
     attention = EventAccumulator(str(tmp_path / "tensorboard" / "attention"))
     attention.Reload()

@@ -12,34 +12,16 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 pytestmark = pytest.mark.slow  # spawns training processes (mirrored, multi-worker, killed)
 
 SCRIPTS = REPO / "tests" / "scripts"
 
 
-def python(*args, env=None, **kwargs):
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, *map(str, args)],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
-
-
 def test_two_replicas_match_one_replica_on_the_same_global_batch(tmp_path):
-    one = python(SCRIPTS / "one_step.py", 1, 16, tmp_path / "one.npz")
-    two = python(SCRIPTS / "one_step.py", 2, 16, tmp_path / "two.npz")
+    one = run_python(SCRIPTS / "one_step.py", 1, 16, tmp_path / "one.npz")
+    two = run_python(SCRIPTS / "one_step.py", 2, 16, tmp_path / "two.npz")
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert "replicas 2" in two.stdout
@@ -158,7 +140,7 @@ def test_killed_run_resumes_from_its_backup(shared_data, tmp_path):
 
 
 def test_mnist_trainer_runs_mirrored_on_two_logical_cpus(shared_data, tmp_path):
-    result = python(
+    result = run_python(
         "-m",
         "trainers.mnist",
         "--data-dir",
@@ -188,7 +170,7 @@ def test_mnist_trainer_runs_mirrored_on_two_logical_cpus(shared_data, tmp_path):
 
 @pytest.mark.parametrize("kind", ["vae", "factor_vae", "ad_factor_vae"])
 def test_models_train_under_mirrored_strategy_with_finite_losses(kind):
-    result = python(SCRIPTS / "mirrored_train.py", kind)
+    result = run_python(SCRIPTS / "mirrored_train.py", kind)
     assert result.returncode == 0, result.stderr[-2000:]
     logs = json.loads(result.stdout.strip().splitlines()[-1])
     assert logs.pop("replicas") == 2

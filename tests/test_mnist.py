@@ -3,15 +3,13 @@
 import gzip
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from keras_vae_attn.data import DataError, mnist
 
-from conftest import REPO
+from conftest import run_python
 
 
 def test_reads_the_real_files(shared_data):
@@ -53,14 +51,15 @@ def test_corrupt_file_is_named(tmp_path):
         mnist.read_idx(str(path))
 
 
-def run_trainer(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "trainers.mnist", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_trainer(*args):
+    return run_python("-m", "trainers.mnist", *args, timeout=600)
+
+
+def train_on_mnist(shared_data, tmp_path, flags):
+    """The trainer on the real MNIST files with ``flags`` (one string), quiet, its run
+    folders under ``tmp_path``."""
+    where = ["--data-dir", shared_data / "mnist", "--runs-root", tmp_path, "--quiet"]
+    return run_trainer(*where, *flags.split())
 
 
 @pytest.mark.slow
@@ -95,22 +94,10 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
-    result = run_trainer(
-        "--data-dir",
-        str(shared_data / "mnist"),
-        "--epochs",
-        "2",
-        "--steps-per-epoch",
-        "8",
-        "--batch-size",
-        "32",
-        "--max-test",
-        "600",
-        "--latent-dim",
-        "8",
-        "--runs-root",
-        str(tmp_path),
-        "--quiet",
+    result = train_on_mnist(
+        shared_data,
+        tmp_path,
+        "--epochs 2 --steps-per-epoch 8 --batch-size 32 --max-test 600 --latent-dim 8",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "mnist").iterdir()
@@ -148,20 +135,8 @@ def test_trainer_end_to_end_on_real_mnist(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_metrics_that_cannot_be_computed_are_null_with_a_reason(shared_data, tmp_path):
-    result = run_trainer(
-        "--data-dir",
-        str(shared_data / "mnist"),
-        "--max-train",
-        "64",
-        "--max-test",
-        "1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--runs-root",
-        str(tmp_path),
-        "--quiet",
+    result = train_on_mnist(
+        shared_data, tmp_path, "--max-train 64 --max-test 1 --epochs 1 --batch-size 32"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "image AUROC not computed" in result.stderr

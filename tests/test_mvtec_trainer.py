@@ -1,37 +1,33 @@
 """The MVTec trainer end to end on the generated demo category, and its input errors."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from keras_vae_attn.data import DataError
 from keras_vae_attn.data.synthetic import write_mvtec_category
+from keras_vae_attn.evaluate import LABELS
 from keras_vae_attn.metrics.localization import METRIC_NAMES
 from trainers import mvtec as trainer
 from trainers import run_dirs
 
-from conftest import REPO
+from conftest import QUICK_RUN_FLAGS, run_python
 
 QUICK = [
-    "--image-size",
-    "32",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "8",
-    "--max-train",
-    "16",
-    "--max-test",
-    "6",
-    "--eval-batch-size",
-    "8",
-    "--quiet",
+    *"--image-size 32 --max-train 16 --max-test 6 --eval-batch-size 8".split(),
+    *QUICK_RUN_FLAGS,
 ]
+
+#: the anomaly attention and every reference it is compared with (evaluate.localize)
+METHODS = tuple(LABELS)
+
+
+def command(root, runs_root, *flags, category="widget"):
+    """The flags of a quick run on ``category`` under ``root``, run folders under
+    ``runs_root``, then ``flags``."""
+    where = ["--category", category, "--data-dir", str(root), "--runs-root", str(runs_root)]
+    return [*where, *QUICK, *flags]
 
 
 @pytest.mark.slow
@@ -65,18 +61,18 @@ def test_demo_run_writes_every_output_and_reevaluates(tmp_path):
     # model/ is saved: the per-epoch checkpoints and the backup are gone
     assert not (only / "checkpoints").exists() and not (only / "backup").exists()
     metrics = json.loads((only / "metrics.json").read_text())
-    assert set(metrics["methods"]) == set(trainer.METHODS)
+    assert set(metrics["methods"]) == set(METHODS)
     for values in metrics["methods"].values():
         assert set(values) == set(METRIC_NAMES)
         assert 0.0 <= values["pixel_auroc"] <= 1.0 and 0.0 <= values["best_iou"] <= 1.0
     assert metrics["best_iou_is_test_set_tuned"] is True
     # the randomization check of every map, and the faithfulness curves
-    assert set(metrics["sanity"]) == set(trainer.METHODS) - {"random_features"}
+    assert set(metrics["sanity"]) == set(METHODS) - {"random_features"}
     for name in ("mean_image_difference", "pixel_deviation"):  # model-free: fail
         assert metrics["sanity"][name]["spearman"] == pytest.approx(1.0)
         assert metrics["sanity"][name]["passes"] is False
     assert metrics["sanity_passes"] in (True, False)
-    assert set(metrics["faithfulness"]) == set(trainer.METHODS) | {"random order"}
+    assert set(metrics["faithfulness"]) == set(METHODS) | {"random order"}
     stages = [step["stage"] for step in metrics["sanity_cascade"]]
     assert stages[:3] == ["trained", "decoder", "head"] and stages[-1] == "conv1"
     assert metrics["test_images"] == 6 and metrics["train_images"] == 14  # 2 calibrate
@@ -141,17 +137,7 @@ def small_root(tmp_path_factory):
 
 def test_unknown_category_lists_found_ones_and_writes_nothing(small_root, tmp_path):
     with pytest.raises(DataError, match=r"'cable' not found.*categories found: widget"):
-        trainer.main(
-            [
-                "--category",
-                "cable",
-                "--data-dir",
-                str(small_root),
-                "--runs-root",
-                str(tmp_path / "runs"),
-                *QUICK,
-            ]
-        )
+        trainer.main(command(small_root, tmp_path / "runs", category="cable"))
     assert not (tmp_path / "runs").exists()
 
 
@@ -162,17 +148,7 @@ def test_corrupt_training_image_stops_before_any_run_folder(small_root, tmp_path
     shutil.copytree(small_root, root)
     (root / "widget" / "train" / "good" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(DataError, match=r"001\.png"):
-        trainer.main(
-            [
-                "--category",
-                "widget",
-                "--data-dir",
-                str(root),
-                "--runs-root",
-                str(tmp_path / "runs"),
-                *QUICK,
-            ]
-        )
+        trainer.main(command(root, tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
 
 
@@ -207,23 +183,15 @@ def test_no_root_is_a_flag_error(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainers.mvtec",
-            "--category",
-            "bottle",
-            "--data-dir",
-            str(tmp_path / "missing"),
-            "--runs-root",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    flags = [
+        "--category",
+        "bottle",
+        "--data-dir",
+        tmp_path / "missing",
+        "--runs-root",
+        tmp_path,
+    ]
+    result = run_python("-m", "trainers.mvtec", *flags, timeout=300)
     assert result.returncode == 2
     assert "error: MVTec AD root" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -242,19 +210,7 @@ def test_layer_the_encoder_lacks_is_refused_before_any_run_folder(
     small_root, tmp_path, capsys
 ):
     with pytest.raises(SystemExit) as exit_info:
-        trainer.main(
-            [
-                "--category",
-                "widget",
-                "--data-dir",
-                str(small_root),
-                "--runs-root",
-                str(tmp_path / "runs"),
-                *QUICK,
-                "--layer",
-                "nosuchlayer",
-            ]
-        )
+        trainer.main(command(small_root, tmp_path / "runs", "--layer", "nosuchlayer"))
     assert "--layer 'nosuchlayer' is not a feature map" in str(exit_info.value)
     assert "conv1" in str(exit_info.value) and not (tmp_path / "runs").exists()
 
@@ -265,23 +221,13 @@ def test_run_killed_after_its_model_was_saved_resumes_at_evaluation(
 ):
     """The state a kill during evaluation leaves: model/ saved, no metrics.json. The
     same command scores the saved model instead of training again."""
-    command = [
-        "--category",
-        "widget",
-        "--data-dir",
-        str(small_root),
-        "--runs-root",
-        str(tmp_path),
-        *QUICK,
-        "--backbone",
-        "small",
-    ]
-    run_dir = Path(trainer.main(command))
+    flags = command(small_root, tmp_path, "--backbone", "small")
+    run_dir = Path(trainer.main(flags))
     (run_dir / "metrics.json").unlink()
     weights = (run_dir / "model" / "model.weights.h5").read_bytes()
     log_lines = (run_dir / "training_log.jsonl").read_text().splitlines()
     capsys.readouterr()
-    assert Path(trainer.main(command)) == run_dir
+    assert Path(trainer.main(flags)) == run_dir
     assert "resuming at evaluation" in capsys.readouterr().err
     assert (run_dir / "training_log.jsonl").read_text().splitlines() == log_lines
     assert (run_dir / "model" / "model.weights.h5").read_bytes() == weights
@@ -297,18 +243,7 @@ def test_two_deterministic_runs_give_identical_weights(small_root, tmp_path):
     runs = [
         Path(
             trainer.main(
-                [
-                    "--category",
-                    "widget",
-                    "--data-dir",
-                    str(small_root),
-                    "--runs-root",
-                    str(tmp_path / name),
-                    *QUICK,
-                    "--backbone",
-                    "small",
-                    "--deterministic",
-                ]
+                command(small_root, tmp_path / name, "--backbone", "small", "--deterministic")
             )
         )
         for name in ("a", "b")
@@ -327,24 +262,7 @@ def test_a_corrupt_image_names_the_file_and_the_cli_adds_its_flag(tmp_path):
     )
     bad = root / "widget" / "train" / "good" / "000.png"
     bad.write_bytes(b"not a png")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainers.mvtec",
-            "--category",
-            "widget",
-            "--data-dir",
-            str(root),
-            "--runs-root",
-            str(tmp_path / "runs"),
-            *QUICK,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python("-m", "trainers.mvtec", *command(root, tmp_path / "runs"), timeout=300)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert "000.png" in line and "skip_corrupt" in line and "[see --skip-corrupt]" in line

@@ -10,7 +10,22 @@ import sys
 import numpy as np
 import pytest
 
-from test_run_faults import cli, read_log
+from conftest import QUICK_RUN_FLAGS, run_python
+from test_run_faults import read_log
+
+
+def cli(module, flags, env=None, timeout=120):
+    """A trainer's CLI as a user runs it (TensorFlow's logs off)."""
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return run_python("-m", module, *flags, env=env, timeout=timeout)
+
+
+def widget_run(tmp_path, *flags, timeout=120):
+    """The MVTec trainer's CLI on the category "widget" under ``tmp_path``/data, its run
+    folders under ``tmp_path``/runs."""
+    where = ["--category", "widget", "--data-dir", tmp_path / "data"]
+    flags = [*where, "--runs-root", tmp_path / "runs", *flags]
+    return cli("trainers.mvtec", flags, timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -165,32 +180,9 @@ def test_mvtec_trainer_runs_mirrored_on_two_logical_cpus(tmp_path):
     result = cli(
         "trainers.mvtec",
         [
-            "--category",
-            "demo",
-            "--runs-root",
-            tmp_path,
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--steps-per-epoch",
-            "2",
-            "--batch-size",
-            "8",
-            "--max-train",
-            "16",
-            "--max-test",
-            "6",
-            "--eval-batch-size",
-            "8",
-            "--backbone",
-            "small",
-            "--quiet",
-            "--no-sanity",
-            "--strategy",
-            "mirrored",
-            "--cpu-replicas",
-            "2",
+            *("--category", "demo", "--runs-root", tmp_path, *QUICK_RUN_FLAGS),
+            *"--image-size 32 --max-train 16 --max-test 6 --eval-batch-size 8".split(),
+            *"--backbone small --no-sanity --strategy mirrored --cpu-replicas 2".split(),
         ],
         timeout=300,
     )
@@ -321,30 +313,10 @@ def test_a_test_set_whose_masks_are_all_empty_scores_null_not_a_traceback(tmp_pa
     )
     for mask in (tmp_path / "data" / "widget" / "ground_truth").rglob("*.png"):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
-    result = cli(
-        "trainers.mvtec",
-        [
-            "--category",
-            "widget",
-            "--data-dir",
-            tmp_path / "data",
-            "--runs-root",
-            tmp_path / "runs",
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--steps-per-epoch",
-            "1",
-            "--batch-size",
-            "4",
-            "--eval-batch-size",
-            "8",
-            "--backbone",
-            "small",
-            "--quiet",
-            "--no-sanity",
-        ],
+    result = widget_run(
+        tmp_path,
+        *"--image-size 32 --epochs 1 --steps-per-epoch 1 --batch-size 4".split(),
+        *"--eval-batch-size 8 --backbone small --quiet --no-sanity".split(),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -368,19 +340,7 @@ def test_training_images_that_are_all_black_are_one_line(tmp_path):
     )
     for image in (tmp_path / "data" / "widget" / "train" / "good").iterdir():
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
-    result = cli(
-        "trainers.mvtec",
-        [
-            "--category",
-            "widget",
-            "--data-dir",
-            tmp_path / "data",
-            "--runs-root",
-            tmp_path / "runs",
-            "--image-size",
-            "32",
-        ],
-    )
+    result = widget_run(tmp_path, "--image-size", "32")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: the 4 training images of 'widget' under {str(tmp_path / 'data')!r} are all "

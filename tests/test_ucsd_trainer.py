@@ -10,27 +10,16 @@ import pytest
 from keras_vae_attn.data import LocalizationSplit
 from keras_vae_attn.data import ucsd as ucsd_data
 from keras_vae_attn.data.synthetic import write_ucsd_dataset
+from keras_vae_attn.evaluate import LABELS
 from trainers import fit, guard
 from trainers import ucsd as trainer
+
+from conftest import QUICK_RUN_FLAGS
 
 SMALL = dict(
     width=48, height=32, frames=8, n_train=2, n_test=3, n_test_without_gt=1, walkers=3
 )
-QUICK = [
-    "--image-size",
-    "40",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "8",
-    "--latent-dim",
-    "4",
-    "--eval-batch-size",
-    "8",
-    "--quiet",
-]
+QUICK = [*"--image-size 40 --latent-dim 4 --eval-batch-size 8".split(), *QUICK_RUN_FLAGS]
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +56,8 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
         metrics = json.load(handle)
-    names = [
-        "anomaly_attention",
-        "paper_form",
-        "recon_error",
-        "feature_deviation",
-        "random_features",
-        "mean_image_difference",
-        "pixel_deviation",
-        "attention_conv1",
-        "attention_conv2",
-        "attention_conv3",
-    ]
+    # the anomaly attention, every reference it is compared with, the ablation rows
+    names = [*LABELS, "attention_conv1", "attention_conv2", "attention_conv3"]
     assert sorted(metrics["methods"]) == sorted(names)
     assert metrics["sanity"]["pixel_deviation"]["passes"] is False  # model-free
     for values in metrics["methods"].values():
@@ -95,7 +74,7 @@ def test_a_short_run_writes_every_output(data_root, tmp_path, capsys):
         "conv3",
     }
     # every reference at every smoothing level (0, side/32, side/16), side by side
-    assert set(metrics["references"]) == set(names[:7])
+    assert set(metrics["references"]) == set(LABELS)
     assert list(metrics["references"]["recon_error"]) == ["0", "1.25", "2.5"]
     config = json.loads(open(os.path.join(run_dir, "config.json")).read())
     assert metrics["exported_layers"] == config["explain"]["layers"]  # what exports serve

@@ -34,16 +34,6 @@ DEMO_DEFAULTS = dict(image_size=64, epochs=6, steps_per_epoch=15, batch_size=16,
 # The first feature layer: the layer set chosen with the default attribution by the rule
 # in bench/RESULTS.md ("Choosing the default attribution").
 DEFAULT_LAYER = "conv1"
-# the method and its references, side by side (keras_vae_attn/evaluate.py)
-METHODS = (
-    "anomaly_attention",
-    "paper_form",
-    "recon_error",
-    "feature_deviation",
-    "random_features",
-    "mean_image_difference",
-    "pixel_deviation",
-)
 FIGURE_ROWS = 4
 
 
