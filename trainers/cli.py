@@ -136,6 +136,41 @@ def add_localization_flags(
     sanity.add_flags(parser)
 
 
+#: The flags that override one field of the --attribution preset (the field is the flag's
+#: name): (flag, its choices, help); each is None unless given, so the preset's value holds.
+PRESET_OVERRIDES = (
+    ("--form", options.FORMS, "how gradients and features become a map"),
+    (
+        "--target",
+        options.TARGETS,
+        "what is back-propagated: u_i or the energy per "
+        "latent (D backward passes), or the total energy (one)",
+    ),
+    (
+        "--deviation",
+        options.DEVIATIONS,
+        "how the features are compared with the normal ones: none (as "
+        "they are), centered (minus their normal mean), standardized "
+        "(also divided by the normal std per position and channel) or "
+        "whitened (centered, then decorrelated across channels by the "
+        "normal channel covariance at each position: the 'default' "
+        "preset's choice)",
+    ),
+    (
+        "--sign",
+        options.SIGNS,
+        "for gradcam/hirescam/integrated: ReLU, absolute value or signed",
+    ),
+    (
+        "--gate",
+        options.GATES,
+        "recon: the map's geometric mean with the relative "
+        "reconstruction residual (needs the decoder: what a VAE that "
+        "learned nothing cannot fake)",
+    ),
+)
+
+
 def add_attention_flags(parser: argparse.ArgumentParser) -> None:
     """How a localization trainer's maps are made: a preset plus per-option overrides,
     parsed into one ExplainOptions by :func:`explain_options`."""
@@ -155,44 +190,8 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
         "default, which an untrained VAE matches); the flags below "
         "override it",
     )
-    group.add_argument(
-        "--form",
-        choices=options.FORMS,
-        default=None,
-        help="how gradients and features become a map",
-    )
-    group.add_argument(
-        "--target",
-        choices=options.TARGETS,
-        default=None,
-        help="what is back-propagated: u_i or the energy per "
-        "latent (D backward passes), or the total energy (one)",
-    )
-    group.add_argument(
-        "--deviation",
-        choices=options.DEVIATIONS,
-        default=None,
-        help="how the features are compared with the normal ones: none (as "
-        "they are), centered (minus their normal mean), standardized "
-        "(also divided by the normal std per position and channel) or "
-        "whitened (centered, then decorrelated across channels by the "
-        "normal channel covariance at each position: the 'default' "
-        "preset's choice)",
-    )
-    group.add_argument(
-        "--sign",
-        choices=options.SIGNS,
-        default=None,
-        help="for gradcam/hirescam/integrated: ReLU, absolute value or signed",
-    )
-    group.add_argument(
-        "--gate",
-        choices=options.GATES,
-        default=None,
-        help="recon: the map's geometric mean with the relative "
-        "reconstruction residual (needs the decoder: what a VAE that "
-        "learned nothing cannot fake)",
-    )
+    for flag, choices, text in PRESET_OVERRIDES:
+        group.add_argument(flag, choices=choices, default=None, help=text)
     group.add_argument(
         "--gradient-relu",
         action="store_true",
@@ -224,7 +223,8 @@ def explain_options(
 ) -> options.ExplainOptions:
     """The run's ExplainOptions from its flags; a bad value is a parser error naming it."""
     fields = dict(options.PRESETS[args.attribution])
-    for field in ("target", "form", "deviation", "sign", "gate"):
+    for flag, _, _ in PRESET_OVERRIDES:
+        field = flag.removeprefix("--")
         if getattr(args, field, None) is not None:
             fields[field] = getattr(args, field)
     try:

@@ -198,18 +198,18 @@ def check_args(parser, args):
         parser.error(
             f"--score-every must be 0 (off) or a number of epochs, got {args.score_every}"
         )
-    for flag in (
-        "metric_train_votes",
-        "metric_eval_votes",
-        "metric_variance_samples",
-        "dense_units",
-        "eval_images",
-        "score_every_votes",
-    ):
-        if getattr(args, flag) < 1:
-            parser.error(
-                f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
-            )
+    cli.require_counts(
+        parser,
+        args,
+        (
+            "metric_train_votes",
+            "metric_eval_votes",
+            "metric_variance_samples",
+            "dense_units",
+            "eval_images",
+            "score_every_votes",
+        ),
+    )
     if args.metric_samples < 2:
         parser.error(f"--metric-samples must be at least 2, got {args.metric_samples}")
     if args.source == "archive" and not args.data_dir:

@@ -186,19 +186,10 @@ def load_data(args: argparse.Namespace) -> tuple[np.ndarray, LocalizationSplit]:
         from keras_vae_attn.data.synthetic import write_ucsd_dataset
 
         write_ucsd_dataset(args.data_dir, args.subset, seed=args.seed, **UCSD_DEMO_DATA)
-    train = ucsd.load_train(
-        args.data_dir,
-        args.subset,
-        args.image_size,
-        max_clips=args.max_train_clips,
-        frame_step=args.frame_step,
-    )
+    scene = (args.data_dir, args.subset, args.image_size)
+    train = ucsd.load_train(*scene, max_clips=args.max_train_clips, frame_step=args.frame_step)
     test = ucsd.load_test(
-        args.data_dir,
-        args.subset,
-        args.image_size,
-        max_clips=args.max_test_clips,
-        frame_step=args.test_frame_step,
+        *scene, max_clips=args.max_test_clips, frame_step=args.test_frame_step
     )
     return train, LocalizationSplit(
         test.images, test.masks, test.labels, test.clips, test.paths
