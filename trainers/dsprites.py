@@ -25,15 +25,12 @@ MODELS = ("vae", "beta_vae", "factor_vae", "ad_factor_vae")
 DEFAULT_BETA = {"vae": 1.0, "beta_vae": 4.0, "factor_vae": 1.0, "ad_factor_vae": 1.0}
 
 
+#: The experiment's defaults of the flags every trainer has (trainers/cli.py).
+DEFAULTS = dict(epochs=10, batch_size=64, lr=1e-4, latent_dim=10)
+
+
 def build_parser():
-    parser = cli.base_parser(
-        __doc__,
-        epochs=10,
-        batch_size=64,
-        lr=1e-4,
-        latent_dim=10,
-        prog="python -m trainers.dsprites",
-    )
+    parser = cli.base_parser(__doc__, prog="python -m trainers.dsprites", **DEFAULTS)
     parser.add_argument(
         "--model",
         choices=MODELS,

@@ -18,21 +18,16 @@ from keras_vae_attn import console
 from trainers import cli, guard, localization, sanity
 from trainers.localization import Evaluation, LocalizationSplit, prediction_notes
 
+#: The experiment's defaults of the flags every trainer has (trainers/cli.py).
+DEFAULTS = dict(epochs=10, batch_size=128, lr=1e-3, latent_dim=16, layer="conv1")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.base_parser(
-        __doc__,
-        epochs=10,
-        batch_size=128,
-        lr=1e-3,
-        latent_dim=16,
-        prog="python -m trainers.mnist",
-    )
+    parser = cli.base_parser(__doc__, prog="python -m trainers.mnist", **DEFAULTS)
     parser.add_argument("--normal-digit", type=int, default=1, help="the normal class, 0-9")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images")
     cli.add_localization_flags(parser, png=False, model_dir=False)
-    parser.set_defaults(layer="conv1")
     return parser
 
 

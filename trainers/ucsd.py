@@ -40,17 +40,13 @@ MEAN_FRAME = "mean_image_difference"  # no model: |frame - mean training frame|
 FIGURE_ROWS = 4
 
 
+#: The experiment's defaults of the flags every trainer has (trainers/cli.py); --layer
+#: conv1: the layer set chosen with the default attribution (bench/RESULTS.md).
+DEFAULTS = dict(epochs=30, batch_size=64, lr=1e-3, latent_dim=32, layer="conv1")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    # --layer conv1: the layer set chosen with the default attribution (bench/RESULTS.md)
-    parser = cli.base_parser(
-        __doc__,
-        epochs=30,
-        batch_size=64,
-        lr=1e-3,
-        latent_dim=32,
-        layer="conv1",
-        prog="python -m trainers.ucsd",
-    )
+    parser = cli.base_parser(__doc__, prog="python -m trainers.ucsd", **DEFAULTS)
     parser.add_argument(
         "--subset",
         choices=("ped1", "ped2"),
