@@ -12,26 +12,14 @@ import pytest
 
 from pipeline import cli, lineage, serving, stages
 
-from conftest import REPO
+from conftest import MANIFEST_RECORD_FIELDS, QUICK_RUN_FLAGS, REPO
 
 pytestmark = pytest.mark.slow  # the whole pipeline (trainer, exports, push) in subprocesses
 
 TRAINER = [
     "--",
-    "--image-size",
-    "32",
-    "--backbone",
-    "small",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "8",
-    "--latent-dim",
-    "4",
-    "--quiet",
-    "--no-augment",
+    *"--image-size 32 --backbone small --latent-dim 4 --no-augment".split(),
+    *QUICK_RUN_FLAGS,
 ]
 
 
@@ -81,16 +69,7 @@ def test_full_run_writes_every_artifact_and_the_manifest(first_run):
     manifest = json.loads((pipe / "manifest.json").read_text())["stages"]
     assert list(manifest) == list(stages.STAGES)
     for name, record in manifest.items():
-        for field in (
-            "inputs",
-            "outputs",
-            "config",
-            "versions",
-            "data_fingerprint",
-            "started",
-            "ended",
-            "status",
-        ):
+        for field in MANIFEST_RECORD_FIELDS:
             assert field in record, (name, field)
     assert manifest["push"]["status"] == "pushed"
     for path in (

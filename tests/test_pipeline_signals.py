@@ -2,6 +2,7 @@
 trainer through its parent-death signal, and the rerun resumes the trainer's backup.
 (Its own file, so that pytest-xdist runs it beside the other pipeline tests.)"""
 
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,26 @@ def log_events(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@contextlib.contextmanager
+def pipeline_until(category_root, tmp_path, event):
+    """Start the pipeline (several epochs) and yield it once its trainer logged ``event``;
+    killed on the way out if it still runs. Its stderr goes to tmp_path/stderr.txt."""
+    log = tmp_path / "pipe" / "train" / "training_log.jsonl"
+    argv = command(category_root, tmp_path, trainer=SLOW_TRAINER)
+    with open(tmp_path / "stderr.txt", "w") as err:
+        pipe = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 600
+            while not any(e["event"] == event for e in log_events(log)):
+                assert pipe.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                assert time.time() < deadline, f"the trainer logged no {event} in 600 s"
+                time.sleep(0.05)
+            yield pipe
+        finally:
+            if pipe.poll() is None:
+                pipe.kill()
+
+
 def process_gone(pid, seconds=20):
     """Whether process ``pid`` ends (or is a zombie) within ``seconds``."""
     end = time.time() + seconds
@@ -51,22 +72,11 @@ def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(
     """SIGTERM is forwarded to the trainer's group; SIGKILL cannot be caught, so the
     trainer holds a parent-death signal and ends on its own."""
     log = tmp_path / "pipe" / "train" / "training_log.jsonl"
-    argv = command(category_root, tmp_path, trainer=SLOW_TRAINER)
-    with open(tmp_path / "stderr.txt", "w") as err:
-        pipe = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.time() + 600
-            while not any(e["event"] == "epoch_end" for e in log_events(log)):
-                assert pipe.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
-                assert time.time() < deadline, "the trainer wrote no epoch in 600 s"
-                time.sleep(0.05)
-            trainer = log_events(log)[0]["pid"]
-            pipe.send_signal(signum)
-            expected = 128 + signum if signum == signal.SIGTERM else -signum
-            assert pipe.wait(timeout=60) == expected
-        finally:
-            if pipe.poll() is None:
-                pipe.kill()
+    with pipeline_until(category_root, tmp_path, "epoch_end") as pipe:
+        trainer = log_events(log)[0]["pid"]
+        pipe.send_signal(signum)
+        expected = 128 + signum if signum == signal.SIGTERM else -signum
+        assert pipe.wait(timeout=60) == expected
     stderr = (tmp_path / "stderr.txt").read_text()
     if signum == signal.SIGTERM:
         assert "interrupted by SIGTERM" in stderr, stderr[-3000:]
@@ -90,21 +100,9 @@ def test_killed_pipeline_takes_its_trainer_along_and_the_rerun_resumes(
 
 def test_ctrl_c_names_the_stage_in_one_line_and_exits_130(category_root, tmp_path):
     """Issue 25, 4 / 26: Ctrl-C printed the child's traceback and a cut-off command."""
-    log = tmp_path / "pipe" / "train" / "training_log.jsonl"
-    argv = command(category_root, tmp_path, trainer=SLOW_TRAINER)
-    with open(tmp_path / "stderr.txt", "w") as err:
-        pipe = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.time() + 600
-            while not any(e["event"] == "train_begin" for e in log_events(log)):
-                assert pipe.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
-                assert time.time() < deadline, "the trainer did not start in 600 s"
-                time.sleep(0.05)
-            pipe.send_signal(signal.SIGINT)
-            assert pipe.wait(timeout=60) == 130
-        finally:
-            if pipe.poll() is None:
-                pipe.kill()
+    with pipeline_until(category_root, tmp_path, "train_begin") as pipe:
+        pipe.send_signal(signal.SIGINT)
+        assert pipe.wait(timeout=60) == 130
     stderr = (tmp_path / "stderr.txt").read_text()
     assert stderr.splitlines()[-1] == (
         "interrupted by SIGINT in the train stage; run the same command to resume from it"

@@ -13,22 +13,11 @@ from keras_vae_attn.data import mvtec, split_held_out
 from keras_vae_attn.data.synthetic import write_mvtec_category
 from trainers import mvtec as trainer
 
+from conftest import QUICK_RUN_FLAGS
+
 QUICK = [
-    "--image-size",
-    "32",
-    "--backbone",
-    "small",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "8",
-    "--eval-batch-size",
-    "8",
-    "--smooth",
-    "1",
-    "--quiet",
+    *"--image-size 32 --backbone small --eval-batch-size 8 --smooth 1".split(),
+    *QUICK_RUN_FLAGS,
 ]
 
 
