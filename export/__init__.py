@@ -10,10 +10,11 @@ heatmap equals the one the trainer showed. One job per module:
     saved_model  the SavedModel and its signatures (``python -m export.saved_model``)
     onnx         the ONNX graph and its self-check (``python -m export.onnx``)
     infer        a deployed model run on image files (``python -m export.infer``)
+    cli          what the exporters' command lines share: flags, exit codes
 
-This module holds what the command lines share: opening a run folder (through
+This module holds what the exporters share: opening a run folder (through
 :class:`keras_vae_attn.runs.RunFolder`), and refusing bad paths, names and thresholds
-before anything is written.
+before anything is written; :mod:`export.cli` holds what their command lines share.
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ def load_run(path: str) -> Run:
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ExportError(f"cannot load the model in {folder.model_dir!r}: {error}") from None
     return Run(path, model, config, options, folder.complete)
+
+
+def load_inputs(run_dir: str, thresholds: str | None, progress: Progress) -> tuple[Run, Any]:
+    """The run folder ``run_dir``, loaded, and its ``--thresholds`` (None without); the
+    thresholds are read first, so a bad file is refused before the model loads."""
+    values = load_thresholds(thresholds) if thresholds else None
+    progress(f"loading the model of {run_dir}")
+    return load_run(run_dir), values
 
 
 def load_thresholds(path: str) -> Any:

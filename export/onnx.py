@@ -37,7 +37,6 @@ import argparse
 import importlib
 import json
 import os
-import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,14 +45,12 @@ from export import (
     ExportError,
     Progress,
     Run,
-    Stages,
     check_options,
-    load_run,
-    load_thresholds,
+    load_inputs,
     no_stages,
     refuse_existing,
-    warn_incomplete,
 )
+from export.cli import add_output_flags, export_parser, run_export
 from export.graph import DECISION_OUTPUTS, SERVING_OUTPUTS, anomaly_outputs, input_shape
 from export.metadata import model_metadata
 from keras_vae_attn.runs import staged
@@ -324,9 +321,7 @@ def export(
     require_onnx_packages()
     check_opset(opset)
     refuse_existing(out, force)
-    values = load_thresholds(thresholds) if thresholds else None
-    progress(f"loading the model of {run_dir}")
-    run = load_run(run_dir)
+    run, values = load_inputs(run_dir, thresholds, progress)
     try:
         check_options(run)
     except ValueError as error:
@@ -377,26 +372,14 @@ def require_onnx_packages() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m export.onnx",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--run", required=True, help="trained run folder (holds model/)")
-    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser = export_parser("python -m export.onnx", __doc__, "the .onnx file to write")
     parser.add_argument(
         "--opset",
         type=int,
         default=DEFAULT_OPSET,
         help=f"ONNX opset (>= {MIN_OPSET}; >= 16 for a max-pool after the attention layer)",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing file")
-    parser.add_argument(
-        "--thresholds",
-        default=None,
-        help="thresholds.json (pixel, image): adds pred_score, pred_label "
-        "and pred_mask outputs",
-    )
+    add_output_flags(parser, "replace an existing file")
     parser.add_argument(
         "--no-verify",
         dest="verify",
@@ -418,25 +401,27 @@ def main(argv: list[str] | None = None) -> str:
     from keras_vae_attn.console import start_tensorflow
     from keras_vae_attn.extras import MissingExtra
 
-    try:
+    def start_and_export(progress: Progress) -> float | None:
         start_tensorflow()  # tf2onnx imports it: banners filtered first
         require_onnx_packages()
-        difference = export(
+        return export(
             args.run,
             args.out,
             args.opset,
             args.force,
             args.thresholds,
             args.verify,
-            progress=Stages("export.onnx", STAGES),
+            progress=progress,
         )
-    except (ExportError, MissingExtra) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"export.onnx: interrupted; {args.out} was not written", file=sys.stderr)
-        raise SystemExit(130) from None
-    warn_incomplete(args.run)
+
+    difference = run_export(
+        "export.onnx",
+        STAGES,
+        start_and_export,
+        args.run,
+        f"{args.out} was not written",
+        (MissingExtra,),
+    )
     checked = (
         ""
         if difference is None

@@ -72,6 +72,13 @@ def _const(ctx, value, dtype):
     return ctx.make_const(utils.make_name("grad_const"), np.asarray(value, dtype)).output[0]
 
 
+def _zeros(ctx, shape, dtype):
+    """Zeros of ONNX type ``dtype`` and the (1-D int64) ``shape``: what a scatter-add
+    sums into."""
+    value = helper.make_tensor("value", dtype, [1], [0])
+    return ctx.make_node("ConstantOfShape", [shape], attr={"value": value}).output[0]
+
+
 def _to_int64(ctx, name):
     if ctx.get_dtype(name) == TensorProto.INT64:
         return name
@@ -204,12 +211,7 @@ class MaxPoolGrad:
         updates = ctx.make_node("Reshape", [gradient, flat]).output[0]
         shape = ctx.make_node("Shape", [original]).output[0]
         size = ctx.make_node("ReduceProd", [shape], attr={"keepdims": 1}).output[0]
-        dtype = ctx.get_dtype(node.output[0])
-        zeros = ctx.make_node(
-            "ConstantOfShape",
-            [size],
-            attr={"value": helper.make_tensor("value", dtype, [1], [0])},
-        ).output[0]
+        zeros = _zeros(ctx, size, ctx.get_dtype(node.output[0]))
         summed = ctx.make_node(
             "ScatterElements", [zeros, indices, updates], attr={"axis": 0, "reduction": "add"}
         ).output[0]
@@ -293,12 +295,7 @@ class DynamicStitch:
             {"data": value_shape, "starts": [1], "ends": [2**62], "axes": [0]}
         )
         out_shape = ctx.make_node("Concat", [rows, tail], attr={"axis": 0}).output[0]
-        dtype = ctx.get_dtype(node.output[0])
-        zeros = ctx.make_node(
-            "ConstantOfShape",
-            [out_shape],
-            attr={"value": helper.make_tensor("value", dtype, [1], [0])},
-        ).output[0]
+        zeros = _zeros(ctx, out_shape, ctx.get_dtype(node.output[0]))
         value_rank = len(ctx.get_shape(node.input[count]) or []) + (
             1 - len(ctx.get_shape(node.input[0]) or [])
         )

@@ -39,7 +39,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -48,14 +47,12 @@ from export import (
     ExportError,
     Progress,
     Run,
-    Stages,
     check_options,
-    load_run,
-    load_thresholds,
+    load_inputs,
     model_name_problem,
     no_stages,
-    warn_incomplete,
 )
+from export.cli import add_output_flags, export_parser, run_export
 from export.graph import (
     anomaly_outputs,
     assert_valid_bytes,
@@ -262,9 +259,7 @@ def export(
     base = os.path.join(out, model_name)
     if version is not None:
         refuse_version(base, version, model_name, force)
-    values = load_thresholds(thresholds) if thresholds else None
-    progress(f"loading the model of {run_dir}")
-    run = load_run(run_dir)
+    run, values = load_inputs(run_dir, thresholds, progress)
     try:
         check_options(run)
         progress("building the signatures " + ", ".join(SIGNATURES))
@@ -297,13 +292,7 @@ def refuse_version(base: str, version: int, model_name: str, force: bool) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m export.saved_model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--run", required=True, help="trained run folder (holds model/)")
-    parser.add_argument("--out", required=True, help="TF Serving base folder")
+    parser = export_parser("python -m export.saved_model", __doc__, "TF Serving base folder")
     parser.add_argument(
         "--model-name",
         default="vae",
@@ -315,13 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="version number (default: one more than the latest there)",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing version")
-    parser.add_argument(
-        "--thresholds",
-        default=None,
-        help="thresholds.json (pixel, image): adds pred_score, pred_label "
-        "and pred_mask outputs",
-    )
+    add_output_flags(parser, "replace an existing version")
     parser.add_argument(
         "--explain-layer",
         default=None,
@@ -341,8 +324,10 @@ def main(argv: list[str] | None = None) -> str:
     from keras_vae_attn.console import start_tensorflow
 
     start_tensorflow()
-    try:
-        target = export(
+    target = run_export(
+        "export.saved_model",
+        STAGES,
+        lambda progress: export(
             args.run,
             args.out,
             name,
@@ -350,15 +335,11 @@ def main(argv: list[str] | None = None) -> str:
             args.force,
             args.thresholds,
             args.explain_layer,
-            Stages("export.saved_model", STAGES),
-        )
-    except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("export.saved_model: interrupted; no version was written", file=sys.stderr)
-        raise SystemExit(130) from None
-    warn_incomplete(args.run)
+            progress,
+        ),
+        args.run,
+        "no version was written",
+    )
     print(f"SavedModel written to {target}")
     return target
 
