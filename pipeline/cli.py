@@ -103,16 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="TF Serving model base path: <dir>/<model name>/<version>/",
     )
-    parser.add_argument("--model-name", default=None, help="default: vae_<category>")
+    parser.add_argument("--model-name", help="default: vae_<category>")
     parser.add_argument(
-        "--pipeline-dir",
-        default=None,
-        help="artifact folder (default: runs/pipeline/<category>)",
+        "--pipeline-dir", help="artifact folder (default: runs/pipeline/<category>)"
     )
     parser.add_argument(
         "--from-stage",
         choices=stages.STAGES,
-        default=None,
         help="rerun this stage and every later one even if cached",
     )
     parser.add_argument(
@@ -124,28 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--validation-dir",
-        default=None,
         help="labelled MVTec-layout root: calibrate F1-optimal thresholds "
         "on its test split instead of normal percentiles",
     )
-    parser.add_argument(
-        "--pixel-percentile",
-        type=number(0, 100),
-        default=99.5,
-        help="pixel threshold: this percentile of the held-out normal "
-        "images' heatmaps (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--image-percentile",
-        type=number(0, 100),
-        default=99.0,
-        help="image threshold: this percentile of their image scores (default: %(default)s)",
-    )
+    for level, default, of in (
+        ("pixel", 99.5, "the held-out normal images' heatmaps"),
+        ("image", 99.0, "their image scores"),
+    ):
+        parser.add_argument(
+            f"--{level}-percentile",
+            type=number(0, 100),
+            default=default,
+            help=f"{level} threshold: this percentile of {of} (default: %(default)s)",
+        )
     for metric in blessing.GATED_METRICS:
         parser.add_argument(
             f"--min-{metric.replace('_', '-')}",
             type=number(0, 1),
-            default=None,
             help=f"bless only if {metric} of the anomaly attention >= this",
         )
     parser.add_argument(
