@@ -28,18 +28,13 @@ def build_parser():
     parser.add_argument(
         "--out", default="latent_maps.png", help="the PNG to write (default: %(default)s)"
     )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=300,
-        help="training steps of the VAE (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--latent-dim",
-        type=int,
-        default=8,
-        help="latent dimensions: one map column each (default: %(default)s)",
-    )
+    for flag, default, meaning in (
+        ("--steps", 300, "training steps of the VAE"),
+        ("--latent-dim", 8, "latent dimensions: one map column each"),
+    ):
+        parser.add_argument(
+            flag, type=int, default=default, help=f"{meaning} (default: %(default)s)"
+        )
     return parser
 
 
