@@ -13,18 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, _train_run
+from conftest import HIRESCAM_EXPLAIN, REPO, train_tiny_run
 
 SHAPE = (28, 28, 1)
-NEEDS_DISTRIBUTION = {
-    "explain": dict(
-        form="hirescam",
-        target="total-energy",
-        deviation="standardized",
-        sign="abs",
-        layers=["conv1"],
-    )
-}
 
 
 def dead_pid():
@@ -41,15 +32,11 @@ def tiny(tmp_path_factory):
     from export import onnx as onnx_export
     from export import saved_model
     from keras_vae_attn.explain.options import ExplainOptions
-    from keras_vae_attn.models import build_vae
 
     folder = tmp_path_factory.mktemp("tiny")
-    run = folder / "run"
-    run.mkdir()
-    model = build_vae("small", SHAPE, 4, filters=(8, 16), dense_units=32)
     images = np.random.default_rng(0).random((16, *SHAPE), dtype=np.float32)
     config = {"layer": "last", "explain": ExplainOptions().as_config()}
-    _train_run(run, model, images, config, batch_size=8)
+    run = train_tiny_run(folder / "run", images, config)
     saved_model.export(str(run), str(folder / "serving"), "model")
     pid = dead_pid()
     (folder / f"model.onnx.partial-{pid}").write_bytes(b"half written")
@@ -227,7 +214,7 @@ def test_both_exporters_refuse_options_without_their_distribution_writing_nothin
 
     run = tmp_path / "run"
     shutil.copytree(tiny[1], run)
-    (run / "config.json").write_text(json.dumps(NEEDS_DISTRIBUTION))
+    (run / "config.json").write_text(json.dumps({"explain": HIRESCAM_EXPLAIN}))
     exports = {
         "onnx": (
             onnx_export.main,

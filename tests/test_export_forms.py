@@ -9,55 +9,29 @@ import pytest
 
 from keras_vae_attn.explain.options import ExplainOptions
 
-from conftest import _train_run
+from conftest import HIRESCAM_EXPLAIN, train_tiny_run
 
 pytestmark = pytest.mark.slow  # trains and exports one model per attribution form
 
+
+def total_energy(deviation, layers, form="gradient-weighted-deviation", **rest):
+    """Options of a gradient form whose target is the reconstruction's total energy."""
+    return dict(form=form, target="total-energy", deviation=deviation, layers=layers, **rest)
+
+
 VARIANTS = {
-    "hirescam": dict(
-        form="hirescam",
-        target="total-energy",
-        deviation="standardized",
-        sign="abs",
-        layers=["conv1"],
+    "hirescam": dict(HIRESCAM_EXPLAIN),
+    "integrated": total_energy(
+        "centered", ["conv2"], form="integrated", sign="signed", steps=4
     ),
-    "integrated": dict(
-        form="integrated",
-        target="total-energy",
-        deviation="centered",
-        sign="signed",
-        layers=["conv2"],
-        steps=4,
-    ),
-    "gradient-weighted-deviation": dict(
-        form="gradient-weighted-deviation",
-        target="total-energy",
-        deviation="standardized",
-        layers=["conv1"],
-    ),
-    "whitened": dict(
-        form="gradient-weighted-deviation",
-        target="total-energy",
-        deviation="whitened",
-        layers=["conv2"],
-    ),
-    "multi-layer": dict(
-        form="gradient-weighted-deviation",
-        target="total-energy",
-        deviation="standardized",
-        layers=["conv1", "conv2"],
-        combine="mean",
-        smooth=1.0,
+    "gradient-weighted-deviation": total_energy("standardized", ["conv1"]),
+    "whitened": total_energy("whitened", ["conv2"]),
+    "multi-layer": total_energy(
+        "standardized", ["conv1", "conv2"], combine="mean", smooth=1.0
     ),
     "feature-residual": dict(form="feature-residual", layers=["conv1"]),
     "recon-deviation": dict(form="recon-deviation", layers=["conv1"], smooth=1.0),
-    "gated": dict(
-        form="gradient-weighted-deviation",
-        target="total-energy",
-        deviation="whitened",
-        layers=["conv2"],
-        gate="recon",
-    ),
+    "gated": total_energy("whitened", ["conv2"], gate="recon"),
 }
 
 
@@ -74,14 +48,10 @@ def images(count, seed=0):
 def exported(request, tmp_path_factory):
     from export import onnx as onnx_export
     from export import saved_model
-    from keras_vae_attn.models import build_vae
 
     folder = tmp_path_factory.mktemp(request.param)
-    run = folder / "run"
-    run.mkdir()
-    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
-    _train_run(
-        run, model, images(24, seed=1), {"explain": VARIANTS[request.param]}, batch_size=8
+    run = train_tiny_run(
+        folder / "run", images(24, seed=1), {"explain": VARIANTS[request.param]}
     )
     saved_model.export(str(run), str(folder / "serving"), "model")
     onnx_export.export(str(run), str(folder / "model.onnx"), verify=False)
@@ -124,14 +94,10 @@ def test_saved_model_and_onnx_serve_the_models_heatmap(exported, batch):
 
 def test_an_export_without_the_distribution_its_options_need_is_refused(tmp_path):
     from export import ExportError, saved_model
-    from keras_vae_attn.models import build_vae
 
-    run = tmp_path / "run"
-    run.mkdir()
-    model = build_vae("small", (28, 28, 1), 4, filters=(8, 16), dense_units=32)
     plain = {"explain": ExplainOptions(layers=("conv1",)).as_config()}
-    _train_run(run, model, images(8), plain, batch_size=8)  # no distribution
-    config = {"explain": dict(VARIANTS["hirescam"])}
+    run = train_tiny_run(tmp_path / "run", images(8), plain)  # no distribution
+    config = {"explain": HIRESCAM_EXPLAIN}
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="no normal feature distribution for layer 'conv1'"):
         saved_model.export(str(run), str(tmp_path / "serving"), "model")

@@ -14,6 +14,8 @@ from keras_vae_attn.data import dsprites
 from keras_vae_attn.models import factor_vae as fv
 from keras_vae_attn.models import load_vae, save_vae
 
+from conftest import QUICK_METRIC_FLAGS
+
 TINY = dict(
     input_shape=(16, 16, 1), latent_dim=3, filters=(4, 8), dense_units=8, d_units=16, d_depth=2
 )
@@ -209,33 +211,15 @@ def test_saved_factor_vae_reloads_with_its_spec(tmp_path):
 def test_trainer_writes_a_complete_run(tmp_path):
     from trainers import dsprites as trainer
 
+    scoring = [
+        *QUICK_METRIC_FLAGS,
+        *("--metric-variance-samples", "32", "--runs-root", str(tmp_path), "--quiet"),
+    ]
     run_dir = trainer.main(
         [
-            "--model",
-            "factor_vae",
-            "--steps",
-            "4",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--score-every",
-            "1",
-            "--score-every-votes",
-            "3",
-            "--metric-train-votes",
-            "4",
-            "--metric-eval-votes",
-            "4",
-            "--metric-samples",
-            "4",
-            "--metric-variance-samples",
-            "32",
-            "--eval-images",
-            "16",
-            "--runs-root",
-            str(tmp_path),
-            "--quiet",
+            *"--model factor_vae --steps 4 --epochs 2 --batch-size 8".split(),
+            *"--score-every 1 --score-every-votes 3".split(),
+            *scoring,
         ]
     )
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
@@ -260,25 +244,7 @@ def test_trainer_writes_a_complete_run(tmp_path):
     assert selectivity["ratio"] > 0 and 0 <= selectivity["top1"] <= 1
 
     # the saved model scored again: the same seed and votes give the same score
-    rescored_dir = trainer.main(
-        [
-            "--model-dir",
-            str(Path(run_dir) / "model"),
-            "--metric-train-votes",
-            "4",
-            "--metric-eval-votes",
-            "4",
-            "--metric-samples",
-            "4",
-            "--metric-variance-samples",
-            "32",
-            "--eval-images",
-            "16",
-            "--runs-root",
-            str(tmp_path),
-            "--quiet",
-        ]
-    )
+    rescored_dir = trainer.main(["--model-dir", str(Path(run_dir) / "model"), *scoring])
     rescored = json.loads((Path(rescored_dir) / "metrics.json").read_text())
     assert rescored_dir != run_dir and rescored["steps"] is None
     assert (rescored["model"], rescored["gamma"]) == ("factor_vae", 40.0)

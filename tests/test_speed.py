@@ -12,6 +12,8 @@ import tensorflow as tf
 from keras_vae_attn.data.dsprites import DSprites
 from trainers import cli, devices, dsprites
 
+from conftest import QUICK_METRIC_FLAGS
+
 TINY = ["--batch-size", "8", "--dense-units", "16", "--latent-dim", "4"]
 
 
@@ -165,14 +167,7 @@ def test_dsprites_grid_runs_calibrated_on_the_cpu_at_tiny_size(tmp_path, capsys)
     out = tmp_path / "grid"
     tiny = [
         *TINY,
-        "--eval-images",
-        "16",
-        "--metric-train-votes",
-        "4",
-        "--metric-eval-votes",
-        "4",
-        "--metric-samples",
-        "4",
+        *QUICK_METRIC_FLAGS,
         "--metric-variance-samples",
         "64",
         "--precision",
