@@ -7,13 +7,11 @@ The faults are real signals sent by the trainer process to itself at a named poi
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 pytestmark = pytest.mark.slow  # kills, fills the disk under and resumes real trainer processes
 
@@ -46,18 +44,8 @@ def mnist_command(shared_data, runs_root, *extra):
 
 def run(flags, fault=None, module="trainers.mnist"):
     """The trainer's CLI (with ``fault`` = (point, call, signal): through fault_at.py)."""
-    head = (
-        [str(SCRIPTS / "fault_at.py"), *map(str, fault), module] if fault else ["-m", module]
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, *head, *flags],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    head = [SCRIPTS / "fault_at.py", *fault, module] if fault else ["-m", module]
+    return run_python(*head, *flags, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
 def read_log(run_dir):
@@ -129,23 +117,6 @@ def test_kill_between_fit_and_save_and_during_save_never_retrains(shared_data, t
     begins = [e for e in read_log(run_dir) if e["event"] == "train_begin"]
     assert [b["epoch"] for b in begins] == [0, EPOCHS, EPOCHS]  # nothing retrained
     assert_trained_exactly_the_epochs_asked(run_dir)
-
-
-def cli(module, flags, env=None, timeout=120):
-    """A trainer's CLI as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, flags)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-            **(env or {}),
-        },
-    )
 
 
 def test_a_deterministic_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
