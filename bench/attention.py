@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from bench import cli_parser
+from bench import add_timing_flags, cli_parser, parse_args
 from keras_vae_attn.console import start_tensorflow
 
 start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
@@ -64,6 +64,28 @@ def jacobian_weights(explainer, images):
     return tf.reduce_mean(tape.batch_jacobian(mu, features), axis=[2, 3])
 
 
+def noise_images(batch, size, channels):
+    """A case's input batch: uniform noise from seed 0, the same numbers on every run."""
+    return tf.constant(
+        np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
+    )
+
+
+def case_columns(kind, size, layer, latent, batch):
+    """The columns naming a row's case (network, layer, latent size D, batch), which
+    lead the row."""
+    return {"net": f"{kind} {size}px", "layer": layer, "D": latent, "batch": batch}
+
+
+def seconds_columns(images, functions, repeats, budget):
+    """Each ``(name, function)``'s median seconds on ``images`` (its result fetched, so
+    the work is done) as a "<name> s" column, timed in the order given."""
+    return {
+        f"{name} s": median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
+        for name, f in functions
+    }
+
+
 def naive_table(cases, repeats, budget):
     return [naive_row(*case, repeats, budget) for case in cases]
 
@@ -73,32 +95,27 @@ def naive_row(kind, size, batch, layer, latent, repeats, budget):
     hold this case's explainer and images."""
     explainer = VAEAttention(encoder_for(kind, size, latent), layer=layer)
     channels = explainer.encoder.inputs[0].shape[-1]
-    images = tf.constant(
-        np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
-    )
+    images = noise_images(batch, size, channels)
     reference = explainer.explain(images).weights.numpy()
     np.testing.assert_allclose(
         loop_weights(explainer, images).numpy(), reference, rtol=1e-3, atol=1e-6
     )
-    timed = {
-        name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
-        for name, f in (
+    seconds = seconds_columns(
+        images,
+        (
             ("batched", lambda x: explainer.explain(x).weights),
             ("loop", lambda x: loop_weights(explainer, x)),
             ("jacobian", lambda x: jacobian_weights(explainer, x)),
-        )
-    }
+        ),
+        repeats,
+        budget,
+    )
     return {
-        "net": f"{kind} {size}px",
-        "layer": layer,
-        "D": latent,
-        "batch": batch,
+        **case_columns(kind, size, layer, latent, batch),
         "ours": explainer.method,
-        "batched s": timed["batched"],
-        "loop s": timed["loop"],
-        "jacobian s": timed["jacobian"],
-        "loop/batched": timed["loop"] / timed["batched"],
-        "jacobian/batched": timed["jacobian"] / timed["batched"],
+        **seconds,
+        "loop/batched": seconds["loop s"] / seconds["batched s"],
+        "jacobian/batched": seconds["jacobian s"] / seconds["batched s"],
     }
 
 
@@ -112,9 +129,7 @@ def floor_rows(kind, size, batch, latent, repeats, budget):
     encoder = encoder_for(kind, size, latent)
     explainer = VAEAttention(encoder, layer="last")
     channels = encoder.inputs[0].shape[-1]
-    images = tf.constant(
-        np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
-    )
+    images = noise_images(batch, size, channels)
 
     def forward(x):
         return encoder(x, training=False)[0]
@@ -129,22 +144,15 @@ def floor_rows(kind, size, batch, latent, repeats, budget):
     }
     rows = []
     for mode, (run_forward, run_attend) in variants.items():
-        t_forward = median_seconds(
-            lambda f=run_forward: f(images).numpy(), repeats, budget_s=budget
-        )
-        t_attention = median_seconds(
-            lambda f=run_attend: f(images).numpy(), repeats, budget_s=budget
+        seconds = seconds_columns(
+            images, (("forward", run_forward), ("attention", run_attend)), repeats, budget
         )
         rows.append(
             {
-                "net": f"{kind} {size}px",
-                "layer": explainer.layer_name,
-                "D": latent,
-                "batch": batch,
+                **case_columns(kind, size, explainer.layer_name, latent, batch),
                 "mode": mode,
-                "forward s": t_forward,
-                "attention s": t_attention,
-                "attention/forward": t_attention / t_forward,
+                **seconds,
+                "attention/forward": seconds["attention s"] / seconds["forward s"],
             }
         )
     return rows
@@ -164,31 +172,26 @@ def anomaly_row(kind, size, batch, layer, latent, repeats, budget):
     encoder = encoder_for(kind, size, latent)
     explainer = VAEAttention(encoder, layer=layer)
     channels = encoder.inputs[0].shape[-1]
-    images = tf.constant(
-        np.random.default_rng(0).random((batch, size, size, channels)), tf.float32
-    )
+    images = noise_images(batch, size, channels)
     stats = NormalStats(tf.zeros(latent), tf.ones(latent))
     per_latent = ExplainOptions.preset("paper")
     total = per_latent.replace(target="total-energy")
     forward = tf.function(lambda x: encoder(x, training=False)[0])
-    timed = {
-        name: median_seconds(lambda f=f: f(images).numpy(), repeats, budget_s=budget)
-        for name, f in (
+    seconds = seconds_columns(
+        images,
+        (
             ("forward", forward),
-            ("energy", lambda x: explainer.anomaly_attention(x, stats, per_latent)),
-            ("total", lambda x: explainer.anomaly_attention(x, stats, total)),
-        )
-    }
+            ("per-latent", lambda x: explainer.anomaly_attention(x, stats, per_latent)),
+            ("total-energy", lambda x: explainer.anomaly_attention(x, stats, total)),
+        ),
+        repeats,
+        budget,
+    )
     return {
-        "net": f"{kind} {size}px",
-        "layer": explainer.layer_name,
-        "D": latent,
-        "batch": batch,
-        "forward s": timed["forward"],
-        "per-latent s": timed["energy"],
-        "total-energy s": timed["total"],
-        "per-latent/total": timed["energy"] / timed["total"],
-        "total/forward": timed["total"] / timed["forward"],
+        **case_columns(kind, size, explainer.layer_name, latent, batch),
+        **seconds,
+        "per-latent/total": seconds["per-latent s"] / seconds["total-energy s"],
+        "total/forward": seconds["total-energy s"] / seconds["forward s"],
     }
 
 
@@ -208,7 +211,7 @@ def forms_rows(kind, size, batch, layer, latent, repeats, budget):
     model = build_vae(kind, (size, size, 3), latent)
     explainer = model.explainer(layer)
     model.add_feature_distribution(explainer.layer_name, explainer.front.output.shape[1:])
-    images = tf.constant(np.random.default_rng(0).random((batch, size, size, 3)), tf.float32)
+    images = noise_images(batch, size, 3)
     forward = tf.function(lambda x: model.encoder(x, training=False)[0])
     base = median_seconds(lambda: forward(images).numpy(), repeats, budget_s=budget)
     rows = []
@@ -243,14 +246,13 @@ def forms_rows(kind, size, batch, layer, latent, repeats, budget):
 
 def build_parser():
     """Its flags, apart from main: the README test parses its documented commands."""
-    parser = cli_parser("attention", __doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row")
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=30.0,
-        help="seconds per measurement before it stops repeating",
+    parser = cli_parser("attention", __doc__, quick="tiny sizes, for smoke tests")
+    add_timing_flags(
+        parser,
+        5,
+        "timed calls per row",
+        30.0,
+        "seconds per measurement before it stops repeating",
     )
     parser.add_argument(
         "--forms-only",
@@ -266,14 +268,12 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(build_parser(), argv, repeats=2, budget=5.0)
     if args.quick:
         naive = [("small", 32, 2, "last", 4), ("resnet18", 32, 2, "layer2", 4)]
         floor = [("resnet18", 32, 2, 4)]
         anomaly = [("resnet18", 32, 2, "layer2", 4)]
         forms = [("resnet18", 32, 2, "conv1", 4)]
-        args.repeats, args.budget = 2, 5.0
     else:
         dims = [int(d) for d in args.latent_dims.split(",")]
         naive = [("small", 64, 16, layer, d) for layer in ("last", "conv1") for d in dims]

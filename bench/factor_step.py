@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from bench import cli_parser
+from bench import add_timing_flags, cli_parser, parse_args
 from keras_vae_attn.console import start_tensorflow
 
 start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
@@ -50,20 +50,17 @@ def step_seconds(model, batch, repeats, budget):
 
 def build_parser():
     """Its flags, apart from main: the README test parses its documented commands."""
-    parser = cli_parser("factor_step", __doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser = cli_parser("factor_step", __doc__, quick="tiny sizes (a smoke run)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant")
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds per variant")
+    add_timing_flags(parser, 20, "timed steps per variant", 60.0, "seconds per variant")
     return parser
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(build_parser(), argv, batch_size=8, repeats=3, budget=5.0)
     size, net = 64, {}
     if args.quick:
-        size, args.batch_size, args.repeats, args.budget = 16, 8, 3, 5.0
+        size = 16
         net = dict(filters=(8, 8), dense_units=16, d_units=32, d_depth=2)
     batch = images(args.batch_size, size)
     print(

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from bench import cli_parser
+from bench import cli_parser, parse_args
 
 MEMORY_TARGET_GIB = 6.0
 
@@ -117,9 +117,7 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size, args.batch_size, args.steps = 64, 4, 1
+    args = parse_args(parser, argv, size=64, batch_size=4, steps=1)
     for flag in ("size", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 
-from bench import cli_parser
+from bench import add_timing_flags, cli_parser, parse_args
 from keras_vae_attn.console import start_tensorflow
 
 start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
@@ -98,9 +98,8 @@ def build_parser():
     parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--latent", type=int, default=32, help="latent size of the served VAE")
     parser.add_argument("--layer", default="last", help="encoder layer of the attention")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per batch")
-    parser.add_argument(
-        "--budget", type=float, default=120.0, help="seconds of timing per batch size at most"
+    add_timing_flags(
+        parser, 7, "timed rounds per batch", 120.0, "seconds of timing per batch size at most"
     )
     parser.add_argument(
         "--threads",
@@ -114,9 +113,7 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size, args.batches, args.repeats = 64, "1,2", 2
+    args = parse_args(parser, argv, size=64, batches="1,2", repeats=2)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:

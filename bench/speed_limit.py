@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 
-from bench import cli_parser
+from bench import add_timing_flags, cli_parser, parse_args
 from keras_vae_attn.console import start_tensorflow
 
 start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
@@ -263,8 +263,7 @@ def check_rows(label, build, images, steps, layer="last"):
 
 def build_parser():
     """Its flags, apart from main: the README test parses its documented commands."""
-    parser = cli_parser("speed_limit", __doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, XLA off")
+    parser = cli_parser("speed_limit", __doc__, quick="tiny sizes, XLA off")
     parser.add_argument(
         "--models",
         nargs="+",
@@ -294,18 +293,14 @@ def build_parser():
         help="also train N steps in each precision from the same weights "
         "and compare the losses and the maps (0: skip)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row")
-    parser.add_argument(
-        "--budget", type=float, default=30.0, help="seconds of timed steps per row, about"
+    add_timing_flags(
+        parser, 5, "timed steps per row", 30.0, "seconds of timed steps per row, about"
     )
     return parser
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.budget = 2, 3.0
+    args = parse_args(build_parser(), argv, repeats=2, budget=3.0)
     jits = args.jit or (["off"] if args.quick else ["off", "on"])
     models = args.models or (["ucsd", "adfactorvae"] if args.quick else list(MODELS))
     print(

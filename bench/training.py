@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from bench import cli_parser
+from bench import add_timing_flags, cli_parser, parse_args
 from keras_vae_attn.console import start_tensorflow
 
 start_tensorflow()  # before keras and TensorFlow load: without their C++ banners
@@ -112,22 +112,18 @@ def factor_rows(size, batch, repeats, budget):
 
 def build_parser():
     """Its flags, apart from main: the README test parses its documented commands."""
-    parser = cli_parser("training", __doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per row")
-    parser.add_argument(
-        "--budget", type=float, default=60.0, help="seconds of timed steps per row at most"
+    parser = cli_parser("training", __doc__, quick="tiny sizes (a smoke run)")
+    add_timing_flags(
+        parser, 10, "timed steps per row", 60.0, "seconds of timed steps per row at most"
     )
     return parser
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(build_parser(), argv, repeats=2, budget=5.0)
     if args.quick:
         cases, factor_size, factor_batch = [("small", 28, 1, 8)], 64, 4
         decoder_cases = [(32, 2)]
-        args.repeats, args.budget = 2, 5.0
     else:
         cases = [("small", 64, 1, 64), ("resnet18", 128, 3, 16), ("resnet18", 256, 3, 16)]
         factor_size, factor_batch = 64, 64
