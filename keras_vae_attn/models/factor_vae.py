@@ -271,11 +271,7 @@ def build_factor_vae(
     latents, a 6 x 1000 discriminator.
     """
     spec = dict(
-        backbone=backbone,
-        input_shape=list(input_shape),
-        latent_dim=int(latent_dim),
-        filters=list(filters) if filters else None,
-        dense_units=int(dense_units),
+        backbones.backbone_spec(backbone, input_shape, latent_dim, filters, dense_units),
         recon_loss=recon_loss,
         beta=float(beta),
         gamma=float(gamma),

@@ -330,11 +330,7 @@ def build_vae(
 ):
     """Build a VAE from a plain-dict spec; the spec is saved with the weights."""
     spec = dict(
-        backbone=backbone,
-        input_shape=list(input_shape),
-        latent_dim=int(latent_dim),
-        filters=list(filters) if filters else None,
-        dense_units=int(dense_units),
+        backbones.backbone_spec(backbone, input_shape, latent_dim, filters, dense_units),
         recon_loss=recon_loss,
         beta=float(beta),
         seed=int(seed),
