@@ -313,10 +313,10 @@ class RunFolder:
     predictions.csv  one row per test image at those thresholds
 
     Their paths are attributes: config_path, model_dir, metrics_path, thresholds_path,
-    predictions_path. Each read is a method that reads the file again (nothing is cached, so a folder
-    that a trainer is writing reads as it is now) and fails with a RunFolderError (a
-    ValueError) naming the file. TensorFlow is imported only by :meth:`load_model`
-    and :meth:`data`.
+    predictions_path. Each read is a method that reads the file again (nothing is
+    cached, so a folder that a trainer is writing reads as it is now) and fails with a
+    RunFolderError (a ValueError) naming the file. TensorFlow is imported only by
+    :meth:`load_model` and :meth:`data`.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
