@@ -1,7 +1,6 @@
 """The attention math: batched maps equal per-latent references and closed forms; the
 anomaly maps of VAEAttention are the pipeline's (the paper's preset by default)."""
 
-
 import keras
 import numpy as np
 import pytest
