@@ -287,14 +287,6 @@ class RunConfig:
         return self.values.get("image_size")
 
     @property
-    def epochs(self) -> int | None:
-        return self.values.get("epochs")
-
-    @property
-    def calibration_holdout(self) -> float:
-        return float(self.values.get("calibration_holdout") or 0.0)
-
-    @property
     def explain(self) -> dict:
         """The "explain" entry: the options every map of the run is made with."""
         explain = self.values.get("explain")
