@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from keras_vae_attn import runs
 from keras_vae_attn.attention import normalize_maps
 
 
@@ -333,9 +334,11 @@ def save_seed_scores(rows, path, title, ylabel):
 
 
 def save_figure(fig, path, dpi=100):
-    """Write to a temporary name and rename, so a reader never sees half a PNG."""
+    """Write a PNG through the run folder's one atomic publish (:func:`runs.staged`), so
+    a reader never sees half a PNG and a killed writer's copy is cleared."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial.png"
-    fig.savefig(partial, dpi=dpi)
-    plt.close(fig)
-    os.replace(partial, path)
+    try:
+        with runs.staged(path, replace=True) as partial:
+            fig.savefig(partial, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
